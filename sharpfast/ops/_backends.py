@@ -1,0 +1,125 @@
+"""Which implementations of the fused ops exist in this process, and which one to use.
+
+Nothing here touches a device or imports triton at import time.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("torch", "cpp", "cuda", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def _load(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def cpp_module():
+    """The compiled CPU extension, or None when it was not built."""
+    return _load("sharpfast._C")
+
+
+def cuda_module():
+    """The compiled CUDA extension, or None when it was not built (CPU torch, no nvcc)."""
+    return _load("sharpfast._C_cuda")
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process: "torch" always; "cpp" when the CPU extension is built;
+    "cuda" when the CUDA extension is built and a GPU is visible; "triton" when triton is
+    installed and either a GPU is visible or TRITON_INTERPRET=1 (CPU tensors)."""
+    names = ["torch"]
+    if cpp_module() is not None:
+        names.append("cpp")
+    gpu = torch.cuda.is_available()
+    if gpu and cuda_module() is not None:
+        names.append("cuda")
+    if _triton_installed() and (gpu or triton_interpreted()):
+        names.append("triton")
+    return names
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend for tensors on `device`; a clear error when it cannot run there."""
+    if backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            if cuda_module() is not None:
+                return "cuda"
+            return "triton" if _triton_installed() else "torch"
+        if device.type == "cpu" and cpp_module() is not None:
+            return "cpp"
+        return "torch"
+    if backend == "torch":
+        return backend
+    if backend == "cpp":
+        if cpp_module() is None:
+            raise RuntimeError("backend='cpp' is not available: the C++ extension sharpfast._C was not built "
+                               "(reinstall with `pip install --no-build-isolation -e .` and SHARPFAST_BUILD_EXT unset)")
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}")
+        return backend
+    if backend == "cuda":
+        if cuda_module() is None:
+            raise RuntimeError("backend='cuda' is not available: the CUDA extension sharpfast._C_cuda was not built "
+                               "(it needs a CUDA build of torch and nvcc at install time)")
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' runs on CUDA tensors, got tensors on {device}")
+        return backend
+    # triton
+    if not _triton_installed():
+        raise RuntimeError("backend='triton' is not available: triton is not installed (pip install 'triton>=3.0')")
+    if device.type == "cpu" and not triton_interpreted():
+        raise ValueError("backend='triton' runs on CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 "
+                         "before triton is first imported")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"backend='triton' runs on CUDA tensors, got tensors on {device}")
+    return backend
+
+
+class _CudaKernels:
+    """Adapts the CUDA extension: makes the tensors' device current and passes its stream."""
+
+    def __init__(self, ext):
+        self._ext = ext
+
+    def __getattr__(self, name):
+        fn = getattr(self._ext, name)
+
+        def call(*args):
+            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            with torch.cuda.device(device):
+                return fn(*args, torch.cuda.current_stream(device).cuda_stream)
+
+        return call
+
+
+def kernels(backend: str):
+    """The module-like object holding the native implementations of `backend`."""
+    if backend == "cpp":
+        return cpp_module()
+    if backend == "cuda":
+        return _CudaKernels(cuda_module())
+    if backend == "triton":
+        from . import _triton_kernels
+
+        return _triton_kernels
+    raise ValueError(f"no native kernels for backend {backend!r}")
