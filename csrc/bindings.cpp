@@ -14,8 +14,8 @@ std::tuple<at::Tensor, at::Tensor> cfg_combine(const at::Tensor& u, const at::Te
   check_like(c, "eps_cond", u, "eps_uncond");
   SF_CHECK(std::isfinite(w), "guidance_scale must be finite, got ", w);
   const int64_t B = u.size(0);
-  auto guided = at::empty_like(u);
-  auto norm = at::empty({B}, u.options().dtype(acc_dtype(u)));
+  auto guided = new_output(u.sizes(), u.options());
+  auto norm = new_output({B}, u.options().dtype(acc_dtype(u)));
   cpu::cfg_combine(dtype_code(u, "eps_uncond"), u.data_ptr(), c.data_ptr(), guided.data_ptr(),
                    norm.data_ptr(), B, D, w);
   return {guided, norm};
@@ -25,7 +25,7 @@ at::Tensor rademacher_perturb(const at::Tensor& x, int64_t K, double h, uint64_t
   const int64_t D = row_size(x, "x", kCPU);
   const int64_t n = probe_count(K, central);
   check_step(h);
-  auto out = at::empty(repeat_batch(x.sizes(), n), x.options());
+  auto out = new_output(repeat_batch(x.sizes(), n), x.options());
   cpu::rademacher_perturb(dtype_code(x, "x"), x.data_ptr(), out.data_ptr(), x.size(0), D, K, central,
                           h, seed);
   return out;
@@ -47,7 +47,7 @@ at::Tensor hutchinson_reduce(const at::Tensor& y, const c10::optional<at::Tensor
              "y0 must be a contiguous tensor of y_probes' dtype and device");
     y0_ptr = y0->data_ptr();
   }
-  auto trace = at::empty({B}, y.options().dtype(acc_dtype(y)));
+  auto trace = new_output({B}, y.options().dtype(acc_dtype(y)));
   cpu::hutchinson_reduce(dtype_code(y, "y_probes"), y.data_ptr(), y0_ptr, trace.data_ptr(), B, D, K,
                          central, h, seed);
   return trace;
@@ -58,7 +58,7 @@ at::Tensor fd_direction(const at::Tensor& x, const at::Tensor& u, const at::Tens
   check_like(u, "eps_uncond", x, "x");
   check_like(c, "eps_cond", x, "x");
   check_step(h);
-  auto out = at::empty_like(x);
+  auto out = new_output(x.sizes(), x.options());
   cpu::fd_direction(dtype_code(x, "x"), x.data_ptr(), u.data_ptr(), c.data_ptr(), out.data_ptr(),
                     x.size(0), D, h);
   return out;
@@ -70,7 +70,7 @@ at::Tensor diff_of_diffs_norm(const at::Tensor& u0, const at::Tensor& c0, const 
   check_like(c0, "c0", u0, "u0");
   check_like(u1, "u1", u0, "u0");
   check_like(c1, "c1", u0, "u0");
-  auto out = at::empty({u0.size(0)}, u0.options().dtype(acc_dtype(u0)));
+  auto out = new_output({u0.size(0)}, u0.options().dtype(acc_dtype(u0)));
   cpu::diff_of_diffs_norm(dtype_code(u0, "u0"), u0.data_ptr(), c0.data_ptr(), u1.data_ptr(),
                           c1.data_ptr(), out.data_ptr(), u0.size(0), D);
   return out;
@@ -80,6 +80,8 @@ at::Tensor diff_of_diffs_norm(const at::Tensor& u0, const at::Tensor& c0, const 
 }  // namespace sharpfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_poison", [](bool on) { sharpfast::poison_outputs() = on; },
+        "Test hook: fill outputs and workspaces with NaN before each kernel");
   m.doc() = "sharpfast CPU kernels (C++ / OpenMP)";
   m.def("cfg_combine", &sharpfast::cfg_combine, "guided = u + w (c - u) and ||c - u|| per sample");
   m.def("rademacher_perturb", &sharpfast::rademacher_perturb, "x + h v_k (and x - h v_k) per probe");

@@ -4,6 +4,7 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <limits>
 #include <string>
 
 #include "../kernels/sf_common.h"
@@ -23,6 +24,19 @@ inline int dtype_code(const at::Tensor& t, const char* name) {
                        t.scalar_type());
   }
   return -1;
+}
+
+// Test hook: when set, every output and workspace is filled with NaN before a kernel runs,
+// so a test can prove that the kernel writes every element.
+inline bool& poison_outputs() {
+  static bool flag = false;
+  return flag;
+}
+
+inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  auto t = at::empty(shape, opts);
+  if (poison_outputs()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
 }
 
 // dtype of per-sample outputs (norms, traces): fp32, or fp64 for fp64 inputs.

@@ -26,12 +26,28 @@ std::vector<double> rowwise_sum(int64_t B, int64_t D, F part) {
   for (int64_t task = 0; task < B * nc; ++task) {
     const int64_t b = task / nc, j = task % nc;
     const int64_t lo = j * kChunk, hi = lo + kChunk < D ? lo + kChunk : D;
-    partial[task] = static_cast<double>(part(b, lo, hi));
+    partial[task] = part(b, lo, hi);
   }
   std::vector<double> sums(static_cast<size_t>(B), 0.0);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t j = 0; j < nc; ++j) sums[b] += partial[b * nc + j];
   return sums;
+}
+
+// sum of term(i) over [lo, hi): vectorized partial sums of kBlock terms in the accumulation
+// type A, added in double (accurate for long rows in fp32).
+constexpr int64_t kBlock = 256;
+template <typename A, typename F>
+double blocked_sum(int64_t lo, int64_t hi, F term) {
+  double total = 0.0;
+  for (int64_t s = lo; s < hi; s += kBlock) {
+    const int64_t e = s + kBlock < hi ? s + kBlock : hi;
+    A acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = s; i < e; ++i) acc += term(i);
+    total += static_cast<double>(acc);
+  }
+  return total;
 }
 
 // Signs of probe k on elements [lo, hi) of a sample.
@@ -49,15 +65,12 @@ void cfg_combine_t(const T* u, const T* c, T* g, typename io<T>::acc* norm, int6
     const T* ub = u + b * D;
     const T* cb = c + b * D;
     T* gb = g + b * D;
-    A acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = lo; i < hi; ++i) {
+    return blocked_sum<A>(lo, hi, [&](int64_t i) {
       const A uf = io<T>::load(ub[i]);
       const A d = io<T>::load(cb[i]) - uf;
       gb[i] = io<T>::store(uf + w * d);
-      acc += d * d;
-    }
-    return acc;
+      return d * d;
+    });
   });
   for (int64_t b = 0; b < B; ++b) norm[b] = static_cast<A>(std::sqrt(sums[b]));
 }
@@ -109,11 +122,9 @@ void hutchinson_reduce_t(const T* y, const T* y0, typename io<T>::acc* trace, in
           const T* yk = y + (k * B + b) * D + lo;
           // forward difference against y0; central against the minus-probe half
           const T* ref = central ? y + ((K + k) * B + b) * D + lo : y0 + b * D + lo;
-          A acc = 0;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t i = 0; i < n; ++i)
-            acc += static_cast<A>(s[i]) * (io<T>::load(yk[i]) - io<T>::load(ref[i]));
-          partial[j * B + b] += static_cast<double>(acc);
+          partial[j * B + b] += blocked_sum<A>(0, n, [&](int64_t i) {
+            return static_cast<A>(s[i]) * (io<T>::load(yk[i]) - io<T>::load(ref[i]));
+          });
         }
       }
     }
@@ -131,13 +142,10 @@ void fd_direction_t(const T* x, const T* u, const T* c, T* out, int64_t B, int64
                     double h) {
   using A = typename io<T>::acc;
   auto sq = rowwise_sum(B, D, [&](int64_t b, int64_t lo, int64_t hi) {
-    A acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = lo; i < hi; ++i) {
-      const A d = io<T>::load(c[b * D + i]) - io<T>::load(u[b * D + i]);
-      acc += d * d;
-    }
-    return acc;
+    return blocked_sum<A>(b * D + lo, b * D + hi, [&](int64_t i) {
+      const A d = io<T>::load(c[i]) - io<T>::load(u[i]);
+      return d * d;
+    });
   });
   std::vector<A> scale(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b)  // a zero difference has no direction: no shift
@@ -157,14 +165,10 @@ void diff_of_diffs_norm_t(const T* u0, const T* c0, const T* u1, const T* c1,
                           typename io<T>::acc* out, int64_t B, int64_t D) {
   using A = typename io<T>::acc;
   auto sq = rowwise_sum(B, D, [&](int64_t b, int64_t lo, int64_t hi) {
-    A acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = b * D + lo; i < b * D + hi; ++i) {
-      const A r = (io<T>::load(c1[i]) - io<T>::load(u1[i])) -
-                  (io<T>::load(c0[i]) - io<T>::load(u0[i]));
-      acc += r * r;
-    }
-    return acc;
+    return blocked_sum<A>(b * D + lo, b * D + hi, [&](int64_t i) {
+      const A r = (io<T>::load(c1[i]) - io<T>::load(u1[i])) - (io<T>::load(c0[i]) - io<T>::load(u0[i]));
+      return r * r;
+    });
   });
   for (int64_t b = 0; b < B; ++b) out[b] = static_cast<A>(std::sqrt(sq[b]));
 }

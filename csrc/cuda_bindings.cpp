@@ -18,7 +18,7 @@ void check_launch(int err, const char* op) {
 }
 
 at::Tensor workspace(const at::Tensor& like, int64_t B, int64_t D) {
-  return at::empty({sf_cuda_workspace_elems(B, D)}, like.options().dtype(at::kDouble));
+  return new_output({sf_cuda_workspace_elems(B, D)}, like.options().dtype(at::kDouble));
 }
 
 void* as_stream(int64_t stream) { return reinterpret_cast<void*>(static_cast<intptr_t>(stream)); }
@@ -29,8 +29,8 @@ std::tuple<at::Tensor, at::Tensor> cfg_combine(const at::Tensor& u, const at::Te
   check_like(c, "eps_cond", u, "eps_uncond");
   SF_CHECK(std::isfinite(w), "guidance_scale must be finite, got ", w);
   const int64_t B = u.size(0);
-  auto guided = at::empty_like(u);
-  auto norm = at::empty({B}, u.options().dtype(acc_dtype(u)));
+  auto guided = new_output(u.sizes(), u.options());
+  auto norm = new_output({B}, u.options().dtype(acc_dtype(u)));
   auto ws = workspace(u, B, D);
   check_launch(sf_cuda_cfg_combine(dtype_code(u, "eps_uncond"), u.data_ptr(), c.data_ptr(), guided.data_ptr(),
                                    norm.data_ptr(), ws.data_ptr<double>(), B, D, w, as_stream(stream)),
@@ -43,7 +43,7 @@ at::Tensor rademacher_perturb(const at::Tensor& x, int64_t K, double h, uint64_t
   const int64_t D = row_size(x, "x", kCUDA);
   const int64_t n = probe_count(K, central);
   check_step(h);
-  auto out = at::empty(repeat_batch(x.sizes(), n), x.options());
+  auto out = new_output(repeat_batch(x.sizes(), n), x.options());
   check_launch(sf_cuda_rademacher_perturb(dtype_code(x, "x"), x.data_ptr(), out.data_ptr(), x.size(0), D, K,
                                           central, h, seed, as_stream(stream)),
                "rademacher_perturb");
@@ -64,7 +64,7 @@ at::Tensor hutchinson_reduce(const at::Tensor& y, const c10::optional<at::Tensor
              "y0 must be a contiguous tensor of y_probes' dtype and device");
     y0_ptr = y0->data_ptr();
   }
-  auto trace = at::empty({B}, y.options().dtype(acc_dtype(y)));
+  auto trace = new_output({B}, y.options().dtype(acc_dtype(y)));
   auto ws = workspace(y, B, D);
   check_launch(sf_cuda_hutchinson_reduce(dtype_code(y, "y_probes"), y.data_ptr(), y0_ptr, trace.data_ptr(),
                                          ws.data_ptr<double>(), B, D, K, central, h, seed, as_stream(stream)),
@@ -77,7 +77,7 @@ at::Tensor fd_direction(const at::Tensor& x, const at::Tensor& u, const at::Tens
   check_like(u, "eps_uncond", x, "x");
   check_like(c, "eps_cond", x, "x");
   check_step(h);
-  auto out = at::empty_like(x);
+  auto out = new_output(x.sizes(), x.options());
   auto ws = workspace(x, x.size(0), D);
   check_launch(sf_cuda_fd_direction(dtype_code(x, "x"), x.data_ptr(), u.data_ptr(), c.data_ptr(), out.data_ptr(),
                                     ws.data_ptr<double>(), x.size(0), D, h, as_stream(stream)),
@@ -91,7 +91,7 @@ at::Tensor diff_of_diffs_norm(const at::Tensor& u0, const at::Tensor& c0, const 
   check_like(c0, "c0", u0, "u0");
   check_like(u1, "u1", u0, "u0");
   check_like(c1, "c1", u0, "u0");
-  auto out = at::empty({u0.size(0)}, u0.options().dtype(acc_dtype(u0)));
+  auto out = new_output({u0.size(0)}, u0.options().dtype(acc_dtype(u0)));
   auto ws = workspace(u0, u0.size(0), D);
   check_launch(sf_cuda_diff_of_diffs_norm(dtype_code(u0, "u0"), u0.data_ptr(), c0.data_ptr(), u1.data_ptr(),
                                           c1.data_ptr(), out.data_ptr(), ws.data_ptr<double>(), u0.size(0), D,
@@ -104,6 +104,8 @@ at::Tensor diff_of_diffs_norm(const at::Tensor& u0, const at::Tensor& c0, const 
 }  // namespace sharpfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_poison", [](bool on) { sharpfast::poison_outputs() = on; },
+        "Test hook: fill outputs and workspaces with NaN before each kernel");
   m.doc() = "sharpfast CUDA kernels";
   m.def("cfg_combine", &sharpfast::cfg_combine);
   m.def("rademacher_perturb", &sharpfast::rademacher_perturb);

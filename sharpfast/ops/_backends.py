@@ -4,7 +4,7 @@ Nothing here touches a device or imports triton at import time.
 """
 from __future__ import annotations
 
-import functools
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -14,7 +14,6 @@ import torch
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 
 
-@functools.lru_cache(maxsize=None)
 def _load(module: str):
     try:
         return importlib.import_module(module)
@@ -22,23 +21,29 @@ def _load(module: str):
         return None
 
 
+# Loaded once at import (loading an extension touches no device), so that backend selection
+# is plain attribute access that torch.compile traces without graph breaks.
+_CPP = _load("sharpfast._C")
+_CUDA = _load("sharpfast._C_cuda")
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def cpp_module():
     """The compiled CPU extension, or None when it was not built."""
-    return _load("sharpfast._C")
+    return _CPP
 
 
 def cuda_module():
     """The compiled CUDA extension, or None when it was not built (CPU torch, no nvcc)."""
-    return _load("sharpfast._C_cuda")
+    return _CUDA
 
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def available_backends() -> list[str]:
@@ -123,3 +128,21 @@ def kernels(backend: str):
 
         return _triton_kernels
     raise ValueError(f"no native kernels for backend {backend!r}")
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Test hook: inside, native backends fill every output and workspace with NaN before their
+    kernels run, so that an element a kernel forgets to write shows up as NaN."""
+    targets = [m for m in (cpp_module(), cuda_module()) if m is not None]
+    if _triton_installed() and (torch.cuda.is_available() or triton_interpreted()):
+        from . import _triton_kernels
+
+        targets.append(_triton_kernels)
+    for m in targets:
+        m.set_poison(True)
+    try:
+        yield
+    finally:
+        for m in targets:
+            m.set_poison(False)

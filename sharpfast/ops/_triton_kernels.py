@@ -14,6 +14,19 @@ import triton.language as tl
 from ._hash import MIX_C1, MIX_C2, WEYL, seed_key
 
 BLOCK = 1024
+_poison = False  # test hook: outputs and partials start as NaN (see set_poison)
+
+
+def set_poison(on: bool) -> None:
+    global _poison
+    _poison = bool(on)
+
+
+def _new(shape, dtype, device) -> torch.Tensor:
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if _poison:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit
@@ -144,8 +157,8 @@ def _row_sums(partial: torch.Tensor, B: int) -> torch.Tensor:
 
 def cfg_combine(u, c, w):
     B, D, nc = _geometry(u)
-    guided = torch.empty_like(u)
-    partial = torch.empty(B * nc, dtype=torch.float64, device=u.device)
+    guided = _new(u.shape, u.dtype, u.device)
+    partial = _new(B * nc, torch.float64, u.device)
     _cfg_combine_kernel[(B * nc,)](u, c, guided, partial, D, nc, float(w), ACC=_acc(u), BLOCK=BLOCK)
     return guided, _row_sums(partial, B).sqrt().to(_acc_torch(u))
 
@@ -153,7 +166,7 @@ def cfg_combine(u, c, w):
 def rademacher_perturb(x, num_probes, h, seed, central=False):
     B, D, nc = _geometry(x)
     n = 2 * num_probes if central else num_probes
-    out = torch.empty((n * B, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    out = _new((n * B, *x.shape[1:]), x.dtype, x.device)
     _perturb_kernel[(num_probes * nc,)](x, out, B, D, num_probes, nc, float(h), seed_key(seed), CENTRAL=central,
                                         ACC=_acc(x), BLOCK=BLOCK)
     return out
@@ -164,7 +177,7 @@ def hutchinson_reduce(y_probes, y0, num_probes, h, seed, central=False):
     B = y_probes.shape[0] // n
     D = y_probes.numel() // y_probes.shape[0]
     nc = triton.cdiv(D, BLOCK)
-    partial = torch.empty(B * nc, dtype=torch.float64, device=y_probes.device)
+    partial = _new(B * nc, torch.float64, y_probes.device)
     y0_arg = y_probes if y0 is None else y0  # not read when central
     _hutchinson_kernel[(B * nc,)](y_probes, y0_arg, partial, B, D, num_probes, nc, seed_key(seed), CENTRAL=central,
                                   ACC=_acc(y_probes), BLOCK=BLOCK)
@@ -174,17 +187,17 @@ def hutchinson_reduce(y_probes, y0, num_probes, h, seed, central=False):
 
 def fd_direction(x, u, c, h):
     B, D, nc = _geometry(x)
-    partial = torch.empty(B * nc, dtype=torch.float64, device=x.device)
+    partial = _new(B * nc, torch.float64, x.device)
     _sq_diff_kernel[(B * nc,)](u, c, partial, D, nc, ACC=_acc(x), BLOCK=BLOCK)
     sq = _row_sums(partial, B)
     scale = torch.where(sq > 0, h / sq.clamp_min(torch.finfo(torch.float64).tiny).sqrt(), torch.zeros_like(sq))
-    out = torch.empty_like(x)
+    out = _new(x.shape, x.dtype, x.device)
     _shift_kernel[(B * nc,)](x, u, c, scale, out, D, nc, ACC=_acc(x), BLOCK=BLOCK)
     return out
 
 
 def diff_of_diffs_norm(u0, c0, u1, c1):
     B, D, nc = _geometry(u0)
-    partial = torch.empty(B * nc, dtype=torch.float64, device=u0.device)
+    partial = _new(B * nc, torch.float64, u0.device)
     _dod_kernel[(B * nc,)](u0, c0, u1, c1, partial, D, nc, ACC=_acc(u0), BLOCK=BLOCK)
     return _row_sums(partial, B).sqrt().to(_acc_torch(u0))
