@@ -33,7 +33,7 @@ def _extensions():
     exts = [
         ce.CppExtension(
             "sharpfast._C",
-            ["csrc/bindings.cpp", "csrc/cpu_kernels.cpp"],
+            ["csrc/bindings.cpp", "csrc/cpu_kernels.cpp", "csrc/cpu_kernels_avx2.cpp"],
             include_dirs=[os.path.join(ROOT, "kernels")],
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],

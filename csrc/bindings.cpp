@@ -80,6 +80,9 @@ at::Tensor diff_of_diffs_norm(const at::Tensor& u0, const at::Tensor& c0, const 
 }  // namespace sharpfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cpu_isa", [] { return std::string(sharpfast::cpu::isa()); }, "Instruction set of the CPU kernels in use");
+  m.def("set_cpu_isa", [](const std::string& name) { return sharpfast::cpu::set_isa(name.c_str()); },
+        "Choose 'baseline', 'avx2' or 'auto'; returns False if unsupported");
   m.def("set_poison", [](bool on) { sharpfast::poison_outputs() = on; },
         "Test hook: fill outputs and workspaces with NaN before each kernel");
   m.doc() = "sharpfast CPU kernels (C++ / OpenMP)";

@@ -8,6 +8,13 @@
 #pragma once
 #include <cstdint>
 
+// An AVX2 copy of the kernels is built on x86-64 with GCC / Clang and chosen at run time.
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+#define SF_HAVE_AVX2_COPY 1
+#else
+#define SF_HAVE_AVX2_COPY 0
+#endif
+
 namespace sharpfast {
 namespace cpu {
 
@@ -26,6 +33,11 @@ void fd_direction(int dtype, const void* x, const void* u, const void* c, void* 
 
 void diff_of_diffs_norm(int dtype, const void* u0, const void* c0, const void* u1,
                         const void* c1, void* out, int64_t B, int64_t D);
+
+// The instruction set of the kernels in use ("avx2" or "baseline"), and a way to choose it:
+// "baseline", "avx2" (false if the CPU lacks it) or "auto".
+const char* isa();
+bool set_isa(const char* name);
 
 }  // namespace cpu
 }  // namespace sharpfast

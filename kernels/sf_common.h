@@ -41,11 +41,12 @@ SF_HD uint32_t seed_key(uint64_t seed) {
 // Key of probe k (a Weyl step per probe, then mixed).
 SF_HD uint32_t probe_key(uint32_t key0, uint32_t k) { return mix32(key0 + k * 0x9e3779b9u); }
 
-// Sign of element i (flat index inside ONE sample) of probe k: +1 or -1.
-// Every sample of a batch sees the same probe, so a sample's estimate does not
-// depend on its batch.
+// Signs of probe k come 32 at a time: bit (i % 32) of the hash of word i / 32 is the sign of
+// element i (flat index inside ONE sample; set bit = -1). Every sample of a batch sees the same
+// probe, so a sample's estimate does not depend on its batch.
+SF_HD uint32_t rademacher_word(uint32_t kkey, uint32_t word) { return mix32(mix32(word) ^ kkey); }
 SF_HD float rademacher(uint32_t kkey, uint32_t i) {
-  return (mix32(mix32(i) ^ kkey) >> 31) ? -1.0f : 1.0f;
+  return (rademacher_word(kkey, i >> 5) >> (i & 31u)) & 1u ? -1.0f : 1.0f;
 }
 
 // ---- 16-bit float storage types -----------------------------------------------------

@@ -7,19 +7,31 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sharpfast.ops import available_backends  # noqa: E402
+from sharpfast.ops import _backends, available_backends  # noqa: E402
 
 NATIVE_CPU = [b for b in available_backends() if b in ("cpp", "triton")]
 ALL_CPU = ["torch"] + NATIVE_CPU
+# the C++ kernels are run in both of their compiled copies where the CPU has AVX2
+_ext = _backends.cpp_module()
+CPP_ISAS = ["avx2", "baseline"] if _ext is not None and _ext.set_cpu_isa("auto") and _ext.cpu_isa() == "avx2" else []
+NATIVE_PARAMS = [b for b in NATIVE_CPU if b != "cpp"] + [f"cpp:{isa}" for isa in CPP_ISAS or ["auto"]
+                                                          if "cpp" in NATIVE_CPU]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # awkward sizes: a single element, odd row lengths, rows just over a kernel block / chunk
 SHAPES = [(1, 1), (3, 4, 5, 7), (2, 1025), (5, 4097), (2, 4, 33, 31)]
 
 
-@pytest.fixture(params=NATIVE_CPU)
+@pytest.fixture(params=NATIVE_PARAMS)
 def native(request):
-    return request.param
+    """A native CPU backend name; "cpp:ISA" runs the C++ backend on that instruction-set copy."""
+    name, _, isa = request.param.partition(":")
+    if name == "cpp":
+        assert _ext.set_cpu_isa(isa)
+        yield "cpp"
+        _ext.set_cpu_isa("auto")
+    else:
+        yield name
 
 
 @pytest.fixture(params=ALL_CPU)

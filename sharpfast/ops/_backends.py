@@ -5,6 +5,7 @@ Nothing here touches a device or imports triton at import time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -117,12 +118,17 @@ class _CudaKernels:
         return call
 
 
+@functools.lru_cache(maxsize=1)
+def _cuda_kernels():
+    return _CudaKernels(cuda_module())
+
+
 def kernels(backend: str):
     """The module-like object holding the native implementations of `backend`."""
     if backend == "cpp":
         return cpp_module()
     if backend == "cuda":
-        return _CudaKernels(cuda_module())
+        return _cuda_kernels()
     if backend == "triton":
         from . import _triton_kernels
 

@@ -4,7 +4,8 @@ This is the Python twin of ``kernels/sf_common.h`` (used by the C++ and CUDA bac
 Triton kernels call :func:`sharpfast.ops._triton_kernels` versions written from the same
 constants. ``tests/test_ops_cross_backend.py`` checks that all of them agree bit for bit.
 
-Element index i is the flat index inside ONE sample, so every sample of a batch sees the same
+Signs come 32 at a time: bit (i % 32) of mix32(mix32(i // 32) ^ probe_key(k)) is the sign of
+element i (a set bit means -1). Element index i is the flat index inside ONE sample, so every sample of a batch sees the same
 probe and a sample's estimate does not depend on the batch it was in.
 """
 from __future__ import annotations
@@ -55,6 +56,7 @@ def rademacher_signs(num_probes: int, numel: int, seed: int, device=None, dtype=
     """Signs (+1 / -1) of probes 0..num_probes-1 on elements 0..numel-1, shape (num_probes, numel)."""
     key0 = seed_key(seed)
     keys = torch.tensor([probe_key(key0, k) for k in range(num_probes)], dtype=torch.int64, device=device)
-    mixed_i = mix32_tensor(torch.arange(numel, dtype=torch.int64, device=device))
-    bits = mix32_tensor(mixed_i[None, :] ^ keys[:, None]) >> 31
+    i = torch.arange(numel, dtype=torch.int64, device=device)
+    words = mix32_tensor(mix32_tensor(i >> 5)[None, :] ^ keys[:, None])  # one hash per 32 elements
+    bits = (words >> (i & 31)[None, :]) & 1
     return (1 - 2 * bits).to(dtype)

@@ -42,7 +42,8 @@ def _mix32(x):
 def _signs(key0, k, offs):
     """Rademacher signs (+1 / -1, float32) of probe k at flat element indices offs."""
     kkey = _mix32(key0.to(tl.uint32) + tl.cast(k, tl.uint32) * tl.full((), WEYL, tl.uint32))
-    bits = _mix32(_mix32(offs.to(tl.uint32)) ^ kkey) >> 31
+    i = offs.to(tl.uint32)
+    bits = (_mix32(_mix32(i >> 5) ^ kkey) >> (i & 31)) & 1
     return 1.0 - 2.0 * bits.to(tl.float32)
 
 

@@ -18,11 +18,24 @@ from typing import Optional
 import torch
 
 from . import _custom, _validate, reference
+from . import _backends
 from ._backends import resolve
 
 
 def _contig(*ts):
-    return [t.contiguous() for t in ts]
+    return [t.contiguous() if t is not None else None for t in ts]
+
+
+def _native(op: str, backend: str, tensors, *args):
+    """Run a native op. Plain eager calls without autograd go straight to the kernels (the
+    custom-operator machinery costs tens of microseconds a call, as much as the kernel at SD
+    sizes); under torch.compile, with gradients or with tensor subclasses (fake tensors), the
+    registered torch.library operator runs instead."""
+    tensors = _contig(*tensors)
+    plain = not torch.compiler.is_compiling() and all(t is None or type(t) is torch.Tensor for t in tensors)
+    if plain and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        return getattr(_backends.kernels(backend), op)(*tensors, *args)
+    return getattr(_custom, op)(*tensors, *args, backend)
 
 
 def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float, *,
@@ -38,7 +51,7 @@ def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale
     name = resolve(backend, eps_uncond.device)
     if name == "torch":
         return reference.cfg_combine(eps_uncond, eps_cond, w)
-    return _custom.cfg_combine(*_contig(eps_uncond, eps_cond), w, name)
+    return _native("cfg_combine", name, (eps_uncond, eps_cond), w)
 
 
 def rademacher_perturb(x: torch.Tensor, num_probes: int, h: float, seed: int, central: bool = False, *,
@@ -57,7 +70,7 @@ def rademacher_perturb(x: torch.Tensor, num_probes: int, h: float, seed: int, ce
     name = resolve(backend, x.device)
     if name == "torch":
         return reference.rademacher_perturb(x, K, h, seed, bool(central))
-    return _custom.rademacher_perturb(x.contiguous(), K, h, seed, bool(central), name)
+    return _native("rademacher_perturb", name, (x,), K, h, seed, bool(central))
 
 
 def hutchinson_reduce(y_probes: torch.Tensor, y0: Optional[torch.Tensor], num_probes: int, h: float, seed: int,
@@ -93,8 +106,7 @@ def hutchinson_reduce(y_probes: torch.Tensor, y0: Optional[torch.Tensor], num_pr
     name = resolve(backend, y_probes.device)
     if name == "torch":
         return reference.hutchinson_reduce(y_probes, y0, K, h, seed, bool(central))
-    return _custom.hutchinson_reduce(y_probes.contiguous(), None if y0 is None else y0.contiguous(), K, h, seed,
-                                     bool(central), name)
+    return _native("hutchinson_reduce", name, (y_probes, y0), K, h, seed, bool(central))
 
 
 def fd_direction(x: torch.Tensor, eps_uncond: torch.Tensor, eps_cond: torch.Tensor, h: float, *,
@@ -110,7 +122,7 @@ def fd_direction(x: torch.Tensor, eps_uncond: torch.Tensor, eps_cond: torch.Tens
     name = resolve(backend, x.device)
     if name == "torch":
         return reference.fd_direction(x, eps_uncond, eps_cond, h)
-    return _custom.fd_direction(*_contig(x, eps_uncond, eps_cond), h, name)
+    return _native("fd_direction", name, (x, eps_uncond, eps_cond), h)
 
 
 def diff_of_diffs_norm(u0: torch.Tensor, c0: torch.Tensor, u1: torch.Tensor, c1: torch.Tensor, *,
@@ -122,4 +134,4 @@ def diff_of_diffs_norm(u0: torch.Tensor, c0: torch.Tensor, u1: torch.Tensor, c1:
     name = resolve(backend, u0.device)
     if name == "torch":
         return reference.diff_of_diffs_norm(u0, c0, u1, c1)
-    return _custom.diff_of_diffs_norm(*_contig(u0, c0, u1, c1), name)
+    return _native("diff_of_diffs_norm", name, (u0, c0, u1, c1))
