@@ -80,45 +80,43 @@ SF_HD bf16_t to_bf16(float f) {
   return bf16_t{static_cast<uint16_t>(u >> 16)};
 }
 
+// cond ? a : b as bit masks: GCC turns ternaries here into branches, which stop vectorization.
+SF_HD uint32_t select_bits(bool cond, uint32_t a, uint32_t b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(cond);
+  return (a & m) | (b & ~m);
+}
+
+// fp16 <-> fp32 on the host without branches (so loops over them vectorize), round to
+// nearest even; on the device the hardware conversions.
 SF_HD float to_float(half_t v) {
 #if defined(__CUDA_ARCH__)
   return __half2float(__ushort_as_half(v.bits));
+#else
+  const uint32_t sign = (static_cast<uint32_t>(v.bits) & 0x8000u) << 16;
+  const uint32_t em = v.bits & 0x7fffu;                   // exponent and mantissa
+  const uint32_t normal = (em << 13) + 0x38000000u;       // rebias 15 -> 127
+  const uint32_t inf_nan = (em << 13) | 0x7f800000u;
+  const uint32_t sub = float_to_bits(static_cast<float>(em) * 5.9604644775390625e-08f);  // em * 2^-24
+  const uint32_t r = select_bits(em < 0x400u, sub, select_bits(em >= 0x7c00u, inf_nan, normal));
+  return bits_to_float(r | sign);
 #endif
-  const uint32_t h = v.bits;
-  const uint32_t sign = (h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu;
-  const uint32_t man = h & 0x3ffu;
-  if (exp == 0x1fu) return bits_to_float(sign | 0x7f800000u | (man << 13));  // inf / NaN
-  if (exp != 0) return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
-  // zero or subnormal: man * 2^-24
-  const float mag = static_cast<float>(man) * 5.9604644775390625e-08f;
-  return sign ? -mag : mag;
 }
+
 SF_HD half_t to_half(float f) {
 #if defined(__CUDA_ARCH__)
   return half_t{__half_as_ushort(__float2half_rn(f))};
-#endif
+#else
   const uint32_t u = float_to_bits(f);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return half_t{static_cast<uint16_t>(sign | 0x7e00u)};   // NaN
-  if (a >= 0x477ff000u) return half_t{static_cast<uint16_t>(sign | 0x7c00u)};  // rounds to inf
-  if (a < 0x38800000u) {
-    // result is subnormal (or zero): round a's value to a multiple of 2^-24, ties to even
-    const uint32_t exp = a >> 23;
-    if (exp < 102u) return half_t{sign};  // below half of the smallest subnormal
-    const uint32_t man = (a & 0x7fffffu) | 0x800000u;
-    const uint32_t shift = 126u - exp;  // 14..24
-    uint32_t r = man >> shift;
-    const uint32_t rem = man & ((1u << shift) - 1u);
-    const uint32_t halfway = 1u << (shift - 1u);
-    if (rem > halfway || (rem == halfway && (r & 1u))) ++r;
-    return half_t{static_cast<uint16_t>(sign | r)};
-  }
-  // normal: rebias the exponent, round 13 dropped mantissa bits to nearest even
-  uint32_t r = a - 0x38000000u;  // exponent 127 -> 15
-  r += 0xfffu + ((r >> 13) & 1u);
-  return half_t{static_cast<uint16_t>(sign | (r >> 13))};
+  uint32_t normal = a - 0x38000000u;                       // rebias 127 -> 15
+  normal = (normal + 0xfffu + ((normal >> 13) & 1u)) >> 13;  // drop 13 bits, ties to even
+  // below 2^-14: adding 0.5 makes the FPU round to a multiple of 2^-24, ties to even
+  const uint32_t sub = float_to_bits(bits_to_float(a) + 0.5f) - 0x3f000000u;
+  const uint32_t big = select_bits(a > 0x7f800000u, 0x7e00u, 0x7c00u);  // NaN, or rounds to inf
+  const uint32_t r = select_bits(a >= 0x477ff000u, big, select_bits(a < 0x38800000u, sub, normal));
+  return half_t{static_cast<uint16_t>(sign | r)};
+#endif
 }
 
 // io<T>: accumulation type of a storage type T, and its load / store.

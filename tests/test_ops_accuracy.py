@@ -150,3 +150,28 @@ def test_thread_count_does_not_change_results():
         torch.set_num_threads(before)
     many = ops.hutchinson_reduce(y, y0, 3, 0.1, 1, backend="cpp")
     assert torch.equal(one, many)
+
+
+def test_every_float16_value_round_trips(native):
+    """fp16 -> fp32 -> fp16 is exact for all 65536 bit patterns (subnormals, inf, NaN)."""
+    u = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(256, 256)
+    zero = torch.zeros_like(u)
+    g, _ = ops.cfg_combine(zero, u, 1.0, backend=native)  # 0 + 1 * (u - 0): u, with -0 -> +0
+    want = (zero.float() + 1.0 * (u.float() - zero.float())).half()
+    nan = torch.isnan(u)
+    assert torch.equal(torch.isnan(g), nan)
+    assert torch.equal(g[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    assert torch.equal(g[~nan & (u != 0)], u[~nan & (u != 0)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rounding_to_16_bits_matches_torch(native, dtype):
+    """fp32 -> fp16/bf16 rounding (ties to even, subnormals, overflow) bit for bit as torch."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    exps = torch.randint(-30, 14, (64, 512), generator=g).double()  # subnormal to near the fp16 maximum
+    u = (torch.randn(64, 512, generator=g, dtype=torch.float64) * 2.0**exps).to(dtype)
+    c = (torch.randn(64, 512, generator=g, dtype=torch.float64) * 2.0**exps).to(dtype)
+    got, _ = ops.cfg_combine(u, c, 0.37, backend=native)
+    want = (u.float() + 0.37 * (c.float() - u.float())).to(dtype)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))

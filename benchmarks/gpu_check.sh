@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The one command for a lent GPU (the device tool runs it in the repository root):
+#   1. builds the C++ and CUDA extensions in place (sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise),
+#   2. runs the kernel tests of the cuda and triton backends on the GPU against float64 references,
+#   3. prints a table of timings: us per call, GB/s, and the fraction of a device-to-device copy
+#      of the same bytes (CUDA graphs + CUDA events, median).
+# Finishes in well under 8 minutes on an H100/H200. Results also land in $OUT when set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+out="${OUT:-/tmp/sharpfast-gpu}"
+mkdir -p "$out"
+py=python3
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+$py -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+echo "== build (in place)"
+start=$SECONDS
+$py setup.py -q build_ext --inplace -j 16 > "$out/build.log" 2>&1 || { tail -n 40 "$out/build.log"; exit 1; }
+echo "built in $((SECONDS - start)) s"
+$py -c "from sharpfast.ops import available_backends as a; b = a(); print('backends:', b); assert {'cuda', 'triton'} <= set(b)"
+
+echo "== kernel tests on the GPU"
+$py -m pytest -q -p no:cacheprovider tests/test_ops_gpu.py 2>&1 | tee "$out/tests.log" | tail -n 25
+test "${PIPESTATUS[0]}" -eq 0
+
+echo "== timings"
+$py benchmarks/gpu_bench.py "$@" | tee "$out/gpu_bench.txt"
