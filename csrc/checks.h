@@ -88,4 +88,19 @@ inline int64_t probe_batch(const at::Tensor& y, int64_t nprobe) {
   return y.size(0) / nprobe;
 }
 
+// The base values y0 of a Hutchinson reduction: checked against y_probes (B samples of D
+// elements); null when absent (allowed only for central differences, which do not read it).
+inline const void* base_values(const c10::optional<at::Tensor>& y0, const at::Tensor& y, int64_t B, int64_t D,
+                               bool central) {
+  if (!y0.has_value()) {
+    SF_CHECK(central, "y0 is required for forward differences (central=False)");
+    return nullptr;
+  }
+  SF_CHECK(y0->size(0) == B && y0->numel() == B * D, "y0 must hold ", B, " samples of ", D,
+           " elements, got shape ", y0->sizes());
+  SF_CHECK(y0->scalar_type() == y.scalar_type() && y0->device() == y.device() && y0->is_contiguous(),
+           "y0 must be a contiguous tensor of y_probes' dtype and device");
+  return y0->data_ptr();
+}
+
 }  // namespace sharpfast

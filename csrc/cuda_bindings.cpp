@@ -55,15 +55,7 @@ at::Tensor hutchinson_reduce(const at::Tensor& y, const c10::optional<at::Tensor
   const int64_t D = row_size(y, "y_probes", kCUDA);
   const int64_t B = probe_batch(y, probe_count(K, central));
   check_step(h);
-  const void* y0_ptr = nullptr;
-  if (!central) SF_CHECK(y0.has_value(), "y0 is required for forward differences (central=False)");
-  if (y0.has_value()) {
-    SF_CHECK(y0->size(0) == B && y0->numel() == B * D, "y0 must hold ", B, " samples of ", D,
-             " elements, got shape ", y0->sizes());
-    SF_CHECK(y0->scalar_type() == y.scalar_type() && y0->device() == y.device() && y0->is_contiguous(),
-             "y0 must be a contiguous tensor of y_probes' dtype and device");
-    y0_ptr = y0->data_ptr();
-  }
+  const void* y0_ptr = base_values(y0, y, B, D, central);
   auto trace = new_output({B}, y.options().dtype(acc_dtype(y)));
   auto ws = workspace(y, B, D);
   check_launch(sf_cuda_hutchinson_reduce(dtype_code(y, "y_probes"), y.data_ptr(), y0_ptr, trace.data_ptr(),
