@@ -1,7 +1,28 @@
 """sharpfast: find and prevent memorization in text-to-image diffusion models from the
-sharpness of the learned density (Jeon, Kim and No, ICML 2025), with fused kernels."""
+sharpness of the learned density (Jeon, Kim and No, ICML 2025), with fused kernels.
+
+Importing sharpfast touches no device and loads diffusers only when a pipeline function is used.
+"""
 from . import ops
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "__version__"]
+_LAZY = {
+    "detect": ("detection", "detect"),
+    "hessian_spectrum": ("spectrum", "hessian_spectrum"),
+    "evaluate": ("evaluation", "evaluate"),
+    "calibrate": ("evaluation", "calibrate"),
+    "DetectionResult": ("results", "DetectionResult"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module 'sharpfast' has no attribute {name!r}")
+
+
+__all__ = ["ops", "__version__", *_LAZY]

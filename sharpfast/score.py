@@ -1,0 +1,194 @@
+"""The score-model adapter: a stock diffusers pipeline as "eps and score for these latents,
+this timestep, these conditional and null embeddings, in one batch".
+
+Every model parameterization is converted to eps, and eps to the score, here and nowhere else
+(k-diffusion style), so that each metric is written once. All metrics work in the
+variance-preserving space the UNet sees: x = scheduler.scale_model_input(latents, t), with
+alpha_bar from the scheduler (from its sigma for Euler-type schedulers, alpha_bar = 1/(1 + sigma^2)),
+so that the same initial noise gives comparable numbers under DDIM, DPM-Solver or Euler.
+
+The user's pipeline is never modified: the scheduler is copied before set_timesteps, and the
+UNet is only called (attention processors are swapped and restored only by the exact JVP path).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# schedulers that work in sigma space (x = x0 + sigma eps) and scale the UNet input
+_SIGMA_SPACE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+
+
+# ---- the one place that converts predictions ----------------------------------------
+
+def to_eps(pred: torch.Tensor, x: torch.Tensor, alpha_bar: float, prediction_type: str) -> torch.Tensor:
+    """The UNet's prediction as eps_hat, in fp32 (x: the VP latent the UNet saw)."""
+    pred, x = pred.float(), x.float()
+    a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+    if prediction_type == "epsilon":
+        return pred
+    if prediction_type == "v_prediction":
+        return a * pred + s * x
+    if prediction_type == "sample":
+        return (x - a * pred) / s
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def eps_per_pred(prediction_type: str, alpha_bar: float) -> float:
+    """d eps_hat / d prediction: differences of predictions at the same x scale by this into eps."""
+    a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+    return {"epsilon": 1.0, "v_prediction": a, "sample": -a / s}[prediction_type]
+
+
+def sigma_of(alpha_bar: float) -> float:
+    return math.sqrt(1.0 - alpha_bar)
+
+
+def eps_to_score(eps: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    """s(x) = grad log p_t(x) = -eps_hat / sigma_t."""
+    return -eps / sigma_of(alpha_bar)
+
+
+# ---- conditioning ----------------------------------------------------------------------
+
+@dataclass
+class Conditioning:
+    """Embeddings of N images (prompt-major: image j of prompt i is row i * n + j)."""
+
+    cond: torch.Tensor
+    null: torch.Tensor
+    cond_added: Optional[dict] = None   # SDXL: text_embeds, time_ids
+    null_added: Optional[dict] = None
+    warnings: list = field(default_factory=list)  # per prompt: list of str
+
+    def __len__(self):
+        return self.cond.shape[0]
+
+    def rows(self, idx) -> "Conditioning":
+        pick = lambda d: None if d is None else {k: v[idx] for k, v in d.items()}  # noqa: E731
+        return replace(self, cond=self.cond[idx], null=self.null[idx], cond_added=pick(self.cond_added),
+                       null_added=pick(self.null_added))
+
+    def cfg_batch(self, repeats: int = 1):
+        """(encoder_hidden_states, added_cond_kwargs) of the batch [null; cond], each part repeated."""
+        hidden = torch.cat([self.null.repeat(repeats, 1, 1), self.cond.repeat(repeats, 1, 1)])
+        added = None
+        if self.cond_added is not None:
+            added = {k: torch.cat([self.null_added[k].repeat(repeats, 1), self.cond_added[k].repeat(repeats, 1)])
+                     for k in self.cond_added}
+        return hidden, added
+
+
+def _check_pipeline(pipe):
+    names = {cls.__name__ for cls in type(pipe).__mro__}
+    if not names & set(SUPPORTED_PIPELINES):
+        raise TypeError(f"sharpfast supports {', '.join(SUPPORTED_PIPELINES)} (and their subclasses); "
+                        f"got {type(pipe).__name__}")
+    pt = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if pt not in PREDICTION_TYPES:
+        raise ValueError(f"unsupported scheduler prediction_type {pt!r}; expected one of {PREDICTION_TYPES}")
+    return "StableDiffusionXLPipeline" in names
+
+
+class ScoreModel:
+    """eps and scores of a stock pipeline's UNet; counts its UNet calls and rows in `stats`."""
+
+    def __init__(self, pipe):
+        self.is_xl = _check_pipeline(pipe)
+        self.pipe = pipe
+        self.unet = pipe.unet
+        self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+        self.stats = {"unet_calls": 0, "unet_rows": 0}  # shared with with_unet() copies
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def default_size(self) -> tuple[int, int]:
+        p = self.pipe
+        size = (p.default_sample_size if self.is_xl else p.unet.config.sample_size) * p.vae_scale_factor
+        return size, size
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.pipe.vae_scale_factor
+        return self.unet.config.in_channels, height // f, width // f
+
+    # -- prompts ----------------------------------------------------------------------
+    def encode(self, prompts: list[str], n: int, height: int, width: int) -> Conditioning:
+        """Embeddings as the pipeline computes them for CFG (null = the empty prompt)."""
+        p, dev = self.pipe, self.device
+        warnings = [self._truncation(prompt) for prompt in prompts]
+        with torch.no_grad():
+            if not self.is_xl:
+                cond, null = p.encode_prompt(prompts, dev, n, True)
+                return Conditioning(cond, null, warnings=warnings)
+            cond, null, pooled, null_pooled = p.encode_prompt(prompts, device=dev, num_images_per_prompt=n,
+                                                              do_classifier_free_guidance=True)
+            proj = int(pooled.shape[-1]) if p.text_encoder_2 is None else p.text_encoder_2.config.projection_dim
+            time_ids = p._get_add_time_ids((height, width), (0, 0), (height, width), dtype=cond.dtype,
+                                           text_encoder_projection_dim=proj).to(dev).repeat(len(cond), 1)
+        return Conditioning(cond, null, {"text_embeds": pooled, "time_ids": time_ids},
+                            {"text_embeds": null_pooled, "time_ids": time_ids}, warnings)
+
+    def _truncation(self, prompt: str) -> list[str]:
+        out = []
+        for tok in filter(None, (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None))):
+            length = len(tok(prompt).input_ids)
+            if length > tok.model_max_length:
+                out.append(f"prompt is {length} tokens, truncated to {tok.model_max_length} as the pipeline does")
+                break
+        return out
+
+    # -- schedule -----------------------------------------------------------------------
+    def scheduler(self, num_inference_steps: int):
+        """A private copy of the pipeline's scheduler with its timesteps set."""
+        sched = copy.deepcopy(self.pipe.scheduler)
+        sched.set_timesteps(num_inference_steps, device=self.device)
+        return sched
+
+    def initial_latents(self, sched, count: int, height: int, width: int, generator=None) -> torch.Tensor:
+        """x_T exactly as pipe.prepare_latents draws it (same generator, same order, init_noise_sigma)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (count, *self.latent_shape(height, width))
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype) * sched.init_noise_sigma
+
+    def alpha_bar(self, sched, t) -> float:
+        """alpha_bar of the VP latent the UNet sees at t (call after sched.scale_model_input)."""
+        if type(sched).__name__ in _SIGMA_SPACE:
+            sigma = float(sched.sigmas[sched.step_index])
+            return 1.0 / (1.0 + sigma * sigma)
+        return float(sched.alphas_cumprod[int(t)])
+
+    def with_unet(self, unet) -> "ScoreModel":
+        """The same adapter calling another UNet (an fp32 copy for the exact JVP, say)."""
+        other = copy.copy(self)
+        other.unet = unet
+        return other
+
+    # -- UNet -----------------------------------------------------------------------------
+    def predict(self, x: torch.Tensor, t, cond: Conditioning, repeats: int = 1):
+        """Raw predictions (null, cond) at x (R*N rows, R = repeats of the N images) in ONE UNet call."""
+        hidden, added = cond.cfg_batch(repeats)
+        xx = torch.cat([x, x]).to(self.dtype)
+        tt = torch.as_tensor(t, device=self.device)
+        self.stats["unet_calls"] += 1
+        self.stats["unet_rows"] += xx.shape[0]
+        out = self.unet(xx, tt, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+        return out.chunk(2)
+
+    def eps(self, x, t, alpha_bar, cond: Conditioning, repeats: int = 1):
+        """(eps_null, eps_cond) in fp32."""
+        u, c = self.predict(x, t, cond, repeats)
+        return to_eps(u, x, alpha_bar, self.prediction_type), to_eps(c, x, alpha_bar, self.prediction_type)
