@@ -1,0 +1,285 @@
+"""sharpfast.detect and the metrics on tiny random-weight pipelines (SD1 epsilon, SD2
+v-prediction, SDXL), against direct UNet calls, exact JVPs and exact Jacobians."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+import sharpfast
+from sharpfast.metrics import METRICS, math_attention
+from sharpfast.score import ScoreModel, eps_to_score
+from sharpfast.testing import tiny_pipeline
+
+KINDS = ("sd1", "sd2", "sdxl")
+WORDS = "cats dogs cars trees sky sea boats birds fish moon sun rain snow wind fire ice".split()
+PROMPTS = [f"prompt {i} about {w}" for i, w in enumerate(WORDS)]  # 16
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def pipe(request):
+    p = tiny_pipeline(request.param)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def gen(seed=1):
+    return torch.Generator().manual_seed(seed)
+
+
+def first_unet_call(pipe, prompts, n=1, seed=1):
+    """Input and output of the first UNet call of pipe(...) with the same generator."""
+    seen = {}
+
+    def hook(module, args, kwargs, output):
+        if not seen:
+            seen["x"] = args[0].detach().clone()
+            seen["out"] = (output[0] if isinstance(output, tuple) else output.sample).detach().clone()
+
+    handle = pipe.unet.register_forward_hook(hook, with_kwargs=True)
+    try:
+        pipe(prompts, num_images_per_prompt=n, num_inference_steps=50, generator=gen(seed), output_type="latent")
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_wen_is_the_noise_difference_of_the_pipelines_own_first_step(pipe):
+    prompts = PROMPTS[:3]
+    seen = first_unet_call(pipe, prompts, n=2)
+    res = sharpfast.detect(pipe, prompts, metrics=("wen",), num_images_per_prompt=2, generator=gen(), progress=False)
+    u, c = seen["out"].chunk(2)
+    x = seen["x"].chunk(2)[0]
+    model = ScoreModel(pipe)
+    sched = model.scheduler(50)
+    ab = model.alpha_bar(sched, sched.timesteps[0])
+    from sharpfast.score import to_eps
+
+    pt = model.prediction_type
+    wen = (to_eps(c, x, ab, pt) - to_eps(u, x, ab, pt)).flatten(1).norm(dim=1).view(3, 2)
+    torch.testing.assert_close(res.per_image["wen"], wen, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(res.scores["wen"], wen.mean(dim=1), rtol=1e-4, atol=1e-6)
+    assert res.config["unet_calls"] == 1, "wen costs one CFG call"
+
+
+def test_sharpness_fd_matches_exact_jvp_fp32(pipe):
+    fd = sharpfast.detect(pipe, PROMPTS, metrics=("sharpness",), generator=gen(), batch_size=16, progress=False)
+    jvp = sharpfast.detect(pipe, PROMPTS, metrics=("sharpness",), hvp="jvp", generator=gen(), progress=False)
+    f, j = fd.scores["sharpness"], jvp.scores["sharpness"]
+    assert (j > 0).all()
+    assert ((f - j).abs() / j).max() < 0.05
+    assert spearmanr(f, j).statistic >= 0.99
+    assert fd.config["unet_calls"] == 2, "sharpness by finite difference: one extra CFG call"
+
+
+# Measured on these pipelines (16 prompts): fp16 with h = 0.5 stays within about 10% of the
+# exact value (Spearman >= 0.98); bf16 (8-bit mantissa) with h = 1.0 within about 80%
+# (Spearman >= 0.87): finite differences of a bf16 UNet are dominated by its rounding.
+HALF_TOLERANCE = {torch.float16: (0.15, 0.97), torch.bfloat16: (1.0, 0.85)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sharpness_fd_in_half_precision(pipe, dtype):
+    jvp = sharpfast.detect(pipe, PROMPTS, metrics=("sharpness",), hvp="jvp", generator=gen(), progress=False)
+    half = copy.deepcopy(pipe).to(dtype=dtype)
+    fd = sharpfast.detect(half, PROMPTS, metrics=("sharpness",), generator=gen(), progress=False)
+    f, j = fd.scores["sharpness"], jvp.scores["sharpness"]
+    max_rel, min_rank = HALF_TOLERANCE[dtype]
+    assert torch.isfinite(f).all()
+    assert ((f - j).abs() / j).max() < max_rel
+    assert spearmanr(f, j).statistic >= min_rank
+
+
+def exact_jacobians(pipe, prompt, height, width, seed=1):
+    model = ScoreModel(pipe)
+    sched = model.scheduler(50)
+    lat = model.initial_latents(sched, 1, height, width, gen(seed))
+    t = sched.timesteps[0]
+    x = sched.scale_model_input(lat, t).float()
+    ab = model.alpha_bar(sched, t)
+    cond = model.encode([prompt], 1, height, width)
+    D = x.numel()
+    out = {}
+    with torch.no_grad(), math_attention(pipe.unet):
+        for name, branch in (("null", 0), ("cond", 1)):
+            f = lambda z: eps_to_score(model.eps(z, t, ab, cond)[branch], ab).reshape(-1)  # noqa: E731
+            out[name] = torch.func.jacfwd(f)(x).reshape(D, D).double()
+    return out, lat
+
+
+@pytest.fixture(scope="module")
+def small_pipe():
+    p = tiny_pipeline("sd1", sample_size=4)  # latents 4x4x4: the Jacobian is 64 x 64
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_trace_against_exact_jacobian(small_pipe):
+    J, lat = exact_jacobians(small_pipe, "a cat", 8, 8)
+    K = 256
+    res = sharpfast.detect(small_pipe, ["a cat"], metrics=("trace", "trace_delta"), latents=lat, num_probes=K,
+                           fd_step=1e-3, height=8, width=8, progress=False)
+    assert res.config["unet_calls"] == 2, "all probes in ONE extra call"
+    for metric, A in (("trace", J["cond"]), ("trace_delta", J["cond"] - J["null"])):
+        S = (A + A.T) / 2
+        var = 2 * (S.pow(2).sum() - S.diagonal().pow(2).sum())  # variance of v^T A v, Rademacher v
+        se = (var / K).sqrt().item()
+        est = -res.scores[metric].item()
+        assert abs(est - torch.trace(A).item()) < 4 * se + 1e-3, (metric, est, torch.trace(A).item(), se)
+
+
+def test_score_norm_and_lemma_check(small_pipe):
+    res = sharpfast.detect(small_pipe, ["a cat", "a dog"], metrics=("score_norm", "trace"), num_probes=64,
+                           generator=gen(), height=8, width=8, progress=False)
+    assert (res.scores["score_norm"] > 0).all()
+    # for a standard Gaussian E||s||^2 = -tr H = D; at t ~ T the learned density is near one
+    assert res.scores["score_norm"].shape == (2,) and torch.isfinite(res.scores["trace"]).all()
+
+
+def test_hessian_spectrum_against_eigvals(small_pipe):
+    J, lat = exact_jacobians(small_pipe, "a cat", 8, 8)
+    spec = sharpfast.hessian_spectrum(small_pipe, "a cat", k=4, latents=lat, height=8, width=8)
+    for name in ("cond", "null"):
+        exact = torch.linalg.eigvals(J[name])
+        top = exact[exact.abs().argsort(descending=True)][:3]
+        for ev in spec[name]:
+            assert (exact - ev).abs().min() < 1e-3 * exact.abs().max()
+        # the largest-magnitude eigenvalue is found
+        assert (spec[name] - top[0]).abs().min() < 1e-3 * exact.abs().max()
+
+
+def test_batch_invariance_and_determinism(pipe):
+    metrics = ("wen", "sharpness", "trace")
+    a = sharpfast.detect(pipe, PROMPTS[:5], metrics=metrics, batch_size=5, generator=gen(), progress=False)
+    b = sharpfast.detect(pipe, PROMPTS[:5], metrics=metrics, batch_size=2, generator=gen(), progress=False)
+    c = sharpfast.detect(pipe, PROMPTS[:5], metrics=metrics, batch_size=5, generator=gen(), progress=False)
+    for m in metrics:  # equal up to the rounding of differently sized matmuls
+        torch.testing.assert_close(a.scores[m], b.scores[m], rtol=1e-3, atol=1e-6)
+        assert torch.equal(a.scores[m], c.scores[m])
+
+
+def snapshot(pipe):
+    s = pipe.scheduler
+    return dict(timesteps=None if s.timesteps is None else s.timesteps.clone(), nis=s.num_inference_steps,
+                step_index=getattr(s, "step_index", None), config=dict(s.config),
+                procs={k: type(v) for k, v in pipe.unet.attn_processors.items()},
+                proc_ids={k: id(v) for k, v in pipe.unet.attn_processors.items()},
+                hooks=(len(pipe.unet._forward_hooks), len(pipe.unet._forward_pre_hooks)),
+                training=pipe.unet.training, dtype=pipe.unet.dtype,
+                progress=dict(getattr(pipe, "_progress_bar_config", {})),
+                weights=sum(p.double().sum().item() for p in pipe.unet.parameters()))
+
+
+def test_pipeline_is_left_as_it_was(pipe):
+    pipe.scheduler.set_timesteps(20)
+    before = snapshot(pipe)
+    sharpfast.detect(pipe, PROMPTS[:2], metrics=METRICS, steps=2, generator=gen(), progress=False)
+    sharpfast.detect(pipe, PROMPTS[:2], metrics=("sharpness",), hvp="jvp", generator=gen(), progress=False)
+    after = snapshot(pipe)
+    for k in before:
+        if isinstance(before[k], torch.Tensor):
+            assert torch.equal(before[k], after[k]), k
+        else:
+            assert before[k] == after[k], k
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "pndm", "euler", "dpm"])
+def test_schedulers_and_steps(scheduler):
+    p = tiny_pipeline("sd1", scheduler=scheduler)
+    res = sharpfast.detect(p, PROMPTS[:2], metrics=("wen", "sharpness"), steps=3, num_inference_steps=10,
+                           generator=gen(), progress=False)
+    assert all(torch.isfinite(v).all() for v in res.scores.values())
+    assert res.config["unet_calls"] == 6
+    one = sharpfast.detect(p, PROMPTS[:2], metrics=("wen",), steps=1, num_inference_steps=10, generator=gen(),
+                           progress=False)
+    assert not torch.equal(one.scores["wen"], res.scores["wen"]), "steps > 1 averages along the trajectory"
+
+
+def test_records_are_json(pipe):
+    import json
+
+    res = sharpfast.detect(pipe, PROMPTS[:2], metrics=("wen", "sharpness"), num_images_per_prompt=2,
+                           generator=gen(), progress=False)
+    recs = json.loads(json.dumps(res.to_records()))
+    assert [r["prompt"] for r in recs] == PROMPTS[:2]
+    assert len(recs[0]["per_image"]["wen"]) == 2 and set(recs[0]) >= {"wen", "sharpness", "warnings"}
+    assert res.scores["wen"].dtype == torch.float32 and res.per_image["wen"].shape == (2, 2)
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+def test_bad_input(small_pipe):
+    p = small_pipe
+    kw = dict(progress=False, height=8, width=8)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        sharpfast.detect(p, [], **kw)
+    with pytest.raises(TypeError, match=r"prompts\[1\] must be a str"):
+        sharpfast.detect(p, ["a", 3], **kw)
+    with pytest.raises(ValueError, match="unknown metric 'sharp'.*wen, sharpness"):
+        sharpfast.detect(p, ["a"], metrics=("sharp",), **kw)
+    with pytest.raises(ValueError, match="num_images_per_prompt must be an int >= 1"):
+        sharpfast.detect(p, ["a"], num_images_per_prompt=0, **kw)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        sharpfast.detect(p, ["a"], steps=0, **kw)
+    with pytest.raises(ValueError, match="must not exceed num_inference_steps"):
+        sharpfast.detect(p, ["a"], steps=11, num_inference_steps=10, **kw)
+    with pytest.raises(ValueError, match="latents must have shape"):
+        sharpfast.detect(p, ["a", "b"], latents=torch.randn(1, 4, 4, 4), **kw)
+    with pytest.raises(TypeError, match="latents must be floating point"):
+        sharpfast.detect(p, ["a"], latents=torch.ones(1, 4, 4, 4, dtype=torch.int64), **kw)
+    with pytest.raises(ValueError, match="latents are on meta"):
+        sharpfast.detect(p, ["a"], latents=torch.empty(1, 4, 4, 4, device="meta"), **kw)
+    with pytest.raises(ValueError, match="hvp must be one of"):
+        sharpfast.detect(p, ["a"], hvp="exact", **kw)
+    with pytest.raises(TypeError, match="sharpfast supports StableDiffusionPipeline"):
+        sharpfast.detect(object(), ["a"], **kw)
+
+
+def test_long_prompt_is_truncated_with_a_warning(small_pipe):
+    long = "word " * 100
+    res = sharpfast.detect(small_pipe, [long, "short"], metrics=("wen",), generator=gen(), progress=False,
+                           height=8, width=8)
+    assert any("truncated to 77" in w for w in res.warnings[0])
+    assert res.warnings[1] == []
+
+
+def test_non_finite_unet_output_names_the_prompt():
+    p = tiny_pipeline("sd1", sample_size=4)
+
+    def poison(module, args, kwargs, output):
+        out = output[0].clone()
+        out[-1] = float("nan")  # last row of the CFG batch: the last prompt's conditional branch
+        return (out,)
+
+    handle = p.unet.register_forward_hook(poison, with_kwargs=True)
+    try:
+        with pytest.raises(ValueError, match="NaN/inf.*'second prompt'"):
+            sharpfast.detect(p, ["first prompt", "second prompt"], metrics=("wen",), progress=False, height=8,
+                             width=8, generator=gen())
+    finally:
+        handle.remove()
+
+
+# ---- evaluation ----------------------------------------------------------------------------
+
+def test_evaluate_and_calibrate():
+    rng = np.random.default_rng(0)
+    normal, memorized = rng.normal(0, 1, 500), rng.normal(3, 1, 100)
+    scores = np.concatenate([normal, memorized])
+    labels = np.r_[np.zeros(500), np.ones(100)]
+    e = sharpfast.evaluate(scores, labels)
+    from sklearn.metrics import roc_auc_score
+
+    assert e["auc"] == pytest.approx(roc_auc_score(labels, scores))
+    thr = sharpfast.calibrate(normal, fpr=0.01)
+    assert (normal > thr).mean() <= 0.01
+    # the calibrated threshold is one operating point with FPR <= 1%; the ROC's best is at least as good
+    assert (memorized > thr).mean() <= e["tpr_at_1pct_fpr"]
+    assert e["tpr_at_1pct_fpr"] > 0.5
+    assert e["tpr_at_1pct_fpr"] <= e["tpr_at_3pct_fpr"]
+    assert sharpfast.evaluate([1, 2, 3, 4], [0, 0, 1, 1])["auc"] == 1.0
+    with pytest.raises(ValueError, match="one class"):
+        sharpfast.evaluate([1, 2], [1, 1])
+    with pytest.raises(ValueError, match="fpr must be"):
+        sharpfast.calibrate(normal, fpr=0)
