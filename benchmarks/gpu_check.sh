@@ -3,7 +3,10 @@
 #   1. builds the C++ and CUDA extensions in place (sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise),
 #   2. runs the kernel tests of the cuda and triton backends on the GPU against float64 references,
 #   3. prints a table of timings: us per call, GB/s, and the fraction of a device-to-device copy
-#      of the same bytes (CUDA graphs + CUDA events, median).
+#      of the same bytes (CUDA graphs + CUDA events, median);
+#   4. times detection (UNet calls, ms per prompt, ratio to one CFG call) on an SD 1.5-sized UNet
+#      with random weights in fp16, and compares fd sharpness with the exact JVP.
+# diffusers is not on the GPU machine: run benchmarks/fetch_gpu_wheels.sh here first and carry .whl.
 # Finishes in well under 8 minutes on an H100/H200. Results also land in $OUT when set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +14,10 @@ export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_
 out="${OUT:-/tmp/sharpfast-gpu}"
 mkdir -p "$out"
 py=python3
+if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 $py -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
@@ -25,5 +32,13 @@ echo "== kernel tests on the GPU"
 $py -m pytest -q -p no:cacheprovider tests/test_ops_gpu.py 2>&1 | tee "$out/tests.log" | tail -n 25
 test "${PIPESTATUS[0]}" -eq 0
 
-echo "== timings"
+echo "== timings of the fused ops"
 $py benchmarks/gpu_bench.py "$@" | tee "$out/gpu_bench.txt"
+
+echo "== detection on an SD 1.5-sized UNet (fp16)"
+if $py -c "import diffusers" 2> /dev/null; then
+  $py benchmarks/bench_detect.py --sd15 --device cuda --dtype float16 --batches 1,8 2>&1 \
+    | grep -v "should be kept in float32" | tee "$out/bench_detect.txt"
+else
+  echo "SKIPPED: diffusers is not installed here (run benchmarks/fetch_gpu_wheels.sh and carry .whl)"
+fi

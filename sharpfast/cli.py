@@ -34,9 +34,14 @@ def load_pipeline(model_dir: str, device: str, dtype: str):
 
 
 def _done_ids(path: str) -> set:
-    """Prompt ids already written to a results file (a torn last line is ignored)."""
+    """Prompt ids already written to a results file. A torn last line (a run killed mid-write)
+    is cut off, so that appending starts on a fresh line and its prompt is scored again."""
     done = set()
     if os.path.exists(path):
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
         with open(path, encoding="utf-8") as f:
             for line in f:
                 try:

@@ -96,3 +96,27 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0, sample_size: int = 8, schedu
     return StableDiffusionPipeline(vae=_vae(seed + 1), text_encoder=_text_encoder(32, None, seed + 2, V),
                                    tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+
+
+def sd15_sized_pipeline(seed: int = 0, dtype=torch.float32, device="cpu"):
+    """A StableDiffusionPipeline whose UNet has Stable Diffusion 1.5's architecture (860M
+    parameters, random weights), for timings on a GPU. The text encoder (hidden size 768, as
+    SD 1.5's) and the VAE (downsampling by 8) are small random stand-ins."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                                attention_head_dim=8,
+                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).eval()
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=8, sample_size=512).eval()
+    tok = tiny_tokenizer()
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=_text_encoder(768, None, seed + 2, len(tok)), tokenizer=tok,
+                                   unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return pipe.to(device=device, dtype=dtype)
