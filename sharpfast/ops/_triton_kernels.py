@@ -14,6 +14,8 @@ import triton.language as tl
 from ._hash import MIX_C1, MIX_C2, WEYL, seed_key
 
 BLOCK = 1024
+# Integer arguments equal to 1 are compile-time constants by default in compiled Triton; D and
+# key0 are used as tensors (.to) and so are never specialized (do_not_specialize).
 _poison = False  # test hook: outputs and partials start as NaN (see set_poison)
 
 
@@ -68,7 +70,7 @@ def _row_block(D, nc, BLOCK: tl.constexpr):
     return pid, row, offs, offs < D, row * D.to(tl.int64)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["D"])
 def _cfg_combine_kernel(u_ptr, c_ptr, g_ptr, part_ptr, D, nc, w, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid, row, offs, m, base = _row_block(D, nc, BLOCK)
     u = tl.load(u_ptr + base + offs, mask=m, other=0).to(ACC)
@@ -77,14 +79,14 @@ def _cfg_combine_kernel(u_ptr, c_ptr, g_ptr, part_ptr, D, nc, w, ACC: tl.constex
     tl.store(part_ptr + pid, tl.sum(d * d, axis=0).to(tl.float64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["D"])
 def _sq_diff_kernel(u_ptr, c_ptr, part_ptr, D, nc, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid, row, offs, m, base = _row_block(D, nc, BLOCK)
     d = tl.load(c_ptr + base + offs, mask=m, other=0).to(ACC) - tl.load(u_ptr + base + offs, mask=m, other=0).to(ACC)
     tl.store(part_ptr + pid, tl.sum(d * d, axis=0).to(tl.float64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["D"])
 def _dod_kernel(u0_ptr, c0_ptr, u1_ptr, c1_ptr, part_ptr, D, nc, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid, row, offs, m, base = _row_block(D, nc, BLOCK)
     p = base + offs
@@ -94,7 +96,7 @@ def _dod_kernel(u0_ptr, c0_ptr, u1_ptr, c1_ptr, part_ptr, D, nc, ACC: tl.constex
     tl.store(part_ptr + pid, tl.sum(r * r, axis=0).to(tl.float64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["D"])
 def _shift_kernel(x_ptr, u_ptr, c_ptr, scale_ptr, out_ptr, D, nc, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid, row, offs, m, base = _row_block(D, nc, BLOCK)
     p = base + offs
@@ -104,7 +106,7 @@ def _shift_kernel(x_ptr, u_ptr, c_ptr, scale_ptr, out_ptr, D, nc, ACC: tl.conste
     tl.store(out_ptr + p, _cast_to(x + s * d, out_ptr), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["D", "key0"])
 def _perturb_kernel(x_ptr, out_ptr, B, D, K, nc, h, key0, CENTRAL: tl.constexpr, ACC: tl.constexpr,
                     BLOCK: tl.constexpr):
     # program (k, block of elements): the signs are computed once and applied to every sample
@@ -118,7 +120,7 @@ def _perturb_kernel(x_ptr, out_ptr, B, D, K, nc, h, key0, CENTRAL: tl.constexpr,
             tl.store(out_ptr + ((K + k) * B + b) * D64 + offs, _cast_to(x - hs, out_ptr), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["D", "key0"])
 def _hutchinson_kernel(y_ptr, y0_ptr, part_ptr, B, D, K, nc, key0, CENTRAL: tl.constexpr, ACC: tl.constexpr,
                        BLOCK: tl.constexpr):
     pid, b, offs, m, base = _row_block(D, nc, BLOCK)
