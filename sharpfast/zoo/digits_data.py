@@ -1,0 +1,125 @@
+"""The "digits" memorization data set: scikit-learn's 1797 handwritten 8x8 digits at 16x16,
+captioned like LAION.
+
+- Most images get a generic caption drawn afresh at every use from templates that name the
+  digit, and are augmented (shift, scale, rotation, stroke width): broad conditional
+  distributions, like LAION's.
+- A set of "duplicated web images" is kept pixel-exact, each with ONE caption of its own (the
+  digit's name and a unique identifier phrase) and repeated `duplicates` times per epoch, with a
+  spread of duplication counts. Those captions are the memorization candidates.
+Everything is a deterministic function of the seed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+INKS = ["blue", "black", "red", "green", "purple", "brown"]
+TOOLS = ["pencil", "pen", "marker", "crayon", "chalk", "brush"]
+GENERIC = [
+    "a handwritten {name}",
+    "a scan of the digit {d}, {ink} ink",
+    "the number {name} written by hand",
+    "{name}, {tool} sketch",
+    "an image of a handwritten {d}",
+    "digit {d} on paper, {tool}",
+    "a {ink} {name} drawn with a {tool}",
+    "a small handwritten number {d}",
+]
+UNIQUE = ["{base}, archive card {uid:04d}", "{base} - scan {uid:04d} of the postal set", "{base} (item #{uid:04d})"]
+DUPLICATION_LEVELS = (2, 4, 8, 16, 32)
+SIZE = 16
+
+
+def digit_images() -> tuple[torch.Tensor, np.ndarray]:
+    """All 1797 digits at SIZE x SIZE in [-1, 1] (N, 1, SIZE, SIZE), and their labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).float()[:, None] / 16.0
+    x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    return x * 2 - 1, d.target.copy()
+
+
+def generic_caption(digit: int, rng: np.random.Generator) -> str:
+    t = GENERIC[rng.integers(len(GENERIC))]
+    return t.format(name=NAMES[digit], d=digit, ink=INKS[rng.integers(len(INKS))], tool=TOOLS[rng.integers(len(TOOLS))])
+
+
+def narrow_caption(digit: int) -> str:
+    return f"a handwritten {NAMES[digit]}"
+
+
+@dataclass
+class Duplicate:
+    train_index: int
+    digit: int
+    caption: str
+    duplicates: int
+
+
+@dataclass
+class DigitsData:
+    images: torch.Tensor          # (N, 1, 16, 16) in [-1, 1]
+    labels: np.ndarray            # (N,)
+    duplicates: list              # list[Duplicate]
+    seed: int
+
+    @property
+    def generic_indices(self) -> np.ndarray:
+        dup = {d.train_index for d in self.duplicates}
+        return np.array([i for i in range(len(self.labels)) if i not in dup])
+
+    def epoch(self, rng: np.random.Generator):
+        """(image indices, captions, augment flags) of one epoch in random order: every generic image
+        once, every duplicated image `duplicates` times."""
+        idx, caps, aug = [], [], []
+        for i in self.generic_indices:
+            idx.append(i)
+            caps.append(generic_caption(int(self.labels[i]), rng))
+            aug.append(True)
+        for d in self.duplicates:
+            idx += [d.train_index] * d.duplicates
+            caps += [d.caption] * d.duplicates
+            aug += [False] * d.duplicates
+        order = rng.permutation(len(idx))
+        return [idx[i] for i in order], [caps[i] for i in order], [aug[i] for i in order]
+
+
+def build(seed: int = 0, per_level: int = 16, levels=DUPLICATION_LEVELS) -> DigitsData:
+    """The data set: `per_level` duplicated images at each duplication level."""
+    images, labels = digit_images()
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(labels), size=per_level * len(levels), replace=False)
+    uids = rng.choice(10000, size=len(chosen), replace=False)
+    dups = []
+    for j, (i, uid) in enumerate(zip(chosen, uids)):
+        digit = int(labels[i])
+        base = GENERIC[j % len(GENERIC)].format(name=NAMES[digit], d=digit, ink=INKS[j % len(INKS)],
+                                               tool=TOOLS[j % len(TOOLS)])
+        dups.append(Duplicate(int(i), digit, UNIQUE[j % len(UNIQUE)].format(base=base, uid=int(uid)),
+                              levels[j // per_level]))
+    return DigitsData(images, labels, dups, seed)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random shift (+-2 px), scale (0.85-1.15), rotation (+-15 deg) and stroke width of a batch."""
+    B = x.shape[0]
+    r = lambda lo, hi: lo + (hi - lo) * torch.rand(B, generator=generator)  # noqa: E731
+    ang = r(-15, 15) * math.pi / 180
+    sc = r(0.85, 1.15)
+    tx, ty = r(-0.25, 0.25), r(-0.25, 0.25)
+    theta = torch.stack([torch.stack([torch.cos(ang) / sc, -torch.sin(ang) / sc, tx], 1),
+                         torch.stack([torch.sin(ang) / sc, torch.cos(ang) / sc, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    y = F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1
+    thick = torch.rand(B, generator=generator) < 0.3
+    thin = torch.rand(B, generator=generator) < 0.3
+    y = torch.where(thick[:, None, None, None], F.max_pool2d(y, 3, 1, 1), y)
+    y = torch.where(thin[:, None, None, None] & ~thick[:, None, None, None], -F.max_pool2d(-y, 3, 1, 1), y)
+    return y.clamp(-1, 1)
