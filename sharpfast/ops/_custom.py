@@ -15,15 +15,11 @@ from torch import Tensor
 
 from . import _backends
 from ._hash import rademacher_signs
-from .reference import acc_dtype
+from .reference import as_rows, acc_dtype
 
 
 def _impl(backend: str):
     return _backends.kernels(backend)
-
-
-def _rows(t: Tensor) -> Tensor:
-    return t.to(acc_dtype(t.dtype)).reshape(t.shape[0], -1)
 
 
 def _safe_unit(d: Tensor):
@@ -59,8 +55,8 @@ def _cfg_setup(ctx, inputs, output):
 
 def _cfg_backward(ctx, g_guided, g_norm):
     u, c = ctx.saved_tensors
-    unit, _ = _safe_unit(_rows(c) - _rows(u))
-    gg, gn = _rows(g_guided), g_norm.to(unit.dtype)[:, None]
+    unit, _ = _safe_unit(as_rows(c) - as_rows(u))
+    gg, gn = as_rows(g_guided), g_norm.to(unit.dtype)[:, None]
     grad_c = ctx.w * gg + gn * unit
     grad_u = (1.0 - ctx.w) * gg - gn * unit
     return _unrow(grad_u, u), _unrow(grad_c, c), None, None
@@ -154,8 +150,8 @@ def _fd_setup(ctx, inputs, output):
 
 def _fd_backward(ctx, g):
     u, c = ctx.saved_tensors
-    unit, norm = _safe_unit(_rows(c) - _rows(u))
-    gr = _rows(g)
+    unit, norm = _safe_unit(as_rows(c) - as_rows(u))
+    gr = as_rows(g)
     # d/dd of h d/||d||: (h/||d||) (I - unit unit^T); zero where the difference is zero
     scale = torch.where(norm > 0, ctx.h / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
     grad_d = scale * (gr - unit * (unit * gr).sum(dim=1, keepdim=True))
@@ -183,7 +179,7 @@ def _dod_setup(ctx, inputs, output):
 
 def _dod_backward(ctx, g):
     u0, c0, u1, c1 = ctx.saved_tensors
-    unit, _ = _safe_unit((_rows(c1) - _rows(u1)) - (_rows(c0) - _rows(u0)))
+    unit, _ = _safe_unit((as_rows(c1) - as_rows(u1)) - (as_rows(c0) - as_rows(u0)))
     gr = g.to(unit.dtype)[:, None] * unit
     return _unrow(gr, u0), _unrow(-gr, c0), _unrow(-gr, u1), _unrow(gr, c1), None
 

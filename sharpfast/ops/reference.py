@@ -16,7 +16,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, D) view in the accumulation dtype."""
     return t.to(acc_dtype(t.dtype)).reshape(t.shape[0], -1)
 
 
@@ -25,14 +26,14 @@ def _row_norm(t: torch.Tensor) -> torch.Tensor:
 
 
 def cfg_combine(eps_uncond, eps_cond, guidance_scale):
-    u, c = _rows(eps_uncond), _rows(eps_cond)
+    u, c = as_rows(eps_uncond), as_rows(eps_cond)
     d = c - u
     guided = (u + guidance_scale * d).to(eps_uncond.dtype).reshape(eps_uncond.shape)
     return guided, _row_norm(d)
 
 
 def rademacher_perturb(x, num_probes, h, seed, central=False):
-    rows = _rows(x)
+    rows = as_rows(x)
     v = rademacher_signs(num_probes, rows.shape[1], seed, x.device, rows.dtype)[:, None, :]
     out = rows[None] + h * v
     if central:
@@ -41,24 +42,24 @@ def rademacher_perturb(x, num_probes, h, seed, central=False):
 
 
 def hutchinson_reduce(y_probes, y0, num_probes, h, seed, central=False):
-    y = _rows(y_probes)
+    y = as_rows(y_probes)
     n = 2 * num_probes if central else num_probes
     y = y.reshape(n, -1, y.shape[1])
     if central:
         diff, scale = y[:num_probes] - y[num_probes:], 1.0 / (2 * num_probes * h)
     else:
-        diff, scale = y - _rows(y0)[None], 1.0 / (num_probes * h)
+        diff, scale = y - as_rows(y0)[None], 1.0 / (num_probes * h)
     v = rademacher_signs(num_probes, y.shape[2], seed, y.device, y.dtype)[:, None, :]
     return (v * diff).sum(dim=(0, 2)) * scale
 
 
 def fd_direction(x, eps_uncond, eps_cond, h):
-    d = _rows(eps_cond) - _rows(eps_uncond)
+    d = as_rows(eps_cond) - as_rows(eps_uncond)
     norm = _row_norm(d)[:, None]
     positive = norm > 0  # a zero difference has no direction: no shift
     scale = torch.where(positive, h / torch.where(positive, norm, torch.ones_like(norm)), torch.zeros_like(norm))
-    return (_rows(x) + scale * d).to(x.dtype).reshape(x.shape)
+    return (as_rows(x) + scale * d).to(x.dtype).reshape(x.shape)
 
 
 def diff_of_diffs_norm(u0, c0, u1, c1):
-    return _row_norm((_rows(c1) - _rows(u1)) - (_rows(c0) - _rows(u0)))
+    return _row_norm((as_rows(c1) - as_rows(u1)) - (as_rows(c0) - as_rows(u0)))
