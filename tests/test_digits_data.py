@@ -36,3 +36,27 @@ def test_augment_changes_images_within_range():
     assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
     assert not torch.equal(x, y)
     assert torch.equal(y, augment(x, torch.Generator().manual_seed(0)))
+
+
+def test_training_script_runs_a_few_steps_and_saves_a_pipeline(tmp_path):
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    from sharpfast.zoo.copying import COPY_THRESHOLD, copy_stats, generate
+    from sharpfast.zoo.train_digits import main
+
+    main(["--out", str(tmp_path), "--vae-steps", "2", "--unet-steps", "2", "--batch-size", "8"])
+    info = json.loads((tmp_path / "train_info.json").read_text())
+    assert info["unet_steps"] == 2 and info["final_unet_loss"] > 0
+    assert list(tmp_path.rglob("*.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    data = build()
+    imgs = generate(pipe, [data.duplicates[0].caption], seeds=[0, 1], num_inference_steps=3)
+    assert imgs.shape == (2, 1, 16, 16) and imgs.min() >= -1 and imgs.max() <= 1
+    copies, sim = copy_stats(imgs, data.images, data.duplicates[0].train_index)
+    assert copies.shape == (2,) and ((sim >= COPY_THRESHOLD) | ~copies).all()
+    # a training image is its own nearest neighbour, a copy with similarity 1
+    c, s = copy_stats(data.images[[5, 9]], data.images, [5, 9])
+    assert c.all() and torch.allclose(s, torch.ones(2, dtype=s.dtype))
