@@ -11,7 +11,6 @@ Higher means sharper, i.e. more likely memorized, for every metric.
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 
@@ -40,7 +39,7 @@ def math_attention(unet):
 
 def exact_hvp_delta(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, v):
     """H_Δ v by forward-mode AD (torch.func.jvp) in fp32 with math attention."""
-    unet = model.unet if model.dtype == torch.float32 else copy.deepcopy(model.unet).float()
+    unet = model.fp32_unet()
     sig = sigma_of(alpha_bar)
     with math_attention(unet):
         exact = model.with_unet(unet)

@@ -171,6 +171,15 @@ class ScoreModel:
             return 1.0 / (1.0 + sigma * sigma)
         return float(sched.alphas_cumprod[int(t)])
 
+    def fp32_unet(self):
+        """The UNet in fp32 for exact derivatives: the pipeline's own when it is fp32, else a copy
+        made once per adapter (the pipeline's UNet is never cast)."""
+        if self.dtype == torch.float32:
+            return self.unet
+        if getattr(self, "_fp32_unet", None) is None:
+            self._fp32_unet = copy.deepcopy(self.unet).float()
+        return self._fp32_unet
+
     def with_unet(self, unet) -> "ScoreModel":
         """The same adapter calling another UNet (an fp32 copy for the exact JVP, say)."""
         other = copy.copy(self)

@@ -1,7 +1,6 @@
 """Leading eigenvalues of the Hessian of log p_t (the Jacobian of the score) at step 1."""
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import torch
@@ -46,7 +45,7 @@ def hessian_spectrum(pipe, prompt: str, k: int = 6, *, conditions=CONDITIONS, wh
     x = sched.scale_model_input(latents.to(model.dtype), t).float()
     ab = model.alpha_bar(sched, t)
     cond = model.encode([prompt], 1, height, width)
-    unet = model.unet if model.dtype == torch.float32 else copy.deepcopy(model.unet).float()
+    unet = model.fp32_unet()
     out = {"latents": latents.detach().cpu()}
     with torch.no_grad(), math_attention(unet):
         exact = model.with_unet(unet)
