@@ -21,7 +21,7 @@ METRICS = ("wen", "sharpness", "trace", "trace_delta", "score_norm")
 HVP_MODES = ("fd", "jvp")
 # finite-difference step along the unit direction of s_Δ, in latent units, by UNet dtype;
 # chosen so that fd agrees with the exact JVP (tests/test_detect.py)
-DEFAULT_FD_STEP = {torch.float32: 0.05, torch.float16: 0.5, torch.bfloat16: 1.0}
+DEFAULT_FD_STEP = {torch.float32: 0.05, torch.float16: 1.0, torch.bfloat16: 1.0}
 
 
 @contextlib.contextmanager
