@@ -13,6 +13,8 @@ _LAZY = {
     "evaluate": ("evaluation", "evaluate"),
     "calibrate": ("evaluation", "calibrate"),
     "DetectionResult": ("results", "DetectionResult"),
+    "sail": ("mitigation", "sail"),
+    "guard": ("serving", "guard"),
 }
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -33,24 +32,6 @@ def load_pipeline(model_dir: str, device: str, dtype: str):
     return pipe.to(device)
 
 
-def _done_ids(path: str) -> set:
-    """Prompt ids already written to a results file. A torn last line (a run killed mid-write)
-    is cut off, so that appending starts on a fresh line and its prompt is scored again."""
-    done = set()
-    if os.path.exists(path):
-        with open(path, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    done.add(json.loads(line)["id"])
-                except (ValueError, KeyError):
-                    continue
-    return done
-
-
 def cmd_detect(args) -> int:
     import torch
 
@@ -69,8 +50,9 @@ def cmd_detect(args) -> int:
 
     model = ScoreModel(pipe)
     height, width = model.default_size()
-    sched = model.scheduler(args.num_inference_steps)
-    done = _done_ids(args.out)
+    from . import jsonl
+
+    done = set(jsonl.read(args.out))
     todo = [i for i in range(len(prompts)) if i not in done]
     if done:
         print(f"sharpfast: {len(done)} prompts already in {args.out}; {len(todo)} to go", file=sys.stderr)
@@ -80,19 +62,17 @@ def cmd_detect(args) -> int:
         for start in range(0, len(todo), args.batch_size):
             ids = todo[start:start + args.batch_size]
             # one generator per prompt id: results do not depend on batching or restarts
-            lat = torch.cat([model.initial_latents(sched, args.n, height, width,
+            lat = torch.cat([model.noise(args.n, height, width,
                                                    torch.Generator("cpu").manual_seed(args.seed + i)) for i in ids])
             res = sharpfast.detect(pipe, [prompts[i] for i in ids], metrics=metrics, num_images_per_prompt=args.n,
                                    steps=args.steps, num_inference_steps=args.num_inference_steps,
                                    guidance_scale=args.guidance_scale, latents=lat, batch_size=args.batch_size,
                                    hvp=args.hvp, progress=False)
-            for i, rec in zip(ids, res.to_records()):
-                rec = {"id": i, **rec}
-                if labels is not None:
-                    rec["label"] = labels[i]
-                out.write(json.dumps(rec) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+            recs = [{"id": i, **rec} for i, rec in zip(ids, res.to_records())]
+            if labels is not None:
+                for rec in recs:
+                    rec["label"] = labels[rec["id"]]
+            jsonl.append(out, recs)
             bar.update(len(ids))
     if labels is not None:
         _print_table(args.out, metrics, len(prompts))
@@ -102,15 +82,9 @@ def cmd_detect(args) -> int:
 def _print_table(path: str, metrics, total: int):
     from .evaluation import evaluate
 
-    recs = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-                recs[r["id"]] = r
-            except (ValueError, KeyError):
-                continue
-    rows = [r for r in recs.values() if "label" in r]
+    from . import jsonl
+
+    rows = [r for r in jsonl.read(path).values() if "label" in r]
     print(f"\n{len(rows)} of {total} prompts scored")
     print(f"{'metric':12s} {'AUC':>6s} {'TPR@1%FPR':>10s} {'TPR@3%FPR':>10s}")
     for m in metrics:
@@ -147,7 +121,14 @@ def main(argv=None) -> int:
     d.add_argument("--device", default="cuda", help="torch device (default cuda)")
     d.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", help="UNet dtype (default fp16)")
     d.add_argument("--out", default="results.jsonl", help="JSON lines output, appended (default results.jsonl)")
+    from .harness.cli import add_parsers, cmd_demo, cmd_eval
+
+    add_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        return cmd_eval(args)
+    if args.command == "demo":
+        return cmd_demo(args)
     if args.command == "selfcheck":
         from .selfcheck import run
 

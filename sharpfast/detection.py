@@ -65,7 +65,8 @@ def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt
     image on the real CFG sampling trajectory, averaged over the first `steps` steps and the
     `num_images_per_prompt` images of each prompt. Initial latents are drawn exactly as
     `pipe(prompts, num_images_per_prompt=n, generator=generator)` would draw them, or taken from
-    `latents` (shape (len(prompts) * n, C, h, w), prompt-major). Prompts go through the UNet
+    `latents` as `pipe(latents=...)` takes them (shape (len(prompts) * n, C, h, w), prompt-major;
+    scaled by the scheduler's init_noise_sigma here, as the pipeline does). Prompts go through the UNet
     `batch_size` at a time, one CFG call per step (plus one for `sharpness` with hvp="fd", one on
     a num_probes-times larger batch for the traces); a prompt's score does not depend on its batch
     (except with ancestral schedulers and steps > 1, whose noise comes from the generator).
@@ -83,9 +84,10 @@ def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt
     sched0 = model.scheduler(num_inference_steps)
     count = len(prompts) * n
     if latents is None:
-        latents = model.initial_latents(sched0, count, height, width, generator)
+        latents = model.noise(count, height, width, generator)
     else:
         _check_latents(latents, count, model.latent_shape(height, width), model)
+    latents = latents * sched0.init_noise_sigma  # as pipe.prepare_latents scales them
     extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
     per_image = {m: torch.empty(len(prompts), n) for m in metrics}
     warnings = []

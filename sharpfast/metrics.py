@@ -52,6 +52,23 @@ def exact_hvp_delta(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, v):
     return hv
 
 
+def fd_sharpness(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, eps_u, eps_c, h, check=None):
+    """||H_Δ s_Δ|| per row by one finite difference along s_Δ (one extra CFG call); differentiable
+    in x (sharpfast.ops support autograd), so SAIL minimizes exactly what detection measures.
+
+    x' = x + h s_Δ / ||s_Δ|| (s_Δ = -eps_Δ / sigma points along eps_u - eps_c), and
+    ||H_Δ s_Δ|| ~ ||s_Δ(x') - s_Δ(x)|| ||s_Δ|| / h = ||eps_Δ(x') - eps_Δ(x)|| ||eps_Δ|| / (sigma^2 h).
+    """
+    sig = sigma_of(alpha_bar)
+    shifted = ops.fd_direction(x, eps_c, eps_u, h)
+    eps_u2, eps_c2 = model.eps(shifted, t, alpha_bar, cond)
+    if check is not None:
+        check(eps_c2 - eps_u2)
+    dod = ops.diff_of_diffs_norm(eps_u, eps_c, eps_u2, eps_c2)
+    wen = (eps_c - eps_u).reshape(len(x), -1).norm(dim=1)
+    return dod * wen / (sig * sig * h)
+
+
 class NonFiniteOutput(ValueError):
     pass
 
@@ -87,13 +104,8 @@ def step_metrics(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, metrics
         out["score_norm"] = eps_c.reshape(len(eps_c), -1).pow(2).sum(dim=1) / sig**2
     if "sharpness" in metrics:
         if hvp == "fd":
-            # x + h v / ||v|| with v = s_Δ = -eps_Δ / sigma: the direction of eps_u - eps_c
-            shifted = ops.fd_direction(xf, eps_c, eps_u, h)
-            eps_u2, eps_c2 = model.eps(shifted, t, alpha_bar, cond)
-            check_finite(eps_c2 - eps_u2, n, prompts, "finite-difference point")
-            # ||H_Δ s_Δ|| ~ ||s_Δ(x') - s_Δ(x)|| ||s_Δ|| / h
-            dod = ops.diff_of_diffs_norm(eps_u, eps_c, eps_u2, eps_c2)
-            out["sharpness"] = dod * wen / (sig * sig * h)
+            out["sharpness"] = fd_sharpness(model, xf, t, alpha_bar, cond, eps_u, eps_c, h,
+                                            check=lambda d: check_finite(d, n, prompts, "finite-difference point"))
         else:
             v = -(eps_c - eps_u) / sig
             hv = exact_hvp_delta(model, xf, t, alpha_bar, cond, v)

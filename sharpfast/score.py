@@ -157,12 +157,17 @@ class ScoreModel:
         sched.set_timesteps(num_inference_steps, device=self.device)
         return sched
 
-    def initial_latents(self, sched, count: int, height: int, width: int, generator=None) -> torch.Tensor:
-        """x_T exactly as pipe.prepare_latents draws it (same generator, same order, init_noise_sigma)."""
+    def noise(self, count: int, height: int, width: int, generator=None) -> torch.Tensor:
+        """Unit Gaussian noise drawn exactly as pipe.prepare_latents draws it (same generator, same
+        order): what `pipe(latents=...)` takes, before the scheduler's init_noise_sigma."""
         from diffusers.utils.torch_utils import randn_tensor
 
         shape = (count, *self.latent_shape(height, width))
-        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype) * sched.init_noise_sigma
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+
+    def initial_latents(self, sched, count: int, height: int, width: int, generator=None) -> torch.Tensor:
+        """x_T as the pipeline starts from it: noise(...) * init_noise_sigma."""
+        return self.noise(count, height, width, generator) * sched.init_noise_sigma
 
     def alpha_bar(self, sched, t) -> float:
         """alpha_bar of the VP latent the UNet sees at t (call after sched.scale_model_input)."""

@@ -12,6 +12,8 @@ from sharpfast.metrics import METRICS, math_attention
 from sharpfast.score import ScoreModel, eps_to_score
 from sharpfast.testing import tiny_pipeline
 
+from pipeline_state import assert_same, snapshot
+
 KINDS = ("sd1", "sd2", "sdxl")
 WORDS = "cats dogs cars trees sky sea boats birds fish moon sun rain snow wind fire ice".split()
 PROMPTS = [f"prompt {i} about {w}" for i, w in enumerate(WORDS)]  # 16
@@ -159,29 +161,12 @@ def test_batch_invariance_and_determinism(pipe):
         assert torch.equal(a.scores[m], c.scores[m])
 
 
-def snapshot(pipe):
-    s = pipe.scheduler
-    return dict(timesteps=None if s.timesteps is None else s.timesteps.clone(), nis=s.num_inference_steps,
-                step_index=getattr(s, "step_index", None), config=dict(s.config),
-                procs={k: type(v) for k, v in pipe.unet.attn_processors.items()},
-                proc_ids={k: id(v) for k, v in pipe.unet.attn_processors.items()},
-                hooks=(len(pipe.unet._forward_hooks), len(pipe.unet._forward_pre_hooks)),
-                training=pipe.unet.training, dtype=pipe.unet.dtype,
-                progress=dict(getattr(pipe, "_progress_bar_config", {})),
-                weights=sum(p.double().sum().item() for p in pipe.unet.parameters()))
-
-
 def test_pipeline_is_left_as_it_was(pipe):
     pipe.scheduler.set_timesteps(20)
     before = snapshot(pipe)
     sharpfast.detect(pipe, PROMPTS[:2], metrics=METRICS, steps=2, generator=gen(), progress=False)
     sharpfast.detect(pipe, PROMPTS[:2], metrics=("sharpness",), hvp="jvp", generator=gen(), progress=False)
-    after = snapshot(pipe)
-    for k in before:
-        if isinstance(before[k], torch.Tensor):
-            assert torch.equal(before[k], after[k]), k
-        else:
-            assert before[k] == after[k], k
+    assert_same(before, snapshot(pipe))
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "pndm", "euler", "dpm"])

@@ -1,0 +1,266 @@
+"""sharpfast.sail (this module: mitigation): Sharpness-Aware Initialization for Latent diffusion (SPEC.md, "Mitigation").
+
+Instead of sampling from x_T as drawn, SAIL looks for an initial noise where the prompt's density
+is flat at the first sampling step, then runs the ordinary sampler from it. Every image has
+`candidates` initial noises (the first is the one the pipeline would draw, or the `latents`
+given; the others are fresh draws), all optimized in ONE batch:
+
+- each round evaluates the loss at the current points (two CFG calls: x and the
+  finite-difference point x'), accepts a candidate the first time it is under the threshold, and
+  drops every candidate of an image that has one (the batch shrinks);
+- the remaining candidates take one Adam step (fp32 latents and optimizer state, any UNet dtype);
+  with `project=True` each is rescaled to its initial norm, so x_T stays on the Gaussian shell
+  ||x|| ~ sqrt(d) instead of drifting to low-density regions;
+- at most `max_steps` Adam steps, so at most 2 (max_steps + 1) batched CFG forwards and
+  max_steps backwards (plus the sampler's num_inference_steps calls); an image with no accepted
+  candidate takes its lowest-loss point and info["converged"] is False.
+
+A candidate whose first evaluation is already under the threshold is used unchanged: a prompt
+that would not be flagged comes out exactly as pipe(...) makes it.
+
+objective="paper": loss = ||H_Δ s_Δ||^2 (+ alpha ||x||^2), the paper's L_SAIL with the
+  finite-difference sharpness of sharpfast.detect (same step, same formula); the threshold is on
+  the sharpness itself, so "auto" is the detection threshold shipped with the model.
+objective="reference": the authors' code loss ||eps_Δ(x + eps_Δ/||eps_Δ||)|| + alpha ||x|| with
+  their defaults (alpha 0.05 SD 1.x / 0.01 SD 2.x, threshold 8.2, 8 candidates, 10 steps a
+  round, threshold +0.1 after every 3 failed rounds, fresh candidates each round), but bounded
+  (max_rounds), without their defects (stale first input, optimizing accepted latents,
+  duplicate latents, a host sync per step).
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import time
+
+import torch
+
+from .metrics import DEFAULT_FD_STEP, fd_sharpness
+from .score import ScoreModel
+
+OBJECTIVES = ("paper", "reference")
+CALIBRATION_FILE = "calibration.json"
+REFERENCE = dict(alpha_sd1=0.05, alpha_sd2=0.01, threshold=8.2, candidates=8, steps_per_round=10, raise_every=3,
+                 raise_by=0.1)
+DEFAULTS = {"paper": dict(candidates=4, max_steps=4), "reference": dict(candidates=8, max_steps=10)}
+
+
+def shipped_threshold(pipe, metric: str = "sharpness") -> float | None:
+    """The detection threshold stored beside a model (calibration.json in its directory), if any."""
+    root = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+    f = os.path.join(str(root), CALIBRATION_FILE) if root else None
+    if not f or not os.path.isfile(f):
+        return None
+    with open(f, encoding="utf-8") as fh:
+        cal = json.load(fh)
+    return float(cal[metric]["threshold"]) if metric in cal else None
+
+
+def _check(pipe, prompts, n, guidance_scale, objective, lr, max_steps, candidates):
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompt is empty: pass a prompt or a non-empty list of prompts")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt[{i}] must be a non-empty str, got {p!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if not isinstance(guidance_scale, numbers.Real) or not guidance_scale > 1:
+        raise ValueError(f"SAIL needs classifier-free guidance: guidance_scale must be > 1, got {guidance_scale!r}")
+    for name, v in (("num_images_per_prompt", n), ("max_steps", max_steps), ("candidates", candidates)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < (0 if name == "max_steps" else 1):
+            raise ValueError(f"{name} must be an int >= {0 if name == 'max_steps' else 1}, got {v!r}")
+    if not (isinstance(lr, numbers.Real) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    return prompts
+
+
+class _Objective:
+    """Loss and acceptance statistic of a batch of candidate latents (rows of cond)."""
+
+    def __init__(self, model, t, ab, objective, alpha, h):
+        self.model, self.t, self.ab, self.objective, self.alpha, self.h = model, t, ab, objective, alpha, h
+
+    def __call__(self, x, cond):
+        """(loss per row, statistic compared with the threshold per row); x fp32."""
+        m = self.model
+        u, c = m.eps(x, self.t, self.ab, cond)
+        if self.objective == "paper":
+            stat = fd_sharpness(m, x, self.t, self.ab, cond, u, c, self.h)
+            loss = stat.pow(2)
+            if self.alpha:
+                loss = loss + self.alpha * x.reshape(len(x), -1).pow(2).sum(dim=1)
+            return loss, stat
+        d = c - u
+        shifted = x + d / d.reshape(len(x), -1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+        u2, c2 = m.eps(shifted, self.t, self.ab, cond)
+        loss = (c2 - u2).reshape(len(x), -1).norm(dim=1) + self.alpha * x.reshape(len(x), -1).norm(dim=1)
+        return loss, loss
+
+
+def _per_row(v, x):
+    return v.view(-1, *[1] * (x.dim() - 1))
+
+
+def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, objective="paper", alpha=0.0, lr=0.05,
+                     max_steps=4, threshold=0.0, project=True, fd_step=None, new_candidates=None,
+                     rounds=1, raise_every=3, raise_by=0.1):
+    """Optimize candidate initial latents at the first timestep, all in one batch.
+
+    x0: (N, K, C, h, w), N images with K candidates each, as the sampler starts from them (after
+    init_noise_sigma); cond: the N images' Conditioning. new_candidates(round) -> (N, K, C, h, w)
+    gives fresh candidates for later rounds (rounds > 1, objective="reference").
+    Returns (latents (N, C, h, w) in x0's scale, info).
+    """
+    N, K = x0.shape[:2]
+    dev = model.device
+    t = sched.timesteps[0]
+    obj = _Objective(model, t, model.alpha_bar(sched, t), objective, alpha,
+                     fd_step if fd_step is not None else DEFAULT_FD_STEP.get(model.dtype, 0.05))
+    shape = x0.shape[2:]
+    acc_x = torch.zeros(N, *shape, device=dev)
+    best_x = torch.zeros(N, *shape, device=dev)
+    accepted = torch.zeros(N, dtype=torch.bool, device=dev)
+    best_loss = torch.full((N,), float("inf"), device=dev)
+    final_stat = torch.full((N,), float("inf"), device=dev)
+    first_stat, steps_taken, thr = None, 0, float(threshold)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for rnd in range(rounds):
+        cand = x0 if rnd == 0 else new_candidates(rnd)
+        rows = torch.arange(N, device=dev).repeat_interleave(K)
+        x = cand.reshape(N * K, *shape).to(dev, torch.float32)[~accepted[rows]]
+        rows = rows[~accepted[rows]]
+        radius = x.reshape(len(x), -1).norm(dim=1)
+        m, v = torch.zeros_like(x), torch.zeros_like(x)
+        for step in range(max_steps + 1):
+            x.requires_grad_(True)
+            loss, stat = obj(sched.scale_model_input(x, t), cond.rows(rows))
+            ld, sd = loss.detach(), stat.detach()
+            if first_stat is None:
+                first_stat = sd.view(N, K)
+            # lowest-loss point of each image so far (the fallback), without a host sync
+            low = torch.full((N,), float("inf"), device=dev).scatter_reduce(0, rows, ld, "amin")
+            better = low < best_loss
+            pick = better[rows] & (ld == low[rows])
+            best_x[rows[pick]] = x.detach()[pick]
+            final_stat = torch.where(better, torch.full_like(final_stat, float("inf")).scatter_reduce(
+                0, rows[pick], sd[pick], "amin"), final_stat)
+            best_loss = torch.where(better, low, best_loss)
+            # accept, per image, the first candidate (lowest row) under the threshold
+            pos = torch.arange(len(rows), device=dev)
+            ok = sd <= thr
+            first = torch.full((N,), len(rows), device=dev).scatter_reduce(0, rows[ok], pos[ok], "amin")
+            newly = (first < len(rows)) & ~accepted
+            acc_x[newly] = x.detach()[first[newly]]
+            final_stat[newly] = sd[first[newly]]
+            accepted |= newly
+            live = ~accepted[rows]
+            if step == max_steps or not bool(live.any()):  # the one host sync of a step
+                break
+            (g,) = torch.autograd.grad((loss * live).sum(), x)
+            steps_taken += 1
+            with torch.no_grad():  # Adam on the rows still live; accepted rows leave the batch
+                x, g, m, v, rows, radius = (a[live] for a in (x.detach(), g, m, v, rows, radius))
+                m = b1 * m + (1 - b1) * g
+                v = b2 * v + (1 - b2) * g * g
+                x = x - lr * (m / (1 - b1 ** (step + 1))) / ((v / (1 - b2 ** (step + 1))).sqrt() + eps)
+                if project:  # back onto the shell of the candidate's initial norm
+                    x = x * _per_row(radius / x.reshape(len(x), -1).norm(dim=1).clamp_min(1e-12), x)
+        if bool(accepted.all()):
+            break
+        if rnd + 1 < rounds and (rnd + 1) % raise_every == 0:
+            thr += raise_by
+    chosen = torch.where(_per_row(accepted, acc_x), acc_x, best_x)
+    info = {"accepted": accepted.cpu(), "converged": bool(accepted.all()), "final_loss": best_loss.cpu(),
+            "final_statistic": final_stat.cpu(), "initial_statistic": first_stat.cpu(), "adam_steps": steps_taken,
+            "threshold": thr}
+    return chosen, info
+
+
+def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latents=None, objective: str = "paper",
+         alpha=None, lr: float = 0.05, max_steps=None, candidates=None, threshold="auto", project=None,
+         max_rounds: int = 3, fd_step=None, return_info: bool = False, **pipe_kwargs):
+    """Generate with SAIL: optimized initial noise, then the pipeline's own sampler.
+
+    Takes the keyword arguments of `pipe(...)` (num_inference_steps, guidance_scale, height, width,
+    output_type, negative_prompt, ...) and returns the pipeline's own output; with
+    return_info=True, (output, info) where info holds the acceptance per image, final losses and
+    sharpness, Adam steps, converged, UNet calls and seconds.
+
+    threshold: "auto" (objective="paper": the detection threshold shipped beside the model in
+    calibration.json; "reference": 8.2, the authors' value for SD 1.4) or a number (from
+    sharpfast.calibrate on the sharpness of normal prompts). candidates: initial noises per image
+    (default 4 paper / 8 reference); max_steps: Adam steps (default 4 / 10, a round for
+    "reference"); project: keep each candidate on the sphere of its initial norm (default True
+    for "paper", False for "reference"); alpha: weight of the norm penalty (default 0 paper;
+    0.05 SD 1.x / 0.01 SD 2.x reference). The pipeline is not modified.
+    """
+    start = time.perf_counter()
+    n = num_images_per_prompt
+    guidance_scale = pipe_kwargs.get("guidance_scale", 7.5)
+    defaults = DEFAULTS[objective] if objective in DEFAULTS else DEFAULTS["paper"]
+    candidates = defaults["candidates"] if candidates is None else candidates
+    max_steps = defaults["max_steps"] if max_steps is None else max_steps
+    prompts = _check(pipe, prompt, n, guidance_scale, objective, lr, max_steps, candidates)
+    if any(k in pipe_kwargs for k in ("prompt_embeds", "negative_prompt_embeds")):
+        raise ValueError("sail encodes the prompt itself: pass prompt (and negative_prompt), not prompt_embeds")
+    model = ScoreModel(pipe)
+    if pipe_kwargs.get("negative_prompt") is not None:
+        raise NotImplementedError("sail optimizes against the empty-prompt null branch; negative_prompt is not "
+                                  "supported yet")
+    v_pred = model.prediction_type == "v_prediction"
+    if alpha is None:
+        alpha = 0.0 if objective == "paper" else (REFERENCE["alpha_sd2"] if v_pred else REFERENCE["alpha_sd1"])
+    if project is None:
+        project = objective == "paper"
+    if threshold == "auto":
+        threshold = shipped_threshold(pipe) if objective == "paper" else REFERENCE["threshold"]
+        if threshold is None:
+            raise ValueError("threshold='auto' needs the model's detection threshold (calibration.json beside the "
+                             "model); pass threshold=<float>, e.g. sharpfast.calibrate(sharpness of normal prompts)")
+    if not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
+        raise ValueError(f"threshold must be 'auto' or a finite number, got {threshold!r}")
+    dh, dw = model.default_size()
+    height, width = pipe_kwargs.get("height") or dh, pipe_kwargs.get("width") or dw
+    steps = pipe_kwargs.get("num_inference_steps", 50)
+    sched = model.scheduler(steps)
+    N, shape = len(prompts) * n, model.latent_shape(height, width)
+    if latents is None:
+        latents = model.noise(N, height, width, generator)
+    elif not isinstance(latents, torch.Tensor) or tuple(latents.shape) != (N, *shape):
+        raise ValueError(f"latents must be a tensor of shape {(N, *shape)} (len(prompts) * num_images_per_prompt, "
+                         f"C, h, w), got {tuple(getattr(latents, 'shape', ())) or type(latents).__name__}")
+    elif not latents.is_floating_point() or not bool(torch.isfinite(latents).all()):
+        raise ValueError("latents must be floating point without NaN or inf values")
+    g = generator[0] if isinstance(generator, list) else generator
+    dev = model.device
+
+    def fresh(k):  # k more candidates per image, from the user's generator (or the global RNG)
+        return model.noise(N * k, height, width, g).view(N, k, *shape).to(dev, torch.float32)
+
+    base = latents.to(dev, torch.float32).view(N, 1, *shape)
+    x0 = torch.cat([base, fresh(candidates - 1)], dim=1) if candidates > 1 else base
+    scale = float(sched.init_noise_sigma)
+    with torch.no_grad():
+        cond = model.encode(prompts, n, height, width)
+    chosen, info = optimize_latents(
+        model, cond, x0 * scale, sched, objective=objective, alpha=alpha, lr=lr, max_steps=max_steps,
+        threshold=threshold, project=project, fd_step=fd_step, rounds=max_rounds if objective == "reference" else 1,
+        new_candidates=lambda r: fresh(candidates) * scale, raise_every=REFERENCE["raise_every"],
+        raise_by=REFERENCE["raise_by"])
+    opt_calls = model.stats["unet_calls"]
+    final = (chosen / scale).to(latents.dtype)
+    # a first candidate accepted where it started is the caller's noise, bit for bit
+    unchanged = (info["initial_statistic"][:, 0] <= threshold).to(dev)
+    final[unchanged] = latents.to(dev)[unchanged]
+    out = pipe(prompts, num_images_per_prompt=n, generator=generator, latents=final, **pipe_kwargs)
+    if not return_info:
+        return out
+    info.update(unet_calls_optimization=opt_calls, unet_calls=opt_calls + steps, candidates=candidates,
+                objective=objective, seconds=time.perf_counter() - start, unchanged=unchanged.cpu(),
+                latents=final.detach().cpu())
+    return out, info

@@ -1,0 +1,167 @@
+"""sharpfast.guard (this module: serving): score every request from the CFG batch the pipeline computes anyway.
+
+    guarded = sharpfast.guard(pipe, metric="wen", threshold=...)
+    out = guarded(prompts, generator=g, ...)          # pipe's own output, plus out.memorization
+    guarded.remove()                                   # or: with sharpfast.guard(pipe) as guarded: ...
+
+A forward hook on pipe.unet reads the first UNet call of each guarded request (its CFG batch
+[null; cond]) and scores every image from it: metric="wen" costs no extra UNet call; "sharpness"
+one extra CFG call at that step (the finite difference of sharpfast.detect). The hook never
+changes a UNet output, so the images of prompts that are not flagged are exactly those of
+pipe(...). Flagged prompts are regenerated with sharpfast.sail from the same initial noise
+(mitigation="sail") or only reported (mitigation=None).
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .metrics import DEFAULT_FD_STEP, fd_sharpness
+from .score import Conditioning, ScoreModel, eps_per_pred, to_eps
+
+GUARD_METRICS = ("wen", "sharpness")
+
+
+class Guard:
+    """A stock pipeline wrapped for serving; see sharpfast.guard."""
+
+    def __init__(self, pipe, metric="wen", threshold="auto", mitigation="sail", sail_kwargs=None):
+        self.model = ScoreModel(pipe)  # raises TypeError for unsupported pipelines
+        if metric not in GUARD_METRICS:
+            raise ValueError(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
+        if mitigation not in ("sail", None):
+            raise ValueError(f"mitigation must be 'sail' or None, got {mitigation!r}")
+        if threshold == "auto":
+            from .mitigation import shipped_threshold
+
+            threshold = shipped_threshold(pipe, metric)
+            if threshold is None:
+                raise ValueError(f"threshold='auto' needs the model's calibration.json; pass threshold=<float> "
+                                 f"(sharpfast.calibrate on the {metric} scores of normal prompts)")
+        if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool):
+            raise ValueError(f"threshold must be a number or 'auto', got {threshold!r}")
+        self.pipe, self.metric, self.threshold, self.mitigation = pipe, metric, float(threshold), mitigation
+        self.sail_kwargs = dict(sail_kwargs or {})
+        self._capture = None
+        self._handle = pipe.unet.register_forward_hook(self._hook, with_kwargs=True)
+
+    # -- the hook -----------------------------------------------------------------------------
+    def _hook(self, unet, args, kwargs, output):
+        cap = self._capture
+        if cap is None or "scores" in cap or cap.get("busy"):
+            return None
+        sample = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        pred = output[0] if isinstance(output, tuple) else output.sample
+        if sample.shape[0] % 2:
+            raise RuntimeError("sharpfast.guard expects the CFG batch [null; cond]: call with guidance_scale > 1")
+        cap["busy"] = True
+        try:
+            with torch.no_grad():
+                cap["scores"] = self._score(sample, t, pred, kwargs)
+        finally:
+            cap["busy"] = False
+        return None
+
+    def _score(self, sample, t, pred, kwargs):
+        m, sched = self.model, self.pipe.scheduler
+        ab = m.alpha_bar(sched, t)
+        u, c = pred.chunk(2)
+        if self.metric == "wen":
+            return abs(eps_per_pred(m.prediction_type, ab)) * (c.float() - u.float()).flatten(1).norm(dim=1)
+        x = sample.chunk(2)[1]
+        hidden = kwargs["encoder_hidden_states"]
+        added = kwargs.get("added_cond_kwargs")
+        split = lambda d, i: None if d is None else {k: v.chunk(2)[i] for k, v in d.items()}  # noqa: E731
+        cond = Conditioning(hidden.chunk(2)[1], hidden.chunk(2)[0], split(added, 1), split(added, 0))
+        eps_u, eps_c = to_eps(u, x, ab, m.prediction_type), to_eps(c, x, ab, m.prediction_type)
+        h = DEFAULT_FD_STEP.get(m.dtype, 0.05)
+        return fd_sharpness(m, x.float(), t, ab, cond, eps_u, eps_c, h)
+
+    # -- serving -------------------------------------------------------------------------------
+    def __call__(self, prompt, **kwargs):
+        if self._handle is None:
+            raise RuntimeError("this guard was removed; create a new one with sharpfast.guard(pipe)")
+        if "prompt_embeds" in kwargs:
+            raise ValueError("sharpfast.guard scores text prompts: pass prompt, not prompt_embeds")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError("prompt must be a non-empty str or a non-empty list of non-empty str")
+        gs = kwargs.get("guidance_scale", 7.5)
+        if not isinstance(gs, numbers.Real) or gs <= 1:
+            raise ValueError(f"sharpfast.guard needs classifier-free guidance: guidance_scale must be > 1, got {gs!r}")
+        n = kwargs.get("num_images_per_prompt", 1) or 1
+        noise = None
+        if self.mitigation == "sail":
+            noise = self._noise(len(prompts) * n, kwargs)
+        self._capture = {}
+        try:
+            out = self.pipe(prompts, **kwargs)
+            scores = self._capture.get("scores")
+        finally:
+            self._capture = None
+        if scores is None:
+            raise RuntimeError("the pipeline made no UNet call; nothing was scored")
+        per_prompt = scores.float().view(len(prompts), n).mean(dim=1).cpu()
+        flagged = per_prompt > self.threshold
+        report = [{"prompt": p, "score": float(s), "metric": self.metric, "flagged": bool(f), "mitigated": False}
+                  for p, s, f in zip(prompts, per_prompt, flagged)]
+        if self.mitigation == "sail" and bool(flagged.any()):
+            self._mitigate(out, prompts, n, flagged, noise, kwargs, report)
+        out.memorization = report
+        return out
+
+    def _noise(self, count, kwargs):
+        """The noise pipe(...) will draw (the user's latents, or a draw from a copy of the generator state)."""
+        if kwargs.get("latents") is not None:
+            return kwargs["latents"].detach().clone()
+        g = kwargs.get("generator")
+        if g is None:
+            return None  # the pipeline draws from the global RNG: mitigation draws afresh
+        gens = g if isinstance(g, list) else [g]
+        states = [x.get_state() for x in gens]
+        dh, dw = self.model.default_size()
+        try:
+            return self.model.noise(count, kwargs.get("height") or dh, kwargs.get("width") or dw, g)
+        finally:
+            for x, s in zip(gens, states):
+                x.set_state(s)
+
+    def _mitigate(self, out, prompts, n, flagged, noise, kwargs, report):
+        from .mitigation import sail
+
+        idx = flagged.nonzero().view(-1).tolist()
+        rows = [i * n + j for i in idx for j in range(n)]
+        kw = {k: v for k, v in kwargs.items() if k not in ("latents", "generator", "num_images_per_prompt")}
+        lat = noise[rows] if noise is not None else None
+        gen = kwargs.get("generator")
+        if isinstance(gen, list):
+            gen = [gen[r] for r in rows]
+        res = sail(self.pipe, [prompts[i] for i in idx], num_images_per_prompt=n, latents=lat, generator=gen,
+                   **{"threshold": self.threshold if self.metric == "sharpness" else "auto", **self.sail_kwargs}, **kw)
+        for k, r in enumerate(rows):
+            out.images[r] = res.images[k]
+        for i in idx:
+            report[i]["mitigated"] = True
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Take the hook off pipe.unet: the pipeline is exactly as before."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+
+def guard(pipe, *, metric: str = "wen", threshold="auto", mitigation="sail", sail_kwargs=None) -> Guard:
+    """Wrap a stock pipeline for serving: guard(pipe)(prompt, **pipe_kwargs) returns pipe's output with
+    `.memorization` (per prompt: score, flagged, mitigated). threshold="auto" uses the model's shipped
+    calibration (calibration.json beside it); else pass a number from sharpfast.calibrate."""
+    return Guard(pipe, metric, threshold, mitigation, sail_kwargs)

@@ -1,0 +1,96 @@
+"""sharpfast.guard: scores from the pipeline's own CFG batch, no extra UNet call for wen, output
+unchanged for unflagged prompts, flagged ones mitigated, and the pipeline restored by remove()."""
+import pytest
+import torch
+
+import sharpfast
+from sharpfast.testing import tiny_pipeline
+
+from pipeline_state import assert_same, snapshot
+
+KW = dict(num_inference_steps=5, output_type="pt")
+PROMPTS = ["a red house by the sea", "two dogs", "an old map"]
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
+def pipe(request):
+    p = tiny_pipeline(request.param)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+class CallCounter:
+    def __init__(self, pipe):
+        self.calls = 0
+        self.h = pipe.unet.register_forward_pre_hook(lambda m, a: setattr(self, "calls", self.calls + 1))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.h.remove()
+
+
+@pytest.mark.parametrize("metric,extra", [("wen", 0), ("sharpness", 1)])
+def test_unflagged_output_is_plain_output_and_costs_no_extra_call(pipe, metric, extra):
+    with CallCounter(pipe) as c:
+        plain = pipe(PROMPTS, generator=gen(), **KW).images
+    plain_calls = c.calls
+    with sharpfast.guard(pipe, metric=metric, threshold=float("inf")) as guarded, CallCounter(pipe) as c:
+        out = guarded(PROMPTS, generator=gen(), **KW)
+    assert torch.equal(out.images, plain)
+    assert c.calls == plain_calls + extra
+    det = sharpfast.detect(pipe, PROMPTS, metrics=(metric,), generator=gen(), num_inference_steps=5, progress=False)
+    got = torch.tensor([r["score"] for r in out.memorization])
+    torch.testing.assert_close(got, det.scores[metric], rtol=1e-4, atol=1e-6)
+    assert [r["flagged"] for r in out.memorization] == [False] * 3
+
+
+def test_mixed_batch_mitigates_only_flagged_prompts(pipe):
+    plain = pipe(PROMPTS, num_images_per_prompt=2, generator=gen(), **KW).images
+    wen = sharpfast.detect(pipe, PROMPTS, metrics=("wen",), num_images_per_prompt=2, generator=gen(),
+                           num_inference_steps=5, progress=False).scores["wen"]
+    thr = float(wen.median())  # flags exactly the prompt with the largest score
+    with sharpfast.guard(pipe, threshold=thr, sail_kwargs={"threshold": 0.0, "max_steps": 1}) as guarded:
+        out = guarded(PROMPTS, num_images_per_prompt=2, generator=gen(), **KW)
+    k = int(wen.argmax())
+    flags = [r["flagged"] for r in out.memorization]
+    assert flags == [i == k for i in range(3)]
+    assert [r["mitigated"] for r in out.memorization] == flags
+    for i in range(3):
+        same = torch.equal(out.images[2 * i:2 * i + 2], plain[2 * i:2 * i + 2])
+        assert same != (i == k), f"prompt {i}: unflagged output must be plain, flagged must change"
+
+
+def test_report_only_and_remove_restores_the_pipeline(pipe):
+    pipe(PROMPTS[:1], generator=gen(), **KW)
+    before = snapshot(pipe)
+    guarded = sharpfast.guard(pipe, threshold=-1.0, mitigation=None)
+    out = guarded(PROMPTS[:1], generator=gen(), **KW)
+    assert out.memorization[0]["flagged"] and not out.memorization[0]["mitigated"]
+    guarded.remove()
+    assert_same(before, snapshot(pipe))
+    with pytest.raises(RuntimeError, match="removed"):
+        guarded(PROMPTS[:1], **KW)
+
+
+def test_bad_input():
+    pipe = tiny_pipeline("sd1")
+    with sharpfast.guard(pipe, threshold=1.0) as guarded:
+        with pytest.raises(ValueError, match="non-empty"):
+            guarded([])
+        with pytest.raises(ValueError, match="guidance_scale must be > 1"):
+            guarded("a cat", guidance_scale=1.0)
+        with pytest.raises(ValueError, match="prompt_embeds"):
+            guarded("a cat", prompt_embeds=torch.zeros(1, 77, 32))
+    with pytest.raises(ValueError, match="metric must be one of"):
+        sharpfast.guard(pipe, metric="trace", threshold=1.0)
+    with pytest.raises(ValueError, match="calibration.json"):
+        sharpfast.guard(pipe)
+    with pytest.raises(TypeError, match="sharpfast supports"):
+        sharpfast.guard(object(), threshold=1.0)
+    assert not pipe.unet._forward_hooks
