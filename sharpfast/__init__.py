@@ -15,6 +15,7 @@ _LAZY = {
     "DetectionResult": ("results", "DetectionResult"),
     "sail": ("mitigation", "sail"),
     "guard": ("serving", "guard"),
+    "scan": ("scanning", "scan"),
 }
 
 

@@ -121,10 +121,16 @@ def main(argv=None) -> int:
     d.add_argument("--device", default="cuda", help="torch device (default cuda)")
     d.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", help="UNet dtype (default fp16)")
     d.add_argument("--out", default="results.jsonl", help="JSON lines output, appended (default results.jsonl)")
+    from . import cli_scan
     from .harness.cli import add_parsers, cmd_demo, cmd_eval
 
     add_parsers(sub)
+    cli_scan.add_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command == "scan":
+        return cli_scan.cmd_scan(args)
+    if args.command == "sail":
+        return cli_scan.cmd_sail(args)
     if args.command == "eval":
         return cmd_eval(args)
     if args.command == "demo":

@@ -1,0 +1,314 @@
+"""sharpfast.scan (this module: scanning): audit a prompt corpus for memorized prompts, resumably, on one or many processes.
+
+The corpus is streamed in chunks of `batch_size` consecutive rows (chunk c = rows c*B .. c*B+B-1,
+the same in every run). Under `accelerate launch` (or torchrun) rank r takes the chunks with
+c % world_size == r and appends them to its own shard `OUT/shards/rank-RRRRR.jsonl`: the records
+of a chunk, then a commit line. A chunk counts as done only once its commit line is on disk, so a
+run killed at any moment (kill -9 included) loses at most the chunk in flight: the rerun cuts the
+shard back to its last commit and goes on. Prompt i draws its noise from seed + i, so scores do
+not depend on the number of processes. At the end rank 0 merges the shards into
+`OUT/results.jsonl` (row order), `OUT/summary.json`, `OUT/histogram.png`.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import time
+from typing import Optional
+
+import torch
+
+from .scan_input import check_source, iter_chunks, iter_rows
+
+META = "scan.json"
+COMMIT = "_commit"
+
+
+# ---- processes --------------------------------------------------------------------------
+
+class _Procs:
+    """rank / world size / barrier: accelerate's PartialState when launched with several
+    processes, a single process otherwise."""
+
+    def __init__(self):
+        self.rank, self.world, self.device, self._state = 0, 1, None, None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            cpu = not torch.cuda.is_available()
+            self._state = PartialState(cpu=cpu)
+            self.rank, self.world = self._state.process_index, self._state.num_processes
+            self.device = self._state.device
+            if cpu:  # share the cores instead of oversubscribing them
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // self._state.num_processes))
+
+    def barrier(self):
+        if self._state is not None:
+            self._state.wait_for_everyone()
+
+
+# ---- shards -----------------------------------------------------------------------------
+
+def _committed(path: str):
+    """(records of committed chunks, committed chunk ids, byte length up to the last commit)."""
+    recs, chunks, good, pending = [], set(), 0, []
+    with open(path, "rb") as f:
+        pos = 0
+        for raw in f:
+            pos += len(raw)
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                break
+            if COMMIT in rec:
+                chunks.add(rec[COMMIT])
+                recs += pending
+                pending, good = [], pos
+            else:
+                pending.append(rec)
+    return recs, chunks, good
+
+
+def _read_shards(out_dir: str):
+    recs, chunks = [], set()
+    for p in sorted(glob.glob(os.path.join(out_dir, "shards", "rank-*.jsonl"))):
+        r, c, _ = _committed(p)
+        recs += r
+        chunks |= c
+    return recs, chunks
+
+
+class _Shard:
+    """This rank's append-only shard; every write is all of a chunk or nothing."""
+
+    def __init__(self, out_dir: str, rank: int):
+        os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
+        self.path = os.path.join(out_dir, "shards", f"rank-{rank:05d}.jsonl")
+        self.good = _committed(self.path)[2] if os.path.exists(self.path) else 0
+        with open(self.path, "ab") as f:
+            f.truncate(self.good)  # drop the chunk a killed run was writing
+        self.f = open(self.path, "ab")
+
+    def commit(self, chunk: int, records: list[dict]):
+        data = "".join(json.dumps(r) + "\n" for r in records) + json.dumps({COMMIT: chunk}) + "\n"
+        try:
+            self.f.write(data.encode("utf-8"))
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        except OSError as err:
+            self.f.close()
+            with open(self.path, "ab") as f:
+                f.truncate(self.good)
+            self.f = open(self.path, "ab")
+            raise OSError(err.errno, f"writing chunk {chunk} to {self.path} failed ({err.strerror}); the shard is "
+                                     f"kept up to its last complete chunk: free space and rerun to resume") from err
+        self.good += len(data.encode("utf-8"))
+
+    def close(self):
+        self.f.close()
+
+
+# ---- metadata ---------------------------------------------------------------------------
+
+def _check_meta(out_dir: str, meta: dict, overwrite: bool, procs: _Procs):
+    path = os.path.join(out_dir, META)
+    if procs.rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+            keys = [k for k in meta if k not in ("threshold", "calibration") and old.get(k) != meta[k]]
+            if keys and not overwrite:
+                diff = ", ".join(f"{k}: {old.get(k)!r} -> {meta[k]!r}" for k in keys)
+                raise SystemExit(f"sharpfast scan: {out_dir} holds a scan with other settings ({diff}); use another "
+                                 f"--out, or --overwrite to discard it")
+            if keys:
+                shutil.rmtree(os.path.join(out_dir, "shards"), ignore_errors=True)
+                for f in ("results.jsonl", "summary.json", "histogram.png"):
+                    if os.path.exists(os.path.join(out_dir, f)):
+                        os.remove(os.path.join(out_dir, f))
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(path + ".tmp", path)
+    procs.barrier()
+
+
+def _count_rows(path: str) -> Optional[int]:
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    n = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            n += block.count(b"\n")
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 1))
+        last = f.read(1)
+    return n + (last not in (b"\n", b""))
+
+
+# ---- the scan ---------------------------------------------------------------------------
+
+def _threshold(pipe, meta, calibrate_on, fpr, procs, out_dir, score_kw):
+    """Rank 0 calibrates on known-normal prompts and writes the threshold to scan.json."""
+    if calibrate_on is None:
+        return meta.get("threshold")
+    path = os.path.join(out_dir, META)
+    if procs.rank == 0:
+        import sharpfast
+
+        prompts = [r.prompt for r in iter_rows(calibrate_on) if r.prompt is not None]
+        if not prompts:
+            raise SystemExit(f"sharpfast scan: no prompts in --calibrate-on file {calibrate_on}")
+        scores = _score(pipe, prompts, list(range(len(prompts))), **score_kw)[meta["flag_metric"]]
+        thr = sharpfast.calibrate(scores, fpr=fpr)
+        meta.update(threshold=thr, calibration={"file": os.path.abspath(calibrate_on), "fpr": fpr,
+                                                "prompts": len(prompts)})
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(path + ".tmp", path)
+    procs.barrier()
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["threshold"]
+
+
+def _score(pipe, prompts, rows, *, metrics, n, seed, batch_size, num_inference_steps, guidance_scale):
+    import sharpfast
+
+    from .score import ScoreModel
+
+    model = ScoreModel(pipe)
+    h, w = model.default_size()
+    out = {m: [] for m in metrics}
+    for s in range(0, len(prompts), batch_size):
+        ids = rows[s:s + batch_size]
+        lat = torch.cat([model.noise(n, h, w, torch.Generator("cpu").manual_seed(seed + i)) for i in ids])
+        res = sharpfast.detect(pipe, prompts[s:s + batch_size], metrics=metrics, num_images_per_prompt=n,
+                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                               latents=lat.to(model.device), batch_size=batch_size, progress=False)
+        for m in metrics:
+            out[m] += res.scores[m].tolist()
+    return out
+
+
+def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: int = 1, batch_size: int = 32,
+         threshold: Optional[float] = None, calibrate_on: Optional[str] = None, fpr: float = 0.01,
+         flag_metric: Optional[str] = None, column: Optional[str] = None, id_field: Optional[str] = None,
+         seed: int = 42, num_inference_steps: int = 50, guidance_scale: float = 7.5, model_name: Optional[str] = None,
+         overwrite: bool = False, progress: bool = True, top: int = 10) -> dict:
+    """Scan the prompt file `prompts` (.txt, .jsonl, .parquet) and write OUT as described above.
+
+    Returns the summary (on every rank; rank 0 wrote it). threshold / calibrate_on set the flag
+    (score of flag_metric, default the last of metrics, above the threshold).
+    """
+    from .metrics import METRICS
+
+    check_source(prompts)
+    metrics = list(dict.fromkeys(metrics))
+    for m in metrics:
+        if m not in METRICS:
+            raise ValueError(f"unknown metric {m!r}; valid: {', '.join(METRICS)}")
+    flag_metric = flag_metric or metrics[-1]
+    if flag_metric not in metrics:
+        raise ValueError(f"flag_metric {flag_metric!r} is not among the metrics {metrics}")
+    if threshold is not None and calibrate_on is not None:
+        raise ValueError("give threshold or calibrate_on, not both")
+    procs = _Procs()
+    if procs.device is not None and procs.device.type == "cuda":
+        pipe = pipe.to(procs.device)
+    model_name = model_name or str(getattr(pipe, "name_or_path", "") or type(pipe).__name__)
+    meta = {"model": model_name, "prompts": os.path.abspath(prompts), "metrics": metrics, "n": n,
+            "batch_size": batch_size, "seed": seed, "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale, "column": column, "id_field": id_field, "flag_metric": flag_metric,
+            "unet_dtype": str(pipe.unet.dtype), "threshold": threshold}
+    _check_meta(out_dir, meta, overwrite, procs)
+    score_kw = dict(metrics=metrics, n=n, seed=seed, batch_size=batch_size, num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale)
+    threshold = _threshold(pipe, meta, calibrate_on, fpr, procs, out_dir, score_kw)
+    _, done = _read_shards(out_dir)
+    shard = _Shard(out_dir, procs.rank)
+    from tqdm.auto import tqdm
+
+    total = _count_rows(prompts)
+    bar = tqdm(total=total, unit="prompt", desc=f"scan rank {procs.rank}/{procs.world}", dynamic_ncols=True,
+               disable=not progress or procs.rank != 0)
+    try:
+        for c, rows in iter_chunks(iter_rows(prompts, column, id_field), batch_size):
+            if c % procs.world != procs.rank or c in done:
+                bar.update(len(rows))  # done before, or a peer's chunk (the peers advance in step)
+                continue
+            good = [r for r in rows if r.prompt is not None]
+            scores = _score(pipe, [r.prompt for r in good], [r.index for r in good], **score_kw) if good else {}
+            recs, k = [], 0
+            for r in rows:
+                base = {"row": r.index, "id": r.id}
+                if r.prompt is None:
+                    recs.append({**base, "skipped": r.problem})
+                    continue
+                vals = {m: scores[m][k] for m in metrics}
+                k += 1
+                flag = None if threshold is None else bool(vals[flag_metric] > threshold)
+                recs.append({**base, "prompt": r.prompt, **r.extra, **vals, "flagged": flag})
+            shard.commit(c, recs)
+            bar.update(len(rows))
+    finally:
+        shard.close()
+        bar.close()
+    procs.barrier()
+    summary = None
+    if procs.rank == 0:
+        summary = _merge(out_dir, metrics, flag_metric, threshold, top)
+    procs.barrier()
+    if summary is None:
+        with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+    return summary
+
+
+def _merge(out_dir, metrics, flag_metric, threshold, top):
+    recs, _ = _read_shards(out_dir)
+    recs = sorted({r["row"]: r for r in recs}.values(), key=lambda r: r["row"])
+    tmp = os.path.join(out_dir, "results.jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, os.path.join(out_dir, "results.jsonl"))
+    scored = [r for r in recs if "skipped" not in r]
+    skipped: dict = {}
+    for r in recs:
+        if "skipped" in r:
+            skipped[r["skipped"]] = skipped.get(r["skipped"], 0) + 1
+    flagged = sorted((r for r in scored if r.get("flagged")), key=lambda r: -r[flag_metric])
+    summary = {"rows": len(recs), "scored": len(scored), "skipped": sum(skipped.values()), "skipped_by_reason": skipped,
+               "flagged": len(flagged), "flag_metric": flag_metric, "threshold": threshold,
+               "top_flagged": [{"row": r["row"], "id": r["id"], "prompt": r["prompt"], flag_metric: r[flag_metric]}
+                               for r in flagged[:top]],
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    if scored:
+        _histogram(scored, metrics, threshold, flag_metric, os.path.join(out_dir, "histogram.png"))
+    return summary
+
+
+def _histogram(recs, metrics, threshold, flag_metric, path):
+    from .harness.plots import _plt
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        ax.hist([r[m] for r in recs], bins=50, color="tab:blue")
+        if threshold is not None and m == flag_metric:
+            ax.axvline(threshold, color="tab:red", ls="--", label="threshold")
+            ax.legend(fontsize=8)
+        ax.set_yscale("log")
+        ax.set_xlabel(m)
+        ax.set_ylabel("prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

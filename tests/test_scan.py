@@ -1,0 +1,155 @@
+"""sharpfast scan: input formats, resume after a real kill -9, two processes under accelerate equal
+one process, bad input (missing / empty file, another scan in --out, disk full)."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import sharpfast
+from sharpfast.testing import tiny_pipeline
+
+WORDS = "cats dogs cars trees sky sea boats birds fish moon sun rain snow wind fire ice".split()
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count everywhere: bitwise-equal scores
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_sd1")
+    tiny_pipeline("sd1").save_pretrained(d, safe_serialization=True)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    p = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def prompts_file(path, count):
+    path.write_text("".join(f"prompt {i} about {WORDS[i % 16]}\n" for i in range(count)))
+    return str(path)
+
+
+def results(out):
+    with open(os.path.join(out, "results.jsonl")) as f:
+        return [json.loads(x) for x in f]
+
+
+def cli(model_dir, prompts, out, *extra, launcher=()):
+    cmd = [*launcher, "-m", "sharpfast", "scan", "--model", model_dir, "--prompts", prompts, "--out", out,
+           "--batch-size", "3", "--num-inference-steps", "10", "--threshold", "0.03", "--quiet", *extra]
+    return [sys.executable, *cmd] if not launcher else cmd
+
+
+def test_formats_carry_fields_and_skip_bad_rows(pipe, tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("a cat\n\nthe sea\n   \nred car")  # no final newline
+    s = sharpfast.scan(pipe, str(txt), str(tmp_path / "t"), batch_size=2, num_inference_steps=10, progress=False)
+    assert (s["rows"], s["scored"], s["skipped"]) == (5, 3, 2)
+    assert [r["prompt"] for r in results(tmp_path / "t") if "prompt" in r] == ["a cat", "the sea", "red car"]
+    js = tmp_path / "p.jsonl"
+    js.write_text('{"prompt": "a cat", "url": "u1", "key": "k1"}\n{"caption": "x", "key": "k2"}\nnot json\n'
+                  '{"prompt": 3, "key": "k4"}\n{"prompt": "the sea", "key": "k5", "width": 512}\n')
+    s = sharpfast.scan(pipe, str(js), str(tmp_path / "j"), id_field="key", column="prompt", batch_size=2,
+                       num_inference_steps=10, progress=False)
+    rows = results(tmp_path / "j")
+    assert [r["id"] for r in rows] == ["k1", "k2", 2, "k4", "k5"]
+    good = [r for r in rows if "prompt" in r]
+    assert [(r["prompt"], r.get("url"), r.get("width")) for r in good] == [("a cat", "u1", None), ("the sea", None, 512)]
+    assert s["skipped_by_reason"] == {"no 'prompt' string": 2, "not a JSON object": 1}
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a cat", None, "the sea"], "uid": [10, 11, 12]}), tmp_path / "p.parquet")
+    s = sharpfast.scan(pipe, str(tmp_path / "p.parquet"), str(tmp_path / "q"), column="text", id_field="uid",
+                       metrics=("wen",), batch_size=2, num_inference_steps=10, progress=False)
+    assert [(r["id"], r.get("prompt")) for r in results(tmp_path / "q")] == [(10, "a cat"), (11, None), (12, "the sea")]
+    with pytest.raises(ValueError, match="no column 'prompt'"):
+        sharpfast.scan(pipe, str(tmp_path / "p.parquet"), str(tmp_path / "q2"), progress=False)
+
+
+def test_resume_after_kill_9_holds_every_prompt_once(model_dir, tmp_path):
+    src = prompts_file(tmp_path / "p.txt", 60)
+    ref = str(tmp_path / "ref")
+    subprocess.run(cli(model_dir, src, ref), env=ENV, check=True, capture_output=True)
+    out = str(tmp_path / "out")
+    proc = subprocess.Popen(cli(model_dir, src, out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard = os.path.join(out, "shards", "rank-00000.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once a few chunks are committed, mid-run
+        if os.path.exists(shard) and open(shard).read().count('"_commit"') >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = open(shard).read().count('"_commit"')
+    assert 3 <= committed < 20, "killed mid-run"
+    assert not os.path.exists(os.path.join(out, "results.jsonl"))
+    subprocess.run(cli(model_dir, src, out), env=ENV, check=True, capture_output=True)
+    got = results(out)
+    assert [r["row"] for r in got] == list(range(60)), "every prompt exactly once"
+    assert got == results(ref)
+
+
+def test_two_processes_under_accelerate_equal_one(model_dir, tmp_path):
+    pytest.importorskip("accelerate")
+    src = prompts_file(tmp_path / "p.txt", 20)
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    subprocess.run(cli(model_dir, src, one), env=ENV, check=True, capture_output=True)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(29500 + os.getpid() % 1000), "--num_cpu_threads_per_process", "1"]
+    r = subprocess.run(cli(model_dir, src, two, launcher=launch), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(os.path.join(two, "shards"))) == ["rank-00000.jsonl", "rank-00001.jsonl"]
+    assert all(os.path.getsize(os.path.join(two, "shards", f)) > 0 for f in os.listdir(os.path.join(two, "shards")))
+    assert results(one) == results(two)
+
+
+def test_bad_input(pipe, model_dir, tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        sharpfast.scan(pipe, str(tmp_path / "missing.txt"), str(tmp_path / "o"), progress=False)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        sharpfast.scan(pipe, str(tmp_path / "empty.txt"), str(tmp_path / "o"), progress=False)
+    r = subprocess.run(cli(model_dir, str(tmp_path / "missing.txt"), str(tmp_path / "o")), env=ENV,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "not found" in r.stderr and "Traceback" not in r.stderr
+    src = prompts_file(tmp_path / "p.txt", 9)
+    out = str(tmp_path / "o")
+    sharpfast.scan(pipe, src, out, metrics=("wen",), batch_size=3, num_inference_steps=10, progress=False)
+    with pytest.raises(SystemExit, match="other settings.*metrics"):
+        sharpfast.scan(pipe, src, out, metrics=("wen", "sharpness"), batch_size=3, num_inference_steps=10,
+                       progress=False)
+    s = sharpfast.scan(pipe, src, out, metrics=("wen", "sharpness"), batch_size=3, num_inference_steps=10,
+                       overwrite=True, progress=False)
+    assert s["scored"] == 9 and "sharpness" in results(out)[0]
+    # disk full on the second chunk: the first survives, the error says what to do, a rerun completes
+    from sharpfast import scanning
+
+    real_fsync = os.fsync
+    calls = {"n": 0}
+
+    def flaky_fsync(fd):  # the device fills up while the second chunk is being written
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    out2 = str(tmp_path / "full")
+    monkeypatch.setattr(scanning.os, "fsync", flaky_fsync)
+    with pytest.raises(OSError, match="No space left.*rerun to resume"):
+        sharpfast.scan(pipe, src, out2, metrics=("wen",), batch_size=3, num_inference_steps=10, progress=False)
+    monkeypatch.setattr(scanning.os, "fsync", real_fsync)
+    shard = open(os.path.join(out2, "shards", "rank-00000.jsonl")).read()
+    assert shard.count('"_commit"') == 1 and shard.endswith('{"_commit": 0}\n'), "cut back to the last good chunk"
+    s = sharpfast.scan(pipe, src, out2, metrics=("wen",), batch_size=3, num_inference_steps=10, progress=False)
+    assert [r["row"] for r in results(out2)] == list(range(9)) and s["scored"] == 9
