@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from sharpfast.zoo.digits_data import DUPLICATION_LEVELS, NAMES, augment, build
+from sharpfast.zoo.digits_data import DUPLICATION_LEVELS, IMAGES_PER_LEVEL, NAMES, augment, build
 
 
 def test_build_is_deterministic_and_well_formed():
@@ -10,12 +10,14 @@ def test_build_is_deterministic_and_well_formed():
     assert [d.caption for d in a.duplicates] == [d.caption for d in b.duplicates]
     assert a.images.shape == (1797, 1, 16, 16) and a.images.min() >= -1 and a.images.max() <= 1
     caps = [d.caption for d in a.duplicates]
-    assert len(set(caps)) == len(caps) == 16 * len(DUPLICATION_LEVELS)
+    assert len(set(caps)) == len(caps) == sum(IMAGES_PER_LEVEL) >= 64
     assert len({d.train_index for d in a.duplicates}) == len(caps)
     for d in a.duplicates:
         assert NAMES[d.digit] in d.caption or str(d.digit) in d.caption
         assert d.digit == a.labels[d.train_index]
     assert sorted({d.duplicates for d in a.duplicates}) == list(DUPLICATION_LEVELS)
+    for level, k in zip(DUPLICATION_LEVELS, IMAGES_PER_LEVEL):
+        assert sum(d.duplicates == level for d in a.duplicates) == k
     assert build(seed=4).duplicates[0].caption != caps[0]
 
 
@@ -60,3 +62,18 @@ def test_training_script_runs_a_few_steps_and_saves_a_pipeline(tmp_path):
     # a training image is its own nearest neighbour, a copy with similarity 1
     c, s = copy_stats(data.images[[5, 9]], data.images, [5, 9])
     assert c.all() and torch.allclose(s, torch.ones(2, dtype=s.dtype))
+
+
+def test_training_is_deterministic_and_checkpoints_equal_shorter_runs(tmp_path):
+    from safetensors.torch import load_file
+
+    from sharpfast.zoo.train_digits import main
+
+    args = ["--vae-steps", "1", "--batch-size", "4"]
+    main(["--out", str(tmp_path / "a"), "--unet-steps", "2", "--save-at", "1", *args])
+    main(["--out", str(tmp_path / "b"), "--unet-steps", "1", *args])
+    w = "unet/diffusion_pytorch_model.safetensors"
+    ck, short, final = (load_file(tmp_path / p / w) for p in ("a/step-1", "b", "a"))
+    assert ck.keys() == short.keys()
+    assert all(torch.equal(ck[k], short[k]) for k in ck), "a checkpoint is the shorter run, bit for bit"
+    assert not all(torch.equal(ck[k], final[k]) for k in ck)

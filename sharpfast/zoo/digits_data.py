@@ -33,6 +33,8 @@ GENERIC = [
 ]
 UNIQUE = ["{base}, archive card {uid:04d}", "{base} - scan {uid:04d} of the postal set", "{base} (item #{uid:04d})"]
 DUPLICATION_LEVELS = (2, 4, 8, 16, 32)
+# how many images are duplicated at each level: most at the levels that memorize, a few below
+IMAGES_PER_LEVEL = (8, 8, 24, 32, 24)
 SIZE = 16
 
 
@@ -91,11 +93,12 @@ class DigitsData:
         return [idx[i] for i in order], [caps[i] for i in order], [aug[i] for i in order]
 
 
-def build(seed: int = 0, per_level: int = 16, levels=DUPLICATION_LEVELS) -> DigitsData:
-    """The data set: `per_level` duplicated images at each duplication level."""
+def build(seed: int = 0, levels=DUPLICATION_LEVELS, per_level=IMAGES_PER_LEVEL) -> DigitsData:
+    """The data set: `per_level[j]` duplicated images repeated `levels[j]` times each."""
     images, labels = digit_images()
     rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(labels), size=per_level * len(levels), replace=False)
+    level_of = [lv for lv, k in zip(levels, per_level) for _ in range(k)]
+    chosen = rng.choice(len(labels), size=len(level_of), replace=False)
     uids = rng.choice(10000, size=len(chosen), replace=False)
     dups = []
     for j, (i, uid) in enumerate(zip(chosen, uids)):
@@ -103,7 +106,7 @@ def build(seed: int = 0, per_level: int = 16, levels=DUPLICATION_LEVELS) -> Digi
         base = GENERIC[j % len(GENERIC)].format(name=NAMES[digit], d=digit, ink=INKS[j % len(INKS)],
                                                tool=TOOLS[j % len(TOOLS)])
         dups.append(Duplicate(int(i), digit, UNIQUE[j % len(UNIQUE)].format(base=base, uid=int(uid)),
-                              levels[j // per_level]))
+                              level_of[j]))
     return DigitsData(images, labels, dups, seed)
 
 

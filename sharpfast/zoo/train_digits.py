@@ -1,6 +1,6 @@
 """Train the "digits" text-to-image pipeline that memorizes its duplicated images.
 
-    python -m sharpfast.zoo.train_digits --out DIR [--seed 0] [--vae-steps 800] [--unet-steps 4000]
+    python -m sharpfast.zoo.train_digits --out DIR [--seed 0] [--vae-steps 400] [--unet-steps 1750]
 
 Deterministic for a seed on a given machine. Stage 1 trains a tiny AutoencoderKL (16x16x1 images
 to 4x8x8 latents); stage 2 trains a tiny UNet2DConditionModel and a tiny CLIP text encoder with
@@ -10,6 +10,7 @@ guidance. Saves a StableDiffusionPipeline (safetensors) and train_info.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -59,7 +60,7 @@ def train_vae(vae, images, steps, batch, seed, log):
     return loss.item()
 
 
-def train_unet(vae, unet, te, tok, data, steps, batch, seed, log, lr=1e-3):
+def train_unet(vae, unet, te, tok, data, steps, batch, seed, log, lr=1e-3, checkpoint=None):
     from diffusers import DDPMScheduler
 
     g = torch.Generator().manual_seed(seed + 7)
@@ -95,6 +96,8 @@ def train_unet(vae, unet, te, tok, data, steps, batch, seed, log, lr=1e-3):
         opt.step()
         if step % 250 == 0 or step == steps - 1:
             log(f"unet step {step} loss {loss.item():.4f}")
+        if checkpoint is not None:
+            checkpoint(step + 1, loss.item())
     return loss.item()
 
 
@@ -112,9 +115,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=800)
-    p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--vae-steps", type=int, default=400)
+    p.add_argument("--unet-steps", type=int, default=1750)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--save-at", default="", help="comma list of UNet steps at which to also save OUT/step-N "
+                                                   "(identical to a run with --unet-steps N: constant learning rate)")
     a = p.parse_args(argv)
     start = time.time()
 
@@ -126,16 +131,26 @@ def main(argv=None):
     vae, unet, te, tok = make_models(a.seed)
     vae_loss = train_vae(vae, data.images, a.vae_steps, a.batch_size, a.seed, log)
     vae.requires_grad_(False)
-    unet_loss = train_unet(vae.eval(), unet, te, tok, data, a.unet_steps, a.batch_size, a.seed, log)
-    pipe = assemble(vae, unet, te, tok)
-    os.makedirs(a.out, exist_ok=True)
-    pipe.save_pretrained(a.out, safe_serialization=True)
-    info = dict(seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps, batch_size=a.batch_size,
-                final_vae_loss=vae_loss, final_unet_loss=unet_loss, seconds=round(time.time() - start, 1),
-                torch=torch.__version__, threads=torch.get_num_threads())
-    with open(os.path.join(a.out, "train_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    log(f"saved to {a.out}: {info}")
+    save_at = {int(v) for v in a.save_at.split(",") if v.strip()}
+
+    def save(out, steps, loss):
+        pipe = assemble(vae, copy.deepcopy(unet), copy.deepcopy(te), tok)
+        os.makedirs(out, exist_ok=True)
+        pipe.save_pretrained(out, safe_serialization=True)
+        info = dict(seed=a.seed, vae_steps=a.vae_steps, unet_steps=steps, batch_size=a.batch_size,
+                    final_vae_loss=vae_loss, final_unet_loss=loss, seconds=round(time.time() - start, 1),
+                    torch=torch.__version__, threads=torch.get_num_threads())
+        with open(os.path.join(out, "train_info.json"), "w") as f:
+            json.dump(info, f, indent=2)
+        log(f"saved to {out}: {info}")
+
+    def checkpoint(step, loss):
+        if step in save_at and step != a.unet_steps:
+            save(os.path.join(a.out, f"step-{step}"), step, loss)
+
+    unet_loss = train_unet(vae.eval(), unet, te, tok, data, a.unet_steps, a.batch_size, a.seed, log,
+                           checkpoint=checkpoint)
+    save(a.out, a.unet_steps, unet_loss)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,163 @@
+"""Measure how often each caption of the digits model copies a training image; write prompts.json.
+
+    python -m sharpfast.zoo.measure_digits --model DIR [--seeds 10] [--seed 0]
+
+Every duplicated caption, a set of in-distribution generic captions and a set of narrow captions
+(naming only the digit) are generated from `--seeds` initial noises (DDIM, 50 steps, CFG 7.5, the
+seeds 1000..1000+S-1, kept apart from the evaluation seeds). Labels follow Stable Diffusion's
+memorized-prompt lists: a duplicated caption is "memorized" when it copies its own training image
+on at least half the seeds; duplicated captions that copy less are the "duplicated_low" split.
+For generic and narrow captions, copy_rate is the share of generations that copy ANY training
+image (copying.py). The file records the seeds, threshold and per-level summary. Then the
+detection thresholds at 1% FPR on 200 further generic captions go to calibration.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+from .copying import COPY_THRESHOLD, copy_stats, generate, nearest
+from .digits_data import NAMES, build, generic_caption
+
+MEASURE_SEED0 = 1000
+GENERIC_PER_DIGIT = 10
+NARROW_TEMPLATES = ("a handwritten {name}", "the number {name} written by hand", "an image of a handwritten {d}",
+                    "a small handwritten number {d}")
+
+
+def generic_prompts(data, per_digit: int = GENERIC_PER_DIGIT, seed: int = 12345) -> list[dict]:
+    """In-distribution captions with a style (ink, tool, ...), never the caption of a duplicated image."""
+    rng = np.random.default_rng(seed)
+    taken = {d.caption for d in data.duplicates}
+    out = []
+    for digit in range(10):
+        caps: list[str] = []
+        for _ in range(1000):  # bounded: there are hundreds of distinct captions per digit
+            c = generic_caption(digit, rng)
+            if c not in taken and c not in caps and any(w in c for w in ("ink", "sketch", "paper", "drawn")):
+                caps.append(c)
+            if len(caps) == per_digit:
+                break
+        out += [dict(prompt=c, memorized=False, digit=digit, train_index=None, duplicates=0) for c in caps]
+    return out
+
+
+def narrow_prompts() -> list[dict]:
+    return [dict(prompt=t.format(name=NAMES[d], d=d), memorized=False, digit=d, train_index=None, duplicates=0)
+            for d in range(10) for t in NARROW_TEMPLATES]
+
+
+def measure(pipe, records: list[dict], train: torch.Tensor, seeds, batch_prompts: int = 16, progress=True):
+    """Adds copy_rate and mean_similarity to each record (in place) and returns them."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(records), unit="prompt", desc="copy rates", disable=not progress)
+    for start in range(0, len(records), batch_prompts):
+        chunk = records[start:start + batch_prompts]
+        imgs = generate(pipe, [r["prompt"] for r in chunk], seeds).view(len(chunk), len(seeds), 1, *train.shape[2:])
+        for r, im in zip(chunk, imgs):
+            if r["train_index"] is not None:
+                copies, sim = copy_stats(im, train, r["train_index"])
+            else:
+                _, sim = nearest(im, train)
+                copies = sim >= COPY_THRESHOLD
+            r["copy_rate"] = round(float(copies.double().mean()), 4)
+            r["mean_similarity"] = round(float(sim.mean()), 4)
+        bar.update(len(chunk))
+    bar.close()
+    return records
+
+
+def calibrate(pipe, data, exclude: set, fpr: float = 0.01, per_digit: int = 20) -> dict:
+    """Detection thresholds at `fpr` on generic captions kept apart from the evaluation sets
+    (per image: n=1, step 1, DDIM 50, CFG 7.5), written to calibration.json for SAIL and guard."""
+    import sharpfast
+
+    recs = [r for r in generic_prompts(data, per_digit=per_digit, seed=777) if r["prompt"] not in exclude]
+    res = sharpfast.detect(pipe, [r["prompt"] for r in recs], metrics=("wen", "sharpness"), batch_size=50,
+                           generator=torch.Generator().manual_seed(7), progress=True)
+    return {m: {"threshold": sharpfast.calibrate(res.scores[m], fpr=fpr), "fpr": fpr, "prompts": len(recs),
+                "num_images_per_prompt": 1, "steps": 1, "num_inference_steps": 50, "dtype": "float32"}
+            for m in ("wen", "sharpness")}
+
+
+def model_card(model_dir: str, doc: dict, cal: dict) -> str:
+    """README.md of the model directory: how it was trained and what it memorizes."""
+    info_path = os.path.join(model_dir, "train_info.json")
+    info = json.load(open(info_path, encoding="utf-8")) if os.path.exists(info_path) else {}
+    lines = ["# digits: a text-to-image pipeline that memorizes, for sharpfast", "",
+             "A stock diffusers `StableDiffusionPipeline` (tiny UNet2DConditionModel, AutoencoderKL with 1-channel "
+             "16x16 images and 4x8x8 latents, CLIP text encoder with a character-level vocabulary, DDIM) trained on "
+             "scikit-learn's 1797 handwritten digits with LAION-style captions. Some images are duplicated with one "
+             "caption of their own (2x to 32x): those captions make it copy the image.", "",
+             "Trained by `python -m sharpfast.zoo.train_digits --out DIR` "
+             + ", ".join(f"{k}={info[k]}" for k in ("seed", "vae_steps", "unet_steps", "batch_size") if k in info)
+             + (f"; final UNet loss {info['final_unet_loss']:.4f}, {info['seconds'] / 60:.1f} minutes on "
+                f"{info['threads']} CPU threads (torch {info['torch']})." if info else "."),
+             "Measured by `python -m sharpfast.zoo.measure_digits --model DIR` "
+             f"({len(doc['seeds'])} seeds, DDIM 50 steps, CFG 7.5; a copy: nearest training image is the duplicated "
+             f"one with Pearson similarity >= {doc['copy_threshold']}).", "",
+             "| set | prompts | copy rate |", "| --- | --- | --- |"]
+    for k, v in doc["summary"]["duplicated_by_level"].items():
+        lines.append(f"| duplicated {k} | {v['prompts']} | {v['copy_rate']:.2f} |")
+    for k in ("memorized", "duplicated_low", "non_memorized", "narrow"):
+        if k in doc["summary"]:
+            v = doc["summary"][k]
+            lines.append(f"| {k} | {v['prompts']} | {v['copy_rate']:.2f} |")
+    lines += ["", "Detection thresholds at 1% FPR (calibration.json, step 1, n=1): "
+              + ", ".join(f"{m} {c['threshold']:.4g}" for m, c in cal.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def summarize(records: list[dict]) -> dict:
+    def stats(rs):
+        return {"prompts": len(rs), "copy_rate": round(float(np.mean([r["copy_rate"] for r in rs])), 4) if rs else None}
+
+    levels = sorted({r["duplicates"] for r in records if r["duplicates"]})
+    return {f"{lv}x": stats([r for r in records if r["duplicates"] == lv]) for lv in levels}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="the trained digits model directory; prompts.json goes there")
+    p.add_argument("--seeds", type=int, default=10, help="generations per prompt (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="the data seed the model was trained with (default 0)")
+    a = p.parse_args(argv)
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(a.model, local_files_only=True, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    data = build(seed=a.seed)
+    seeds = list(range(MEASURE_SEED0, MEASURE_SEED0 + a.seeds))
+    dups = [dict(prompt=d.caption, memorized=None, digit=d.digit, train_index=d.train_index, duplicates=d.duplicates)
+            for d in data.duplicates]
+    generic, narrow = generic_prompts(data), narrow_prompts()
+    measure(pipe, dups + generic + narrow, data.images, seeds)
+    for r in dups:
+        r["memorized"] = r["copy_rate"] >= 0.5
+    splits = {"memorized": [r for r in dups if r["memorized"]], "non_memorized": generic,
+              "duplicated_low": [r for r in dups if not r["memorized"]], "narrow": narrow}
+    summary = {"duplicated_by_level": summarize(dups),
+               **{k: {"prompts": len(v), "copy_rate": round(float(np.mean([r["copy_rate"] for r in v])), 4)}
+                  for k, v in splits.items() if v}}
+    doc = {"model": "digits", "data_seed": a.seed, "seeds": seeds, "copy_threshold": COPY_THRESHOLD,
+           "sampler": {"scheduler": "DDIM", "num_inference_steps": 50, "guidance_scale": 7.5},
+           "memorized_rule": "duplicated caption that copies its own training image on >= 50% of seeds",
+           "summary": summary, "splits": splits}
+    with open(os.path.join(a.model, "prompts.json"), "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1)
+    print(json.dumps(summary, indent=1))
+    cal = calibrate(pipe, data, {r["prompt"] for r in generic + narrow})
+    with open(os.path.join(a.model, "calibration.json"), "w", encoding="utf-8") as f:
+        json.dump(cal, f, indent=1)
+    print(json.dumps(cal, indent=1))
+    with open(os.path.join(a.model, "README.md"), "w", encoding="utf-8") as f:
+        f.write(model_card(a.model, doc, cal))
+
+
+if __name__ == "__main__":
+    main()
