@@ -42,3 +42,19 @@ if $py -c "import diffusers" 2> /dev/null; then
 else
   echo "SKIPPED: diffusers is not installed here (run benchmarks/fetch_gpu_wheels.sh and carry .whl)"
 fi
+
+echo "== SAIL and guard latency on an SD 1.5-sized UNet (fp16)"
+if $py -c "import diffusers" 2> /dev/null; then
+  $py benchmarks/bench_sail.py --sd15 --device cuda --dtype float16 --batch 4 --reps 3 2>&1 \
+    | grep -v "should be kept in float32" | tee "$out/bench_sail.txt"
+else
+  echo "SKIPPED: diffusers is not installed here"
+fi
+
+echo "== scan throughput on an SD 1.5-sized UNet (fp16), next to the bare UNet forwards"
+if $py -c "import diffusers" 2> /dev/null; then
+  $py benchmarks/bench_scan.py --sd15 --device cuda --dtype float16 --batches 8,32 --processes "" --count 128 2>&1 \
+    | grep -v "should be kept in float32" | tee "$out/bench_scan.txt"
+else
+  echo "SKIPPED: diffusers is not installed here"
+fi

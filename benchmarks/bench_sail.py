@@ -1,0 +1,114 @@
+"""Latency of the serving guard and of SAIL against plain generation, ratios in one run.
+
+Targets (issue 5): guard on unflagged prompts at most 1.02x plain generation; SAIL end to end
+(optimization plus generation) at most 1.5x; SAIL at least 3x faster than the reference-style loop
+(objective="reference", 8 candidates, 10 Adam steps, no early exit). UNet calls are reported.
+
+Default: the bundled digits model (50-step DDIM, CPU) on memorized prompts. --sd15: a
+random-weight SD 1.5-sized UNet (for the GPU check; threshold from its own step-1 scores).
+
+    pytest benchmarks/bench_sail.py --benchmark-only -s
+    python benchmarks/bench_sail.py [--sd15 --device cuda --dtype float16] [--batch 4]
+"""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+import sharpfast
+from bench_detect import median_time  # the one timing helper of the benchmarks (same folder)
+
+
+def timed(fn, reps):
+    return median_time(fn, reps)
+
+
+def setup(sd15=False, device="cpu", dtype=torch.float32, batch=4):
+    if sd15:
+        from sharpfast.testing import sd15_sized_pipeline
+
+        pipe = sd15_sized_pipeline(dtype=dtype, device=device)
+        prompts = [f"prompt number {i}" for i in range(batch)]
+        steps = 50
+        det = sharpfast.detect(pipe, prompts, metrics=("wen", "sharpness"), progress=False,
+                               generator=torch.Generator().manual_seed(0))
+        thr = {m: float(v.median()) for m, v in det.scores.items()}
+    else:
+        from sharpfast import zoo
+        from sharpfast.mitigation import shipped_threshold
+
+        pipe = zoo.load("digits", device=device, dtype=dtype)
+        prompts = [r["prompt"] for r in zoo.prompts("digits", "memorized")[:batch]]
+        steps = 50
+        thr = {"wen": shipped_threshold(pipe, "wen"), "sharpness": shipped_threshold(pipe, "sharpness")}
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, prompts, steps, thr
+
+
+def measure(sd15=False, device="cpu", dtype=torch.float32, batch=4, reps=3):
+    pipe, prompts, steps, thr = setup(sd15, device, dtype, batch)
+    kw = dict(num_inference_steps=steps, output_type="pt" if not sd15 else "latent")
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    rows = {}
+    rows["plain"] = dict(seconds=timed(lambda: pipe(prompts, generator=g(), **kw), reps), calls=steps)
+    with sharpfast.guard(pipe, threshold=float("inf")) as guarded:
+        rows["guard (wen, unflagged)"] = dict(seconds=timed(lambda: guarded(prompts, generator=g(), **kw), reps),
+                                              calls=steps)
+    info = {}
+
+    def run_sail():
+        info["sail"] = sharpfast.sail(pipe, prompts, generator=g(), threshold=thr["sharpness"], return_info=True,
+                                      **kw)[1]
+
+    rows["sail (paper, k4 s4)"] = dict(seconds=timed(run_sail, reps), calls=None)
+    rows["sail (paper, k4 s4)"]["calls"] = info["sail"]["unet_calls"]
+
+    def run_ref():
+        info["ref"] = sharpfast.sail(pipe, prompts, generator=g(), objective="reference", candidates=8, max_steps=10,
+                                     max_rounds=1, threshold=float("-inf"), return_info=True, **kw)[1]
+
+    rows["reference loop (k8 s10)"] = dict(seconds=timed(run_ref, max(1, reps - 2)), calls=None)
+    rows["reference loop (k8 s10)"]["calls"] = info["ref"]["unet_calls"]
+    base = rows["plain"]["seconds"]
+    for r in rows.values():
+        r["vs_plain"] = r["seconds"] / base
+    return rows, info
+
+
+def report(rows, info, batch):
+    print(f"\n{batch} prompts, 50-step DDIM")
+    print(f"  {'':26s} {'seconds':>8s} {'x plain':>8s} {'UNet calls':>10s}")
+    for name, r in rows.items():
+        print(f"  {name:26s} {r['seconds']:8.3f} {r['vs_plain']:8.2f} {r['calls']:10d}")
+    s = info["sail"]
+    print(f"  SAIL accepted {int(s['accepted'].sum())}/{len(s['accepted'])} images, {s['adam_steps']} Adam steps; "
+          f"reference loop / SAIL time: {rows['reference loop (k8 s10)']['seconds'] / rows['sail (paper, k4 s4)']['seconds']:.1f}x")
+
+
+@pytest.mark.parametrize("batch", [4])
+def test_sail_and_guard_latency(benchmark, batch):
+    rows, info = measure(batch=batch, reps=3)
+    report(rows, info, batch)
+    benchmark.extra_info.update({k: {kk: vv for kk, vv in v.items()} for k, v in rows.items()})
+    benchmark.pedantic(lambda: None, rounds=1)
+    assert rows["guard (wen, unflagged)"]["vs_plain"] <= 1.02
+    assert rows["sail (paper, k4 s4)"]["vs_plain"] <= 1.5
+    assert rows["reference loop (k8 s10)"]["seconds"] >= 3 * rows["sail (paper, k4 s4)"]["seconds"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sd15", action="store_true", help="random-weight SD 1.5-sized UNet instead of the digits model")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--reps", type=int, default=3)
+    a = p.parse_args()
+    rows, info = measure(a.sd15, a.device, getattr(torch, a.dtype), a.batch, a.reps)
+    report(rows, info, a.batch)
+
+
+if __name__ == "__main__":
+    main()

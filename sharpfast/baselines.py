@@ -1,0 +1,98 @@
+"""Mitigation baselines that SAIL is compared with (SPEC.md, "Baselines").
+
+- random_tokens: append random vocabulary tokens to the prompt (Somepalli et al.).
+- wen_embedding: optimize the conditional prompt embedding to shrink ||eps_Δ|| at the first
+  sampling step (Wen et al.; AdamW, lr 0.05, each image stops once under its target loss), then
+  sample from the same initial noise with the optimized embedding.
+Both leave the pipeline as it was; wen_embedding takes gradients with torch.autograd.grad, so no
+.grad is left on the UNet's parameters.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+
+def _vocab_words(tokenizer) -> list[str]:
+    special = set(tokenizer.all_special_tokens)
+    words = set()
+    for tok, idx in tokenizer.get_vocab().items():
+        if tok in special:
+            continue
+        w = tokenizer.decode([idx]).strip()
+        if re.fullmatch(r"[a-z0-9]+", w):
+            words.add(w)
+    if not words:
+        raise ValueError("the tokenizer has no alphanumeric tokens to draw random tokens from")
+    return sorted(words)
+
+
+def random_tokens(pipe, prompts, num_tokens: int = 4, generator: torch.Generator | None = None) -> list[str]:
+    """Each prompt with `num_tokens` random vocabulary tokens appended (space separated)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if num_tokens < 0:
+        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+    words = _vocab_words(pipe.tokenizer)
+    g = generator or torch.Generator().manual_seed(0)
+    out = []
+    for p in prompts:
+        pick = torch.randint(len(words), (num_tokens,), generator=g).tolist()
+        out.append(" ".join([p, *(words[i] for i in pick)]))
+    return out
+
+
+def wen_embedding(pipe, prompts, latents, *, target_ratio: float = 0.5, target_loss: float | None = None,
+                  lr: float = 0.05, max_steps: int = 50, num_inference_steps: int = 50, return_info: bool = False):
+    """Wen et al.'s mitigation: (prompt_embeds, negative_prompt_embeds) to pass to `pipe(...)`.
+
+    One row per latent (prompt-major, len(latents) a multiple of len(prompts)). Each row's loss is
+    ||eps_Δ|| at the first timestep of `num_inference_steps`; a row stops once its loss is at most
+    `target_loss`, or `target_ratio` times its initial loss when target_loss is None; at most
+    `max_steps` AdamW steps (one CFG forward and backward each).
+    """
+    from .score import ScoreModel
+
+    model = ScoreModel(pipe)
+    if model.is_xl:
+        raise TypeError("wen_embedding supports StableDiffusionPipeline (SD 1.x / 2.x); SDXL's pooled "
+                        "embeddings are not optimized")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty")
+    if len(latents) % len(prompts):
+        raise ValueError(f"{len(latents)} latents are not a multiple of {len(prompts)} prompts")
+    n = len(latents) // len(prompts)
+    sched = model.scheduler(num_inference_steps)
+    t = sched.timesteps[0]
+    x = sched.scale_model_input(latents.to(model.device, model.dtype), t)
+    ab = model.alpha_bar(sched, t)
+    h, w = (s * pipe.vae_scale_factor for s in latents.shape[-2:])
+    cond = model.encode(prompts, n, h, w)
+    emb = cond.cond.detach().float().clone().requires_grad_(True)
+    opt = torch.optim.AdamW([emb], lr=lr)
+    target = None if target_loss is None else torch.full((len(emb),), float(target_loss), device=emb.device)
+    losses = None
+    steps = 0
+    for steps in range(max_steps + 1):  # bounded: max_steps updates, the last pass only measures
+        u, c = model.eps(x, t, ab, dataclasses.replace(cond, cond=emb.to(model.dtype)))
+        losses = (c - u).reshape(len(emb), -1).norm(dim=1)
+        if target is None:
+            target = target_ratio * losses.detach()
+        active = losses.detach() > target
+        if steps == max_steps or not bool(active.any()):
+            break
+        (grad,) = torch.autograd.grad((losses * active).sum(), emb)
+        keep = emb.detach().clone()
+        emb.grad = grad
+        opt.step()
+        with torch.no_grad():
+            emb[~active] = keep[~active]  # rows that reached their target stay where they were
+    out = (emb.detach().to(model.dtype), cond.null.detach())
+    if return_info:
+        info = {"steps": steps, "final_loss": losses.detach().cpu(), "target": target.cpu(),
+                "converged": bool((losses.detach() <= target).all()), "unet_calls": model.stats["unet_calls"]}
+        return (*out, info)
+    return out

@@ -1,0 +1,121 @@
+"""`sharpfast eval detect`: the paper's Table 1 (AUC, TPR at 1% FPR) per metric, steps and n.
+
+Scores of every prompt are computed once per (n, steps) configuration with sharpfast.detect and
+appended to `OUT/scores_n{n}_steps{s}.jsonl` a batch at a time, so a killed run resumes where it
+stopped. Prompt i draws its initial noise from seed + i, whatever its batch. The report (table,
+per duplication level, against the narrow set) goes to `OUT/detect.json`, the ROC curves to
+`OUT/roc.png`.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from .. import jsonl
+from ..evaluation import evaluate
+
+
+def _score_config(pipe, prompts, n, steps, metrics, path, seed, batch_size, hvp, num_inference_steps,
+                  guidance_scale, progress):
+    import sharpfast
+    from tqdm.auto import tqdm
+
+    from ..score import ScoreModel
+
+    done = jsonl.read(path)
+    todo = [i for i in range(len(prompts)) if i not in done or any(m not in done[i] for m in metrics)]
+    if not todo:
+        return done
+    model = ScoreModel(pipe)
+    h, w = model.default_size()
+    with open(path, "a", encoding="utf-8") as f, \
+            tqdm(total=len(todo), desc=f"detect n={n} steps={steps}", unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            ids = todo[start:start + batch_size]
+            lat = torch.cat([model.noise(n, h, w, torch.Generator("cpu").manual_seed(seed + i))
+                             for i in ids])
+            res = sharpfast.detect(pipe, [prompts[i] for i in ids], metrics=metrics, num_images_per_prompt=n,
+                                   steps=steps, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                   latents=lat.to(model.device), batch_size=batch_size, hvp=hvp, progress=False)
+            recs = [{"id": i, "prompt": prompts[i], **{m: float(res.scores[m][k]) for m in metrics}}
+                    for k, i in enumerate(ids)]
+            jsonl.append(f, recs)
+            done.update({r["id"]: r for r in recs})
+            bar.update(len(ids))
+    return done
+
+
+def _auc_row(scores_pos, scores_neg):
+    e = evaluate(np.concatenate([scores_pos, scores_neg]),
+                 np.concatenate([np.ones(len(scores_pos)), np.zeros(len(scores_neg))]))
+    return e
+
+
+def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "sharpness"), out_dir="sharpfast-eval",
+        seed=42, batch_size=16, hvp="fd", num_inference_steps=50, guidance_scale=7.5, progress=True) -> dict:
+    """sets: {"eval": records with prompt and memorized, optional "duplicated_low" / "narrow": records}."""
+    from .plots import roc_figure
+
+    os.makedirs(out_dir, exist_ok=True)
+    ev = sets["eval"]
+    if not any(r["memorized"] for r in ev) or all(r["memorized"] for r in ev):
+        raise ValueError("the evaluation set needs memorized and non-memorized prompts")
+    all_prompts = list(dict.fromkeys(r["prompt"] for recs in sets.values() for r in recs))
+    index = {p: i for i, p in enumerate(all_prompts)}
+    mem = [index[r["prompt"]] for r in ev if r["memorized"]]
+    non = [index[r["prompt"]] for r in ev if not r["memorized"]]
+    dup = [r for recs in sets.values() for r in recs if r.get("duplicates")]
+    levels = sorted({r["duplicates"] for r in dup})
+    report = {"config": dict(ns=list(ns), steps=list(steps_list), metrics=list(metrics), seed=seed, hvp=hvp,
+                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             memorized=len(mem), non_memorized=len(non)),
+              "table": [], "by_level": [], "narrow": []}
+    curves = {}
+    for n in ns:
+        for s in steps_list:
+            path = os.path.join(out_dir, f"scores_n{n}_steps{s}.jsonl")
+            scores = _score_config(pipe, all_prompts, n, s, list(metrics), path, seed, batch_size, hvp,
+                                   num_inference_steps, guidance_scale, progress)
+            panel = curves.setdefault(f"steps={s}, n={n}", {})
+            for m in metrics:
+                val = lambda ids: np.array([scores[i][m] for i in ids])  # noqa: E731
+                e = _auc_row(val(mem), val(non))
+                report["table"].append({"metric": m, "steps": s, "n": n, "auc": e["auc"],
+                                        "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"], "tpr_at_3pct_fpr": e["tpr_at_3pct_fpr"]})
+                panel[m] = (np.array(e["roc"]["fpr"]), np.array(e["roc"]["tpr"]), e["auc"])
+                for lv in levels:
+                    recs = list({r["prompt"]: r for r in dup if r["duplicates"] == lv}.values())
+                    e = _auc_row(val([index[r["prompt"]] for r in recs]), val(non))
+                    report["by_level"].append({"metric": m, "steps": s, "n": n, "duplicates": lv, "prompts": len(recs),
+                                               "copy_rate": float(np.mean([r.get("copy_rate", np.nan) for r in recs])),
+                                               "auc": e["auc"], "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"]})
+                if sets.get("narrow"):
+                    e = _auc_row(val(mem), val([index[r["prompt"]] for r in sets["narrow"]]))
+                    report["narrow"].append({"metric": m, "steps": s, "n": n, "auc": e["auc"],
+                                             "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"]})
+    with open(os.path.join(out_dir, "detect.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    roc_figure(curves, os.path.join(out_dir, "roc.png"), f"memorized ({len(mem)}) vs non-memorized ({len(non)})")
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'metric':12s} {'steps':>5s} {'n':>3s} {'AUC':>6s} {'TPR@1%':>7s} {'TPR@3%':>7s}"]
+    for r in report["table"]:
+        lines.append(f"{r['metric']:12s} {r['steps']:5d} {r['n']:3d} {r['auc']:6.3f} {r['tpr_at_1pct_fpr']:7.3f} "
+                     f"{r['tpr_at_3pct_fpr']:7.3f}")
+    if report["by_level"]:
+        lines.append("\nby duplication level (all duplicated captions of the level vs non-memorized):")
+        lines.append(f"{'metric':12s} {'steps':>5s} {'n':>3s} {'dup':>4s} {'prompts':>7s} {'copy':>5s} {'AUC':>6s} "
+                     f"{'TPR@1%':>7s}")
+        for r in report["by_level"]:
+            lines.append(f"{r['metric']:12s} {r['steps']:5d} {r['n']:3d} {r['duplicates']:4d} {r['prompts']:7d} "
+                         f"{r['copy_rate']:5.2f} {r['auc']:6.3f} {r['tpr_at_1pct_fpr']:7.3f}")
+    if report["narrow"]:
+        lines.append("\nmemorized vs the narrow set (captions naming only the digit):")
+        for r in report["narrow"]:
+            lines.append(f"{r['metric']:12s} {r['steps']:5d} {r['n']:3d} {r['auc']:6.3f} {r['tpr_at_1pct_fpr']:7.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""`sharpfast eval mitigate`: does a mitigation stop the copying without losing the prompt?
+
+For each method and setting, every memorized prompt is generated from the same `seeds` initial
+noises (drawn exactly as the pipeline draws them) and each output is judged by
+- copy: its nearest training image is the prompt's memorized image, with similarity at least
+  COPY_THRESHOLD (Pearson correlation of the pixels, sharpfast.zoo.copying: the stand-in for SSCD);
+- similarity: its Pearson correlation with the memorized image (lower is better);
+- fidelity: a scikit-learn digit classifier calls it the prompted digit (the stand-in for CLIP score).
+Rows go to `OUT/mitigate.jsonl` one (method, setting, prompt) at a time, so a killed run resumes;
+the summary to `OUT/mitigate.json`, a grid of examples to `OUT/mitigate_grid.png` and the
+copy-against-fidelity curves (with --sweep) to `OUT/tradeoff.png`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .. import jsonl
+
+
+@dataclass(frozen=True)
+class Method:
+    """A mitigation: run(pipe, prompts, latents, setting, gen_kwargs) -> images in [-1, 1]."""
+
+    run: Callable
+    default: object
+    sweep: tuple
+    knob: str
+
+
+def _generate(pipe, latents, gen_kwargs, prompts=None, prompt_embeds=None, negative_prompt_embeds=None):
+    out = pipe(prompt=prompts, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+               latents=latents, output_type="pt", **gen_kwargs).images
+    return out.float() * 2 - 1
+
+
+def _none(pipe, prompts, latents, setting, gen_kwargs):
+    return _generate(pipe, latents, gen_kwargs, prompts=prompts)
+
+
+def _random_tokens(pipe, prompts, latents, setting, gen_kwargs):
+    from ..baselines import random_tokens
+
+    g = torch.Generator().manual_seed(1234)
+    return _generate(pipe, latents, gen_kwargs, prompts=random_tokens(pipe, prompts, int(setting), g))
+
+
+def _wen_embedding(pipe, prompts, latents, setting, gen_kwargs):
+    from ..baselines import wen_embedding
+
+    emb, null = wen_embedding(pipe, prompts, latents, target_ratio=float(setting),
+                              num_inference_steps=gen_kwargs["num_inference_steps"])
+    return _generate(pipe, latents, gen_kwargs, prompt_embeds=emb, negative_prompt_embeds=null)
+
+
+def _sail(pipe, prompts, latents, setting, gen_kwargs):
+    import sharpfast
+
+    out = sharpfast.sail(pipe, prompts, latents=latents, output_type="pt", **sail_setting(setting), **gen_kwargs)
+    return out.images.float() * 2 - 1
+
+
+def sail_setting(setting) -> dict:
+    """"k4s2" -> 4 candidates, 2 Adam steps."""
+    import re
+
+    m = re.fullmatch(r"k(\d+)s(\d+)", str(setting))
+    if not m:
+        raise ValueError(f"a SAIL setting looks like k4s2 (4 candidates, 2 Adam steps), got {setting!r}")
+    return {"candidates": int(m.group(1)), "max_steps": int(m.group(2))}
+
+
+METHODS = {
+    "none": Method(_none, None, (None,), "-"),
+    "random_tokens": Method(_random_tokens, 4, (1, 2, 4, 8, 16), "tokens added"),
+    "wen_embedding": Method(_wen_embedding, 0.5, (0.9, 0.7, 0.5, 0.3, 0.15), "target / initial ||eps_Δ||"),
+    "sail": Method(_sail, "k4s4", ("k1s2", "k1s5", "k2s2", "k4s0", "k4s4", "k8s0", "k8s4"),
+                   "candidates k, Adam steps s"),
+}
+
+
+def _key(method, setting, prompt):
+    return json.dumps([method, setting, prompt])
+
+
+def run(pipe, records: list[dict], train: torch.Tensor, *, methods=("none", "random_tokens", "wen_embedding"),
+        seeds=(0, 1, 2, 3, 4), sweep=False, out_dir="sharpfast-eval", batch_prompts=8, num_inference_steps=50,
+        guidance_scale=7.5, progress=True, grid_prompts=6) -> dict:
+    """records: memorized prompts with prompt, digit and train_index."""
+    from tqdm.auto import tqdm
+
+    from ..score import ScoreModel
+    from ..zoo.copying import copy_stats
+    from ..zoo.fidelity import fidelity
+
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; available: {', '.join(METHODS)}")
+    if not records:
+        raise ValueError("no memorized prompts to mitigate")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "mitigate.jsonl")
+    done = jsonl.read(path, key="key")
+    model = ScoreModel(pipe)
+    h, w = model.default_size()
+    gen_kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    jobs = [(m, s) for m in methods for s in (METHODS[m].sweep if sweep else (METHODS[m].default,))]
+    bar = tqdm(total=len(jobs) * len(records), desc="mitigate", unit="prompt", disable=not progress)
+
+    def judged(method, setting, chunk):
+        lat = torch.cat([model.noise(1, h, w, torch.Generator("cpu").manual_seed(s))
+                         for _ in chunk for s in seeds]).to(model.device)
+        imgs = METHODS[method].run(pipe, [r["prompt"] for r in chunk for _ in seeds], lat, setting, gen_kwargs)
+        return imgs.cpu().view(len(chunk), len(seeds), *train.shape[1:])
+
+    with open(path, "a", encoding="utf-8") as f:
+        for method, setting in jobs:
+            for start in range(0, len(records), batch_prompts):
+                chunk = records[start:start + batch_prompts]
+                todo = [r for r in chunk if _key(method, setting, r["prompt"]) not in done]
+                if todo:
+                    recs = []
+                    for r, im in zip(todo, judged(method, setting, todo)):
+                        copies, sim = copy_stats(im, train, r["train_index"])
+                        recs.append({"key": _key(method, setting, r["prompt"]), "method": method, "setting": setting,
+                                     "prompt": r["prompt"], "duplicates": r.get("duplicates"),
+                                     "copies": copies.tolist(), "similarity": [round(float(v), 4) for v in sim],
+                                     "fidelity": fidelity(im, [r["digit"]] * len(seeds)).tolist()})
+                    jsonl.append(f, recs)
+                    done.update({x["key"]: x for x in recs})
+                bar.update(len(chunk))
+    bar.close()
+    summary = summarize(done, jobs, [r["prompt"] for r in records])
+    with open(os.path.join(out_dir, "mitigate.json"), "w", encoding="utf-8") as fh:
+        json.dump({"seeds": list(seeds), "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                   "prompts": len(records), "summary": summary}, fh, indent=1)
+    shown = records[:grid_prompts]
+    grid = {m: judged(m, METHODS[m].default, shown)[:, 0] for m in methods} if shown else {}
+    _figures(summary, shown, train, methods, grid, out_dir, sweep)
+    return {"summary": summary}
+
+
+def summarize(done: dict, jobs, prompts) -> list[dict]:
+    rows = []
+    for method, setting in jobs:
+        recs = [done[_key(method, setting, p)] for p in prompts if _key(method, setting, p) in done]
+        if not recs:
+            continue
+        cat = lambda k: np.concatenate([np.asarray(r[k], dtype=np.float64) for r in recs])  # noqa: E731
+        rows.append({"method": method, "setting": setting, "prompts": len(recs), "copy_rate": float(cat("copies").mean()),
+                     "similarity": float(cat("similarity").mean()), "fidelity": float(cat("fidelity").mean())})
+    return rows
+
+
+def format_summary(summary: list[dict]) -> str:
+    lines = [f"{'method':14s} {'setting':>10s} {'prompts':>7s} {'copies':>7s} {'similarity':>10s} {'fidelity':>8s}"]
+    for r in summary:
+        lines.append(f"{r['method']:14s} {str(r['setting']):>10s} {r['prompts']:7d} {r['copy_rate']:7.3f} "
+                     f"{r['similarity']:10.3f} {r['fidelity']:8.3f}")
+    return "\n".join(lines)
+
+
+def _figures(summary, shown, train, methods, grid, out_dir, sweep):
+    from .plots import image_grid, tradeoff_figure
+
+    if shown:
+        rows = [[train[r["train_index"]].numpy()] + [grid[m][k].numpy() for m in methods] for k, r in enumerate(shown)]
+        image_grid(rows, [r["prompt"][:48] for r in shown], ["training image", *methods],
+                   os.path.join(out_dir, "mitigate_grid.png"), "first seed of each method (default setting)")
+    if sweep:
+        series = {}
+        for r in summary:
+            series.setdefault(r["method"], []).append((r["fidelity"], r["copy_rate"], r["setting"]))
+        tradeoff_figure(series, os.path.join(out_dir, "tradeoff.png"))

@@ -1,0 +1,88 @@
+"""Figures of the harness (matplotlib, Agg backend: files only, no display needed)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def roc_figure(curves: dict, path: str, title: str = "") -> str:
+    """curves: {panel title: {label: (fpr, tpr, auc)}}; one panel per key, log-scaled FPR axis."""
+    plt = _plt()
+    k = len(curves)
+    cols = min(k, 3)
+    rows = math.ceil(k / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    for ax, (panel, lines) in zip(axes.flat, curves.items()):
+        for label, (fpr, tpr, auc) in lines.items():
+            ax.plot(np.maximum(fpr, 1e-3), tpr, label=f"{label} (AUC {auc:.3f})")
+        ax.axvline(0.01, color="grey", lw=0.7, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlim(1e-3, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_title(panel, fontsize=10)
+        ax.legend(fontsize=8, loc="lower right")
+    for ax in list(axes.flat)[k:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def image_grid(rows: list[list], row_labels: list[str], col_labels: list[str], path: str, title: str = "") -> str:
+    """A grid of single-channel images in [-1, 1] (rows x columns; None leaves a cell blank)."""
+    plt = _plt()
+    R, C = len(rows), len(col_labels)
+    fig, axes = plt.subplots(R, C, figsize=(1.3 * C + 2.6, 1.35 * R + 0.6), squeeze=False)
+    for r, cells in enumerate(rows):
+        for c in range(C):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            img = cells[c] if c < len(cells) else None
+            if img is None:
+                ax.axis("off")
+                continue
+            ax.imshow(np.asarray(img, dtype=np.float32).reshape(img.shape[-2:]), cmap="gray_r", vmin=-1, vmax=1)
+            if r == 0:
+                ax.set_title(col_labels[c], fontsize=8)
+        axes[r][0].set_ylabel(row_labels[r], fontsize=6, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def tradeoff_figure(series: dict, path: str) -> str:
+    """series: {method: [(fidelity, copy_rate, setting label), ...]}: copy rate against fidelity."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for method, pts in series.items():
+        pts = sorted(pts, key=lambda p: p[0])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        for f, c, lab in pts:
+            ax.annotate(str(lab), (f, c), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("prompt fidelity (share classified as the prompted digit)")
+    ax.set_ylabel("copies of the memorized image (share)")
+    ax.set_title("mitigation trade-off (lower right is better)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
