@@ -44,7 +44,7 @@ OBJECTIVES = ("paper", "reference")
 CALIBRATION_FILE = "calibration.json"
 REFERENCE = dict(alpha_sd1=0.05, alpha_sd2=0.01, threshold=8.2, candidates=8, steps_per_round=10, raise_every=3,
                  raise_by=0.1)
-DEFAULTS = {"paper": dict(candidates=4, max_steps=4), "reference": dict(candidates=8, max_steps=10)}
+DEFAULTS = {"paper": dict(candidates=4, max_steps=2), "reference": dict(candidates=8, max_steps=10)}
 
 
 def shipped_threshold(pipe, metric: str = "sharpness") -> float | None:
@@ -194,7 +194,7 @@ def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latent
     threshold: "auto" (objective="paper": the detection threshold shipped beside the model in
     calibration.json; "reference": 8.2, the authors' value for SD 1.4) or a number (from
     sharpfast.calibrate on the sharpness of normal prompts). candidates: initial noises per image
-    (default 4 paper / 8 reference); max_steps: Adam steps (default 4 / 10, a round for
+    (default 4 paper / 8 reference); max_steps: Adam steps (default 2 / 10, a round for
     "reference"); project: keep each candidate on the sphere of its initial norm (default True
     for "paper", False for "reference"); alpha: weight of the norm penalty (default 0 paper;
     0.05 SD 1.x / 0.01 SD 2.x reference). The pipeline is not modified.

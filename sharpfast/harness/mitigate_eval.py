@@ -79,7 +79,7 @@ METHODS = {
     "none": Method(_none, None, (None,), "-"),
     "random_tokens": Method(_random_tokens, 4, (1, 2, 4, 8, 16), "tokens added"),
     "wen_embedding": Method(_wen_embedding, 0.5, (0.9, 0.7, 0.5, 0.3, 0.15), "target / initial ||eps_Δ||"),
-    "sail": Method(_sail, "k4s4", ("k1s2", "k1s5", "k2s2", "k4s0", "k4s4", "k8s0", "k8s4"),
+    "sail": Method(_sail, "k4s2", ("k1s2", "k1s5", "k4s0", "k4s2", "k8s0", "k8s2"),
                    "candidates k, Adam steps s"),
 }
 
