@@ -5,7 +5,9 @@
 #   3. prints a table of timings: us per call, GB/s, and the fraction of a device-to-device copy
 #      of the same bytes (CUDA graphs + CUDA events, median);
 #   4. times detection (UNet calls, ms per prompt, ratio to one CFG call) on an SD 1.5-sized UNet
-#      with random weights in fp16, and compares fd sharpness with the exact JVP.
+#      with random weights in fp16, and compares fd sharpness with the exact JVP;
+#   5. times the serving guard and SAIL against plain 50-step generation (bench_sail.py --sd15);
+#   6. times scan throughput at batch 8 and 32 next to the bare UNet forwards (bench_scan.py --sd15).
 # diffusers is not on the GPU machine: run benchmarks/fetch_gpu_wheels.sh here first and carry .whl.
 # Finishes in well under 8 minutes on an H100/H200. Results also land in $OUT when set.
 set -euo pipefail

@@ -42,3 +42,13 @@ def backend(request):
 def randn(shape, dtype, seed, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
+def pipe(request):
+    """A tiny random-weight pipeline of each kind: SD 1.x epsilon, SD 2.x v-prediction, SDXL."""
+    from sharpfast.testing import tiny_pipeline
+
+    p = tiny_pipeline(request.param)
+    p.set_progress_bar_config(disable=True)
+    return p

@@ -14,16 +14,9 @@ from sharpfast.testing import tiny_pipeline
 
 from pipeline_state import assert_same, snapshot
 
-KINDS = ("sd1", "sd2", "sdxl")
 WORDS = "cats dogs cars trees sky sea boats birds fish moon sun rain snow wind fire ice".split()
 PROMPTS = [f"prompt {i} about {w}" for i, w in enumerate(WORDS)]  # 16
 
-
-@pytest.fixture(scope="module", params=KINDS)
-def pipe(request):
-    p = tiny_pipeline(request.param)
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 def gen(seed=1):

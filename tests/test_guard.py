@@ -12,12 +12,6 @@ KW = dict(num_inference_steps=5, output_type="pt")
 PROMPTS = ["a red house by the sea", "two dogs", "an old map"]
 
 
-@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
-def pipe(request):
-    p = tiny_pipeline(request.param)
-    p.set_progress_bar_config(disable=True)
-    return p
-
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)

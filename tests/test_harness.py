@@ -80,3 +80,12 @@ def test_demo_writes_its_outputs(tmp_path, capsys):
         assert (tmp_path / f).stat().st_size > 0
     recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(recs) == len(zoo.prompts("digits")) and {"wen", "sharpness", "flagged"} <= set(recs[0])
+
+
+def test_sail_cli_writes_a_grid(tmp_path, capsys):
+    prompt = zoo.prompts("digits", "memorized")[0]["prompt"]
+    out = tmp_path / "sail.png"
+    assert main(["sail", "--prompt", prompt, "--n", "2", "--num-inference-steps", "5", "--max-steps", "1",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "UNet calls" in text and out.stat().st_size > 1000
