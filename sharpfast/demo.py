@@ -3,7 +3,7 @@
 1. loads the bundled pipeline (a stock StableDiffusionPipeline) and its prompt sets;
 2. scores every memorized and non-memorized prompt at the first sampling step (wen, sharpness;
    n=1, one CFG call plus one for the finite difference) and prints the AUC / TPR table;
-3. calibrates a threshold at 1% FPR on the non-memorized prompts and reports which are flagged;
+3. flags prompts with the model's shipped threshold (1% FPR on held-out generic captions);
 4. mitigates a few memorized prompts from the same initial noise and judges each output (copy of
    the training image? the prompted digit?);
 5. writes OUT/results.jsonl (one line per prompt), OUT/roc.png and OUT/before_after.png.
@@ -27,6 +27,7 @@ def run(out_dir: str = "sharpfast-demo", device: str = "cpu", progress: bool = T
     from . import zoo
     from .harness.mitigate_eval import METHODS
     from .harness.plots import image_grid, roc_figure
+    from .mitigation import shipped_threshold
     from .zoo.copying import copy_stats
     from .zoo.digits_data import digit_images
     from .zoo.fidelity import fidelity
@@ -47,11 +48,11 @@ def run(out_dir: str = "sharpfast-demo", device: str = "cpu", progress: bool = T
     for m in ("wen", "sharpness"):
         e = sharpfast.evaluate(res.scores[m], labels)
         curves[m] = (np.array(e["roc"]["fpr"]), np.array(e["roc"]["tpr"]), e["auc"])
-        thresholds[m] = sharpfast.calibrate(res.scores[m][labels == 0], fpr=0.01)
+        thresholds[m] = shipped_threshold(pipe, m)  # 1% FPR on generic captions kept apart
         say(f"{m:10s} {e['auc']:6.3f} {e['tpr_at_1pct_fpr']:10.3f}")
     roc_figure({"digits model, step 1, n=1": curves}, os.path.join(out_dir, "roc.png"))
     flagged = res.scores["sharpness"] > thresholds["sharpness"]
-    say(f"threshold (sharpness, 1% FPR on non-memorized): {thresholds['sharpness']:.2f}; flagged "
+    say(f"shipped threshold (sharpness, 1% FPR on held-out generic captions): {thresholds['sharpness']:.4g}; flagged "
         f"{int(flagged[labels == 1].sum())}/{int(labels.sum())} memorized, "
         f"{int(flagged[labels == 0].sum())}/{int((labels == 0).sum())} non-memorized")
     with open(os.path.join(out_dir, "results.jsonl"), "w", encoding="utf-8") as f:
