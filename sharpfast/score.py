@@ -106,14 +106,12 @@ class ScoreModel:
         self.unet = pipe.unet
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
         self.stats = {"unet_calls": 0, "unet_rows": 0}  # shared with with_unet() copies
+        self._place()
 
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+    def _place(self):
+        # read once: diffusers' ModelMixin.device / .dtype walk the parameters on every access,
+        # which costs milliseconds per call on a per-prompt path (an adapter lives for one call)
+        self.device, self.dtype = self.unet.device, self.unet.dtype
 
     def default_size(self) -> tuple[int, int]:
         p = self.pipe
@@ -189,6 +187,7 @@ class ScoreModel:
         """The same adapter calling another UNet (an fp32 copy for the exact JVP, say)."""
         other = copy.copy(self)
         other.unet = unet
+        other._place()
         return other
 
     # -- UNet -----------------------------------------------------------------------------

@@ -83,6 +83,7 @@ class Guard:
     def __call__(self, prompt, **kwargs):
         if self._handle is None:
             raise RuntimeError("this guard was removed; create a new one with sharpfast.guard(pipe)")
+        self.model = ScoreModel(self.pipe)  # the pipeline may have moved since the guard was made
         if "prompt_embeds" in kwargs:
             raise ValueError("sharpfast.guard scores text prompts: pass prompt, not prompt_embeds")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
