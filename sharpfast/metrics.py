@@ -52,7 +52,7 @@ def exact_hvp_delta(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, v):
     return hv
 
 
-def fd_sharpness(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, eps_u, eps_c, h, check=None):
+def fd_sharpness(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, eps_u, eps_c, h, check=None, wen=None):
     """||H_Δ s_Δ|| per row by one finite difference along s_Δ (one extra CFG call); differentiable
     in x (sharpfast.ops support autograd), so SAIL minimizes exactly what detection measures.
 
@@ -65,7 +65,8 @@ def fd_sharpness(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, eps_u, 
     if check is not None:
         check(eps_c2 - eps_u2)
     dod = ops.diff_of_diffs_norm(eps_u, eps_c, eps_u2, eps_c2)
-    wen = (eps_c - eps_u).reshape(len(x), -1).norm(dim=1)
+    if wen is None:  # ||eps_Δ||, unless the caller has it already (detect: from cfg_combine)
+        wen = (eps_c - eps_u).reshape(len(x), -1).norm(dim=1)
     return dod * wen / (sig * sig * h)
 
 
@@ -105,7 +106,8 @@ def step_metrics(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, metrics
     if "sharpness" in metrics:
         if hvp == "fd":
             out["sharpness"] = fd_sharpness(model, xf, t, alpha_bar, cond, eps_u, eps_c, h,
-                                            check=lambda d: check_finite(d, n, prompts, "finite-difference point"))
+                                            check=lambda d: check_finite(d, n, prompts, "finite-difference point"),
+                                            wen=wen.float())
         else:
             v = -(eps_c - eps_u) / sig
             hv = exact_hvp_delta(model, xf, t, alpha_bar, cond, v)

@@ -37,6 +37,7 @@ import time
 
 import torch
 
+from . import ops
 from .metrics import DEFAULT_FD_STEP, fd_sharpness
 from .score import ScoreModel
 
@@ -58,7 +59,7 @@ def shipped_threshold(pipe, metric: str = "sharpness") -> float | None:
     return float(cal[metric]["threshold"]) if metric in cal else None
 
 
-def _check(pipe, prompts, n, guidance_scale, objective, lr, max_steps, candidates):
+def _check(prompts, n, guidance_scale, lr, max_steps, candidates):
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
@@ -67,8 +68,6 @@ def _check(pipe, prompts, n, guidance_scale, objective, lr, max_steps, candidate
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
             raise ValueError(f"prompt[{i}] must be a non-empty str, got {p!r}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if not isinstance(guidance_scale, numbers.Real) or not guidance_scale > 1:
         raise ValueError(f"SAIL needs classifier-free guidance: guidance_scale must be > 1, got {guidance_scale!r}")
     for name, v in (("num_images_per_prompt", n), ("max_steps", max_steps), ("candidates", candidates)):
@@ -95,8 +94,7 @@ class _Objective:
             if self.alpha:
                 loss = loss + self.alpha * x.reshape(len(x), -1).pow(2).sum(dim=1)
             return loss, stat
-        d = c - u
-        shifted = x + d / d.reshape(len(x), -1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+        shifted = ops.fd_direction(x, u, c, 1.0)  # x + eps_Δ / ||eps_Δ||, the authors' step
         u2, c2 = m.eps(shifted, self.t, self.ab, cond)
         loss = (c2 - u2).reshape(len(x), -1).norm(dim=1) + self.alpha * x.reshape(len(x), -1).norm(dim=1)
         return loss, loss
@@ -107,7 +105,7 @@ def _per_row(v, x):
 
 
 def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, objective="paper", alpha=0.0, lr=0.05,
-                     max_steps=4, threshold=0.0, project=True, fd_step=None, new_candidates=None,
+                     max_steps=2, threshold=0.0, project=True, fd_step=None, new_candidates=None,
                      rounds=1, raise_every=3, raise_by=0.1):
     """Optimize candidate initial latents at the first timestep, all in one batch.
 
@@ -147,8 +145,7 @@ def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, object
             better = low < best_loss
             pick = better[rows] & (ld == low[rows])
             best_x[rows[pick]] = x.detach()[pick]
-            final_stat = torch.where(better, torch.full_like(final_stat, float("inf")).scatter_reduce(
-                0, rows[pick], sd[pick], "amin"), final_stat)
+            final_stat[rows[pick]] = sd[pick]
             best_loss = torch.where(better, low, best_loss)
             # accept, per image, the first candidate (lowest row) under the threshold
             pos = torch.arange(len(rows), device=dev)
@@ -202,10 +199,11 @@ def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latent
     start = time.perf_counter()
     n = num_images_per_prompt
     guidance_scale = pipe_kwargs.get("guidance_scale", 7.5)
-    defaults = DEFAULTS[objective] if objective in DEFAULTS else DEFAULTS["paper"]
-    candidates = defaults["candidates"] if candidates is None else candidates
-    max_steps = defaults["max_steps"] if max_steps is None else max_steps
-    prompts = _check(pipe, prompt, n, guidance_scale, objective, lr, max_steps, candidates)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    candidates = DEFAULTS[objective]["candidates"] if candidates is None else candidates
+    max_steps = DEFAULTS[objective]["max_steps"] if max_steps is None else max_steps
+    prompts = _check(prompt, n, guidance_scale, lr, max_steps, candidates)
     if any(k in pipe_kwargs for k in ("prompt_embeds", "negative_prompt_embeds")):
         raise ValueError("sail encodes the prompt itself: pass prompt (and negative_prompt), not prompt_embeds")
     model = ScoreModel(pipe)
