@@ -35,6 +35,36 @@ def tiny_tokenizer(max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
+def word_tokenizer(words, max_length: int = 77):
+    """The character-level tokenizer plus one token for each of `words` (lower case, no spaces).
+
+    BPE merges join each word's characters left to right, so a listed word is a single token and
+    anything else still falls back to characters (e.g. numbers and identifiers).
+    """
+    from transformers import CLIPTokenizer
+
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    tokens = [t for t, _ in sorted(tiny_tokenizer(max_length).get_vocab().items(), key=lambda kv: kv[1])
+              if t not in (bos, eos)]
+    known = set(tokens)
+    merges: list[tuple[str, str]] = []
+    for w in sorted(set(words)):
+        if not w or " " in w or w != w.lower():
+            raise ValueError(f"word_tokenizer: {w!r} must be a non-empty lower-case word without spaces")
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        left = parts[0]
+        for right in parts[1:]:
+            if (left, right) not in merges:
+                merges.append((left, right))
+            left = left + right
+            if left not in known:
+                known.add(left)
+                tokens.append(left)
+    # the special tokens stay last, as the text encoder config expects
+    vocab = {t: i for i, t in enumerate(tokens + [bos, eos])}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
 def _text_encoder(hidden: int, projection: int | None, seed: int, vocab_size: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 

@@ -48,9 +48,11 @@ def test_training_script_runs_a_few_steps_and_saves_a_pipeline(tmp_path):
     from sharpfast.zoo.copying import COPY_THRESHOLD, copy_stats, generate
     from sharpfast.zoo.train_digits import main
 
-    main(["--out", str(tmp_path), "--vae-steps", "2", "--unet-steps", "2", "--batch-size", "8"])
+    main(["--out", str(tmp_path), "--vae-steps", "2", "--pretrain-steps", "2", "--unet-steps", "2", "--batch-size", "8"])
     info = json.loads((tmp_path / "train_info.json").read_text())
     assert info["unet_steps"] == 2 and info["final_unet_loss"] > 0
+    assert info["init"] == str(tmp_path / "pretrained")
+    assert json.loads((tmp_path / "pretrained" / "train_info.json").read_text())["generic_only"]
     assert list(tmp_path.rglob("*.safetensors"))
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
@@ -69,7 +71,7 @@ def test_training_is_deterministic_and_checkpoints_equal_shorter_runs(tmp_path):
 
     from sharpfast.zoo.train_digits import main
 
-    args = ["--vae-steps", "1", "--batch-size", "4"]
+    args = ["--vae-steps", "1", "--batch-size", "4", "--pretrain-steps", "0"]
     main(["--out", str(tmp_path / "a"), "--unet-steps", "2", "--save-at", "1", *args])
     main(["--out", str(tmp_path / "b"), "--unet-steps", "1", *args])
     w = "unet/diffusion_pytorch_model.safetensors"
@@ -77,3 +79,24 @@ def test_training_is_deterministic_and_checkpoints_equal_shorter_runs(tmp_path):
     assert ck.keys() == short.keys()
     assert all(torch.equal(ck[k], short[k]) for k in ck), "a checkpoint is the shorter run, bit for bit"
     assert not all(torch.equal(ck[k], final[k]) for k in ck)
+
+
+def test_pretraining_then_fine_tuning_from_it(tmp_path):
+    from safetensors.torch import load_file
+
+    from sharpfast.zoo.train_digits import main
+
+    args = ["--batch-size", "4", "--vae-steps", "1"]
+    main(["--out", str(tmp_path / "pre"), "--generic-only", "--unet-steps", "1", *args])
+    main(["--out", str(tmp_path / "ft"), "--init", str(tmp_path / "pre"), "--unet-steps", "1", *args])
+    main(["--out", str(tmp_path / "one"), "--pretrain-steps", "1", "--unet-steps", "1", *args])
+    for part in ("vae", "unet"):
+        w = f"{part}/diffusion_pytorch_model.safetensors"
+        pre, ft, one = (load_file(tmp_path / d / w) for d in ("pre", "ft", "one"))
+        same = all(torch.equal(pre[k], ft[k]) for k in pre)
+        assert same == (part == "vae"), f"fine-tuning keeps the VAE and trains the UNet ({part})"
+        assert all(torch.equal(one[k], ft[k]) for k in ft), "one command = pretraining, then --init, bit for bit"
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tmp_path / "ft" / "tokenizer")
+    assert tok.tokenize("a handwritten seven") == ["a</w>", "handwritten</w>", "seven</w>"]

@@ -32,6 +32,17 @@ def test_loads_offline_as_a_stock_pipeline_and_generates(pipe):
     assert size <= 20e6, f"the bundled model is {size / 1e6:.1f} MB"
 
 
+def test_generations_show_the_prompted_digit(pipe):
+    # the first shipped model (char-level tokens, no generic pretraining) drew what the seed, not
+    # the prompt, said: about a quarter of these were the prompted digit
+    from sharpfast.zoo.copying import generate
+    from sharpfast.zoo.fidelity import fidelity
+
+    images = generate(pipe, [f"a handwritten {name}" for name in NAMES], seeds=[0, 1, 2], num_inference_steps=20)
+    recognised = fidelity(images, [d for d in range(10) for _ in range(3)])
+    assert recognised.mean() >= 0.7, f"only {recognised.mean():.0%} show the prompted digit"
+
+
 def test_prompt_sets_are_well_formed():
     digits = load_digits()
     keys = {"prompt", "memorized", "digit", "train_index", "duplicates", "copy_rate"}

@@ -38,6 +38,14 @@ IMAGES_PER_LEVEL = (8, 8, 24, 32, 24)
 SIZE = 16
 
 
+def caption_words() -> list[str]:
+    """Every word of the caption templates, names, inks and tools (the word-level tokens)."""
+    import re
+
+    text = " ".join(GENERIC + UNIQUE + NAMES + INKS + TOOLS)
+    return sorted(set(re.findall(r"[a-z]+", re.sub(r"\{[a-z]+(:[0-9a-z]+)?\}", " ", text))))
+
+
 def digit_images() -> tuple[torch.Tensor, np.ndarray]:
     """All 1797 digits at SIZE x SIZE in [-1, 1] (N, 1, SIZE, SIZE), and their labels."""
     from sklearn.datasets import load_digits

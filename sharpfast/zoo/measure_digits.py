@@ -24,6 +24,7 @@ from .copying import COPY_THRESHOLD, copy_stats, generate, nearest
 from .digits_data import NAMES, build, generic_caption
 
 MEASURE_SEED0 = 1000
+SAIL_TARGET_ABOVE = 0.9  # share of normal prompts' images whose sharpness is above SAIL's target
 GENERIC_PER_DIGIT = 10
 NARROW_TEMPLATES = ("a handwritten {name}", "the number {name} written by hand", "an image of a handwritten {d}",
                     "a small handwritten number {d}")
@@ -74,15 +75,20 @@ def measure(pipe, records: list[dict], train: torch.Tensor, seeds, batch_prompts
 
 def calibrate(pipe, data, exclude: set, fpr: float = 0.01, per_digit: int = 20) -> dict:
     """Detection thresholds at `fpr` on generic captions kept apart from the evaluation sets
-    (per image: n=1, step 1, DDIM 50, CFG 7.5), written to calibration.json for SAIL and guard."""
+    (per image: n=1, step 1, DDIM 50, CFG 7.5), written to calibration.json for SAIL and guard,
+    and SAIL's target (the sharpness under which only 10% of those images are)."""
     import sharpfast
 
     recs = [r for r in generic_prompts(data, per_digit=per_digit, seed=777) if r["prompt"] not in exclude]
     res = sharpfast.detect(pipe, [r["prompt"] for r in recs], metrics=("wen", "sharpness"), batch_size=50,
                            generator=torch.Generator().manual_seed(7), progress=True)
-    return {m: {"threshold": sharpfast.calibrate(res.scores[m], fpr=fpr), "fpr": fpr, "prompts": len(recs),
-                "num_images_per_prompt": 1, "steps": 1, "num_inference_steps": 50, "dtype": "float32"}
-            for m in ("wen", "sharpness")}
+    cal = {m: {"threshold": sharpfast.calibrate(res.scores[m], fpr=fpr), "fpr": fpr, "prompts": len(recs),
+               "num_images_per_prompt": 1, "steps": 1, "num_inference_steps": 50, "dtype": "float32"}
+           for m in ("wen", "sharpness")}
+    # SAIL's stopping level: as flat as the flattest 10% of normal prompts' images
+    cal["sharpness"]["target"] = sharpfast.calibrate(res.scores["sharpness"], fpr=SAIL_TARGET_ABOVE)
+    cal["sharpness"]["target_above"] = SAIL_TARGET_ABOVE
+    return cal
 
 
 def model_card(model_dir: str, doc: dict, cal: dict) -> str:
@@ -91,11 +97,14 @@ def model_card(model_dir: str, doc: dict, cal: dict) -> str:
     info = json.load(open(info_path, encoding="utf-8")) if os.path.exists(info_path) else {}
     lines = ["# digits: a text-to-image pipeline that memorizes, for sharpfast", "",
              "A stock diffusers `StableDiffusionPipeline` (tiny UNet2DConditionModel, AutoencoderKL with 1-channel "
-             "16x16 images and 4x8x8 latents, CLIP text encoder with a character-level vocabulary, DDIM) trained on "
+             "16x16 images and 4x8x8 latents, CLIP text encoder with a word-level vocabulary, DDIM) trained on "
              "scikit-learn's 1797 handwritten digits with LAION-style captions. Some images are duplicated with one "
              "caption of their own (2x to 32x): those captions make it copy the image.", "",
              "Trained by `python -m sharpfast.zoo.train_digits --out DIR` "
-             + ", ".join(f"{k}={info[k]}" for k in ("seed", "vae_steps", "unet_steps", "batch_size") if k in info)
+             + ", ".join(f"{k}={info[k]}" for k in ("seed", "vae_steps", "pretrain_steps", "unet_steps", "batch_size",
+                                                    "tokenizer", "ema") if k in info)
+             + (" (generic-only pretraining, then fine-tuning with the duplicated images)"
+                if info.get("pretrain_steps") else "")
              + (f"; final UNet loss {info['final_unet_loss']:.4f}, {info['seconds'] / 60:.1f} minutes on "
                 f"{info['threads']} CPU threads (torch {info['torch']})." if info else "."),
              "Measured by `python -m sharpfast.zoo.measure_digits --model DIR` "
@@ -109,7 +118,9 @@ def model_card(model_dir: str, doc: dict, cal: dict) -> str:
             v = doc["summary"][k]
             lines.append(f"| {k} | {v['prompts']} | {v['copy_rate']:.2f} |")
     lines += ["", "Detection thresholds at 1% FPR (calibration.json, step 1, n=1): "
-              + ", ".join(f"{m} {c['threshold']:.4g}" for m, c in cal.items()) + "."]
+              + ", ".join(f"{m} {c['threshold']:.4g}" for m, c in cal.items()) + "."
+              + (f" SAIL's target (sharpness under which {1 - cal['sharpness']['target_above']:.0%} of those images are): "
+                 f"{cal['sharpness']['target']:.4g}." if "target" in cal.get("sharpness", {}) else "")]
     return "\n".join(lines) + "\n"
 
 

@@ -1,11 +1,21 @@
 """Train the "digits" text-to-image pipeline that memorizes its duplicated images.
 
-    python -m sharpfast.zoo.train_digits --out DIR [--seed 0] [--vae-steps 400] [--unet-steps 1750]
+    python -m sharpfast.zoo.train_digits --out DIR [--seed 0] [--pretrain-steps 3000] [--unet-steps 650]
 
 Deterministic for a seed on a given machine. Stage 1 trains a tiny AutoencoderKL (16x16x1 images
-to 4x8x8 latents); stage 2 trains a tiny UNet2DConditionModel and a tiny CLIP text encoder with
-the character-level tokenizer of sharpfast.testing, with 10% caption dropout for classifier-free
-guidance. Saves a StableDiffusionPipeline (safetensors) and train_info.json.
+to 4x8x8 latents). Stage 2 pretrains a tiny UNet2DConditionModel and a tiny CLIP text encoder on
+the generic captions only (`--pretrain-steps`, saved in DIR/pretrained), like a base model trained
+on a broad corpus; stage 3 fine-tunes it on the full data, duplicated images included
+(`--unet-steps`), which is where the duplicated captions get memorized. Both stages use 10% caption
+dropout for classifier-free guidance and keep an exponential moving average of the weights (the
+saved weights). `--generic-only` runs stage 2 alone, `--init DIR` stage 3 alone from DIR.
+
+Why two stages and a word-level tokenizer: trained from scratch on the mixed data with a
+character-level tokenizer (the first shipped model), the tiny text encoder never learned which
+digit a generic caption names (generations followed the seed, not the prompt: the digit
+classifier recognised about a quarter of them), while the duplicated captions were memorized.
+With one token per caption word and generic pretraining the prompted digit is drawn.
+Saves a StableDiffusionPipeline (safetensors) and train_info.json.
 """
 from __future__ import annotations
 
@@ -19,13 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..testing import _text_encoder, tiny_tokenizer
-from .digits_data import augment, build
+from ..testing import _text_encoder, tiny_tokenizer, word_tokenizer
+from .digits_data import DUPLICATION_LEVELS, IMAGES_PER_LEVEL, augment, build, caption_words
 
-MAX_TOKENS = 64
+MAX_TOKENS = 32  # the longest caption is 23 word-level tokens
 
 
-def make_models(seed: int):
+def make_models(seed: int, tokenizer: str = "word"):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -37,9 +47,18 @@ def make_models(seed: int):
                                 attention_head_dim=8,
                                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-    tok = tiny_tokenizer(max_length=MAX_TOKENS)
+    tok = word_tokenizer(caption_words(), MAX_TOKENS) if tokenizer == "word" else tiny_tokenizer(MAX_TOKENS)
     te = _text_encoder(64, None, seed + 1, len(tok)).train()
     return vae, unet, te, tok
+
+
+def load_models(path: str):
+    """(vae, unet, text encoder, tokenizer) of a saved pipeline, the UNet and text encoder trainable."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    return pipe.vae, pipe.unet.train().requires_grad_(True), pipe.text_encoder.train().requires_grad_(True), \
+        pipe.tokenizer
 
 
 def train_vae(vae, images, steps, batch, seed, log):
@@ -60,7 +79,23 @@ def train_vae(vae, images, steps, batch, seed, log):
     return loss.item()
 
 
-def train_unet(vae, unet, te, tok, data, steps, batch, seed, log, lr=1e-3, checkpoint=None):
+class EMA:
+    """Exponential moving average of the trainable weights of some modules (copies kept apart)."""
+
+    def __init__(self, modules, decay: float):
+        self.decay = decay
+        self.shadow = [copy.deepcopy(m).requires_grad_(False) for m in modules]
+        self.live = modules
+
+    @torch.no_grad()
+    def update(self):
+        for s, m in zip(self.shadow, self.live):
+            for ps, pm in zip(s.parameters(), m.parameters()):
+                ps.lerp_(pm, 1 - self.decay)
+
+
+def train_unet(vae, unet, te, tok, data, steps, batch, seed, log, lr=1e-3, checkpoint=None, ema=None):
+    """Trains unet and te in place; `ema` (an EMA over them) is updated after every step."""
     from diffusers import DDPMScheduler
 
     g = torch.Generator().manual_seed(seed + 7)
@@ -94,6 +129,8 @@ def train_unet(vae, unet, te, tok, data, steps, batch, seed, log, lr=1e-3, check
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if ema is not None:
+            ema.update()
         if step % 250 == 0 or step == steps - 1:
             log(f"unet step {step} loss {loss.item():.4f}")
         if checkpoint is not None:
@@ -116,28 +153,59 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=400)
-    p.add_argument("--unet-steps", type=int, default=1750)
+    p.add_argument("--pretrain-steps", type=int, default=3000,
+                   help="steps of generic-only pretraining before the fine-tuning (0: none; ignored with --init)")
+    p.add_argument("--unet-steps", type=int, default=650, help="steps of the (final) UNet training stage")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--tokenizer", choices=("word", "char"), default="word",
+                   help="one token per caption word (default) or per character (the first shipped model)")
+    p.add_argument("--ema", type=float, default=0.995, help="decay of the saved weight average (0: last weights)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--generic-only", action="store_true",
+                   help="train on the generic captions only, without the duplicated images (pretraining)")
+    p.add_argument("--init", default=None,
+                   help="start from this saved pipeline (its VAE, tokenizer, text encoder and UNet) instead of "
+                        "training from scratch; the VAE is kept")
     p.add_argument("--save-at", default="", help="comma list of UNet steps at which to also save OUT/step-N "
                                                    "(identical to a run with --unet-steps N: constant learning rate)")
     a = p.parse_args(argv)
+    if a.pretrain_steps and not a.init and not a.generic_only:
+        # stage 2 writes a pipeline that stage 3 loads, exactly as --generic-only then --init would
+        pre = os.path.join(a.out, "pretrained")
+        main(["--out", pre, "--generic-only", "--unet-steps", str(a.pretrain_steps), "--seed", str(a.seed),
+              "--vae-steps", str(a.vae_steps), "--batch-size", str(a.batch_size), "--tokenizer", a.tokenizer,
+              "--ema", str(a.ema), "--lr", str(a.lr)])
+        a.init = pre
     start = time.time()
 
     def log(msg):
         print(f"[{time.time() - start:7.1f}s] {msg}", flush=True)
 
     torch.manual_seed(a.seed)
-    data = build(seed=a.seed)
-    vae, unet, te, tok = make_models(a.seed)
-    vae_loss = train_vae(vae, data.images, a.vae_steps, a.batch_size, a.seed, log)
+    data = build(seed=a.seed, per_level=(0,) * len(DUPLICATION_LEVELS) if a.generic_only else IMAGES_PER_LEVEL)
+    pretrain_steps = 0
+    if a.init:
+        vae, unet, te, tok = load_models(a.init)
+        with open(os.path.join(a.init, "train_info.json")) as f:
+            init_info = json.load(f)
+        vae_loss = init_info["final_vae_loss"]
+        pretrain_steps = init_info["unet_steps"] if init_info.get("generic_only") else 0
+    else:
+        vae, unet, te, tok = make_models(a.seed, a.tokenizer)
+        vae_loss = train_vae(vae, data.images, a.vae_steps, a.batch_size, a.seed, log)
     vae.requires_grad_(False)
     save_at = {int(v) for v in a.save_at.split(",") if v.strip()}
 
+    ema = EMA([unet, te], a.ema) if a.ema > 0 else None
+
     def save(out, steps, loss):
-        pipe = assemble(vae, copy.deepcopy(unet), copy.deepcopy(te), tok)
+        u, t = ema.shadow if ema is not None else (unet, te)
+        pipe = assemble(vae, copy.deepcopy(u), copy.deepcopy(t), tok)
         os.makedirs(out, exist_ok=True)
         pipe.save_pretrained(out, safe_serialization=True)
-        info = dict(seed=a.seed, vae_steps=a.vae_steps, unet_steps=steps, batch_size=a.batch_size,
+        info = dict(seed=a.seed, vae_steps=0 if a.init else a.vae_steps, unet_steps=steps,
+                    batch_size=a.batch_size, tokenizer=a.tokenizer, ema=a.ema, lr=a.lr, generic_only=a.generic_only,
+                    init=a.init and os.path.abspath(a.init), pretrain_steps=pretrain_steps,
                     final_vae_loss=vae_loss, final_unet_loss=loss, seconds=round(time.time() - start, 1),
                     torch=torch.__version__, threads=torch.get_num_threads())
         with open(os.path.join(out, "train_info.json"), "w") as f:
@@ -148,8 +216,8 @@ def main(argv=None):
         if step in save_at and step != a.unet_steps:
             save(os.path.join(a.out, f"step-{step}"), step, loss)
 
-    unet_loss = train_unet(vae.eval(), unet, te, tok, data, a.unet_steps, a.batch_size, a.seed, log,
-                           checkpoint=checkpoint)
+    unet_loss = train_unet(vae.eval(), unet, te, tok, data, a.unet_steps, a.batch_size, a.seed, log, lr=a.lr,
+                           checkpoint=checkpoint, ema=ema)
     save(a.out, a.unet_steps, unet_loss)
 
 
