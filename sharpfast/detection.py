@@ -61,6 +61,9 @@ def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt
            num_probes: int = 8, fd_step=None, probe_seed: int = 0) -> DetectionResult:
     """Memorization scores of `prompts` on a StableDiffusionPipeline / StableDiffusionXLPipeline.
 
+    `pipe` may also be a `sharpfast.score.ScoreModel` of the pipeline, to share one across many
+    calls on equal batches (it keeps the null prompt's embeddings, as scan does).
+
     Every metric (see sharpfast.metrics.METRICS; higher = more likely memorized) is computed per
     image on the real CFG sampling trajectory, averaged over the first `steps` steps and the
     `num_images_per_prompt` images of each prompt. Initial latents are drawn exactly as
@@ -77,7 +80,8 @@ def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt
     """
     prompts, metrics = _check_args(prompts, metrics, num_images_per_prompt, steps, num_inference_steps,
                                    guidance_scale, batch_size, hvp)
-    model = ScoreModel(pipe)
+    model = pipe if isinstance(pipe, ScoreModel) else ScoreModel(pipe)
+    pipe, calls0 = model.pipe, dict(model.stats)
     n = num_images_per_prompt
     dh, dw = model.default_size()
     height, width = height or dh, width or dw
@@ -119,5 +123,5 @@ def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt
     scores = {m: per_image[m].mean(dim=1) for m in metrics}
     config = dict(metrics=list(metrics), num_images_per_prompt=n, steps=steps, num_inference_steps=num_inference_steps,
                   guidance_scale=float(guidance_scale), hvp=hvp, batch_size=batch_size, height=height, width=width,
-                  num_probes=num_probes, fd_step=fd_step, **model.stats)
+                  num_probes=num_probes, fd_step=fd_step, **{k: v - calls0[k] for k, v in model.stats.items()})
     return DetectionResult(prompts, scores, per_image, warnings, config)

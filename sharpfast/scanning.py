@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from .scan_input import check_source, iter_chunks, iter_rows
+from .score import ScoreModel
 
 META = "scan.json"
 COMMIT = "_commit"
@@ -165,7 +166,7 @@ def _threshold(pipe, meta, calibrate_on, fpr, procs, out_dir, score_kw):
         prompts = [r.prompt for r in iter_rows(calibrate_on) if r.prompt is not None]
         if not prompts:
             raise SystemExit(f"sharpfast scan: no prompts in --calibrate-on file {calibrate_on}")
-        scores = _score(pipe, prompts, list(range(len(prompts))), **score_kw)[meta["flag_metric"]]
+        scores = _score(ScoreModel(pipe), prompts, list(range(len(prompts))), **score_kw)[meta["flag_metric"]]
         thr = sharpfast.calibrate(scores, fpr=fpr)
         meta.update(threshold=thr, calibration={"file": os.path.abspath(calibrate_on), "fpr": fpr,
                                                 "prompts": len(prompts)})
@@ -177,18 +178,15 @@ def _threshold(pipe, meta, calibrate_on, fpr, procs, out_dir, score_kw):
         return json.load(f)["threshold"]
 
 
-def _score(pipe, prompts, rows, *, metrics, n, seed, batch_size, num_inference_steps, guidance_scale):
+def _score(model, prompts, rows, *, metrics, n, seed, batch_size, num_inference_steps, guidance_scale):
     import sharpfast
 
-    from .score import ScoreModel
-
-    model = ScoreModel(pipe)
     h, w = model.default_size()
     out = {m: [] for m in metrics}
     for s in range(0, len(prompts), batch_size):
         ids = rows[s:s + batch_size]
         lat = torch.cat([model.noise(n, h, w, torch.Generator("cpu").manual_seed(seed + i)) for i in ids])
-        res = sharpfast.detect(pipe, prompts[s:s + batch_size], metrics=metrics, num_images_per_prompt=n,
+        res = sharpfast.detect(model, prompts[s:s + batch_size], metrics=metrics, num_images_per_prompt=n,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                latents=lat.to(model.device), batch_size=batch_size, progress=False)
         for m in metrics:
@@ -231,6 +229,7 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
                     guidance_scale=guidance_scale)
     threshold = _threshold(pipe, meta, calibrate_on, fpr, procs, out_dir, score_kw)
     _, done = _read_shards(out_dir)
+    model = ScoreModel(pipe)  # one adapter for the whole scan: the null embeddings are encoded once
     shard = _Shard(out_dir, procs.rank)
     from tqdm.auto import tqdm
 
@@ -243,7 +242,7 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
                 bar.update(len(rows))  # done before, or a peer's chunk (the peers advance in step)
                 continue
             good = [r for r in rows if r.prompt is not None]
-            scores = _score(pipe, [r.prompt for r in good], [r.index for r in good], **score_kw) if good else {}
+            scores = _score(model, [r.prompt for r in good], [r.index for r in good], **score_kw) if good else {}
             recs, k = [], 0
             for r in rows:
                 base = {"row": r.index, "id": r.id}

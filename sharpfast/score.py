@@ -106,6 +106,7 @@ class ScoreModel:
         self.unet = pipe.unet
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
         self.stats = {"unet_calls": 0, "unet_rows": 0}  # shared with with_unet() copies
+        self._null = {}  # (batch, n, height, width) -> the null embeddings the pipeline computed
         self._place()
 
     def _place(self):
@@ -124,15 +125,27 @@ class ScoreModel:
 
     # -- prompts ----------------------------------------------------------------------
     def encode(self, prompts: list[str], n: int, height: int, width: int) -> Conditioning:
-        """Embeddings as the pipeline computes them for CFG (null = the empty prompt)."""
+        """Embeddings as the pipeline computes them for CFG (null = the empty prompt).
+
+        The null embeddings depend only on the batch shape: they are encoded by the pipeline once
+        per shape and adapter (same call, same batch, so the same bits) and reused, which halves the
+        text-encoder work of a long run of equal batches (scan).
+        """
         p, dev = self.pipe, self.device
         warnings = [self._truncation(prompt) for prompt in prompts]
+        key = (len(prompts), n, height, width)
+        cached = self._null.get(key)
         with torch.no_grad():
             if not self.is_xl:
-                cond, null = p.encode_prompt(prompts, dev, n, True)
-                return Conditioning(cond, null, warnings=warnings)
+                cond, null = p.encode_prompt(prompts, dev, n, cached is None)
+                if cached is None:
+                    self._null[key] = cached = (null, None)
+                return Conditioning(cond, cached[0], warnings=warnings)
             cond, null, pooled, null_pooled = p.encode_prompt(prompts, device=dev, num_images_per_prompt=n,
-                                                              do_classifier_free_guidance=True)
+                                                              do_classifier_free_guidance=cached is None)
+            if cached is None:
+                self._null[key] = cached = (null, null_pooled)
+            null, null_pooled = cached
             proj = int(pooled.shape[-1]) if p.text_encoder_2 is None else p.text_encoder_2.config.projection_dim
             time_ids = p._get_add_time_ids((height, width), (0, 0), (height, width), dtype=cond.dtype,
                                            text_encoder_projection_dim=proj).to(dev).repeat(len(cond), 1)

@@ -154,6 +154,32 @@ def test_batch_invariance_and_determinism(pipe):
         assert torch.equal(a.scores[m], c.scores[m])
 
 
+
+def test_a_shared_score_model_gives_the_same_bits_and_encodes_the_null_prompt_once(pipe):
+    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    rows = []
+    hooks = [e.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0])) for e in encoders]
+    try:
+        fresh = [sharpfast.detect(pipe, PROMPTS[i:i + 3], batch_size=3, generator=gen(i), progress=False)
+                 for i in (0, 3)]
+        fresh_rows, rows[:] = sum(rows), []
+        model = ScoreModel(pipe)
+        shared = [sharpfast.detect(model, PROMPTS[i:i + 3], batch_size=3, generator=gen(i), progress=False)
+                  for i in (0, 3)]
+        shared_rows = sum(rows)
+    finally:
+        for h in hooks:
+            h.remove()
+    for a, b in zip(fresh, shared):
+        for m in a.scores:
+            assert torch.equal(a.scores[m], b.scores[m])
+        assert a.config["unet_calls"] == b.config["unet_calls"] == 2  # per call, not accumulated
+    # fresh adapters encode 3 prompts + 3 empty prompts per call; the shared one skips the second null
+    # (SDXL's default null is zeros, never encoded)
+    nulls = 0 if getattr(pipe.config, "force_zeros_for_empty_prompt", False) else 1
+    assert fresh_rows == (2 + 2 * nulls) * 3 * len(encoders)
+    assert shared_rows == (2 + nulls) * 3 * len(encoders)
+
 def test_pipeline_is_left_as_it_was(pipe):
     pipe.scheduler.set_timesteps(20)
     before = snapshot(pipe)
