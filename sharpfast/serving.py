@@ -130,7 +130,7 @@ class Guard:
                 x.set_state(s)
 
     def _mitigate(self, out, prompts, n, flagged, noise, kwargs, report):
-        from .mitigation import sail
+        from .mitigation import sail, shipped_threshold
 
         idx = flagged.nonzero().view(-1).tolist()
         rows = [i * n + j for i in idx for j in range(n)]
@@ -139,8 +139,11 @@ class Guard:
         gen = kwargs.get("generator")
         if isinstance(gen, list):
             gen = [gen[r] for r in rows]
+        # SAIL stops at the model's shipped target; without one, at the guard's own sharpness threshold
+        stop = "auto" if shipped_threshold(self.pipe, key="target") is not None or self.metric != "sharpness" \
+            else self.threshold
         res = sail(self.pipe, [prompts[i] for i in idx], num_images_per_prompt=n, latents=lat, generator=gen,
-                   **{"threshold": self.threshold if self.metric == "sharpness" else "auto", **self.sail_kwargs}, **kw)
+                   **{"threshold": stop, **self.sail_kwargs}, **kw)
         for k, r in enumerate(rows):
             out.images[r] = res.images[k]
         for i in idx:

@@ -66,21 +66,25 @@ def _sail(pipe, prompts, latents, setting, gen_kwargs):
 
 
 def sail_setting(setting) -> dict:
-    """"k4s2" -> 4 candidates, 2 Adam steps."""
+    """"k1s3lr0.7" -> 1 candidate, 3 Adam steps, lr 0.7 ("k4s2": sail's default lr)."""
     import re
 
-    m = re.fullmatch(r"k(\d+)s(\d+)", str(setting))
+    m = re.fullmatch(r"k(\d+)s(\d+)(?:lr(\d*\.?\d+))?", str(setting))
     if not m:
-        raise ValueError(f"a SAIL setting looks like k4s2 (4 candidates, 2 Adam steps), got {setting!r}")
-    return {"candidates": int(m.group(1)), "max_steps": int(m.group(2))}
+        raise ValueError(f"a SAIL setting looks like k1s3lr0.7 (1 candidate, 3 Adam steps, lr 0.7; lr optional), "
+                         f"got {setting!r}")
+    out = {"candidates": int(m.group(1)), "max_steps": int(m.group(2))}
+    if m.group(3):
+        out["lr"] = float(m.group(3))
+    return out
 
 
 METHODS = {
     "none": Method(_none, None, (None,), "-"),
     "random_tokens": Method(_random_tokens, 4, (1, 2, 4, 8, 16), "tokens added"),
     "wen_embedding": Method(_wen_embedding, 0.5, (0.9, 0.7, 0.5, 0.3, 0.15), "target / initial ||eps_Δ||"),
-    "sail": Method(_sail, "k4s2", ("k1s2", "k1s5", "k4s0", "k4s2", "k8s0", "k8s2"),
-                   "candidates k, Adam steps s"),
+    "sail": Method(_sail, "k1s3", ("k4s2lr0.05", "k8s0", "k1s3lr0.3", "k1s3lr0.5", "k1s3", "k1s3lr1", "k4s3"),
+                   "candidates k, Adam steps s, lr (default 0.7)"),
 }
 
 
