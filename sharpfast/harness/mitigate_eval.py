@@ -83,7 +83,7 @@ METHODS = {
     "none": Method(_none, None, (None,), "-"),
     "random_tokens": Method(_random_tokens, 4, (1, 2, 4, 8, 16), "tokens added"),
     "wen_embedding": Method(_wen_embedding, 0.5, (0.9, 0.7, 0.5, 0.3, 0.15), "target / initial ||eps_Δ||"),
-    "sail": Method(_sail, "k1s3", ("k4s2lr0.05", "k1s3lr0.3", "k1s3lr0.5", "k1s3", "k1s3lr1"),
+    "sail": Method(_sail, "k1s3", ("k4s2lr0.05", "k1s3lr0.3", "k1s3lr0.5", "k1s3"),
                    "candidates k, Adam steps s, lr (default 0.7)"),
 }
 
