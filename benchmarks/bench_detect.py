@@ -49,6 +49,23 @@ def median_time(fn, reps=7):
     return statistics.median(out)
 
 
+def interleaved_times(fns: dict, reps=5) -> dict:
+    """Median seconds of each fn, timed round-robin (one warm-up call each) so that drift of the
+    machine (clock, other load) falls on every row alike."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for fn in fns.values():
+        fn()
+    out = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            sync()
+            s = time.perf_counter()
+            fn()
+            sync()
+            out[k].append(time.perf_counter() - s)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def measure(batch: int, pipe=None):
     model, prompts, cond, x, t, ab = setup(batch, pipe)
     rows = {}

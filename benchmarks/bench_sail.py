@@ -18,14 +18,10 @@ import pytest
 import torch
 
 import sharpfast
-from bench_detect import median_time  # the one timing helper of the benchmarks (same folder)
+from bench_detect import interleaved_times  # the benchmarks' timing helpers live there (same folder)
 
 
 DEFAULT = "sail (paper, k1 s3)"  # sharpfast.sail's defaults (lr 0.7)
-
-
-def timed(fn, reps):
-    return median_time(fn, reps)
 
 
 def setup(sd15=False, device="cpu", dtype=torch.float32, batch=4):
@@ -56,29 +52,27 @@ def measure(sd15=False, device="cpu", dtype=torch.float32, batch=4, reps=3):
     pipe, prompts, steps, thr = setup(sd15, device, dtype, batch)
     kw = dict(num_inference_steps=steps, output_type="pt" if not sd15 else "latent")
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    rows = {}
-    rows["plain"] = dict(seconds=timed(lambda: pipe(prompts, generator=g(), **kw), reps), calls=steps)
-    with sharpfast.guard(pipe, threshold=float("inf")) as guarded:
-        rows["guard (wen, unflagged)"] = dict(seconds=timed(lambda: guarded(prompts, generator=g(), **kw), reps),
-                                              calls=steps)
     info = {}
 
-    for k, s in ((1, 3), (4, 3)):
-        name = f"sail (paper, k{k} s{s})"
-
-        def run_sail():
-            info[name] = sharpfast.sail(pipe, prompts, generator=g(), threshold=thr["target"], candidates=k,
-                                        max_steps=s, return_info=True, **kw)[1]
-
-        rows[name] = dict(seconds=timed(run_sail, reps), calls=None)
-        rows[name]["calls"] = info[name]["unet_calls"]
+    def run_sail(name, k, s):
+        info[name] = sharpfast.sail(pipe, prompts, generator=g(), threshold=thr["target"], candidates=k,
+                                    max_steps=s, return_info=True, **kw)[1]
 
     def run_ref():
         info["ref"] = sharpfast.sail(pipe, prompts, generator=g(), objective="reference", candidates=8, max_steps=10,
                                      max_rounds=1, threshold=-1e30, return_info=True, **kw)[1]
 
-    rows["reference loop (k8 s10)"] = dict(seconds=timed(run_ref, max(1, reps - 2)), calls=None)
-    rows["reference loop (k8 s10)"]["calls"] = info["ref"]["unet_calls"]
+    def run_guard():  # the hook is on pipe.unet only inside this row (its set-up is timed too)
+        with sharpfast.guard(pipe, threshold=float("inf")) as guarded:
+            guarded(prompts, generator=g(), **kw)
+
+    fns = {"plain": lambda: pipe(prompts, generator=g(), **kw), "guard (wen, unflagged)": run_guard}
+    for k, s in ((1, 3), (4, 3)):
+        fns[f"sail (paper, k{k} s{s})"] = lambda k=k, s=s: run_sail(f"sail (paper, k{k} s{s})", k, s)
+    fns["reference loop (k8 s10)"] = run_ref
+    secs = interleaved_times(fns, reps)
+    calls = {"plain": steps, "guard (wen, unflagged)": steps, "reference loop (k8 s10)": info["ref"]["unet_calls"]}
+    rows = {k: dict(seconds=v, calls=calls[k] if k in calls else info[k]["unet_calls"]) for k, v in secs.items()}
     base = rows["plain"]["seconds"]
     for r in rows.values():
         r["vs_plain"] = r["seconds"] / base
@@ -98,7 +92,7 @@ def report(rows, info, batch):
 
 @pytest.mark.parametrize("batch", [4])
 def test_sail_and_guard_latency(benchmark, batch):
-    rows, info = measure(batch=batch, reps=3)
+    rows, info = measure(batch=batch, reps=5)
     report(rows, info, batch)
     benchmark.extra_info.update({k: {kk: vv for kk, vv in v.items()} for k, v in rows.items()})
     benchmark.pedantic(lambda: None, rounds=1)
@@ -113,7 +107,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     a = p.parse_args()
     rows, info = measure(a.sd15, a.device, getattr(torch, a.dtype), a.batch, a.reps)
     report(rows, info, a.batch)
