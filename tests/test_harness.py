@@ -43,18 +43,45 @@ def test_eval_detect_table_json_png_and_resume(tmp_path, capsys):
 
 
 def test_eval_mitigate_runs_every_baseline(tmp_path, capsys):
-    args = ["eval", "mitigate", "--model", "digits", "--method", "none,random_tokens,wen_embedding,sail",
+    # sail_reference (8 candidates x 10 steps) is left to test_sail_settings_reach_sail: too slow here
+    methods = ["none", "random_tokens", "wen_embedding", "sail", "sail_alpha"]
+    args = ["eval", "mitigate", "--model", "digits", "--method", ",".join(methods),
             "--seeds", "2", "--limit", "2", "--num-inference-steps", "10", "--out", str(tmp_path), "--quiet"]
     assert main(args) == 0
     summary = json.loads((tmp_path / "mitigate.json").read_text())["summary"]
-    assert [r["method"] for r in summary] == ["none", "random_tokens", "wen_embedding", "sail"]
+    assert [r["method"] for r in summary] == methods
     for r in summary:
         assert r["prompts"] == 2 and 0 <= r["copy_rate"] <= 1 and 0 <= r["fidelity"] <= 1
     assert (tmp_path / "mitigate_grid.png").stat().st_size > 1000
     lines = (tmp_path / "mitigate.jsonl").read_text().splitlines()
-    assert len(lines) == 4 * 2
+    assert len(lines) == len(methods) * 2
     assert main(args) == 0, "a rerun resumes"
     assert (tmp_path / "mitigate.jsonl").read_text().splitlines() == lines
+
+
+def test_sail_settings_reach_sail(monkeypatch):
+    import sharpfast
+    from sharpfast.harness import mitigate_eval as me
+
+    seen = []
+
+    class Out:
+        images = torch.zeros(1, 1, 8, 8)
+
+    monkeypatch.setattr(sharpfast, "sail", lambda pipe, prompts, **kw: seen.append(kw) or Out())
+    lat = torch.zeros(1, 4, 8, 8)
+    for method, setting in (("sail", "k1s3lr0.5"), ("sail_alpha", "k1s3a3e-5"), ("sail_reference", "k8s10lr0.3")):
+        me.METHODS[method].run(None, ["p"], lat, setting, {"num_inference_steps": 5})
+    assert {k: seen[0][k] for k in ("candidates", "max_steps", "lr")} == {"candidates": 1, "max_steps": 3, "lr": 0.5}
+    assert "project" not in seen[0] and "objective" not in seen[0]
+    assert seen[1]["alpha"] == 3e-5 and seen[1]["project"] is False
+    ref = seen[2]
+    assert (ref["objective"], ref["candidates"], ref["max_steps"], ref["lr"], ref["max_rounds"]) == \
+        ("reference", 8, 10, 0.3, 1)
+    assert ref["threshold"] < -1e20, "the reference loop runs every step (no early exit)"
+    assert me.sail_setting("k8s10")["candidates"] == 8 and "lr" not in me.sail_setting("k8s10")
+    with pytest.raises(ValueError, match="SAIL setting"):
+        me.sail_setting("k1")
 
 
 def test_random_tokens_and_wen_embedding(pipe):

@@ -66,8 +66,9 @@ def add_parsers(sub) -> None:
                                     "OUT/mitigate_grid.png (and OUT/tradeoff.png with --sweep); resumable.")
     _common(m)
     m.add_argument("--method", type=_csv, default=["none", "random_tokens", "wen_embedding"],
-                   help="comma list of none, sail, wen_embedding, random_tokens (default none,random_tokens,"
-                        "wen_embedding)")
+                   help="comma list of none, sail, sail_alpha (the paper's norm term instead of the projection), "
+                        "sail_reference (the authors' loss), wen_embedding, random_tokens (default none,"
+                        "random_tokens,wen_embedding)")
     m.add_argument("--seeds", type=int, default=5, help="generations per prompt, seeds 0..S-1 (default 5)")
     m.add_argument("--sweep", action="store_true", help="every setting of each method: trade-off curves")
     m.add_argument("--limit", type=int, default=None, help="only the first LIMIT memorized prompts")

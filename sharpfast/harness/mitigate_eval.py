@@ -59,23 +59,42 @@ def _wen_embedding(pipe, prompts, latents, setting, gen_kwargs):
 
 
 def _sail(pipe, prompts, latents, setting, gen_kwargs):
+    return _run_sail(pipe, prompts, latents, sail_setting(setting), gen_kwargs)
+
+
+def _sail_reference(pipe, prompts, latents, setting, gen_kwargs):
+    # the authors' loss and step size, every candidate through all steps (no early exit, one round):
+    # the configuration benchmarks/bench_sail.py times as the "reference loop"
+    kw = {"lr": 0.05, **sail_setting(setting)}
+    return _run_sail(pipe, prompts, latents, {"objective": "reference", "max_rounds": 1, "threshold": -1e30, **kw},
+                     gen_kwargs)
+
+
+def _run_sail(pipe, prompts, latents, kwargs, gen_kwargs):
     import sharpfast
 
-    out = sharpfast.sail(pipe, prompts, latents=latents, output_type="pt", **sail_setting(setting), **gen_kwargs)
+    out = sharpfast.sail(pipe, prompts, latents=latents, output_type="pt", **kwargs, **gen_kwargs)
     return out.images.float() * 2 - 1
 
 
+_NUM = r"(\d*\.?\d+(?:e-?\d+)?)"
+
+
 def sail_setting(setting) -> dict:
-    """"k1s3lr0.7" -> 1 candidate, 3 Adam steps, lr 0.7 ("k4s2": sail's default lr)."""
+    """"k1s3lr0.7" -> 1 candidate, 3 Adam steps, lr 0.7 (lr optional: sail's default);
+    a trailing "a3e-5" puts the paper's alpha ||x||^2 term (alpha 3e-5) in place of the projection
+    onto the Gaussian shell."""
     import re
 
-    m = re.fullmatch(r"k(\d+)s(\d+)(?:lr(\d*\.?\d+))?", str(setting))
+    m = re.fullmatch(rf"k(\d+)s(\d+)(?:lr{_NUM})?(?:a{_NUM})?", str(setting))
     if not m:
-        raise ValueError(f"a SAIL setting looks like k1s3lr0.7 (1 candidate, 3 Adam steps, lr 0.7; lr optional), "
-                         f"got {setting!r}")
+        raise ValueError(f"a SAIL setting looks like k1s3lr0.7 (1 candidate, 3 Adam steps, lr 0.7; lr optional) or "
+                         f"k1s3lr0.7a1e-4 (alpha ||x||^2 instead of the projection), got {setting!r}")
     out = {"candidates": int(m.group(1)), "max_steps": int(m.group(2))}
     if m.group(3):
         out["lr"] = float(m.group(3))
+    if m.group(4):
+        out.update(alpha=float(m.group(4)), project=False)
     return out
 
 
@@ -83,8 +102,14 @@ METHODS = {
     "none": Method(_none, None, (None,), "-"),
     "random_tokens": Method(_random_tokens, 4, (1, 2, 4, 8, 16), "tokens added"),
     "wen_embedding": Method(_wen_embedding, 0.5, (0.9, 0.7, 0.5, 0.3, 0.15), "target / initial ||eps_Δ||"),
-    "sail": Method(_sail, "k1s3", ("k4s2lr0.05", "k1s3lr0.3", "k1s3lr0.5", "k1s3"),
+    "sail": Method(_sail, "k1s3", ("k4s2lr0.05", "k1s3lr0.3", "k4s3lr0.3", "k1s3lr0.5", "k1s3", "k1s3lr1"),
                    "candidates k, Adam steps s, lr (default 0.7)"),
+    # the paper's regularizer: alpha ||x||^2 in the loss, no projection (alpha 0: neither);
+    # on the digits model the sharpness gradient at x_T is about 2 alpha ||x|| at alpha 5e-5
+    "sail_alpha": Method(_sail, "k1s3a3e-5", ("k1s3a0", "k1s3a1e-5", "k1s3a3e-5", "k1s3a1e-4", "k1s3a3e-4"),
+                         "alpha of the norm term (k1 s3 lr 0.7, no projection)"),
+    "sail_reference": Method(_sail_reference, "k8s10", ("k8s10", "k8s10lr0.1", "k8s10lr0.3", "k8s10lr0.7", "k8s10lr1"),
+                             "the authors' loss, no early exit; lr (default 0.05)"),
 }
 
 

@@ -72,11 +72,13 @@ def image_grid(rows: list[list], row_labels: list[str], col_labels: list[str], p
 def tradeoff_figure(series: dict, path: str) -> str:
     """series: {method: [(fidelity, copy_rate, setting label), ...]}: copy rate against fidelity."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    fig, ax = plt.subplots(figsize=(6.5, 5))
     for method, pts in series.items():
         pts = sorted(pts, key=lambda p: p[0])
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-        for f, c, lab in pts:
+        style = dict(marker="*", markersize=12, color="black", linestyle="none") if method == "none" else \
+            dict(marker="o")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method, **style)
+        for f, c, lab in (p for p in pts if p[2] is not None):
             ax.annotate(str(lab), (f, c), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("prompt fidelity (share classified as the prompted digit)")
     ax.set_ylabel("copies of the memorized image (share)")
