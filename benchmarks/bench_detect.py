@@ -50,8 +50,8 @@ def median_time(fn, reps=7):
 
 
 def interleaved_times(fns: dict, reps=5) -> dict:
-    """Median seconds of each fn, timed round-robin (one warm-up call each) so that drift of the
-    machine (clock, other load) falls on every row alike."""
+    """Seconds of each fn per round (a list of `reps`), timed round-robin after one warm-up call
+    each, so that drift of the machine (clock, other load) falls on every row of a round alike."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for fn in fns.values():
         fn()
@@ -63,7 +63,7 @@ def interleaved_times(fns: dict, reps=5) -> dict:
             fn()
             sync()
             out[k].append(time.perf_counter() - s)
-    return {k: statistics.median(v) for k, v in out.items()}
+    return out
 
 
 def measure(batch: int, pipe=None):
