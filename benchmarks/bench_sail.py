@@ -64,7 +64,7 @@ def measure(sd15=False, device="cpu", dtype=torch.float32, batch=4, reps=7):
                                      max_rounds=1, threshold=-1e30, return_info=True, **kw)[1]
 
     def run_guard():  # the hook is on pipe.unet only inside this row (its set-up is timed too)
-        with sharpfast.guard(pipe, threshold=float("inf")) as guarded:
+        with sharpfast.guard(pipe, threshold=float("inf"), sail_kwargs={"threshold": thr["target"]}) as guarded:
             guarded(prompts, generator=g(), **kw)
 
     fns = {"plain": lambda: pipe(prompts, generator=g(), **kw), "guard (wen, unflagged)": run_guard}

@@ -155,7 +155,7 @@ def _count_rows(path: str) -> Optional[int]:
 
 # ---- the scan ---------------------------------------------------------------------------
 
-def _threshold(pipe, meta, calibrate_on, fpr, procs, out_dir, score_kw):
+def _threshold(model, meta, calibrate_on, fpr, procs, out_dir, score_kw):
     """Rank 0 calibrates on known-normal prompts and writes the threshold to scan.json."""
     if calibrate_on is None:
         return meta.get("threshold")
@@ -166,7 +166,7 @@ def _threshold(pipe, meta, calibrate_on, fpr, procs, out_dir, score_kw):
         prompts = [r.prompt for r in iter_rows(calibrate_on) if r.prompt is not None]
         if not prompts:
             raise SystemExit(f"sharpfast scan: no prompts in --calibrate-on file {calibrate_on}")
-        scores = _score(ScoreModel(pipe), prompts, list(range(len(prompts))), **score_kw)[meta["flag_metric"]]
+        scores = _score(model, prompts, list(range(len(prompts))), **score_kw)[meta["flag_metric"]]
         thr = sharpfast.calibrate(scores, fpr=fpr)
         meta.update(threshold=thr, calibration={"file": os.path.abspath(calibrate_on), "fpr": fpr,
                                                 "prompts": len(prompts)})
@@ -227,9 +227,9 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
     _check_meta(out_dir, meta, overwrite, procs)
     score_kw = dict(metrics=metrics, n=n, seed=seed, batch_size=batch_size, num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale)
-    threshold = _threshold(pipe, meta, calibrate_on, fpr, procs, out_dir, score_kw)
-    _, done = _read_shards(out_dir)
     model = ScoreModel(pipe)  # one adapter for the whole scan: the null embeddings are encoded once
+    threshold = _threshold(model, meta, calibrate_on, fpr, procs, out_dir, score_kw)
+    _, done = _read_shards(out_dir)
     shard = _Shard(out_dir, procs.rank)
     from tqdm.auto import tqdm
 

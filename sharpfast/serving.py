@@ -43,6 +43,14 @@ class Guard:
             raise ValueError(f"threshold must be a number or 'auto', got {threshold!r}")
         self.pipe, self.metric, self.threshold, self.mitigation = pipe, metric, float(threshold), mitigation
         self.sail_kwargs = dict(sail_kwargs or {})
+        if mitigation == "sail" and "threshold" not in self.sail_kwargs:
+            from .mitigation import shipped_threshold
+
+            # SAIL's own "auto" (the model's shipped target), checked now rather than at the first flagged request
+            if shipped_threshold(pipe, key="target") is None:
+                raise ValueError("mitigation='sail' needs SAIL's stopping level: the model has no calibration.json "
+                                 "with sharpness/target; pass sail_kwargs={'threshold': <float>} (e.g. "
+                                 "sharpfast.calibrate(sharpness of normal prompts, fpr=0.9)) or mitigation=None")
         self._capture = None
         self._handle = pipe.unet.register_forward_hook(self._hook, with_kwargs=True)
 
@@ -130,7 +138,7 @@ class Guard:
                 x.set_state(s)
 
     def _mitigate(self, out, prompts, n, flagged, noise, kwargs, report):
-        from .mitigation import sail, shipped_threshold
+        from .mitigation import sail
 
         idx = flagged.nonzero().view(-1).tolist()
         rows = [i * n + j for i in idx for j in range(n)]
@@ -139,11 +147,8 @@ class Guard:
         gen = kwargs.get("generator")
         if isinstance(gen, list):
             gen = [gen[r] for r in rows]
-        # SAIL stops at the model's shipped target; without one, at the guard's own sharpness threshold
-        stop = "auto" if shipped_threshold(self.pipe, key="target") is not None or self.metric != "sharpness" \
-            else self.threshold
         res = sail(self.pipe, [prompts[i] for i in idx], num_images_per_prompt=n, latents=lat, generator=gen,
-                   **{"threshold": stop, **self.sail_kwargs}, **kw)
+                   **self.sail_kwargs, **kw)
         for k, r in enumerate(rows):
             out.images[r] = res.images[k]
         for i in idx:
@@ -167,5 +172,7 @@ class Guard:
 def guard(pipe, *, metric: str = "wen", threshold="auto", mitigation="sail", sail_kwargs=None) -> Guard:
     """Wrap a stock pipeline for serving: guard(pipe)(prompt, **pipe_kwargs) returns pipe's output with
     `.memorization` (per prompt: score, flagged, mitigated). threshold="auto" uses the model's shipped
-    calibration (calibration.json beside it); else pass a number from sharpfast.calibrate."""
+    calibration (calibration.json beside it); else pass a number from sharpfast.calibrate.
+    sail_kwargs go to sharpfast.sail for flagged prompts; without a "threshold" there, SAIL stops at
+    the model's shipped target (threshold="auto" of sail), and a model without one is refused here."""
     return Guard(pipe, metric, threshold, mitigation, sail_kwargs)

@@ -34,7 +34,8 @@ def test_unflagged_output_is_plain_output_and_costs_no_extra_call(pipe, metric, 
     with CallCounter(pipe) as c:
         plain = pipe(PROMPTS, generator=gen(), **KW).images
     plain_calls = c.calls
-    with sharpfast.guard(pipe, metric=metric, threshold=float("inf")) as guarded, CallCounter(pipe) as c:
+    with sharpfast.guard(pipe, metric=metric, threshold=float("inf"), sail_kwargs={"threshold": 0.0}) as guarded, \
+            CallCounter(pipe) as c:
         out = guarded(PROMPTS, generator=gen(), **KW)
     assert torch.equal(out.images, plain)
     assert c.calls == plain_calls + extra
@@ -74,7 +75,7 @@ def test_report_only_and_remove_restores_the_pipeline(pipe):
 
 def test_bad_input():
     pipe = tiny_pipeline("sd1")
-    with sharpfast.guard(pipe, threshold=1.0) as guarded:
+    with sharpfast.guard(pipe, threshold=1.0, mitigation=None) as guarded:
         with pytest.raises(ValueError, match="non-empty"):
             guarded([])
         with pytest.raises(ValueError, match="guidance_scale must be > 1"):
@@ -85,6 +86,8 @@ def test_bad_input():
         sharpfast.guard(pipe, metric="trace", threshold=1.0)
     with pytest.raises(ValueError, match="calibration.json"):
         sharpfast.guard(pipe)
+    with pytest.raises(ValueError, match="SAIL's stopping level"):  # SAIL would have no target to stop at
+        sharpfast.guard(pipe, threshold=1.0)
     with pytest.raises(TypeError, match="sharpfast supports"):
         sharpfast.guard(object(), threshold=1.0)
     assert not pipe.unet._forward_hooks
