@@ -1,6 +1,8 @@
 """Build script for sharpfast's native code.
 
-- ``sharpfast._C``: the CPU kernels (csrc/, C++17 + OpenMP), always built.
+- ``sharpfast._C``: the CPU kernels (csrc/, torch's C++ standard + OpenMP), always built.
+- ``SHARPFAST_WARNINGS=all`` turns on -Wall -Wextra (and nvcc's warnings as errors), as
+  benchmarks/cuda_build_check.sh does.
 - ``sharpfast._C_cuda``: the CUDA kernels (kernels/*.cu) and their torch binding, built when
   torch has CUDA and nvcc is found. TORCH_CUDA_ARCH_LIST selects the GPUs (default below,
   sm_90 for H100/H200 among them).
@@ -29,7 +31,9 @@ def _extensions():
         return [], {}
     from torch.utils import cpp_extension as ce
 
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # the C++ standard is torch's own default (C++20 since torch 2.10): its headers are written for it
+    warn = ["-Wall", "-Wextra"] if os.environ.get("SHARPFAST_WARNINGS") == "all" else []
+    cxx = ["-O3", "-fopenmp", *warn]
     exts = [
         ce.CppExtension(
             "sharpfast._C",
@@ -48,7 +52,9 @@ def _extensions():
                 "sharpfast._C_cuda",
                 ["csrc/cuda_bindings.cpp", "kernels/sharpfast_kernels.cu"],
                 include_dirs=[os.path.join(ROOT, "kernels")],
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+                extra_compile_args={"cxx": ["-O3", *warn],
+                                    "nvcc": ["-O3", "-lineinfo", *(["-Xcompiler", "-Wall,-Wextra", "--Werror",
+                                                                     "all-warnings"] if warn else [])]},
             )
         )
     else:

@@ -49,11 +49,12 @@ def median_time(fn, reps=7):
     return statistics.median(out)
 
 
-def interleaved_times(fns: dict, reps=5) -> dict:
+def interleaved_times(fns: dict, reps=5, warmup=True) -> dict:
     """Seconds of each fn per round (a list of `reps`), timed round-robin after one warm-up call
-    each, so that drift of the machine (clock, other load) falls on every row of a round alike."""
+    each (unless warmup=False), so that drift of the machine (clock, other load) falls on every
+    row of a round alike."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for fn in fns.values():
+    for fn in fns.values() if warmup else ():
         fn()
     out = {k: [] for k in fns}
     for _ in range(reps):
@@ -122,15 +123,17 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--batches", default="1,8")
+    p.add_argument("--sample-size", type=int, default=64, help="--sd15: latent side (64 = 512 px, as SD 1.5)")
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype)
-    pipe = (sd15_sized_pipeline(dtype=dtype, device=a.device) if a.sd15 else
+    pipe = (sd15_sized_pipeline(dtype=dtype, device=a.device, sample_size=a.sample_size) if a.sd15 else
             tiny_pipeline("sd1", sample_size=32).to(device=a.device, dtype=dtype))
     pipe.set_progress_bar_config(disable=True)
     print(f"# {'SD 1.5-sized' if a.sd15 else 'tiny'} UNet, {a.device}, {a.dtype}")
     for b in map(int, a.batches.split(",")):
         report(b, *measure(b, pipe))
-    print(f"# fd vs exact jvp, batch 8: max relative difference {fd_vs_jvp(8, pipe):.2e}")
+    b = max(map(int, a.batches.split(",")))
+    print(f"# fd vs exact jvp, batch {b}: max relative difference {fd_vs_jvp(b, pipe):.2e}")
 
 
 if __name__ == "__main__":

@@ -25,13 +25,12 @@ from bench_detect import interleaved_times  # the benchmarks' timing helpers liv
 DEFAULT = "sail (paper, k1 s3)"  # sharpfast.sail's defaults (lr 0.7)
 
 
-def setup(sd15=False, device="cpu", dtype=torch.float32, batch=4):
+def setup(sd15=False, device="cpu", dtype=torch.float32, batch=4, sample_size=64, steps=50):
     if sd15:
         from sharpfast.testing import sd15_sized_pipeline
 
-        pipe = sd15_sized_pipeline(dtype=dtype, device=device)
+        pipe = sd15_sized_pipeline(dtype=dtype, device=device, sample_size=sample_size)
         prompts = [f"prompt number {i}" for i in range(batch)]
-        steps = 50
         det = sharpfast.detect(pipe, prompts, metrics=("wen", "sharpness"), progress=False,
                                generator=torch.Generator().manual_seed(0))
         thr = {m: float(v.median()) for m, v in det.scores.items()}
@@ -42,15 +41,14 @@ def setup(sd15=False, device="cpu", dtype=torch.float32, batch=4):
 
         pipe = zoo.load("digits", device=device, dtype=dtype)
         prompts = [r["prompt"] for r in zoo.prompts("digits", "memorized")[:batch]]
-        steps = 50
         thr = {"wen": shipped_threshold(pipe, "wen"), "sharpness": shipped_threshold(pipe, "sharpness"),
                "target": shipped_threshold(pipe, "sharpness", "target")}
     pipe.set_progress_bar_config(disable=True)
     return pipe, prompts, steps, thr
 
 
-def measure(sd15=False, device="cpu", dtype=torch.float32, batch=4, reps=7):
-    pipe, prompts, steps, thr = setup(sd15, device, dtype, batch)
+def measure(sd15=False, device="cpu", dtype=torch.float32, batch=4, reps=7, sample_size=64, steps=50):
+    pipe, prompts, steps, thr = setup(sd15, device, dtype, batch, sample_size, steps)
     kw = dict(num_inference_steps=steps, output_type="pt" if not sd15 else "latent")
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     info = {}
@@ -82,8 +80,8 @@ def measure(sd15=False, device="cpu", dtype=torch.float32, batch=4, reps=7):
     return rows, info
 
 
-def report(rows, info, batch):
-    print(f"\n{batch} prompts, 50-step DDIM")
+def report(rows, info, batch, steps=50):
+    print(f"\n{batch} prompts, {steps}-step DDIM")
     print(f"  {'':26s} {'seconds':>8s} {'x plain':>8s} {'UNet calls':>10s}")
     for name, r in rows.items():
         print(f"  {name:26s} {r['seconds']:8.3f} {r['vs_plain']:8.2f} {r['calls']:10d}")
@@ -111,9 +109,11 @@ def main():
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--sample-size", type=int, default=64, help="--sd15: latent side (64 = 512 px, as SD 1.5)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps of every generation")
     a = p.parse_args()
-    rows, info = measure(a.sd15, a.device, getattr(torch, a.dtype), a.batch, a.reps)
-    report(rows, info, a.batch)
+    rows, info = measure(a.sd15, a.device, getattr(torch, a.dtype), a.batch, a.reps, a.sample_size, a.steps)
+    report(rows, info, a.batch, a.steps)
 
 
 if __name__ == "__main__":

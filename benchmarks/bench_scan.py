@@ -28,11 +28,11 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def load(sd15, device, dtype):
+def load(sd15, device, dtype, sample_size=64):
     if sd15:
         from sharpfast.testing import sd15_sized_pipeline
 
-        return sd15_sized_pipeline(dtype=dtype, device=device), None
+        return sd15_sized_pipeline(dtype=dtype, device=device, sample_size=sample_size), None
     from sharpfast import zoo
 
     return zoo.load("digits", device=device, dtype=dtype), zoo.path("digits")
@@ -93,8 +93,8 @@ def multiprocess_rate(model_dir, processes, count, batch):
         return count / (time.perf_counter() - s)  # includes process start and model load
 
 
-def run(sd15=False, device="cpu", dtype=torch.float32, batches=(8, 32), processes=(1, 2), count=1024):
-    pipe, model_dir = load(sd15, device, dtype)
+def run(sd15=False, device="cpu", dtype=torch.float32, batches=(8, 32), processes=(1, 2), count=1024, sample_size=64):
+    pipe, model_dir = load(sd15, device, dtype, sample_size)
     pipe.set_progress_bar_config(disable=True)
     metrics = ("wen", "sharpness")
     rows = []
@@ -131,9 +131,10 @@ def main():
     p.add_argument("--batches", default="8,32")
     p.add_argument("--processes", default="1,2", help="CPU only: process counts under accelerate launch")
     p.add_argument("--count", type=int, default=1024, help="prompts per scan (the end-of-scan merge is a fixed cost)")
+    p.add_argument("--sample-size", type=int, default=64, help="--sd15: latent side (64 = 512 px, as SD 1.5)")
     a = p.parse_args()
     run(a.sd15, a.device, getattr(torch, a.dtype), tuple(int(v) for v in a.batches.split(",")),
-        tuple(int(v) for v in a.processes.split(",") if v) if a.device == "cpu" else (), a.count)
+        tuple(int(v) for v in a.processes.split(",") if v) if a.device == "cpu" else (), a.count, a.sample_size)
 
 
 if __name__ == "__main__":

@@ -128,21 +128,22 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0, sample_size: int = 8, schedu
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def sd15_sized_pipeline(seed: int = 0, dtype=torch.float32, device="cpu"):
+def sd15_sized_pipeline(seed: int = 0, dtype=torch.float32, device="cpu", sample_size: int = 64):
     """A StableDiffusionPipeline whose UNet has Stable Diffusion 1.5's architecture (860M
-    parameters, random weights), for timings on a GPU. The text encoder (hidden size 768, as
-    SD 1.5's) and the VAE (downsampling by 8) are small random stand-ins."""
+    parameters, random weights), for timings. The text encoder (hidden size 768, as SD 1.5's)
+    and the VAE (downsampling by 8) are small random stand-ins. sample_size: the default latent
+    side (64 as SD 1.5, i.e. 512 px; 32 gives 4x32x32 latents, small enough for a CPU)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    unet = UNet2DConditionModel(sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=2,
                                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
                                 attention_head_dim=8,
                                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).eval()
     vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        norm_num_groups=8, sample_size=512).eval()
+                        norm_num_groups=8, sample_size=8 * sample_size).eval()
     tok = tiny_tokenizer()
     sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           clip_sample=False, set_alpha_to_one=False, steps_offset=1)

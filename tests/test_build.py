@@ -51,7 +51,7 @@ def test_cuda_binding_compiles_against_torch_headers():
     import sysconfig
 
     incs = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
-    run([cxx, "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C_cuda", *incs,
+    run([cxx, "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C_cuda", *incs,
          str(ROOT / "csrc" / "cuda_bindings.cpp")])
 
 

@@ -11,9 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._hash import MIX_C1, MIX_C2, WEYL, seed_key
+from . import _hash
+from ._hash import seed_key
 
 BLOCK = 1024
+# Globals read inside @triton.jit code must be tl.constexpr (compiled Triton refuses any other
+# global; the interpreter does not check). The values are _hash's, the one source of them.
+MIX_C1 = tl.constexpr(_hash.MIX_C1)
+MIX_C2 = tl.constexpr(_hash.MIX_C2)
+WEYL = tl.constexpr(_hash.WEYL)
 # Integer arguments equal to 1 are compile-time constants by default in compiled Triton; D and
 # key0 are used as tensors (.to) and so are never specialized (do_not_specialize).
 _poison = False  # test hook: outputs and partials start as NaN (see set_poison)
