@@ -11,7 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${SF_DRY_VENV:-$PWD/build/gpu-dry-venv}"
-PYBASE="${PYTHON312:-$(command -v python3.12 || ls -d /root/.pyenv/versions/3.12*/bin/python3.12 2> /dev/null | head -n 1)}"
+PYBASE="${PYTHON312:-$(ls -d /root/.pyenv/versions/3.12*/bin/python3.12 2> /dev/null | head -n 1)}"
+[ -n "$PYBASE" ] || PYBASE=$(python3.12 -c "import sys; print(sys.executable)" 2> /dev/null || true)
 [ -n "$PYBASE" ] || { echo "python3.12 not found (set PYTHON312)"; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PYBASE" -m venv "$VENV"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
