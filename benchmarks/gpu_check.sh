@@ -45,8 +45,21 @@ if ! $py -c "import diffusers, transformers; print('diffusers', diffusers.__vers
 fi
 
 echo "== build (in place)"
+# torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script (/usr/local/bin/nvcc) makes it
+# guess /usr/local, where libcudart is not: take the toolkit that holds both nvcc and libcudart
+if [ -z "${CUDA_HOME:-}" ]; then
+  nv=$(command -v nvcc || true)
+  for d in /usr/local/cuda ${nv:+"$(dirname "$(dirname "$(readlink -f "$nv")")")"}; do
+    if [ -x "$d/bin/nvcc" ] && ls "$d"/lib64/libcudart.so* "$d"/lib/libcudart.so* > /dev/null 2>&1; then
+      export CUDA_HOME="$d"; break
+    fi
+  done
+fi
+echo "CUDA_HOME=${CUDA_HOME:-unset}"
 start=$SECONDS
-$py setup.py -q build_ext --inplace -j 16 > "$out/build.log" 2>&1 || { tail -n 40 "$out/build.log"; exit 1; }
+# MAX_JOBS parallelizes inside each extension; `build_ext -j` would build the two extensions at
+# once into one build folder, and their ninja files race (seen: the CUDA objects were never built)
+MAX_JOBS=16 $py setup.py -q build_ext --inplace > "$out/build.log" 2>&1 || { tail -n 40 "$out/build.log"; exit 1; }
 echo "built in $((SECONDS - start)) s"
 if [ "$DRY" = 1 ]; then
   $py -c "from sharpfast.ops import available_backends as a; b = a(); print('backends:', b); assert 'cpp' in b"
