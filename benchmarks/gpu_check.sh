@@ -32,9 +32,11 @@ else
   dev=cuda; dt=float16
   small_detect=(); small_sail=(); small_scan=(); small_bench=()
 fi
+# sharpfast is built in place, not installed: the benchmark scripts import it from here
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
   $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -63,6 +65,7 @@ MAX_JOBS=16 $py setup.py -q build_ext --inplace > "$out/build.log" 2>&1 || { tai
 echo "built in $((SECONDS - start)) s"
 if [ "$DRY" = 1 ]; then
   $py -c "from sharpfast.ops import available_backends as a; b = a(); print('backends:', b); assert 'cpp' in b"
+  $py -c "import sharpfast._C_cuda as m; print('CUDA extension built and imports (no GPU here):', m.__file__)"
 else
   $py -c "from sharpfast.ops import available_backends as a; b = a(); print('backends:', b); assert {'cuda', 'triton'} <= set(b)"
 fi
