@@ -22,12 +22,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
   pytest pytest-benchmark setuptools wheel ninja pybind11 "prometheus-client" regex requests pyyaml filelock
 [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1 || bash benchmarks/fetch_gpu_wheels.sh
 rm -rf /tmp/site  # gpu_check.sh installs .whl there, as on the GPU machine
-# a copy of what the device tool sends (tracked files and .whl): gpu_check.sh builds in place, and
+# a copy of what the device tool sends (tracked and untracked-not-ignored files, and .whl): gpu_check.sh builds in place, and
 # must not replace this checkout's own extension (built against another torch)
 SRC="$PWD/build/gpu-dry-src"
 OUTDIR="${OUT:-$PWD/build/gpu-dry-out}"
 rm -rf "$SRC" && mkdir -p "$SRC"
-git ls-files -z | xargs -0 cp --parents -t "$SRC"
+git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$SRC"
 cp -r .whl "$SRC/"
 cd "$SRC"
 PATH="$VENV/bin:$PATH" PYTHON="$VENV/bin/python" SF_GPU_DRY_RUN=1 OUT="$OUTDIR" bash benchmarks/gpu_check.sh

@@ -19,7 +19,14 @@ _LAZY = {
 }
 
 
+_SUBMODULES = ("zoo", "errors", "testing")  # sharpfast.zoo.load(...) works after a plain `import sharpfast`
+
+
 def __getattr__(name):
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     if name in _LAZY:
         import importlib
 
@@ -28,4 +35,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'sharpfast' has no attribute {name!r}")
 
 
-__all__ = ["ops", "__version__", *_LAZY]
+__all__ = ["ops", "__version__", *_LAZY, *_SUBMODULES]

@@ -41,8 +41,12 @@ def add_parsers(sub) -> None:
     g.add_argument("--n", type=int, default=4, help="images (default 4)")
     g.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     g.add_argument("--threshold", type=float, help="sharpness threshold (default: the model's calibration.json)")
-    g.add_argument("--candidates", type=int, default=None, help="initial noises per image (default 4)")
-    g.add_argument("--max-steps", type=int, default=None, help="Adam steps at most (default 4)")
+    from .mitigation import DEFAULTS
+
+    g.add_argument("--candidates", type=int, default=None,
+                   help=f"initial noises per image (default {DEFAULTS['paper']['candidates']})")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help=f"Adam steps at most (default {DEFAULTS['paper']['max_steps']})")
     g.add_argument("--num-inference-steps", type=int, default=50, help="sampler steps (default 50)")
     g.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale (default 7.5)")
     g.add_argument("--device", default="auto")
@@ -53,16 +57,20 @@ def add_parsers(sub) -> None:
 def cmd_scan(args) -> int:
     import sharpfast
 
-    from . import zoo
+    from . import validate, zoo
     from .harness.cli import _device_dtype
     from .scan_input import check_source
 
-    try:
-        check_source(args.prompts)
-        if args.calibrate_on:
-            check_source(args.calibrate_on)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"sharpfast scan: {err}") from None
+    # arguments and input files are checked before the model is loaded
+    check_source(args.prompts)
+    if args.calibrate_on:
+        check_source(args.calibrate_on)
+    validate.integer(args.n, "--n")
+    validate.integer(args.batch_size, "--batch-size")
+    validate.integer(args.num_inference_steps, "--num-inference-steps")
+    if args.threshold is not None:
+        validate.finite(args.threshold, "--threshold")
+    validate.finite(args.fpr, "--fpr", above=0)
     device, dtype = _device_dtype(args.device, args.dtype)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
@@ -90,11 +98,24 @@ def cmd_sail(args) -> int:
 
     import sharpfast
 
-    from . import zoo
-    from .cli import load_pipeline
+    from . import validate, zoo
+    from .cli import _check_output, load_pipeline
     from .harness.cli import _device_dtype
     from .harness.plots import image_grid
 
+    # everything that can be checked is checked before the model is loaded and anything generated
+    validate.prompts(args.prompt, "--prompt")
+    validate.integer(args.n, "--n")
+    validate.integer(args.num_inference_steps, "--num-inference-steps")
+    validate.guidance_scale(args.guidance_scale, needs_cfg=True)
+    for name in ("candidates", "max_steps"):
+        if getattr(args, name) is not None:
+            validate.integer(getattr(args, name), "--" + name.replace("_", "-"), minimum=0 if name == "max_steps" else 1)
+    if args.threshold is not None:
+        validate.finite(args.threshold, "--threshold")
+    if not args.out.lower().endswith(".png"):
+        raise validate.BadArgument(f"--out must be a .png file, got {args.out!r}")
+    _check_output(args.out, overwrite=True)
     device, dtype = _device_dtype(args.device, args.dtype)
     pipe = load_pipeline(zoo.resolve(args.model), device, dtype)
     pipe.set_progress_bar_config(disable=True)

@@ -2,41 +2,32 @@
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 
 import torch
 
+from . import validate
+from .errors import BadArgument
 from .metrics import HVP_MODES, METRICS, step_metrics
 from .results import DetectionResult
 from .score import ScoreModel
 
 
 def _check_args(prompts, metrics, n, steps, num_inference_steps, guidance_scale, batch_size, hvp):
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts is empty: pass at least one prompt")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
+    prompts = validate.prompts(prompts, "prompts")
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     if not metrics:
-        raise ValueError(f"metrics is empty; choose from {', '.join(METRICS)}")
+        raise BadArgument(f"metrics is empty; choose from {', '.join(METRICS)}")
     for m in metrics:
         if m not in METRICS:
-            raise ValueError(f"unknown metric {m!r}; valid metrics: {', '.join(METRICS)}")
+            raise BadArgument(f"unknown metric {m!r}; valid metrics: {', '.join(METRICS)}")
     for name, v in (("num_images_per_prompt", n), ("steps", steps), ("num_inference_steps", num_inference_steps),
                     ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        validate.integer(v, name)
     if steps > num_inference_steps:
-        raise ValueError(f"steps ({steps}) must not exceed num_inference_steps ({num_inference_steps})")
-    if not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        raise BadArgument(f"steps ({steps}) must not exceed num_inference_steps ({num_inference_steps})")
+    validate.guidance_scale(guidance_scale, needs_cfg=False)
     if hvp not in HVP_MODES:
-        raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
+        raise BadArgument(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
     return prompts, tuple(dict.fromkeys(metrics))
 
 
@@ -87,6 +78,7 @@ def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt
     height, width = height or dh, width or dw
     sched0 = model.scheduler(num_inference_steps)
     count = len(prompts) * n
+    validate.generators(generator, count)
     if latents is None:
         latents = model.noise(count, height, width, generator)
     else:

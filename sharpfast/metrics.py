@@ -15,6 +15,7 @@ import contextlib
 import torch
 
 from . import ops
+from .errors import NonFiniteOutput
 from .score import Conditioning, ScoreModel, eps_per_pred, eps_to_score, sigma_of, to_eps
 
 METRICS = ("wen", "sharpness", "trace", "trace_delta", "score_norm")
@@ -41,6 +42,7 @@ def exact_hvp_delta(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, v):
     """H_Δ v by forward-mode AD (torch.func.jvp) in fp32 with math attention."""
     unet = model.fp32_unet()
     sig = sigma_of(alpha_bar)
+    cond = cond.to(torch.float32)  # a half-precision pipeline's embeddings, for the fp32 copy
     with math_attention(unet):
         exact = model.with_unet(unet)
 
@@ -68,10 +70,6 @@ def fd_sharpness(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, eps_u, 
     if wen is None:  # ||eps_Δ||, unless the caller has it already (detect: from cfg_combine)
         wen = (eps_c - eps_u).reshape(len(x), -1).norm(dim=1)
     return dod * wen / (sig * sig * h)
-
-
-class NonFiniteOutput(ValueError):
-    pass
 
 
 def check_finite(pred: torch.Tensor, rows_per_prompt: int, prompts, what: str):

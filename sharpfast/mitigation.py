@@ -30,14 +30,13 @@ objective="reference": the authors' code loss ||eps_Δ(x + eps_Δ/||eps_Δ||)|| 
 from __future__ import annotations
 
 import json
-import math
-import numbers
 import os
 import time
 
 import torch
 
-from . import ops
+from . import ops, validate
+from .errors import BadArgument, MissingCalibration, NonFiniteOutput
 from .metrics import DEFAULT_FD_STEP, fd_sharpness
 from .score import ScoreModel
 
@@ -63,21 +62,12 @@ def shipped_threshold(pipe, metric: str = "sharpness", key: str = "threshold") -
 
 
 def _check(prompts, n, guidance_scale, lr, max_steps, candidates):
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompt is empty: pass a prompt or a non-empty list of prompts")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompt[{i}] must be a non-empty str, got {p!r}")
-    if not isinstance(guidance_scale, numbers.Real) or not guidance_scale > 1:
-        raise ValueError(f"SAIL needs classifier-free guidance: guidance_scale must be > 1, got {guidance_scale!r}")
-    for name, v in (("num_images_per_prompt", n), ("max_steps", max_steps), ("candidates", candidates)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < (0 if name == "max_steps" else 1):
-            raise ValueError(f"{name} must be an int >= {0 if name == 'max_steps' else 1}, got {v!r}")
-    if not (isinstance(lr, numbers.Real) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    prompts = validate.prompts(prompts, "prompt")
+    validate.guidance_scale(guidance_scale, needs_cfg=True)
+    validate.integer(n, "num_images_per_prompt")
+    validate.integer(max_steps, "max_steps", minimum=0)
+    validate.integer(candidates, "candidates")
+    validate.finite(lr, "lr", above=0)
     return prompts
 
 
@@ -109,13 +99,14 @@ def _per_row(v, x):
 
 def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, objective="paper", alpha=0.0, lr=0.05,
                      max_steps=2, threshold=0.0, project=True, fd_step=None, new_candidates=None,
-                     rounds=1, raise_every=3, raise_by=0.1):
+                     rounds=1, raise_every=3, raise_by=0.1, names=None):
     """Optimize candidate initial latents at the first timestep, all in one batch.
 
     x0: (N, K, C, h, w), N images with K candidates each, as the sampler starts from them (after
     init_noise_sigma); cond: the N images' Conditioning. new_candidates(round) -> (N, K, C, h, w)
     gives fresh candidates for later rounds (rounds > 1, objective="reference").
-    Returns (latents (N, C, h, w) in x0's scale, info).
+    Returns (latents (N, C, h, w) in x0's scale, info). Raises NonFiniteOutput when the model
+    returns NaN/inf for a candidate (names[i], if given, names image i in the message).
     """
     N, K = x0.shape[:2]
     dev = model.device
@@ -141,6 +132,11 @@ def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, object
             x.requires_grad_(True)
             loss, stat = obj(sched.scale_model_input(x, t), cond.rows(rows))
             ld, sd = loss.detach(), stat.detach()
+            bad = ~(torch.isfinite(sd) & torch.isfinite(ld))
+            if bool(bad.any()):
+                i = int(rows[bad.nonzero()[0]])
+                raise NonFiniteOutput(f"the UNet returned NaN/inf while SAIL optimized the initial noise of "
+                                      f"{names[i] if names else f'image {i}'!r}")
             if first_stat is None:
                 first_stat = sd.view(N, K)
             # lowest-loss point of each image so far (the fallback), without a host sync
@@ -207,13 +203,13 @@ def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latent
     n = num_images_per_prompt
     guidance_scale = pipe_kwargs.get("guidance_scale", 7.5)
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        raise BadArgument(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     candidates = DEFAULTS[objective]["candidates"] if candidates is None else candidates
     max_steps = DEFAULTS[objective]["max_steps"] if max_steps is None else max_steps
     lr = DEFAULTS[objective]["lr"] if lr is None else lr
     prompts = _check(prompt, n, guidance_scale, lr, max_steps, candidates)
     if any(k in pipe_kwargs for k in ("prompt_embeds", "negative_prompt_embeds")):
-        raise ValueError("sail encodes the prompt itself: pass prompt (and negative_prompt), not prompt_embeds")
+        raise BadArgument("sail encodes the prompt itself: pass prompt (and negative_prompt), not prompt_embeds")
     model = ScoreModel(pipe)
     if pipe_kwargs.get("negative_prompt") is not None:
         raise NotImplementedError("sail optimizes against the empty-prompt null branch; negative_prompt is not "
@@ -226,23 +222,23 @@ def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latent
     if threshold == "auto":
         threshold = shipped_threshold(pipe, key="target") if objective == "paper" else REFERENCE["threshold"]
         if threshold is None:
-            raise ValueError("threshold='auto' needs the model's SAIL target (calibration.json beside the model, "
+            raise MissingCalibration("threshold='auto' needs the model's SAIL target (calibration.json beside the model, "
                              "sharpness/target); pass threshold=<float>, e.g. sharpfast.calibrate(sharpness of "
                              "normal prompts, fpr=0.9)")
-    if not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
-        raise ValueError(f"threshold must be 'auto' or a finite number, got {threshold!r}")
+    validate.finite(threshold, "threshold")
     dh, dw = model.default_size()
     height, width = pipe_kwargs.get("height") or dh, pipe_kwargs.get("width") or dw
     steps = pipe_kwargs.get("num_inference_steps", 50)
     sched = model.scheduler(steps)
     N, shape = len(prompts) * n, model.latent_shape(height, width)
+    validate.generators(generator, N)
     if latents is None:
         latents = model.noise(N, height, width, generator)
     elif not isinstance(latents, torch.Tensor) or tuple(latents.shape) != (N, *shape):
-        raise ValueError(f"latents must be a tensor of shape {(N, *shape)} (len(prompts) * num_images_per_prompt, "
+        raise BadArgument(f"latents must be a tensor of shape {(N, *shape)} (len(prompts) * num_images_per_prompt, "
                          f"C, h, w), got {tuple(getattr(latents, 'shape', ())) or type(latents).__name__}")
     elif not latents.is_floating_point() or not bool(torch.isfinite(latents).all()):
-        raise ValueError("latents must be floating point without NaN or inf values")
+        raise BadArgument("latents must be floating point without NaN or inf values")
     g = generator[0] if isinstance(generator, list) else generator
     dev = model.device
 
@@ -258,7 +254,7 @@ def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latent
         model, cond, x0 * scale, sched, objective=objective, alpha=alpha, lr=lr, max_steps=max_steps,
         threshold=threshold, project=project, fd_step=fd_step, rounds=max_rounds if objective == "reference" else 1,
         new_candidates=lambda r: fresh(candidates) * scale, raise_every=REFERENCE["raise_every"],
-        raise_by=REFERENCE["raise_by"])
+        raise_by=REFERENCE["raise_by"], names=[p for p in prompts for _ in range(n)])
     opt_calls = model.stats["unet_calls"]
     final = (chosen / scale).to(latents.dtype)
     # a first candidate accepted where it started is the caller's noise, bit for bit

@@ -7,9 +7,12 @@ prompt is yielded with prompt None: the scanner skips and counts it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Iterator, NamedTuple, Optional
+
+from .errors import BadArgument, MissingInput
 
 FORMATS = (".txt", ".jsonl", ".parquet")
 
@@ -24,13 +27,33 @@ class Row(NamedTuple):
 
 def check_source(path: str) -> str:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file not found: {path}")
+        raise MissingInput(f"prompt file not found: {path}")
     ext = next((e for e in FORMATS if path.endswith(e)), None)
     if ext is None:
-        raise ValueError(f"unsupported prompt file {path!r}: expected one of {', '.join(FORMATS)}")
+        raise BadArgument(f"unsupported prompt file {path!r}: expected one of {', '.join(FORMATS)}")
     if os.path.getsize(path) == 0:
-        raise ValueError(f"prompt file is empty: {path}")
+        raise BadArgument(f"prompt file is empty: {path}")
     return ext
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes, streamed (a rerun on an edited file is told apart from a resume)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_prompts(path: str) -> list[tuple[int, str]]:
+    """(row id, prompt) of every usable row of a .txt / .jsonl / .parquet prompt file, read the
+    way `sharpfast scan` reads it: the row id is the line (or parquet row) number, blank lines
+    and rows that are not UTF-8 are skipped (their ids are not reused). detect and scan share
+    it, so a prompt gets the same id, and so the same noise (seed + id), in both."""
+    rows = [(r.index, r.prompt) for r in iter_rows(path) if r.prompt is not None]
+    if not rows:
+        raise BadArgument(f"no usable prompt in {path} (every line is blank or not UTF-8)")
+    return rows
 
 
 def _clean(p) -> Optional[str]:

@@ -20,7 +20,9 @@ from typing import Optional
 
 import torch
 
-from .scan_input import check_source, iter_chunks, iter_rows
+from . import validate
+from .errors import BadArgument, OutputMismatch
+from .scan_input import check_source, file_digest, iter_chunks, iter_rows
 from .score import ScoreModel
 
 META = "scan.json"
@@ -125,8 +127,8 @@ def _check_meta(out_dir: str, meta: dict, overwrite: bool, procs: _Procs):
             keys = [k for k in meta if k not in ("threshold", "calibration") and old.get(k) != meta[k]]
             if keys and not overwrite:
                 diff = ", ".join(f"{k}: {old.get(k)!r} -> {meta[k]!r}" for k in keys)
-                raise SystemExit(f"sharpfast scan: {out_dir} holds a scan with other settings ({diff}); use another "
-                                 f"--out, or --overwrite to discard it")
+                raise OutputMismatch(f"{out_dir} holds a scan with other inputs or settings ({diff}); use another "
+                                     f"output folder, or overwrite=True (--overwrite) to discard it")
             if keys:
                 shutil.rmtree(os.path.join(out_dir, "shards"), ignore_errors=True)
                 for f in ("results.jsonl", "summary.json", "histogram.png"):
@@ -165,7 +167,7 @@ def _threshold(model, meta, calibrate_on, fpr, procs, out_dir, score_kw):
 
         prompts = [r.prompt for r in iter_rows(calibrate_on) if r.prompt is not None]
         if not prompts:
-            raise SystemExit(f"sharpfast scan: no prompts in --calibrate-on file {calibrate_on}")
+            raise BadArgument(f"no prompts in the calibrate_on file {calibrate_on}")
         scores = _score(model, prompts, list(range(len(prompts))), **score_kw)[meta["flag_metric"]]
         thr = sharpfast.calibrate(scores, fpr=fpr)
         meta.update(threshold=thr, calibration={"file": os.path.abspath(calibrate_on), "fpr": fpr,
@@ -215,12 +217,21 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
     if flag_metric not in metrics:
         raise ValueError(f"flag_metric {flag_metric!r} is not among the metrics {metrics}")
     if threshold is not None and calibrate_on is not None:
-        raise ValueError("give threshold or calibrate_on, not both")
+        raise BadArgument("give threshold or calibrate_on, not both")
+    if threshold is not None:
+        threshold = validate.finite(threshold, "threshold")
+    validate.integer(n, "n")
+    validate.integer(batch_size, "batch_size")
+    validate.integer(num_inference_steps, "num_inference_steps")
+    validate.guidance_scale(guidance_scale, needs_cfg=False)
+    validate.finite(fpr, "fpr", above=0)
     procs = _Procs()
     if procs.device is not None and procs.device.type == "cuda":
         pipe = pipe.to(procs.device)
     model_name = model_name or str(getattr(pipe, "name_or_path", "") or type(pipe).__name__)
-    meta = {"model": model_name, "prompts": os.path.abspath(prompts), "metrics": metrics, "n": n,
+    # the prompt file's contents, not only its path: an edited file at the same path is another scan
+    meta = {"model": model_name, "prompts": os.path.abspath(prompts), "prompts_sha256": file_digest(prompts),
+            "metrics": metrics, "n": n,
             "batch_size": batch_size, "seed": seed, "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale, "column": column, "id_field": id_field, "flag_metric": flag_metric,
             "unet_dtype": str(pipe.unet.dtype), "threshold": threshold}

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from .errors import UnsupportedPipeline
+
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # schedulers that work in sigma space (x = x0 + sigma eps) and scale the UNet input
@@ -71,6 +73,12 @@ class Conditioning:
     def __len__(self):
         return self.cond.shape[0]
 
+    def to(self, dtype) -> "Conditioning":
+        """The same embeddings in another floating dtype (time ids and other tensors alike)."""
+        cast = lambda d: None if d is None else {k: v.to(dtype) for k, v in d.items()}  # noqa: E731
+        return replace(self, cond=self.cond.to(dtype), null=self.null.to(dtype), cond_added=cast(self.cond_added),
+                       null_added=cast(self.null_added))
+
     def rows(self, idx) -> "Conditioning":
         pick = lambda d: None if d is None else {k: v[idx] for k, v in d.items()}  # noqa: E731
         return replace(self, cond=self.cond[idx], null=self.null[idx], cond_added=pick(self.cond_added),
@@ -89,11 +97,11 @@ class Conditioning:
 def _check_pipeline(pipe):
     names = {cls.__name__ for cls in type(pipe).__mro__}
     if not names & set(SUPPORTED_PIPELINES):
-        raise TypeError(f"sharpfast supports {', '.join(SUPPORTED_PIPELINES)} (and their subclasses); "
+        raise UnsupportedPipeline(f"sharpfast supports {', '.join(SUPPORTED_PIPELINES)} (and their subclasses); "
                         f"got {type(pipe).__name__}")
     pt = pipe.scheduler.config.get("prediction_type", "epsilon")
     if pt not in PREDICTION_TYPES:
-        raise ValueError(f"unsupported scheduler prediction_type {pt!r}; expected one of {PREDICTION_TYPES}")
+        raise UnsupportedPipeline(f"unsupported scheduler prediction_type {pt!r}; expected one of {PREDICTION_TYPES}")
     return "StableDiffusionXLPipeline" in names
 
 

@@ -13,10 +13,10 @@ pipe(...). Flagged prompts are regenerated with sharpfast.sail from the same ini
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 
+from . import validate
+from .errors import BadArgument, MissingCalibration, NonFiniteOutput
 from .metrics import DEFAULT_FD_STEP, fd_sharpness
 from .score import Conditioning, ScoreModel, eps_per_pred, to_eps
 
@@ -29,26 +29,26 @@ class Guard:
     def __init__(self, pipe, metric="wen", threshold="auto", mitigation="sail", sail_kwargs=None):
         self.model = ScoreModel(pipe)  # raises TypeError for unsupported pipelines
         if metric not in GUARD_METRICS:
-            raise ValueError(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
+            raise BadArgument(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
         if mitigation not in ("sail", None):
-            raise ValueError(f"mitigation must be 'sail' or None, got {mitigation!r}")
+            raise BadArgument(f"mitigation must be 'sail' or None, got {mitigation!r}")
         if threshold == "auto":
             from .mitigation import shipped_threshold
 
             threshold = shipped_threshold(pipe, metric)
             if threshold is None:
-                raise ValueError(f"threshold='auto' needs the model's calibration.json; pass threshold=<float> "
+                raise MissingCalibration(f"threshold='auto' needs the model's calibration.json; pass threshold=<float> "
                                  f"(sharpfast.calibrate on the {metric} scores of normal prompts)")
-        if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool):
-            raise ValueError(f"threshold must be a number or 'auto', got {threshold!r}")
-        self.pipe, self.metric, self.threshold, self.mitigation = pipe, metric, float(threshold), mitigation
+        # +inf is allowed (score only, never flag); NaN would silently flag nothing
+        threshold = validate.finite(threshold, "threshold", allow_inf=True)
+        self.pipe, self.metric, self.threshold, self.mitigation = pipe, metric, threshold, mitigation
         self.sail_kwargs = dict(sail_kwargs or {})
         if mitigation == "sail" and "threshold" not in self.sail_kwargs:
             from .mitigation import shipped_threshold
 
             # SAIL's own "auto" (the model's shipped target), checked now rather than at the first flagged request
             if shipped_threshold(pipe, key="target") is None:
-                raise ValueError("mitigation='sail' needs SAIL's stopping level: the model has no calibration.json "
+                raise MissingCalibration("mitigation='sail' needs SAIL's stopping level: the model has no calibration.json "
                                  "with sharpness/target; pass sail_kwargs={'threshold': <float>} (e.g. "
                                  "sharpfast.calibrate(sharpness of normal prompts, fpr=0.9)) or mitigation=None")
         self._capture = None
@@ -93,14 +93,12 @@ class Guard:
             raise RuntimeError("this guard was removed; create a new one with sharpfast.guard(pipe)")
         self.model = ScoreModel(self.pipe)  # the pipeline may have moved since the guard was made
         if "prompt_embeds" in kwargs:
-            raise ValueError("sharpfast.guard scores text prompts: pass prompt, not prompt_embeds")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise ValueError("prompt must be a non-empty str or a non-empty list of non-empty str")
-        gs = kwargs.get("guidance_scale", 7.5)
-        if not isinstance(gs, numbers.Real) or gs <= 1:
-            raise ValueError(f"sharpfast.guard needs classifier-free guidance: guidance_scale must be > 1, got {gs!r}")
-        n = kwargs.get("num_images_per_prompt", 1) or 1
+            raise BadArgument("sharpfast.guard scores text prompts: pass prompt, not prompt_embeds")
+        prompts = validate.prompts(prompt, "prompt")
+        validate.guidance_scale(kwargs.get("guidance_scale", 7.5), needs_cfg=True)
+        n = kwargs.get("num_images_per_prompt")
+        n = 1 if n is None else validate.integer(n, "num_images_per_prompt")
+        validate.generators(kwargs.get("generator"), len(prompts) * n)
         noise = None
         if self.mitigation == "sail":
             noise = self._noise(len(prompts) * n, kwargs)
@@ -113,6 +111,10 @@ class Guard:
         if scores is None:
             raise RuntimeError("the pipeline made no UNet call; nothing was scored")
         per_prompt = scores.float().view(len(prompts), n).mean(dim=1).cpu()
+        bad = ~torch.isfinite(per_prompt)
+        if bool(bad.any()):  # NaN > threshold is False: it would pass as "not flagged"
+            raise NonFiniteOutput(f"the UNet returned NaN/inf at the first step for prompt "
+                                  f"{prompts[int(bad.nonzero()[0])]!r}; no memorization score")
         flagged = per_prompt > self.threshold
         report = [{"prompt": p, "score": float(s), "metric": self.metric, "flagged": bool(f), "mitigated": False}
                   for p, s, f in zip(prompts, per_prompt, flagged)]

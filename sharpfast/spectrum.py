@@ -44,7 +44,7 @@ def hessian_spectrum(pipe, prompt: str, k: int = 6, *, conditions=CONDITIONS, wh
     t = sched.timesteps[0]
     x = sched.scale_model_input(latents.to(model.dtype), t).float()
     ab = model.alpha_bar(sched, t)
-    cond = model.encode([prompt], 1, height, width)
+    cond = model.encode([prompt], 1, height, width).to(torch.float32)  # for the fp32 UNet copy
     unet = model.fp32_unet()
     out = {"latents": latents.detach().cpu()}
     with torch.no_grad(), math_attention(unet):

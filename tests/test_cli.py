@@ -53,15 +53,75 @@ def test_detect_writes_one_line_per_prompt_and_resumes(model_dir, tmp_path, caps
         assert r["wen"] == pytest.approx(full[r["id"]]["wen"], rel=1e-5)
 
 
-def test_detect_errors(model_dir, tmp_path):
-    with pytest.raises(SystemExit, match="prompts file not found"):
-        main(["detect", "--model", str(model_dir), "--prompts", str(tmp_path / "missing.txt"), "--device", "cpu"])
-    with pytest.raises(SystemExit, match="prompts file is empty"):
-        main(["detect", "--model", str(model_dir), "--prompts", write(tmp_path / "e.txt", []), "--device", "cpu"])
-    with pytest.raises(SystemExit, match="local diffusers model directory"):
-        main(["detect", "--model", str(tmp_path / "nope"), "--prompts", write(tmp_path / "p.txt", PROMPTS)])
-    with pytest.raises(SystemExit, match="2 labels for 5 prompts"):
-        main(args(model_dir, tmp_path, tmp_path / "x.jsonl", "--labels", write(tmp_path / "l2.txt", [0, 1])))
+def fails(capsys, argv, message):
+    """The CLI's contract for bad input: exit code 2, one `sharpfast: ...` line, no traceback."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sharpfast: ") and message in err and "Traceback" not in err, err
+
+
+def test_detect_errors(model_dir, tmp_path, capsys):
+    fails(capsys, ["detect", "--model", str(model_dir), "--prompts", str(tmp_path / "missing.txt")],
+          "prompts file not found")
+    fails(capsys, ["detect", "--model", str(model_dir), "--prompts", write(tmp_path / "e.txt", [])],
+          "prompts file is empty")
+    fails(capsys, ["detect", "--model", str(tmp_path / "nope"), "--prompts", write(tmp_path / "p.txt", PROMPTS)],
+          "local diffusers model directory")
+    fails(capsys, args(model_dir, tmp_path, tmp_path / "x.jsonl", "--labels", write(tmp_path / "l2.txt", [0, 1])),
+          "--labels must hold one 0/1 per line")
+    (tmp_path / "bad.txt").write_bytes(b"a cat\n\xff\xfe broken\n")
+    fails(capsys, ["detect", "--model", str(model_dir), "--prompts", str(tmp_path / "bad.txt")], "not UTF-8")
+    # argument errors are reported before any model is loaded (the model path here does not exist)
+    nope = ["detect", "--model", str(tmp_path / "nope"), "--prompts", write(tmp_path / "p.txt", PROMPTS)]
+    fails(capsys, nope + ["--batch-size", "0"], "--batch-size must be an int >= 1")
+    fails(capsys, nope + ["--n", "-1"], "--n must be an int >= 1")
+    fails(capsys, nope + ["--guidance-scale", "nan"], "guidance_scale must be a finite number")
+    fails(capsys, nope + ["--metrics", "wen,nope"], "unknown metric 'nope'")
+    fails(capsys, nope + ["--out", str(tmp_path / "no" / "such" / "r.jsonl")], "the folder of --out does not exist")
+
+
+def test_detect_rerun_with_other_input_is_refused_never_stale(model_dir, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    assert main(args(model_dir, tmp_path, out)) == 0
+    first = read(out)
+    # other settings on the same prompts are refused
+    fails(capsys, args(model_dir, tmp_path, out, "--seed", "7"), "other prompts or settings")
+    # the same path, edited: a resume would return the old prompts' records
+    edited = ["a cat", "a different second prompt", "a dog"]
+    base = ["detect", "--model", str(model_dir), "--device", "cpu", "--dtype", "fp32", "--out", str(out),
+            "--prompts", write(tmp_path / "p.txt", edited)]
+    fails(capsys, base, "holds 3 records of other prompts or settings")  # ids 1 (edited), 3 and 4 (gone)
+    assert read(out) == first  # nothing was lost
+    assert main(base + ["--overwrite"]) == 0
+    recs = read(out)
+    assert [r["prompt"] for r in recs] == edited and [r["id"] for r in recs] == [0, 1, 2]
+    assert recs[0]["wen"] == pytest.approx(first[0]["wen"], rel=1e-6)  # same prompt, same line: same score
+
+
+def test_detect_ids_are_line_numbers_and_noise_is_seed_plus_id(model_dir, tmp_path):
+    """Blank lines are skipped and keep their number, as `sharpfast scan` reads the file, and the
+    prompt on line i draws its noise from seed + i: each record equals sharpfast.detect of that
+    prompt alone with that noise."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    import sharpfast
+
+    lines = ["a cat", "", "   ", "a dog", "an apple"]
+    out = tmp_path / "r.jsonl"
+    assert main(["detect", "--model", str(model_dir), "--prompts", write(tmp_path / "b.txt", lines), "--out",
+                 str(out), "--batch-size", "2", "--seed", "5", "--quiet"]) == 0
+    recs = read(out)
+    assert [(r["id"], r["prompt"]) for r in recs] == [(0, "a cat"), (3, "a dog"), (4, "an apple")]
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    for r in recs:
+        g = torch.Generator().manual_seed(5 + r["id"])
+        lat = torch.randn((1, 4, 8, 8), generator=g)  # the pipeline's own draw for one image
+        ref = sharpfast.detect(pipe, [r["prompt"]], latents=lat, progress=False)
+        assert r["wen"] == pytest.approx(float(ref.scores["wen"][0]), rel=1e-5)
+        assert r["sharpness"] == pytest.approx(float(ref.scores["sharpness"][0]), rel=2e-3)  # fp32 fd, batch 2 vs 1
 
 
 def test_help_explains_every_option():

@@ -238,6 +238,16 @@ def test_bad_input(small_pipe):
         sharpfast.detect(p, ["a"], hvp="exact", **kw)
     with pytest.raises(TypeError, match="sharpfast supports StableDiffusionPipeline"):
         sharpfast.detect(object(), ["a"], **kw)
+    # once silently scored: the empty prompt as 0.0, a generator list of the wrong length
+    from sharpfast.errors import BadArgument
+
+    with pytest.raises(BadArgument, match=r"prompts\[1\] is an empty or blank string"):
+        sharpfast.detect(p, ["a", ""], **kw)
+    with pytest.raises(BadArgument, match="generator is a list of 1 generators"):
+        sharpfast.detect(p, ["a", "b"], generator=[torch.Generator()], **kw)
+    for gs in (float("nan"), float("inf")):
+        with pytest.raises(BadArgument, match="guidance_scale must be a finite number"):
+            sharpfast.detect(p, ["a"], guidance_scale=gs, **kw)
 
 
 def test_long_prompt_is_truncated_with_a_warning(small_pipe):
@@ -287,3 +297,21 @@ def test_evaluate_and_calibrate():
         sharpfast.evaluate([1, 2], [1, 1])
     with pytest.raises(ValueError, match="fpr must be"):
         sharpfast.calibrate(normal, fpr=0)
+
+
+def test_half_precision_pipeline_exact_paths():
+    """fp16 pipelines with hvp='jvp' and hessian_spectrum once died with 'expected m1 and m2 to have
+    the same dtype' (fp16 embeddings reached the fp32 UNet copy). The exact JVP of an fp16
+    pipeline is the fp32 computation on its fp16-rounded weights: close to the fp32 pipeline's."""
+    from sharpfast.testing import tiny_pipeline
+
+    p32 = tiny_pipeline("sd1")
+    p16 = tiny_pipeline("sd1").to(torch.float16)
+    lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    kw = dict(metrics=("sharpness",), hvp="jvp", progress=False)
+    s32 = sharpfast.detect(p32, ["a cat", "a dog"], latents=lat, **kw).scores["sharpness"]
+    s16 = sharpfast.detect(p16, ["a cat", "a dog"], latents=lat.half(), **kw).scores["sharpness"]
+    assert torch.isfinite(s16).all()
+    assert torch.allclose(s16, s32, rtol=0.05), (s16, s32)
+    spec = sharpfast.hessian_spectrum(p16, "a cat", k=2, conditions=("cond",), generator=torch.Generator().manual_seed(0))
+    assert spec["cond"].shape == (2,) and torch.isfinite(spec["cond"].abs()).all()

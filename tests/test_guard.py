@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import sharpfast
+from helpers import nan_unet
+from sharpfast.errors import BadArgument, NonFiniteOutput
 from sharpfast.testing import tiny_pipeline
 
 from pipeline_state import assert_same, snapshot
@@ -73,15 +75,36 @@ def test_report_only_and_remove_restores_the_pipeline(pipe):
         guarded(PROMPTS[:1], **KW)
 
 
+def test_nan_from_the_unet_is_an_error_not_unflagged():
+    """NaN > threshold is False: a NaN score once came back as `flagged: False`."""
+    pipe = tiny_pipeline("sd1")
+    pipe.set_progress_bar_config(disable=True)
+    with nan_unet(pipe), sharpfast.guard(pipe, threshold=1.0, mitigation=None) as guarded:
+        with pytest.raises(NonFiniteOutput, match="'two dogs'"):
+            guarded(["two dogs"], **KW)
+    assert not pipe.unet._forward_hooks
+
+
 def test_bad_input():
     pipe = tiny_pipeline("sd1")
     with sharpfast.guard(pipe, threshold=1.0, mitigation=None) as guarded:
-        with pytest.raises(ValueError, match="non-empty"):
+        with pytest.raises(ValueError, match="prompt is empty"):
             guarded([])
         with pytest.raises(ValueError, match="guidance_scale must be > 1"):
             guarded("a cat", guidance_scale=1.0)
         with pytest.raises(ValueError, match="prompt_embeds"):
             guarded("a cat", prompt_embeds=torch.zeros(1, 77, 32))
+        # each of these once slipped through or died inside diffusers
+        with pytest.raises(BadArgument, match="guidance_scale must be a finite number"):
+            guarded("a cat", guidance_scale=float("nan"))
+        with pytest.raises(BadArgument, match="num_images_per_prompt must be an int >= 1"):
+            guarded("a cat", num_images_per_prompt=0)
+        with pytest.raises(BadArgument, match="empty or blank"):
+            guarded(["a cat", ""])
+        with pytest.raises(BadArgument, match="generator is a list of 3 generators"):
+            guarded(["a cat"], num_images_per_prompt=2, generator=[torch.Generator()] * 3)
+    with pytest.raises(BadArgument, match="threshold must be a non-NaN number"):
+        sharpfast.guard(pipe, threshold=float("nan"), mitigation=None)
     with pytest.raises(ValueError, match="metric must be one of"):
         sharpfast.guard(pipe, metric="trace", threshold=1.0)
     with pytest.raises(ValueError, match="calibration.json"):

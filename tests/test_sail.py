@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import sharpfast
+from helpers import nan_unet
+from sharpfast.errors import BadArgument, NonFiniteOutput
 from sharpfast.testing import tiny_pipeline
 
 from pipeline_state import assert_same, snapshot
@@ -81,12 +83,31 @@ def test_pipeline_left_as_plain_generation_leaves_it(pipe):
     assert_same(expected, snapshot(pipe))
 
 
+def test_nan_from_the_unet_is_an_error_not_an_image():
+    """A UNet that returns NaN: SAIL raises NonFiniteOutput naming the prompt (before, the image's
+    initial noise silently became zeros and a finite image came back)."""
+    pipe = tiny_pipeline("sd1")
+    pipe.set_progress_bar_config(disable=True)
+    with nan_unet(pipe):
+        with pytest.raises(NonFiniteOutput, match="'a cat'"):
+            sharpfast.sail(pipe, ["a cat"], threshold=1e-9, num_inference_steps=2, output_type="pt")
+
+
 def test_bad_input():
     pipe = tiny_pipeline("sd1")
     with pytest.raises(ValueError, match="prompt is empty"):
         sharpfast.sail(pipe, [], threshold=1.0)
-    with pytest.raises(ValueError, match="non-empty str"):
+    with pytest.raises(ValueError, match="empty or blank"):
         sharpfast.sail(pipe, "  ", threshold=1.0)
+    for gs in (float("inf"), float("nan")):
+        with pytest.raises(BadArgument, match="guidance_scale must be a finite number"):
+            sharpfast.sail(pipe, "a cat", threshold=1.0, guidance_scale=gs)
+    with pytest.raises(BadArgument, match="num_images_per_prompt must be an int >= 1"):
+        sharpfast.sail(pipe, "a cat", threshold=1.0, num_images_per_prompt=0)
+    with pytest.raises(BadArgument, match="threshold must be a finite number"):
+        sharpfast.sail(pipe, "a cat", threshold=float("nan"))
+    with pytest.raises(BadArgument, match="generator is a list of 1 generators"):
+        sharpfast.sail(pipe, "a cat", threshold=1.0, num_images_per_prompt=2, generator=[torch.Generator()])
     with pytest.raises(ValueError, match="guidance_scale must be > 1"):
         sharpfast.sail(pipe, "a cat", threshold=1.0, guidance_scale=1.0)
     with pytest.raises(ValueError, match=r"latents must be a tensor of shape \(2, 4, 8, 8\)"):

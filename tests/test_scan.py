@@ -11,6 +11,7 @@ import time
 import pytest
 
 import sharpfast
+from sharpfast.errors import BadArgument, OutputMismatch
 from sharpfast.testing import tiny_pipeline
 
 WORDS = "cats dogs cars trees sky sea boats birds fish moon sun rain snow wind fire ice".split()
@@ -114,6 +115,22 @@ def test_two_processes_under_accelerate_equal_one(model_dir, tmp_path):
     assert results(one) == results(two)
 
 
+def test_rerun_on_an_edited_file_is_refused_never_stale(pipe, tmp_path):
+    """The same path with other contents is another scan: once, the rerun returned prompts that
+    were no longer in the file (the check compared the path only)."""
+    src = prompts_file(tmp_path / "p.txt", 6)
+    out = str(tmp_path / "o")
+    sharpfast.scan(pipe, src, out, metrics=("wen",), batch_size=3, num_inference_steps=10, progress=False)
+    with open(src, "w", encoding="utf-8") as f:
+        f.writelines(f"an entirely new prompt {i}\n" for i in range(4))
+    with pytest.raises(OutputMismatch, match="prompts_sha256"):
+        sharpfast.scan(pipe, src, out, metrics=("wen",), batch_size=3, num_inference_steps=10, progress=False)
+    s = sharpfast.scan(pipe, src, out, metrics=("wen",), batch_size=3, num_inference_steps=10, overwrite=True,
+                       progress=False)
+    assert s["scored"] == 4
+    assert [r["prompt"] for r in results(out)] == [f"an entirely new prompt {i}" for i in range(4)]
+
+
 def test_bad_input(pipe, model_dir, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="not found"):
         sharpfast.scan(pipe, str(tmp_path / "missing.txt"), str(tmp_path / "o"), progress=False)
@@ -126,9 +143,17 @@ def test_bad_input(pipe, model_dir, tmp_path, monkeypatch):
     src = prompts_file(tmp_path / "p.txt", 9)
     out = str(tmp_path / "o")
     sharpfast.scan(pipe, src, out, metrics=("wen",), batch_size=3, num_inference_steps=10, progress=False)
-    with pytest.raises(SystemExit, match="other settings.*metrics"):
+    with pytest.raises(OutputMismatch, match="other inputs or settings.*metrics"):
         sharpfast.scan(pipe, src, out, metrics=("wen", "sharpness"), batch_size=3, num_inference_steps=10,
                        progress=False)
+    with pytest.raises(BadArgument, match="threshold must be a finite number"):
+        sharpfast.scan(pipe, src, str(tmp_path / "o2"), threshold=float("nan"), progress=False)
+    with pytest.raises(BadArgument, match="batch_size must be an int >= 1"):
+        sharpfast.scan(pipe, src, str(tmp_path / "o2"), batch_size=0, progress=False)
+    for bad in (["--threshold", "nan"], ["--batch-size", "0"]):  # refused before the model loads
+        r = subprocess.run(cli(str(tmp_path / "no-model"), src, str(tmp_path / "o3"), *bad), env=ENV,
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.startswith("sharpfast: ") and "Traceback" not in r.stderr, r.stderr
     s = sharpfast.scan(pipe, src, out, metrics=("wen", "sharpness"), batch_size=3, num_inference_steps=10,
                        overwrite=True, progress=False)
     assert s["scored"] == 9 and "sharpness" in results(out)[0]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import BadArgument
+
 
 def _csv(text: str, kind=str) -> list:
     vals = [kind(v.strip()) for v in text.split(",") if v.strip()]
@@ -97,13 +99,13 @@ def cmd_eval(args) -> int:
     device, dtype = _device_dtype(args.device, args.dtype)
     if args.eval_command == "detect":
         if bool(args.memorized) != bool(args.non_memorized):
-            raise SystemExit("sharpfast: give both --memorized and --non-memorized, or neither")
+            raise BadArgument("give both --memorized and --non-memorized, or neither")
         if args.memorized:
             sets = {"eval": records_from_files(args.memorized, args.non_memorized)}
         elif args.model == "digits":
             sets = bundled_records("digits")
         else:
-            raise SystemExit("sharpfast: --memorized and --non-memorized are needed for a model directory")
+            raise BadArgument("--memorized and --non-memorized are needed for a model directory")
         pipe = _load(args.model, device, dtype)
         report = detect_eval.run(pipe, sets, ns=args.n, steps_list=args.steps, metrics=args.metrics, out_dir=args.out,
                                  seed=args.seed, batch_size=args.batch_size, hvp=args.hvp,
@@ -115,7 +117,7 @@ def cmd_eval(args) -> int:
     from .. import zoo
 
     if args.model not in zoo.MODELS:
-        raise SystemExit("sharpfast: eval mitigate judges copies against the digits training images: use --model digits")
+        raise BadArgument("eval mitigate judges copies against the digits training images: use --model digits")
     from ..zoo.digits_data import digit_images
 
     records = zoo.prompts(args.model, "memorized")[:args.limit]

@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import os
 
+from ..errors import BadArgument
+
 
 def read_prompt_file(path: str) -> list[str]:
     """Prompts of a .txt file (one a line, blank lines skipped) or a .jsonl file (a "prompt" or
     "caption" field per line)."""
     if not os.path.isfile(path):
-        raise SystemExit(f"sharpfast: prompt file not found: {path}")
+        raise BadArgument(f"prompt file not found: {path}")
     out = []
     with open(path, encoding="utf-8") as f:
         for k, line in enumerate(f, 1):
@@ -21,13 +23,13 @@ def read_prompt_file(path: str) -> list[str]:
                     rec = json.loads(line)
                     out.append(rec.get("prompt", rec.get("caption")))
                 except ValueError as err:
-                    raise SystemExit(f"sharpfast: {path}:{k} is not JSON: {err}") from None
+                    raise BadArgument(f"{path}:{k} is not JSON: {err}") from None
                 if not isinstance(out[-1], str):
-                    raise SystemExit(f"sharpfast: {path}:{k} has no 'prompt' or 'caption' string")
+                    raise BadArgument(f"{path}:{k} has no 'prompt' or 'caption' string")
             else:
                 out.append(line)
     if not out:
-        raise SystemExit(f"sharpfast: prompt file is empty: {path}")
+        raise BadArgument(f"prompt file is empty: {path}")
     return out
 
 

@@ -1,0 +1,56 @@
+"""One argument contract for detect, sail, guard, scan and the CLI: each check raises
+BadArgument naming the argument and the value it got."""
+from __future__ import annotations
+
+import math
+import numbers
+
+from .errors import BadArgument
+
+
+def prompts(value, name: str = "prompt") -> list[str]:
+    """A str or a non-empty sequence of str, none of them empty or blank."""
+    items = [value] if isinstance(value, str) else value
+    try:
+        items = list(items)
+    except TypeError:
+        raise BadArgument(f"{name} must be a str or a list of str, got {type(value).__name__}") from None
+    if not items:
+        raise BadArgument(f"{name} is empty: pass a prompt or a non-empty list of prompts")
+    for i, p in enumerate(items):
+        if not isinstance(p, str):
+            raise BadArgument(f"{name}[{i}] must be a str, got {type(p).__name__}")
+        if not p.strip():
+            raise BadArgument(f"{name}[{i}] is an empty or blank string: a memorization score needs a prompt")
+    return items
+
+
+def integer(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise BadArgument(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def finite(value, name: str, *, above=None, allow_inf: bool = False) -> float:
+    """A real number that is not NaN (nor inf unless allow_inf), and > above when given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise BadArgument(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if math.isnan(v) or (math.isinf(v) and not allow_inf):
+        raise BadArgument(f"{name} must be a {'non-NaN' if allow_inf else 'finite'} number, got {value!r}")
+    if above is not None and not v > above:
+        raise BadArgument(f"{name} must be > {above}, got {value!r}")
+    return v
+
+
+def guidance_scale(value, *, needs_cfg: bool) -> float:
+    """CFG scale: finite; > 1 where the classifier-free batch [null; cond] is needed (sail, guard)."""
+    return finite(value, "guidance_scale", above=1 if needs_cfg else None)
+
+
+def generators(generator, count: int):
+    """A generator, None, or a list of exactly `count` generators (one per image)."""
+    if isinstance(generator, list) and len(generator) != count:
+        raise BadArgument(f"generator is a list of {len(generator)} generators; pass one per image "
+                          f"(len(prompts) * num_images_per_prompt = {count}) or a single generator")
+    return generator
