@@ -49,7 +49,7 @@ def _check_latents(latents, count, shape, model):
 def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt: int = 1, steps: int = 1,
            num_inference_steps: int = 50, guidance_scale: float = 7.5, generator=None, latents=None,
            batch_size: int = 8, hvp: str = "fd", progress: bool = True, height=None, width=None,
-           num_probes: int = 8, fd_step=None, probe_seed: int = 0) -> DetectionResult:
+           num_probes: int = 8, fd_step=None, probe_seed: int = 0, probe_step=None) -> DetectionResult:
     """Memorization scores of `prompts` on a StableDiffusionPipeline / StableDiffusionXLPipeline.
 
     `pipe` may also be a `sharpfast.score.ScoreModel` of the pipeline, to share one across many
@@ -66,7 +66,9 @@ def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt
     (except with ancestral schedulers and steps > 1, whose noise comes from the generator).
 
     hvp: "fd" (finite difference, default, any precision) or "jvp" (exact forward-mode AD, fp32,
-    math attention; slower). fd_step: the finite-difference step (default by UNet dtype).
+    math attention; slower). fd_step: the finite-difference step of sharpness, a distance in
+    latent space (default by UNet dtype); probe_step: the traces' step per element of a Rademacher
+    probe (default fd_step / sqrt(C h w), so a probe moves x as far as the sharpness's step).
     The pipeline is left as it was (its scheduler is copied, not stepped).
     """
     prompts, metrics = _check_args(prompts, metrics, num_images_per_prompt, steps, num_inference_steps,
@@ -103,7 +105,8 @@ def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt
                 x = sched.scale_model_input(lat, t)
                 ab = model.alpha_bar(sched, t)
                 vals, guided = step_metrics(model, x, t, ab, cond, metrics, guidance_scale, prompts=batch, n=n,
-                                            hvp=hvp, fd_step=fd_step, num_probes=num_probes, probe_seed=probe_seed)
+                                            hvp=hvp, fd_step=fd_step, num_probes=num_probes, probe_seed=probe_seed,
+                                            probe_h=probe_step)
                 for m in metrics:
                     total[m] += vals[m]
                 if i + 1 < steps:
@@ -115,5 +118,5 @@ def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt
     scores = {m: per_image[m].mean(dim=1) for m in metrics}
     config = dict(metrics=list(metrics), num_images_per_prompt=n, steps=steps, num_inference_steps=num_inference_steps,
                   guidance_scale=float(guidance_scale), hvp=hvp, batch_size=batch_size, height=height, width=width,
-                  num_probes=num_probes, fd_step=fd_step, **{k: v - calls0[k] for k, v in model.stats.items()})
+                  num_probes=num_probes, fd_step=fd_step, probe_step=probe_step, **{k: v - calls0[k] for k, v in model.stats.items()})
     return DetectionResult(prompts, scores, per_image, warnings, config)

@@ -22,14 +22,18 @@ objective="paper": loss = ||H_Δ s_Δ||^2 (+ alpha ||x||^2), the paper's L_SAIL 
   finite-difference sharpness of sharpfast.detect (same step, same formula); the threshold is on
   the sharpness itself, so "auto" is the detection threshold shipped with the model.
 objective="reference": the authors' code loss ||eps_Δ(x + eps_Δ/||eps_Δ||)|| + alpha ||x|| with
-  their defaults (alpha 0.05 SD 1.x / 0.01 SD 2.x, threshold 8.2, 8 candidates, 10 steps a
-  round, threshold +0.1 after every 3 failed rounds, fresh candidates each round), but bounded
-  (max_rounds), without their defects (stale first input, optimizing accepted latents,
-  duplicate latents, a host sync per step).
+  their defaults (alpha 0.05 SD 1.x / 0.01 SD 2.x, threshold 8.2 on SD 1.4's 4x64x64 latent,
+  8 candidates, 10 steps a round, threshold +0.1 after every 3 failed rounds, fresh candidates
+  each round), but bounded (max_rounds, default 6: the raise happens once), without their defects
+  (stale first input, optimizing accepted latents, duplicate latents, a host sync per step).
+  Both terms of that loss grow as sqrt(D) with the latent's size D (||eps_Δ|| and ||x|| are sums
+  over D elements of O(1) squares), so threshold="auto" is 8.2 sqrt(D / 16384): the authors'
+  level carried to the latent at hand, not SD 1.4's number on a latent of another size.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -42,8 +46,8 @@ from .score import ScoreModel
 
 OBJECTIVES = ("paper", "reference")
 CALIBRATION_FILE = "calibration.json"
-REFERENCE = dict(alpha_sd1=0.05, alpha_sd2=0.01, threshold=8.2, candidates=8, steps_per_round=10, raise_every=3,
-                 raise_by=0.1)
+REFERENCE = dict(alpha_sd1=0.05, alpha_sd2=0.01, threshold=8.2, threshold_numel=4 * 64 * 64, candidates=8,
+                 steps_per_round=10, raise_every=3, raise_by=0.1)
 # paper: measured on the digits model (README, "Mitigation"): the paper's lr 0.05 hardly moves x_T
 # there (copies 0.867 -> 0.863), steps of 0.5-1 on the shell do
 DEFAULTS = {"paper": dict(candidates=1, max_steps=3, lr=0.7), "reference": dict(candidates=8, max_steps=10, lr=0.05)}
@@ -179,7 +183,7 @@ def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, object
 
 def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latents=None, objective: str = "paper",
          alpha=None, lr=None, max_steps=None, candidates=None, threshold="auto", project=None,
-         max_rounds: int = 3, fd_step=None, return_info: bool = False, **pipe_kwargs):
+         max_rounds: int = 6, fd_step=None, return_info: bool = False, **pipe_kwargs):
     """Generate with SAIL: optimized initial noise, then the pipeline's own sampler.
 
     Takes the keyword arguments of `pipe(...)` (num_inference_steps, guidance_scale, height, width,
@@ -189,7 +193,8 @@ def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latent
 
     threshold: the sharpness at which a candidate stops. "auto" (objective="paper": the "target"
     shipped beside the model in calibration.json, the sharpness that only 10% of normal prompts'
-    images are under; "reference": 8.2, the authors' value for SD 1.4) or a number (e.g.
+    images are under; "reference": the authors' 8.2 for SD 1.4, times sqrt(D / 16384) for a
+    latent of D elements) or a number (e.g.
     sharpfast.calibrate(sharpness of normal prompts, fpr=0.9)). Stopping as soon as an image
     would no longer be flagged (the detection threshold) was measured to be too early: on the
     digits model half of the memorized noises are under it from the start and still copy.
@@ -219,18 +224,21 @@ def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latent
         alpha = 0.0 if objective == "paper" else (REFERENCE["alpha_sd2"] if v_pred else REFERENCE["alpha_sd1"])
     if project is None:
         project = objective == "paper"
+    dh, dw = model.default_size()
+    height, width = pipe_kwargs.get("height") or dh, pipe_kwargs.get("width") or dw
+    N, shape = len(prompts) * n, model.latent_shape(height, width)
     if threshold == "auto":
-        threshold = shipped_threshold(pipe, key="target") if objective == "paper" else REFERENCE["threshold"]
+        if objective == "paper":
+            threshold = shipped_threshold(pipe, key="target")
+        else:
+            threshold = REFERENCE["threshold"] * (math.prod(shape) / REFERENCE["threshold_numel"]) ** 0.5
         if threshold is None:
             raise MissingCalibration("threshold='auto' needs the model's SAIL target (calibration.json beside the model, "
                              "sharpness/target); pass threshold=<float>, e.g. sharpfast.calibrate(sharpness of "
                              "normal prompts, fpr=0.9)")
     validate.finite(threshold, "threshold")
-    dh, dw = model.default_size()
-    height, width = pipe_kwargs.get("height") or dh, pipe_kwargs.get("width") or dw
     steps = pipe_kwargs.get("num_inference_steps", 50)
     sched = model.scheduler(steps)
-    N, shape = len(prompts) * n, model.latent_shape(height, width)
     validate.generators(generator, N)
     if latents is None:
         latents = model.noise(N, height, width, generator)
@@ -258,8 +266,10 @@ def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latent
     opt_calls = model.stats["unet_calls"]
     final = (chosen / scale).to(latents.dtype)
     # a first candidate accepted where it started is the caller's noise, bit for bit
-    unchanged = (info["initial_statistic"][:, 0] <= threshold).to(dev)
-    final[unchanged] = latents.to(dev)[unchanged]
+    keep = (info["initial_statistic"][:, 0] <= threshold).to(dev)
+    final[keep] = latents.to(dev)[keep]
+    # "unchanged" says what came back: also an image whose optimization fell back to its start
+    unchanged = (final.flatten(1) == latents.to(dev, final.dtype).flatten(1)).all(dim=1)
     out = pipe(prompts, num_images_per_prompt=n, generator=generator, latents=final, **pipe_kwargs)
     if not return_info:
         return out

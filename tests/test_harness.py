@@ -33,6 +33,15 @@ def test_eval_detect_table_json_png_and_resume(tmp_path, capsys):
     rep = json.loads((tmp_path / "o" / "detect.json").read_text())
     assert len(rep["table"]) == 2 * 2
     assert all(0 <= r["auc"] <= 1 for r in rep["table"])
+    # the AUC, computed here from the written scores as P(memorized score > non-memorized score):
+    # swapped labels (AUC -> 1 - AUC) or a wrong set would differ
+    recs = [json.loads(line) for line in (tmp_path / "o" / "scores_n1_steps1.jsonl").read_text().splitlines()]
+    by_prompt = {r["prompt"]: r for r in recs}
+    for m in ("wen", "sharpness"):
+        pos, neg = [by_prompt[p][m] for p in mem], [by_prompt[p][m] for p in non]
+        auc = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+        row = next(r for r in rep["table"] if r["metric"] == m and r["n"] == 1 and r["steps"] == 1)
+        assert row["auc"] == pytest.approx(auc) and auc != 0.5, (m, row["auc"], auc)
     assert (tmp_path / "o" / "roc.png").stat().st_size > 1000
     scores = (tmp_path / "o" / "scores_n1_steps1.jsonl").read_text().splitlines()
     assert len(scores) == 8
@@ -40,6 +49,18 @@ def test_eval_detect_table_json_png_and_resume(tmp_path, capsys):
     assert main(args) == 0
     assert (tmp_path / "o" / "scores_n1_steps1.jsonl").read_text().splitlines() == scores
     assert json.loads((tmp_path / "o" / "detect.json").read_text())["table"] == rep["table"]
+    # the same folder with other prompts: their records are scored, the old ones never returned
+    other = [p for p in non[::-1]]
+    args2 = [a if a != str(tmp_path / "n.txt") else _write(tmp_path / "n2.txt", other[:2] + ["a brand new prompt"])
+             for a in args]
+    assert main(args2) == 0
+    rep2 = json.loads((tmp_path / "o" / "detect.json").read_text())
+    assert rep2["config"]["non_memorized"] == 3
+    from sharpfast import jsonl
+
+    latest = jsonl.read(str(tmp_path / "o" / "scores_n1_steps1.jsonl"))
+    prompts_now = mem + other[:2] + ["a brand new prompt"]
+    assert [latest[i]["prompt"] for i in range(len(prompts_now))] == prompts_now
 
 
 def test_eval_mitigate_runs_every_baseline(tmp_path, capsys):

@@ -76,6 +76,29 @@ def test_reference_objective_runs_bounded_rounds(pipe):
     assert info["threshold"] == pytest.approx(-1.0 + 0.1), "raised once, after three failed rounds"
 
 
+def test_reference_auto_threshold_follows_the_latent_size(pipe):
+    """The authors' 8.2 is for SD 1.4's 4x64x64 latent; both terms of their loss grow as sqrt(D),
+    so 'auto' is 8.2 sqrt(D / 16384) (once a fixed 8.2: a no-op on small latents, unreachable on
+    SDXL-sized ones). The default max_rounds (6) lets the documented raise happen once."""
+    _, info = sharpfast.sail(pipe, PROMPTS[:1], generator=gen(), objective="reference", candidates=1, max_steps=0,
+                             return_info=True, **KW)
+    D = 4 * 8 * 8
+    raises = 0 if info["converged"] else 1
+    assert info["threshold"] == pytest.approx(8.2 * (D / 16384) ** 0.5 + 0.1 * raises)
+    _, info = sharpfast.sail(pipe, PROMPTS[:1], generator=gen(), objective="reference", candidates=1, max_steps=0,
+                             threshold=-1.0, return_info=True, **KW)
+    assert info["threshold"] == pytest.approx(-1.0 + 0.1), "default max_rounds=6: raised after round 3"
+
+
+def test_unchanged_says_what_came_back(pipe):
+    """No Adam step and an unreachable threshold: the fallback is the starting noise itself, and
+    info['unchanged'] says so (it once said False for latents equal to the input bit for bit)."""
+    lat = torch.randn(2, 4, 8, 8, generator=gen(3))
+    _, info = sharpfast.sail(pipe, PROMPTS, latents=lat, threshold=-1.0, max_steps=0, return_info=True, **KW)
+    assert not info["accepted"].any()
+    assert torch.equal(info["latents"], lat) and info["unchanged"].all()
+
+
 def test_pipeline_left_as_plain_generation_leaves_it(pipe):
     pipe(PROMPTS, generator=gen(), **KW)
     expected = snapshot(pipe)

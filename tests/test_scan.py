@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import sharpfast
 from sharpfast.errors import BadArgument, OutputMismatch
@@ -178,3 +179,22 @@ def test_bad_input(pipe, model_dir, tmp_path, monkeypatch):
     assert shard.count('"_commit"') == 1 and shard.endswith('{"_commit": 0}\n'), "cut back to the last good chunk"
     s = sharpfast.scan(pipe, src, out2, metrics=("wen",), batch_size=3, num_inference_steps=10, progress=False)
     assert [r["row"] for r in results(out2)] == list(range(9)) and s["scored"] == 9
+
+
+def test_row_i_is_detect_of_that_prompt_with_seed_plus_i(pipe, tmp_path):
+    """Prompt on row i draws its noise from seed + i (blank rows keep their number): each scored
+    row equals sharpfast.detect of that prompt alone, with the pipeline's own draw from seed + i."""
+    src = tmp_path / "p.txt"
+    lines = ["a cat on a mat", "", "two dogs", "an old map", "a red house"]
+    src.write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / "o")
+    sharpfast.scan(pipe, str(src), out, metrics=("wen", "sharpness"), batch_size=2, seed=9, num_inference_steps=10,
+                   progress=False)
+    rows = {r["row"]: r for r in results(out)}
+    assert rows[1].get("skipped") and [i for i, r in rows.items() if "prompt" in r] == [0, 2, 3, 4]
+    for i in (0, 2, 3, 4):
+        lat = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(9 + i))
+        ref = sharpfast.detect(pipe, [lines[i]], metrics=("wen", "sharpness"), latents=lat, num_inference_steps=10,
+                               progress=False)
+        assert rows[i]["wen"] == pytest.approx(float(ref.scores["wen"][0]), rel=1e-5)
+        assert rows[i]["sharpness"] == pytest.approx(float(ref.scores["sharpness"][0]), rel=2e-3)

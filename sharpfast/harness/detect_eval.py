@@ -25,7 +25,12 @@ def _score_config(pipe, prompts, n, steps, metrics, path, seed, batch_size, hvp,
 
     from ..score import ScoreModel
 
-    done = jsonl.read(path)
+    # a record counts only for the same prompt at the same id under the same settings: a rerun with
+    # other prompt files or settings into the same folder redoes those records, never reuses them
+    settings = _fingerprint(dict(seed=seed, hvp=hvp, num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale, dtype=str(pipe.unet.dtype)))
+    done = {i: r for i, r in jsonl.read(path).items()
+            if isinstance(i, int) and i < len(prompts) and r.get("prompt") == prompts[i] and r.get("settings") == settings}
     todo = [i for i in range(len(prompts)) if i not in done or any(m not in done[i] for m in metrics)]
     if not todo:
         return done
@@ -40,12 +45,18 @@ def _score_config(pipe, prompts, n, steps, metrics, path, seed, batch_size, hvp,
             res = sharpfast.detect(pipe, [prompts[i] for i in ids], metrics=metrics, num_images_per_prompt=n,
                                    steps=steps, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                    latents=lat.to(model.device), batch_size=batch_size, hvp=hvp, progress=False)
-            recs = [{"id": i, "prompt": prompts[i], **{m: float(res.scores[m][k]) for m in metrics}}
-                    for k, i in enumerate(ids)]
+            recs = [{"id": i, "prompt": prompts[i], **{m: float(res.scores[m][k]) for m in metrics},
+                     "settings": settings} for k, i in enumerate(ids)]
             jsonl.append(f, recs)
             done.update({r["id"]: r for r in recs})
             bar.update(len(ids))
     return done
+
+
+def _fingerprint(obj) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 def _auc_row(scores_pos, scores_neg):

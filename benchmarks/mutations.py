@@ -1,0 +1,64 @@
+"""Plant each bug the one-engine issue listed, run the tests meant to guard against it, and report
+which test catches it (the suite must fail for every one). Restores every file afterwards.
+
+    python benchmarks/mutations.py            # about 6 minutes on 2 cores
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MUTATIONS = [
+    ("v-prediction conversion sign", "sharpfast/score.py", "return a * pred + s * x", "return a * pred - s * x",
+     ["tests/test_reference.py"]),
+    ("score sign", "sharpfast/score.py", "return -eps / sigma_of(alpha_bar)", "return eps / sigma_of(alpha_bar)",
+     ["tests/test_reference.py"]),
+    ("score_norm as L1 over sigma", "sharpfast/metrics.py",
+     'out["score_norm"] = eps_c.reshape(len(eps_c), -1).pow(2).sum(dim=1) / sig**2',
+     'out["score_norm"] = eps_c.reshape(len(eps_c), -1).abs().sum(dim=1) / sig', ["tests/test_reference.py"]),
+    ("sharpness 1/sigma^2 dropped", "sharpfast/metrics.py", "return dod * wen / (sig * sig * h)",
+     "return dod * wen / h", ["tests/test_reference.py"]),
+    ("eval detect labels swapped", "sharpfast/harness/detect_eval.py",
+     "np.concatenate([np.ones(len(scores_pos)), np.zeros(len(scores_neg))])",
+     "np.concatenate([np.zeros(len(scores_pos)), np.ones(len(scores_neg))])", ["tests/test_harness.py::test_eval_detect_table_json_png_and_resume"]),
+    ("scan noise seed + i -> seed", "sharpfast/scanning.py", "torch.Generator(\"cpu\").manual_seed(seed + i)",
+     "torch.Generator(\"cpu\").manual_seed(seed)", ["tests/test_scan.py::test_row_i_is_detect_of_that_prompt_with_seed_plus_i"]),
+    ("CLI noise seed + i -> seed", "sharpfast/cli.py", "torch.Generator(\"cpu\").manual_seed(args.seed + i)",
+     "torch.Generator(\"cpu\").manual_seed(args.seed)",
+     ["tests/test_cli.py::test_detect_ids_are_line_numbers_and_noise_is_seed_plus_id"]),
+    ("Euler alpha_bar 1/(1+sigma)", "sharpfast/score.py", "return 1.0 / (1.0 + sigma * sigma)",
+     "return 1.0 / (1.0 + sigma)", ["tests/test_reference.py::test_euler_and_ddim_agree_on_alpha_bar_at_equal_t"]),
+    ("trace_delta sign", "sharpfast/metrics.py", 'out["trace_delta"] = -(tr_c - tr_u)', 'out["trace_delta"] = (tr_c - tr_u)',
+     ["tests/test_reference.py::test_traces_values_and_signs"]),
+]
+
+
+def main() -> int:
+    missed = []
+    for name, rel, old, new, tests in MUTATIONS:
+        path = ROOT / rel
+        src = path.read_text()
+        assert src.count(old) == 1, f"{name}: the line to mutate is not found exactly once in {rel}"
+        path.write_text(src.replace(old, new))
+        try:
+            s = time.perf_counter()
+            res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                                 cwd=ROOT, capture_output=True, text=True, env={**os.environ})
+            failed = [ln.split(" ")[1] for ln in res.stdout.splitlines() if ln.startswith("FAILED ")]
+        finally:
+            path.write_text(src)
+        caught = res.returncode != 0
+        print(f"{'CAUGHT' if caught else 'MISSED'}  {name:34s} {failed[0] if failed else '-'}  "
+              f"({time.perf_counter() - s:.0f} s)", flush=True)
+        if not caught:
+            missed.append(name)
+    print(f"{len(MUTATIONS) - len(missed)}/{len(MUTATIONS)} mutations caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
