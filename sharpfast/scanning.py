@@ -86,33 +86,40 @@ def _read_shards(out_dir: str):
 
 
 class _Shard:
-    """This rank's append-only shard; every write is all of a chunk or nothing."""
+    """This rank's append-only shard; every write is all of a chunk or nothing.
+
+    Written through a raw file descriptor (no Python buffer): a failed write leaves nothing
+    buffered for a later flush or close() to fail on again, and the shard is cut back to its last
+    complete chunk with ftruncate before the error is raised."""
 
     def __init__(self, out_dir: str, rank: int):
         os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
         self.path = os.path.join(out_dir, "shards", f"rank-{rank:05d}.jsonl")
         self.good = _committed(self.path)[2] if os.path.exists(self.path) else 0
-        with open(self.path, "ab") as f:
-            f.truncate(self.good)  # drop the chunk a killed run was writing
-        self.f = open(self.path, "ab")
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.ftruncate(self.fd, self.good)  # drop the chunk a killed run was writing
 
     def commit(self, chunk: int, records: list[dict]):
-        data = "".join(json.dumps(r) + "\n" for r in records) + json.dumps({COMMIT: chunk}) + "\n"
+        data = ("".join(json.dumps(r) + "\n" for r in records) + json.dumps({COMMIT: chunk}) + "\n").encode("utf-8")
         try:
-            self.f.write(data.encode("utf-8"))
-            self.f.flush()
-            os.fsync(self.f.fileno())
+            view, pos = memoryview(data), self.good
+            while view:  # os.pwrite may write less than asked
+                n = os.pwrite(self.fd, view, pos)
+                view, pos = view[n:], pos + n
+            os.fsync(self.fd)
         except OSError as err:
-            self.f.close()
-            with open(self.path, "ab") as f:
-                f.truncate(self.good)
-            self.f = open(self.path, "ab")
+            try:
+                os.ftruncate(self.fd, self.good)
+            except OSError:
+                pass  # the rerun cuts the torn chunk off all the same (_committed)
             raise OSError(err.errno, f"writing chunk {chunk} to {self.path} failed ({err.strerror}); the shard is "
                                      f"kept up to its last complete chunk: free space and rerun to resume") from err
-        self.good += len(data.encode("utf-8"))
+        self.good += len(data)
 
     def close(self):
-        self.f.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 # ---- metadata ---------------------------------------------------------------------------
@@ -283,11 +290,7 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
 def _merge(out_dir, metrics, flag_metric, threshold, top):
     recs, _ = _read_shards(out_dir)
     recs = sorted({r["row"]: r for r in recs}.values(), key=lambda r: r["row"])
-    tmp = os.path.join(out_dir, "results.jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in recs:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, os.path.join(out_dir, "results.jsonl"))
+    _write_atomic(os.path.join(out_dir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in recs))
     scored = [r for r in recs if "skipped" not in r]
     skipped: dict = {}
     for r in recs:
@@ -299,11 +302,29 @@ def _merge(out_dir, metrics, flag_metric, threshold, top):
                "top_flagged": [{"row": r["row"], "id": r["id"], "prompt": r["prompt"], flag_metric: r[flag_metric]}
                                for r in flagged[:top]],
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
+    _write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
     if scored:
         _histogram(scored, metrics, threshold, flag_metric, os.path.join(out_dir, "histogram.png"))
     return summary
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """path holds the old contents or the new, never a part: a full disk leaves no .tmp behind and
+    raises an error that says the shards are intact."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise OSError(err.errno, f"writing {path} failed ({err.strerror}); every scored chunk is kept in the "
+                                 f"shards: free space and rerun to merge them") from err
 
 
 def _histogram(recs, metrics, threshold, flag_metric, path):

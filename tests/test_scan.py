@@ -198,3 +198,44 @@ def test_row_i_is_detect_of_that_prompt_with_seed_plus_i(pipe, tmp_path):
                                progress=False)
         assert rows[i]["wen"] == pytest.approx(float(ref.scores["wen"][0]), rel=1e-5)
         assert rows[i]["sharpness"] == pytest.approx(float(ref.scores["sharpness"][0]), rel=2e-3)
+
+
+def test_full_disk_mid_write_and_during_the_merge(pipe, tmp_path, monkeypatch):
+    """A write that stops half-way with ENOSPC: the shard is cut back to its last commit and the
+    error says so (the recovery itself once failed again in close()); a full disk during the merge
+    leaves no partial results.jsonl.tmp, and a rerun completes."""
+    from sharpfast import scanning
+
+    src = prompts_file(tmp_path / "p.txt", 9)
+    out = str(tmp_path / "o")
+    real = os.pwrite
+    calls = {"n": 0}
+
+    def half_then_full(fd, data, pos):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second chunk: half of it reaches the disk, then the disk is full
+            real(fd, bytes(data[: len(data) // 2]), pos)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, pos)
+
+    monkeypatch.setattr(scanning.os, "pwrite", half_then_full)
+    with pytest.raises(OSError, match="No space left.*last complete chunk.*rerun to resume"):
+        sharpfast.scan(pipe, src, out, metrics=("wen",), batch_size=3, num_inference_steps=10, progress=False)
+    monkeypatch.setattr(scanning.os, "pwrite", real)
+    shard = open(os.path.join(out, "shards", "rank-00000.jsonl")).read()
+    assert shard.endswith('{"_commit": 0}\n') and shard.count('"_commit"') == 1
+
+    real_replace = os.replace
+
+    def full_on_results(a, b):
+        if b.endswith("results.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(a, b)
+
+    monkeypatch.setattr(scanning.os, "replace", full_on_results)
+    with pytest.raises(OSError, match="results.jsonl failed.*kept in the shards"):
+        sharpfast.scan(pipe, src, out, metrics=("wen",), batch_size=3, num_inference_steps=10, progress=False)
+    assert not os.path.exists(os.path.join(out, "results.jsonl.tmp"))
+    monkeypatch.setattr(scanning.os, "replace", real_replace)
+    s = sharpfast.scan(pipe, src, out, metrics=("wen",), batch_size=3, num_inference_steps=10, progress=False)
+    assert s["scored"] == 9 and [r["row"] for r in results(out)] == list(range(9))
