@@ -27,7 +27,7 @@ MUTATIONS = [
      "np.concatenate([np.zeros(len(scores_pos)), np.ones(len(scores_neg))])", ["tests/test_harness.py::test_eval_detect_table_json_png_and_resume"]),
     ("scan noise seed + i -> seed", "sharpfast/scanning.py", "torch.Generator(\"cpu\").manual_seed(seed + i)",
      "torch.Generator(\"cpu\").manual_seed(seed)", ["tests/test_scan.py::test_row_i_is_detect_of_that_prompt_with_seed_plus_i"]),
-    ("CLI noise seed + i -> seed", "sharpfast/cli.py", "torch.Generator(\"cpu\").manual_seed(args.seed + i)",
+    ("CLI noise seed + i -> seed", "sharpfast/cli/detect.py", "torch.Generator(\"cpu\").manual_seed(args.seed + i)",
      "torch.Generator(\"cpu\").manual_seed(args.seed)",
      ["tests/test_cli.py::test_detect_ids_are_line_numbers_and_noise_is_seed_plus_id"]),
     ("Euler alpha_bar 1/(1+sigma)", "sharpfast/score.py", "return 1.0 / (1.0 + sigma * sigma)",

@@ -130,3 +130,32 @@ def test_help_explains_every_option():
     for opt in ("--model", "--prompts", "--labels", "--metrics", "--n", "--steps", "--batch-size", "--device",
                 "--dtype", "--out", "--hvp", "--seed"):
         assert opt in res.stdout
+
+
+def test_sail_cli_checks_everything_before_loading_or_generating(tmp_path, capsys):
+    """Each of these once failed after the model had loaded (or after generating): a diffusers
+    reshape error for --n 0, NaN images with exit 0 for an infinite guidance scale, an unwritable
+    --out found only at the end."""
+    base = ["sail", "--model", str(tmp_path / "no-model"), "--prompt", "a cat"]
+    fails(capsys, base + ["--n", "0"], "--n must be an int >= 1")
+    fails(capsys, base + ["--guidance-scale", "inf"], "guidance_scale must be a finite number")
+    fails(capsys, base + ["--guidance-scale", "1.0"], "guidance_scale must be > 1")
+    fails(capsys, base + ["--max-steps", "-1"], "--max-steps must be an int >= 0")
+    fails(capsys, base + ["--out", str(tmp_path / "missing" / "x.png")], "the folder of --out does not exist")
+    fails(capsys, base + ["--out", str(tmp_path / "x.jpg")], "--out must be a .png file")
+    fails(capsys, base, "local diffusers model directory")  # only now is the model looked for
+
+
+def test_help_states_the_defaults_in_code():
+    from sharpfast.mitigation import DEFAULTS
+
+    res = subprocess.run([sys.executable, "-m", "sharpfast", "sail", "--help"], capture_output=True, text=True)
+    assert f"(default {DEFAULTS['paper']['candidates']})" in res.stdout
+    assert f"(default {DEFAULTS['paper']['max_steps']})" in res.stdout
+
+
+def test_detect_takes_the_bundled_model_and_auto_device(tmp_path):
+    out = tmp_path / "r.jsonl"
+    assert main(["detect", "--model", "digits", "--prompts", write(tmp_path / "p.txt", ["a handwritten seven"]),
+                 "--out", str(out), "--num-inference-steps", "10", "--quiet"]) == 0
+    assert read(out)[0]["prompt"] == "a handwritten seven"

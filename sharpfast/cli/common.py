@@ -1,0 +1,96 @@
+"""What every `sharpfast` command shares: argument types, device and dtype choice, loading a
+model offline, reading prompt files, checking output paths. Errors are sharpfast errors; the
+entry point (sharpfast.cli.main) prints them as one line and exits 2."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+
+from ..errors import BadArgument, MissingInput
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def csv(text: str, kind=str) -> list:
+    vals = [kind(v.strip()) for v in text.split(",") if v.strip()]
+    if not vals:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return vals
+
+
+def ints(text):
+    try:
+        return csv(text, int)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def device_dtype(device: str, dtype: str):
+    """'auto' device: cuda if available, else cpu; 'auto' dtype: fp16 on cuda, fp32 on cpu."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "fp16" if device.startswith("cuda") else "fp32"
+    return device, dtype
+
+
+def add_device_args(p) -> None:
+    p.add_argument("--device", default="auto", help="torch device; auto = cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="UNet dtype; auto = fp16 on cuda, "
+                                                                              "fp32 on cpu")
+
+
+def read_lines(path: str, what: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise MissingInput(f"{what} file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\r\n") for line in f]
+    except UnicodeDecodeError as err:
+        raise BadArgument(f"{what} file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    while lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise BadArgument(f"{what} file is empty: {path}")
+    return lines
+
+
+def load_model(model: str, device: str, dtype: str):
+    """'digits' (the bundled model) or a local diffusers model directory, safetensors only, offline,
+    its progress bar off (the commands show their own)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from .. import zoo
+
+    model_dir = zoo.resolve(model)
+    if not os.path.isdir(model_dir):
+        raise MissingInput(f"--model must be 'digits' or a local diffusers model directory; not found: {model_dir}")
+    pipe = DiffusionPipeline.from_pretrained(model_dir, torch_dtype=getattr(torch, DTYPES[dtype]),
+                                             use_safetensors=True, local_files_only=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def fingerprint(obj) -> str:
+    """A short hash of JSON-able settings: records carry it, and a rerun reuses only matching ones."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def check_output(path: str) -> None:
+    """The output file's folder exists and takes a file (probed by writing one: permission bits say
+    nothing for root, a read-only mount does), checked before any model is loaded."""
+    import tempfile
+
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(d):
+        raise MissingInput(f"the folder of --out does not exist: {d}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".sharpfast-probe-"):
+            pass
+    except OSError as err:
+        raise BadArgument(f"cannot write --out {path}: {err.strerror}") from None

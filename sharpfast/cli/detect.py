@@ -1,0 +1,130 @@
+"""`sharpfast detect`: score every prompt of a file, one JSON line each, resumable."""
+from __future__ import annotations
+
+import os
+import sys
+
+from .. import jsonl, validate
+from ..errors import BadArgument, OutputMismatch
+from .common import add_device_args, check_output, device_dtype, fingerprint, load_model, read_lines
+
+
+class DetectCommand:
+    name = "detect"
+
+    @staticmethod
+    def register(sub) -> None:
+        d = sub.add_parser("detect", help="score prompts for memorization on a local diffusers model",
+                           description="Score every prompt of a file for memorization and append one JSON line "
+                                       "per prompt to --out. Restarting the same command skips prompts already "
+                                       "written; an --out of other prompts or settings is refused.")
+        d.add_argument("--model", required=True, help="'digits' (bundled) or a local diffusers model directory "
+                                                      "(safetensors; loaded offline)")
+        d.add_argument("--prompts", required=True,
+                       help="text file, one prompt a line (kept exactly, HTML entities too; blank lines skipped, ids "
+                            "are line numbers), or .jsonl/.parquet read as `sharpfast scan` reads them")
+        d.add_argument("--labels", help="text file, one 0/1 per line of --prompts (1 = memorized): prints AUC and "
+                                        "TPR at 1%%/3%% FPR")
+        d.add_argument("--metrics", default="wen,sharpness",
+                       help="comma list of wen, sharpness, trace, trace_delta, score_norm (default: wen,sharpness)")
+        d.add_argument("--n", type=int, default=1, help="images per prompt, averaged (default 1)")
+        d.add_argument("--steps", type=int, default=1, help="first sampling steps to average over (default 1)")
+        d.add_argument("--num-inference-steps", type=int, default=50, help="sampler steps of the schedule (default 50)")
+        d.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale of the trajectory (default 7.5)")
+        d.add_argument("--batch-size", type=int, default=8, help="prompts per UNet batch (default 8)")
+        d.add_argument("--hvp", choices=("fd", "jvp"), default="fd", help="Hessian-vector product: fd (default) or jvp")
+        d.add_argument("--seed", type=int, default=42,
+                       help="the prompt on line i draws its noise from seed + i (default 42), as in `sharpfast scan`")
+        add_device_args(d)
+        d.add_argument("--out", default="results.jsonl",
+                       help="JSON lines output, appended; a rerun resumes it, and refuses it if it holds other "
+                            "prompts or settings")
+        d.add_argument("--overwrite", action="store_true", help="start --out afresh if it holds other prompts/settings")
+        d.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    @staticmethod
+    def run(args) -> int:
+        import torch
+        from tqdm.auto import tqdm
+
+        import sharpfast
+
+        from ..metrics import METRICS
+        from ..scan_input import read_prompts
+        from ..score import ScoreModel
+
+        # every argument and path is checked before the model is loaded
+        rows = read_prompts(args.prompts) if args.prompts.endswith((".jsonl", ".parquet")) else [
+            (i, p) for i, p in enumerate(read_lines(args.prompts, "prompts")) if p.strip()]
+        if not rows:
+            raise BadArgument(f"no usable prompt in {args.prompts}")
+        labels = None
+        if args.labels:
+            raw = read_lines(args.labels, "labels")
+            try:
+                labels = {i: int(raw[i]) for i, _ in rows}
+            except (IndexError, ValueError):
+                raise BadArgument(f"--labels must hold one 0/1 per line of {args.prompts} ({len(raw)} labels)") from None
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        for name in ("n", "steps", "num_inference_steps", "batch_size"):
+            validate.integer(getattr(args, name), "--" + name.replace("_", "-"))
+        validate.guidance_scale(args.guidance_scale, needs_cfg=False)
+        for m in metrics or [""]:
+            if m not in METRICS:
+                raise BadArgument(f"unknown metric {m!r} in --metrics; valid: {', '.join(METRICS)}")
+        check_output(args.out)
+        device, dtype = device_dtype(args.device, args.dtype)
+        # a record is reused only for the same prompt at the same id under the same settings and model
+        settings = fingerprint(dict(model=args.model, metrics=metrics, n=args.n, steps=args.steps, seed=args.seed,
+                                    num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                                    hvp=args.hvp, dtype=dtype))
+        prompt_of = dict(rows)
+        done = jsonl.read(args.out) if os.path.exists(args.out) else {}
+        stale = [i for i, r in done.items() if prompt_of.get(i) != r.get("prompt") or r.get("settings") != settings]
+        if stale and not args.overwrite:
+            raise OutputMismatch(f"{args.out} holds {len(stale)} records of other prompts or settings (first: id "
+                                 f"{stale[0]}); use another --out, or --overwrite to start it afresh")
+        if stale:
+            os.remove(args.out)
+            done = {}
+        todo = [i for i, _ in rows if i not in done]
+        if done:
+            print(f"sharpfast: {len(done)} prompts already in {args.out}; {len(todo)} to go", file=sys.stderr)
+        model = ScoreModel(load_model(args.model, device, dtype))
+        height, width = model.default_size()
+        with open(args.out, "a", encoding="utf-8") as out, \
+                tqdm(total=len(todo), unit="prompt", desc="detect", disable=args.quiet) as bar:
+            for start in range(0, len(todo), args.batch_size):
+                ids = todo[start:start + args.batch_size]
+                # one generator per prompt id (its line number): results do not depend on batching or restarts
+                lat = torch.cat([model.noise(args.n, height, width, torch.Generator("cpu").manual_seed(args.seed + i))
+                                 for i in ids])
+                res = sharpfast.detect(model, [prompt_of[i] for i in ids], metrics=metrics,
+                                       num_images_per_prompt=args.n, steps=args.steps,
+                                       num_inference_steps=args.num_inference_steps,
+                                       guidance_scale=args.guidance_scale, latents=lat.to(model.device),
+                                       batch_size=args.batch_size, hvp=args.hvp, progress=False)
+                recs = [{"id": i, **rec, "settings": settings} for i, rec in zip(ids, res.to_records())]
+                if labels is not None:
+                    for rec in recs:
+                        rec["label"] = labels[rec["id"]]
+                jsonl.append(out, recs)
+                bar.update(len(ids))
+        if labels is not None:
+            print_table(args.out, metrics, len(rows))
+        return 0
+
+
+def print_table(path: str, metrics, total: int):
+    from ..evaluation import evaluate
+
+    rows = [r for r in jsonl.read(path).values() if "label" in r]
+    print(f"\n{len(rows)} of {total} prompts scored")
+    print(f"{'metric':12s} {'AUC':>6s} {'TPR@1%FPR':>10s} {'TPR@3%FPR':>10s}")
+    for m in metrics:
+        try:
+            e = evaluate([r[m] for r in rows], [r["label"] for r in rows])
+        except ValueError as err:
+            print(f"{m:12s} {err}")
+            continue
+        print(f"{m:12s} {e['auc']:6.3f} {e['tpr_at_1pct_fpr']:10.3f} {e['tpr_at_3pct_fpr']:10.3f}")

@@ -1,0 +1,92 @@
+"""`sharpfast eval detect|mitigate`: the evaluation harness (tables, JSON, figures; resumable)."""
+from __future__ import annotations
+
+from ..errors import BadArgument
+from .common import add_device_args, csv, device_dtype, ints, load_model
+
+
+def _common(p):
+    """Options of both eval commands."""
+    p.add_argument("--model", default="digits", help="'digits' (bundled, default) or a local diffusers model directory")
+    p.add_argument("--out", default="sharpfast-eval", help="output folder (default sharpfast-eval); reruns resume")
+    add_device_args(p)
+    p.add_argument("--num-inference-steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale (default 7.5)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per UNet batch (default 16)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+class EvalCommand:
+    name = "eval"
+
+    @staticmethod
+    def register(sub) -> None:
+        e = sub.add_parser("eval", help="evaluation harness: detection (Table 1) and mitigation quality")
+        esub = e.add_subparsers(dest="eval_command", required=True)
+        d = esub.add_parser("detect", help="AUC and TPR at 1%% FPR per metric, steps and n; table, JSON, ROC PNG",
+                            description="Score the memorized and non-memorized prompt sets with every metric for each "
+                                        "(n, steps), print the AUC / TPR@1%%FPR table and write OUT/detect.json, "
+                                        "OUT/roc.png and the per-configuration scores (resumable).")
+        _common(d)
+        d.add_argument("--memorized", help="memorized prompts (.txt, one a line, or .jsonl with 'prompt'); "
+                                           "default: the bundled model's set")
+        d.add_argument("--non-memorized", help="non-memorized prompts (.txt or .jsonl); with --memorized")
+        d.add_argument("--n", type=ints, default=[1, 4], help="images per prompt, comma list (default 1,4)")
+        d.add_argument("--steps", type=ints, default=[1, 5], help="first sampling steps averaged, comma list (default 1,5)")
+        d.add_argument("--metrics", type=csv, default=["wen", "sharpness", "trace", "score_norm"],
+                       help="comma list of wen, sharpness, trace, trace_delta, score_norm (default wen,sharpness,trace,"
+                            "score_norm)")
+        d.add_argument("--hvp", choices=("fd", "jvp"), default="fd", help="Hessian-vector product for sharpness")
+        d.add_argument("--seed", type=int, default=42, help="prompt i draws its noise from seed + i (default 42)")
+        m = esub.add_parser("mitigate", help="copies, similarity and prompt fidelity per mitigation method",
+                            description="Generate every memorized prompt from the same seeds under each mitigation and "
+                                        "report the share of copies of the memorized image, the mean similarity to it "
+                                        "and prompt fidelity (digit classifier). Writes OUT/mitigate.json, "
+                                        "OUT/mitigate_grid.png (and OUT/tradeoff.png with --sweep); resumable.")
+        _common(m)
+        m.add_argument("--method", type=csv, default=["none", "random_tokens", "wen_embedding"],
+                       help="comma list of none, sail, sail_alpha (the paper's norm term instead of the projection), "
+                            "sail_reference (the authors' loss), wen_embedding, random_tokens (default none,"
+                            "random_tokens,wen_embedding)")
+        m.add_argument("--seeds", type=int, default=5, help="generations per prompt, seeds 0..S-1 (default 5)")
+        m.add_argument("--sweep", action="store_true", help="every setting of each method: trade-off curves")
+        m.add_argument("--limit", type=int, default=None, help="only the first LIMIT memorized prompts")
+
+    @staticmethod
+    def run(args) -> int:
+        from ..harness import detect_eval, mitigate_eval
+        from ..harness.prompt_sets import bundled_records, records_from_files
+
+        device, dtype = device_dtype(args.device, args.dtype)
+        if args.eval_command == "detect":
+            if bool(args.memorized) != bool(args.non_memorized):
+                raise BadArgument("give both --memorized and --non-memorized, or neither")
+            if args.memorized:
+                sets = {"eval": records_from_files(args.memorized, args.non_memorized)}
+            elif args.model == "digits":
+                sets = bundled_records("digits")
+            else:
+                raise BadArgument("--memorized and --non-memorized are needed for a model directory")
+            pipe = load_model(args.model, device, dtype)
+            report = detect_eval.run(pipe, sets, ns=args.n, steps_list=args.steps, metrics=args.metrics, out_dir=args.out,
+                                     seed=args.seed, batch_size=args.batch_size, hvp=args.hvp,
+                                     num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                                     progress=not args.quiet)
+            print(detect_eval.format_report(report))
+            print(f"\nwrote {args.out}/detect.json and {args.out}/roc.png")
+            return 0
+        from .. import zoo
+
+        if args.model not in zoo.MODELS:
+            raise BadArgument("eval mitigate judges copies against the digits training images: use --model digits")
+        from ..zoo.digits_data import digit_images
+
+        records = zoo.prompts(args.model, "memorized")[:args.limit]
+        pipe = load_model(args.model, device, dtype)
+        res = mitigate_eval.run(pipe, records, digit_images()[0], methods=args.method, seeds=tuple(range(args.seeds)),
+                                sweep=args.sweep, out_dir=args.out, batch_prompts=args.batch_size,
+                                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                                progress=not args.quiet)
+        print(mitigate_eval.format_summary(res["summary"]))
+        print(f"\nwrote {args.out}/mitigate.json and {args.out}/mitigate_grid.png")
+        return 0
