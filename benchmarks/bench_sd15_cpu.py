@@ -24,7 +24,6 @@ import statistics
 import tempfile
 import time
 
-import pytest
 import torch
 
 import sharpfast

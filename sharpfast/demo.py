@@ -67,7 +67,7 @@ def run(out_dir: str = "sharpfast-demo", device: str = "cpu", progress: bool = T
 
     model = ScoreModel(pipe)
     h, w = model.default_size()
-    lat = torch.cat([model.noise(1, h, w, torch.Generator("cpu").manual_seed(i)) for i in range(len(shown))])
+    lat = model.noise_for_ids(range(len(shown)), 1, h, w, seed=0)
     say(f"\nmitigation of {len(shown)} memorized prompts from the same noise (copy = reproduces its training image):")
     say(f"{'method':14s} {'copies':>7s} {'right digit':>11s}")
     cols = {}

@@ -1,6 +1,9 @@
 """The detection metrics at one sampling step, from the CFG batch (SPEC.md, "Detection metrics").
 
-Every metric is per image (N rows), computed in the VP space of `sharpfast.score`:
+A metric is a function of one `Step` (the CFG batch's raw predictions at latents x, with the
+schedule's alpha_bar) registered in `REGISTRY` with its cost; detect (`step_metrics`), the
+serving guard and SAIL's objective all compute a metric as `REGISTRY[name].fn(step)`, so each
+formula exists once. Every metric is per image (N rows), in the VP space of `sharpfast.score`:
 - wen:         ||eps_Δ||                                   (0 extra UNet calls)
 - sharpness:   ||H_Δ s_Δ||, finite difference (1 extra CFG call) or exact JVP
 - trace:       -tr H(x, c), Hutchinson with K probes      (1 extra call on K-times the batch)
@@ -15,15 +18,21 @@ import math
 
 import torch
 
+from dataclasses import dataclass
+from typing import Callable
+
 from . import ops
 from .errors import NonFiniteOutput
 from .score import Conditioning, ScoreModel, eps_per_pred, eps_to_score, sigma_of, to_eps
 
-METRICS = ("wen", "sharpness", "trace", "trace_delta", "score_norm")
 HVP_MODES = ("fd", "jvp")
 # finite-difference step along the unit direction of s_Δ, in latent units, by UNet dtype;
 # chosen so that fd agrees with the exact JVP (tests/test_detect.py)
 DEFAULT_FD_STEP = {torch.float32: 0.05, torch.float16: 1.0, torch.bfloat16: 1.0}
+
+
+def default_fd_step(dtype) -> float:
+    return DEFAULT_FD_STEP.get(dtype, 0.05)
 
 
 @contextlib.contextmanager
@@ -68,15 +77,19 @@ def fd_sharpness(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, eps_u, 
     if check is not None:
         check(eps_c2 - eps_u2)
     dod = ops.diff_of_diffs_norm(eps_u, eps_c, eps_u2, eps_c2)
-    if wen is None:  # ||eps_Δ||, unless the caller has it already (detect: from cfg_combine)
+    if wen is None:  # ||eps_Δ||, unless the caller has it already (Step: from cfg_combine)
         wen = (eps_c - eps_u).reshape(len(x), -1).norm(dim=1)
     return dod * wen / (sig * sig * h)
 
 
 def check_finite(pred: torch.Tensor, rows_per_prompt: int, prompts, what: str):
+    """NonFiniteOutput naming the prompt (prompts None: the image's row) of the first row with NaN/inf."""
     bad = ~torch.isfinite(pred.reshape(pred.shape[0], -1)).all(dim=1)
     if bool(bad.any()):
-        i = int(bad.nonzero()[0]) % (len(prompts) * rows_per_prompt) // rows_per_prompt
+        row = int(bad.nonzero()[0])
+        if prompts is None:
+            raise NonFiniteOutput(f"the UNet returned NaN/inf ({what}) for image {row}")
+        i = row % (len(prompts) * rows_per_prompt) // rows_per_prompt
         raise NonFiniteOutput(f"the UNet returned NaN/inf ({what}) for prompt {prompts[i]!r}")
 
 
@@ -88,48 +101,134 @@ def probe_step(fd_step: float, numel: int) -> float:
     return fd_step / math.sqrt(numel)
 
 
+class Step:
+    """One sampling step of a CFG batch: latents x (N rows, the VP latent the UNet saw), its
+    timestep and alpha_bar, the conditioning, and the UNet's raw predictions of the null and the
+    conditional branch. Everything a metric needs is derived here once and cached (eps, wen, the
+    guided prediction, the Hutchinson traces), so metrics sharing a quantity share its cost.
+
+    names / n: the prompts of the rows (n images each) for error messages; fd_step: the
+    sharpness's finite-difference step (a distance in latent space, default by UNet dtype);
+    probe_h: the traces' step per probe element (default fd_step / sqrt(D)); hvp: "fd" or "jvp".
+    """
+
+    def __init__(self, model: ScoreModel, x, t, alpha_bar, cond: Conditioning, pred_u, pred_c, *, names=None, n=1,
+                 guidance_scale=1.0, hvp="fd", fd_step=None, num_probes=8, probe_seed=0, probe_h=None):
+        self.model, self.x, self.t, self.alpha_bar, self.cond = model, x, t, alpha_bar, cond
+        self.pred_u, self.pred_c = pred_u, pred_c
+        self.names, self.n, self.guidance_scale, self.hvp = names, n, guidance_scale, hvp
+        self.sigma = sigma_of(alpha_bar)
+        self.h = fd_step if fd_step is not None else default_fd_step(model.dtype)
+        self.num_probes, self.probe_seed, self.probe_h = num_probes, probe_seed, probe_h
+        self._cache = {}
+
+    def _cached(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def check(self, tensor, what: str) -> None:
+        check_finite(tensor, self.n, self.names, what)
+
+    @property
+    def guided(self):
+        """The CFG-guided prediction (UNet parameterization) and ||pred_c - pred_u||, one fused op."""
+        return self._cached("cfg", lambda: ops.cfg_combine(self.pred_u, self.pred_c, self.guidance_scale))
+
+    @property
+    def wen(self):
+        """||eps_Δ|| = |d eps / d pred| ||pred_c - pred_u|| (same x: the x terms cancel)."""
+        return abs(eps_per_pred(self.model.prediction_type, self.alpha_bar)) * self.guided[1].float()
+
+    @property
+    def eps(self):
+        """(eps_u, eps_c) in fp32."""
+        pt = self.model.prediction_type
+        return self._cached("eps", lambda: (to_eps(self.pred_u, self.x, self.alpha_bar, pt),
+                                            to_eps(self.pred_c, self.x, self.alpha_bar, pt)))
+
+    def traces(self):
+        """(tr H(x, c), tr H(x, null)) by Hutchinson over num_probes probes: one UNet call on a
+        num_probes-times batch, shared by trace and trace_delta."""
+        def make():
+            K, xf = self.num_probes, self.x.float()
+            hp = self.probe_h if self.probe_h is not None else probe_step(self.h, xf[0].numel())
+            probes = ops.rademacher_perturb(xf, K, hp, self.probe_seed)
+            eps_up, eps_cp = self.model.eps(probes, self.t, self.alpha_bar, self.cond, repeats=K)
+            self.check(eps_cp - eps_up, "Hutchinson probes")
+            eps_u, eps_c = self.eps
+            ab, seed = self.alpha_bar, self.probe_seed
+            tr_c = ops.hutchinson_reduce(eps_to_score(eps_cp, ab), eps_to_score(eps_c, ab), K, hp, seed)
+            tr_u = ops.hutchinson_reduce(eps_to_score(eps_up, ab), eps_to_score(eps_u, ab), K, hp, seed)
+            return tr_c, tr_u
+        return self._cached("traces", make)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric: its name, its cost beyond the step's own CFG call, its function."""
+
+    name: str
+    cost: str
+    fn: Callable[[Step], torch.Tensor]
+
+
+REGISTRY: dict[str, Metric] = {}
+
+
+def register(name: str, cost: str):
+    """Decorator: register fn(step) -> (N,) tensor as metric `name` (higher = more memorized)."""
+    def deco(fn):
+        REGISTRY[name] = Metric(name, cost, fn)
+        return fn
+    return deco
+
+
+@register("wen", "0 extra UNet calls")
+def _wen(step: Step):
+    return step.wen
+
+
+@register("sharpness", "1 extra CFG call (hvp='fd'); a forward-mode JVP in fp32 (hvp='jvp')")
+def _sharpness(step: Step):
+    eps_u, eps_c = step.eps
+    xf = step.x.float()
+    if step.hvp == "fd":
+        return fd_sharpness(step.model, xf, step.t, step.alpha_bar, step.cond, eps_u, eps_c, step.h,
+                            check=lambda d: step.check(d, "finite-difference point"), wen=step.wen.float())
+    hv = exact_hvp_delta(step.model, xf, step.t, step.alpha_bar, step.cond, -(eps_c - eps_u) / step.sigma)
+    return hv.reshape(len(hv), -1).norm(dim=1)
+
+
+@register("trace", "1 extra call on a num_probes-times batch (shared with trace_delta)")
+def _trace(step: Step):
+    return -step.traces()[0]
+
+
+@register("trace_delta", "1 extra call on a num_probes-times batch (shared with trace)")
+def _trace_delta(step: Step):
+    tr_c, tr_u = step.traces()
+    return -(tr_c - tr_u)
+
+
+@register("score_norm", "0 extra UNet calls")
+def _score_norm(step: Step):
+    eps_c = step.eps[1]
+    return eps_c.reshape(len(eps_c), -1).pow(2).sum(dim=1) / step.sigma ** 2
+
+
+METRICS = tuple(REGISTRY)
+
+
 def step_metrics(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, metrics, guidance_scale, *, prompts, n,
                  hvp="fd", fd_step=None, num_probes=8, probe_seed=0, probe_h=None):
-    """Metrics at latents x (N rows) and the guided prediction for the sampler.
-
-    fd_step: the sharpness's finite-difference step (a distance in latent space, default by UNet
-    dtype); probe_h: the Hutchinson probes' step per element (default fd_step / sqrt(D)).
+    """Metrics at latents x (N rows) from one CFG call, and the guided prediction for the sampler.
 
     Returns ({metric: (N,) float32}, guided prediction in the UNet's parameterization).
     """
-    pt = model.prediction_type
     pred_u, pred_c = model.predict(x, t, cond)
     check_finite(pred_u, n, prompts, "null branch")
     check_finite(pred_c, n, prompts, "conditional branch")
-    guided, pred_diff = ops.cfg_combine(pred_u, pred_c, guidance_scale)
-    wen = abs(eps_per_pred(pt, alpha_bar)) * pred_diff.float()
-    out = {"wen": wen}
-    need_eps = set(metrics) - {"wen"}
-    if not need_eps:
-        return out, guided
-    xf = x.float()
-    eps_u, eps_c = to_eps(pred_u, x, alpha_bar, pt), to_eps(pred_c, x, alpha_bar, pt)
-    sig = sigma_of(alpha_bar)
-    h = fd_step if fd_step is not None else DEFAULT_FD_STEP.get(model.dtype, 0.05)
-    if "score_norm" in metrics:
-        out["score_norm"] = eps_c.reshape(len(eps_c), -1).pow(2).sum(dim=1) / sig**2
-    if "sharpness" in metrics:
-        if hvp == "fd":
-            out["sharpness"] = fd_sharpness(model, xf, t, alpha_bar, cond, eps_u, eps_c, h,
-                                            check=lambda d: check_finite(d, n, prompts, "finite-difference point"),
-                                            wen=wen.float())
-        else:
-            v = -(eps_c - eps_u) / sig
-            hv = exact_hvp_delta(model, xf, t, alpha_bar, cond, v)
-            out["sharpness"] = hv.reshape(len(hv), -1).norm(dim=1)
-    if "trace" in metrics or "trace_delta" in metrics:
-        K = num_probes
-        hp = probe_h if probe_h is not None else probe_step(h, xf[0].numel())
-        probes = ops.rademacher_perturb(xf, K, hp, probe_seed)
-        eps_up, eps_cp = model.eps(probes, t, alpha_bar, cond, repeats=K)
-        check_finite(eps_cp - eps_up, n, prompts, "Hutchinson probes")
-        tr_c = ops.hutchinson_reduce(eps_to_score(eps_cp, alpha_bar), eps_to_score(eps_c, alpha_bar), K, hp, probe_seed)
-        tr_u = ops.hutchinson_reduce(eps_to_score(eps_up, alpha_bar), eps_to_score(eps_u, alpha_bar), K, hp, probe_seed)
-        out["trace"] = -tr_c
-        out["trace_delta"] = -(tr_c - tr_u)
-    return {m: out[m].float() for m in metrics}, guided
+    step = Step(model, x, t, alpha_bar, cond, pred_u, pred_c, names=prompts, n=n, guidance_scale=guidance_scale,
+                hvp=hvp, fd_step=fd_step, num_probes=num_probes, probe_seed=probe_seed, probe_h=probe_h)
+    return {m: REGISTRY[m].fn(step).float() for m in metrics}, step.guided[0]

@@ -41,7 +41,7 @@ import torch
 
 from . import ops, validate
 from .errors import BadArgument, MissingCalibration, NonFiniteOutput
-from .metrics import DEFAULT_FD_STEP, fd_sharpness
+from .metrics import REGISTRY, Step, default_fd_step
 from .score import ScoreModel
 
 OBJECTIVES = ("paper", "reference")
@@ -81,20 +81,37 @@ class _Objective:
     def __init__(self, model, t, ab, objective, alpha, h):
         self.model, self.t, self.ab, self.objective, self.alpha, self.h = model, t, ab, objective, alpha, h
 
-    def __call__(self, x, cond):
+    def __call__(self, x, cond, names=None):
         """(loss per row, statistic compared with the threshold per row); x fp32."""
         m = self.model
-        u, c = m.eps(x, self.t, self.ab, cond)
-        if self.objective == "paper":
-            stat = fd_sharpness(m, x, self.t, self.ab, cond, u, c, self.h)
+        pred_u, pred_c = m.predict(x, self.t, cond)
+        step = Step(m, x, self.t, self.ab, cond, pred_u, pred_c, fd_step=self.h, names=names)
+        if self.objective == "paper":  # detect's own sharpness (the registry's), differentiable in x
+            stat = REGISTRY["sharpness"].fn(step)
             loss = stat.pow(2)
             if self.alpha:
                 loss = loss + self.alpha * x.reshape(len(x), -1).pow(2).sum(dim=1)
             return loss, stat
+        u, c = step.eps
         shifted = ops.fd_direction(x, u, c, 1.0)  # x + eps_Δ / ||eps_Δ||, the authors' step
         u2, c2 = m.eps(shifted, self.t, self.ab, cond)
         loss = (c2 - u2).reshape(len(x), -1).norm(dim=1) + self.alpha * x.reshape(len(x), -1).norm(dim=1)
         return loss, loss
+
+
+class _RowNames:
+    """The prompt of each row of a shrinking candidate batch, looked up only for an error message
+    (no host sync on the hot path)."""
+
+    def __init__(self, names, rows):
+        self.names, self.rows = names, rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        k = int(self.rows[i])
+        return self.names[k] if self.names else f"image {k}"
 
 
 def _per_row(v, x):
@@ -116,7 +133,7 @@ def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, object
     dev = model.device
     t = sched.timesteps[0]
     obj = _Objective(model, t, model.alpha_bar(sched, t), objective, alpha,
-                     fd_step if fd_step is not None else DEFAULT_FD_STEP.get(model.dtype, 0.05))
+                     fd_step if fd_step is not None else default_fd_step(model.dtype))
     shape = x0.shape[2:]
     acc_x = torch.zeros(N, *shape, device=dev)
     best_x = torch.zeros(N, *shape, device=dev)
@@ -134,7 +151,7 @@ def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, object
         m, v = torch.zeros_like(x), torch.zeros_like(x)
         for step in range(max_steps + 1):
             x.requires_grad_(True)
-            loss, stat = obj(sched.scale_model_input(x, t), cond.rows(rows))
+            loss, stat = obj(sched.scale_model_input(x, t), cond.rows(rows), _RowNames(names, rows))
             ld, sd = loss.detach(), stat.detach()
             bad = ~(torch.isfinite(sd) & torch.isfinite(ld))
             if bool(bad.any()):

@@ -194,7 +194,7 @@ def _score(model, prompts, rows, *, metrics, n, seed, batch_size, num_inference_
     out = {m: [] for m in metrics}
     for s in range(0, len(prompts), batch_size):
         ids = rows[s:s + batch_size]
-        lat = torch.cat([model.noise(n, h, w, torch.Generator("cpu").manual_seed(seed + i)) for i in ids])
+        lat = model.noise_for_ids(ids, n, h, w, seed)
         res = sharpfast.detect(model, prompts[s:s + batch_size], metrics=metrics, num_images_per_prompt=n,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                latents=lat.to(model.device), batch_size=batch_size, progress=False)

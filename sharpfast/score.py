@@ -184,6 +184,13 @@ class ScoreModel:
         shape = (count, *self.latent_shape(height, width))
         return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
 
+    def noise_for_ids(self, ids, n: int, height: int, width: int, seed: int) -> torch.Tensor:
+        """The batch jobs' noise (scan, `sharpfast detect`, eval detect, the demo): prompt `id` draws
+        its n images from a CPU generator seeded with seed + id, so a prompt's scores depend on its
+        id alone, not on its batch, the process count or a restart. On the UNet's device."""
+        gens = [torch.Generator("cpu").manual_seed(seed + int(i)) for i in ids]
+        return torch.cat([self.noise(n, height, width, g) for g in gens]).to(self.device)
+
     def initial_latents(self, sched, count: int, height: int, width: int, generator=None) -> torch.Tensor:
         """x_T as the pipeline starts from it: noise(...) * init_noise_sigma."""
         return self.noise(count, height, width, generator) * sched.init_noise_sigma

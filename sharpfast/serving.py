@@ -4,30 +4,51 @@
     out = guarded(prompts, generator=g, ...)          # pipe's own output, plus out.memorization
     guarded.remove()                                   # or: with sharpfast.guard(pipe) as guarded: ...
 
-A forward hook on pipe.unet reads the first UNet call of each guarded request (its CFG batch
-[null; cond]) and scores every image from it: metric="wen" costs no extra UNet call; "sharpness"
-one extra CFG call at that step (the finite difference of sharpfast.detect). The hook never
-changes a UNet output, so the images of prompts that are not flagged are exactly those of
-pipe(...). Flagged prompts are regenerated with sharpfast.sail from the same initial noise
+A forward hook on pipe.unet captures the first UNet call of each guarded request (its CFG batch
+[null; cond]) into that request's own state (thread-local: requests on other threads never see
+it); after the call, every image is scored from the capture with the metric registry of
+sharpfast.metrics, the same function detect uses: metric="wen" costs no extra UNet call,
+"sharpness" one extra CFG call at that step (the finite difference of sharpfast.detect), made
+outside the UNet's own hook. The hook never changes a UNet output, so the images of prompts that
+are not flagged are exactly those of pipe(...). Flagged prompts are regenerated with sharpfast.sail from the same initial noise
 (mitigation="sail") or only reported (mitigation=None).
 """
 from __future__ import annotations
+
+import threading
+import weakref
 
 import torch
 
 from . import validate
 from .errors import BadArgument, MissingCalibration, NonFiniteOutput
-from .metrics import DEFAULT_FD_STEP, fd_sharpness
-from .score import Conditioning, ScoreModel, eps_per_pred, to_eps
+from .metrics import REGISTRY, Step
+from .score import Conditioning, ScoreModel
 
-GUARD_METRICS = ("wen", "sharpness")
+GUARD_METRICS = tuple(REGISTRY)  # costs: REGISTRY[name].cost (wen and score_norm: no extra UNet call)
+
+# One lock per pipeline object, shared by every guard on it. A diffusers pipeline call is not
+# thread-safe: measured here, 4 threads calling one StableDiffusionPipeline raised shape errors
+# from its text encoding (the fast tokenizer's padding state is shared) within 30 rounds. So the
+# pipeline's own work (generation, SAIL's re-generation and its prompt encoding) runs one request
+# at a time; capturing is per thread and scoring runs outside the lock.
+_PIPE_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PIPE_LOCKS_GUARD = threading.Lock()
+
+
+def pipeline_lock(pipe) -> threading.RLock:
+    with _PIPE_LOCKS_GUARD:
+        lock = _PIPE_LOCKS.get(pipe)
+        if lock is None:
+            lock = _PIPE_LOCKS[pipe] = threading.RLock()
+        return lock
 
 
 class Guard:
     """A stock pipeline wrapped for serving; see sharpfast.guard."""
 
     def __init__(self, pipe, metric="wen", threshold="auto", mitigation="sail", sail_kwargs=None):
-        self.model = ScoreModel(pipe)  # raises TypeError for unsupported pipelines
+        ScoreModel(pipe)  # raises UnsupportedPipeline now, not at the first request
         if metric not in GUARD_METRICS:
             raise BadArgument(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
         if mitigation not in ("sail", None):
@@ -51,47 +72,43 @@ class Guard:
                 raise MissingCalibration("mitigation='sail' needs SAIL's stopping level: the model has no calibration.json "
                                  "with sharpness/target; pass sail_kwargs={'threshold': <float>} (e.g. "
                                  "sharpfast.calibrate(sharpness of normal prompts, fpr=0.9)) or mitigation=None")
-        self._capture = None
+        self._local = threading.local()  # per-request capture: one per thread
+        self._lock = pipeline_lock(pipe)
         self._handle = pipe.unet.register_forward_hook(self._hook, with_kwargs=True)
 
-    # -- the hook -----------------------------------------------------------------------------
+    # -- the hook: capture only ---------------------------------------------------------------
     def _hook(self, unet, args, kwargs, output):
-        cap = self._capture
-        if cap is None or "scores" in cap or cap.get("busy"):
+        cap = getattr(self._local, "capture", None)
+        if cap is None or "pred" in cap:  # not a guarded request, or its first call is captured
             return None
         sample = args[0] if args else kwargs["sample"]
         t = args[1] if len(args) > 1 else kwargs["timestep"]
         pred = output[0] if isinstance(output, tuple) else output.sample
         if sample.shape[0] % 2:
             raise RuntimeError("sharpfast.guard expects the CFG batch [null; cond]: call with guidance_scale > 1")
-        cap["busy"] = True
-        try:
-            with torch.no_grad():
-                cap["scores"] = self._score(sample, t, pred, kwargs)
-        finally:
-            cap["busy"] = False
+        # alpha_bar now: Euler-type schedulers read it from their step index, which moves on
+        cap.update(sample=sample.detach(), t=t, pred=pred.detach(), hidden=kwargs["encoder_hidden_states"].detach(),
+                   added=kwargs.get("added_cond_kwargs"), alpha_bar=cap["model"].alpha_bar(self.pipe.scheduler, t))
         return None
 
-    def _score(self, sample, t, pred, kwargs):
-        m, sched = self.model, self.pipe.scheduler
-        ab = m.alpha_bar(sched, t)
-        u, c = pred.chunk(2)
-        if self.metric == "wen":
-            return abs(eps_per_pred(m.prediction_type, ab)) * (c.float() - u.float()).flatten(1).norm(dim=1)
-        x = sample.chunk(2)[1]
-        hidden = kwargs["encoder_hidden_states"]
-        added = kwargs.get("added_cond_kwargs")
+    def _score(self, cap):
+        """The metric of every image of the captured CFG batch (outside the hook)."""
         split = lambda d, i: None if d is None else {k: v.chunk(2)[i] for k, v in d.items()}  # noqa: E731
+        hidden, added = cap["hidden"], cap["added"]
         cond = Conditioning(hidden.chunk(2)[1], hidden.chunk(2)[0], split(added, 1), split(added, 0))
-        eps_u, eps_c = to_eps(u, x, ab, m.prediction_type), to_eps(c, x, ab, m.prediction_type)
-        h = DEFAULT_FD_STEP.get(m.dtype, 0.05)
-        return fd_sharpness(m, x.float(), t, ab, cond, eps_u, eps_c, h)
+        u, c = cap["pred"].chunk(2)
+        step = Step(cap["model"], cap["sample"].chunk(2)[1], cap["t"], cap["alpha_bar"], cond, u, c,
+                    names=cap["prompts"], n=cap["n"])
+        step.check(u, "null branch at the first step")  # NaN > threshold is False: it would pass unflagged
+        step.check(c, "conditional branch at the first step")
+        with torch.no_grad():
+            return REGISTRY[self.metric].fn(step)
 
     # -- serving -------------------------------------------------------------------------------
     def __call__(self, prompt, **kwargs):
         if self._handle is None:
             raise RuntimeError("this guard was removed; create a new one with sharpfast.guard(pipe)")
-        self.model = ScoreModel(self.pipe)  # the pipeline may have moved since the guard was made
+        model = ScoreModel(self.pipe)  # per request: the pipeline may have moved since the guard was made
         if "prompt_embeds" in kwargs:
             raise BadArgument("sharpfast.guard scores text prompts: pass prompt, not prompt_embeds")
         prompts = validate.prompts(prompt, "prompt")
@@ -101,29 +118,31 @@ class Guard:
         validate.generators(kwargs.get("generator"), len(prompts) * n)
         noise = None
         if self.mitigation == "sail":
-            noise = self._noise(len(prompts) * n, kwargs)
-        self._capture = {}
+            noise = self._noise(model, len(prompts) * n, kwargs)
+        self._local.capture = cap = {"model": model, "prompts": prompts, "n": n}
         try:
-            out = self.pipe(prompts, **kwargs)
-            scores = self._capture.get("scores")
+            with self._lock:
+                out = self.pipe(prompts, **kwargs)
         finally:
-            self._capture = None
-        if scores is None:
+            self._local.capture = None
+        if "pred" not in cap:
             raise RuntimeError("the pipeline made no UNet call; nothing was scored")
+        scores = self._score(cap)
         per_prompt = scores.float().view(len(prompts), n).mean(dim=1).cpu()
         bad = ~torch.isfinite(per_prompt)
-        if bool(bad.any()):  # NaN > threshold is False: it would pass as "not flagged"
-            raise NonFiniteOutput(f"the UNet returned NaN/inf at the first step for prompt "
-                                  f"{prompts[int(bad.nonzero()[0])]!r}; no memorization score")
+        if bool(bad.any()):  # finite predictions, yet no finite score (an overflow in the metric)
+            raise NonFiniteOutput(f"the {self.metric} score of prompt {prompts[int(bad.nonzero()[0])]!r} is not "
+                                  f"finite")
         flagged = per_prompt > self.threshold
         report = [{"prompt": p, "score": float(s), "metric": self.metric, "flagged": bool(f), "mitigated": False}
                   for p, s, f in zip(prompts, per_prompt, flagged)]
         if self.mitigation == "sail" and bool(flagged.any()):
-            self._mitigate(out, prompts, n, flagged, noise, kwargs, report)
+            with self._lock:
+                self._mitigate(out, prompts, n, flagged, noise, kwargs, report)
         out.memorization = report
         return out
 
-    def _noise(self, count, kwargs):
+    def _noise(self, model, count, kwargs):
         """The noise pipe(...) will draw (the user's latents, or a draw from a copy of the generator state)."""
         if kwargs.get("latents") is not None:
             return kwargs["latents"].detach().clone()
@@ -132,9 +151,9 @@ class Guard:
             return None  # the pipeline draws from the global RNG: mitigation draws afresh
         gens = g if isinstance(g, list) else [g]
         states = [x.get_state() for x in gens]
-        dh, dw = self.model.default_size()
+        dh, dw = model.default_size()
         try:
-            return self.model.noise(count, kwargs.get("height") or dh, kwargs.get("width") or dw, g)
+            return model.noise(count, kwargs.get("height") or dh, kwargs.get("width") or dw, g)
         finally:
             for x, s in zip(gens, states):
                 x.set_state(s)

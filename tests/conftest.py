@@ -1,11 +1,14 @@
 import os
 
-# The Triton backend runs on CPU tensors only under the interpreter, which must be chosen
-# before triton is first imported: conftest is loaded before any test module.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# The Triton backend runs on CPU tensors only under the interpreter, which must be chosen before
+# triton is first imported (conftest is loaded before any test module; importing torch does not
+# import triton). On a GPU machine the compiled kernels are what must be tested: no interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from sharpfast.ops import _backends, available_backends  # noqa: E402
 

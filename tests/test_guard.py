@@ -106,11 +106,42 @@ def test_bad_input():
     with pytest.raises(BadArgument, match="threshold must be a non-NaN number"):
         sharpfast.guard(pipe, threshold=float("nan"), mitigation=None)
     with pytest.raises(ValueError, match="metric must be one of"):
-        sharpfast.guard(pipe, metric="trace", threshold=1.0)
+        sharpfast.guard(pipe, metric="sharp", threshold=1.0)
     with pytest.raises(ValueError, match="calibration.json"):
         sharpfast.guard(pipe)
     with pytest.raises(ValueError, match="SAIL's stopping level"):  # SAIL would have no target to stop at
         sharpfast.guard(pipe, threshold=1.0)
     with pytest.raises(TypeError, match="sharpfast supports"):
         sharpfast.guard(object(), threshold=1.0)
+    assert not pipe.unet._forward_hooks
+
+
+def test_concurrent_requests_get_their_own_results():
+    """One guard, 8 threads, flagged and unflagged prompts mixed: every report and every image
+    equals the sequential call's (the capture once lived in one attribute: 8 of 12 calls raised
+    and one returned another request's score; the pipeline itself, unlocked, raises shape errors
+    from its text encoding under threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe = tiny_pipeline("sd1")
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red house by the sea", "two dogs", "an old map", "a tall tree", "a blue car", "three birds",
+               "a quiet lake", "a big city"]
+    with sharpfast.guard(pipe, threshold=float("inf"), mitigation=None) as probe:
+        scores = [probe([p], generator=torch.Generator().manual_seed(i), **KW).memorization[0]["score"]
+                  for i, p in enumerate(prompts)]
+    thr = sorted(scores)[len(scores) // 2]  # half the prompts are flagged and go through SAIL
+    with sharpfast.guard(pipe, threshold=thr, sail_kwargs={"threshold": 0.0, "max_steps": 1}) as guarded:
+        def run(i):
+            out = guarded([prompts[i]], generator=torch.Generator().manual_seed(i), **KW)
+            return out.memorization[0], out.images
+
+        sequential = [run(i) for i in range(8)]
+        assert 0 < sum(r["flagged"] for r, _ in sequential) < 8
+        for _ in range(3):
+            with ThreadPoolExecutor(8) as ex:
+                together = list(ex.map(run, range(8)))
+            for (a, ia), (b, ib) in zip(together, sequential):
+                assert a == b
+                assert torch.equal(ia, ib), a["prompt"]
     assert not pipe.unet._forward_hooks

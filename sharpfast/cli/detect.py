@@ -44,7 +44,6 @@ class DetectCommand:
 
     @staticmethod
     def run(args) -> int:
-        import torch
         from tqdm.auto import tqdm
 
         import sharpfast
@@ -97,8 +96,7 @@ class DetectCommand:
             for start in range(0, len(todo), args.batch_size):
                 ids = todo[start:start + args.batch_size]
                 # one generator per prompt id (its line number): results do not depend on batching or restarts
-                lat = torch.cat([model.noise(args.n, height, width, torch.Generator("cpu").manual_seed(args.seed + i))
-                                 for i in ids])
+                lat = model.noise_for_ids(ids, args.n, height, width, args.seed)
                 res = sharpfast.detect(model, [prompt_of[i] for i in ids], metrics=metrics,
                                        num_images_per_prompt=args.n, steps=args.steps,
                                        num_inference_steps=args.num_inference_steps,

@@ -12,7 +12,6 @@ import json
 import os
 
 import numpy as np
-import torch
 
 from .. import jsonl
 from ..evaluation import evaluate
@@ -40,8 +39,7 @@ def _score_config(pipe, prompts, n, steps, metrics, path, seed, batch_size, hvp,
             tqdm(total=len(todo), desc=f"detect n={n} steps={steps}", unit="prompt", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             ids = todo[start:start + batch_size]
-            lat = torch.cat([model.noise(n, h, w, torch.Generator("cpu").manual_seed(seed + i))
-                             for i in ids])
+            lat = model.noise_for_ids(ids, n, h, w, seed)
             res = sharpfast.detect(pipe, [prompts[i] for i in ids], metrics=metrics, num_images_per_prompt=n,
                                    steps=steps, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                    latents=lat.to(model.device), batch_size=batch_size, hvp=hvp, progress=False)
