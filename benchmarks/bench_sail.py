@@ -97,9 +97,7 @@ def test_sail_and_guard_latency(benchmark, batch):
     report(rows, info, batch)
     benchmark.extra_info.update({k: {kk: vv for kk, vv in v.items()} for k, v in rows.items()})
     benchmark.pedantic(lambda: None, rounds=1)
-    assert rows["guard (wen, unflagged)"]["vs_plain"] <= 1.02
-    assert rows[DEFAULT]["vs_plain"] <= 1.5
-    assert rows["reference loop (k8 s10)"]["vs_sail"] >= 3
+    assert all(targets_met(rows).values()), targets_met(rows)
 
 
 def main():
@@ -114,7 +112,20 @@ def main():
     a = p.parse_args()
     rows, info = measure(a.sd15, a.device, getattr(torch, a.dtype), a.batch, a.reps, a.sample_size, a.steps)
     report(rows, info, a.batch, a.steps)
+    missed = [name for name, ok in targets_met(rows).items() if not ok]
+    if missed and a.steps == 50:  # the targets are for 50-step generation (the dry run uses 2)
+        print(f"  TARGET MISSED: {', '.join(missed)}")
+        return 1
+    return 0
+
+
+def targets_met(rows) -> dict:
+    return {"guard <= 1.02x plain": rows["guard (wen, unflagged)"]["vs_plain"] <= 1.02,
+            "SAIL <= 1.5x plain": rows[DEFAULT]["vs_plain"] <= 1.5,
+            "reference loop >= 3x SAIL": rows["reference loop (k8 s10)"]["vs_sail"] >= 3}
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

@@ -18,8 +18,8 @@ MUTATIONS = [
     ("score sign", "sharpfast/score.py", "return -eps / sigma_of(alpha_bar)", "return eps / sigma_of(alpha_bar)",
      ["tests/test_reference.py"]),
     ("score_norm as L1 over sigma", "sharpfast/metrics.py",
-     'out["score_norm"] = eps_c.reshape(len(eps_c), -1).pow(2).sum(dim=1) / sig**2',
-     'out["score_norm"] = eps_c.reshape(len(eps_c), -1).abs().sum(dim=1) / sig', ["tests/test_reference.py"]),
+     "return eps_c.reshape(len(eps_c), -1).pow(2).sum(dim=1) / step.sigma ** 2",
+     "return eps_c.reshape(len(eps_c), -1).abs().sum(dim=1) / step.sigma", ["tests/test_reference.py"]),
     ("sharpness 1/sigma^2 dropped", "sharpfast/metrics.py", "return dod * wen / (sig * sig * h)",
      "return dod * wen / h", ["tests/test_reference.py"]),
     ("eval detect labels swapped", "sharpfast/harness/detect_eval.py",
@@ -30,7 +30,7 @@ MUTATIONS = [
       "tests/test_cli.py::test_detect_ids_are_line_numbers_and_noise_is_seed_plus_id"]),
     ("Euler alpha_bar 1/(1+sigma)", "sharpfast/score.py", "return 1.0 / (1.0 + sigma * sigma)",
      "return 1.0 / (1.0 + sigma)", ["tests/test_reference.py::test_euler_and_ddim_agree_on_alpha_bar_at_equal_t"]),
-    ("trace_delta sign", "sharpfast/metrics.py", 'out["trace_delta"] = -(tr_c - tr_u)', 'out["trace_delta"] = (tr_c - tr_u)',
+    ("trace_delta sign", "sharpfast/metrics.py", "return -(tr_c - tr_u)", "return (tr_c - tr_u)",
      ["tests/test_reference.py::test_traces_values_and_signs"]),
 ]
 

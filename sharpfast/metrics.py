@@ -13,7 +13,6 @@ Higher means sharper, i.e. more likely memorized, for every metric.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -22,46 +21,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import ops
+from .curvature import DEFAULT_FD_STEP, ScoreJacobian, default_fd_step  # noqa: F401 (re-exported)
 from .errors import NonFiniteOutput
-from .score import Conditioning, ScoreModel, eps_per_pred, eps_to_score, sigma_of, to_eps
+from .score import Conditioning, ScoreModel, eps_per_pred, eps_to_score, math_attention, sigma_of, to_eps  # noqa: F401
 
 HVP_MODES = ("fd", "jvp")
-# finite-difference step along the unit direction of s_Δ, in latent units, by UNet dtype;
-# chosen so that fd agrees with the exact JVP (tests/test_detect.py)
-DEFAULT_FD_STEP = {torch.float32: 0.05, torch.float16: 1.0, torch.bfloat16: 1.0}
-
-
-def default_fd_step(dtype) -> float:
-    return DEFAULT_FD_STEP.get(dtype, 0.05)
-
-
-@contextlib.contextmanager
-def math_attention(unet):
-    """Classic (math) attention for forward-mode AD; the original processors are restored."""
-    from diffusers.models.attention_processor import AttnProcessor
-
-    saved = unet.attn_processors
-    unet.set_attn_processor(AttnProcessor())
-    try:
-        yield unet
-    finally:
-        unet.set_attn_processor(saved)
-
-
-def exact_hvp_delta(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, v):
-    """H_Δ v by forward-mode AD (torch.func.jvp) in fp32 with math attention."""
-    unet = model.fp32_unet()
-    sig = sigma_of(alpha_bar)
-    cond = cond.to(torch.float32)  # a half-precision pipeline's embeddings, for the fp32 copy
-    with math_attention(unet):
-        exact = model.with_unet(unet)
-
-        def s_delta(z):
-            u, c = exact.eps(z, t, alpha_bar, cond)
-            return -(c - u) / sig
-
-        _, hv = torch.func.jvp(s_delta, (x.float(),), (v.float(),))
-    return hv
 
 
 def fd_sharpness(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, eps_u, eps_c, h, check=None, wen=None):
@@ -196,7 +160,8 @@ def _sharpness(step: Step):
     if step.hvp == "fd":
         return fd_sharpness(step.model, xf, step.t, step.alpha_bar, step.cond, eps_u, eps_c, step.h,
                             check=lambda d: step.check(d, "finite-difference point"), wen=step.wen.float())
-    hv = exact_hvp_delta(step.model, xf, step.t, step.alpha_bar, step.cond, -(eps_c - eps_u) / step.sigma)
+    jac = ScoreJacobian(step.model, xf, step.t, step.alpha_bar, step.cond, branch="delta", mode="jvp")
+    hv = jac.matvec(-(eps_c - eps_u) / step.sigma)  # H_Δ s_Δ, exact
     return hv.reshape(len(hv), -1).norm(dim=1)
 
 

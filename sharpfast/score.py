@@ -12,6 +12,7 @@ UNet is only called (attention processors are swapped and restored only by the e
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field, replace
@@ -56,6 +57,20 @@ def sigma_of(alpha_bar: float) -> float:
 def eps_to_score(eps: torch.Tensor, alpha_bar: float) -> torch.Tensor:
     """s(x) = grad log p_t(x) = -eps_hat / sigma_t."""
     return -eps / sigma_of(alpha_bar)
+
+
+@contextlib.contextmanager
+def math_attention(unet):
+    """Classic (math) attention for forward-mode AD (the exact JVP paths); the original
+    processors are restored."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    saved = unet.attn_processors
+    unet.set_attn_processor(AttnProcessor())
+    try:
+        yield unet
+    finally:
+        unet.set_attn_processor(saved)
 
 
 # ---- conditioning ----------------------------------------------------------------------
@@ -105,33 +120,14 @@ def _check_pipeline(pipe):
     return "StableDiffusionXLPipeline" in names
 
 
-class ScoreModel:
-    """eps and scores of a stock pipeline's UNet; counts its UNet calls and rows in `stats`."""
+class PromptEncoder:
+    """Prompts as the pipeline encodes them for CFG (null = the empty prompt), with the null
+    prompt's embeddings cached per batch shape and a note for every prompt the tokenizer truncates."""
 
-    def __init__(self, pipe):
-        self.is_xl = _check_pipeline(pipe)
-        self.pipe = pipe
-        self.unet = pipe.unet
-        self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-        self.stats = {"unet_calls": 0, "unet_rows": 0}  # shared with with_unet() copies
+    def __init__(self, pipe, is_xl: bool, device):
+        self.pipe, self.is_xl, self.device = pipe, is_xl, device
         self._null = {}  # (batch, n, height, width) -> the null embeddings the pipeline computed
-        self._place()
 
-    def _place(self):
-        # read once: diffusers' ModelMixin.device / .dtype walk the parameters on every access,
-        # which costs milliseconds per call on a per-prompt path (an adapter lives for one call)
-        self.device, self.dtype = self.unet.device, self.unet.dtype
-
-    def default_size(self) -> tuple[int, int]:
-        p = self.pipe
-        size = (p.default_sample_size if self.is_xl else p.unet.config.sample_size) * p.vae_scale_factor
-        return size, size
-
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        f = self.pipe.vae_scale_factor
-        return self.unet.config.in_channels, height // f, width // f
-
-    # -- prompts ----------------------------------------------------------------------
     def encode(self, prompts: list[str], n: int, height: int, width: int) -> Conditioning:
         """Embeddings as the pipeline computes them for CFG (null = the empty prompt).
 
@@ -169,12 +165,22 @@ class ScoreModel:
                 break
         return out
 
-    # -- schedule -----------------------------------------------------------------------
-    def scheduler(self, num_inference_steps: int):
-        """A private copy of the pipeline's scheduler with its timesteps set."""
-        sched = copy.deepcopy(self.pipe.scheduler)
-        sched.set_timesteps(num_inference_steps, device=self.device)
-        return sched
+
+class LatentSpace:
+    """The pipeline's latents: their default size and shape, and the noise it starts from."""
+
+    def __init__(self, pipe, is_xl: bool, device, dtype):
+        self.pipe, self.is_xl, self.device, self.dtype = pipe, is_xl, device, dtype
+        self.unet_config = pipe.unet.config
+
+    def default_size(self) -> tuple[int, int]:
+        p = self.pipe
+        size = (p.default_sample_size if self.is_xl else self.unet_config.sample_size) * p.vae_scale_factor
+        return size, size
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.pipe.vae_scale_factor
+        return self.unet_config.in_channels, height // f, width // f
 
     def noise(self, count: int, height: int, width: int, generator=None) -> torch.Tensor:
         """Unit Gaussian noise drawn exactly as pipe.prepare_latents draws it (same generator, same
@@ -194,6 +200,54 @@ class ScoreModel:
     def initial_latents(self, sched, count: int, height: int, width: int, generator=None) -> torch.Tensor:
         """x_T as the pipeline starts from it: noise(...) * init_noise_sigma."""
         return self.noise(count, height, width, generator) * sched.init_noise_sigma
+
+
+class ScoreModel:
+    """A stock pipeline as a score model: the UNet's predictions as eps and scores at any latents
+    (and an exact fp32 variant for derivatives), the schedule's alpha_bar; counts UNet calls and
+    rows in `stats`. Prompt encoding (`.prompts`, a PromptEncoder) and latents and noise
+    (`.latents`, a LatentSpace) are kept apart; the methods below forward to them."""
+
+    def __init__(self, pipe):
+        self.is_xl = _check_pipeline(pipe)
+        self.pipe = pipe
+        self.unet = pipe.unet
+        self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+        self.stats = {"unet_calls": 0, "unet_rows": 0}  # shared with with_unet() copies
+        self._place()
+        self.prompts = PromptEncoder(pipe, self.is_xl, self.device)
+        self.latents = LatentSpace(pipe, self.is_xl, self.device, self.dtype)
+
+    def _place(self):
+        # read once: diffusers' ModelMixin.device / .dtype walk the parameters on every access,
+        # which costs milliseconds per call on a per-prompt path (an adapter lives for one call)
+        self.device, self.dtype = self.unet.device, self.unet.dtype
+
+    # -- forwarded to the prompt encoder and the latent space ------------------------------
+    def encode(self, prompts: list[str], n: int, height: int, width: int) -> "Conditioning":
+        return self.prompts.encode(prompts, n, height, width)
+
+    def default_size(self) -> tuple[int, int]:
+        return self.latents.default_size()
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        return self.latents.latent_shape(height, width)
+
+    def noise(self, count: int, height: int, width: int, generator=None) -> torch.Tensor:
+        return self.latents.noise(count, height, width, generator)
+
+    def noise_for_ids(self, ids, n: int, height: int, width: int, seed: int) -> torch.Tensor:
+        return self.latents.noise_for_ids(ids, n, height, width, seed)
+
+    def initial_latents(self, sched, count: int, height: int, width: int, generator=None) -> torch.Tensor:
+        return self.latents.initial_latents(sched, count, height, width, generator)
+
+    # -- schedule -----------------------------------------------------------------------
+    def scheduler(self, num_inference_steps: int):
+        """A private copy of the pipeline's scheduler with its timesteps set."""
+        sched = copy.deepcopy(self.pipe.scheduler)
+        sched.set_timesteps(num_inference_steps, device=self.device)
+        return sched
 
     def alpha_bar(self, sched, t) -> float:
         """alpha_bar of the VP latent the UNet sees at t (call after sched.scale_model_input)."""

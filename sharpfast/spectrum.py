@@ -1,34 +1,40 @@
-"""Leading eigenvalues of the Hessian of log p_t (the Jacobian of the score) at step 1."""
+"""Leading eigenvalues of the Hessian of log p_t (the Jacobian of the score) at step 1, by ARPACK
+over the ScoreJacobian operator of sharpfast.curvature."""
 from __future__ import annotations
 
 
 import numpy as np
 import torch
 
-from .metrics import math_attention
-from .score import ScoreModel, eps_to_score
+from . import validate
+from .curvature import ScoreJacobian
+from .errors import BadArgument
+from .score import ScoreModel
 
 CONDITIONS = ("cond", "null")
 
 
 def hessian_spectrum(pipe, prompt: str, k: int = 6, *, conditions=CONDITIONS, which: str = "LM",
-                     num_inference_steps: int = 50, generator=None, latents=None, height=None, width=None,
-                     tol: float = 1e-6, maxiter=None) -> dict:
-    """k eigenvalues of H(x, c) and H(x, null) = d s / d x at the first sampling step, by Arnoldi
-    iteration (scipy's ARPACK `eigs`) on exact Hessian-vector products (forward-mode AD, fp32,
-    math attention). The score Jacobian of a learned model is not exactly symmetric, hence Arnoldi.
+                     symmetric: bool = False, num_inference_steps: int = 50, generator=None, latents=None,
+                     height=None, width=None, tol: float = 1e-6, maxiter=None) -> dict:
+    """k eigenvalues of H(x, c) and H(x, null) = d s / d x at the first sampling step, by ARPACK
+    over the exact `ScoreJacobian` operator (forward-mode AD, fp32, math attention).
 
-    which: ARPACK's choice, "LM" (largest magnitude, default), "SR" (most negative real part: the
-    sharp directions of memorized prompts), "LR", ... Returns {"cond": complex tensor (k,),
-    "null": ...} sorted by real part, plus "latents" (the x_T used, one image).
+    A learned score's Jacobian is not exactly symmetric (the UNet is a score only approximately),
+    so by default its eigenvalues come from Arnoldi (`eigs`) and are complex. symmetric=True
+    takes the symmetrized operator (J + J^T) / 2 instead (one JVP and one VJP a product), whose
+    eigenvalues are real (Lanczos, `eigsh`) and whose quadratic form equals J's.
+
+    which: ARPACK's choice, "LM" (largest magnitude, default), "SR"/"SA" (most negative: the sharp
+    directions of memorized prompts), "LR"/"LA", ... Returns {"cond": tensor (k,), "null": ...}
+    (complex, or real with symmetric=True) sorted ascending, plus "latents" (the x_T used).
     """
-    from scipy.sparse.linalg import LinearOperator, eigs
+    from scipy.sparse.linalg import LinearOperator, eigs, eigsh
 
-    if not isinstance(prompt, str) or not prompt:
-        raise ValueError("prompt must be a non-empty str")
+    validate.prompts(prompt, "prompt")
     for c in conditions:
         if c not in CONDITIONS:
-            raise ValueError(f"conditions must be among {CONDITIONS}, got {c!r}")
+            raise BadArgument(f"conditions must be among {CONDITIONS}, got {c!r}")
     model = ScoreModel(pipe)
     dh, dw = model.default_size()
     height, width = height or dh, width or dw
@@ -37,31 +43,31 @@ def hessian_spectrum(pipe, prompt: str, k: int = 6, *, conditions=CONDITIONS, wh
         latents = model.initial_latents(sched, 1, height, width, generator)
     shape = (1, *model.latent_shape(height, width))
     if tuple(latents.shape) != shape:
-        raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        raise BadArgument(f"latents must have shape {shape}, got {tuple(latents.shape)}")
     D = int(np.prod(shape))
     if not 0 < k < D - 1:
-        raise ValueError(f"k must be in [1, {D - 2}] for a latent of {D} elements, got {k}")
+        raise BadArgument(f"k must be in [1, {D - 2}] for a latent of {D} elements, got {k}")
     t = sched.timesteps[0]
     x = sched.scale_model_input(latents.to(model.dtype), t).float()
     ab = model.alpha_bar(sched, t)
-    cond = model.encode([prompt], 1, height, width).to(torch.float32)  # for the fp32 UNet copy
-    unet = model.fp32_unet()
+    cond = model.encode([prompt], 1, height, width)
     out = {"latents": latents.detach().cpu()}
-    with torch.no_grad(), math_attention(unet):
-        exact = model.with_unet(unet)
-        for c in conditions:
-            branch = 1 if c == "cond" else 0
+    if symmetric:
+        which = {"SR": "SA", "LR": "LA"}.get(which, which)
+    for c in conditions:
+        jac = ScoreJacobian(model, x, t, ab, cond, branch=c, mode="jvp")
+        op_ = jac.symmetrized() if symmetric else jac
 
-            def score(z):
-                return eps_to_score(exact.eps(z, t, ab, cond)[branch], ab)
+        def matvec(v, op_=op_):
+            tangent = torch.as_tensor(np.asarray(v, dtype=np.float32).reshape(shape), device=model.device)
+            return op_.matvec(tangent).detach().double().cpu().numpy().reshape(-1)
 
-            def matvec(v):
-                tangent = torch.as_tensor(np.asarray(v, dtype=np.float32).reshape(shape), device=model.device)
-                _, hv = torch.func.jvp(score, (x,), (tangent,))
-                return hv.double().cpu().numpy().reshape(-1)
-
-            op = LinearOperator((D, D), matvec=matvec, dtype=np.float64)
-            v0 = np.random.default_rng(0).standard_normal(D)
+        op = LinearOperator((D, D), matvec=matvec, dtype=np.float64)
+        v0 = np.random.default_rng(0).standard_normal(D)
+        if symmetric:
+            vals = eigsh(op, k=k, which=which, v0=v0, tol=tol, maxiter=maxiter, return_eigenvectors=False)
+            out[c] = torch.from_numpy(np.sort(vals))
+        else:
             vals = eigs(op, k=k, which=which, v0=v0, tol=tol, maxiter=maxiter, return_eigenvectors=False)
             out[c] = torch.from_numpy(np.sort_complex(vals))
     return out

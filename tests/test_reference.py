@@ -189,3 +189,66 @@ def test_euler_and_ddim_agree_on_alpha_bar_at_equal_t():
         # and that is the DDPM schedule's alpha_bar at (about) this t
         ab_ddpm = float(sched.alphas_cumprod[int(round(float(t)))])
         assert ab_ref == pytest.approx(ab_ddpm, rel=0.02, abs=1e-4)
+
+
+# ---- the curvature operators ------------------------------------------------------------
+
+def test_score_jacobian_operator_against_reverse_mode(pipe):
+    """ScoreJacobian: jvp matvec = J v and rmatvec = J^T v of the reference; the fd matvec along
+    s_Δ has the norm detect reports as sharpness; Hutchinson over the exact operator equals
+    (1/K) sum v^T J v on the same probes."""
+    from sharpfast.curvature import ScoreJacobian, hutchinson_trace
+    from sharpfast.ops._hash import rademacher_signs
+    from sharpfast.score import ScoreModel
+
+    lat = noise(2, 21)
+    ref = Reference(pipe, PROMPTS, lat)
+    model = ScoreModel(pipe)
+    sched = model.scheduler(50)
+    t = sched.timesteps[0]
+    cond = model.encode(PROMPTS, 1, *model.default_size())
+    x = lat * sched.init_noise_sigma
+    ab = model.alpha_bar(sched, t)
+    v = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(22))
+    for branch, f in (("delta", ref.s_delta), ("cond", lambda z: ref.score(z)[1])):
+        jac = ScoreJacobian(model, x, t, ab, cond, branch=branch, mode="jvp")
+        _, jv = torch.autograd.functional.jvp(f, ref.x.clone(), v.double())
+        torch.testing.assert_close(jac.matvec(v).double(), jv, rtol=1e-3, atol=1e-4 * float(jv.abs().max()))
+        _, vj = torch.autograd.functional.vjp(f, ref.x.clone(), v.double())
+        torch.testing.assert_close(jac.rmatvec(v).double(), vj, rtol=1e-3, atol=1e-4 * float(vj.abs().max()))
+    # the fd operator along s_Δ is the sharpness
+    with torch.no_grad():
+        s_delta = ref.s_delta(ref.x).float()
+    fd = ScoreJacobian(model, x, t, ab, cond, branch="delta", mode="fd")
+    sharp = sharpfast.detect(pipe, PROMPTS, metrics=("sharpness",), latents=lat, progress=False).scores["sharpness"]
+    torch.testing.assert_close(fd.matvec(s_delta).flatten(1).norm(dim=1), sharp, rtol=2e-3, atol=0)
+    # Hutchinson over the exact operator, against the reference on the same probes
+    K = 4
+    jac = ScoreJacobian(model, x, t, ab, cond, branch="cond", mode="jvp")
+    est = hutchinson_trace(jac, tuple(x.shape), num_probes=K, seed=3)
+    signs = rademacher_signs(K, 256, 3, dtype=torch.float64).view(K, 1, 4, 8, 8)
+    for row in range(2):
+        want = 0.0
+        for sv in signs:
+            vv = torch.zeros(2, 4, 8, 8, dtype=torch.float64)
+            vv[row] = sv[0]
+            _, jv = torch.autograd.functional.jvp(lambda z: ref.score(z)[1], ref.x.clone(), vv)
+            want += float((vv * jv).sum()) / K
+        assert float(est[row]) == pytest.approx(want, rel=1e-3)
+
+
+def test_symmetrized_spectrum_is_real_and_matches_the_full_jacobian(pipe):
+    from sharpfast.score import ScoreModel
+
+    lat = noise(1, 31)
+    ref = Reference(pipe, PROMPTS[:1], lat)
+    model = ScoreModel(pipe)
+    x = ref.x
+    d = x.numel()
+    jc = torch.autograd.functional.jacobian(lambda z: ref.score(z)[1].flatten(), x).reshape(d, d)
+    sym = torch.linalg.eigvalsh((jc + jc.T) / 2)
+    spec = sharpfast.hessian_spectrum(pipe, PROMPTS[0], k=2, conditions=("cond",), which="SA", symmetric=True,
+                                      latents=lat * 1.0)
+    assert not spec["cond"].is_complex()
+    torch.testing.assert_close(spec["cond"].double(), sym[:2], rtol=2e-3, atol=1e-3)
+    del model
