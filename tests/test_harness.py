@@ -1,5 +1,6 @@
 """The evaluation harness, the baselines and the demo on the bundled digits model, reduced sets."""
 import json
+import os
 
 import pytest
 import torch
@@ -137,3 +138,25 @@ def test_sail_cli_writes_a_grid(tmp_path, capsys):
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "UNet calls" in text and out.stat().st_size > 1000
+
+
+def test_eval_detect_on_files_scores_as_detect_and_scan_do(tmp_path, capsys):
+    """The same file read by `eval detect`, `sharpfast detect` and `sharpfast scan`: the same ids
+    (line numbers, blank lines skipped) and so the same noise and scores (eval once numbered
+    prompts by their position in the union of its sets)."""
+    ev = zoo.prompts("digits")
+    mem = [r["prompt"] for r in ev if r["memorized"]][:3]
+    non = [r["prompt"] for r in ev if not r["memorized"]][:3]
+    mfile = _write(tmp_path / "m.txt", [mem[0], "", mem[1], mem[2]])
+    nfile = _write(tmp_path / "n.txt", ["", non[0], non[1], "", non[2]])
+    common = ["--model", "digits", "--num-inference-steps", "10", "--quiet"]
+    assert main(["eval", "detect", "--memorized", mfile, "--non-memorized", nfile, "--n", "1", "--steps", "1",
+                 "--metrics", "wen", "--out", str(tmp_path / "ev"), *common]) == 0
+    evaluated = {json.loads(line)["prompt"]: json.loads(line)["wen"]
+                 for line in (tmp_path / "ev" / "scores_n1_steps1.jsonl").read_text().splitlines()}
+    for f in (mfile, nfile):
+        out = tmp_path / (os.path.basename(f) + ".jsonl")
+        assert main(["detect", "--prompts", f, "--metrics", "wen", "--out", str(out), *common]) == 0
+        for line in out.read_text().splitlines():
+            rec = json.loads(line)
+            assert rec["wen"] == pytest.approx(evaluated[rec["prompt"]], rel=1e-5), rec["prompt"]

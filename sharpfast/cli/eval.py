@@ -37,7 +37,9 @@ class EvalCommand:
                        help="comma list of wen, sharpness, trace, trace_delta, score_norm (default wen,sharpness,trace,"
                             "score_norm)")
         d.add_argument("--hvp", choices=("fd", "jvp"), default="fd", help="Hessian-vector product for sharpness")
-        d.add_argument("--seed", type=int, default=42, help="prompt i draws its noise from seed + i (default 42)")
+        d.add_argument("--seed", type=int, default=42,
+                       help="the prompt on line i of its file draws its noise from seed + i, as in `sharpfast "
+                            "detect` and `scan` (bundled sets: position i) (default 42)")
         m = esub.add_parser("mitigate", help="copies, similarity and prompt fidelity per mitigation method",
                             description="Generate every memorized prompt from the same seeds under each mitigation and "
                                         "report the share of copies of the memorized image, the mean similarity to it "

@@ -17,7 +17,7 @@ from .. import jsonl
 from ..evaluation import evaluate
 
 
-def _score_config(pipe, prompts, n, steps, metrics, path, seed, batch_size, hvp, num_inference_steps,
+def _score_config(pipe, prompts, noise_ids, n, steps, metrics, path, seed, batch_size, hvp, num_inference_steps,
                   guidance_scale, progress):
     import sharpfast
     from tqdm.auto import tqdm
@@ -29,7 +29,8 @@ def _score_config(pipe, prompts, n, steps, metrics, path, seed, batch_size, hvp,
     settings = _fingerprint(dict(seed=seed, hvp=hvp, num_inference_steps=num_inference_steps,
                                  guidance_scale=guidance_scale, dtype=str(pipe.unet.dtype)))
     done = {i: r for i, r in jsonl.read(path).items()
-            if isinstance(i, int) and i < len(prompts) and r.get("prompt") == prompts[i] and r.get("settings") == settings}
+            if isinstance(i, int) and i < len(prompts) and r.get("prompt") == prompts[i]
+            and r.get("settings") == settings and r.get("noise_id") == noise_ids[i]}
     todo = [i for i in range(len(prompts)) if i not in done or any(m not in done[i] for m in metrics)]
     if not todo:
         return done
@@ -39,12 +40,12 @@ def _score_config(pipe, prompts, n, steps, metrics, path, seed, batch_size, hvp,
             tqdm(total=len(todo), desc=f"detect n={n} steps={steps}", unit="prompt", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             ids = todo[start:start + batch_size]
-            lat = model.noise_for_ids(ids, n, h, w, seed)
+            lat = model.noise_for_ids([noise_ids[i] for i in ids], n, h, w, seed)
             res = sharpfast.detect(pipe, [prompts[i] for i in ids], metrics=metrics, num_images_per_prompt=n,
                                    steps=steps, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                    latents=lat.to(model.device), batch_size=batch_size, hvp=hvp, progress=False)
             recs = [{"id": i, "prompt": prompts[i], **{m: float(res.scores[m][k]) for m in metrics},
-                     "settings": settings} for k, i in enumerate(ids)]
+                     "settings": settings, "noise_id": noise_ids[i]} for k, i in enumerate(ids)]
             jsonl.append(f, recs)
             done.update({r["id"]: r for r in recs})
             bar.update(len(ids))
@@ -74,6 +75,13 @@ def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "shar
         raise ValueError("the evaluation set needs memorized and non-memorized prompts")
     all_prompts = list(dict.fromkeys(r["prompt"] for recs in sets.values() for r in recs))
     index = {p: i for i, p in enumerate(all_prompts)}
+    # a prompt's noise: seed + its line in the file it came from (as `sharpfast detect` and `scan`
+    # draw it), or seed + its position in the sets for the bundled model's records
+    row_of = {}
+    for recs in sets.values():
+        for r in recs:
+            row_of.setdefault(r["prompt"], r.get("row"))
+    noise_ids = [i if row_of[p] is None else row_of[p] for i, p in enumerate(all_prompts)]
     mem = [index[r["prompt"]] for r in ev if r["memorized"]]
     non = [index[r["prompt"]] for r in ev if not r["memorized"]]
     dup = [r for recs in sets.values() for r in recs if r.get("duplicates")]
@@ -86,7 +94,7 @@ def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "shar
     for n in ns:
         for s in steps_list:
             path = os.path.join(out_dir, f"scores_n{n}_steps{s}.jsonl")
-            scores = _score_config(pipe, all_prompts, n, s, list(metrics), path, seed, batch_size, hvp,
+            scores = _score_config(pipe, all_prompts, noise_ids, n, s, list(metrics), path, seed, batch_size, hvp,
                                    num_inference_steps, guidance_scale, progress)
             panel = curves.setdefault(f"steps={s}, n={n}", {})
             for m in metrics:

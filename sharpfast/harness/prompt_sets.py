@@ -1,41 +1,31 @@
 """Prompt sets for the harness: the bundled model's records, or files given by the user."""
 from __future__ import annotations
 
-import json
-import os
-
 from ..errors import BadArgument
 
 
-def read_prompt_file(path: str) -> list[str]:
-    """Prompts of a .txt file (one a line, blank lines skipped) or a .jsonl file (a "prompt" or
-    "caption" field per line)."""
-    if not os.path.isfile(path):
-        raise BadArgument(f"prompt file not found: {path}")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for k, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    rec = json.loads(line)
-                    out.append(rec.get("prompt", rec.get("caption")))
-                except ValueError as err:
-                    raise BadArgument(f"{path}:{k} is not JSON: {err}") from None
-                if not isinstance(out[-1], str):
-                    raise BadArgument(f"{path}:{k} has no 'prompt' or 'caption' string")
-            else:
-                out.append(line)
-    if not out:
+def read_prompt_file(path: str) -> list[tuple[int, str]]:
+    """(row, prompt) of a .txt, .jsonl ("prompt" or "caption" field) or .parquet prompt file, read
+    by the reader `sharpfast detect` and `sharpfast scan` use (row = line number, blank lines
+    skipped), so a prompt gets the same id, and the same noise, in all three. Stricter than scan:
+    a row that is not blank and holds no prompt (bad JSON, not UTF-8) is an error here."""
+    from ..scan_input import iter_rows
+
+    rows = []
+    for r in iter_rows(path):
+        if r.prompt is not None:
+            rows.append((r.index, r.prompt))
+        elif r.problem != "blank line":
+            raise BadArgument(f"{path}: row {r.index + 1}: {r.problem}")
+    if not rows:
         raise BadArgument(f"prompt file is empty: {path}")
-    return out
+    return rows
 
 
 def records_from_files(memorized: str, non_memorized: str) -> list[dict]:
-    mem = [dict(prompt=p, memorized=True, duplicates=None) for p in read_prompt_file(memorized)]
-    non = [dict(prompt=p, memorized=False, duplicates=0) for p in read_prompt_file(non_memorized)]
+    """Records of the two files; "row" (the line number) decides each prompt's noise, seed + row."""
+    mem = [dict(prompt=p, memorized=True, duplicates=None, row=k) for k, p in read_prompt_file(memorized)]
+    non = [dict(prompt=p, memorized=False, duplicates=0, row=k) for k, p in read_prompt_file(non_memorized)]
     return mem + non
 
 
