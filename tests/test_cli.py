@@ -58,7 +58,8 @@ def fails(capsys, argv, message):
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("sharpfast: ") and message in err and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]  # progress bars may come first
+    assert last.startswith("sharpfast: ") and message in last and "Traceback" not in err, err
 
 
 def test_detect_errors(model_dir, tmp_path, capsys):
@@ -159,3 +160,36 @@ def test_detect_takes_the_bundled_model_and_auto_device(tmp_path):
     assert main(["detect", "--model", "digits", "--prompts", write(tmp_path / "p.txt", ["a handwritten seven"]),
                  "--out", str(out), "--num-inference-steps", "10", "--quiet"]) == 0
     assert read(out)[0]["prompt"] == "a handwritten seven"
+
+
+def test_full_disk_and_read_only_output_are_one_line_errors(model_dir, tmp_path, capsys, monkeypatch):
+    """A full disk while writing: one line, exit 2, and the rerun completes every prompt once; a
+    read-only output folder is refused before any model loads."""
+    import errno
+
+    from sharpfast import jsonl
+
+    out = tmp_path / "r.jsonl"
+    real = jsonl.append
+    calls = {"n": 0}
+
+    def full_on_second(f, recs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(f, recs)
+
+    monkeypatch.setattr(jsonl, "append", full_on_second)
+    fails(capsys, args(model_dir, tmp_path, out), "No space left on device")
+    monkeypatch.setattr(jsonl, "append", real)
+    assert len(read(out)) == 2  # the first batch is kept
+    assert main(args(model_dir, tmp_path, out)) == 0
+    assert sorted(r["id"] for r in read(out)) == list(range(5))
+    import tempfile
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    fails(capsys, ["detect", "--model", str(tmp_path / "no-model"), "--prompts", write(tmp_path / "q.txt", PROMPTS),
+                   "--out", str(tmp_path / "x.jsonl")], "cannot write --out")

@@ -2,8 +2,9 @@
 diffusers' commands/ do. Imports run one way: the commands import the library, never the reverse.
 
 Every sharpfast error (a bad argument, a missing file, an output of other inputs, NaN from the
-model) becomes one `sharpfast: ...` line on stderr and exit code 2; anything else is a bug and
-keeps its traceback."""
+model) and every OSError (a full disk, a read-only folder: result files keep every complete
+record, a rerun resumes) becomes one `sharpfast: ...` line on stderr and exit code 2; anything
+else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,9 @@ def main(argv=None) -> int:
     try:
         return command.run(args)
     except SharpfastError as err:
+        print(f"sharpfast: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the machine's, not the code's: a full disk, a read-only folder, ...
         print(f"sharpfast: {err}", file=sys.stderr)
         return 2
 

@@ -94,3 +94,13 @@ def check_output(path: str) -> None:
             pass
     except OSError as err:
         raise BadArgument(f"cannot write --out {path}: {err.strerror}") from None
+
+
+def check_output_dir(path: str) -> None:
+    """An output folder that exists or can be made, and takes files (checked before any model
+    loads: a read-only or missing location is one clear error, not a traceback after scoring)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise BadArgument(f"cannot create the output folder {path}: {err.strerror}") from None
+    check_output(os.path.join(path, "probe"))

@@ -89,6 +89,10 @@ class DetectCommand:
         todo = [i for i, _ in rows if i not in done]
         if done:
             print(f"sharpfast: {len(done)} prompts already in {args.out}; {len(todo)} to go", file=sys.stderr)
+        if not todo:  # nothing to score: no model to load
+            if labels is not None:
+                print_table(args.out, metrics, len(rows))
+            return 0
         model = ScoreModel(load_model(args.model, device, dtype))
         height, width = model.default_size()
         with open(args.out, "a", encoding="utf-8") as out, \

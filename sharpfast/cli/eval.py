@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import BadArgument
-from .common import add_device_args, csv, device_dtype, ints, load_model
+from .common import add_device_args, check_output_dir, csv, device_dtype, ints, load_model
 
 
 def _common(p):
@@ -59,6 +59,7 @@ class EvalCommand:
         from ..harness import detect_eval, mitigate_eval
         from ..harness.prompt_sets import bundled_records, records_from_files
 
+        check_output_dir(args.out)
         device, dtype = device_dtype(args.device, args.dtype)
         if args.eval_command == "detect":
             if bool(args.memorized) != bool(args.non_memorized):

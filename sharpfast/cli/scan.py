@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from .. import validate
-from .common import csv, device_dtype, load_model
+from .common import check_output_dir, csv, device_dtype, load_model
 
 
 class ScanCommand:
@@ -55,6 +55,7 @@ class ScanCommand:
         if args.threshold is not None:
             validate.finite(args.threshold, "--threshold")
         validate.finite(args.fpr, "--fpr", above=0)
+        check_output_dir(args.out)
         device, dtype = device_dtype(args.device, args.dtype)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
