@@ -198,9 +198,8 @@ def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, object
     return chosen, info
 
 
-def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latents=None, objective: str = "paper",
-         alpha=None, lr=None, max_steps=None, candidates=None, threshold="auto", project=None,
-         max_rounds: int = 6, fd_step=None, return_info: bool = False, **pipe_kwargs):
+def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latents=None, return_info: bool = False,
+         **kwargs):
     """Generate with SAIL: optimized initial noise, then the pipeline's own sampler.
 
     Takes the keyword arguments of `pipe(...)` (num_inference_steps, guidance_scale, height, width,
@@ -222,6 +221,24 @@ def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latent
     SD 1.x / 0.01 SD 2.x reference). The pipeline is not modified.
     """
     start = time.perf_counter()
+    sail_keys = ("objective", "alpha", "lr", "max_steps", "candidates", "threshold", "project", "max_rounds", "fd_step")
+    opts = {k: kwargs.pop(k) for k in sail_keys if k in kwargs}
+    final, info = sail_latents(pipe, prompt, num_images_per_prompt=num_images_per_prompt, generator=generator,
+                               latents=latents, **opts, **kwargs)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    out = pipe(prompts, num_images_per_prompt=num_images_per_prompt, generator=generator, latents=final, **kwargs)
+    if not return_info:
+        return out
+    info.update(unet_calls=info["unet_calls_optimization"] + kwargs.get("num_inference_steps", 50),
+                seconds=time.perf_counter() - start)
+    return out, info
+
+
+def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latents=None,
+                 objective: str = "paper", alpha=None, lr=None, max_steps=None, candidates=None, threshold="auto",
+                 project=None, max_rounds: int = 6, fd_step=None, **pipe_kwargs):
+    """SAIL's optimized initial noise, without generating: (latents as `pipe(latents=...)` takes
+    them, info). Arguments as sail's; the serving guard uses it to generate a batch once."""
     n = num_images_per_prompt
     guidance_scale = pipe_kwargs.get("guidance_scale", 7.5)
     if objective not in OBJECTIVES:
@@ -287,10 +304,6 @@ def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latent
     final[keep] = latents.to(dev)[keep]
     # "unchanged" says what came back: also an image whose optimization fell back to its start
     unchanged = (final.flatten(1) == latents.to(dev, final.dtype).flatten(1)).all(dim=1)
-    out = pipe(prompts, num_images_per_prompt=n, generator=generator, latents=final, **pipe_kwargs)
-    if not return_info:
-        return out
-    info.update(unet_calls_optimization=opt_calls, unet_calls=opt_calls + steps, candidates=candidates,
-                objective=objective, seconds=time.perf_counter() - start, unchanged=unchanged.cpu(),
-                latents=final.detach().cpu())
-    return out, info
+    info.update(unet_calls_optimization=opt_calls, candidates=candidates, objective=objective,
+                unchanged=unchanged.cpu(), latents=final.detach().cpu())
+    return final, info

@@ -10,8 +10,14 @@ it); after the call, every image is scored from the capture with the metric regi
 sharpfast.metrics, the same function detect uses: metric="wen" costs no extra UNet call,
 "sharpness" one extra CFG call at that step (the finite difference of sharpfast.detect), made
 outside the UNet's own hook. The hook never changes a UNet output, so the images of prompts that
-are not flagged are exactly those of pipe(...). Flagged prompts are regenerated with sharpfast.sail from the same initial noise
-(mitigation="sail") or only reported (mitigation=None).
+are not flagged are exactly those of pipe(...).
+
+The decision is made at the first step (a step callback, chained before the user's own
+callback_on_step_end): a request without a flagged prompt simply runs on. A request with one
+stops right after its first UNet call; SAIL optimizes the flagged rows' noise (sail_latents,
+from the noise that call used), and the whole batch is generated ONCE from the mixed noise: the
+unflagged rows keep their own noise (and the generators their state), so their images equal
+pipe(...)'s. mitigation=None only reports.
 """
 from __future__ import annotations
 
@@ -34,6 +40,22 @@ GUARD_METRICS = tuple(REGISTRY)  # costs: REGISTRY[name].cost (wen and score_nor
 # at a time; capturing is per thread and scoring runs outside the lock.
 _PIPE_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _PIPE_LOCKS_GUARD = threading.Lock()
+
+
+class _Mitigate(Exception):
+    """Raised from the step callback: the request holds a flagged prompt; stop after step 1."""
+
+
+def _generator_states(gens):
+    if gens is None:
+        return None
+    return [g.get_state() for g in (gens if isinstance(gens, list) else [gens])]
+
+
+def _restore(gens, states):
+    if gens is not None:
+        for g, st in zip(gens if isinstance(gens, list) else [gens], states):
+            g.set_state(st)
 
 
 def pipeline_lock(pipe) -> threading.RLock:
@@ -115,65 +137,99 @@ class Guard:
         validate.guidance_scale(kwargs.get("guidance_scale", 7.5), needs_cfg=True)
         n = kwargs.get("num_images_per_prompt")
         n = 1 if n is None else validate.integer(n, "num_images_per_prompt")
-        validate.generators(kwargs.get("generator"), len(prompts) * n)
-        noise = None
-        if self.mitigation == "sail":
-            noise = self._noise(model, len(prompts) * n, kwargs)
-        self._local.capture = cap = {"model": model, "prompts": prompts, "n": n}
+        count = len(prompts) * n
+        validate.generators(kwargs.get("generator"), count)
+        kwargs = dict(kwargs)
+        user_cb = kwargs.pop("callback_on_step_end", None)
+        user_inputs = kwargs.pop("callback_on_step_end_tensor_inputs", None) or getattr(user_cb, "tensor_inputs", None)
+        cap = {"model": model, "prompts": prompts, "n": n, "user_cb": user_cb}
+
+        def on_step_end(pipe, i, t, cb_kwargs):
+            # the decision at the first step: scored here, outside the UNet's hook; a request
+            # with a flagged prompt stops now and is generated once, from mixed noise
+            if "decision" not in cap:
+                cap["decision"] = self._decide(cap)
+                if self.mitigation == "sail" and bool(cap["decision"]["flagged"].any()):
+                    raise _Mitigate()
+            return user_cb(pipe, i, t, cb_kwargs) if user_cb is not None else {}
+
+        call = dict(kwargs, callback_on_step_end=on_step_end)
+        if user_inputs is not None:
+            call["callback_on_step_end_tensor_inputs"] = list(user_inputs)
+        self._local.capture = cap
         try:
             with self._lock:
-                out = self.pipe(prompts, **kwargs)
+                if self.mitigation == "sail" and kwargs.get("latents") is None and kwargs.get("generator") is None:
+                    # the global RNG: draw the noise pipe(...) would draw, so it can be reused
+                    call["latents"] = model.noise(count, *self._size(model, kwargs))
+                states = _generator_states(kwargs.get("generator"))
+                try:
+                    out = self.pipe(prompts, **call)
+                except _Mitigate:
+                    out = self._generate_mitigated(model, prompts, n, cap, call, states)
         finally:
             self._local.capture = None
+        if "decision" not in cap:  # a pipeline that never called back: decide from the capture
+            if "pred" not in cap:
+                raise RuntimeError("the pipeline made no UNet call; nothing was scored")
+            cap["decision"] = self._decide(cap)
+        per_prompt, flagged = cap["decision"]["scores"], cap["decision"]["flagged"]
+        mitigated = self.mitigation == "sail" and bool(flagged.any())
+        report = [{"prompt": p, "score": float(s), "metric": self.metric, "flagged": bool(f),
+                   "mitigated": bool(f) and mitigated} for p, s, f in zip(prompts, per_prompt, flagged)]
+        if isinstance(out, tuple):  # return_dict=False: the pipeline's tuple, then the report
+            return (*out, report)
+        out.memorization = report
+        return out
+
+    def _decide(self, cap) -> dict:
+        """Per-prompt scores (mean over its images) and flags, from the captured first call."""
         if "pred" not in cap:
             raise RuntimeError("the pipeline made no UNet call; nothing was scored")
-        scores = self._score(cap)
-        per_prompt = scores.float().view(len(prompts), n).mean(dim=1).cpu()
+        prompts, n = cap["prompts"], cap["n"]
+        per_prompt = self._score(cap).float().view(len(prompts), n).mean(dim=1).cpu()
         bad = ~torch.isfinite(per_prompt)
         if bool(bad.any()):  # finite predictions, yet no finite score (an overflow in the metric)
             raise NonFiniteOutput(f"the {self.metric} score of prompt {prompts[int(bad.nonzero()[0])]!r} is not "
                                   f"finite")
-        flagged = per_prompt > self.threshold
-        report = [{"prompt": p, "score": float(s), "metric": self.metric, "flagged": bool(f), "mitigated": False}
-                  for p, s, f in zip(prompts, per_prompt, flagged)]
-        if self.mitigation == "sail" and bool(flagged.any()):
-            with self._lock:
-                self._mitigate(out, prompts, n, flagged, noise, kwargs, report)
-        out.memorization = report
-        return out
+        return {"scores": per_prompt, "flagged": per_prompt > self.threshold}
 
-    def _noise(self, model, count, kwargs):
-        """The noise pipe(...) will draw (the user's latents, or a draw from a copy of the generator state)."""
-        if kwargs.get("latents") is not None:
-            return kwargs["latents"].detach().clone()
-        g = kwargs.get("generator")
-        if g is None:
-            return None  # the pipeline draws from the global RNG: mitigation draws afresh
-        gens = g if isinstance(g, list) else [g]
-        states = [x.get_state() for x in gens]
+    @staticmethod
+    def _size(model, kwargs):
         dh, dw = model.default_size()
-        try:
-            return model.noise(count, kwargs.get("height") or dh, kwargs.get("width") or dw, g)
-        finally:
-            for x, s in zip(gens, states):
-                x.set_state(s)
+        return kwargs.get("height") or dh, kwargs.get("width") or dw
 
-    def _mitigate(self, out, prompts, n, flagged, noise, kwargs, report):
-        from .mitigation import sail
+    def _generate_mitigated(self, model, prompts, n, cap, call, states):
+        """SAIL's noise for the flagged rows, the request's own noise for the others, and ONE
+        generation of the whole batch: the unflagged rows come out exactly as pipe(...) makes them."""
+        from .mitigation import sail_latents
 
-        idx = flagged.nonzero().view(-1).tolist()
+        gens = call.get("generator")
+        _restore(gens, states)
+        height, width = self._size(model, call)
+        count = len(prompts) * n
+        noise = call.get("latents")
+        if noise is None:  # the draw prepare_latents made, which also advances the generators as it did
+            noise = model.noise(count, height, width, gens)
+        else:
+            noise = noise.to(model.device)
+        idx = cap["decision"]["flagged"].nonzero().view(-1).tolist()
         rows = [i * n + j for i in idx for j in range(n)]
-        kw = {k: v for k, v in kwargs.items() if k not in ("latents", "generator", "num_images_per_prompt")}
-        lat = noise[rows] if noise is not None else None
-        gen = kwargs.get("generator")
-        if isinstance(gen, list):
-            gen = [gen[r] for r in rows]
-        res = sail(self.pipe, [prompts[i] for i in idx], num_images_per_prompt=n, latents=lat, generator=gen,
-                   **self.sail_kwargs, **kw)
-        for k, r in enumerate(rows):
-            out.images[r] = res.images[k]
-        for i in idx:
-            report[i]["mitigated"] = True
+        sub_gens = [gens[r] for r in rows] if isinstance(gens, list) else gens
+        kw = {k: v for k, v in call.items()
+              if k not in ("latents", "generator", "num_images_per_prompt", "callback_on_step_end",
+                           "callback_on_step_end_tensor_inputs", "output_type", "return_dict")}
+        inner_states = _generator_states(sub_gens)
+        opt, _ = sail_latents(self.pipe, [prompts[i] for i in idx], num_images_per_prompt=n, latents=noise[rows],
+                              generator=sub_gens, **self.sail_kwargs, **kw)
+        _restore(sub_gens, inner_states)  # SAIL's extra candidates must not move the request's generators
+        mixed = noise.clone()
+        mixed[rows] = opt.to(mixed)
+        final = {k: v for k, v in call.items() if k != "callback_on_step_end"}
+        if cap["user_cb"] is not None:
+            final["callback_on_step_end"] = cap["user_cb"]
+        final["latents"] = mixed
+        return self.pipe(prompts, **final)
 
     # -- lifetime -------------------------------------------------------------------------------
     def remove(self) -> None:

@@ -145,3 +145,46 @@ def test_concurrent_requests_get_their_own_results():
                 assert a == b
                 assert torch.equal(ia, ib), a["prompt"]
     assert not pipe.unet._forward_hooks
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])  # ddpm draws fresh noise from the generator every step
+def test_flagged_request_is_decided_at_step_one_and_generated_once(scheduler):
+    """A request with a flagged prompt stops after its first UNet call and the batch is generated
+    once from mixed noise: UNet calls = 1 + SAIL's + the steps (not two generations), the
+    unflagged prompts' images equal pipe(...)'s bit for bit (their noise and the generator's
+    state are kept), the flagged prompt's change."""
+    p = tiny_pipeline("sd1", scheduler=scheduler)
+    p.set_progress_bar_config(disable=True)
+    plain = p(PROMPTS, generator=gen(), **KW).images
+    wen = sharpfast.detect(p, PROMPTS, metrics=("wen",), generator=gen(), num_inference_steps=5,
+                           progress=False).scores["wen"]
+    k = int(wen.argmax())
+    thr = float(wen.sort().values[-2])  # flags exactly the prompt with the largest score
+    with sharpfast.guard(p, threshold=thr, sail_kwargs={"threshold": 0.0, "max_steps": 1}) as guarded, \
+            CallCounter(p) as c:
+        out = guarded(PROMPTS, generator=gen(), **KW)
+    assert [r["flagged"] for r in out.memorization] == [i == k for i in range(3)]
+    sail_calls = 2 * (1 + 1)  # one Adam step: two evaluations of (x, x') each
+    assert c.calls == 1 + sail_calls + KW["num_inference_steps"], c.calls
+    for i in range(3):
+        assert torch.equal(out.images[i], plain[i]) != (i == k), i
+
+
+def test_user_callback_is_chained_and_return_dict_false_works(pipe):
+    seen = []
+
+    def cb(p, i, t, kw):
+        seen.append(i)
+        return {"latents": kw["latents"] * 1.0}
+
+    plain = pipe(PROMPTS[:1], generator=gen(), **KW).images
+    with sharpfast.guard(pipe, threshold=float("inf"), mitigation=None) as guarded:
+        out = guarded(PROMPTS[:1], generator=gen(), callback_on_step_end=cb, **KW)
+        assert seen == list(range(KW["num_inference_steps"]))
+        assert torch.equal(out.images, plain)
+        *pipe_tuple, report = guarded(PROMPTS[:1], generator=gen(), return_dict=False, **KW)
+        assert torch.equal(pipe_tuple[0], plain) and report[0]["prompt"] == PROMPTS[0]
+        seen.clear()
+        guarded(PROMPTS[:1], generator=gen(), callback_on_step_end=cb, output_type="latent",
+                num_inference_steps=3)
+        assert seen == [0, 1, 2]
