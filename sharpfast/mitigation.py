@@ -267,9 +267,9 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
         else:
             threshold = REFERENCE["threshold"] * (math.prod(shape) / REFERENCE["threshold_numel"]) ** 0.5
         if threshold is None:
-            raise MissingCalibration("threshold='auto' needs the model's SAIL target (calibration.json beside the model, "
-                             "sharpness/target); pass threshold=<float>, e.g. sharpfast.calibrate(sharpness of "
-                             "normal prompts, fpr=0.9)")
+            raise MissingCalibration("threshold='auto' needs the model's SAIL target (calibration.json beside "
+                                     "the model, sharpness/target); pass threshold=<float>, e.g. "
+                                     "sharpfast.calibrate(sharpness of normal prompts, fpr=0.9)")
     validate.finite(threshold, "threshold")
     steps = pipe_kwargs.get("num_inference_steps", 50)
     sched = model.scheduler(steps)

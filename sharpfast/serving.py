@@ -80,8 +80,9 @@ class Guard:
 
             threshold = shipped_threshold(pipe, metric)
             if threshold is None:
-                raise MissingCalibration(f"threshold='auto' needs the model's calibration.json; pass threshold=<float> "
-                                 f"(sharpfast.calibrate on the {metric} scores of normal prompts)")
+                raise MissingCalibration(f"threshold='auto' needs the model's calibration.json; pass "
+                                         f"threshold=<float> (sharpfast.calibrate on the {metric} scores of normal "
+                                         f"prompts)")
         # +inf is allowed (score only, never flag); NaN would silently flag nothing
         threshold = validate.finite(threshold, "threshold", allow_inf=True)
         self.pipe, self.metric, self.threshold, self.mitigation = pipe, metric, threshold, mitigation
@@ -91,9 +92,10 @@ class Guard:
 
             # SAIL's own "auto" (the model's shipped target), checked now rather than at the first flagged request
             if shipped_threshold(pipe, key="target") is None:
-                raise MissingCalibration("mitigation='sail' needs SAIL's stopping level: the model has no calibration.json "
-                                 "with sharpness/target; pass sail_kwargs={'threshold': <float>} (e.g. "
-                                 "sharpfast.calibrate(sharpness of normal prompts, fpr=0.9)) or mitigation=None")
+                raise MissingCalibration("mitigation='sail' needs SAIL's stopping level: the model has no "
+                                         "calibration.json with sharpness/target; pass sail_kwargs={'threshold': "
+                                         "<float>} (e.g. sharpfast.calibrate(sharpness of normal prompts, fpr=0.9)) "
+                                         "or mitigation=None")
         self._local = threading.local()  # per-request capture: one per thread
         self._lock = pipeline_lock(pipe)
         self._handle = pipe.unet.register_forward_hook(self._hook, with_kwargs=True)
