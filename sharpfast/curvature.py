@@ -14,9 +14,11 @@ from __future__ import annotations
 import torch
 
 from . import ops
+from .errors import BadArgument
 from .score import Conditioning, ScoreModel, eps_to_score, math_attention
 
 BRANCHES = ("cond", "null", "delta")
+MODES = ("fd", "jvp")
 # the finite-difference step (a distance in latent space) by UNet dtype, the one place it is set:
 # chosen so that fd agrees with the exact JVP (tests/test_detect.py, tests/test_reference.py)
 DEFAULT_FD_STEP = {torch.float32: 0.05, torch.float16: 1.0, torch.bfloat16: 1.0}
@@ -24,7 +26,6 @@ DEFAULT_FD_STEP = {torch.float32: 0.05, torch.float16: 1.0, torch.bfloat16: 1.0}
 
 def default_fd_step(dtype) -> float:
     return DEFAULT_FD_STEP.get(dtype, 0.05)
-MODES = ("fd", "jvp")
 
 
 class ScoreJacobian:
@@ -38,9 +39,9 @@ class ScoreJacobian:
 
     def __init__(self, model: ScoreModel, x, t, alpha_bar, cond: Conditioning, branch="delta", mode="jvp", h=None):
         if branch not in BRANCHES:
-            raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+            raise BadArgument(f"branch must be one of {BRANCHES}, got {branch!r}")
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise BadArgument(f"mode must be one of {MODES}, got {mode!r}")
         self.model, self.x, self.t, self.alpha_bar, self.branch, self.mode = model, x.float(), t, alpha_bar, branch, mode
         self.h = h if h is not None else default_fd_step(model.dtype)
         self.N = x.shape[0]
@@ -85,7 +86,7 @@ class ScoreJacobian:
     def rmatvec(self, v: torch.Tensor) -> torch.Tensor:
         """J^T v per image (reverse-mode AD through the fp32 copy; mode "jvp" only)."""
         if self.mode != "jvp":
-            raise ValueError("rmatvec needs mode='jvp' (a transpose has no finite-difference form)")
+            raise BadArgument("rmatvec needs mode='jvp' (a transpose has no finite-difference form)")
         v = v.to(self.x.device, torch.float32)
         return self._exact_call(lambda f: torch.func.vjp(f, self.x)[1](v)[0])
 

@@ -14,16 +14,15 @@ Higher means sharper, i.e. more likely memorized, for every metric.
 from __future__ import annotations
 
 import math
-
-import torch
-
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from . import ops
-from .curvature import DEFAULT_FD_STEP, ScoreJacobian, default_fd_step  # noqa: F401 (re-exported)
+from .curvature import ScoreJacobian, default_fd_step
 from .errors import NonFiniteOutput
-from .score import Conditioning, ScoreModel, eps_per_pred, eps_to_score, math_attention, sigma_of, to_eps  # noqa: F401
+from .score import Conditioning, ScoreModel, eps_per_pred, eps_to_score, sigma_of, to_eps
 
 HVP_MODES = ("fd", "jvp")
 
@@ -73,17 +72,19 @@ class Step:
 
     names / n: the prompts of the rows (n images each) for error messages; fd_step: the
     sharpness's finite-difference step (a distance in latent space, default by UNet dtype);
-    probe_h: the traces' step per probe element (default fd_step / sqrt(D)); hvp: "fd" or "jvp".
+    probe_h: the traces' step per probe element (default fd_step / sqrt(D)); hvp: "fd" or "jvp";
+    checks=False skips the NaN/inf checks (a host sync each), for a caller that checks its own
+    results (SAIL's loop, in the one sync of its step).
     """
 
     def __init__(self, model: ScoreModel, x, t, alpha_bar, cond: Conditioning, pred_u, pred_c, *, names=None, n=1,
-                 guidance_scale=1.0, hvp="fd", fd_step=None, num_probes=8, probe_seed=0, probe_h=None):
+                 guidance_scale=1.0, hvp="fd", fd_step=None, num_probes=8, probe_seed=0, probe_h=None, checks=True):
         self.model, self.x, self.t, self.alpha_bar, self.cond = model, x, t, alpha_bar, cond
         self.pred_u, self.pred_c = pred_u, pred_c
         self.names, self.n, self.guidance_scale, self.hvp = names, n, guidance_scale, hvp
         self.sigma = sigma_of(alpha_bar)
         self.h = fd_step if fd_step is not None else default_fd_step(model.dtype)
-        self.num_probes, self.probe_seed, self.probe_h = num_probes, probe_seed, probe_h
+        self.num_probes, self.probe_seed, self.probe_h, self.checks = num_probes, probe_seed, probe_h, checks
         self._cache = {}
 
     def _cached(self, key, make):
@@ -92,7 +93,8 @@ class Step:
         return self._cache[key]
 
     def check(self, tensor, what: str) -> None:
-        check_finite(tensor, self.n, self.names, what)
+        if self.checks:
+            check_finite(tensor, self.n, self.names, what)
 
     @property
     def guided(self):

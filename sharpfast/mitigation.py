@@ -41,7 +41,8 @@ import torch
 
 from . import ops, validate
 from .errors import BadArgument, MissingCalibration, NonFiniteOutput
-from .metrics import REGISTRY, Step, default_fd_step
+from .curvature import default_fd_step
+from .metrics import REGISTRY, Step
 from .score import ScoreModel
 
 OBJECTIVES = ("paper", "reference")
@@ -85,7 +86,7 @@ class _Objective:
         """(loss per row, statistic compared with the threshold per row); x fp32."""
         m = self.model
         pred_u, pred_c = m.predict(x, self.t, cond)
-        step = Step(m, x, self.t, self.ab, cond, pred_u, pred_c, fd_step=self.h, names=names)
+        step = Step(m, x, self.t, self.ab, cond, pred_u, pred_c, fd_step=self.h, names=names, checks=False)
         if self.objective == "paper":  # detect's own sharpness (the registry's), differentiable in x
             stat = REGISTRY["sharpness"].fn(step)
             loss = stat.pow(2)
@@ -154,10 +155,6 @@ def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, object
             loss, stat = obj(sched.scale_model_input(x, t), cond.rows(rows), _RowNames(names, rows))
             ld, sd = loss.detach(), stat.detach()
             bad = ~(torch.isfinite(sd) & torch.isfinite(ld))
-            if bool(bad.any()):
-                i = int(rows[bad.nonzero()[0]])
-                raise NonFiniteOutput(f"the UNet returned NaN/inf while SAIL optimized the initial noise of "
-                                      f"{names[i] if names else f'image {i}'!r}")
             if first_stat is None:
                 first_stat = sd.view(N, K)
             # lowest-loss point of each image so far (the fallback), without a host sync
@@ -176,7 +173,12 @@ def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, object
             final_stat[newly] = sd[first[newly]]
             accepted |= newly
             live = ~accepted[rows]
-            if step == max_steps or not bool(live.any()):  # the one host sync of a step
+            any_bad, any_live = torch.stack([bad.any(), live.any()]).tolist()  # the one host sync of a step
+            if any_bad:
+                i = int(rows[bad.nonzero()[0]])
+                raise NonFiniteOutput(f"the UNet returned NaN/inf while SAIL optimized the initial noise of "
+                                      f"{names[i] if names else f'image {i}'!r}")
+            if step == max_steps or not any_live:
                 break
             (g,) = torch.autograd.grad((loss * live).sum(), x)
             steps_taken += 1
@@ -221,8 +223,7 @@ def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latent
     SD 1.x / 0.01 SD 2.x reference). The pipeline is not modified.
     """
     start = time.perf_counter()
-    sail_keys = ("objective", "alpha", "lr", "max_steps", "candidates", "threshold", "project", "max_rounds", "fd_step")
-    opts = {k: kwargs.pop(k) for k in sail_keys if k in kwargs}
+    opts = {k: kwargs.pop(k) for k in _sail_options() if k in kwargs}
     final, info = sail_latents(pipe, prompt, num_images_per_prompt=num_images_per_prompt, generator=generator,
                                latents=latents, **opts, **kwargs)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -232,6 +233,15 @@ def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latent
     info.update(unet_calls=info["unet_calls_optimization"] + kwargs.get("num_inference_steps", 50),
                 seconds=time.perf_counter() - start)
     return out, info
+
+
+def _sail_options() -> tuple:
+    """SAIL's own keywords (the rest of sail's kwargs go to the pipeline), read off sail_latents."""
+    import inspect
+
+    own = ("num_images_per_prompt", "generator", "latents")
+    return tuple(name for name, p in inspect.signature(sail_latents).parameters.items()
+                 if p.kind is p.KEYWORD_ONLY and name not in own)
 
 
 def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latents=None,

@@ -8,7 +8,8 @@ import torch
 from scipy.stats import spearmanr
 
 import sharpfast
-from sharpfast.metrics import METRICS, math_attention
+from sharpfast.metrics import METRICS
+from sharpfast.score import math_attention
 from sharpfast.score import ScoreModel, eps_to_score
 from sharpfast.testing import tiny_pipeline
 
