@@ -188,3 +188,84 @@ def test_user_callback_is_chained_and_return_dict_false_works(pipe):
         guarded(PROMPTS[:1], generator=gen(), callback_on_step_end=cb, output_type="latent",
                 num_inference_steps=3)
         assert seen == [0, 1, 2]
+
+
+def _flag_everything(p, **kw):
+    return sharpfast.guard(p, threshold=-1.0, sail_kwargs={"threshold": 0.0, "max_steps": 1}, **kw)
+
+
+@pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
+def test_every_output_type_on_both_paths(pipe, output_type):
+    """Unflagged: the pipeline's own output, equal; flagged (generated once from SAIL's noise):
+    the same type and shape, different content."""
+    import numpy as np
+
+    kw = dict(num_inference_steps=3, output_type=output_type, num_images_per_prompt=2)
+    plain = pipe(PROMPTS[:2], generator=gen(), **kw).images
+    as_array = (lambda imgs: np.stack([np.asarray(i) for i in imgs])) if output_type == "pil" else \
+        (lambda imgs: np.asarray(imgs.cpu() if torch.is_tensor(imgs) else imgs))
+    with sharpfast.guard(pipe, threshold=float("inf"), mitigation=None) as g:
+        out = g(PROMPTS[:2], generator=gen(), **kw)
+    assert type(out.images) is type(plain)
+    np.testing.assert_array_equal(as_array(out.images), as_array(plain))
+    with _flag_everything(pipe) as g:
+        out = g(PROMPTS[:2], generator=gen(), **kw)
+    assert type(out.images) is type(plain) and len(out.images) == len(plain) == 4
+    assert as_array(out.images).shape == as_array(plain).shape
+    assert not np.array_equal(as_array(out.images), as_array(plain))
+    assert all(r["mitigated"] for r in out.memorization)
+
+
+def test_torch_compiled_unet():
+    """pipe.unet = torch.compile(pipe.unet), as servers do: the hook sits on the compiled module,
+    unflagged output equals the compiled pipeline's own, flagged requests run SAIL through it
+    (backend aot_eager: dynamo's tracing and autograd, without a C++ compile per test)."""
+    p = tiny_pipeline("sd1")
+    p.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=3, output_type="pt")
+    p.unet = torch.compile(p.unet, backend="aot_eager")
+    plain = p(PROMPTS[:2], generator=gen(), **kw).images
+    with sharpfast.guard(p, threshold=float("inf"), mitigation=None) as g:
+        out = g(PROMPTS[:2], generator=gen(), **kw)
+    assert torch.equal(out.images, plain)
+    with _flag_everything(p) as g:
+        out = g(PROMPTS[:2], generator=gen(), **kw)
+    assert all(r["mitigated"] for r in out.memorization) and not torch.equal(out.images, plain)
+    assert not p.unet._forward_hooks and isinstance(p.unet, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_model_cpu_offload():
+    """enable_model_cpu_offload installs accelerate's hooks on every model (device "cpu" here: the
+    hooks and their order are the same as with a GPU); the guard scores, mitigates, and removes
+    only its own hook."""
+    pytest.importorskip("accelerate")
+    p = tiny_pipeline("sd1")
+    p.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=3, output_type="pt")
+    plain = p(PROMPTS[:2], generator=gen(), **kw).images
+    p.enable_model_cpu_offload(device="cpu")
+    hooks_before = dict(p.unet._forward_hooks), dict(p.unet._forward_pre_hooks)
+    with sharpfast.guard(p, threshold=float("inf"), mitigation=None) as g:
+        out = g(PROMPTS[:2], generator=gen(), **kw)
+    assert torch.equal(out.images, plain)
+    with _flag_everything(p) as g:
+        out = g(PROMPTS[:2], generator=gen(), **kw)
+    assert all(r["mitigated"] for r in out.memorization) and not torch.equal(out.images, plain)
+    assert (dict(p.unet._forward_hooks), dict(p.unet._forward_pre_hooks)) == hooks_before
+
+
+def test_flagged_request_with_user_callback_and_tuple_output(pipe):
+    """The user's callback sees each step of the generation that makes the images once (not the
+    first generation's step 0, stopped before the callback), and return_dict=False gives the tuple
+    then the report."""
+    seen = []
+
+    def cb(p, i, t, kw):
+        seen.append(i)
+        return {}
+
+    with _flag_everything(pipe) as g:
+        *tup, report = g(PROMPTS[:1], generator=gen(), callback_on_step_end=cb, return_dict=False,
+                         num_inference_steps=3, output_type="pt")
+    assert report[0]["mitigated"] and tup[0].shape[0] == 1
+    assert seen == [0, 1, 2]
