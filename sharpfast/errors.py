@@ -32,3 +32,7 @@ class MissingCalibration(SharpfastError, ValueError):
 
 class OutputMismatch(SharpfastError, ValueError):
     """An output path holds results of other inputs or settings; nothing there was reused."""
+
+
+class MissingDependency(SharpfastError, ImportError):
+    """An optional dependency of the feature asked for is not installed (the message says which extra)."""

@@ -22,6 +22,7 @@ pipe(...)'s. mitigation=None only reports.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 
 import torch
@@ -29,6 +30,7 @@ import torch
 from . import validate
 from .errors import BadArgument, MissingCalibration, NonFiniteOutput
 from .metrics import REGISTRY, Step
+from .monitoring import GuardStats
 from .score import Conditioning, ScoreModel
 
 GUARD_METRICS = tuple(REGISTRY)  # costs: REGISTRY[name].cost (wen and score_norm: no extra UNet call)
@@ -69,7 +71,7 @@ def pipeline_lock(pipe) -> threading.RLock:
 class Guard:
     """A stock pipeline wrapped for serving; see sharpfast.guard."""
 
-    def __init__(self, pipe, metric="wen", threshold="auto", mitigation="sail", sail_kwargs=None):
+    def __init__(self, pipe, metric="wen", threshold="auto", mitigation="sail", sail_kwargs=None, name="default"):
         ScoreModel(pipe)  # raises UnsupportedPipeline now, not at the first request
         if metric not in GUARD_METRICS:
             raise BadArgument(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
@@ -97,6 +99,7 @@ class Guard:
                                          "<float>} (e.g. sharpfast.calibrate(sharpness of normal prompts, fpr=0.9)) "
                                          "or mitigation=None")
         self._local = threading.local()  # per-request capture: one per thread
+        self._stats = GuardStats(str(name), metric, threshold)
         self._lock = pipeline_lock(pipe)
         self._handle = pipe.unet.register_forward_hook(self._hook, with_kwargs=True)
 
@@ -130,6 +133,33 @@ class Guard:
 
     # -- serving -------------------------------------------------------------------------------
     def __call__(self, prompt, **kwargs):
+        start = time.perf_counter()
+        try:
+            out, cap = self._call(prompt, kwargs)
+        except BaseException:
+            self._stats.record_error()
+            raise
+        d = cap["decision"]
+        self._stats.record(scores=d["scores"].tolist(), flagged=d["flagged"].tolist(), mitigated=cap["mitigated"],
+                           images=len(cap["prompts"]) * cap["n"], sail_steps=cap.get("sail_steps"),
+                           added_s=cap["added_s"], request_s=time.perf_counter() - start)
+        return out
+
+    @property
+    def stats(self) -> dict:
+        """A snapshot of the counters and histograms (see sharpfast.monitoring)."""
+        return self._stats.snapshot()
+
+    def register_prometheus(self, registry=None):
+        """Export the stats through prometheus_client (into `registry`, default its global one);
+        returns the collector (registry.unregister(it) takes it off)."""
+        if registry is None:
+            from prometheus_client import REGISTRY as registry  # noqa: N811 (collector() names the extra)
+        collector = self._stats.collector()
+        registry.register(collector)
+        return collector
+
+    def _call(self, prompt, kwargs):
         if self._handle is None:
             raise RuntimeError("this guard was removed; create a new one with sharpfast.guard(pipe)")
         model = ScoreModel(self.pipe)  # per request: the pipeline may have moved since the guard was made
@@ -144,7 +174,7 @@ class Guard:
         kwargs = dict(kwargs)
         user_cb = kwargs.pop("callback_on_step_end", None)
         user_inputs = kwargs.pop("callback_on_step_end_tensor_inputs", None) or getattr(user_cb, "tensor_inputs", None)
-        cap = {"model": model, "prompts": prompts, "n": n, "user_cb": user_cb}
+        cap = {"model": model, "prompts": prompts, "n": n, "user_cb": user_cb, "added_s": 0.0}
 
         def on_step_end(pipe, i, t, cb_kwargs):
             # the decision at the first step: scored here, outside the UNet's hook; a request
@@ -176,20 +206,22 @@ class Guard:
                 raise RuntimeError("the pipeline made no UNet call; nothing was scored")
             cap["decision"] = self._decide(cap)
         per_prompt, flagged = cap["decision"]["scores"], cap["decision"]["flagged"]
-        mitigated = self.mitigation == "sail" and bool(flagged.any())
+        mitigated = cap["mitigated"] = self.mitigation == "sail" and bool(flagged.any())
         report = [{"prompt": p, "score": float(s), "metric": self.metric, "flagged": bool(f),
                    "mitigated": bool(f) and mitigated} for p, s, f in zip(prompts, per_prompt, flagged)]
         if isinstance(out, tuple):  # return_dict=False: the pipeline's tuple, then the report
-            return (*out, report)
+            return (*out, report), cap
         out.memorization = report
-        return out
+        return out, cap
 
     def _decide(self, cap) -> dict:
         """Per-prompt scores (mean over its images) and flags, from the captured first call."""
         if "pred" not in cap:
             raise RuntimeError("the pipeline made no UNet call; nothing was scored")
         prompts, n = cap["prompts"], cap["n"]
+        start = time.perf_counter()
         per_prompt = self._score(cap).float().view(len(prompts), n).mean(dim=1).cpu()
+        cap["added_s"] += time.perf_counter() - start
         bad = ~torch.isfinite(per_prompt)
         if bool(bad.any()):  # finite predictions, yet no finite score (an overflow in the metric)
             raise NonFiniteOutput(f"the {self.metric} score of prompt {prompts[int(bad.nonzero()[0])]!r} is not "
@@ -222,8 +254,11 @@ class Guard:
               if k not in ("latents", "generator", "num_images_per_prompt", "callback_on_step_end",
                            "callback_on_step_end_tensor_inputs", "output_type", "return_dict")}
         inner_states = _generator_states(sub_gens)
-        opt, _ = sail_latents(self.pipe, [prompts[i] for i in idx], num_images_per_prompt=n, latents=noise[rows],
+        start = time.perf_counter()
+        opt, info = sail_latents(self.pipe, [prompts[i] for i in idx], num_images_per_prompt=n, latents=noise[rows],
                               generator=sub_gens, **self.sail_kwargs, **kw)
+        cap["added_s"] += time.perf_counter() - start
+        cap["sail_steps"] = info["adam_steps"]
         _restore(sub_gens, inner_states)  # SAIL's extra candidates must not move the request's generators
         mixed = noise.clone()
         mixed[rows] = opt.to(mixed)
@@ -248,10 +283,13 @@ class Guard:
         return False
 
 
-def guard(pipe, *, metric: str = "wen", threshold="auto", mitigation="sail", sail_kwargs=None) -> Guard:
+def guard(pipe, *, metric: str = "wen", threshold="auto", mitigation="sail", sail_kwargs=None,
+          name: str = "default") -> Guard:
     """Wrap a stock pipeline for serving: guard(pipe)(prompt, **pipe_kwargs) returns pipe's output with
     `.memorization` (per prompt: score, flagged, mitigated). threshold="auto" uses the model's shipped
     calibration (calibration.json beside it); else pass a number from sharpfast.calibrate.
     sail_kwargs go to sharpfast.sail for flagged prompts; without a "threshold" there, SAIL stops at
-    the model's shipped target (threshold="auto" of sail), and a model without one is refused here."""
-    return Guard(pipe, metric, threshold, mitigation, sail_kwargs)
+    the model's shipped target (threshold="auto" of sail), and a model without one is refused here.
+    `guarded.stats` counts requests, flags, mitigations and latencies; `guarded.register_prometheus()`
+    exports them (series labelled guard=name)."""
+    return Guard(pipe, metric, threshold, mitigation, sail_kwargs, name)

@@ -269,3 +269,40 @@ def test_flagged_request_with_user_callback_and_tuple_output(pipe):
                          num_inference_steps=3, output_type="pt")
     assert report[0]["mitigated"] and tup[0].shape[0] == 1
     assert seen == [0, 1, 2]
+
+
+def test_stats_and_prometheus_count_what_happened(pipe):
+    """guard.stats and the Prometheus series agree with the requests made: 2 requests, 5 prompts,
+    the flagged ones mitigated, one error counted; scores land in the histogram."""
+    prom = pytest.importorskip("prometheus_client")
+    with sharpfast.guard(pipe, threshold=float("inf"), mitigation=None) as probe:
+        scores = [r["score"] for r in probe(PROMPTS, generator=gen(), num_inference_steps=2,
+                                            output_type="pt").memorization]
+    thr = sorted(scores)[1]  # one of PROMPTS flagged in the first request
+    registry = prom.CollectorRegistry()
+    with sharpfast.guard(pipe, threshold=thr, sail_kwargs={"threshold": 0.0, "max_steps": 2}, name="t") as g:
+        g.register_prometheus(registry)
+        kw = dict(num_inference_steps=2, output_type="pt")
+        reports = g(PROMPTS, generator=gen(), **kw).memorization + g(PROMPTS[:2], generator=gen(1), **kw).memorization
+        with pytest.raises(BadArgument):
+            g(PROMPTS, guidance_scale=float("nan"))
+        s = g.stats
+    got = [r["score"] for r in reports]
+    assert got[:3] == pytest.approx(scores, rel=1e-5)
+    assert (s["requests"], s["prompts"], s["images"], s["errors"]) == (2, 5, 5, 1)
+    flagged = sum(r["flagged"] for r in reports)
+    assert s["flagged"] == s["mitigated"] == flagged == sum(x > thr for x in got) >= 1
+    assert s["score"]["count"] == 5 and s["score"]["sum"] == pytest.approx(sum(got), rel=1e-5)
+    assert s["sail_steps"]["count"] == int(any(r["flagged"] for r in reports[:3])) + \
+        int(any(r["flagged"] for r in reports[3:]))
+    assert s["request_latency_seconds"]["count"] == 2
+    assert s["added_latency_seconds"]["sum"] <= s["request_latency_seconds"]["sum"]
+    value = lambda n, **lab: registry.get_sample_value(n, {"guard": "t", "metric": "wen", **lab})  # noqa: E731
+    assert value("sharpfast_requests_total") == 2 and value("sharpfast_errors_total") == 1
+    assert value("sharpfast_flagged_total") == flagged and value("sharpfast_score_count") == 5
+    assert value("sharpfast_score_bucket", le="+Inf") == 5
+    assert value("sharpfast_score_bucket", le=repr(float(thr))) == sum(x <= thr for x in got)
+    text = prom.generate_latest(registry).decode()
+    assert 'sharpfast_added_latency_seconds_bucket{guard="t",le="+Inf",metric="wen"} 2.0' in text
+    with pytest.raises(ValueError):  # the same names twice in one registry: refused at once
+        g.register_prometheus(registry)
