@@ -17,8 +17,10 @@ from .eval import EvalCommand
 from .sail import SailCommand
 from .scan import ScanCommand
 from .selfcheck import BackendsCommand, SelfcheckCommand
+from .serve import ServeCommand
 
-COMMANDS = (DetectCommand, ScanCommand, SailCommand, EvalCommand, DemoCommand, SelfcheckCommand, BackendsCommand)
+COMMANDS = (DetectCommand, ScanCommand, SailCommand, EvalCommand, DemoCommand, ServeCommand, SelfcheckCommand,
+            BackendsCommand)
 
 
 def parser() -> argparse.ArgumentParser:
