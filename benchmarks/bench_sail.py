@@ -38,7 +38,7 @@ def setup(sd15=False, device="cpu", dtype=torch.float32, batch=4, sample_size=64
         thr["target"] = float(det.scores["sharpness"].min()) / 2  # unreachable: every Adam step is taken
     else:
         from sharpfast import zoo
-        from sharpfast.mitigation import shipped_threshold
+        from sharpfast.calibration import shipped_threshold
 
         pipe = zoo.load("digits", device=device, dtype=dtype)
         prompts = [r["prompt"] for r in zoo.prompts("digits", "memorized")[:batch]]

@@ -12,6 +12,7 @@ _LAZY = {
     "hessian_spectrum": ("spectrum", "hessian_spectrum"),
     "evaluate": ("evaluation", "evaluate"),
     "calibrate": ("evaluation", "calibrate"),
+    "calibrate_model": ("calibration", "calibrate_model"),
     "DetectionResult": ("results", "DetectionResult"),
     "sail": ("mitigation", "sail"),
     "guard": ("serving", "guard"),
@@ -19,7 +20,7 @@ _LAZY = {
 }
 
 
-_SUBMODULES = ("zoo", "errors", "testing")  # sharpfast.zoo.load(...) works after a plain `import sharpfast`
+_SUBMODULES = ("zoo", "errors", "testing", "calibration", "server", "monitoring")  # sharpfast.zoo.load(...) works after a plain `import sharpfast`
 
 
 def __getattr__(name):

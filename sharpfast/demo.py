@@ -27,7 +27,7 @@ def run(out_dir: str = "sharpfast-demo", device: str = "cpu", progress: bool = T
     from . import zoo
     from .harness.mitigate_eval import METHODS
     from .harness.plots import image_grid, roc_figure
-    from .mitigation import shipped_threshold
+    from .calibration import shipped_threshold
     from .zoo.copying import copy_stats
     from .zoo.digits_data import digit_images
     from .zoo.fidelity import fidelity

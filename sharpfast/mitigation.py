@@ -32,38 +32,23 @@ objective="reference": the authors' code loss ||eps_Δ(x + eps_Δ/||eps_Δ||)|| 
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 
 import torch
 
 from . import ops, validate
-from .errors import BadArgument, MissingCalibration, NonFiniteOutput
+from .errors import BadArgument, NonFiniteOutput
 from .curvature import default_fd_step
 from .metrics import REGISTRY, Step
 from .score import ScoreModel
 
 OBJECTIVES = ("paper", "reference")
-CALIBRATION_FILE = "calibration.json"
 REFERENCE = dict(alpha_sd1=0.05, alpha_sd2=0.01, threshold=8.2, threshold_numel=4 * 64 * 64, candidates=8,
                  steps_per_round=10, raise_every=3, raise_by=0.1)
 # paper: measured on the digits model (README, "Mitigation"): the paper's lr 0.05 hardly moves x_T
 # there (copies 0.867 -> 0.863), steps of 0.5-1 on the shell do
 DEFAULTS = {"paper": dict(candidates=1, max_steps=3, lr=0.7), "reference": dict(candidates=8, max_steps=10, lr=0.05)}
-
-
-def shipped_threshold(pipe, metric: str = "sharpness", key: str = "threshold") -> float | None:
-    """A level stored beside a model (calibration.json in its directory), if any: key "threshold"
-    is the detection threshold of `metric`, "target" (sharpness) SAIL's stopping level."""
-    root = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
-    f = os.path.join(str(root), CALIBRATION_FILE) if root else None
-    if not f or not os.path.isfile(f):
-        return None
-    with open(f, encoding="utf-8") as fh:
-        cal = json.load(fh)
-    return float(cal[metric][key]) if key in cal.get(metric, {}) else None
 
 
 def _check(prompts, n, guidance_scale, lr, max_steps, candidates):
@@ -209,10 +194,12 @@ def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latent
     return_info=True, (output, info) where info holds the acceptance per image, final losses and
     sharpness, Adam steps, converged, UNet calls and seconds.
 
-    threshold: the sharpness at which a candidate stops. "auto" (objective="paper": the "target"
-    shipped beside the model in calibration.json, the sharpness that only 10% of normal prompts'
-    images are under; "reference": the authors' 8.2 for SD 1.4, times sqrt(D / 16384) for a
-    latent of D elements) or a number (e.g.
+    threshold: the sharpness at which a candidate stops. "auto" (objective="paper": the model's
+    calibrated "target", the sharpness that only 10% of normal prompts' images are under, from
+    calibration.json beside the model, the per-user cache, or calibrated once now on the
+    built-in generic captions, see sharpfast.calibration; info["threshold_source"] says which;
+    "reference": the authors' 8.2 for SD 1.4, times sqrt(D / 16384) for a latent of D elements)
+    or a number (e.g.
     sharpfast.calibrate(sharpness of normal prompts, fpr=0.9)). Stopping as soon as an image
     would no longer be flagged (the detection threshold) was measured to be too early: on the
     digits model half of the memorized noises are under it from the start and still copy.
@@ -271,17 +258,19 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
     dh, dw = model.default_size()
     height, width = pipe_kwargs.get("height") or dh, pipe_kwargs.get("width") or dw
     N, shape = len(prompts) * n, model.latent_shape(height, width)
+    steps = pipe_kwargs.get("num_inference_steps", 50)
     if threshold == "auto":
-        if objective == "paper":
-            threshold = shipped_threshold(pipe, key="target")
+        if objective == "paper":  # the model's calibration (beside it, cached, or made now: sharpfast.calibration)
+            from .calibration import resolve
+
+            found = resolve(pipe, "sharpness", "target", num_inference_steps=steps, guidance_scale=guidance_scale)
+            threshold, source = found.value, found.source
         else:
             threshold = REFERENCE["threshold"] * (math.prod(shape) / REFERENCE["threshold_numel"]) ** 0.5
-        if threshold is None:
-            raise MissingCalibration("threshold='auto' needs the model's SAIL target (calibration.json beside "
-                                     "the model, sharpness/target); pass threshold=<float>, e.g. "
-                                     "sharpfast.calibrate(sharpness of normal prompts, fpr=0.9)")
+            source = f"the authors' 8.2 on SD 1.4's latent, times sqrt(D / 16384) for D = {math.prod(shape)}"
+    else:
+        source = "given"
     validate.finite(threshold, "threshold")
-    steps = pipe_kwargs.get("num_inference_steps", 50)
     sched = model.scheduler(steps)
     validate.generators(generator, N)
     if latents is None:
@@ -315,5 +304,6 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
     # "unchanged" says what came back: also an image whose optimization fell back to its start
     unchanged = (final.flatten(1) == latents.to(dev, final.dtype).flatten(1)).all(dim=1)
     info.update(unet_calls_optimization=opt_calls, candidates=candidates, objective=objective,
+                threshold_source=source,
                 unchanged=unchanged.cpu(), latents=final.detach().cpu())
     return final, info

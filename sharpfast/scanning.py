@@ -164,21 +164,31 @@ def _count_rows(path: str) -> Optional[int]:
 
 # ---- the scan ---------------------------------------------------------------------------
 
-def _threshold(model, meta, calibrate_on, fpr, procs, out_dir, score_kw):
-    """Rank 0 calibrates on known-normal prompts and writes the threshold to scan.json."""
-    if calibrate_on is None:
+def _threshold(model, meta, calibrate_on, fpr, procs, out_dir, score_kw, progress):
+    """Rank 0 calibrates (on known-normal prompts, or threshold="auto": the model's calibration)
+    and writes the threshold and its source to scan.json; the other ranks read it."""
+    if calibrate_on is None and meta["threshold"] != "auto":
         return meta.get("threshold")
     path = os.path.join(out_dir, META)
     if procs.rank == 0:
         import sharpfast
 
-        prompts = [r.prompt for r in iter_rows(calibrate_on) if r.prompt is not None]
-        if not prompts:
-            raise BadArgument(f"no prompts in the calibrate_on file {calibrate_on}")
-        scores = _score(model, prompts, list(range(len(prompts))), **score_kw)[meta["flag_metric"]]
-        thr = sharpfast.calibrate(scores, fpr=fpr)
-        meta.update(threshold=thr, calibration={"file": os.path.abspath(calibrate_on), "fpr": fpr,
-                                                "prompts": len(prompts)})
+        if calibrate_on is None:  # "auto": beside the model, the per-user cache, or calibrated now
+            from .calibration import resolve
+
+            found = resolve(model.pipe, meta["flag_metric"], "threshold", num_images_per_prompt=meta["n"],
+                            num_inference_steps=meta["num_inference_steps"],
+                            guidance_scale=meta["guidance_scale"], fpr=fpr, progress=progress)
+            thr, source = found.value, found.source
+            meta.update(threshold=thr, threshold_source=source)
+        else:
+            prompts = [r.prompt for r in iter_rows(calibrate_on) if r.prompt is not None]
+            if not prompts:
+                raise BadArgument(f"no prompts in the calibrate_on file {calibrate_on}")
+            scores = _score(model, prompts, list(range(len(prompts))), **score_kw)[meta["flag_metric"]]
+            thr = sharpfast.calibrate(scores, fpr=fpr)
+            meta.update(threshold=thr, threshold_source=f"calibrate_on {os.path.abspath(calibrate_on)}",
+                        calibration={"file": os.path.abspath(calibrate_on), "fpr": fpr, "prompts": len(prompts)})
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
         os.replace(path + ".tmp", path)
@@ -204,14 +214,18 @@ def _score(model, prompts, rows, *, metrics, n, seed, batch_size, num_inference_
 
 
 def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: int = 1, batch_size: int = 32,
-         threshold: Optional[float] = None, calibrate_on: Optional[str] = None, fpr: float = 0.01,
+         threshold="auto", calibrate_on: Optional[str] = None, fpr: float = 0.01,
          flag_metric: Optional[str] = None, column: Optional[str] = None, id_field: Optional[str] = None,
          seed: int = 42, num_inference_steps: int = 50, guidance_scale: float = 7.5, model_name: Optional[str] = None,
          overwrite: bool = False, progress: bool = True, top: int = 10) -> dict:
     """Scan the prompt file `prompts` (.txt, .jsonl, .parquet) and write OUT as described above.
 
-    Returns the summary (on every rank; rank 0 wrote it). threshold / calibrate_on set the flag
-    (score of flag_metric, default the last of metrics, above the threshold).
+    Returns the summary (on every rank; rank 0 wrote it). A prompt is flagged when its score of
+    flag_metric (default the last of metrics) is above the threshold: threshold="auto" (default)
+    takes the model's calibration at the scan's settings (sharpfast.calibration: beside the model,
+    the per-user cache, or calibrated once on the built-in generic captions), a number is used as
+    given, None flags nothing; calibrate_on=FILE calibrates on those known-normal prompts at fpr.
+    The summary's threshold_source says which.
     """
     from .metrics import METRICS
 
@@ -223,9 +237,11 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
     flag_metric = flag_metric or metrics[-1]
     if flag_metric not in metrics:
         raise ValueError(f"flag_metric {flag_metric!r} is not among the metrics {metrics}")
-    if threshold is not None and calibrate_on is not None:
-        raise BadArgument("give threshold or calibrate_on, not both")
-    if threshold is not None:
+    if calibrate_on is not None:
+        if threshold not in ("auto", None):
+            raise BadArgument("give threshold or calibrate_on, not both")
+        threshold = "auto"  # replaced by the calibration below
+    elif threshold is not None and threshold != "auto":
         threshold = validate.finite(threshold, "threshold")
     validate.integer(n, "n")
     validate.integer(batch_size, "batch_size")
@@ -246,7 +262,8 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
     score_kw = dict(metrics=metrics, n=n, seed=seed, batch_size=batch_size, num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale)
     model = ScoreModel(pipe)  # one adapter for the whole scan: the null embeddings are encoded once
-    threshold = _threshold(model, meta, calibrate_on, fpr, procs, out_dir, score_kw)
+    threshold = _threshold(model, meta, calibrate_on, fpr, procs, out_dir, score_kw, progress)
+    source = meta.get("threshold_source") or ("given" if threshold is not None else None)
     _, done = _read_shards(out_dir)
     shard = _Shard(out_dir, procs.rank)
     from tqdm.auto import tqdm
@@ -279,7 +296,7 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
     procs.barrier()
     summary = None
     if procs.rank == 0:
-        summary = _merge(out_dir, metrics, flag_metric, threshold, top)
+        summary = _merge(out_dir, metrics, flag_metric, threshold, top, source)
     procs.barrier()
     if summary is None:
         with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
@@ -287,9 +304,12 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
     return summary
 
 
-def _merge(out_dir, metrics, flag_metric, threshold, top):
+def _merge(out_dir, metrics, flag_metric, threshold, top, source=None):
     recs, _ = _read_shards(out_dir)
     recs = sorted({r["row"]: r for r in recs}.values(), key=lambda r: r["row"])
+    for r in recs:  # the flags of this run's threshold: a resumed scan's shards may hold another's
+        if "skipped" not in r:
+            r["flagged"] = None if threshold is None else bool(r[flag_metric] > threshold)
     _write_atomic(os.path.join(out_dir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in recs))
     scored = [r for r in recs if "skipped" not in r]
     skipped: dict = {}
@@ -299,6 +319,7 @@ def _merge(out_dir, metrics, flag_metric, threshold, top):
     flagged = sorted((r for r in scored if r.get("flagged")), key=lambda r: -r[flag_metric])
     summary = {"rows": len(recs), "scored": len(scored), "skipped": sum(skipped.values()), "skipped_by_reason": skipped,
                "flagged": len(flagged), "flag_metric": flag_metric, "threshold": threshold,
+               "threshold_source": source,
                "top_flagged": [{"row": r["row"], "id": r["id"], "prompt": r["prompt"], flag_metric: r[flag_metric]}
                                for r in flagged[:top]],
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

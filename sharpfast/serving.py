@@ -21,6 +21,7 @@ pipe(...)'s. mitigation=None only reports.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -28,10 +29,12 @@ import weakref
 import torch
 
 from . import validate
-from .errors import BadArgument, MissingCalibration, NonFiniteOutput
+from .errors import BadArgument, NonFiniteOutput
 from .metrics import REGISTRY, Step
 from .monitoring import GuardStats
 from .score import Conditioning, ScoreModel
+
+log = logging.getLogger("sharpfast.guard")
 
 GUARD_METRICS = tuple(REGISTRY)  # costs: REGISTRY[name].cost (wen and score_norm: no extra UNet call)
 
@@ -77,31 +80,46 @@ class Guard:
             raise BadArgument(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
         if mitigation not in ("sail", None):
             raise BadArgument(f"mitigation must be 'sail' or None, got {mitigation!r}")
-        if threshold == "auto":
-            from .mitigation import shipped_threshold
-
-            threshold = shipped_threshold(pipe, metric)
-            if threshold is None:
-                raise MissingCalibration(f"threshold='auto' needs the model's calibration.json; pass "
-                                         f"threshold=<float> (sharpfast.calibrate on the {metric} scores of normal "
-                                         f"prompts)")
+        self.pipe, self.metric = pipe, metric
+        self._auto = threshold == "auto"
+        self._thresholds = {}  # (num_inference_steps, guidance_scale) -> threshold, for "auto"
+        self._auto_lock = threading.Lock()
+        if self._auto:  # the model's calibration (beside it, cached, or made now); see sharpfast.calibration
+            threshold = self._auto_threshold(50, 7.5, metric)
+        else:
+            self.threshold_source = "given"
         # +inf is allowed (score only, never flag); NaN would silently flag nothing
         threshold = validate.finite(threshold, "threshold", allow_inf=True)
-        self.pipe, self.metric, self.threshold, self.mitigation = pipe, metric, threshold, mitigation
+        self.threshold, self.mitigation = threshold, mitigation
         self.sail_kwargs = dict(sail_kwargs or {})
         if mitigation == "sail" and "threshold" not in self.sail_kwargs:
-            from .mitigation import shipped_threshold
+            from .calibration import resolve
 
-            # SAIL's own "auto" (the model's shipped target), checked now rather than at the first flagged request
-            if shipped_threshold(pipe, key="target") is None:
-                raise MissingCalibration("mitigation='sail' needs SAIL's stopping level: the model has no "
-                                         "calibration.json with sharpness/target; pass sail_kwargs={'threshold': "
-                                         "<float>} (e.g. sharpfast.calibrate(sharpness of normal prompts, fpr=0.9)) "
-                                         "or mitigation=None")
+            # SAIL's own "auto" target, found (or calibrated) now rather than at the first flagged request
+            resolve(pipe, "sharpness", "target")
+        log.info("sharpfast.guard: %s > %.4g (%s)", metric, threshold, self.threshold_source)
         self._local = threading.local()  # per-request capture: one per thread
         self._stats = GuardStats(str(name), metric, threshold)
         self._lock = pipeline_lock(pipe)
         self._handle = pipe.unet.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _auto_threshold(self, steps, guidance, metric=None):
+        """threshold="auto" at a request's settings: the first timestep (num_inference_steps) and the
+        guidance change the scores' scale, so each setting has its own calibration."""
+        key = (int(steps), float(guidance))
+        with self._auto_lock:
+            if key not in self._thresholds:
+                from .calibration import resolve
+
+                found = resolve(self.pipe, metric or self.metric, "threshold", num_inference_steps=key[0],
+                                guidance_scale=key[1])
+                self._thresholds[key] = found.value
+                if key == (50, 7.5):
+                    self.threshold_source = found.source
+                else:
+                    log.info("sharpfast.guard: %s > %.4g at %d steps, guidance %g (%s)", metric or self.metric,
+                             found.value, key[0], key[1], found.source)
+            return self._thresholds[key]
 
     # -- the hook: capture only ---------------------------------------------------------------
     def _hook(self, unet, args, kwargs, output):
@@ -174,7 +192,9 @@ class Guard:
         kwargs = dict(kwargs)
         user_cb = kwargs.pop("callback_on_step_end", None)
         user_inputs = kwargs.pop("callback_on_step_end_tensor_inputs", None) or getattr(user_cb, "tensor_inputs", None)
-        cap = {"model": model, "prompts": prompts, "n": n, "user_cb": user_cb, "added_s": 0.0}
+        cap = {"model": model, "prompts": prompts, "n": n, "user_cb": user_cb, "added_s": 0.0,
+               "threshold": self._auto_threshold(kwargs.get("num_inference_steps") or 50,
+                                                 kwargs.get("guidance_scale", 7.5)) if self._auto else self.threshold}
 
         def on_step_end(pipe, i, t, cb_kwargs):
             # the decision at the first step: scored here, outside the UNet's hook; a request
@@ -226,7 +246,7 @@ class Guard:
         if bool(bad.any()):  # finite predictions, yet no finite score (an overflow in the metric)
             raise NonFiniteOutput(f"the {self.metric} score of prompt {prompts[int(bad.nonzero()[0])]!r} is not "
                                   f"finite")
-        return {"scores": per_prompt, "flagged": per_prompt > self.threshold}
+        return {"scores": per_prompt, "flagged": per_prompt > cap["threshold"]}
 
     @staticmethod
     def _size(model, kwargs):
@@ -286,10 +306,12 @@ class Guard:
 def guard(pipe, *, metric: str = "wen", threshold="auto", mitigation="sail", sail_kwargs=None,
           name: str = "default") -> Guard:
     """Wrap a stock pipeline for serving: guard(pipe)(prompt, **pipe_kwargs) returns pipe's output with
-    `.memorization` (per prompt: score, flagged, mitigated). threshold="auto" uses the model's shipped
-    calibration (calibration.json beside it); else pass a number from sharpfast.calibrate.
+    `.memorization` (per prompt: score, flagged, mitigated). threshold="auto" uses the model's
+    calibration at each request's num_inference_steps and guidance_scale (calibration.json beside
+    it, the per-user cache, or calibrated once on the built-in generic captions: see
+    sharpfast.calibration; `guarded.threshold_source` says which); else pass a number.
     sail_kwargs go to sharpfast.sail for flagged prompts; without a "threshold" there, SAIL stops at
-    the model's shipped target (threshold="auto" of sail), and a model without one is refused here.
+    the model's calibrated target (threshold="auto" of sail).
     `guarded.stats` counts requests, flags, mitigations and latencies; `guarded.register_prometheus()`
     exports them (series labelled guard=name)."""
     return Guard(pipe, metric, threshold, mitigation, sail_kwargs, name)

@@ -10,6 +10,13 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# threshold="auto" caches calibrations per user (~/.cache/sharpfast): the tests use a folder of
+# their own, so they neither read a developer's cache nor leave files in it
+if "SHARPFAST_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["SHARPFAST_CACHE"] = tempfile.mkdtemp(prefix="sharpfast-test-cache-")
+
 from sharpfast.ops import _backends, available_backends  # noqa: E402
 
 NATIVE_CPU = [b for b in available_backends() if b in ("cpp", "triton")]

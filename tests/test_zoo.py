@@ -68,7 +68,7 @@ def test_prompt_sets_are_well_formed():
 
 
 def test_shipped_calibration_is_used_by_sail_and_guard(pipe):
-    from sharpfast.mitigation import shipped_threshold
+    from sharpfast.calibration import shipped_threshold
 
     cal = json.load(open(os.path.join(zoo.path("digits"), "calibration.json")))
     assert shipped_threshold(pipe) == cal["sharpness"]["threshold"] > 0

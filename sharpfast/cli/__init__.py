@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from ..errors import SharpfastError
+from .calibrate import CalibrateCommand
 from .demo import DemoCommand
 from .detect import DetectCommand
 from .eval import EvalCommand
@@ -19,8 +20,8 @@ from .scan import ScanCommand
 from .selfcheck import BackendsCommand, SelfcheckCommand
 from .serve import ServeCommand
 
-COMMANDS = (DetectCommand, ScanCommand, SailCommand, EvalCommand, DemoCommand, ServeCommand, SelfcheckCommand,
-            BackendsCommand)
+COMMANDS = (DetectCommand, ScanCommand, SailCommand, CalibrateCommand, EvalCommand, DemoCommand, ServeCommand,
+            SelfcheckCommand, BackendsCommand)
 
 
 def parser() -> argparse.ArgumentParser:

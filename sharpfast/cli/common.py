@@ -27,6 +27,21 @@ def ints(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def parse_threshold(text: str, what: str = "--threshold"):
+    """'auto' (the model's calibration), 'none' (no flags) or a non-NaN number (inf: never flag)."""
+    import math
+
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    try:
+        v = float(text)
+    except ValueError:
+        raise BadArgument(f"{what} must be 'auto', 'none' or a number, got {text!r}") from None
+    if math.isnan(v):
+        raise BadArgument(f"{what} must be 'auto', 'none' or a non-NaN number, got {text!r}")
+    return v
+
+
 def device_dtype(device: str, dtype: str):
     """'auto' device: cuda if available, else cpu; 'auto' dtype: fp16 on cuda, fp32 on cpu."""
     import torch

@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 
 from .. import validate
-from .common import check_output_dir, csv, device_dtype, load_model
+from ..errors import BadArgument
+from .common import check_output_dir, csv, device_dtype, load_model, parse_threshold
 
 
 class ScanCommand:
@@ -28,7 +29,10 @@ class ScanCommand:
                        help="UNet dtype; auto = fp16 on cuda, fp32 on cpu")
         s.add_argument("--device", default="auto", help="torch device; auto = cuda if available (the process's own "
                                                          "GPU under accelerate), else cpu")
-        s.add_argument("--threshold", type=float, help="flag prompts whose flag metric exceeds this")
+        s.add_argument("--threshold", default="auto",
+                       help="flag prompts whose flag metric exceeds this: a number, 'auto' (default: the model's "
+                            "calibration at these settings, beside it, cached, or made once on built-in captions) "
+                            "or 'none' (no flags)")
         s.add_argument("--calibrate-on", help="file of known-normal prompts: threshold at --fpr of their scores")
         s.add_argument("--fpr", type=float, default=0.01, help="false-positive rate for --calibrate-on (default 0.01)")
         s.add_argument("--flag-metric", help="metric the flag uses (default: the last of --metrics)")
@@ -52,8 +56,9 @@ class ScanCommand:
         validate.integer(args.n, "--n")
         validate.integer(args.batch_size, "--batch-size")
         validate.integer(args.num_inference_steps, "--num-inference-steps")
-        if args.threshold is not None:
-            validate.finite(args.threshold, "--threshold")
+        threshold = parse_threshold(args.threshold, "--threshold")
+        if args.calibrate_on and threshold != "auto":
+            raise BadArgument("give --threshold or --calibrate-on, not both")
         validate.finite(args.fpr, "--fpr", above=0)
         check_output_dir(args.out)
         device, dtype = device_dtype(args.device, args.dtype)
@@ -61,14 +66,15 @@ class ScanCommand:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         pipe = load_model(args.model, device, dtype)
         summary = sharpfast.scan(pipe, args.prompts, args.out, metrics=args.metrics, n=args.n, batch_size=args.batch_size,
-                                 threshold=args.threshold, calibrate_on=args.calibrate_on, fpr=args.fpr,
+                                 threshold=threshold, calibrate_on=args.calibrate_on, fpr=args.fpr,
                                  flag_metric=args.flag_metric, column=args.column, id_field=args.id_field, seed=args.seed,
                                  num_inference_steps=args.num_inference_steps, model_name=args.model,
                                  overwrite=args.overwrite, progress=not args.quiet)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{summary['rows']} rows: {summary['scored']} scored, {summary['skipped']} skipped "
                   f"{summary['skipped_by_reason'] or ''}, {summary['flagged']} flagged "
-                  f"({summary['flag_metric']} > {summary['threshold']})")
+                  + (f"({summary['flag_metric']} > {summary['threshold']:.4g}; threshold from "
+                     f"{summary['threshold_source']})" if summary["threshold"] is not None else "(no threshold)"))
             for r in summary["top_flagged"]:
                 print(f"  {r[summary['flag_metric']]:10.4f}  #{r['id']}  {r['prompt'][:100]}")
             print(f"wrote {args.out}/results.jsonl, summary.json, histogram.png")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_device_args, device_dtype, load_model
+from ..errors import BadArgument
+from .common import add_device_args, device_dtype, load_model, parse_threshold
 
 
 class ServeCommand:
@@ -21,7 +22,8 @@ class ServeCommand:
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
         p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
         p.add_argument("--metric", default="wen", help="the guard's metric (default wen: no extra UNet call)")
-        p.add_argument("--threshold", default="auto", help="flag above this score; auto = the model's calibration")
+        p.add_argument("--threshold", default="auto", help="flag above this score; auto (default) = the model's "
+                       "calibration (beside it, cached, or made once on built-in captions)")
         p.add_argument("--no-guard", action="store_true", help="serve the plain pipeline (a baseline for load tests)")
         p.add_argument("--max-batch-size", type=int, default=8, help="images per pipeline call at most (default 8)")
         p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch may wait to fill (default 10)")
@@ -41,8 +43,9 @@ class ServeCommand:
             import uvicorn
         except ImportError as e:
             raise MissingDependency("sharpfast serve needs uvicorn: pip install 'sharpfast[serve]'") from e
-        threshold = args.threshold if args.threshold == "auto" else validate.finite(
-            _float(args.threshold), "--threshold", allow_inf=True)
+        threshold = parse_threshold(args.threshold)
+        if threshold is None:
+            raise BadArgument("--threshold none: serve without a guard with --no-guard")
         steps = validate.integer(args.steps, "--steps")
         validate.integer(args.port, "--port", minimum=0)
         device, dtype = device_dtype(args.device, args.dtype)
@@ -51,7 +54,7 @@ class ServeCommand:
                          max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                          defaults={"num_inference_steps": steps}, name=args.model)
         print(f"sharpfast serve: {args.model} on {device} ({dtype}), "
-              f"{'unguarded' if args.no_guard else f'guard {args.metric} > {app.state.guard.threshold:.4g}'}",
+              f"{'unguarded' if args.no_guard else f'guard {args.metric} > {app.state.guard.threshold:.4g} ({app.state.guard.threshold_source})'}",
               file=sys.stderr, flush=True)
         import logging
 
@@ -67,11 +70,3 @@ class ServeCommand:
         server.run()
         return 0
 
-
-def _float(text):
-    try:
-        return float(text)
-    except ValueError:
-        from ..errors import BadArgument
-
-        raise BadArgument(f"--threshold must be 'auto' or a number, got {text!r}") from None

@@ -20,11 +20,11 @@ import os
 import numpy as np
 import torch
 
+from ..calibration import TARGET_ABOVE as SAIL_TARGET_ABOVE  # one home: sharpfast.calibration
 from .copying import COPY_THRESHOLD, copy_stats, generate, nearest
 from .digits_data import NAMES, build, generic_caption
 
 MEASURE_SEED0 = 1000
-SAIL_TARGET_ABOVE = 0.9  # share of normal prompts' images whose sharpness is above SAIL's target
 GENERIC_PER_DIGIT = 10
 NARROW_TEMPLATES = ("a handwritten {name}", "the number {name} written by hand", "an image of a handwritten {d}",
                     "a small handwritten number {d}")
@@ -88,7 +88,18 @@ def calibrate(pipe, data, exclude: set, fpr: float = 0.01, per_digit: int = 20) 
     # SAIL's stopping level: as flat as the flattest 10% of normal prompts' images
     cal["sharpness"]["target"] = sharpfast.calibrate(res.scores["sharpness"], fpr=SAIL_TARGET_ABOVE)
     cal["sharpness"]["target_above"] = SAIL_TARGET_ABOVE
-    return cal
+    return {**calibration_record(pipe, len(recs)), **cal}
+
+
+def calibration_record(pipe, count: int) -> dict:
+    """What sharpfast.calibration records beside the thresholds: the weights they belong to and the settings."""
+    from .. import __version__
+    from ..calibration import weights_fingerprint
+
+    return {"sharpfast_version": __version__, "pipeline": type(pipe).__name__, "weights": weights_fingerprint(pipe),
+            "settings": {"num_images_per_prompt": 1, "num_inference_steps": 50, "guidance_scale": 7.5, "fpr": 0.01,
+                         "seed": 7, "steps": 1},
+            "prompts": {"source": "generic digit captions kept apart from the evaluation sets", "count": count}}
 
 
 def model_card(model_dir: str, doc: dict, cal: dict) -> str:
@@ -118,7 +129,8 @@ def model_card(model_dir: str, doc: dict, cal: dict) -> str:
             v = doc["summary"][k]
             lines.append(f"| {k} | {v['prompts']} | {v['copy_rate']:.2f} |")
     lines += ["", "Detection thresholds at 1% FPR (calibration.json, step 1, n=1): "
-              + ", ".join(f"{m} {c['threshold']:.4g}" for m, c in cal.items()) + "."
+              + ", ".join(f"{m} {c['threshold']:.4g}" for m, c in cal.items()
+                           if isinstance(c, dict) and "threshold" in c) + "."
               + (f" SAIL's target (sharpness under which {1 - cal['sharpness']['target_above']:.0%} of those images are): "
                  f"{cal['sharpness']['target']:.4g}." if "target" in cal.get("sharpness", {}) else "")]
     return "\n".join(lines) + "\n"
