@@ -1,4 +1,4 @@
-"""Plant each bug the one-engine issue listed, run the tests meant to guard against it, and report
+"""Plant each bug the one-engine issue listed (and one per detector of issue 15), run the tests meant to guard against it, and report
 which test catches it (the suite must fail for every one). Restores every file afterwards.
 
     python benchmarks/mutations.py            # about 6 minutes on 2 cores
@@ -32,6 +32,15 @@ MUTATIONS = [
      "return 1.0 / (1.0 + sigma)", ["tests/test_reference.py::test_euler_and_ddim_agree_on_alpha_bar_at_equal_t"]),
     ("trace_delta sign", "sharpfast/metrics.py", "return -(tr_c - tr_u)", "return (tr_c - tr_u)",
      ["tests/test_reference.py::test_traces_values_and_signs"]),
+    # the detectors of the field (issue 15)
+    ("anisotropy weight of v-prediction", "sharpfast/metrics.py", '"v_prediction": (1.0, 0.1)',
+     '"v_prediction": (1.0, 2.0)', ["tests/test_detectors.py::test_wen_low_and_anisotropy_equal_the_reference"]),
+    ("wen_low at the third-to-last timestep", "sharpfast/metrics.py", "u, c = step.at_low_noise(1)",
+     "u, c = step.at_low_noise(3)", ["tests/test_detectors.py::test_wen_low_and_anisotropy_equal_the_reference"]),
+    ("attention entropy in bits", "sharpfast/attention.py", "ent = -(p * torch.log(p.clamp_min(1e-30)))",
+     "ent = -(p * torch.log2(p.clamp_min(1e-30)))", ["tests/test_detectors.py::test_attention_entropy_equals_the_reference"]),
+    ("combined detector: MAD not scaled to a standard deviation", "sharpfast/evaluation.py", "* 1.4826",
+     "* 1.0", ["tests/test_detectors.py::test_combined_detector_standardizes_on_normal_prompts_only"]),
 ]
 
 

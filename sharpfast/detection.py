@@ -106,7 +106,7 @@ def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt
                 ab = model.alpha_bar(sched, t)
                 vals, guided = step_metrics(model, x, t, ab, cond, metrics, guidance_scale, prompts=batch, n=n,
                                             hvp=hvp, fd_step=fd_step, num_probes=num_probes, probe_seed=probe_seed,
-                                            probe_h=probe_step)
+                                            probe_h=probe_step, schedule=sched0)
                 for m in metrics:
                     total[m] += vals[m]
                 if i + 1 < steps:

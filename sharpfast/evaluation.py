@@ -45,3 +45,59 @@ def calibrate(scores_of_normal_prompts, fpr: float = 0.01) -> float:
         raise ValueError(f"fpr must be in (0, 1), got {fpr}")
     s = _array(scores_of_normal_prompts, "scores_of_normal_prompts")
     return float(np.quantile(s, 1.0 - fpr, method="higher"))
+
+
+class CombinedDetector:
+    """A calibrated combination of per-metric scores: each metric is standardized by the normal
+    prompts' median and robust scale (1.4826 x the median absolute deviation) of its log score,
+    and the combined score is the mean of those z-scores (higher = more memorized).
+
+    Fitted on prompts that are not memorized only (a model's calibration prompts), so it never
+    sees the prompts it is scored on, and needs no memorized examples:
+
+        det = CombinedDetector(("wen", "wen_low")).fit(detect(pipe, normal_prompts).scores)
+        combined = det.score(detect(pipe, prompts).scores)
+    Log scores: the norms it combines are positive and their spread grows with their size; a
+    metric that can be negative (anisotropy, attn_entropy) is standardized as it is.
+    """
+
+    def __init__(self, metrics):
+        self.metrics = tuple(metrics)
+        if len(self.metrics) < 1:
+            raise ValueError("CombinedDetector needs at least one metric")
+        self.center, self.scale, self.log = {}, {}, {}
+
+    def _values(self, scores, m, fitting=False):
+        v = _array(scores[m], f"scores[{m!r}]")
+        if fitting:
+            self.log[m] = bool((v > 0).all())
+        return np.log(np.maximum(v, 1e-30)) if self.log[m] else v
+
+    def fit(self, normal_scores: dict) -> "CombinedDetector":
+        for m in self.metrics:
+            v = self._values(normal_scores, m, fitting=True)
+            if v.size < 10:
+                raise ValueError(f"fitting needs at least 10 normal prompts, got {v.size}")
+            med = float(np.median(v))
+            mad = float(np.median(np.abs(v - med))) * 1.4826
+            self.center[m], self.scale[m] = med, mad if mad > 0 else float(v.std()) or 1.0
+        return self
+
+    def score(self, scores: dict) -> np.ndarray:
+        if not self.center:
+            raise ValueError("fit the CombinedDetector on normal prompts first")
+        z = [(self._values(scores, m) - self.center[m]) / self.scale[m] for m in self.metrics]
+        return np.mean(z, axis=0)
+
+    @property
+    def name(self) -> str:
+        return "combined(" + "+".join(self.metrics) + ")"
+
+    def to_dict(self) -> dict:
+        return {"metrics": list(self.metrics), "center": self.center, "scale": self.scale, "log": self.log}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CombinedDetector":
+        det = cls(d["metrics"])
+        det.center, det.scale, det.log = dict(d["center"]), dict(d["scale"]), dict(d["log"])
+        return det

@@ -9,6 +9,19 @@ formula exists once. Every metric is per image (N rows), in the VP space of `sha
 - trace:       -tr H(x, c), Hutchinson with K probes      (1 extra call on K-times the batch)
 - trace_delta: -tr H_Δ, from the same probes as trace
 - score_norm:  ||s(x, c)||^2                               (0 extra calls; E||s||^2 = -tr H for Gaussians)
+- anisotropy:  Asthana & Belagiannis (ICLR 2026): g1 * aniso_norm + g2 * aniso_align (1 extra CFG call)
+    aniso_norm:  ||n(eps_c) - n(eps_null)|| at this step, n = each channel's spatial map scaled
+                 to unit norm                              (0 extra calls)
+    aniso_align: cos(eps_null, eps_c - eps_null) over channels per pixel, averaged over pixels, at
+                 a LOW-noise timestep (the schedule's third-to-last) evaluated at the same x
+                                                           (1 extra CFG call)
+    (g1, g2) = (1, 2) for epsilon models, (1, 0.1) for v-prediction, as the authors' SD 1.4 / 2.0
+- wen_low:     ||eps_Δ|| of the same x at the schedule's LAST (lowest-noise) timestep (1 extra CFG
+               call): at step 1, pure noise read as if it were almost clean, the anisotropy
+               paper's observation applied to Wen's norm (measured in the README)
+- attn_entropy: minus the cross-attention entropy over tokens (Ren et al., ECCV 2024), averaged
+                over heads, queries and cross-attention layers, of the conditional branch at this
+                step                                       (1 extra UNet call on the N conditional rows)
 Higher means sharper, i.e. more likely memorized, for every metric.
 """
 from __future__ import annotations
@@ -70,7 +83,9 @@ class Step:
     conditional branch. Everything a metric needs is derived here once and cached (eps, wen, the
     guided prediction, the Hutchinson traces), so metrics sharing a quantity share its cost.
 
-    names / n: the prompts of the rows (n images each) for error messages; fd_step: the
+    names / n: the prompts of the rows (n images each) for error messages; schedule: the
+    sampler's scheduler with its timesteps set (read only: anisotropy and wen_low evaluate x at
+    its low-noise timesteps); fd_step: the
     sharpness's finite-difference step (a distance in latent space, default by UNet dtype);
     probe_h: the traces' step per probe element (default fd_step / sqrt(D)); hvp: "fd" or "jvp";
     checks=False skips the NaN/inf checks (a host sync each), for a caller that checks its own
@@ -78,13 +93,15 @@ class Step:
     """
 
     def __init__(self, model: ScoreModel, x, t, alpha_bar, cond: Conditioning, pred_u, pred_c, *, names=None, n=1,
-                 guidance_scale=1.0, hvp="fd", fd_step=None, num_probes=8, probe_seed=0, probe_h=None, checks=True):
+                 guidance_scale=1.0, hvp="fd", fd_step=None, num_probes=8, probe_seed=0, probe_h=None, checks=True,
+                 schedule=None):
         self.model, self.x, self.t, self.alpha_bar, self.cond = model, x, t, alpha_bar, cond
         self.pred_u, self.pred_c = pred_u, pred_c
         self.names, self.n, self.guidance_scale, self.hvp = names, n, guidance_scale, hvp
         self.sigma = sigma_of(alpha_bar)
         self.h = fd_step if fd_step is not None else default_fd_step(model.dtype)
         self.num_probes, self.probe_seed, self.probe_h, self.checks = num_probes, probe_seed, probe_h, checks
+        self.schedule = schedule  # the sampler's scheduler, timesteps set: its low-noise timesteps (anisotropy, wen_low)
         self._cache = {}
 
     def _cached(self, key, make):
@@ -128,6 +145,49 @@ class Step:
             tr_u = ops.hutchinson_reduce(eps_to_score(eps_up, ab), eps_to_score(eps_u, ab), K, hp, seed)
             return tr_c, tr_u
         return self._cached("traces", make)
+
+
+    def at_low_noise(self, from_end: int):
+        """(eps_null, eps_cond) at x, at the from_end-th timestep from the schedule's end: one CFG call."""
+        def make():
+            if self.schedule is None:
+                raise ValueError("this metric evaluates x at the schedule's low-noise timesteps: Step(schedule=...)")
+            t_lo, ab_lo = self.model.low_noise(self.schedule, from_end)
+            u, c = self.model.eps(self.x, t_lo, ab_lo, self.cond)
+            self.check(c - u, f"low-noise timestep ({from_end} from the end)")
+            return u, c
+        return self._cached(("low", from_end), make)
+
+    def anisotropy_terms(self):
+        """(aniso_norm, aniso_align) per row; the alignment costs one CFG call at the low-noise timestep."""
+        def norm():
+            eps_u, eps_c = self.eps
+            N, C = eps_u.shape[:2]
+            unit = lambda e: e.reshape(N, C, -1) / e.reshape(N, C, -1).norm(dim=2, keepdim=True).clamp_min(1e-12)  # noqa: E731
+            return (unit(eps_c) - unit(eps_u)).reshape(N, -1).norm(dim=1)
+
+        def align():
+            u, c = self.at_low_noise(3)
+            cos = torch.nn.functional.cosine_similarity(u, c - u, dim=1, eps=1e-12)  # (N, h, w): over channels
+            return cos.reshape(len(cos), -1).mean(dim=1)
+
+        return self._cached("aniso_norm", norm), self._cached("aniso_align", align)
+
+    def attention_entropy(self):
+        """Mean cross-attention entropy of the conditional branch at x: one UNet call on N rows."""
+        def make():
+            from .attention import record_cross_attention
+
+            with record_cross_attention(self.model.unet) as rec:
+                pred = self.model.predict_cond(self.x, self.t, self.cond)
+            self.check(pred, "cross-attention probe")
+            return rec.entropy()
+        return self._cached("attn_entropy", make)
+
+
+# the anisotropy score's weights (g1 norm, g2 alignment) by prediction type: the authors' SD 1.4
+# (epsilon) and SD 2.0 (v-prediction) settings
+ANISOTROPY_WEIGHTS = {"epsilon": (1.0, 2.0), "v_prediction": (1.0, 0.1), "sample": (1.0, 2.0)}
 
 
 @dataclass(frozen=True)
@@ -184,11 +244,39 @@ def _score_norm(step: Step):
     return eps_c.reshape(len(eps_c), -1).pow(2).sum(dim=1) / step.sigma ** 2
 
 
+@register("aniso_norm", "0 extra UNet calls")
+def _aniso_norm(step: Step):
+    return step.anisotropy_terms()[0]
+
+
+@register("aniso_align", "1 extra CFG call (at the low-noise timestep; shared with anisotropy)")
+def _aniso_align(step: Step):
+    return step.anisotropy_terms()[1]
+
+
+@register("anisotropy", "1 extra CFG call (at the low-noise timestep)")
+def _anisotropy(step: Step):
+    g1, g2 = ANISOTROPY_WEIGHTS[step.model.prediction_type]
+    norm, align = step.anisotropy_terms()
+    return g1 * norm + g2 * align
+
+
+@register("wen_low", "1 extra CFG call (at the schedule's last, lowest-noise timestep)")
+def _wen_low(step: Step):
+    u, c = step.at_low_noise(1)
+    return (c - u).reshape(len(c), -1).norm(dim=1)
+
+
+@register("attn_entropy", "1 extra UNet call on the conditional rows (attention recorded)")
+def _attn_entropy(step: Step):
+    return -step.attention_entropy()
+
+
 METRICS = tuple(REGISTRY)
 
 
 def step_metrics(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, metrics, guidance_scale, *, prompts, n,
-                 hvp="fd", fd_step=None, num_probes=8, probe_seed=0, probe_h=None):
+                 hvp="fd", fd_step=None, num_probes=8, probe_seed=0, probe_h=None, schedule=None):
     """Metrics at latents x (N rows) from one CFG call, and the guided prediction for the sampler.
 
     Returns ({metric: (N,) float32}, guided prediction in the UNet's parameterization).
@@ -197,5 +285,6 @@ def step_metrics(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, metrics
     check_finite(pred_u, n, prompts, "null branch")
     check_finite(pred_c, n, prompts, "conditional branch")
     step = Step(model, x, t, alpha_bar, cond, pred_u, pred_c, names=prompts, n=n, guidance_scale=guidance_scale,
-                hvp=hvp, fd_step=fd_step, num_probes=num_probes, probe_seed=probe_seed, probe_h=probe_h)
+                hvp=hvp, fd_step=fd_step, num_probes=num_probes, probe_seed=probe_seed, probe_h=probe_h,
+                schedule=schedule)
     return {m: REGISTRY[m].fn(step).float() for m in metrics}, step.guided[0]

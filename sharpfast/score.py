@@ -252,9 +252,21 @@ class ScoreModel:
     def alpha_bar(self, sched, t) -> float:
         """alpha_bar of the VP latent the UNet sees at t (call after sched.scale_model_input)."""
         if type(sched).__name__ in _SIGMA_SPACE:
-            sigma = float(sched.sigmas[sched.step_index])
-            return 1.0 / (1.0 + sigma * sigma)
+            return self.alpha_bar_at(sched, sched.step_index)
         return float(sched.alphas_cumprod[int(t)])
+
+    def alpha_bar_at(self, sched, index: int) -> float:
+        """alpha_bar at the index-th timestep of a scheduler whose timesteps are set."""
+        if type(sched).__name__ in _SIGMA_SPACE:
+            sigma = float(sched.sigmas[index])
+            return 1.0 / (1.0 + sigma * sigma)
+        return float(sched.alphas_cumprod[int(sched.timesteps[index])])
+
+    def low_noise(self, sched, from_end: int = 3):
+        """(t, alpha_bar) of a low-noise timestep of the schedule: the from_end-th from its end
+        (the anisotropy detector's alignment term; the third-to-last, as its authors' code)."""
+        k = max(0, len(sched.timesteps) - from_end)
+        return sched.timesteps[k], self.alpha_bar_at(sched, k)
 
     def fp32_unet(self):
         """The UNet in fp32 for exact derivatives: the pipeline's own when it is fp32, else a copy
@@ -282,6 +294,13 @@ class ScoreModel:
         self.stats["unet_rows"] += xx.shape[0]
         out = self.unet(xx, tt, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
         return out.chunk(2)
+
+    def predict_cond(self, x: torch.Tensor, t, cond: Conditioning):
+        """The conditional branch alone at x (N rows, one UNet call on N rows)."""
+        self.stats["unet_calls"] += 1
+        self.stats["unet_rows"] += x.shape[0]
+        return self.unet(x.to(self.dtype), torch.as_tensor(t, device=self.device), encoder_hidden_states=cond.cond,
+                         added_cond_kwargs=cond.cond_added, return_dict=False)[0]
 
     def eps(self, x, t, alpha_bar, cond: Conditioning, repeats: int = 1):
         """(eps_null, eps_cond) in fp32."""

@@ -133,7 +133,8 @@ class Guard:
             raise RuntimeError("sharpfast.guard expects the CFG batch [null; cond]: call with guidance_scale > 1")
         # alpha_bar now: Euler-type schedulers read it from their step index, which moves on
         cap.update(sample=sample.detach(), t=t, pred=pred.detach(), hidden=kwargs["encoder_hidden_states"].detach(),
-                   added=kwargs.get("added_cond_kwargs"), alpha_bar=cap["model"].alpha_bar(self.pipe.scheduler, t))
+                   added=kwargs.get("added_cond_kwargs"), alpha_bar=cap["model"].alpha_bar(self.pipe.scheduler, t),
+                   schedule=self.pipe.scheduler)
         return None
 
     def _score(self, cap):
@@ -143,7 +144,7 @@ class Guard:
         cond = Conditioning(hidden.chunk(2)[1], hidden.chunk(2)[0], split(added, 1), split(added, 0))
         u, c = cap["pred"].chunk(2)
         step = Step(cap["model"], cap["sample"].chunk(2)[1], cap["t"], cap["alpha_bar"], cond, u, c,
-                    names=cap["prompts"], n=cap["n"])
+                    names=cap["prompts"], n=cap["n"], schedule=cap["schedule"])
         step.check(u, "null branch at the first step")  # NaN > threshold is False: it would pass unflagged
         step.check(c, "conditional branch at the first step")
         with torch.no_grad():

@@ -2,7 +2,6 @@
 scores, the file records the weights and is refused for others, threshold="auto" finds it beside
 the model, then in the per-user cache, else calibrates once on the built-in captions; sail, guard
 and scan work with no setup on a model with no calibration, and say where their levels came from."""
-import json
 import os
 
 import numpy as np

@@ -49,7 +49,12 @@ def test_eval_detect_table_json_png_and_resume(tmp_path, capsys):
     # a rerun resumes: nothing is scored twice, the table is the same
     assert main(args) == 0
     assert (tmp_path / "o" / "scores_n1_steps1.jsonl").read_text().splitlines() == scores
-    assert json.loads((tmp_path / "o" / "detect.json").read_text())["table"] == rep["table"]
+    untimed = lambda rows: [{k: v for k, v in r.items() if k != "seconds_per_prompt"} for r in rows]  # noqa: E731
+    assert untimed(json.loads((tmp_path / "o" / "detect.json").read_text())["table"]) == untimed(rep["table"])
+    # every row says what it costs: UNet calls per batch (sharpness: one more than wen) and time
+    calls = {(r["metric"], r["n"]): r["unet_calls"] for r in rep["table"]}
+    assert calls[("wen", 1)] == 1 and calls[("sharpness", 1)] == 2
+    assert all(r["seconds_per_prompt"] > 0 for r in rep["table"])
     # the same folder with other prompts: their records are scored, the old ones never returned
     other = [p for p in non[::-1]]
     args2 = [a if a != str(tmp_path / "n.txt") else _write(tmp_path / "n2.txt", other[:2] + ["a brand new prompt"])
@@ -72,9 +77,20 @@ def test_eval_mitigate_runs_every_baseline(tmp_path, capsys):
     assert main(args) == 0
     summary = json.loads((tmp_path / "mitigate.json").read_text())["summary"]
     assert [r["method"] for r in summary] == methods
+    recs = [json.loads(line) for line in (tmp_path / "mitigate.jsonl").read_text().splitlines()]
     for r in summary:
         assert r["prompts"] == 2 and 0 <= r["copy_rate"] <= 1 and 0 <= r["fidelity"] <= 1
+        # copies at each cut, recomputed here from the records: nearest is the memorized image and
+        # similarity >= cut; the 0.9 cut is the copy_rate itself
+        mine = [x for x in recs if x["method"] == r["method"]]
+        for cut in (0.8, 0.85, 0.9):
+            hits = [t and s >= cut for x in mine for t, s in zip(x["nearest_is_target"], x["similarity"])]
+            assert r["copy_rate_at"][str(cut)] == pytest.approx(sum(hits) / len(hits))
+        assert r["copy_rate_at"]["0.9"] == pytest.approx(r["copy_rate"])
+        assert r["copy_rate_at"]["0.8"] >= r["copy_rate_at"]["0.85"] >= r["copy_rate_at"]["0.9"]
+    assert "copies@0.85" in capsys.readouterr().out
     assert (tmp_path / "mitigate_grid.png").stat().st_size > 1000
+    assert (tmp_path / "similarity_hist.png").stat().st_size > 1000
     lines = (tmp_path / "mitigate.jsonl").read_text().splitlines()
     assert len(lines) == len(methods) * 2
     assert main(args) == 0, "a rerun resumes"

@@ -31,11 +31,15 @@ class EvalCommand:
         d.add_argument("--memorized", help="memorized prompts (.txt, one a line, or .jsonl with 'prompt'); "
                                            "default: the bundled model's set")
         d.add_argument("--non-memorized", help="non-memorized prompts (.txt or .jsonl); with --memorized")
+        d.add_argument("--calibration", help="normal prompts kept apart from both sets (.txt or .jsonl): the "
+                                              "combined detectors are fitted on these only (the bundled model "
+                                              "uses the captions of its shipped calibration)")
         d.add_argument("--n", type=ints, default=[1, 4], help="images per prompt, comma list (default 1,4)")
         d.add_argument("--steps", type=ints, default=[1, 5], help="first sampling steps averaged, comma list (default 1,5)")
-        d.add_argument("--metrics", type=csv, default=["wen", "sharpness", "trace", "score_norm"],
-                       help="comma list of wen, sharpness, trace, trace_delta, score_norm (default wen,sharpness,trace,"
-                            "score_norm)")
+        d.add_argument("--metrics", type=csv, default=None,
+                       help="comma list of the registry's metrics: wen, sharpness, trace, trace_delta, score_norm, "
+                            "aniso_norm, aniso_align, anisotropy, wen_low, attn_entropy (default: all of them, "
+                            "side by side)")
         d.add_argument("--hvp", choices=("fd", "jvp"), default="fd", help="Hessian-vector product for sharpness")
         d.add_argument("--seed", type=int, default=42,
                        help="the prompt on line i of its file draws its noise from seed + i, as in `sharpfast "
@@ -66,12 +70,20 @@ class EvalCommand:
                 raise BadArgument("give both --memorized and --non-memorized, or neither")
             if args.memorized:
                 sets = {"eval": records_from_files(args.memorized, args.non_memorized)}
+                if args.calibration:
+                    from ..harness.prompt_sets import read_prompt_file
+
+                    sets["calibration"] = [dict(prompt=p, memorized=False, duplicates=0, row=k)
+                                           for k, p in read_prompt_file(args.calibration)]
             elif args.model == "digits":
                 sets = bundled_records("digits")
             else:
                 raise BadArgument("--memorized and --non-memorized are needed for a model directory")
+            from ..metrics import METRICS
+
             pipe = load_model(args.model, device, dtype)
-            report = detect_eval.run(pipe, sets, ns=args.n, steps_list=args.steps, metrics=args.metrics, out_dir=args.out,
+            report = detect_eval.run(pipe, sets, ns=args.n, steps_list=args.steps, metrics=args.metrics or list(METRICS),
+                                     out_dir=args.out,
                                      seed=args.seed, batch_size=args.batch_size, hvp=args.hvp,
                                      num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                      progress=not args.quiet)

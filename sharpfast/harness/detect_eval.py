@@ -64,9 +64,37 @@ def _auc_row(scores_pos, scores_neg):
     return e
 
 
+def _cost(pipe, prompts, metrics, n, steps, batch_size, hvp, num_inference_steps, guidance_scale, seed):
+    """UNet calls per batch and seconds per prompt of `metrics` computed alone (one timed batch
+    after one warm-up batch of the same prompts)."""
+    import time
+
+    import sharpfast
+
+    from ..score import ScoreModel
+
+    model = ScoreModel(pipe)
+    h, w = model.default_size()
+    k = min(batch_size, len(prompts))
+    lat = model.noise_for_ids(list(range(k)), n, h, w, seed).to(model.device)
+    kw = dict(metrics=tuple(metrics), num_images_per_prompt=n, steps=steps, num_inference_steps=num_inference_steps,
+              guidance_scale=guidance_scale, latents=lat, batch_size=k, hvp=hvp, progress=False)
+    sharpfast.detect(model, prompts[:k], **kw)
+    start = time.perf_counter()
+    res = sharpfast.detect(model, prompts[:k], **kw)
+    return {"unet_calls": res.config["unet_calls"], "seconds_per_prompt": (time.perf_counter() - start) / k}
+
+
+DEFAULT_COMBINED = (("wen", "wen_low"), ("wen", "sharpness"), ("wen", "aniso_norm", "wen_low"))
+
+
 def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "sharpness"), out_dir="sharpfast-eval",
-        seed=42, batch_size=16, hvp="fd", num_inference_steps=50, guidance_scale=7.5, progress=True) -> dict:
-    """sets: {"eval": records with prompt and memorized, optional "duplicated_low" / "narrow": records}."""
+        seed=42, batch_size=16, hvp="fd", num_inference_steps=50, guidance_scale=7.5, progress=True,
+        combined=DEFAULT_COMBINED, costs=True) -> dict:
+    """sets: {"eval": records with prompt and memorized, optional "duplicated_low" / "narrow" /
+    "calibration" (normal prompts kept apart: the combined detectors are fitted on them only)}.
+    combined: metric tuples whose CombinedDetector is reported (those whose metrics are all scored)."""
+    from ..evaluation import CombinedDetector
     from .plots import roc_figure
 
     os.makedirs(out_dir, exist_ok=True)
@@ -86,10 +114,12 @@ def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "shar
     non = [index[r["prompt"]] for r in ev if not r["memorized"]]
     dup = [r for recs in sets.values() for r in recs if r.get("duplicates")]
     levels = sorted({r["duplicates"] for r in dup})
+    calib = [index[r["prompt"]] for r in sets.get("calibration", [])]
+    combos = [tuple(c) for c in combined if all(m in metrics for m in c)] if calib else []
     report = {"config": dict(ns=list(ns), steps=list(steps_list), metrics=list(metrics), seed=seed, hvp=hvp,
                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                             memorized=len(mem), non_memorized=len(non)),
-              "table": [], "by_level": [], "narrow": []}
+                             memorized=len(mem), non_memorized=len(non), calibration=len(calib)),
+              "table": [], "by_level": [], "narrow": [], "combined": []}
     curves = {}
     for n in ns:
         for s in steps_list:
@@ -97,11 +127,15 @@ def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "shar
             scores = _score_config(pipe, all_prompts, noise_ids, n, s, list(metrics), path, seed, batch_size, hvp,
                                    num_inference_steps, guidance_scale, progress)
             panel = curves.setdefault(f"steps={s}, n={n}", {})
+            eval_prompts = [all_prompts[i] for i in mem[:batch_size // 2] + non[:batch_size - batch_size // 2]]
+            cost = lambda ms: _cost(pipe, eval_prompts, ms, n, s, batch_size, hvp, num_inference_steps,  # noqa: E731
+                                    guidance_scale, seed) if costs else {"unet_calls": None, "seconds_per_prompt": None}
             for m in metrics:
                 val = lambda ids: np.array([scores[i][m] for i in ids])  # noqa: E731
                 e = _auc_row(val(mem), val(non))
                 report["table"].append({"metric": m, "steps": s, "n": n, "auc": e["auc"],
-                                        "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"], "tpr_at_3pct_fpr": e["tpr_at_3pct_fpr"]})
+                                        "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"], "tpr_at_3pct_fpr": e["tpr_at_3pct_fpr"],
+                                        **cost([m])})
                 panel[m] = (np.array(e["roc"]["fpr"]), np.array(e["roc"]["tpr"]), e["auc"])
                 for lv in levels:
                     recs = list({r["prompt"]: r for r in dup if r["duplicates"] == lv}.values())
@@ -113,6 +147,16 @@ def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "shar
                     e = _auc_row(val(mem), val([index[r["prompt"]] for r in sets["narrow"]]))
                     report["narrow"].append({"metric": m, "steps": s, "n": n, "auc": e["auc"],
                                              "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"]})
+            for combo in combos:  # fitted on the calibration prompts only, scored on the evaluation set
+                det = CombinedDetector(combo).fit({m: [scores[i][m] for i in calib] for m in combo})
+                comb = lambda ids: det.score({m: [scores[i][m] for i in ids] for m in combo})  # noqa: E731
+                e = _auc_row(comb(mem), comb(non))
+                row = {"metric": det.name, "steps": s, "n": n, "auc": e["auc"], "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"],
+                       "tpr_at_3pct_fpr": e["tpr_at_3pct_fpr"], "fitted_on": len(calib), "detector": det.to_dict(),
+                       **cost(list(combo))}
+                report["table"].append(row)
+                report["combined"].append(row)
+                panel[det.name] = (np.array(e["roc"]["fpr"]), np.array(e["roc"]["tpr"]), e["auc"])
     with open(os.path.join(out_dir, "detect.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     roc_figure(curves, os.path.join(out_dir, "roc.png"), f"memorized ({len(mem)}) vs non-memorized ({len(non)})")
@@ -120,10 +164,17 @@ def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "shar
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'metric':12s} {'steps':>5s} {'n':>3s} {'AUC':>6s} {'TPR@1%':>7s} {'TPR@3%':>7s}"]
+    w = max([12] + [len(r["metric"]) for r in report["table"]])
+    lines = [f"{'metric':{w}s} {'steps':>5s} {'n':>3s} {'AUC':>6s} {'TPR@1%':>7s} {'TPR@3%':>7s} {'UNet calls':>10s} "
+             f"{'s/prompt':>9s}"]
     for r in report["table"]:
-        lines.append(f"{r['metric']:12s} {r['steps']:5d} {r['n']:3d} {r['auc']:6.3f} {r['tpr_at_1pct_fpr']:7.3f} "
-                     f"{r['tpr_at_3pct_fpr']:7.3f}")
+        calls = "" if r.get("unet_calls") is None else str(r["unet_calls"])
+        sec = "" if r.get("seconds_per_prompt") is None else f"{r['seconds_per_prompt']:.4f}"
+        lines.append(f"{r['metric']:{w}s} {r['steps']:5d} {r['n']:3d} {r['auc']:6.3f} {r['tpr_at_1pct_fpr']:7.3f} "
+                     f"{r['tpr_at_3pct_fpr']:7.3f} {calls:>10s} {sec:>9s}")
+    if report.get("combined"):
+        lines.append(f"\ncombined detectors: fitted on {report['combined'][0]['fitted_on']} calibration prompts "
+                     f"(normal, kept apart), scored on the evaluation set; UNet calls per batch")
     if report["by_level"]:
         lines.append("\nby duplication level (all duplicated captions of the level vs non-memorized):")
         lines.append(f"{'metric':12s} {'steps':>5s} {'n':>3s} {'dup':>4s} {'prompts':>7s} {'copy':>5s} {'AUC':>6s} "

@@ -4,11 +4,14 @@ For each method and setting, every memorized prompt is generated from the same `
 noises (drawn exactly as the pipeline draws them) and each output is judged by
 - copy: its nearest training image is the prompt's memorized image, with similarity at least
   COPY_THRESHOLD (Pearson correlation of the pixels, sharpfast.zoo.copying: the stand-in for SSCD);
+  reported at the cuts CUTS too (0.8, 0.85, 0.9): outputs at 0.85-0.88 still look like the
+  training image to a person, so one cut alone flatters a method;
 - similarity: its Pearson correlation with the memorized image (lower is better);
 - fidelity: a scikit-learn digit classifier calls it the prompted digit (the stand-in for CLIP score).
 Rows go to `OUT/mitigate.jsonl` one (method, setting, prompt) at a time, so a killed run resumes;
-the summary to `OUT/mitigate.json`, a grid of examples to `OUT/mitigate_grid.png` and the
-copy-against-fidelity curves (with --sweep) to `OUT/tradeoff.png`.
+the summary to `OUT/mitigate.json`, a grid of examples to `OUT/mitigate_grid.png` (each cell's
+similarity printed, copies framed), the similarity histogram per method to
+`OUT/similarity_hist.png` and the copy-against-fidelity curves (with --sweep) to `OUT/tradeoff.png`.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import numpy as np
 import torch
 
 from .. import jsonl
+
+CUTS = (0.8, 0.85, 0.9)
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,7 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, methods=("none", "ran
     from tqdm.auto import tqdm
 
     from ..score import ScoreModel
-    from ..zoo.copying import copy_stats
+    from ..zoo.copying import copy_stats, nearest
     from ..zoo.fidelity import fidelity
 
     for m in methods:
@@ -151,14 +156,17 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, methods=("none", "ran
         for method, setting in jobs:
             for start in range(0, len(records), batch_prompts):
                 chunk = records[start:start + batch_prompts]
-                todo = [r for r in chunk if _key(method, setting, r["prompt"]) not in done]
+                # records of an older version lack nearest_is_target (copies at other cuts): redone
+                todo = [r for r in chunk if "nearest_is_target" not in done.get(_key(method, setting, r["prompt"]), {})]
                 if todo:
                     recs = []
                     for r, im in zip(todo, judged(method, setting, todo)):
                         copies, sim = copy_stats(im, train, r["train_index"])
+                        idx, _ = nearest(im, train)
                         recs.append({"key": _key(method, setting, r["prompt"]), "method": method, "setting": setting,
                                      "prompt": r["prompt"], "duplicates": r.get("duplicates"),
                                      "copies": copies.tolist(), "similarity": [round(float(v), 4) for v in sim],
+                                     "nearest_is_target": (idx == int(r["train_index"])).tolist(),
                                      "fidelity": fidelity(im, [r["digit"]] * len(seeds)).tolist()})
                     jsonl.append(f, recs)
                     done.update({x["key"]: x for x in recs})
@@ -170,7 +178,9 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, methods=("none", "ran
                    "prompts": len(records), "summary": summary}, fh, indent=1)
     shown = records[:grid_prompts]
     grid = {m: judged(m, METHODS[m].default, shown)[:, 0] for m in methods} if shown else {}
-    _figures(summary, shown, train, methods, grid, out_dir, sweep)
+    sims = {m: [done[_key(m, METHODS[m].default, p)]["similarity"] for p in (r["prompt"] for r in records)
+                if _key(m, METHODS[m].default, p) in done] for m in methods}
+    _figures(summary, shown, train, methods, grid, out_dir, sweep, sims)
     return {"summary": summary}
 
 
@@ -181,26 +191,46 @@ def summarize(done: dict, jobs, prompts) -> list[dict]:
         if not recs:
             continue
         cat = lambda k: np.concatenate([np.asarray(r[k], dtype=np.float64) for r in recs])  # noqa: E731
+        sim, hit = cat("similarity"), cat("nearest_is_target").astype(bool)
         rows.append({"method": method, "setting": setting, "prompts": len(recs), "copy_rate": float(cat("copies").mean()),
-                     "similarity": float(cat("similarity").mean()), "fidelity": float(cat("fidelity").mean())})
+                     "copy_rate_at": {str(c): float((hit & (sim >= c)).mean()) for c in CUTS},
+                     "similarity": float(sim.mean()), "fidelity": float(cat("fidelity").mean())})
     return rows
 
 
 def format_summary(summary: list[dict]) -> str:
-    lines = [f"{'method':14s} {'setting':>10s} {'prompts':>7s} {'copies':>7s} {'similarity':>10s} {'fidelity':>8s}"]
+    cuts = "".join(f" {'copies@' + str(c):>11s}" for c in CUTS)
+    lines = [f"{'method':14s} {'setting':>12s} {'prompts':>7s}{cuts} {'similarity':>10s} {'fidelity':>8s}"]
     for r in summary:
-        lines.append(f"{r['method']:14s} {str(r['setting']):>10s} {r['prompts']:7d} {r['copy_rate']:7.3f} "
+        at = "".join(f" {r['copy_rate_at'][str(c)]:11.3f}" for c in CUTS)
+        lines.append(f"{r['method']:14s} {str(r['setting']):>12s} {r['prompts']:7d}{at} "
                      f"{r['similarity']:10.3f} {r['fidelity']:8.3f}")
     return "\n".join(lines)
 
 
-def _figures(summary, shown, train, methods, grid, out_dir, sweep):
-    from .plots import image_grid, tradeoff_figure
+def _figures(summary, shown, train, methods, grid, out_dir, sweep, sims):
+    from ..zoo.copying import COPY_THRESHOLD, copy_stats
+    from .plots import image_grid, similarity_histogram, tradeoff_figure
 
     if shown:
-        rows = [[train[r["train_index"]].numpy()] + [grid[m][k].numpy() for m in methods] for k, r in enumerate(shown)]
-        image_grid(rows, [r["prompt"][:48] for r in shown], ["training image", *methods],
-                   os.path.join(out_dir, "mitigate_grid.png"), "first seed of each method (default setting)")
+        rows, notes = [], []
+        for k, r in enumerate(shown):
+            cells, marks = [train[r["train_index"]].numpy()], [(None, None)]
+            for m in methods:
+                img = grid[m][k:k + 1]
+                copies, sim = copy_stats(img, train, r["train_index"])
+                cells.append(img[0].numpy())
+                marks.append((float(sim[0]), "copy" if bool(copies[0]) else
+                              ("near" if float(sim[0]) >= min(CUTS) else None)))
+            rows.append(cells)
+            notes.append(marks)
+        image_grid(rows, [r["prompt"] for r in shown], ["training image", *methods],
+                   os.path.join(out_dir, "mitigate_grid.png"),
+                   f"first seed of each method (default setting); similarity to the training image under each "
+                   f"cell; red frame: copy (nearest, >= {COPY_THRESHOLD}), orange: >= {min(CUTS)}", notes=notes)
+    if any(sims.values()):
+        similarity_histogram({m: np.concatenate([np.asarray(v) for v in vs]) for m, vs in sims.items() if vs}, CUTS,
+                             os.path.join(out_dir, "similarity_hist.png"))
     if sweep:
         series = {}
         for r in summary:

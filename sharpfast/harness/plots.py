@@ -32,7 +32,8 @@ def roc_figure(curves: dict, path: str, title: str = "") -> str:
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
         ax.set_title(panel, fontsize=10)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, loc="lower right")
     for ax in list(axes.flat)[k:]:
         ax.axis("off")
     if title:
@@ -43,11 +44,19 @@ def roc_figure(curves: dict, path: str, title: str = "") -> str:
     return path
 
 
-def image_grid(rows: list[list], row_labels: list[str], col_labels: list[str], path: str, title: str = "") -> str:
-    """A grid of single-channel images in [-1, 1] (rows x columns; None leaves a cell blank)."""
+def image_grid(rows: list[list], row_labels: list[str], col_labels: list[str], path: str, title: str = "",
+               notes=None) -> str:
+    """A grid of single-channel images in [-1, 1] (rows x columns; None leaves a cell blank).
+
+    notes[r][c] = (similarity or None, mark): the similarity is printed under the cell, mark
+    "copy" frames it red, "near" orange. Row labels are wrapped, never cut."""
+    import textwrap
+
     plt = _plt()
     R, C = len(rows), len(col_labels)
-    fig, axes = plt.subplots(R, C, figsize=(1.3 * C + 2.6, 1.35 * R + 0.6), squeeze=False)
+    wrapped = ["\n".join(textwrap.wrap(lab, 28)) or " " for lab in row_labels]
+    label_w = 0.09 * max(len(line) for lab in wrapped for line in lab.split("\n")) + 0.4
+    fig, axes = plt.subplots(R, C, figsize=(1.45 * C + label_w, 1.6 * R + 0.9), squeeze=False)
     for r, cells in enumerate(rows):
         for c in range(C):
             ax = axes[r][c]
@@ -60,9 +69,40 @@ def image_grid(rows: list[list], row_labels: list[str], col_labels: list[str], p
             ax.imshow(np.asarray(img, dtype=np.float32).reshape(img.shape[-2:]), cmap="gray_r", vmin=-1, vmax=1)
             if r == 0:
                 ax.set_title(col_labels[c], fontsize=8)
-        axes[r][0].set_ylabel(row_labels[r], fontsize=6, rotation=0, ha="right", va="center")
+            sim, mark = (notes[r][c] if notes and c < len(notes[r]) else (None, None))
+            if sim is not None:
+                ax.set_xlabel(f"{sim:.2f}" + (" copy" if mark == "copy" else ""), fontsize=7,
+                              color="tab:red" if mark == "copy" else "black")
+            if mark in ("copy", "near"):
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("tab:red" if mark == "copy" else "tab:orange")
+                    spine.set_linewidth(2.5)
+        axes[r][0].set_ylabel(wrapped[r], fontsize=7, rotation=0, ha="right", va="center")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def similarity_histogram(sims: dict, cuts, path: str) -> str:
+    """sims: {method: similarities to the memorized image}; one histogram per method, the copy cuts marked."""
+    plt = _plt()
+    k = len(sims)
+    fig, axes = plt.subplots(k, 1, figsize=(7, 1.7 * k + 0.8), sharex=True, squeeze=False)
+    bins = np.linspace(min(0.0, min(float(np.min(v)) for v in sims.values())), 1.0, 41)
+    for ax, (method, v) in zip(axes[:, 0], sims.items()):
+        ax.hist(v, bins=bins, color="tab:blue", alpha=0.8)
+        for c in cuts:
+            ax.axvline(c, color="tab:red", ls="--", lw=0.9)
+            ax.text(c, ax.get_ylim()[1] * 0.92, f" {c} ({(np.asarray(v) >= c).mean():.0%})", fontsize=7,
+                    color="tab:red", va="top")
+        ax.set_ylabel("outputs", fontsize=8)
+        ax.set_title(f"{method}: {len(v)} outputs, mean similarity {np.mean(v):.3f}", fontsize=9)
+        ax.tick_params(labelsize=8)
+    axes[-1, 0].set_xlabel("Pearson similarity to the memorized training image (share at or above each cut)")
+    fig.suptitle("similarity of mitigated outputs to the memorized image", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -30,7 +30,11 @@ def records_from_files(memorized: str, non_memorized: str) -> list[dict]:
 
 
 def bundled_records(name: str, extra_splits=("duplicated_low", "narrow")) -> dict[str, list[dict]]:
-    """{"eval": memorized + non_memorized, and the extra splits} of a bundled model."""
+    """{"eval": memorized + non_memorized, the extra splits, and "calibration": the normal
+    captions the shipped calibration was made from (kept apart from every evaluation set)} of a
+    bundled model."""
     from .. import zoo
+    from ..zoo.measure_digits import calibration_prompts
 
-    return {"eval": zoo.prompts(name, "eval"), **{s: zoo.prompts(name, s) for s in extra_splits}}
+    return {"eval": zoo.prompts(name, "eval"), **{s: zoo.prompts(name, s) for s in extra_splits},
+            "calibration": calibration_prompts()}

@@ -79,7 +79,7 @@ def calibrate(pipe, data, exclude: set, fpr: float = 0.01, per_digit: int = 20) 
     and SAIL's target (the sharpness under which only 10% of those images are)."""
     import sharpfast
 
-    recs = [r for r in generic_prompts(data, per_digit=per_digit, seed=777) if r["prompt"] not in exclude]
+    recs = [r for r in generic_prompts(data, per_digit=per_digit, seed=777) if r["prompt"] not in exclude]  # = calibration_prompts()
     res = sharpfast.detect(pipe, [r["prompt"] for r in recs], metrics=("wen", "sharpness"), batch_size=50,
                            generator=torch.Generator().manual_seed(7), progress=True)
     cal = {m: {"threshold": sharpfast.calibrate(res.scores[m], fpr=fpr), "fpr": fpr, "prompts": len(recs),
@@ -100,6 +100,14 @@ def calibration_record(pipe, count: int) -> dict:
             "settings": {"num_images_per_prompt": 1, "num_inference_steps": 50, "guidance_scale": 7.5, "fpr": 0.01,
                          "seed": 7, "steps": 1},
             "prompts": {"source": "generic digit captions kept apart from the evaluation sets", "count": count}}
+
+
+def calibration_prompts(data_seed: int = 0, per_digit: int = 20) -> list[dict]:
+    """The generic digit captions the shipped calibration was made from (kept apart from every
+    evaluation set): the combined detector of `eval detect` is fitted on these only."""
+    data = build(seed=data_seed)
+    exclude = {r["prompt"] for r in generic_prompts(data) + narrow_prompts()}
+    return [r for r in generic_prompts(data, per_digit=per_digit, seed=777) if r["prompt"] not in exclude]
 
 
 def model_card(model_dir: str, doc: dict, cal: dict) -> str:
