@@ -74,6 +74,11 @@ class EntropyProcessor:
 @contextlib.contextmanager
 def record_cross_attention(unet):
     """Record the cross-attention entropy of the UNet calls inside the block (see module doc)."""
+    if not type(unet).__name__.startswith("UNet"):
+        from .errors import UnsupportedPipeline
+
+        raise UnsupportedPipeline(f"attn_entropy reads a UNet's cross-attention maps; {type(unet).__name__} "
+                                  f"attends jointly over image and text tokens (SD3, Flux): no cross-attention map")
     saved = unet.attn_processors
     rec = _Recorder()
     procs = {name: (EntropyProcessor(rec) if name.endswith("attn2.processor") else proc)

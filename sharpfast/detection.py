@@ -78,7 +78,7 @@ def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt
     n = num_images_per_prompt
     dh, dw = model.default_size()
     height, width = height or dh, width or dw
-    sched0 = model.scheduler(num_inference_steps)
+    sched0 = model.scheduler(num_inference_steps, height, width)
     count = len(prompts) * n
     validate.generators(generator, count)
     if latents is None:
@@ -86,7 +86,7 @@ def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt
     else:
         _check_latents(latents, count, model.latent_shape(height, width), model)
     latents = latents * sched0.init_noise_sigma  # as pipe.prepare_latents scales them
-    extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
+    extra = pipe.prepare_extra_step_kwargs(generator, 0.0) if hasattr(pipe, "prepare_extra_step_kwargs") else {}
     per_image = {m: torch.empty(len(prompts), n) for m in metrics}
     warnings = []
     from tqdm.auto import tqdm
@@ -95,7 +95,7 @@ def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
-            cond = model.encode(batch, n, height, width)
+            cond = model.encode(batch, n, height, width, guidance_scale)
             warnings.extend(cond.warnings)
             lat = latents[start * n:(start + len(batch)) * n].to(model.dtype)
             sched = copy.deepcopy(sched0)  # fresh state for multistep / sigma-indexed schedulers

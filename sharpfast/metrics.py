@@ -115,7 +115,11 @@ class Step:
 
     @property
     def guided(self):
-        """The CFG-guided prediction (UNet parameterization) and ||pred_c - pred_u||, one fused op."""
+        """The CFG-guided prediction (UNet parameterization) and ||pred_c - pred_u||, one fused op.
+        A guidance-distilled model (Flux) is guided by its embedded scale: its prediction is pred_c."""
+        if self.model.distilled:
+            return self._cached("cfg", lambda: (self.pred_c, (self.pred_c.float() - self.pred_u.float())
+                                                .reshape(len(self.pred_c), -1).norm(dim=1)))
         return self._cached("cfg", lambda: ops.cfg_combine(self.pred_u, self.pred_c, self.guidance_scale))
 
     @property
@@ -161,13 +165,13 @@ class Step:
     def anisotropy_terms(self):
         """(aniso_norm, aniso_align) per row; the alignment costs one CFG call at the low-noise timestep."""
         def norm():
-            eps_u, eps_c = self.eps
+            eps_u, eps_c = (self.model.channels_first(e) for e in self.eps)
             N, C = eps_u.shape[:2]
             unit = lambda e: e.reshape(N, C, -1) / e.reshape(N, C, -1).norm(dim=2, keepdim=True).clamp_min(1e-12)  # noqa: E731
             return (unit(eps_c) - unit(eps_u)).reshape(N, -1).norm(dim=1)
 
         def align():
-            u, c = self.at_low_noise(3)
+            u, c = (self.model.channels_first(e) for e in self.at_low_noise(3))
             cos = torch.nn.functional.cosine_similarity(u, c - u, dim=1, eps=1e-12)  # (N, h, w): over channels
             return cos.reshape(len(cos), -1).mean(dim=1)
 
@@ -187,7 +191,7 @@ class Step:
 
 # the anisotropy score's weights (g1 norm, g2 alignment) by prediction type: the authors' SD 1.4
 # (epsilon) and SD 2.0 (v-prediction) settings
-ANISOTROPY_WEIGHTS = {"epsilon": (1.0, 2.0), "v_prediction": (1.0, 0.1), "sample": (1.0, 2.0)}
+ANISOTROPY_WEIGHTS = {"epsilon": (1.0, 2.0), "v_prediction": (1.0, 0.1), "sample": (1.0, 2.0), "flow": (1.0, 2.0)}
 
 
 @dataclass(frozen=True)

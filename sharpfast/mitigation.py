@@ -51,9 +51,9 @@ REFERENCE = dict(alpha_sd1=0.05, alpha_sd2=0.01, threshold=8.2, threshold_numel=
 DEFAULTS = {"paper": dict(candidates=1, max_steps=3, lr=0.7), "reference": dict(candidates=8, max_steps=10, lr=0.05)}
 
 
-def _check(prompts, n, guidance_scale, lr, max_steps, candidates):
+def _check(prompts, n, guidance_scale, lr, max_steps, candidates, needs_cfg=True):
     prompts = validate.prompts(prompts, "prompt")
-    validate.guidance_scale(guidance_scale, needs_cfg=True)
+    validate.guidance_scale(guidance_scale, needs_cfg=needs_cfg)
     validate.integer(n, "num_images_per_prompt")
     validate.integer(max_steps, "max_steps", minimum=0)
     validate.integer(candidates, "candidates")
@@ -217,7 +217,10 @@ def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latent
     out = pipe(prompts, num_images_per_prompt=num_images_per_prompt, generator=generator, latents=final, **kwargs)
     if not return_info:
         return out
-    info.update(unet_calls=info["unet_calls_optimization"] + kwargs.get("num_inference_steps", 50),
+    from .score import pipeline_defaults
+
+    steps = kwargs.get("num_inference_steps", pipeline_defaults(pipe)["num_inference_steps"])
+    info.update(unet_calls=info["unet_calls_optimization"] + steps,
                 seconds=time.perf_counter() - start)
     return out, info
 
@@ -236,17 +239,20 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
                  project=None, max_rounds: int = 6, fd_step=None, **pipe_kwargs):
     """SAIL's optimized initial noise, without generating: (latents as `pipe(latents=...)` takes
     them, info). Arguments as sail's; the serving guard uses it to generate a batch once."""
+    from .score import pipeline_defaults
+
     n = num_images_per_prompt
-    guidance_scale = pipe_kwargs.get("guidance_scale", 7.5)
+    defaults = pipeline_defaults(pipe)
+    guidance_scale = pipe_kwargs.get("guidance_scale", defaults["guidance_scale"])
     if objective not in OBJECTIVES:
         raise BadArgument(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     candidates = DEFAULTS[objective]["candidates"] if candidates is None else candidates
     max_steps = DEFAULTS[objective]["max_steps"] if max_steps is None else max_steps
     lr = DEFAULTS[objective]["lr"] if lr is None else lr
-    prompts = _check(prompt, n, guidance_scale, lr, max_steps, candidates)
+    model = ScoreModel(pipe, pipe_kwargs.get("max_sequence_length"))
+    prompts = _check(prompt, n, guidance_scale, lr, max_steps, candidates, needs_cfg=not model.distilled)
     if any(k in pipe_kwargs for k in ("prompt_embeds", "negative_prompt_embeds")):
         raise BadArgument("sail encodes the prompt itself: pass prompt (and negative_prompt), not prompt_embeds")
-    model = ScoreModel(pipe)
     if pipe_kwargs.get("negative_prompt") is not None:
         raise NotImplementedError("sail optimizes against the empty-prompt null branch; negative_prompt is not "
                                   "supported yet")
@@ -258,7 +264,7 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
     dh, dw = model.default_size()
     height, width = pipe_kwargs.get("height") or dh, pipe_kwargs.get("width") or dw
     N, shape = len(prompts) * n, model.latent_shape(height, width)
-    steps = pipe_kwargs.get("num_inference_steps", 50)
+    steps = pipe_kwargs.get("num_inference_steps", defaults["num_inference_steps"])
     if threshold == "auto":
         if objective == "paper":  # the model's calibration (beside it, cached, or made now: sharpfast.calibration)
             from .calibration import resolve
@@ -271,7 +277,7 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
     else:
         source = "given"
     validate.finite(threshold, "threshold")
-    sched = model.scheduler(steps)
+    sched = model.scheduler(steps, height, width)
     validate.generators(generator, N)
     if latents is None:
         latents = model.noise(N, height, width, generator)
@@ -290,7 +296,7 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
     x0 = torch.cat([base, fresh(candidates - 1)], dim=1) if candidates > 1 else base
     scale = float(sched.init_noise_sigma)
     with torch.no_grad():
-        cond = model.encode(prompts, n, height, width)
+        cond = model.encode(prompts, n, height, width, guidance_scale)
     chosen, info = optimize_latents(
         model, cond, x0 * scale, sched, objective=objective, alpha=alpha, lr=lr, max_steps=max_steps,
         threshold=threshold, project=project, fd_step=fd_step, rounds=max_rounds if objective == "reference" else 1,

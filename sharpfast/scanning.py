@@ -23,7 +23,7 @@ import torch
 from . import validate
 from .errors import BadArgument, OutputMismatch
 from .scan_input import check_source, file_digest, iter_chunks, iter_rows
-from .score import ScoreModel
+from .score import ScoreModel, denoiser
 
 META = "scan.json"
 COMMIT = "_commit"
@@ -216,7 +216,8 @@ def _score(model, prompts, rows, *, metrics, n, seed, batch_size, num_inference_
 def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: int = 1, batch_size: int = 32,
          threshold="auto", calibrate_on: Optional[str] = None, fpr: float = 0.01,
          flag_metric: Optional[str] = None, column: Optional[str] = None, id_field: Optional[str] = None,
-         seed: int = 42, num_inference_steps: int = 50, guidance_scale: float = 7.5, model_name: Optional[str] = None,
+         seed: int = 42, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+         model_name: Optional[str] = None,
          overwrite: bool = False, progress: bool = True, top: int = 10) -> dict:
     """Scan the prompt file `prompts` (.txt, .jsonl, .parquet) and write OUT as described above.
 
@@ -243,6 +244,11 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
         threshold = "auto"  # replaced by the calibration below
     elif threshold is not None and threshold != "auto":
         threshold = validate.finite(threshold, "threshold")
+    from .score import pipeline_defaults
+
+    defaults = pipeline_defaults(pipe)  # a setting not given is the pipeline's own
+    num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     validate.integer(n, "n")
     validate.integer(batch_size, "batch_size")
     validate.integer(num_inference_steps, "num_inference_steps")
@@ -257,7 +263,7 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
             "metrics": metrics, "n": n,
             "batch_size": batch_size, "seed": seed, "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale, "column": column, "id_field": id_field, "flag_metric": flag_metric,
-            "unet_dtype": str(pipe.unet.dtype), "threshold": threshold}
+            "unet_dtype": str(denoiser(pipe).dtype), "threshold": threshold}
     _check_meta(out_dir, meta, overwrite, procs)
     score_kw = dict(metrics=metrics, n=n, seed=seed, batch_size=batch_size, num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale)

@@ -4,8 +4,9 @@
     out = guarded(prompts, generator=g, ...)          # pipe's own output, plus out.memorization
     guarded.remove()                                   # or: with sharpfast.guard(pipe) as guarded: ...
 
-A forward hook on pipe.unet captures the first UNet call of each guarded request (its CFG batch
-[null; cond]) into that request's own state (thread-local: requests on other threads never see
+A forward hook on pipe.unet (pipe.transformer for SD3 / Flux) captures the first call of each
+guarded request (its CFG batch [null; cond]; Flux, guidance-distilled, has only the conditional
+rows, and its null branch costs one extra call on them) into that request's own state (thread-local: requests on other threads never see
 it); after the call, every image is scored from the capture with the metric registry of
 sharpfast.metrics, the same function detect uses: metric="wen" costs no extra UNet call,
 "sharpness" one extra CFG call at that step (the finite difference of sharpfast.detect), made
@@ -32,7 +33,7 @@ from . import validate
 from .errors import BadArgument, NonFiniteOutput
 from .metrics import REGISTRY, Step
 from .monitoring import GuardStats
-from .score import Conditioning, ScoreModel
+from .score import Conditioning, ScoreModel, denoiser, pipeline_defaults
 
 log = logging.getLogger("sharpfast.guard")
 
@@ -81,11 +82,13 @@ class Guard:
         if mitigation not in ("sail", None):
             raise BadArgument(f"mitigation must be 'sail' or None, got {mitigation!r}")
         self.pipe, self.metric = pipe, metric
+        self._defaults = pipeline_defaults(pipe)
         self._auto = threshold == "auto"
         self._thresholds = {}  # (num_inference_steps, guidance_scale) -> threshold, for "auto"
         self._auto_lock = threading.Lock()
         if self._auto:  # the model's calibration (beside it, cached, or made now); see sharpfast.calibration
-            threshold = self._auto_threshold(50, 7.5, metric)
+            threshold = self._auto_threshold(self._defaults["num_inference_steps"], self._defaults["guidance_scale"],
+                                             metric)
         else:
             self.threshold_source = "given"
         # +inf is allowed (score only, never flag); NaN would silently flag nothing
@@ -96,12 +99,12 @@ class Guard:
             from .calibration import resolve
 
             # SAIL's own "auto" target, found (or calibrated) now rather than at the first flagged request
-            resolve(pipe, "sharpness", "target")
+            resolve(pipe, "sharpness", "target", **self._defaults)
         log.info("sharpfast.guard: %s > %.4g (%s)", metric, threshold, self.threshold_source)
         self._local = threading.local()  # per-request capture: one per thread
         self._stats = GuardStats(str(name), metric, threshold)
         self._lock = pipeline_lock(pipe)
-        self._handle = pipe.unet.register_forward_hook(self._hook, with_kwargs=True)
+        self._handle = denoiser(pipe).register_forward_hook(self._hook, with_kwargs=True)
 
     def _auto_threshold(self, steps, guidance, metric=None):
         """threshold="auto" at a request's settings: the first timestep (num_inference_steps) and the
@@ -114,7 +117,7 @@ class Guard:
                 found = resolve(self.pipe, metric or self.metric, "threshold", num_inference_steps=key[0],
                                 guidance_scale=key[1])
                 self._thresholds[key] = found.value
-                if key == (50, 7.5):
+                if key == (self._defaults["num_inference_steps"], float(self._defaults["guidance_scale"])):
                     self.threshold_source = found.source
                 else:
                     log.info("sharpfast.guard: %s > %.4g at %d steps, guidance %g (%s)", metric or self.metric,
@@ -126,24 +129,44 @@ class Guard:
         cap = getattr(self._local, "capture", None)
         if cap is None or "pred" in cap:  # not a guarded request, or its first call is captured
             return None
-        sample = args[0] if args else kwargs["sample"]
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        model = cap["model"]
+        if model.flow:  # SD3 / Flux transformers: keyword arguments of their own
+            sample, t = kwargs["hidden_states"], kwargs["timestep"]
+            if model.family == "flux":
+                t = t * 1000  # Flux's transformer takes t / 1000
+            added = {"pooled_projections": kwargs["pooled_projections"]}
+        else:
+            sample = args[0] if args else kwargs["sample"]
+            t = args[1] if len(args) > 1 else kwargs["timestep"]
+            added = kwargs.get("added_cond_kwargs")
+        t = t.reshape(-1)[0] if torch.is_tensor(t) and t.dim() else t
         pred = output[0] if isinstance(output, tuple) else output.sample
-        if sample.shape[0] % 2:
+        if sample.shape[0] % 2 and not model.distilled:
             raise RuntimeError("sharpfast.guard expects the CFG batch [null; cond]: call with guidance_scale > 1")
         # alpha_bar now: Euler-type schedulers read it from their step index, which moves on
         cap.update(sample=sample.detach(), t=t, pred=pred.detach(), hidden=kwargs["encoder_hidden_states"].detach(),
-                   added=kwargs.get("added_cond_kwargs"), alpha_bar=cap["model"].alpha_bar(self.pipe.scheduler, t),
-                   schedule=self.pipe.scheduler)
+                   added=added, alpha_bar=model.alpha_bar(self.pipe.scheduler, t), schedule=self.pipe.scheduler)
         return None
 
     def _score(self, cap):
         """The metric of every image of the captured CFG batch (outside the hook)."""
-        split = lambda d, i: None if d is None else {k: v.chunk(2)[i] for k, v in d.items()}  # noqa: E731
-        hidden, added = cap["hidden"], cap["added"]
-        cond = Conditioning(hidden.chunk(2)[1], hidden.chunk(2)[0], split(added, 1), split(added, 0))
-        u, c = cap["pred"].chunk(2)
-        step = Step(cap["model"], cap["sample"].chunk(2)[1], cap["t"], cap["alpha_bar"], cond, u, c,
+        model = cap["model"]
+        if model.distilled:
+            # Flux: the pipeline's call holds the conditional branch only; the null branch (the
+            # empty prompt) costs one call on the N rows
+            h, w = cap["size"]
+            model.latent_shape(h, w)
+            cond = model.encode(cap["prompts"], cap["n"], h, w, cap["guidance"])
+            x, c = cap["sample"], cap["pred"]
+            with torch.no_grad():
+                u = model.predict_branch(x, cap["t"], cond, "null")
+        else:
+            split = lambda d, i: None if d is None else {k: v.chunk(2)[i] for k, v in d.items()}  # noqa: E731
+            hidden, added = cap["hidden"], cap["added"]
+            cond = Conditioning(hidden.chunk(2)[1], hidden.chunk(2)[0], split(added, 1), split(added, 0))
+            u, c = cap["pred"].chunk(2)
+            x = cap["sample"].chunk(2)[1]
+        step = Step(model, x, cap["t"], cap["alpha_bar"], cond, u, c,
                     names=cap["prompts"], n=cap["n"], schedule=cap["schedule"])
         step.check(u, "null branch at the first step")  # NaN > threshold is False: it would pass unflagged
         step.check(c, "conditional branch at the first step")
@@ -181,11 +204,13 @@ class Guard:
     def _call(self, prompt, kwargs):
         if self._handle is None:
             raise RuntimeError("this guard was removed; create a new one with sharpfast.guard(pipe)")
-        model = ScoreModel(self.pipe)  # per request: the pipeline may have moved since the guard was made
+        # per request: the pipeline may have moved since the guard was made
+        model = ScoreModel(self.pipe, kwargs.get("max_sequence_length"))
         if "prompt_embeds" in kwargs:
             raise BadArgument("sharpfast.guard scores text prompts: pass prompt, not prompt_embeds")
         prompts = validate.prompts(prompt, "prompt")
-        validate.guidance_scale(kwargs.get("guidance_scale", 7.5), needs_cfg=True)
+        guidance = kwargs.get("guidance_scale", self._defaults["guidance_scale"])
+        validate.guidance_scale(guidance, needs_cfg=not model.distilled)
         n = kwargs.get("num_images_per_prompt")
         n = 1 if n is None else validate.integer(n, "num_images_per_prompt")
         count = len(prompts) * n
@@ -193,9 +218,10 @@ class Guard:
         kwargs = dict(kwargs)
         user_cb = kwargs.pop("callback_on_step_end", None)
         user_inputs = kwargs.pop("callback_on_step_end_tensor_inputs", None) or getattr(user_cb, "tensor_inputs", None)
-        cap = {"model": model, "prompts": prompts, "n": n, "user_cb": user_cb, "added_s": 0.0,
-               "threshold": self._auto_threshold(kwargs.get("num_inference_steps") or 50,
-                                                 kwargs.get("guidance_scale", 7.5)) if self._auto else self.threshold}
+        steps = kwargs.get("num_inference_steps") or self._defaults["num_inference_steps"]
+        cap = {"model": model, "prompts": prompts, "n": n, "user_cb": user_cb, "added_s": 0.0, "guidance": guidance,
+               "size": self._size(model, kwargs),
+               "threshold": self._auto_threshold(steps, guidance) if self._auto else self.threshold}
 
         def on_step_end(pipe, i, t, cb_kwargs):
             # the decision at the first step: scored here, outside the UNet's hook; a request
@@ -291,7 +317,7 @@ class Guard:
 
     # -- lifetime -------------------------------------------------------------------------------
     def remove(self) -> None:
-        """Take the hook off pipe.unet: the pipeline is exactly as before."""
+        """Take the hook off pipe.unet / pipe.transformer: the pipeline is exactly as before."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None

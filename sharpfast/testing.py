@@ -1,9 +1,11 @@
 """Tiny diffusers pipelines with random weights, built offline from configs.
 
 For tests, benchmarks and examples on machines without pretrained weights: a Stable Diffusion
-1.x-style pipeline (epsilon), a 2.x-style one (v-prediction) and an SDXL-style one (two text
-encoders, added conditioning). The tokenizer is a character-level CLIP BPE vocabulary built in
-memory (every byte is a token; no merges), so nothing is downloaded.
+1.x-style pipeline (epsilon), a 2.x-style one (v-prediction), an SDXL-style one (two text
+encoders, added conditioning), and the flow-matching transformers: Stable Diffusion 3 (two CLIP
+encoders and a T5) and Flux (CLIP and T5, guidance-distilled). The CLIP tokenizer is a
+character-level BPE vocabulary built in memory (every byte is a token; no merges) and the T5
+tokenizer a character-level unigram model built with `tokenizers`, so nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -86,8 +88,86 @@ def _vae(seed: int):
                          sample_size=32).eval()
 
 
+def t5_tokenizer(max_length: int = 64):
+    """A T5 tokenizer (fast) with a character-level unigram vocabulary: <pad>, </s>, <unk>, the
+    word-start marker, and every printable ASCII character alone and word-initial."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(c, -2.0) for c in chars] + [("\u2581" + c, -1.5) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           model_max_length=max_length, extra_ids=0)
+
+
+def _t5_encoder(vocab_size: int, d: int, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=vocab_size, d_model=d, d_kv=8, d_ff=2 * d, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, is_encoder_decoder=False, decoder_start_token_id=0,
+                   pad_token_id=0, eos_token_id=1)
+    return T5EncoderModel(cfg).eval()
+
+
+def _flow_vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=8, sample_size=32, shift_factor=0.06, scaling_factor=1.5,
+                         use_quant_conv=False, use_post_quant_conv=False).eval()
+
+
+def tiny_flow_pipeline(kind: str = "sd3", seed: int = 0, sample_size: int = 8, max_sequence_length: int = 16):
+    """A random-weight flow-matching pipeline: kind "sd3" (StableDiffusion3Pipeline: SD3Transformer2DModel,
+    FlowMatchEulerDiscreteScheduler with shift 3, two CLIP encoders with projection and a T5) or
+    "flux" (FluxPipeline: FluxTransformer2DModel with guidance embedding, a CLIP encoder and a T5).
+
+    Latents are 4 x sample_size x sample_size (Flux packs them 2x2 into 16-channel tokens); images
+    are twice that size. The T5 tokenizer's model_max_length is max_sequence_length: pass it as
+    the pipelines' max_sequence_length too (their default asks for 256 / 512 tokens).
+    """
+    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline)
+
+    if kind not in ("sd3", "flux"):
+        raise ValueError(f"kind must be 'sd3' or 'flux', got {kind!r}")
+    tok = tiny_tokenizer()
+    V = len(tok)
+    t5 = t5_tokenizer(max_sequence_length)
+    torch.manual_seed(seed)
+    if kind == "sd3":
+        tr = SD3Transformer2DModel(sample_size=sample_size, patch_size=1, in_channels=4, num_layers=2,
+                                   attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                   caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
+                                   pos_embed_max_size=2 * sample_size).eval()
+        pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                        vae=_flow_vae(seed + 1), text_encoder=_text_encoder(32, 32, seed + 2, V),
+                                        tokenizer=tok, text_encoder_2=_text_encoder(32, 32, seed + 3, V),
+                                        tokenizer_2=tiny_tokenizer(), text_encoder_3=_t5_encoder(len(t5), 32, seed + 4),
+                                        tokenizer_3=t5)
+    else:
+        tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                    pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+        sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=16, max_image_seq_len=256)
+        pipe = FluxPipeline(transformer=tr, scheduler=sched, vae=_flow_vae(seed + 1),
+                            text_encoder=_text_encoder(32, None, seed + 2, V), tokenizer=tok,
+                            text_encoder_2=_t5_encoder(len(t5), 32, seed + 4), tokenizer_2=t5)
+    pipe.default_sample_size = sample_size
+    return pipe
+
+
 def tiny_pipeline(kind: str = "sd1", seed: int = 0, sample_size: int = 8, scheduler: str = "ddim"):
-    """A random-weight pipeline: kind "sd1" (epsilon), "sd2" (v-prediction) or "sdxl".
+    """A random-weight pipeline: kind "sd1" (epsilon), "sd2" (v-prediction) or "sdxl"; "sd3" and
+    "flux" give tiny_flow_pipeline(kind).
 
     Latents are (4, sample_size, sample_size); images are twice that size (the VAE downsamples by 2).
     scheduler: "ddim", "ddpm", "pndm", "euler" or "dpm".
@@ -95,8 +175,10 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0, sample_size: int = 8, schedu
     from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                            PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
 
+    if kind in ("sd3", "flux"):
+        return tiny_flow_pipeline(kind, seed, sample_size)
     if kind not in ("sd1", "sd2", "sdxl"):
-        raise ValueError(f"kind must be 'sd1', 'sd2' or 'sdxl', got {kind!r}")
+        raise ValueError(f"kind must be 'sd1', 'sd2', 'sdxl', 'sd3' or 'flux', got {kind!r}")
     tok = tiny_tokenizer()
     V = len(tok)
     common = dict(sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,

@@ -39,7 +39,10 @@ class ScanCommand:
         s.add_argument("--column", help="prompt field / column (default: prompt, else caption)")
         s.add_argument("--id-field", help="field / column holding a stable prompt id (default: the row number)")
         s.add_argument("--seed", type=int, default=42, help="row i draws its noise from seed + i (default 42)")
-        s.add_argument("--num-inference-steps", type=int, default=50, help="sampler steps of the schedule (default 50)")
+        s.add_argument("--num-inference-steps", type=int, default=None,
+                       help="sampler steps of the schedule (default: the pipeline's own, 50 for SD, 28 for SD3 / Flux)")
+        s.add_argument("--guidance-scale", type=float, default=None,
+                       help="CFG scale (Flux: its embedded guidance; default: the pipeline's own)")
         s.add_argument("--overwrite", action="store_true", help="discard a scan with other settings in --out")
         s.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -55,7 +58,10 @@ class ScanCommand:
             check_source(args.calibrate_on)
         validate.integer(args.n, "--n")
         validate.integer(args.batch_size, "--batch-size")
-        validate.integer(args.num_inference_steps, "--num-inference-steps")
+        if args.num_inference_steps is not None:
+            validate.integer(args.num_inference_steps, "--num-inference-steps")
+        if args.guidance_scale is not None:
+            validate.finite(args.guidance_scale, "--guidance-scale")
         threshold = parse_threshold(args.threshold, "--threshold")
         if args.calibrate_on and threshold != "auto":
             raise BadArgument("give --threshold or --calibrate-on, not both")
@@ -68,7 +74,8 @@ class ScanCommand:
         summary = sharpfast.scan(pipe, args.prompts, args.out, metrics=args.metrics, n=args.n, batch_size=args.batch_size,
                                  threshold=threshold, calibrate_on=args.calibrate_on, fpr=args.fpr,
                                  flag_metric=args.flag_metric, column=args.column, id_field=args.id_field, seed=args.seed,
-                                 num_inference_steps=args.num_inference_steps, model_name=args.model,
+                                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                                 model_name=args.model,
                                  overwrite=args.overwrite, progress=not args.quiet)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{summary['rows']} rows: {summary['scored']} scored, {summary['skipped']} skipped "

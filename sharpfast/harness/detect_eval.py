@@ -22,12 +22,12 @@ def _score_config(pipe, prompts, noise_ids, n, steps, metrics, path, seed, batch
     import sharpfast
     from tqdm.auto import tqdm
 
-    from ..score import ScoreModel
+    from ..score import ScoreModel, denoiser
 
     # a record counts only for the same prompt at the same id under the same settings: a rerun with
     # other prompt files or settings into the same folder redoes those records, never reuses them
     settings = _fingerprint(dict(seed=seed, hvp=hvp, num_inference_steps=num_inference_steps,
-                                 guidance_scale=guidance_scale, dtype=str(pipe.unet.dtype)))
+                                 guidance_scale=guidance_scale, dtype=str(denoiser(pipe).dtype)))
     done = {i: r for i, r in jsonl.read(path).items()
             if isinstance(i, int) and i < len(prompts) and r.get("prompt") == prompts[i]
             and r.get("settings") == settings and r.get("noise_id") == noise_ids[i]}
