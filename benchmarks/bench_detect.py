@@ -1,11 +1,14 @@
 """Cost of each detection metric: UNet calls and time per prompt, against one bare step-1 CFG
-UNet call on the same batch (the cost unit of SPEC.md). Tiny random-weight SD1 pipeline, CPU.
+UNet call on the same batch (the cost unit of SPEC.md). Tiny random-weight SD1 pipeline, CPU;
+`--family sd3|flux` (and the pytest rows test_flow_detection_costs) the same on tiny Stable
+Diffusion 3 and Flux transformers (Flux: the pipeline's own call has the N conditional rows
+only, so its row "own call" is reported beside the CFG unit [null; cond]).
 
 Targets: wen = 1 CFG call; sharpness (fd) = 2 CFG calls and at most 2.2x one CFG call;
 sharpness fd at least 2x faster than the exact JVP.
 
     pytest benchmarks/bench_detect.py --benchmark-only -s
-    python benchmarks/bench_detect.py
+    python benchmarks/bench_detect.py [--family sd3|flux]
 """
 from __future__ import annotations
 
@@ -22,18 +25,19 @@ from sharpfast.score import ScoreModel
 from sharpfast.testing import sd15_sized_pipeline, tiny_pipeline
 
 CASES = {"wen": ("wen", "fd"), "sharpness_fd": ("sharpness", "fd"), "sharpness_jvp": ("sharpness", "jvp"),
-         "trace_k8": ("trace", "fd")}
+         "trace_k8": ("trace", "fd"), "anisotropy": ("anisotropy", "fd"), "wen_low": ("wen_low", "fd")}
 
 
 def setup(batch: int, pipe=None):
     pipe = pipe if pipe is not None else tiny_pipeline("sd1", sample_size=32)
     model = ScoreModel(pipe)
     h, w = model.default_size()
-    sched = model.scheduler(50)
+    sched = model.scheduler(50, h, w)
     t = sched.timesteps[0]
     prompts = [f"prompt {i}" for i in range(batch)]
     cond = model.encode(prompts, 1, h, w)
     x = sched.scale_model_input(model.initial_latents(sched, batch, h, w, torch.Generator().manual_seed(0)), t)
+    model.bench_schedule = sched
     return model, prompts, cond, x, t, model.alpha_bar(sched, t)
 
 
@@ -73,9 +77,14 @@ def measure(batch: int, pipe=None):
     rows = {}
     with torch.no_grad():
         t_cfg = median_time(lambda: model.predict(x, t, cond))
+        if model.distilled:  # Flux's own call: the conditional rows alone
+            t_own = median_time(lambda: model.predict_branch(x, t, cond, "cond"))
+            rows["own call"] = dict(calls=1, rows=batch, seconds=t_own, per_prompt_ms=t_own / batch * 1e3,
+                                    vs_cfg_call=t_own / t_cfg)
         for name, (metric, hvp) in CASES.items():
             def run():
-                step_metrics(model, x, t, ab, cond, (metric,), 7.5, prompts=prompts, n=1, hvp=hvp, num_probes=8)
+                step_metrics(model, x, t, ab, cond, (metric,), 7.5, prompts=prompts, n=1, hvp=hvp, num_probes=8,
+                             schedule=model.bench_schedule)
 
             before = dict(model.stats)
             run()
@@ -109,6 +118,23 @@ def test_detection_costs(benchmark, batch):
     assert rows["sharpness_jvp"]["seconds"] >= 2 * rows["sharpness_fd"]["seconds"]
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_detection_costs(benchmark, family):
+    """SD3 and Flux: calls per metric (as SD's) and time against one CFG call [null; cond]."""
+    pipe = tiny_pipeline(family, sample_size=32)
+    pipe.set_progress_bar_config(disable=True)
+    t_cfg, rows = measure(8, pipe)
+    print(f"\n{family}:", end="")
+    report(8, t_cfg, rows)
+    benchmark.extra_info.update({k: v for k, v in rows.items()})
+    model, prompts, cond, x, t, ab = setup(8, pipe)
+    benchmark.pedantic(lambda: step_metrics(model, x, t, ab, cond, ("sharpness",), 7.5, prompts=prompts, n=1),
+                       rounds=3, warmup_rounds=1)
+    assert rows["wen"]["calls"] == 1 and rows["sharpness_fd"]["calls"] == 2
+    assert rows["anisotropy"]["calls"] == 2 and rows["wen_low"]["calls"] == 2
+    assert rows["sharpness_fd"]["vs_cfg_call"] <= 2.2
+
+
 def fd_vs_jvp(batch: int, pipe):
     """Largest relative difference of fd sharpness from the exact JVP on one batch."""
     model, prompts, cond, x, t, ab = setup(batch, pipe)
@@ -125,12 +151,13 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--batches", default="1,8")
     p.add_argument("--sample-size", type=int, default=64, help="--sd15: latent side (64 = 512 px, as SD 1.5)")
+    p.add_argument("--family", default="sd1", choices=("sd1", "sd3", "flux"), help="tiny pipeline family (default sd1)")
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     pipe = (sd15_sized_pipeline(dtype=dtype, device=a.device, sample_size=a.sample_size) if a.sd15 else
-            tiny_pipeline("sd1", sample_size=32).to(device=a.device, dtype=dtype))
+            tiny_pipeline(a.family, sample_size=32).to(device=a.device, dtype=dtype))
     pipe.set_progress_bar_config(disable=True)
-    print(f"# {'SD 1.5-sized' if a.sd15 else 'tiny'} UNet, {a.device}, {a.dtype}")
+    print(f"# {'SD 1.5-sized' if a.sd15 else 'tiny ' + a.family} denoiser, {a.device}, {a.dtype}")
     missed = []
     for b in map(int, a.batches.split(",")):
         t_cfg, rows = measure(b, pipe)

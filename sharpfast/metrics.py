@@ -162,20 +162,23 @@ class Step:
             return u, c
         return self._cached(("low", from_end), make)
 
-    def anisotropy_terms(self):
-        """(aniso_norm, aniso_align) per row; the alignment costs one CFG call at the low-noise timestep."""
-        def norm():
+    def aniso_norm(self):
+        """||n(eps_c) - n(eps_null)|| at this step, each channel's spatial map scaled to unit norm (0 extra calls)."""
+        def make():
             eps_u, eps_c = (self.model.channels_first(e) for e in self.eps)
             N, C = eps_u.shape[:2]
             unit = lambda e: e.reshape(N, C, -1) / e.reshape(N, C, -1).norm(dim=2, keepdim=True).clamp_min(1e-12)  # noqa: E731
             return (unit(eps_c) - unit(eps_u)).reshape(N, -1).norm(dim=1)
+        return self._cached("aniso_norm", make)
 
-        def align():
+    def aniso_align(self):
+        """cos(eps_null, eps_c - eps_null) over channels per pixel, averaged, at the low-noise
+        timestep (one CFG call)."""
+        def make():
             u, c = (self.model.channels_first(e) for e in self.at_low_noise(3))
             cos = torch.nn.functional.cosine_similarity(u, c - u, dim=1, eps=1e-12)  # (N, h, w): over channels
             return cos.reshape(len(cos), -1).mean(dim=1)
-
-        return self._cached("aniso_norm", norm), self._cached("aniso_align", align)
+        return self._cached("aniso_align", make)
 
     def attention_entropy(self):
         """Mean cross-attention entropy of the conditional branch at x: one UNet call on N rows."""
@@ -250,19 +253,18 @@ def _score_norm(step: Step):
 
 @register("aniso_norm", "0 extra UNet calls")
 def _aniso_norm(step: Step):
-    return step.anisotropy_terms()[0]
+    return step.aniso_norm()
 
 
 @register("aniso_align", "1 extra CFG call (at the low-noise timestep; shared with anisotropy)")
 def _aniso_align(step: Step):
-    return step.anisotropy_terms()[1]
+    return step.aniso_align()
 
 
 @register("anisotropy", "1 extra CFG call (at the low-noise timestep)")
 def _anisotropy(step: Step):
     g1, g2 = ANISOTROPY_WEIGHTS[step.model.prediction_type]
-    norm, align = step.anisotropy_terms()
-    return g1 * norm + g2 * align
+    return g1 * step.aniso_norm() + g2 * step.aniso_align()
 
 
 @register("wen_low", "1 extra CFG call (at the schedule's last, lowest-noise timestep)")

@@ -73,6 +73,8 @@ def test_wen_low_and_anisotropy_equal_the_reference(pipe):
     g2 = 2.0 if raw.pt == "epsilon" else 0.1  # the authors' SD 1.4 / SD 2.0 weights
     torch.testing.assert_close(res.scores["anisotropy"].double(), norm + g2 * align, rtol=1e-3, atol=1e-5)
     assert res.config["unet_calls"] == 1 + 1 + 1  # the step's call, the last timestep's, the third-to-last's
+    alone = sharpfast.detect(pipe, PROMPTS, latents=lat, progress=False, metrics=("aniso_norm",))
+    assert alone.config["unet_calls"] == 1  # the norm term is free: the step's own call
 
 
 def test_attention_entropy_equals_the_reference(pipe):
