@@ -151,3 +151,31 @@ def test_sail_guard_and_scan_with_no_setup(kind, cache, tmp_path):
     summary = sharpfast.scan(pipe, str(f), str(tmp_path / "scan"), num_inference_steps=5, progress=False)
     assert summary["threshold"] is not None and summary["threshold_source"]
     assert summary["flagged"] in (0, 1, 2)
+
+
+def test_calibrate_command_writes_what_auto_then_uses(cache, tmp_path, capsys):
+    """`sharpfast calibrate --prompts F --out FILE`: the thresholds of those prompts, the weights'
+    fingerprint; without --out it goes to the cache, where threshold="auto" finds it; bad
+    arguments are one error line before any model is loaded."""
+    from sharpfast.cli import main
+
+    prompts = tmp_path / "normal.txt"
+    prompts.write_text("\n".join(f"a photo of the digit {d} drawn in ink, style {i}" for d in range(10)
+                                 for i in range(3)) + "\n")
+    out = tmp_path / "cal.json"
+    args = ["calibrate", "--model", "digits", "--prompts", str(prompts), "--num-inference-steps", "10", "--quiet"]
+    assert main(args + ["--out", str(out)]) == 0
+    import json
+
+    cal = json.loads(out.read_text())
+    pipe = sharpfast.zoo.load("digits")
+    assert cal["weights"]["fingerprint"] == calibration.weights_fingerprint(pipe)["fingerprint"]
+    assert cal["prompts"] == {"source": "given prompts", "count": 30, "sha256": cal["prompts"]["sha256"]}
+    assert cal["settings"]["num_inference_steps"] == 10 and cal["wen"]["threshold"] > 0
+    assert main(args) == 0  # into the cache
+    assert "wrote " + str(cache) in capsys.readouterr().out
+    got = calibration.resolve(pipe, "wen", num_inference_steps=10, calibrate=False)
+    assert got.value == cal["wen"]["threshold"] and got.source.startswith("cache ")
+    assert main(["calibrate", "--model", "digits", "--fpr", "nan"]) == 2
+    assert main(["calibrate", "--model", "digits", "--prompts", str(tmp_path / "missing.txt")]) == 2
+    assert "sharpfast:" in capsys.readouterr().err

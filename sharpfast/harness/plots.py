@@ -16,28 +16,36 @@ def _plt():
 
 
 def roc_figure(curves: dict, path: str, title: str = "") -> str:
-    """curves: {panel title: {label: (fpr, tpr, auc)}}; one panel per key, log-scaled FPR axis."""
+    """curves: {panel title: {label: (fpr, tpr, auc)}}; one panel per key, log-scaled FPR axis.
+    Each panel's legend (sorted by AUC) sits beside it, so no curve is hidden; combined detectors
+    are dashed, and past 10 curves the colours come from a 20-colour map."""
     plt = _plt()
     k = len(curves)
-    cols = min(k, 3)
+    cols = min(k, 2)
     rows = math.ceil(k / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    many = max(len(lines) for lines in curves.values()) > 10
+    colors = plt.get_cmap("tab20" if many else "tab10").colors
+    fig, axes = plt.subplots(rows, cols, figsize=(8.6 * cols, 4.2 * rows), squeeze=False)
+    order = list(dict.fromkeys(label for lines in curves.values() for label in lines))  # one colour per label
     for ax, (panel, lines) in zip(axes.flat, curves.items()):
-        for label, (fpr, tpr, auc) in lines.items():
-            ax.plot(np.maximum(fpr, 1e-3), tpr, label=f"{label} (AUC {auc:.3f})")
+        for label, (fpr, tpr, auc) in sorted(lines.items(), key=lambda kv: -kv[1][2]):
+            ax.plot(np.maximum(fpr, 1e-3), tpr, label=f"{label} (AUC {auc:.3f})",
+                    color=colors[order.index(label) % len(colors)],
+                    ls="--" if label.startswith("combined") else "-", lw=1.4)
         ax.axvline(0.01, color="grey", lw=0.7, ls=":")
         ax.set_xscale("log")
         ax.set_xlim(1e-3, 1)
         ax.set_ylim(0, 1.02)
-        ax.set_xlabel("false positive rate")
-        ax.set_ylabel("true positive rate")
+        ax.set_xlabel("false positive rate (log scale; dotted: 1%)", fontsize=9)
+        ax.set_ylabel("true positive rate", fontsize=9)
         ax.set_title(panel, fontsize=10)
         ax.tick_params(labelsize=8)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(alpha=0.3, which="both", lw=0.5)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     for ax in list(axes.flat)[k:]:
         ax.axis("off")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
