@@ -104,12 +104,13 @@ def similarity_histogram(sims: dict, cuts, path: str) -> str:
         ax.hist(v, bins=bins, color="tab:blue", alpha=0.8)
         for c in cuts:
             ax.axvline(c, color="tab:red", ls="--", lw=0.9)
-            ax.text(c, ax.get_ylim()[1] * 0.92, f" {c} ({(np.asarray(v) >= c).mean():.0%})", fontsize=7,
-                    color="tab:red", va="top")
+        shares = "\n".join(f"similarity >= {c}: {(np.asarray(v) >= c).mean():.1%}" for c in cuts)
+        ax.text(0.02, 0.92, shares, transform=ax.transAxes, fontsize=7, va="top", color="tab:red",
+                bbox=dict(facecolor="white", edgecolor="none", alpha=0.8))
         ax.set_ylabel("outputs", fontsize=8)
         ax.set_title(f"{method}: {len(v)} outputs, mean similarity {np.mean(v):.3f}", fontsize=9)
         ax.tick_params(labelsize=8)
-    axes[-1, 0].set_xlabel("Pearson similarity to the memorized training image (share at or above each cut)")
+    axes[-1, 0].set_xlabel("Pearson similarity to the memorized training image (dashed: the copy cuts)")
     fig.suptitle("similarity of mitigated outputs to the memorized image", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
