@@ -190,6 +190,16 @@ def _flag_everything(p, **kw):
     return sharpfast.guard(p, threshold=-1.0, sail_kwargs={"threshold": 0.0, "max_steps": 1}, **kw)
 
 
+def _both_paths(p, plain, kw):
+    """Unflagged: the pipeline's own images; everything flagged: mitigated, other images."""
+    with sharpfast.guard(p, threshold=float("inf"), mitigation=None) as g:
+        out = g(PROMPTS[:2], generator=gen(), **kw)
+    assert torch.equal(out.images, plain)
+    with _flag_everything(p) as g:
+        out = g(PROMPTS[:2], generator=gen(), **kw)
+    assert all(r["mitigated"] for r in out.memorization) and not torch.equal(out.images, plain)
+
+
 @pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
 def test_every_output_type_on_both_paths(pipe, output_type):
     """Unflagged: the pipeline's own output, equal; flagged (generated once from SAIL's noise):
@@ -220,13 +230,7 @@ def test_torch_compiled_unet():
     p.set_progress_bar_config(disable=True)
     kw = dict(num_inference_steps=3, output_type="pt")
     p.unet = torch.compile(p.unet, backend="aot_eager")
-    plain = p(PROMPTS[:2], generator=gen(), **kw).images
-    with sharpfast.guard(p, threshold=float("inf"), mitigation=None) as g:
-        out = g(PROMPTS[:2], generator=gen(), **kw)
-    assert torch.equal(out.images, plain)
-    with _flag_everything(p) as g:
-        out = g(PROMPTS[:2], generator=gen(), **kw)
-    assert all(r["mitigated"] for r in out.memorization) and not torch.equal(out.images, plain)
+    _both_paths(p, p(PROMPTS[:2], generator=gen(), **kw).images, kw)
     assert not p.unet._forward_hooks and isinstance(p.unet, torch._dynamo.eval_frame.OptimizedModule)
 
 
@@ -241,12 +245,7 @@ def test_model_cpu_offload():
     plain = p(PROMPTS[:2], generator=gen(), **kw).images
     p.enable_model_cpu_offload(device="cpu")
     hooks_before = dict(p.unet._forward_hooks), dict(p.unet._forward_pre_hooks)
-    with sharpfast.guard(p, threshold=float("inf"), mitigation=None) as g:
-        out = g(PROMPTS[:2], generator=gen(), **kw)
-    assert torch.equal(out.images, plain)
-    with _flag_everything(p) as g:
-        out = g(PROMPTS[:2], generator=gen(), **kw)
-    assert all(r["mitigated"] for r in out.memorization) and not torch.equal(out.images, plain)
+    _both_paths(p, plain, kw)
     assert (dict(p.unet._forward_hooks), dict(p.unet._forward_pre_hooks)) == hooks_before
 
 
