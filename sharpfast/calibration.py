@@ -276,7 +276,8 @@ def resolve(pipe, metric: str = "sharpness", key: str = "threshold", *, calibrat
                 cal = None
         if cal is not None and _matches(cal, metric, key, s, check_settings=False):
             _MEMO[path] = cal
-            return Resolved(float(cal[metric][key]), f"cache {path}")
+            where = f"cache {path}" if os.path.isfile(path) else "calibrated earlier in this process (not cached)"
+            return Resolved(float(cal[metric][key]), where)
         if not calibrate:
             raise MissingCalibration(f"no calibration of {metric} for this model (weights {fp['fingerprint']}); run "
                                      f"sharpfast calibrate, or pass a number")

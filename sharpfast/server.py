@@ -39,6 +39,7 @@ log = logging.getLogger("sharpfast.server")
 
 MAX_PROMPTS_PER_REQUEST = 64
 MAX_STEPS = 1000
+MAX_SIDE = 2048  # pixels: a request may not ask the server for more memory than a 2048^2 image
 
 
 def _require():
@@ -162,7 +163,7 @@ class Batcher:
             return out
 
 
-def parse_request(body: dict, defaults: dict) -> dict:
+def parse_request(body: dict, defaults: dict, needs_cfg: bool = True) -> dict:
     """A /generate body checked and completed with the server's defaults (BadArgument names the field)."""
     from . import validate
 
@@ -184,13 +185,13 @@ def parse_request(body: dict, defaults: dict) -> dict:
     n = validate.integer(get("num_images_per_prompt"), "num_images_per_prompt")
     if n > MAX_PROMPTS_PER_REQUEST:
         raise BadArgument(f"num_images_per_prompt must be at most {MAX_PROMPTS_PER_REQUEST}, got {n}")
-    guidance = validate.guidance_scale(get("guidance_scale"), needs_cfg=True)
+    guidance = validate.guidance_scale(get("guidance_scale"), needs_cfg=needs_cfg)
     size = {}
     for k in ("height", "width"):
         v = body.get(k)
         size[k] = None if v is None else validate.integer(v, k)
-        if size[k] is not None and size[k] % 8:
-            raise BadArgument(f"{k} must be a multiple of 8, got {size[k]}")
+        if size[k] is not None and (size[k] % 8 or size[k] > MAX_SIDE):
+            raise BadArgument(f"{k} must be a multiple of 8 and at most {MAX_SIDE}, got {size[k]}")
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbits(31)
@@ -257,11 +258,14 @@ def create_app(pipe, *, guarded: bool = True, metric: str = "wen", threshold="au
     from . import validate
     from .monitoring import LATENCY_BUCKETS
 
+    from .score import ScoreModel, pipeline_defaults
+
     max_batch_size = validate.integer(max_batch_size, "max_batch_size")
+    needs_cfg = not ScoreModel(pipe).distilled  # Flux's guidance is embedded: any finite scale
     max_wait_ms = validate.finite(max_wait_ms, "max_wait_ms")
     if max_wait_ms < 0:
         raise BadArgument(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
-    defaults = {"num_inference_steps": 50, "guidance_scale": 7.5, "num_images_per_prompt": 1, **(defaults or {})}
+    defaults = {**pipeline_defaults(pipe), "num_images_per_prompt": 1, **(defaults or {})}
     g = None
     if guarded:
         from .serving import guard
@@ -305,7 +309,7 @@ def create_app(pipe, *, guarded: bool = True, metric: str = "wen", threshold="au
     @app.post("/generate")
     async def generate(request: Request):
         try:
-            body = parse_request(await request.json(), defaults)
+            body = parse_request(await request.json(), defaults, needs_cfg)
         except SharpfastError as err:
             http.labels("400").inc()
             return JSONResponse({"error": str(err)}, status_code=400)

@@ -57,6 +57,7 @@ def test_generate_health_metrics_and_bad_requests(digits):
         assert np.abs(pixels(body["images"][1]) - np.asarray(plain.convert("L"), dtype=np.int16)).max() <= 1
         for bad in ({"prompt": ""}, {"prompt": []}, {"prompt": "x", "num_inference_steps": 0},
                     {"prompt": "x", "guidance_scale": 1.0}, {"prompt": "x", "seed": -1}, {"prompt": "x", "height": 30},
+                    {"prompt": "x", "width": 65536}, {"prompt": "x", "num_inference_steps": 10 ** 6},
                     {"prompt": "x", "what": 1}, {"nope": 1}, ["x"]):
             r = c.post("/generate", json=bad)
             assert r.status_code == 400 and r.json()["error"], bad
@@ -64,7 +65,7 @@ def test_generate_health_metrics_and_bad_requests(digits):
         text = c.get("/metrics").text
         assert 'sharpfast_requests_total{guard="default",metric="wen"} 1.0' in text
         assert 'sharpfast_flagged_total{guard="default",metric="wen"} 1.0' in text
-        assert 'sharpfast_http_requests_total{status="400"} 10.0' in text
+        assert 'sharpfast_http_requests_total{status="400"} 12.0' in text
     assert not digits.unet._forward_hooks  # the guard is removed at shutdown
 
 
