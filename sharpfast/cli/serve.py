@@ -27,7 +27,8 @@ class ServeCommand:
         p.add_argument("--no-guard", action="store_true", help="serve the plain pipeline (a baseline for load tests)")
         p.add_argument("--max-batch-size", type=int, default=8, help="images per pipeline call at most (default 8)")
         p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch may wait to fill (default 10)")
-        p.add_argument("--steps", type=int, default=50, help="default num_inference_steps of a request (default 50)")
+        p.add_argument("--steps", type=int, default=None,
+                       help="default num_inference_steps of a request (default: the pipeline's own, 50 for SD)")
         p.add_argument("--graceful-timeout", type=float, default=300.0,
                        help="seconds to wait for requests in flight at shutdown (default 300)")
         add_device_args(p)
@@ -46,13 +47,13 @@ class ServeCommand:
         threshold = parse_threshold(args.threshold)
         if threshold is None:
             raise BadArgument("--threshold none: serve without a guard with --no-guard")
-        steps = validate.integer(args.steps, "--steps")
+        steps = None if args.steps is None else validate.integer(args.steps, "--steps")
         validate.integer(args.port, "--port", minimum=0)
         device, dtype = device_dtype(args.device, args.dtype)
         pipe = load_model(args.model, device, dtype)
         app = create_app(pipe, guarded=not args.no_guard, metric=args.metric, threshold=threshold,
                          max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                         defaults={"num_inference_steps": steps}, name=args.model)
+                         defaults={} if steps is None else {"num_inference_steps": steps}, name=args.model)
         print(f"sharpfast serve: {args.model} on {device} ({dtype}), "
               f"{'unguarded' if args.no_guard else f'guard {args.metric} > {app.state.guard.threshold:.4g} ({app.state.guard.threshold_source})'}",
               file=sys.stderr, flush=True)
