@@ -186,7 +186,7 @@ class Step:
             from .attention import record_cross_attention
 
             with record_cross_attention(self.model.unet) as rec:
-                pred = self.model.predict_cond(self.x, self.t, self.cond)
+                pred = self.model.predict_branch(self.x, self.t, self.cond, "cond")
             self.check(pred, "cross-attention probe")
             return rec.entropy()
         return self._cached("attn_entropy", make)

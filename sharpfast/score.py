@@ -233,11 +233,7 @@ class PromptEncoder:
             # Flux: guidance-distilled, its call has no null branch; the empty prompt plays it here
             cond, pooled, txt_ids = p.encode_prompt(prompts, None, device=dev, num_images_per_prompt=n,
                                                     max_sequence_length=msl)
-            if cached is None:
-                null, null_pooled, _ = p.encode_prompt([""] * len(prompts), None, device=dev, num_images_per_prompt=n,
-                                                       max_sequence_length=msl)
-                self._null[key] = cached = (null, null_pooled)
-            null, null_pooled = cached
+            null, null_pooled = self.flux_null(len(prompts), n, key)
             self.txt_ids = txt_ids
             added = lambda pool: {"pooled_projections": pool}  # noqa: E731
             ca, na = added(pooled), added(null_pooled)
@@ -246,6 +242,17 @@ class PromptEncoder:
                                dtype=torch.float32)
                 ca["guidance"], na["guidance"] = g, g
             return Conditioning(cond, null, ca, na, warnings)
+
+    def flux_null(self, count: int, n: int, key=None):
+        """Flux's null branch: the empty prompt's (embeddings, pooled), encoded once per batch shape."""
+        key = key if key is not None else (count, n)
+        if key not in self._null:
+            with torch.no_grad():
+                null, null_pooled, _ = self.pipe.encode_prompt([""] * count, None, device=self.device,
+                                                               num_images_per_prompt=n,
+                                                               max_sequence_length=self.max_sequence_length)
+            self._null[key] = (null, null_pooled)
+        return self._null[key]
 
     def _truncation(self, prompt: str) -> list[str]:
         out = []
@@ -473,10 +480,6 @@ class ScoreModel:
         self.stats["unet_rows"] += x.shape[0]
         hidden, added = (cond.cond, cond.cond_added) if branch == "cond" else (cond.null, cond.null_added)
         return self._call(x.to(self.dtype), t, hidden, added)
-
-    def predict_cond(self, x: torch.Tensor, t, cond: Conditioning):
-        """The conditional branch alone at x (N rows, one UNet call on N rows)."""
-        return self.predict_branch(x, t, cond, "cond")
 
     def eps(self, x, t, alpha_bar, cond: Conditioning, repeats: int = 1):
         """(eps_null, eps_cond) in fp32."""

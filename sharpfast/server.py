@@ -28,7 +28,6 @@ import base64
 import io
 import logging
 import secrets
-import threading
 import time
 
 import torch
@@ -208,8 +207,10 @@ class Runner:
     """One pipeline call for a batch of parsed requests (guarded or plain), split back per request."""
 
     def __init__(self, pipe, guard=None):
+        from .serving import pipeline_lock
+
         self.pipe, self.guard = pipe, guard
-        self._lock = threading.Lock()  # the unguarded pipe has no lock of its own
+        self._lock = pipeline_lock(pipe)  # the guard's own lock too: one pipeline call at a time
 
     def __call__(self, bodies: list[dict]) -> list[dict]:
         b0 = bodies[0]

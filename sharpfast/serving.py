@@ -87,8 +87,7 @@ class Guard:
         self._thresholds = {}  # (num_inference_steps, guidance_scale) -> threshold, for "auto"
         self._auto_lock = threading.Lock()
         if self._auto:  # the model's calibration (beside it, cached, or made now); see sharpfast.calibration
-            threshold = self._auto_threshold(self._defaults["num_inference_steps"], self._defaults["guidance_scale"],
-                                             metric)
+            threshold = self._auto_threshold(self._defaults["num_inference_steps"], self._defaults["guidance_scale"])
         else:
             self.threshold_source = "given"
         # +inf is allowed (score only, never flag); NaN would silently flag nothing
@@ -106,7 +105,7 @@ class Guard:
         self._lock = pipeline_lock(pipe)
         self._handle = denoiser(pipe).register_forward_hook(self._hook, with_kwargs=True)
 
-    def _auto_threshold(self, steps, guidance, metric=None):
+    def _auto_threshold(self, steps, guidance):
         """threshold="auto" at a request's settings: the first timestep (num_inference_steps) and the
         guidance change the scores' scale, so each setting has its own calibration."""
         key = (int(steps), float(guidance))
@@ -114,13 +113,13 @@ class Guard:
             if key not in self._thresholds:
                 from .calibration import resolve
 
-                found = resolve(self.pipe, metric or self.metric, "threshold", num_inference_steps=key[0],
+                found = resolve(self.pipe, self.metric, "threshold", num_inference_steps=key[0],
                                 guidance_scale=key[1])
                 self._thresholds[key] = found.value
                 if key == (self._defaults["num_inference_steps"], float(self._defaults["guidance_scale"])):
                     self.threshold_source = found.source
                 else:
-                    log.info("sharpfast.guard: %s > %.4g at %d steps, guidance %g (%s)", metric or self.metric,
+                    log.info("sharpfast.guard: %s > %.4g at %d steps, guidance %g (%s)", self.metric,
                              found.value, key[0], key[1], found.source)
             return self._thresholds[key]
 
@@ -135,6 +134,8 @@ class Guard:
             if model.family == "flux":
                 t = t * 1000  # Flux's transformer takes t / 1000
             added = {"pooled_projections": kwargs["pooled_projections"]}
+            if kwargs.get("guidance") is not None:  # Flux's embedded guidance, per row
+                added["guidance"] = kwargs["guidance"]
         else:
             sample = args[0] if args else kwargs["sample"]
             t = args[1] if len(args) > 1 else kwargs["timestep"]
@@ -152,11 +153,13 @@ class Guard:
         """The metric of every image of the captured CFG batch (outside the hook)."""
         model = cap["model"]
         if model.distilled:
-            # Flux: the pipeline's call holds the conditional branch only; the null branch (the
-            # empty prompt) costs one call on the N rows
-            h, w = cap["size"]
-            model.latent_shape(h, w)
-            cond = model.encode(cap["prompts"], cap["n"], h, w, cap["guidance"])
+            # Flux: the pipeline's call holds the conditional branch only (its embeddings are the
+            # capture's); the null branch, the empty prompt, costs one call on the N rows
+            model.latent_shape(*cap["size"])  # the packed latents' grid, for the position ids
+            null, null_pooled = model.prompts.flux_null(len(cap["prompts"]), cap["n"])
+            ca = dict(cap["added"])
+            na = {**ca, "pooled_projections": null_pooled}
+            cond = Conditioning(cap["hidden"], null, ca, na)
             x, c = cap["sample"], cap["pred"]
             with torch.no_grad():
                 u = model.predict_branch(x, cap["t"], cond, "null")
@@ -219,7 +222,7 @@ class Guard:
         user_cb = kwargs.pop("callback_on_step_end", None)
         user_inputs = kwargs.pop("callback_on_step_end_tensor_inputs", None) or getattr(user_cb, "tensor_inputs", None)
         steps = kwargs.get("num_inference_steps") or self._defaults["num_inference_steps"]
-        cap = {"model": model, "prompts": prompts, "n": n, "user_cb": user_cb, "added_s": 0.0, "guidance": guidance,
+        cap = {"model": model, "prompts": prompts, "n": n, "user_cb": user_cb, "added_s": 0.0,
                "size": self._size(model, kwargs),
                "threshold": self._auto_threshold(steps, guidance) if self._auto else self.threshold}
 
