@@ -199,6 +199,7 @@ def shipped_threshold(pipe, metric: str = "sharpness", key: str = "threshold") -
         cal = json.load(fh)
     return float(cal[metric][key]) if key in cal.get(metric, {}) else None
 
+
 @dataclass(frozen=True)
 class Resolved:
     value: float

@@ -41,7 +41,7 @@ from . import ops, validate
 from .errors import BadArgument, NonFiniteOutput
 from .curvature import default_fd_step
 from .metrics import REGISTRY, Step
-from .score import ScoreModel
+from .score import ScoreModel, pipeline_defaults
 
 OBJECTIVES = ("paper", "reference")
 REFERENCE = dict(alpha_sd1=0.05, alpha_sd2=0.01, threshold=8.2, threshold_numel=4 * 64 * 64, candidates=8,
@@ -217,8 +217,6 @@ def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latent
     out = pipe(prompts, num_images_per_prompt=num_images_per_prompt, generator=generator, latents=final, **kwargs)
     if not return_info:
         return out
-    from .score import pipeline_defaults
-
     steps = kwargs.get("num_inference_steps", pipeline_defaults(pipe)["num_inference_steps"])
     info.update(unet_calls=info["unet_calls_optimization"] + steps,
                 seconds=time.perf_counter() - start)
@@ -239,8 +237,6 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
                  project=None, max_rounds: int = 6, fd_step=None, **pipe_kwargs):
     """SAIL's optimized initial noise, without generating: (latents as `pipe(latents=...)` takes
     them, info). Arguments as sail's; the serving guard uses it to generate a batch once."""
-    from .score import pipeline_defaults
-
     n = num_images_per_prompt
     defaults = pipeline_defaults(pipe)
     guidance_scale = pipe_kwargs.get("guidance_scale", defaults["guidance_scale"])

@@ -23,7 +23,7 @@ import torch
 from . import validate
 from .errors import BadArgument, OutputMismatch
 from .scan_input import check_source, file_digest, iter_chunks, iter_rows
-from .score import ScoreModel, denoiser
+from .score import ScoreModel, denoiser, pipeline_defaults
 
 META = "scan.json"
 COMMIT = "_commit"
@@ -244,8 +244,6 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
         threshold = "auto"  # replaced by the calibration below
     elif threshold is not None and threshold != "auto":
         threshold = validate.finite(threshold, "threshold")
-    from .score import pipeline_defaults
-
     defaults = pipeline_defaults(pipe)  # a setting not given is the pipeline's own
     num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
     guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale

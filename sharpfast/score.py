@@ -388,19 +388,19 @@ class ScoreModel:
         if not self.flow:
             sched.set_timesteps(num_inference_steps, device=self.device)
             return sched
-        kw = {}
-        if self.family == "flux":
+        if self.family == "flux":  # as FluxPipeline: sigmas 1 .. 1/n, shifted by the image's sequence length
             import numpy as np
             from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
             dh, dw = self.default_size()
-            L = self.latent_shape(height or dh, width or dw)[0]
             c = sched.config
-            kw["sigmas"] = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+            L = self.latent_shape(height or dh, width or dw)[0]  # also registers the packed grid
+            kw = {}
             if c.get("use_dynamic_shifting", False):
                 kw["mu"] = calculate_shift(L, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
                                            c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-            sched.set_timesteps(sigmas=kw["sigmas"], device=self.device, **({"mu": kw["mu"]} if "mu" in kw else {}))
+            sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps),
+                                device=self.device, **kw)
         else:
             sched.set_timesteps(num_inference_steps, device=self.device)
         sched.init_noise_sigma = 1.0
