@@ -63,11 +63,11 @@ def measure(sd15=False, device="cpu", dtype=torch.float32, batch=4, reps=7, samp
                                      max_rounds=1, threshold=-1e30, return_info=True, **kw)[1]
 
     def run_guard():  # the hook is on pipe.unet only inside this row (its set-up is timed too)
-        with sharpfast.guard(pipe, threshold=float("inf"), sail_kwargs={"threshold": thr["target"]}) as guarded:
+        with sharpfast.guard(pipe, metric="wen", threshold=float("inf"), mitigation="sail") as guarded:
             guarded(prompts, generator=g(), **kw)
 
     def run_guard_flagged():  # every prompt flagged: decided at step 1, SAIL, one generation
-        with sharpfast.guard(pipe, threshold=-1e30, sail_kwargs={"threshold": thr["target"]}) as guarded:
+        with sharpfast.guard(pipe, metric="wen", threshold=-1e30, mitigation="sail") as guarded:
             guarded(prompts, generator=g(), **kw)
 
     fns = {"plain": lambda: pipe(prompts, generator=g(), **kw), "guard (wen, unflagged)": run_guard,

@@ -15,12 +15,13 @@ _LAZY = {
     "calibrate_model": ("calibration", "calibrate_model"),
     "DetectionResult": ("results", "DetectionResult"),
     "sail": ("mitigation", "sail"),
+    "mitigate": ("mitigations", "mitigate"),
     "guard": ("serving", "guard"),
     "scan": ("scanning", "scan"),
 }
 
 
-_SUBMODULES = ("zoo", "errors", "testing", "calibration", "server", "monitoring")  # sharpfast.zoo.load(...) works after a plain `import sharpfast`
+_SUBMODULES = ("zoo", "errors", "testing", "calibration", "server", "monitoring", "mitigations")  # sharpfast.zoo.load(...) works after a plain `import sharpfast`
 
 
 def __getattr__(name):

@@ -38,7 +38,7 @@ log = logging.getLogger("sharpfast.calibration")
 
 CALIBRATION_FILE = "calibration.json"
 TARGET_ABOVE = 0.9  # SAIL's target: the sharpness 90% of normal prompts' images lie above
-CALIBRATED_METRICS = ("wen", "sharpness")  # always calibrated together: sharpness reuses wen's CFG call
+CALIBRATED_METRICS = ("wen", "sharpness", "wen_low")  # calibrated together: the detectors, SAIL's target and the guard's default metric
 DEFAULTS = {"num_images_per_prompt": 1, "num_inference_steps": 50, "guidance_scale": 7.5, "fpr": 0.01, "seed": 0}
 GENERIC_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "generic_prompts.txt")
 _SAMPLE = 16  # weight elements read per parameter for the fingerprint

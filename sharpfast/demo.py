@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-DEMO_METHODS = ("none", "random_tokens", "wen_embedding", "sail")
+DEMO_METHODS = ("none", "wen_embedding", "sail", "transition", "sail+transition")
 DEMO_PROMPTS = 6
 
 
@@ -25,7 +25,7 @@ def run(out_dir: str = "sharpfast-demo", device: str = "cpu", progress: bool = T
     import sharpfast
 
     from . import zoo
-    from .harness.mitigate_eval import METHODS
+    from .mitigations import REGISTRY, mitigate
     from .harness.plots import image_grid, roc_figure
     from .calibration import shipped_threshold
     from .zoo.copying import copy_stats
@@ -72,8 +72,9 @@ def run(out_dir: str = "sharpfast-demo", device: str = "cpu", progress: bool = T
     say(f"{'method':14s} {'copies':>7s} {'right digit':>11s}")
     cols = {}
     for m in methods:
-        imgs = METHODS[m].run(pipe, [r["prompt"] for r in shown], lat.to(device), METHODS[m].default,
-                              dict(num_inference_steps=50, guidance_scale=7.5)).cpu()
+        out = mitigate(pipe, [r["prompt"] for r in shown], m, REGISTRY[m].default, latents=lat.to(device),
+                       num_inference_steps=50, guidance_scale=7.5, output_type="pt")
+        imgs = (out.images.float() * 2 - 1).cpu()
         copies = [bool(copy_stats(im[None], train, r["train_index"])[0][0]) for im, r in zip(imgs, shown)]
         fid = fidelity(imgs, [r["digit"] for r in shown])
         cols[m] = imgs

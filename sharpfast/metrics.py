@@ -9,13 +9,19 @@ formula exists once. Every metric is per image (N rows), in the VP space of `sha
 - trace:       -tr H(x, c), Hutchinson with K probes      (1 extra call on K-times the batch)
 - trace_delta: -tr H_Δ, from the same probes as trace
 - score_norm:  ||s(x, c)||^2                               (0 extra calls; E||s||^2 = -tr H for Gaussians)
-- anisotropy:  Asthana & Belagiannis (ICLR 2026): g1 * aniso_norm + g2 * aniso_align (1 extra CFG call)
-    aniso_norm:  ||n(eps_c) - n(eps_null)|| at this step, n = each channel's spatial map scaled
-                 to unit norm                              (0 extra calls)
+- anisotropy:  Asthana & Belagiannis (ICLR 2026), as their detection code executes it:
+               g1 * wen + g2 * aniso_align                (1 extra CFG call)
     aniso_align: cos(eps_null, eps_c - eps_null) over channels per pixel, averaged over pixels, at
                  a LOW-noise timestep (the schedule's third-to-last) evaluated at the same x
                                                            (1 extra CFG call)
     (g1, g2) = (1, 2) for epsilon models, (1, 0.1) for v-prediction, as the authors' SD 1.4 / 2.0
+    (Their pipeline also has a normalization="l2" branch that first scales each channel of eps to
+    unit norm; their detection scripts never reach it: the call's `normalization` defaults to None
+    and the script's flag goes to from_pretrained. sharpfast's first version used that branch's
+    norm with the plain cosine, a mix their code never runs.)
+- channel_wen: ||n(eps_c) - n(eps_null)||, n = each channel's spatial map scaled to unit norm: the
+               norm of that l2 branch, kept as a detector of its own because it is free and
+               scale-free per channel (0 extra calls)
 - wen_low:     ||eps_Δ|| of the same x at the schedule's LAST (lowest-noise) timestep (1 extra CFG
                call): at step 1, pure noise read as if it were almost clean, the anisotropy
                paper's observation applied to Wen's norm (measured in the README)
@@ -162,14 +168,14 @@ class Step:
             return u, c
         return self._cached(("low", from_end), make)
 
-    def aniso_norm(self):
+    def channel_wen(self):
         """||n(eps_c) - n(eps_null)|| at this step, each channel's spatial map scaled to unit norm (0 extra calls)."""
         def make():
             eps_u, eps_c = (self.model.channels_first(e) for e in self.eps)
             N, C = eps_u.shape[:2]
             unit = lambda e: e.reshape(N, C, -1) / e.reshape(N, C, -1).norm(dim=2, keepdim=True).clamp_min(1e-12)  # noqa: E731
             return (unit(eps_c) - unit(eps_u)).reshape(N, -1).norm(dim=1)
-        return self._cached("aniso_norm", make)
+        return self._cached("channel_wen", make)
 
     def aniso_align(self):
         """cos(eps_null, eps_c - eps_null) over channels per pixel, averaged, at the low-noise
@@ -251,9 +257,9 @@ def _score_norm(step: Step):
     return eps_c.reshape(len(eps_c), -1).pow(2).sum(dim=1) / step.sigma ** 2
 
 
-@register("aniso_norm", "0 extra UNet calls")
-def _aniso_norm(step: Step):
-    return step.aniso_norm()
+@register("channel_wen", "0 extra UNet calls")
+def _channel_wen(step: Step):
+    return step.channel_wen()
 
 
 @register("aniso_align", "1 extra CFG call (at the low-noise timestep; shared with anisotropy)")
@@ -264,7 +270,7 @@ def _aniso_align(step: Step):
 @register("anisotropy", "1 extra CFG call (at the low-noise timestep)")
 def _anisotropy(step: Step):
     g1, g2 = ANISOTROPY_WEIGHTS[step.model.prediction_type]
-    return g1 * step.aniso_norm() + g2 * step.aniso_align()
+    return g1 * step.wen.float() + g2 * step.aniso_align()
 
 
 @register("wen_low", "1 extra CFG call (at the schedule's last, lowest-noise timestep)")

@@ -64,20 +64,27 @@ def _check(prompts, n, guidance_scale, lr, max_steps, candidates, needs_cfg=True
 class _Objective:
     """Loss and acceptance statistic of a batch of candidate latents (rows of cond)."""
 
-    def __init__(self, model, t, ab, objective, alpha, h):
+    def __init__(self, model, t, ab, objective, alpha, h, stop_metric=None, schedule=None):
         self.model, self.t, self.ab, self.objective, self.alpha, self.h = model, t, ab, objective, alpha, h
+        self.stop_metric, self.schedule = stop_metric, schedule
 
     def __call__(self, x, cond, names=None):
-        """(loss per row, statistic compared with the threshold per row); x fp32."""
+        """(loss per row, statistic compared with the threshold per row); x fp32. The statistic is
+        the loss's own sharpness, or the registry metric `stop_metric` on the same step (the
+        serving guard's: SAIL then stops where the guard would no longer flag)."""
         m = self.model
         pred_u, pred_c = m.predict(x, self.t, cond)
-        step = Step(m, x, self.t, self.ab, cond, pred_u, pred_c, fd_step=self.h, names=names, checks=False)
+        step = Step(m, x, self.t, self.ab, cond, pred_u, pred_c, fd_step=self.h, names=names, checks=False,
+                    schedule=self.schedule)
         if self.objective == "paper":  # detect's own sharpness (the registry's), differentiable in x
-            stat = REGISTRY["sharpness"].fn(step)
-            loss = stat.pow(2)
+            sharp = REGISTRY["sharpness"].fn(step)
+            loss = sharp.pow(2)
             if self.alpha:
                 loss = loss + self.alpha * x.reshape(len(x), -1).pow(2).sum(dim=1)
-            return loss, stat
+            if self.stop_metric is None:
+                return loss, sharp
+            with torch.no_grad():
+                return loss, REGISTRY[self.stop_metric].fn(step).float()
         u, c = step.eps
         shifted = ops.fd_direction(x, u, c, 1.0)  # x + eps_Δ / ||eps_Δ||, the authors' step
         u2, c2 = m.eps(shifted, self.t, self.ab, cond)
@@ -106,7 +113,7 @@ def _per_row(v, x):
 
 def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, objective="paper", alpha=0.0, lr=0.05,
                      max_steps=2, threshold=0.0, project=True, fd_step=None, new_candidates=None,
-                     rounds=1, raise_every=3, raise_by=0.1, names=None):
+                     rounds=1, raise_every=3, raise_by=0.1, names=None, stop_metric=None):
     """Optimize candidate initial latents at the first timestep, all in one batch.
 
     x0: (N, K, C, h, w), N images with K candidates each, as the sampler starts from them (after
@@ -119,7 +126,7 @@ def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, object
     dev = model.device
     t = sched.timesteps[0]
     obj = _Objective(model, t, model.alpha_bar(sched, t), objective, alpha,
-                     fd_step if fd_step is not None else default_fd_step(model.dtype))
+                     fd_step if fd_step is not None else default_fd_step(model.dtype), stop_metric, sched)
     shape = x0.shape[2:]
     acc_x = torch.zeros(N, *shape, device=dev)
     best_x = torch.zeros(N, *shape, device=dev)
@@ -234,9 +241,11 @@ def _sail_options() -> tuple:
 
 def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latents=None,
                  objective: str = "paper", alpha=None, lr=None, max_steps=None, candidates=None, threshold="auto",
-                 project=None, max_rounds: int = 6, fd_step=None, **pipe_kwargs):
+                 project=None, max_rounds: int = 6, fd_step=None, stop=None, **pipe_kwargs):
     """SAIL's optimized initial noise, without generating: (latents as `pipe(latents=...)` takes
-    them, info). Arguments as sail's; the serving guard uses it to generate a batch once."""
+    them, info). Arguments as sail's; the serving guard uses it to generate a batch once.
+    stop: {"metric": name, "threshold": value} stops each image on that registry metric instead of
+    the sharpness target (the guard's own metric and threshold; objective="paper" only)."""
     n = num_images_per_prompt
     defaults = pipeline_defaults(pipe)
     guidance_scale = pipe_kwargs.get("guidance_scale", defaults["guidance_scale"])
@@ -261,7 +270,14 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
     height, width = pipe_kwargs.get("height") or dh, pipe_kwargs.get("width") or dw
     N, shape = len(prompts) * n, model.latent_shape(height, width)
     steps = pipe_kwargs.get("num_inference_steps", defaults["num_inference_steps"])
-    if threshold == "auto":
+    stop_metric = None
+    if stop is not None:
+        if objective != "paper" or not isinstance(stop, dict) or set(stop) != {"metric", "threshold"}:
+            raise BadArgument("stop must be {'metric': name, 'threshold': number}, with objective='paper'")
+        if stop["metric"] not in REGISTRY:
+            raise BadArgument(f"stop metric must be one of {tuple(REGISTRY)}, got {stop['metric']!r}")
+        stop_metric, threshold, source = stop["metric"], stop["threshold"], f"the {stop['metric']} threshold given"
+    elif threshold == "auto":
         if objective == "paper":  # the model's calibration (beside it, cached, or made now: sharpfast.calibration)
             from .calibration import resolve
 
@@ -272,7 +288,7 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
             source = f"the authors' 8.2 on SD 1.4's latent, times sqrt(D / 16384) for D = {math.prod(shape)}"
     else:
         source = "given"
-    validate.finite(threshold, "threshold")
+    threshold = validate.finite(threshold, "threshold")
     sched = model.scheduler(steps, height, width)
     validate.generators(generator, N)
     if latents is None:
@@ -297,7 +313,7 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
         model, cond, x0 * scale, sched, objective=objective, alpha=alpha, lr=lr, max_steps=max_steps,
         threshold=threshold, project=project, fd_step=fd_step, rounds=max_rounds if objective == "reference" else 1,
         new_candidates=lambda r: fresh(candidates) * scale, raise_every=REFERENCE["raise_every"],
-        raise_by=REFERENCE["raise_by"], names=[p for p in prompts for _ in range(n)])
+        raise_by=REFERENCE["raise_by"], names=[p for p in prompts for _ in range(n)], stop_metric=stop_metric)
     opt_calls = model.stats["unet_calls"]
     final = (chosen / scale).to(latents.dtype)
     # a first candidate accepted where it started is the caller's noise, bit for bit
@@ -306,6 +322,6 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
     # "unchanged" says what came back: also an image whose optimization fell back to its start
     unchanged = (final.flatten(1) == latents.to(dev, final.dtype).flatten(1)).all(dim=1)
     info.update(unet_calls_optimization=opt_calls, candidates=candidates, objective=objective,
-                threshold_source=source,
+                threshold_source=source, statistic=stop_metric or ("sharpness" if objective == "paper" else "loss"),
                 unchanged=unchanged.cpu(), latents=final.detach().cpu())
     return final, info

@@ -59,7 +59,7 @@ class Histogram:
 class GuardStats:
     """What one guard has seen; `snapshot()` is what `guard.stats` returns."""
 
-    COUNTERS = ("requests", "prompts", "images", "flagged", "mitigated", "errors")
+    COUNTERS = ("requests", "prompts", "images", "flagged", "mitigated", "unmitigated", "errors")
 
     def __init__(self, name: str, metric: str, threshold: float):
         self.name, self.metric = name, metric
@@ -69,16 +69,18 @@ class GuardStats:
                       "added_latency_seconds": Histogram(LATENCY_BUCKETS),
                       "request_latency_seconds": Histogram(LATENCY_BUCKETS)}
 
-    def record(self, *, scores, flagged, mitigated: bool, images: int, sail_steps, added_s: float,
+    def record(self, *, scores, flagged, mitigated, images: int, sail_steps, added_s: float,
                request_s: float) -> None:
+        """mitigated: per prompt, whether its mitigation ran and passed its check (flagged prompts
+        that are not are counted as unmitigated)."""
         with self._lock:
             c = self._counts
             c["requests"] += 1
             c["prompts"] += len(scores)
             c["images"] += images
             c["flagged"] += int(sum(bool(f) for f in flagged))
-            if mitigated:
-                c["mitigated"] += int(sum(bool(f) for f in flagged))
+            c["mitigated"] += int(sum(bool(f) and bool(m) for f, m in zip(flagged, mitigated)))
+            c["unmitigated"] += int(sum(bool(f) and not bool(m) for f, m in zip(flagged, mitigated)))
             for s in scores:
                 self._hist["score"].observe(s)
             if sail_steps is not None:
@@ -114,7 +116,8 @@ class GuardStats:
                 values = [snap["guard"], snap["metric"]]
                 helps = {"requests": "guarded requests served", "prompts": "prompts scored",
                          "images": "images generated", "flagged": "prompts flagged as memorized",
-                         "mitigated": "flagged prompts generated from SAIL's noise",
+                         "mitigated": "flagged prompts whose mitigation ran and passed its check",
+                         "unmitigated": "flagged prompts whose mitigation did not pass its check (or none ran)",
                          "errors": "requests that raised"}
                 for key in GuardStats.COUNTERS:
                     fam = CounterMetricFamily(f"sharpfast_{key}", helps[key], labels=labels)

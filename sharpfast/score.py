@@ -413,7 +413,10 @@ class ScoreModel:
         if self.flow:
             return 0.0
         if type(sched).__name__ in _SIGMA_SPACE:
-            return self.alpha_bar_at(sched, sched.step_index)
+            index = sched.step_index
+            if index is None:  # before the first step (a fresh copy): the index of t in the schedule
+                index = int((sched.timesteps.to(torch.as_tensor(t).device) == t).nonzero()[0])
+            return self.alpha_bar_at(sched, index)
         return float(sched.alphas_cumprod[int(t)])
 
     def alpha_bar_at(self, sched, index: int) -> float:

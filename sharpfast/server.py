@@ -245,7 +245,8 @@ class Runner:
         return results
 
 
-def create_app(pipe, *, guarded: bool = True, metric: str = "wen", threshold="auto", sail_kwargs=None,
+def create_app(pipe, *, guarded: bool = True, metric: str | None = None, threshold="auto", sail_kwargs=None,
+               mitigation="auto",
                max_batch_size: int = 8, max_wait_ms: float = 10.0, defaults: dict | None = None, name="default"):
     """A FastAPI app serving `pipe` (guarded by sharpfast.guard unless guarded=False)."""
     _require()
@@ -271,7 +272,10 @@ def create_app(pipe, *, guarded: bool = True, metric: str = "wen", threshold="au
     if guarded:
         from .serving import guard
 
-        g = guard(pipe, metric=metric, threshold=threshold, sail_kwargs=sail_kwargs, name=name)
+        from .serving import DEFAULT_METRIC
+
+        g = guard(pipe, metric=metric or DEFAULT_METRIC, threshold=threshold, mitigation=mitigation,
+                  sail_kwargs=sail_kwargs, name=name)
     registry = CollectorRegistry()
     if g is not None:
         g.register_prometheus(registry)

@@ -26,10 +26,12 @@ import logging
 import threading
 import time
 import weakref
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from . import validate
+from . import mitigations, validate
 from .errors import BadArgument, NonFiniteOutput
 from .metrics import REGISTRY, Step
 from .monitoring import GuardStats
@@ -38,6 +40,12 @@ from .score import Conditioning, ScoreModel, denoiser, pipeline_defaults
 log = logging.getLogger("sharpfast.guard")
 
 GUARD_METRICS = tuple(REGISTRY)  # costs: REGISTRY[name].cost (wen and score_norm: no extra UNet call)
+# chosen on the tuning half of the digits model's memorized prompts (README, "Mitigation"; the
+# held-out half reports it)
+DEFAULT_METRIC = mitigations.GUARD_METRIC
+DEFAULT_MITIGATION = "auto"
+# mitigation="auto": the chosen method where it is defined for the family, else SAIL on the guard's metric
+AUTO_MITIGATION = ("transition", "sail_guard")
 
 # One lock per pipeline object, shared by every guard on it. A diffusers pipeline call is not
 # thread-safe: measured here, 4 threads calling one StableDiffusionPipeline raised shape errors
@@ -72,16 +80,71 @@ def pipeline_lock(pipe) -> threading.RLock:
         return lock
 
 
+@dataclass
+class _Request:
+    """The state of one guarded request (one per call, on its own thread)."""
+
+    model: object
+    prompts: list
+    n: int
+    size: tuple
+    threshold: float
+    guidance: float
+    steps: int
+    user_cb: object = None
+    added_s: float = 0.0
+    # the first UNet call's capture
+    sample: object = None
+    t: object = None
+    pred: object = None
+    hidden: object = None
+    added: object = None
+    alpha_bar: float = 0.0
+    schedule: object = None
+    bad: object = None  # per image: NaN/inf seen in any call of the request (on the device: no sync per step)
+    decision: Optional[dict] = None
+    reports: Optional[list] = None  # per prompt: (mitigated, check) of the mitigation
+    sail_steps: Optional[int] = None
+
+    @property
+    def images(self) -> int:
+        return len(self.prompts) * self.n
+
+    def note_finite(self, pred) -> None:
+        rows = pred.shape[0]
+        if rows % self.images:
+            return
+        ok = torch.isfinite(pred.reshape(rows, -1)).all(dim=1).view(-1, self.images).all(dim=0)
+        self.bad = ~ok if self.bad is None else self.bad | ~ok
+
+    def check_finite(self) -> None:
+        if self.bad is not None and bool(self.bad.any()):
+            i = int(self.bad.nonzero()[0]) // self.n
+            raise NonFiniteOutput(f"the denoiser returned NaN/inf during the guarded generation of prompt "
+                                  f"{self.prompts[i]!r}")
+
+
 class Guard:
     """A stock pipeline wrapped for serving; see sharpfast.guard."""
 
-    def __init__(self, pipe, metric="wen", threshold="auto", mitigation="sail", sail_kwargs=None, name="default"):
-        ScoreModel(pipe)  # raises UnsupportedPipeline now, not at the first request
+    def __init__(self, pipe, metric=DEFAULT_METRIC, threshold="auto", mitigation=DEFAULT_MITIGATION, sail_kwargs=None,
+                 name="default", setting=None):
+        model = ScoreModel(pipe)  # raises UnsupportedPipeline now, not at the first request
         if metric not in GUARD_METRICS:
             raise BadArgument(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
-        if mitigation not in ("sail", None):
-            raise BadArgument(f"mitigation must be 'sail' or None, got {mitigation!r}")
-        self.pipe, self.metric = pipe, metric
+        if mitigation == "auto":
+            mitigation = next(m for m in AUTO_MITIGATION if model.family in mitigations.get(m).families)
+        self.method = None if mitigation is None else mitigations.get(mitigation)
+        if self.method is not None:
+            mitigations.check_family(self.method, model)
+            if self.method.kind == "prompt":
+                raise BadArgument(f"the guard mitigates single images; {mitigation!r} changes whole prompts")
+        self.pipe, self.metric, self.mitigation = pipe, metric, mitigation
+        self.setting = self.method.default if setting is None and self.method is not None else setting
+        self.sail_kwargs = dict(sail_kwargs or {})
+        if "threshold" in self.sail_kwargs or "stop" in self.sail_kwargs:
+            raise BadArgument("SAIL inside the guard stops on the guard's own metric and threshold: drop sail_kwargs' "
+                              "threshold (mitigation='sail_guard', setting=margin stops under margin x threshold)")
         self._defaults = pipeline_defaults(pipe)
         self._auto = threshold == "auto"
         self._thresholds = {}  # (num_inference_steps, guidance_scale) -> threshold, for "auto"
@@ -91,17 +154,11 @@ class Guard:
         else:
             self.threshold_source = "given"
         # +inf is allowed (score only, never flag); NaN would silently flag nothing
-        threshold = validate.finite(threshold, "threshold", allow_inf=True)
-        self.threshold, self.mitigation = threshold, mitigation
-        self.sail_kwargs = dict(sail_kwargs or {})
-        if mitigation == "sail" and "threshold" not in self.sail_kwargs:
-            from .calibration import resolve
-
-            # SAIL's own "auto" target, found (or calibrated) now rather than at the first flagged request
-            resolve(pipe, "sharpness", "target", **self._defaults)
-        log.info("sharpfast.guard: %s > %.4g (%s)", metric, threshold, self.threshold_source)
-        self._local = threading.local()  # per-request capture: one per thread
-        self._stats = GuardStats(str(name), metric, threshold)
+        self.threshold = validate.finite(threshold, "threshold", allow_inf=True)
+        log.info("sharpfast.guard: %s > %.4g (%s), mitigation %s", metric, self.threshold, self.threshold_source,
+                 mitigation)
+        self._local = threading.local()  # per-request state: one per thread
+        self._stats = GuardStats(str(name), metric, self.threshold)
         self._lock = pipeline_lock(pipe)
         self._handle = denoiser(pipe).register_forward_hook(self._hook, with_kwargs=True)
 
@@ -123,12 +180,16 @@ class Guard:
                              found.value, key[0], key[1], found.source)
             return self._thresholds[key]
 
-    # -- the hook: capture only ---------------------------------------------------------------
+    # -- the hook: capture the first call, watch every call for NaN/inf --------------------------
     def _hook(self, unet, args, kwargs, output):
-        cap = getattr(self._local, "capture", None)
-        if cap is None or "pred" in cap:  # not a guarded request, or its first call is captured
+        req = getattr(self._local, "request", None)
+        if req is None:  # not a guarded request
             return None
-        model = cap["model"]
+        pred = output[0] if isinstance(output, tuple) else output.sample
+        req.note_finite(pred.detach())
+        if req.pred is not None:  # its first call is captured
+            return None
+        model = req.model
         if model.flow:  # SD3 / Flux transformers: keyword arguments of their own
             sample, t = kwargs["hidden_states"], kwargs["timestep"]
             if model.family == "flux":
@@ -141,36 +202,34 @@ class Guard:
             t = args[1] if len(args) > 1 else kwargs["timestep"]
             added = kwargs.get("added_cond_kwargs")
         t = t.reshape(-1)[0] if torch.is_tensor(t) and t.dim() else t
-        pred = output[0] if isinstance(output, tuple) else output.sample
         if sample.shape[0] % 2 and not model.distilled:
             raise RuntimeError("sharpfast.guard expects the CFG batch [null; cond]: call with guidance_scale > 1")
         # alpha_bar now: Euler-type schedulers read it from their step index, which moves on
-        cap.update(sample=sample.detach(), t=t, pred=pred.detach(), hidden=kwargs["encoder_hidden_states"].detach(),
-                   added=added, alpha_bar=model.alpha_bar(self.pipe.scheduler, t), schedule=self.pipe.scheduler)
+        req.sample, req.t, req.pred = sample.detach(), t, pred.detach()
+        req.hidden, req.added = kwargs["encoder_hidden_states"].detach(), added
+        req.alpha_bar, req.schedule = model.alpha_bar(self.pipe.scheduler, t), self.pipe.scheduler
         return None
 
-    def _score(self, cap):
+    def _score(self, req: _Request):
         """The metric of every image of the captured CFG batch (outside the hook)."""
-        model = cap["model"]
+        model = req.model
         if model.distilled:
             # Flux: the pipeline's call holds the conditional branch only (its embeddings are the
             # capture's); the null branch, the empty prompt, costs one call on the N rows
-            model.latent_shape(*cap["size"])  # the packed latents' grid, for the position ids
-            null, null_pooled = model.prompts.flux_null(len(cap["prompts"]), cap["n"])
-            ca = dict(cap["added"])
-            na = {**ca, "pooled_projections": null_pooled}
-            cond = Conditioning(cap["hidden"], null, ca, na)
-            x, c = cap["sample"], cap["pred"]
+            model.latent_shape(*req.size)  # the packed latents' grid, for the position ids
+            null, null_pooled = model.prompts.flux_null(len(req.prompts), req.n)
+            ca = dict(req.added)
+            cond = Conditioning(req.hidden, null, ca, {**ca, "pooled_projections": null_pooled})
+            x, c = req.sample, req.pred
             with torch.no_grad():
-                u = model.predict_branch(x, cap["t"], cond, "null")
+                u = model.predict_branch(x, req.t, cond, "null")
         else:
             split = lambda d, i: None if d is None else {k: v.chunk(2)[i] for k, v in d.items()}  # noqa: E731
-            hidden, added = cap["hidden"], cap["added"]
+            hidden, added = req.hidden, req.added
             cond = Conditioning(hidden.chunk(2)[1], hidden.chunk(2)[0], split(added, 1), split(added, 0))
-            u, c = cap["pred"].chunk(2)
-            x = cap["sample"].chunk(2)[1]
-        step = Step(model, x, cap["t"], cap["alpha_bar"], cond, u, c,
-                    names=cap["prompts"], n=cap["n"], schedule=cap["schedule"])
+            u, c = req.pred.chunk(2)
+            x = req.sample.chunk(2)[1]
+        step = Step(model, x, req.t, req.alpha_bar, cond, u, c, names=req.prompts, n=req.n, schedule=req.schedule)
         step.check(u, "null branch at the first step")  # NaN > threshold is False: it would pass unflagged
         step.check(c, "conditional branch at the first step")
         with torch.no_grad():
@@ -180,14 +239,14 @@ class Guard:
     def __call__(self, prompt, **kwargs):
         start = time.perf_counter()
         try:
-            out, cap = self._call(prompt, kwargs)
+            out, req = self._call(prompt, kwargs)
         except BaseException:
             self._stats.record_error()
             raise
-        d = cap["decision"]
-        self._stats.record(scores=d["scores"].tolist(), flagged=d["flagged"].tolist(), mitigated=cap["mitigated"],
-                           images=len(cap["prompts"]) * cap["n"], sail_steps=cap.get("sail_steps"),
-                           added_s=cap["added_s"], request_s=time.perf_counter() - start)
+        d = req.decision
+        self._stats.record(scores=d["scores"].tolist(), flagged=d["flagged"].tolist(),
+                           mitigated=[m for m, _ in req.reports], images=req.images, sail_steps=req.sail_steps,
+                           added_s=req.added_s, request_s=time.perf_counter() - start)
         return out
 
     @property
@@ -204,7 +263,8 @@ class Guard:
         registry.register(collector)
         return collector
 
-    def _call(self, prompt, kwargs):
+    def _request(self, prompt, kwargs) -> _Request:
+        """The request's state, every argument checked before the pipeline runs."""
         if self._handle is None:
             raise RuntimeError("this guard was removed; create a new one with sharpfast.guard(pipe)")
         # per request: the pipeline may have moved since the guard was made
@@ -213,110 +273,115 @@ class Guard:
             raise BadArgument("sharpfast.guard scores text prompts: pass prompt, not prompt_embeds")
         prompts = validate.prompts(prompt, "prompt")
         guidance = kwargs.get("guidance_scale", self._defaults["guidance_scale"])
-        validate.guidance_scale(guidance, needs_cfg=not model.distilled)
+        guidance = validate.guidance_scale(guidance, needs_cfg=not model.distilled)
         n = kwargs.get("num_images_per_prompt")
         n = 1 if n is None else validate.integer(n, "num_images_per_prompt")
-        count = len(prompts) * n
-        validate.generators(kwargs.get("generator"), count)
-        kwargs = dict(kwargs)
-        user_cb = kwargs.pop("callback_on_step_end", None)
-        user_inputs = kwargs.pop("callback_on_step_end_tensor_inputs", None) or getattr(user_cb, "tensor_inputs", None)
+        validate.generators(kwargs.get("generator"), len(prompts) * n)
+        dh, dw = model.default_size()
+        size = (kwargs.get("height") or dh, kwargs.get("width") or dw)
+        lat = kwargs.get("latents")
+        shape = (len(prompts) * n, *model.latent_shape(*size))
+        if lat is not None and (not isinstance(lat, torch.Tensor) or tuple(lat.shape) != shape):
+            raise BadArgument(f"latents must be a tensor of shape {shape} (len(prompts) * num_images_per_prompt, "
+                              f"and the latent of height x width {size}), got "
+                              f"{tuple(getattr(lat, 'shape', ())) or type(lat).__name__}")
         steps = kwargs.get("num_inference_steps") or self._defaults["num_inference_steps"]
-        cap = {"model": model, "prompts": prompts, "n": n, "user_cb": user_cb, "added_s": 0.0,
-               "size": self._size(model, kwargs),
-               "threshold": self._auto_threshold(steps, guidance) if self._auto else self.threshold}
+        return _Request(model, prompts, n, size, self._auto_threshold(steps, guidance) if self._auto
+                        else self.threshold, guidance, int(steps))
+
+    def _call(self, prompt, kwargs):
+        req = self._request(prompt, kwargs)
+        kwargs = dict(kwargs)
+        req.user_cb = kwargs.pop("callback_on_step_end", None)
+        user_inputs = kwargs.pop("callback_on_step_end_tensor_inputs", None) or getattr(req.user_cb, "tensor_inputs",
+                                                                                        None)
+        inputs = list(dict.fromkeys([*(user_inputs or ["latents"]), "latents"]))
 
         def on_step_end(pipe, i, t, cb_kwargs):
+            # the latents after every step: NaN/inf from the sampler's own arithmetic (a huge guidance)
+            req.note_finite(cb_kwargs["latents"].detach())
             # the decision at the first step: scored here, outside the UNet's hook; a request
             # with a flagged prompt stops now and is generated once, from mixed noise
-            if "decision" not in cap:
-                cap["decision"] = self._decide(cap)
-                if self.mitigation == "sail" and bool(cap["decision"]["flagged"].any()):
+            if req.decision is None:
+                req.decision = self._decide(req)
+                if self.method is not None and bool(req.decision["flagged"].any()):
                     raise _Mitigate()
-            return user_cb(pipe, i, t, cb_kwargs) if user_cb is not None else {}
+            return req.user_cb(pipe, i, t, cb_kwargs) if req.user_cb is not None else {}
 
-        call = dict(kwargs, callback_on_step_end=on_step_end)
-        if user_inputs is not None:
-            call["callback_on_step_end_tensor_inputs"] = list(user_inputs)
-        self._local.capture = cap
+        call = dict(kwargs, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=inputs)
+        self._local.request = req
         try:
             with self._lock:
-                if self.mitigation == "sail" and kwargs.get("latents") is None and kwargs.get("generator") is None:
+                if self.method is not None and kwargs.get("latents") is None and kwargs.get("generator") is None:
                     # the global RNG: draw the noise pipe(...) would draw, so it can be reused
-                    call["latents"] = model.noise(count, *self._size(model, kwargs))
+                    call["latents"] = req.model.noise(req.images, *req.size)
                 states = _generator_states(kwargs.get("generator"))
                 try:
-                    out = self.pipe(prompts, **call)
+                    out = self.pipe(req.prompts, **call)
                 except _Mitigate:
-                    out = self._generate_mitigated(model, prompts, n, cap, call, states)
+                    out = self._generate_mitigated(req, call, states)
+            req.check_finite()
         finally:
-            self._local.capture = None
-        if "decision" not in cap:  # a pipeline that never called back: decide from the capture
-            if "pred" not in cap:
-                raise RuntimeError("the pipeline made no UNet call; nothing was scored")
-            cap["decision"] = self._decide(cap)
-        per_prompt, flagged = cap["decision"]["scores"], cap["decision"]["flagged"]
-        mitigated = cap["mitigated"] = self.mitigation == "sail" and bool(flagged.any())
-        report = [{"prompt": p, "score": float(s), "metric": self.metric, "flagged": bool(f),
-                   "mitigated": bool(f) and mitigated} for p, s, f in zip(prompts, per_prompt, flagged)]
+            self._local.request = None
+        if req.decision is None:  # a pipeline that never called back: decide from the capture
+            req.decision = self._decide(req)
+        if req.reports is None:
+            req.reports = [(False, "not flagged" if not f else "report only (mitigation=None)")
+                           for f in req.decision["flagged"].tolist()]
+        report = [{"prompt": p, "score": float(s), "metric": self.metric, "threshold": req.threshold,
+                   "flagged": bool(f), "mitigated": bool(f) and m, "mitigation": self.mitigation if f else None,
+                   "check": c}
+                  for p, s, f, (m, c) in zip(req.prompts, req.decision["scores"], req.decision["flagged"], req.reports)]
         if isinstance(out, tuple):  # return_dict=False: the pipeline's tuple, then the report
-            return (*out, report), cap
+            return (*out, report), req
         out.memorization = report
-        return out, cap
+        return out, req
 
-    def _decide(self, cap) -> dict:
+    def _decide(self, req: _Request) -> dict:
         """Per-prompt scores (mean over its images) and flags, from the captured first call."""
-        if "pred" not in cap:
+        if req.pred is None:
             raise RuntimeError("the pipeline made no UNet call; nothing was scored")
-        prompts, n = cap["prompts"], cap["n"]
         start = time.perf_counter()
-        per_prompt = self._score(cap).float().view(len(prompts), n).mean(dim=1).cpu()
-        cap["added_s"] += time.perf_counter() - start
+        per_prompt = self._score(req).float().view(len(req.prompts), req.n).mean(dim=1).cpu()
+        req.added_s += time.perf_counter() - start
         bad = ~torch.isfinite(per_prompt)
         if bool(bad.any()):  # finite predictions, yet no finite score (an overflow in the metric)
-            raise NonFiniteOutput(f"the {self.metric} score of prompt {prompts[int(bad.nonzero()[0])]!r} is not "
-                                  f"finite")
-        return {"scores": per_prompt, "flagged": per_prompt > cap["threshold"]}
+            raise NonFiniteOutput(f"the {self.metric} score of prompt {req.prompts[int(bad.nonzero()[0])]!r} is "
+                                  f"not finite")
+        return {"scores": per_prompt, "flagged": per_prompt > req.threshold}
 
-    @staticmethod
-    def _size(model, kwargs):
-        dh, dw = model.default_size()
-        return kwargs.get("height") or dh, kwargs.get("width") or dw
-
-    def _generate_mitigated(self, model, prompts, n, cap, call, states):
-        """SAIL's noise for the flagged rows, the request's own noise for the others, and ONE
-        generation of the whole batch: the unflagged rows come out exactly as pipe(...) makes them."""
-        from .mitigation import sail_latents
-
+    def _generate_mitigated(self, req: _Request, call: dict, states):
+        """The method's plan for the flagged rows (their noise, or a hook on their rows), the others
+        as they were, and ONE generation of the whole batch: the unflagged rows come out exactly as
+        pipe(...) makes them."""
         gens = call.get("generator")
         _restore(gens, states)
-        height, width = self._size(model, call)
-        count = len(prompts) * n
         noise = call.get("latents")
         if noise is None:  # the draw prepare_latents made, which also advances the generators as it did
-            noise = model.noise(count, height, width, gens)
-        else:
-            noise = noise.to(model.device)
-        idx = cap["decision"]["flagged"].nonzero().view(-1).tolist()
-        rows = [i * n + j for i in idx for j in range(n)]
-        sub_gens = [gens[r] for r in rows] if isinstance(gens, list) else gens
-        kw = {k: v for k, v in call.items()
-              if k not in ("latents", "generator", "num_images_per_prompt", "callback_on_step_end",
-                           "callback_on_step_end_tensor_inputs", "output_type", "return_dict")}
-        inner_states = _generator_states(sub_gens)
+            noise = req.model.noise(req.images, *req.size, gens)
+        noise = noise.to(req.model.device)
+        flagged = req.decision["flagged"].nonzero().view(-1).tolist()
         start = time.perf_counter()
-        opt, info = sail_latents(self.pipe, [prompts[i] for i in idx], num_images_per_prompt=n, latents=noise[rows],
-                              generator=sub_gens, **self.sail_kwargs, **kw)
-        cap["added_s"] += time.perf_counter() - start
-        cap["sail_steps"] = info["adam_steps"]
-        _restore(sub_gens, inner_states)  # SAIL's extra candidates must not move the request's generators
-        mixed = noise.clone()
-        mixed[rows] = opt.to(mixed)
+        inner = _generator_states(gens)
+        ctx = mitigations.Context(self.pipe, req.model, req.prompts, req.n, noise, *req.size, req.steps, req.guidance,
+                                  gens, rows=[i * req.n + j for i in flagged for j in range(req.n)],
+                                  guard={"metric": self.metric, "threshold": req.threshold})
+        plan, checker = mitigations.guard_plan(self.method, ctx, self.setting, self.sail_kwargs)
+        if "sail" in plan.info:
+            req.sail_steps = plan.info["sail"]["adam_steps"]
+        _restore(gens, inner)  # SAIL's extra candidates must not move the request's generators
+        req.added_s += time.perf_counter() - start
         final = {k: v for k, v in call.items() if k != "callback_on_step_end"}
-        if cap["user_cb"] is not None:
-            final["callback_on_step_end"] = cap["user_cb"]
-        final["latents"] = mixed
-        return self.pipe(prompts, **final)
+
+        def watch(pipe, i, t, cb_kwargs):
+            req.note_finite(cb_kwargs["latents"].detach())
+            return req.user_cb(pipe, i, t, cb_kwargs) if req.user_cb is not None else {}
+
+        final["callback_on_step_end"] = watch
+        final["latents"] = plan.kwargs.get("latents", noise)
+        out = mitigations.run_plan(self.pipe, req.prompts, plan, final)
+        req.reports = checker()
+        return out
 
     # -- lifetime -------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -333,15 +398,37 @@ class Guard:
         return False
 
 
-def guard(pipe, *, metric: str = "wen", threshold="auto", mitigation="sail", sail_kwargs=None,
-          name: str = "default") -> Guard:
-    """Wrap a stock pipeline for serving: guard(pipe)(prompt, **pipe_kwargs) returns pipe's output with
-    `.memorization` (per prompt: score, flagged, mitigated). threshold="auto" uses the model's
-    calibration at each request's num_inference_steps and guidance_scale (calibration.json beside
-    it, the per-user cache, or calibrated once on the built-in generic captions: see
-    sharpfast.calibration; `guarded.threshold_source` says which); else pass a number.
-    sail_kwargs go to sharpfast.sail for flagged prompts; without a "threshold" there, SAIL stops at
-    the model's calibrated target (threshold="auto" of sail).
-    `guarded.stats` counts requests, flags, mitigations and latencies; `guarded.register_prometheus()`
-    exports them (series labelled guard=name)."""
-    return Guard(pipe, metric, threshold, mitigation, sail_kwargs, name)
+def guard(pipe, *, metric: str = DEFAULT_METRIC, threshold="auto", mitigation: Optional[str] = DEFAULT_MITIGATION,
+          setting=None, sail_kwargs=None, name: str = "default") -> Guard:
+    """Wrap a stock pipeline for serving.
+
+    guard(pipe)(prompt, **pipe_kwargs) returns pipe's own output with `.memorization`: per prompt
+    its score, the threshold, flagged, mitigated, the mitigation and its check. A prompt is
+    `mitigated: True` only when the mitigation ran on it and passed the check the report states:
+    for noise methods (sail, sail_guard, sail+transition) the guard's own metric at the new initial
+    noise is under the guard's threshold (SAIL stops on that metric and threshold); for trajectory
+    methods (transition, attention_rescale, attract_repel) the method was applied to its images.
+    Otherwise `mitigated: False` and `check` says why; both are counted in `guarded.stats`.
+
+    Args:
+        pipe: a supported diffusers pipeline; it stays the user's object (remove() takes the hook off).
+        metric: the registry metric scored at the first step (sharpfast.metrics.REGISTRY).
+        threshold: "auto" (the model's calibration at each request's num_inference_steps and
+            guidance_scale: calibration.json beside it, the per-user cache, or calibrated once on
+            the built-in generic captions; `guarded.threshold_source` says which), a number, or
+            inf (score only).
+        mitigation: "auto" (the default chosen on the digits model's frontier, see README
+            "Mitigation", where the model family has it, else sail_guard), a registry name of
+            sharpfast.mitigations (not the prompt-changing ones), or None to only report.
+        setting: the mitigation's knob (default: its registry default).
+        sail_kwargs: extra keywords for SAIL (candidates, max_steps, lr, ...), noise methods only.
+        name: the label of this guard's monitoring series.
+
+    Returns:
+        A Guard: call it as the pipeline; `.stats`, `.register_prometheus()`, `.remove()`.
+
+    Raises:
+        BadArgument: an unknown metric or mitigation, a NaN threshold.
+        UnsupportedPipeline: the pipeline, or the mitigation for its family, is not supported.
+    """
+    return Guard(pipe, metric, threshold, mitigation, sail_kwargs, name, setting)

@@ -170,10 +170,11 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0, sample_size: int = 8, schedu
     "flux" give tiny_flow_pipeline(kind).
 
     Latents are (4, sample_size, sample_size); images are twice that size (the VAE downsamples by 2).
-    scheduler: "ddim", "ddpm", "pndm", "euler" or "dpm".
+    scheduler: "ddim", "ddpm", "pndm", "euler", "euler_a" (Euler ancestral) or "dpm".
     """
-    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                           PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
 
     if kind in ("sd3", "flux"):
         return tiny_flow_pipeline(kind, seed, sample_size)
@@ -186,7 +187,8 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0, sample_size: int = 8, schedu
     sched_cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                      prediction_type="v_prediction" if kind == "sd2" else "epsilon", steps_offset=1)
     sched_cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "pndm": PNDMScheduler,
-                 "euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}[scheduler]
+                 "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
+                 "dpm": DPMSolverMultistepScheduler}[scheduler]
     if scheduler in ("ddim",):
         sched_cfg.update(clip_sample=False, set_alpha_to_one=False)
     sched = sched_cls(**sched_cfg)

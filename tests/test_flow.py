@@ -116,13 +116,13 @@ def test_guard_unflagged_is_plain_and_flagged_is_mitigated(pipe):
     defaults = sharpfast.score.pipeline_defaults(pipe)
     det = sharpfast.detect(pipe, PROMPTS, metrics=("wen",), generator=gen(), progress=False,
                            guidance_scale=defaults["guidance_scale"], **KW).scores["wen"]
-    with sharpfast.guard(pipe, threshold=float("inf"), mitigation=None) as g:
+    with sharpfast.guard(pipe, metric="wen", threshold=float("inf"), mitigation=None) as g:
         out = g(PROMPTS, generator=gen(), output_type="pt", **KW)
     assert torch.equal(out.images, plain)
     torch.testing.assert_close(torch.tensor([r["score"] for r in out.memorization]), det, rtol=1e-4, atol=1e-6)
     k = int(det.argmax())
-    with sharpfast.guard(pipe, threshold=float(det.sort().values[-2]),
-                         sail_kwargs={"threshold": 0.0, "max_steps": 1}) as g:
+    with sharpfast.guard(pipe, metric="wen", threshold=float(det.sort().values[-2]), mitigation="sail",
+                         sail_kwargs={"max_steps": 1}) as g:
         out = g(PROMPTS, generator=gen(), output_type="pt", **KW)
     assert [r["flagged"] for r in out.memorization] == [i == k for i in range(3)]
     for i in range(3):
@@ -140,7 +140,7 @@ def test_sail_guard_and_scan_with_no_setup(pipe, tmp_path, monkeypatch):
     assert out.images.shape[0] == 1 and "built-in generic captions" in info["threshold_source"]
     with sharpfast.guard(pipe) as g:
         res = g("a red house", output_type="pt", generator=gen(), **KW)
-    assert res.memorization[0]["metric"] == "wen" and g.threshold_source
+    assert res.memorization[0]["metric"] == __import__("sharpfast.serving").serving.DEFAULT_METRIC and g.threshold_source
     f = tmp_path / "p.txt"
     f.write_text("a red house\ntwo dogs\n")
     summary = sharpfast.scan(pipe, str(f), str(tmp_path / "scan"), progress=False, **KW)

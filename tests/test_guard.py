@@ -36,7 +36,7 @@ def test_unflagged_output_is_plain_output_and_costs_no_extra_call(pipe, metric, 
     with CallCounter(pipe) as c:
         plain = pipe(PROMPTS, generator=gen(), **KW).images
     plain_calls = c.calls
-    with sharpfast.guard(pipe, metric=metric, threshold=float("inf"), sail_kwargs={"threshold": 0.0}) as guarded, \
+    with sharpfast.guard(pipe, metric=metric, threshold=float("inf"), mitigation="sail") as guarded, \
             CallCounter(pipe) as c:
         out = guarded(PROMPTS, generator=gen(), **KW)
     assert torch.equal(out.images, plain)
@@ -52,7 +52,7 @@ def test_mixed_batch_mitigates_only_flagged_prompts(pipe):
     wen = sharpfast.detect(pipe, PROMPTS, metrics=("wen",), num_images_per_prompt=2, generator=gen(),
                            num_inference_steps=5, progress=False).scores["wen"]
     thr = float(wen.median())  # flags exactly the prompt with the largest score
-    with sharpfast.guard(pipe, threshold=thr, sail_kwargs={"threshold": 0.0, "max_steps": 1}) as guarded:
+    with sharpfast.guard(pipe, metric="wen", threshold=thr, mitigation="transition") as guarded:
         out = guarded(PROMPTS, num_images_per_prompt=2, generator=gen(), **KW)
     k = int(wen.argmax())
     flags = [r["flagged"] for r in out.memorization]
@@ -66,7 +66,7 @@ def test_mixed_batch_mitigates_only_flagged_prompts(pipe):
 def test_report_only_and_remove_restores_the_pipeline(pipe):
     pipe(PROMPTS[:1], generator=gen(), **KW)
     before = snapshot(pipe)
-    guarded = sharpfast.guard(pipe, threshold=-1.0, mitigation=None)
+    guarded = sharpfast.guard(pipe, metric="wen", threshold=-1.0, mitigation=None)
     out = guarded(PROMPTS[:1], generator=gen(), **KW)
     assert out.memorization[0]["flagged"] and not out.memorization[0]["mitigated"]
     guarded.remove()
@@ -79,7 +79,7 @@ def test_nan_from_the_unet_is_an_error_not_unflagged():
     """NaN > threshold is False: a NaN score once came back as `flagged: False`."""
     pipe = tiny_pipeline("sd1")
     pipe.set_progress_bar_config(disable=True)
-    with nan_unet(pipe), sharpfast.guard(pipe, threshold=1.0, mitigation=None) as guarded:
+    with nan_unet(pipe), sharpfast.guard(pipe, metric="wen", threshold=1.0, mitigation=None) as guarded:
         with pytest.raises(NonFiniteOutput, match="'two dogs'"):
             guarded(["two dogs"], **KW)
     assert not pipe.unet._forward_hooks
@@ -87,7 +87,7 @@ def test_nan_from_the_unet_is_an_error_not_unflagged():
 
 def test_bad_input():
     pipe = tiny_pipeline("sd1")
-    with sharpfast.guard(pipe, threshold=1.0, mitigation=None) as guarded:
+    with sharpfast.guard(pipe, metric="wen", threshold=1.0, mitigation=None) as guarded:
         with pytest.raises(ValueError, match="prompt is empty"):
             guarded([])
         with pytest.raises(ValueError, match="guidance_scale must be > 1"):
@@ -123,11 +123,11 @@ def test_concurrent_requests_get_their_own_results():
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a red house by the sea", "two dogs", "an old map", "a tall tree", "a blue car", "three birds",
                "a quiet lake", "a big city"]
-    with sharpfast.guard(pipe, threshold=float("inf"), mitigation=None) as probe:
+    with sharpfast.guard(pipe, metric="wen", threshold=float("inf"), mitigation=None) as probe:
         scores = [probe([p], generator=torch.Generator().manual_seed(i), **KW).memorization[0]["score"]
                   for i, p in enumerate(prompts)]
     thr = sorted(scores)[len(scores) // 2]  # half the prompts are flagged and go through SAIL
-    with sharpfast.guard(pipe, threshold=thr, sail_kwargs={"threshold": 0.0, "max_steps": 1}) as guarded:
+    with sharpfast.guard(pipe, metric="wen", threshold=thr, mitigation="transition") as guarded:
         def run(i):
             out = guarded([prompts[i]], generator=torch.Generator().manual_seed(i), **KW)
             return out.memorization[0], out.images
@@ -156,7 +156,7 @@ def test_flagged_request_is_decided_at_step_one_and_generated_once(scheduler):
                            progress=False).scores["wen"]
     k = int(wen.argmax())
     thr = float(wen.sort().values[-2])  # flags exactly the prompt with the largest score
-    with sharpfast.guard(p, threshold=thr, sail_kwargs={"threshold": 0.0, "max_steps": 1}) as guarded, \
+    with sharpfast.guard(p, metric="wen", threshold=thr, mitigation="sail", sail_kwargs={"max_steps": 1}) as guarded, \
             CallCounter(p) as c:
         out = guarded(PROMPTS, generator=gen(), **KW)
     assert [r["flagged"] for r in out.memorization] == [i == k for i in range(3)]
@@ -174,7 +174,7 @@ def test_user_callback_is_chained_and_return_dict_false_works(pipe):
         return {"latents": kw["latents"] * 1.0}
 
     plain = pipe(PROMPTS[:1], generator=gen(), **KW).images
-    with sharpfast.guard(pipe, threshold=float("inf"), mitigation=None) as guarded:
+    with sharpfast.guard(pipe, metric="wen", threshold=float("inf"), mitigation=None) as guarded:
         out = guarded(PROMPTS[:1], generator=gen(), callback_on_step_end=cb, **KW)
         assert seen == list(range(KW["num_inference_steps"]))
         assert torch.equal(out.images, plain)
@@ -187,12 +187,12 @@ def test_user_callback_is_chained_and_return_dict_false_works(pipe):
 
 
 def _flag_everything(p, **kw):
-    return sharpfast.guard(p, threshold=-1.0, sail_kwargs={"threshold": 0.0, "max_steps": 1}, **kw)
+    return sharpfast.guard(p, metric="wen", threshold=-1.0, mitigation="transition", **kw)
 
 
 def _both_paths(p, plain, kw):
     """Unflagged: the pipeline's own images; everything flagged: mitigated, other images."""
-    with sharpfast.guard(p, threshold=float("inf"), mitigation=None) as g:
+    with sharpfast.guard(p, metric="wen", threshold=float("inf"), mitigation=None) as g:
         out = g(PROMPTS[:2], generator=gen(), **kw)
     assert torch.equal(out.images, plain)
     with _flag_everything(p) as g:
@@ -210,7 +210,7 @@ def test_every_output_type_on_both_paths(pipe, output_type):
     plain = pipe(PROMPTS[:2], generator=gen(), **kw).images
     as_array = (lambda imgs: np.stack([np.asarray(i) for i in imgs])) if output_type == "pil" else \
         (lambda imgs: np.asarray(imgs.cpu() if torch.is_tensor(imgs) else imgs))
-    with sharpfast.guard(pipe, threshold=float("inf"), mitigation=None) as g:
+    with sharpfast.guard(pipe, metric="wen", threshold=float("inf"), mitigation=None) as g:
         out = g(PROMPTS[:2], generator=gen(), **kw)
     assert type(out.images) is type(plain)
     np.testing.assert_array_equal(as_array(out.images), as_array(plain))
@@ -270,12 +270,12 @@ def test_stats_and_prometheus_count_what_happened(pipe):
     """guard.stats and the Prometheus series agree with the requests made: 2 requests, 5 prompts,
     the flagged ones mitigated, one error counted; scores land in the histogram."""
     prom = pytest.importorskip("prometheus_client")
-    with sharpfast.guard(pipe, threshold=float("inf"), mitigation=None) as probe:
+    with sharpfast.guard(pipe, metric="wen", threshold=float("inf"), mitigation=None) as probe:
         scores = [r["score"] for r in probe(PROMPTS, generator=gen(), num_inference_steps=2,
                                             output_type="pt").memorization]
     thr = sorted(scores)[1]  # one of PROMPTS flagged in the first request
     registry = prom.CollectorRegistry()
-    with sharpfast.guard(pipe, threshold=thr, sail_kwargs={"threshold": 0.0, "max_steps": 2}, name="t") as g:
+    with sharpfast.guard(pipe, metric="wen", threshold=thr, mitigation="sail", name="t") as g:
         g.register_prometheus(registry)
         kw = dict(num_inference_steps=2, output_type="pt")
         reports = g(PROMPTS, generator=gen(), **kw).memorization + g(PROMPTS[:2], generator=gen(1), **kw).memorization
@@ -286,7 +286,13 @@ def test_stats_and_prometheus_count_what_happened(pipe):
     assert got[:3] == pytest.approx(scores, rel=1e-5)
     assert (s["requests"], s["prompts"], s["images"], s["errors"]) == (2, 5, 5, 1)
     flagged = sum(r["flagged"] for r in reports)
-    assert s["flagged"] == s["mitigated"] == flagged == sum(x > thr for x in got) >= 1
+    assert s["flagged"] == flagged == sum(x > thr for x in got) >= 1
+    # mitigated: SAIL's check passed (wen under the threshold at the new noise); the rest unmitigated
+    assert s["mitigated"] == sum(r["flagged"] and r["mitigated"] for r in reports)
+    assert s["mitigated"] + s["unmitigated"] == flagged
+    for r in reports:
+        if r["flagged"]:
+            assert ("<=" in r["check"]) == r["mitigated"], r["check"]
     assert s["score"]["count"] == 5 and s["score"]["sum"] == pytest.approx(sum(got), rel=1e-5)
     assert s["sail_steps"]["count"] == int(any(r["flagged"] for r in reports[:3])) + \
         int(any(r["flagged"] for r in reports[3:]))
@@ -301,3 +307,76 @@ def test_stats_and_prometheus_count_what_happened(pipe):
     assert 'sharpfast_added_latency_seconds_bucket{guard="t",le="+Inf",metric="wen"} 2.0' in text
     with pytest.raises(ValueError):  # the same names twice in one registry: refused at once
         g.register_prometheus(registry)
+
+
+def test_mitigated_is_earned():
+    """The issue's case: metric wen, threshold 0, mitigation sail on a random model. SAIL stops on
+    the guard's own metric and threshold (wen <= 0 is out of reach), so the report says
+    mitigated: False and why, and the monitoring counts it; a trajectory method that ran says so."""
+    p = tiny_pipeline("sd1")
+    p.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=20, output_type="pt")
+    plain = p(PROMPTS[:2], generator=gen(), **kw).images
+    with sharpfast.guard(p, metric="wen", threshold=0.0, mitigation="sail") as g:
+        out = g(PROMPTS[:2], generator=gen(), **kw)
+        stats = g.stats
+    for r in out.memorization:
+        assert r["flagged"] and not r["mitigated"], r
+        assert r["check"].startswith("wen ") and "> 0 at the new initial noise" in r["check"]
+    assert (stats["flagged"], stats["mitigated"], stats["unmitigated"]) == (2, 0, 2)
+    # a reachable threshold: the check passes where SAIL brought wen under it, and the report says so
+    wen = sharpfast.detect(p, PROMPTS[:2], metrics=("wen",), generator=gen(), num_inference_steps=20,
+                           progress=False).scores["wen"]
+    with sharpfast.guard(p, metric="wen", threshold=float(wen.min()) * 0.9, mitigation="sail",
+                         sail_kwargs={"max_steps": 6}) as g:
+        out = g(PROMPTS[:2], generator=gen(), **kw)
+    for r in out.memorization:
+        value, thr = float(r["check"].split()[1]), r["threshold"]
+        assert r["mitigated"] == (value <= thr), r
+    assert any(r["mitigated"] for r in out.memorization)
+    with sharpfast.guard(p, metric="wen", threshold=0.0, mitigation="transition") as g:
+        out = g(PROMPTS[:2], generator=gen(), **kw)
+    assert all(r["mitigated"] and "transition applied" in r["check"] for r in out.memorization)
+    assert not torch.equal(out.images, plain)
+    with sharpfast.guard(p, metric="wen", threshold=0.0, mitigation=None) as g:
+        out = g(PROMPTS[:2], generator=gen(), **kw)
+    assert all(r["flagged"] and not r["mitigated"] and r["mitigation"] is None for r in out.memorization)
+    with pytest.raises(BadArgument, match="changes whole prompts"):
+        sharpfast.guard(p, metric="wen", threshold=0.0, mitigation="random_tokens")
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_nan_at_any_step_of_a_guarded_call_raises(flag):
+    """NaN from the denoiser at a later step (nothing flagged, or on the mitigated generation), and
+    a guidance so large that the sampler's own arithmetic overflows, raise NonFiniteOutput naming
+    the prompt instead of returning a black image."""
+    p = tiny_pipeline("sd1")
+    p.set_progress_bar_config(disable=True)
+    calls = [0]
+
+    def late_nan(module, args, output):
+        calls[0] += 1
+        if calls[0] >= 3:
+            return (torch.full_like(output[0], float("nan")), *output[1:])
+        return None
+
+    with sharpfast.guard(p, metric="wen", threshold=-1.0 if flag else float("inf"),
+                         mitigation="transition") as g:
+        h = p.unet.register_forward_hook(late_nan)
+        try:
+            with pytest.raises(NonFiniteOutput, match="'two dogs'"):
+                g(["two dogs"], generator=gen(), **KW)
+        finally:
+            h.remove()
+        with pytest.raises(NonFiniteOutput, match="'two dogs'"):
+            g(["two dogs"], generator=gen(), guidance_scale=1e300, **KW)
+    assert not p.unet._forward_hooks
+
+
+def test_latents_of_the_wrong_shape_are_refused():
+    p = tiny_pipeline("sd1")
+    with sharpfast.guard(p, metric="wen", threshold=1.0) as g:
+        with pytest.raises(BadArgument, match=r"latents must be a tensor of shape \(1, 4, 8, 8\)"):
+            g(["two dogs"], latents=torch.zeros(1, 4, 3, 3), **KW)
+        with pytest.raises(BadArgument, match="latents"):
+            g(["two dogs"], num_images_per_prompt=2, latents=torch.zeros(1, 4, 8, 8), **KW)

@@ -71,7 +71,7 @@ def test_eval_detect_table_json_png_and_resume(tmp_path, capsys):
 
 def test_eval_mitigate_runs_every_baseline(tmp_path, capsys):
     # sail_reference (8 candidates x 10 steps) is left to test_sail_settings_reach_sail: too slow here
-    methods = ["none", "random_tokens", "wen_embedding", "sail", "sail_alpha"]
+    methods = ["none", "random_tokens", "wen_embedding", "sail", "sail_alpha", "transition", "attention_rescale"]
     args = ["eval", "mitigate", "--model", "digits", "--method", ",".join(methods),
             "--seeds", "2", "--limit", "2", "--num-inference-steps", "10", "--out", str(tmp_path), "--quiet"]
     assert main(args) == 0
@@ -88,6 +88,13 @@ def test_eval_mitigate_runs_every_baseline(tmp_path, capsys):
             assert r["copy_rate_at"][str(cut)] == pytest.approx(sum(hits) / len(hits))
         assert r["copy_rate_at"]["0.9"] == pytest.approx(r["copy_rate"])
         assert r["copy_rate_at"]["0.8"] >= r["copy_rate_at"]["0.85"] >= r["copy_rate_at"]["0.9"]
+        near = [s >= 0.8 for x in mine for s in x["similarity"]]  # own image at >= 0.8, whichever is nearest
+        assert r["near_rate_at"]["0.8"] == pytest.approx(sum(near) / len(near))
+        calls = [x["unet_calls_per_image"] for x in mine]
+        assert r["unet_calls_per_image"] == pytest.approx(sum(calls) / len(calls))
+        assert r["unet_calls_per_image"] >= 10  # the sampler's own steps at least
+    plain = next(r for r in summary if r["method"] == "none")
+    assert plain["unet_calls_per_image"] == 10 and plain["time_ratio"] == 1.0
     assert "copies@0.85" in capsys.readouterr().out
     assert (tmp_path / "mitigate_grid.png").stat().st_size > 1000
     assert (tmp_path / "similarity_hist.png").stat().st_size > 1000
@@ -98,18 +105,21 @@ def test_eval_mitigate_runs_every_baseline(tmp_path, capsys):
 
 
 def test_sail_settings_reach_sail(monkeypatch):
-    import sharpfast
-    from sharpfast.harness import mitigate_eval as me
+    """The harness's setting strings reach sail_latents as the keywords they name."""
+    from sharpfast import mitigation
+    from sharpfast.mitigations import REGISTRY, Context, sail_setting
 
     seen = []
 
-    class Out:
-        images = torch.zeros(1, 1, 8, 8)
+    def fake(pipe, prompts, **kw):
+        seen.append(kw)
+        return kw["latents"], {"unet_calls_optimization": 0, "adam_steps": 0}
 
-    monkeypatch.setattr(sharpfast, "sail", lambda pipe, prompts, **kw: seen.append(kw) or Out())
+    monkeypatch.setattr(mitigation, "sail_latents", fake)
     lat = torch.zeros(1, 4, 8, 8)
+    ctx = Context(None, None, ["p"], 1, lat, 16, 16, 5, 7.5)
     for method, setting in (("sail", "k1s3lr0.5"), ("sail_alpha", "k1s3a3e-5"), ("sail_reference", "k8s10lr0.3")):
-        me.METHODS[method].run(None, ["p"], lat, setting, {"num_inference_steps": 5})
+        REGISTRY[method].plan(ctx, setting)
     assert {k: seen[0][k] for k in ("candidates", "max_steps", "lr")} == {"candidates": 1, "max_steps": 3, "lr": 0.5}
     assert "project" not in seen[0] and "objective" not in seen[0]
     assert seen[1]["alpha"] == 3e-5 and seen[1]["project"] is False
@@ -117,9 +127,9 @@ def test_sail_settings_reach_sail(monkeypatch):
     assert (ref["objective"], ref["candidates"], ref["max_steps"], ref["lr"], ref["max_rounds"]) == \
         ("reference", 8, 10, 0.3, 1)
     assert ref["threshold"] < -1e20, "the reference loop runs every step (no early exit)"
-    assert me.sail_setting("k8s10")["candidates"] == 8 and "lr" not in me.sail_setting("k8s10")
+    assert sail_setting("k8s10")["candidates"] == 8 and "lr" not in sail_setting("k8s10")
     with pytest.raises(ValueError, match="SAIL setting"):
-        me.sail_setting("k1")
+        sail_setting("k1")
 
 
 def test_random_tokens_and_wen_embedding(pipe):

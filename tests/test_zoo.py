@@ -73,5 +73,8 @@ def test_shipped_calibration_is_used_by_sail_and_guard(pipe):
     cal = json.load(open(os.path.join(zoo.path("digits"), "calibration.json")))
     assert shipped_threshold(pipe) == cal["sharpness"]["threshold"] > 0
     assert shipped_threshold(pipe, "wen") == cal["wen"]["threshold"] > 0
-    with sharpfast.guard(pipe) as g:
-        assert g.threshold == cal["wen"]["threshold"]
+    from sharpfast.serving import DEFAULT_METRIC
+
+    with sharpfast.guard(pipe) as g:  # the guard's default metric, calibrated beside the model
+        assert g.threshold == cal[DEFAULT_METRIC]["threshold"] and g.metric == DEFAULT_METRIC
+        assert g.threshold_source.endswith("calibration.json")

@@ -38,7 +38,7 @@ class EvalCommand:
         d.add_argument("--steps", type=ints, default=[1, 5], help="first sampling steps averaged, comma list (default 1,5)")
         d.add_argument("--metrics", type=csv, default=None,
                        help="comma list of the registry's metrics: wen, sharpness, trace, trace_delta, score_norm, "
-                            "aniso_norm, aniso_align, anisotropy, wen_low, attn_entropy (default: all of them, "
+                            "channel_wen, aniso_align, anisotropy, wen_low, attn_entropy (default: all of them, "
                             "side by side)")
         d.add_argument("--hvp", choices=("fd", "jvp"), default="fd", help="Hessian-vector product for sharpness")
         d.add_argument("--seed", type=int, default=42,
@@ -50,10 +50,14 @@ class EvalCommand:
                                         "and prompt fidelity (digit classifier). Writes OUT/mitigate.json, "
                                         "OUT/mitigate_grid.png (and OUT/tradeoff.png with --sweep); resumable.")
         _common(m)
-        m.add_argument("--method", type=csv, default=["none", "random_tokens", "wen_embedding"],
-                       help="comma list of none, sail, sail_alpha (the paper's norm term instead of the projection), "
-                            "sail_reference (the authors' loss), wen_embedding, random_tokens (default none,"
-                            "random_tokens,wen_embedding)")
+        from ..mitigations import REGISTRY
+
+        m.add_argument("--method", type=csv, default=["none", "sail", "transition", "sail+transition"],
+                       help=f"comma list of the registry's mitigations: {', '.join(REGISTRY)} (default none,sail,"
+                            f"transition,sail+transition)")
+        m.add_argument("--half", choices=("A", "B", "all"), default="all",
+                       help="memorized prompts at even positions (A: where settings are chosen), odd positions (B: "
+                            "where the choice is reported) or all (default)")
         m.add_argument("--seeds", type=int, default=5, help="generations per prompt, seeds 0..S-1 (default 5)")
         m.add_argument("--sweep", action="store_true", help="every setting of each method: trade-off curves")
         m.add_argument("--limit", type=int, default=None, help="only the first LIMIT memorized prompts")
@@ -96,7 +100,7 @@ class EvalCommand:
             raise BadArgument("eval mitigate judges copies against the digits training images: use --model digits")
         from ..zoo.digits_data import digit_images
 
-        records = zoo.prompts(args.model, "memorized")[:args.limit]
+        records = mitigate_eval.halves(zoo.prompts(args.model, "memorized"))[args.half][:args.limit]
         pipe = load_model(args.model, device, dtype)
         res = mitigate_eval.run(pipe, records, digit_images()[0], methods=args.method, seeds=tuple(range(args.seeds)),
                                 sweep=args.sweep, out_dir=args.out, batch_prompts=args.batch_size,

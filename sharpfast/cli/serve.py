@@ -21,7 +21,13 @@ class ServeCommand:
         p.add_argument("--model", required=True, help="'digits' (bundled) or a local diffusers model directory")
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
         p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-        p.add_argument("--metric", default="wen", help="the guard's metric (default wen: no extra UNet call)")
+        from ..mitigations import REGISTRY
+        from ..serving import DEFAULT_METRIC
+
+        p.add_argument("--metric", default=DEFAULT_METRIC,
+                       help=f"the guard's metric (default {DEFAULT_METRIC}: one extra CFG call at step 1)")
+        p.add_argument("--mitigation", default="auto",
+                       help=f"the guard's mitigation: auto (default), none, or one of {', '.join(REGISTRY)}")
         p.add_argument("--threshold", default="auto", help="flag above this score; auto (default) = the model's "
                        "calibration (beside it, cached, or made once on built-in captions)")
         p.add_argument("--no-guard", action="store_true", help="serve the plain pipeline (a baseline for load tests)")
@@ -52,6 +58,7 @@ class ServeCommand:
         device, dtype = device_dtype(args.device, args.dtype)
         pipe = load_model(args.model, device, dtype)
         app = create_app(pipe, guarded=not args.no_guard, metric=args.metric, threshold=threshold,
+                         mitigation=None if args.mitigation == "none" else args.mitigation,
                          max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                          defaults={} if steps is None else {"num_inference_steps": steps}, name=args.model)
         print(f"sharpfast serve: {args.model} on {device} ({dtype}), "

@@ -85,7 +85,7 @@ def _cost(pipe, prompts, metrics, n, steps, batch_size, hvp, num_inference_steps
     return {"unet_calls": res.config["unet_calls"], "seconds_per_prompt": (time.perf_counter() - start) / k}
 
 
-DEFAULT_COMBINED = (("wen", "wen_low"), ("wen", "sharpness"), ("wen", "aniso_norm", "wen_low"))
+DEFAULT_COMBINED = (("wen", "wen_low"), ("wen", "sharpness"), ("wen", "channel_wen", "wen_low"))
 
 
 def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "sharpness"), out_dir="sharpfast-eval",

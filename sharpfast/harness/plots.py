@@ -118,21 +118,36 @@ def similarity_histogram(sims: dict, cuts, path: str) -> str:
     return path
 
 
-def tradeoff_figure(series: dict, path: str) -> str:
-    """series: {method: [(fidelity, copy_rate, setting label), ...]}: copy rate against fidelity."""
+def tradeoff_figure(series: dict, path: str, title: str = "") -> str:
+    """The mitigation frontier. series: {method: [(fidelity, copies at 0.8, setting, CFG calls per
+    image), ...]}: one curve per method (its settings in fidelity order), the mean CFG calls per
+    image in the legend, unmitigated generation a black star drawn on top. Setting labels are
+    staggered so that close points stay readable."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 5))
+    fig, ax = plt.subplots(figsize=(9.5, 5.6))
+    colors = plt.get_cmap("tab10").colors
+    k = 0
     for method, pts in series.items():
         pts = sorted(pts, key=lambda p: p[0])
-        style = dict(marker="*", markersize=12, color="black", linestyle="none") if method == "none" else \
-            dict(marker="o")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method, **style)
-        for f, c, lab in (p for p in pts if p[2] is not None):
-            ax.annotate(str(lab), (f, c), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("prompt fidelity (share classified as the prompted digit)")
-    ax.set_ylabel("copies of the memorized image (share)")
-    ax.set_title("mitigation trade-off (lower right is better)", fontsize=10)
-    ax.legend(fontsize=8)
+        calls = np.mean([p[3] for p in pts]) if pts and len(pts[0]) > 3 else None
+        label = method if calls is None else f"{method} ({calls:.0f} calls/img)"
+        if method == "none":
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="*", markersize=16, color="black",
+                    linestyle="none", label=label, zorder=10)
+            continue
+        color = colors[k % len(colors)]
+        k += 1
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, lw=1.3, color=color, label=label)
+        for j, p in enumerate(pts):
+            if p[2] is None:
+                continue
+            dy = (4 + 7 * (j % 3)) * (1 if j % 2 else -1)
+            ax.annotate(str(p[2]), (p[0], p[1]), fontsize=6, color=color, xytext=(4, dy), textcoords="offset points")
+    ax.set_xlabel("prompt fidelity (share of outputs the digit classifier reads as the prompted digit)", fontsize=9)
+    ax.set_ylabel("copies: nearest training image is the memorized one, similarity >= 0.8", fontsize=9)
+    ax.set_title(title or "mitigation frontier (lower right is better)", fontsize=10)
+    ax.grid(alpha=0.3, lw=0.5)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

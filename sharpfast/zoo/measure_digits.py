@@ -73,6 +73,11 @@ def measure(pipe, records: list[dict], train: torch.Tensor, seeds, batch_prompts
     return records
 
 
+# the metrics of the shipped calibration.json: wen and sharpness (SAIL's target), and wen_low, the
+# serving guard's default metric
+SHIPPED_METRICS = ("wen", "sharpness", "wen_low")
+
+
 def calibrate(pipe, data, exclude: set, fpr: float = 0.01, per_digit: int = 20) -> dict:
     """Detection thresholds at `fpr` on generic captions kept apart from the evaluation sets
     (per image: n=1, step 1, DDIM 50, CFG 7.5), written to calibration.json for SAIL and guard,
@@ -80,11 +85,11 @@ def calibrate(pipe, data, exclude: set, fpr: float = 0.01, per_digit: int = 20) 
     import sharpfast
 
     recs = [r for r in generic_prompts(data, per_digit=per_digit, seed=777) if r["prompt"] not in exclude]  # = calibration_prompts()
-    res = sharpfast.detect(pipe, [r["prompt"] for r in recs], metrics=("wen", "sharpness"), batch_size=50,
+    res = sharpfast.detect(pipe, [r["prompt"] for r in recs], metrics=SHIPPED_METRICS, batch_size=50,
                            generator=torch.Generator().manual_seed(7), progress=True)
     cal = {m: {"threshold": sharpfast.calibrate(res.scores[m], fpr=fpr), "fpr": fpr, "prompts": len(recs),
                "num_images_per_prompt": 1, "steps": 1, "num_inference_steps": 50, "dtype": "float32"}
-           for m in ("wen", "sharpness")}
+           for m in SHIPPED_METRICS}
     # SAIL's stopping level: as flat as the flattest 10% of normal prompts' images
     cal["sharpness"]["target"] = sharpfast.calibrate(res.scores["sharpness"], fpr=SAIL_TARGET_ABOVE)
     cal["sharpness"]["target_above"] = SAIL_TARGET_ABOVE

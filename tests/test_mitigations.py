@@ -1,0 +1,215 @@
+"""The mitigation registry: every method on every scheduler, each against its peer's definition
+written out here in float64 (not with the product's helpers), and the pipeline left as it was."""
+import math
+
+import pytest
+import torch
+
+import sharpfast
+from sharpfast.errors import BadArgument, UnsupportedPipeline
+from sharpfast.mitigations import REGISTRY, attenuated_positions, mitigate
+from sharpfast.testing import tiny_pipeline
+
+from pipeline_state import assert_same, snapshot
+
+PROMPTS = ["a red house by the sea", "two dogs"]
+STEPS = 6
+# small budgets; SAIL's target 0 so that it always moves the noise
+FAST_SETTINGS = {"sail_reference": {"candidates": 2, "max_steps": 2}, "sail": {"max_steps": 2, "threshold": 0.0},
+                 "sail_alpha": {"max_steps": 2, "threshold": 0.0, "alpha": 3e-5, "project": False},
+                 "wen_embedding": 0.9}
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    p = tiny_pipeline("sd1")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "pndm", "euler", "euler_a", "dpm"])
+def test_every_method_runs_on_every_scheduler(scheduler):
+    pipe = tiny_pipeline("sd1", scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe(PROMPTS, generator=gen(), num_inference_steps=STEPS, output_type="pt").images
+    before = snapshot(pipe)  # after a plain call: the pipeline's own call sets its scheduler's timesteps
+    for name in REGISTRY:
+        out, info = mitigate(pipe, PROMPTS, name, FAST_SETTINGS.get(name), generator=gen(), num_inference_steps=STEPS,
+                             output_type="pt", return_info=True)
+        assert out.images.shape == plain.shape and bool(torch.isfinite(out.images).all()), (scheduler, name)
+        assert info["unet_calls_per_image"] >= STEPS
+        if name == "none":
+            assert torch.equal(out.images, plain), "method none is the plain pipeline, bit for bit"
+        elif name not in ("sail_guard",):  # sail_guard may stop at once where the start is under target
+            assert not torch.equal(out.images, plain), f"{scheduler}: {name} changed nothing"
+    assert_same(before, snapshot(pipe))
+
+
+class _Raw:
+    """The denoiser's raw CFG output per call (a hook registered before any mitigation's) and the
+    guided prediction the scheduler is stepped with."""
+
+    def __init__(self, pipe):
+        self.raw, self.guided, self.t = [], [], []
+        self.h = pipe.unet.register_forward_hook(self.hook, with_kwargs=True)
+        step = pipe.scheduler.step
+        self.pipe, self.step = pipe, step
+
+        def capture(model_output, timestep, sample, *a, **k):
+            self.guided.append(model_output.double())
+            return step(model_output, timestep, sample, *a, **k)
+        pipe.scheduler.step = capture
+
+    def hook(self, module, args, kwargs, output):
+        self.raw.append(output[0].double().chunk(2))
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        self.t.append(float(t))
+
+    def close(self):
+        self.h.remove()
+        del self.pipe.scheduler.step
+
+
+def _guided_check(raw, scale_of, g, rows=None):
+    for k, ((u, c), guided) in enumerate(zip(raw.raw, raw.guided)):
+        s = scale_of(k, raw)  # per image, float64 (their code: noise_pred = u + s (c - u))
+        want = u + s.view(-1, 1, 1, 1) * (c - u)
+        scale = (u.abs() + g * (c - u).abs()).max()
+        assert torch.allclose(guided, want, atol=float(scale) * 1e-5, rtol=0), f"call {k}"
+
+
+@pytest.mark.parametrize("early,t_switch", [(0.0, 500.0), (-2.0, 650.0)])
+def test_static_transition_is_jain_et_al(sd1, early, t_switch):
+    g = 7.5
+    raw = _Raw(sd1)
+    try:
+        mitigate(sd1, PROMPTS, "transition", (early, t_switch), generator=gen(), num_inference_steps=10,
+                 guidance_scale=g, output_type="pt")
+    finally:
+        raw.close()
+    assert any(t > t_switch for t in raw.t) and any(t <= t_switch for t in raw.t)
+    _guided_check(raw, lambda k, r: torch.full((2,), early if r.t[k] > t_switch else g, dtype=torch.float64), g)
+
+
+def test_dynamic_transition_is_the_first_local_minimum(sd1):
+    g = 7.5
+    raw = _Raw(sd1)
+    try:
+        mitigate(sd1, PROMPTS, "transition", "dyn", generator=gen(), num_inference_steps=12, guidance_scale=g,
+                 output_type="pt")
+    finally:
+        raw.close()
+    d = torch.stack([(c - u).flatten(1).norm(dim=1) for u, c in raw.raw])  # (steps, images)
+    first = []
+    for i in range(d.shape[1]):  # their dtp rule: d_j > d_{j-1} and d_{j-2} > d_{j-1}: step j is the first guided
+        js = [j for j in range(2, len(d)) if d[j, i] > d[j - 1, i] and d[j - 2, i] > d[j - 1, i]]
+        first.append(js[0] if js else len(d))
+    _guided_check(raw, lambda k, r: torch.tensor([g if k >= f else 1.0 for f in first], dtype=torch.float64), g)
+
+
+def test_attention_rescale_is_ren_et_al(sd1):
+    """One cross-attention layer in float64: BOS logit x c1 on the conditional rows, tokens past the
+    prompt's own masked on both branches; rows not mitigated equal the layer's own processor."""
+    from sharpfast.attention import LogitEditProcessor
+    from sharpfast.mitigations import _prompt_lengths, _rescale_edit
+
+    attn = next(m for name, m in sd1.unet.named_modules() if name.endswith("attn2"))
+    g = torch.Generator().manual_seed(3)
+    images, L, dim = 2, 16, attn.to_q.in_features
+    hidden = torch.randn(2 * images, L, dim, generator=g)
+    ctx = torch.randn(2 * images, 77, attn.to_k.in_features, generator=g)
+    lengths = torch.tensor(_prompt_lengths(sd1, PROMPTS, 1))
+    c1 = 1.25
+    rows = torch.tensor([1, 3])  # image 1 only: its null row 1 and its cond row 3
+    proc = LogitEditProcessor(attn.processor, _rescale_edit(c1, lengths, images, rows), rows)
+    with torch.no_grad():
+        got = proc(attn, hidden, ctx)
+        base = attn.processor(attn, hidden, ctx)
+        assert torch.equal(got[[0, 2]], base[[0, 2]]), "rows not mitigated are the layer's own output, bit for bit"
+        W = {k: getattr(attn, k).weight.double() for k in ("to_q", "to_k", "to_v")}
+        out_w, out_b = attn.to_out[0].weight.double(), attn.to_out[0].bias.double()
+        H = attn.heads
+        for r in (1, 3):
+            q = (hidden[r].double() @ W["to_q"].T).view(L, H, -1).transpose(0, 1)
+            k = (ctx[r].double() @ W["to_k"].T).view(77, H, -1).transpose(0, 1)
+            v = (ctx[r].double() @ W["to_v"].T).view(77, H, -1).transpose(0, 1)
+            logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
+            if r >= images:  # the conditional branch: their attn_weight[..., 0] * c1
+                logits[..., 0] = logits[..., 0] * c1
+            logits[..., int(lengths[r % images]):] = float("-inf")  # their cross_attn_mask: keep prompt_length tokens
+            o = (logits.softmax(-1) @ v).transpose(0, 1).reshape(L, -1) @ out_w.T + out_b
+            torch.testing.assert_close(got[r].double(), o, rtol=1e-4, atol=1e-5)
+
+
+def test_attract_repel_guidance_and_positions(sd1):
+    # the per-prompt test, by hand: positions 1..L-1 above median + z * 1.4826 MAD, at least the top one
+    a = torch.tensor([[0.5, 0.02, 0.03, 0.02, 0.30, 0.025, 0.0, 0.0]])
+    assert attenuated_positions(a, [6], z=2.0) == [[4]]
+    flat = torch.tensor([[0.5, 0.1, 0.1, 0.1, 0.1]])
+    assert attenuated_positions(flat, [5], z=2.0) == [[1]], "no outlier: the largest position alone"
+    # with attenuation 1 (no edit) the attenuated prediction is the conditional one, so repel 0 gives
+    # plain CFG (up to the explicit attention's rounding) and repel r adds nothing either
+    plain = sd1(PROMPTS, generator=gen(), num_inference_steps=STEPS, output_type="pt").images
+    same = mitigate(sd1, PROMPTS, "attract_repel", (1.0, 1.0, 2.0), generator=gen(), num_inference_steps=STEPS,
+                    output_type="pt").images
+    torch.testing.assert_close(same, plain, rtol=0, atol=2e-4)
+    raw = _Raw(sd1)
+    try:
+        out, info = mitigate(sd1, PROMPTS, "attract_repel", (1.0, 0.1, 2.0), generator=gen(), num_inference_steps=4,
+                             output_type="pt", return_info=True)
+    finally:
+        raw.close()
+    # raw holds the test's call at x_T (the 2 conditional rows), then per step the CFG call and the
+    # attenuated call on the 2 conditional rows
+    assert len(raw.raw) == 1 + 4 * 2 and info["unet_calls_per_image"] == pytest.approx(4 + 4 * 0.5 + 0.5)
+    assert all(len(p) >= 1 for p in info["attenuated_positions"])
+    g = 7.5
+    for k, guided in enumerate(raw.guided):
+        u, c = raw.raw[1 + 2 * k]
+        a = torch.cat(raw.raw[2 + 2 * k])  # the extra call's output: 2 rows, chunked in halves by the hook
+        want = u + g * (a - u) + 1.0 * (a - c)
+        torch.testing.assert_close(guided, want, rtol=0, atol=float((u.abs() + g * a.abs()).max()) * 1e-5)
+
+
+def test_errors_and_families():
+    pipe = tiny_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    for name in ("transition", "attention_rescale", "attract_repel"):
+        with pytest.raises(UnsupportedPipeline, match=name):
+            mitigate(pipe, "a cat", name, num_inference_steps=2)
+    sd3 = tiny_pipeline("sd3")
+    with pytest.raises(UnsupportedPipeline, match="attention_rescale"):
+        mitigate(sd3, "a cat", "attention_rescale", num_inference_steps=2)
+    sd1 = tiny_pipeline("sd1")
+    with pytest.raises(BadArgument, match="mitigation must be one of"):
+        mitigate(sd1, "a cat", "nope")
+    with pytest.raises(BadArgument, match="transition setting"):
+        mitigate(sd1, "a cat", "transition", "t-5x")
+    with pytest.raises(BadArgument, match="latents"):
+        mitigate(sd1, "a cat", "transition", latents=torch.zeros(1, 4, 3, 3))
+    with pytest.raises(BadArgument, match="prompt"):
+        mitigate(sd1, "", "transition")
+    with pytest.raises(BadArgument, match="c1"):
+        mitigate(sd1, "a cat", "attention_rescale", float("nan"))
+
+
+def test_transition_on_sd3_and_sdxl_runs_and_changes_the_output():
+    for kind in ("sd3", "sdxl"):
+        pipe = tiny_pipeline(kind)
+        pipe.set_progress_bar_config(disable=True)
+        plain = pipe(PROMPTS, generator=gen(), num_inference_steps=4, output_type="pt").images
+        out = mitigate(pipe, PROMPTS, "transition", "s0t500", generator=gen(), num_inference_steps=4,
+                       output_type="pt").images
+        assert out.shape == plain.shape and not torch.equal(out, plain)
+
+
+def test_public_api():
+    assert sharpfast.mitigate is mitigate
+    assert set(REGISTRY) >= {"sail", "wen_embedding", "random_tokens", "transition", "attention_rescale",
+                             "attract_repel", "sail+transition", "sail_guard"}
+    for m in REGISTRY.values():
+        assert m.cost and m.knob and m.families and m.default in m.sweep, m.name
