@@ -41,6 +41,22 @@ MUTATIONS = [
      "ent = -(p * torch.log2(p.clamp_min(1e-30)))", ["tests/test_detectors.py::test_attention_entropy_equals_the_reference"]),
     ("combined detector: MAD not scaled to a standard deviation", "sharpfast/evaluation.py", "* 1.4826",
      "* 1.0", ["tests/test_detectors.py::test_combined_detector_standardizes_on_normal_prompts_only"]),
+    # the mitigations and the guard's report (issue 19)
+    ("anisotropy's norm term normalized per channel", "sharpfast/metrics.py",
+     "return g1 * step.wen.float() + g2 * step.aniso_align()", "return g1 * step.channel_wen() + g2 * step.aniso_align()",
+     ["tests/test_detectors.py::test_wen_low_and_anisotropy_equal_the_reference"]),
+    ("transition: the early scale above the switch applied below it", "sharpfast/mitigations.py",
+     "if t <= t_switch:", "if t > t_switch:", ["tests/test_mitigations.py::test_static_transition_is_jain_et_al"]),
+    ("dynamic transition at a fall, not at the rise after a minimum", "sharpfast/mitigations.py",
+     "turn = (d > st[\"prev\"]) & (st[\"prev2\"] > st[\"prev\"]) & (st[\"prev\"] >= 0)",
+     "turn = (d < st[\"prev\"]) & (st[\"prev2\"] > st[\"prev\"]) & (st[\"prev\"] >= 0)",
+     ["tests/test_mitigations.py::test_dynamic_transition_is_the_first_local_minimum"]),
+    ("attention_rescale scales the null branch too", "sharpfast/mitigations.py", "cond = (rows >= images)",
+     "cond = (rows >= 0)", ["tests/test_mitigations.py::test_attention_rescale_is_ren_et_al"]),
+    ("attract_repel repels with the wrong sign", "sharpfast/mitigations.py", "return u + hook.g * (a - u) + repel * (a - c)",
+     "return u + hook.g * (a - u) - repel * (a - c)", ["tests/test_mitigations.py::test_attract_repel_guidance_and_positions"]),
+    ("guard: mitigated whatever the check", "sharpfast/mitigations.py", "                ok = under\n",
+     "                ok = True\n", ["tests/test_guard.py::test_mitigated_is_earned"]),
 ]
 
 

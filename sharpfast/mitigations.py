@@ -373,8 +373,8 @@ def _transition_hook(ctx, setting) -> GuidanceHook:
 
 
 @register("transition", cost="0", knob="early scale s above the transition timestep t (dyn: dynamic point)",
-          default="s0t500", sweep=("s0t700", "s0t600", "s0t500", "s0t400", "s0t300", "s-2t650", "s-2t800", "s-1t500",
-                                   "dyn", "s-2dyn"),
+          default="s0t500", sweep=("s0t700", "s0t600", "s0t500", "s0t450", "s0t400", "s0t300", "s-2t650", "s-2t800",
+                                   "s-1t600", "s-1t500", "dyn", "s-2dyn"),
           families=CFG_FAMILIES, kind="trajectory")
 def _transition(ctx, setting):
     hook = _transition_hook(ctx, setting)

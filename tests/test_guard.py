@@ -380,3 +380,45 @@ def test_latents_of_the_wrong_shape_are_refused():
             g(["two dogs"], latents=torch.zeros(1, 4, 3, 3), **KW)
         with pytest.raises(BadArgument, match="latents"):
             g(["two dogs"], num_images_per_prompt=2, latents=torch.zeros(1, 4, 8, 8), **KW)
+
+
+def test_guard_calibrate_returns_the_threshold_of_a_setting(tmp_path, monkeypatch):
+    from sharpfast import calibration
+
+    monkeypatch.setenv("SHARPFAST_CACHE", str(tmp_path))
+    calibration._MEMO.clear()
+    p = tiny_pipeline("sd1")
+    p.set_progress_bar_config(disable=True)
+    with sharpfast.guard(p, metric="wen", threshold=0.25) as g:
+        assert g.calibrate(num_inference_steps=7) == 0.25  # a given threshold is the same at every setting
+    with sharpfast.guard(p, metric="wen") as g:
+        thr = g.calibrate(num_inference_steps=7)
+        res = g("two dogs", num_inference_steps=7, generator=gen(), output_type="pt")
+        assert res.memorization[0]["threshold"] == thr
+        assert thr == calibration.resolve(p, "wen", "threshold", num_inference_steps=7).value
+    calibration._MEMO.clear()
+
+
+@pytest.mark.parametrize("mitigation", ["transition", "attention_rescale", "attract_repel", "sail_guard"])
+def test_every_guard_mitigation_changes_only_the_flagged_rows(mitigation):
+    """A mixed request: the flagged prompt's images change, the others are pipe(...)'s bit for bit
+    (hooks and attention edits act on the flagged rows only), and the report states its check."""
+    p = tiny_pipeline("sd1")
+    p.set_progress_bar_config(disable=True)
+    plain = p(PROMPTS, num_images_per_prompt=2, generator=gen(), **KW).images
+    wen = sharpfast.detect(p, PROMPTS, metrics=("wen",), num_images_per_prompt=2, generator=gen(),
+                           num_inference_steps=5, progress=False).scores["wen"]
+    k = int(wen.argmax())
+    with sharpfast.guard(p, metric="wen", threshold=float(wen.median()), mitigation=mitigation,
+                         setting=0.5 if mitigation == "sail_guard" else None) as g:
+        out = g(PROMPTS, num_images_per_prompt=2, generator=gen(), **KW)
+    assert [r["flagged"] for r in out.memorization] == [i == k for i in range(3)]
+    for i in range(3):
+        same = torch.equal(out.images[2 * i:2 * i + 2], plain[2 * i:2 * i + 2])
+        assert same != (i == k), f"{mitigation}: prompt {i}"
+    r = out.memorization[k]
+    assert r["mitigation"] == mitigation and r["check"]
+    if mitigation != "sail_guard":
+        assert r["mitigated"] and "applied" in r["check"]
+    assert not p.unet._forward_hooks and all(type(v).__name__ != "LogitEditProcessor"
+                                             for v in p.unet.attn_processors.values())

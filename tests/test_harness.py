@@ -186,3 +186,25 @@ def test_eval_detect_on_files_scores_as_detect_and_scan_do(tmp_path, capsys):
         for line in out.read_text().splitlines():
             rec = json.loads(line)
             assert rec["wen"] == pytest.approx(evaluated[rec["prompt"]], rel=1e-5), rec["prompt"]
+
+
+def test_eval_guard_reports_both_sides_and_resumes(tmp_path, capsys):
+    """`sharpfast eval guard`: plain and guarded outputs of the same prompts and seeds, judged alike;
+    the summary recomputed here from the rows; a rerun adds nothing."""
+    args = ["eval", "guard", "--model", "digits", "--limit", "2", "--seeds", "2", "--num-inference-steps", "6",
+            "--mitigation", "transition", "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0
+    doc = json.loads((tmp_path / "guard.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "guard.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and doc["used"]["mitigation"] == "transition"
+    s = doc["summary"]
+    for side in ("plain", "guard"):
+        near = [r[side]["similarity"] >= 0.8 for r in rows]
+        copies = [r[side]["similarity"] >= 0.8 and r[side]["nearest_is_target"] for r in rows]
+        assert s[side]["near_at_0.8"] == pytest.approx(sum(near) / 4)
+        assert s[side]["copies_at_0.8"] == pytest.approx(sum(copies) / 4)
+    assert s["flagged"] == pytest.approx(sum(r["flagged"] for r in rows) / 4)
+    assert all(r["mitigated"] == r["flagged"] for r in rows), "transition is applied to every flagged prompt"
+    assert s["time_ratio"] > 0 and "guarded / plain time" in capsys.readouterr().out
+    assert main(args) == 0
+    assert len((tmp_path / "guard.jsonl").read_text().splitlines()) == 4, "a rerun resumes"

@@ -63,8 +63,8 @@ def test_generate_health_metrics_and_bad_requests(digits):
             assert r.status_code == 400 and r.json()["error"], bad
         assert c.post("/generate", content=b"{not json").status_code == 400
         text = c.get("/metrics").text
-        assert 'sharpfast_requests_total{guard="default",metric="wen"} 1.0' in text
-        assert 'sharpfast_flagged_total{guard="default",metric="wen"} 1.0' in text
+        assert 'sharpfast_requests_total{guard="default",metric="wen_low"} 1.0' in text
+        assert 'sharpfast_flagged_total{guard="default",metric="wen_low"} 1.0' in text
         assert 'sharpfast_http_requests_total{status="400"} 12.0' in text
     assert not digits.unet._forward_hooks  # the guard is removed at shutdown
 

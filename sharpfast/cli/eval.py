@@ -59,8 +59,26 @@ class EvalCommand:
                        help="memorized prompts at even positions (A: where settings are chosen), odd positions (B: "
                             "where the choice is reported) or all (default)")
         m.add_argument("--seeds", type=int, default=5, help="generations per prompt, seeds 0..S-1 (default 5)")
+        m.add_argument("--settings", type=csv, default=[],
+                       help="comma list of method=setting in place of a method's registry default, e.g. "
+                            "transition=s0t450,attention_rescale=1.5 (without --sweep)")
         m.add_argument("--sweep", action="store_true", help="every setting of each method: trade-off curves")
         m.add_argument("--limit", type=int, default=None, help="only the first LIMIT memorized prompts")
+        gd = esub.add_parser("guard", help="memorized prompts through sharpfast.guard(pipe) against plain pipe(...)",
+                             description="Generate each memorized prompt of the half once per seed plainly and once "
+                                         "through sharpfast.guard(pipe) (its defaults unless given), from the same "
+                                         "generators in the same run; report copies, near copies at 0.8, fidelity, "
+                                         "flagged / mitigated shares and the guarded / plain time. Writes OUT/guard.json "
+                                         "(resumable).")
+        _common(gd)
+        gd.add_argument("--half", choices=("A", "B", "all"), default="B",
+                        help="memorized prompts at odd positions (B, default: held out from the choice of the guard's "
+                             "defaults), even positions (A) or all")
+        gd.add_argument("--seeds", type=int, default=2, help="generations per prompt, seeds 0..S-1 (default 2)")
+        gd.add_argument("--metric", default=None, help="the guard's metric (default: the guard's own default)")
+        gd.add_argument("--mitigation", default="auto", help="the guard's mitigation (default auto)")
+        gd.add_argument("--setting", default=None, help="the mitigation's setting (default: its registry default)")
+        gd.add_argument("--limit", type=int, default=None, help="only the first LIMIT memorized prompts")
 
     @staticmethod
     def run(args) -> int:
@@ -96,13 +114,45 @@ class EvalCommand:
             return 0
         from .. import zoo
 
+        if args.eval_command == "guard":
+            from ..harness import guard_eval
+            from ..zoo.digits_data import digit_images
+
+            if args.model not in zoo.MODELS:
+                raise BadArgument("eval guard judges copies against the digits training images: use --model digits")
+            records = mitigate_eval.halves(zoo.prompts(args.model, "memorized"))[args.half][:args.limit]
+            pipe = load_model(args.model, device, dtype)
+            setting = args.setting
+            if setting is not None:
+                try:
+                    setting = float(setting)
+                except ValueError:
+                    pass
+            summary = guard_eval.run(pipe, records, digit_images()[0], seeds=tuple(range(args.seeds)),
+                                     metric=args.metric, mitigation=None if args.mitigation == "none" else
+                                     args.mitigation, setting=setting, out_dir=args.out,
+                                     batch_prompts=args.batch_size, num_inference_steps=args.num_inference_steps,
+                                     guidance_scale=args.guidance_scale, progress=not args.quiet)
+            print(guard_eval.format_summary(summary))
+            print(f"\nwrote {args.out}/guard.json")
+            return 0
         if args.model not in zoo.MODELS:
             raise BadArgument("eval mitigate judges copies against the digits training images: use --model digits")
         from ..zoo.digits_data import digit_images
 
         records = mitigate_eval.halves(zoo.prompts(args.model, "memorized"))[args.half][:args.limit]
         pipe = load_model(args.model, device, dtype)
+        settings = {}
+        for item in args.settings:
+            name, eq, value = item.partition("=")
+            if not eq:
+                raise BadArgument(f"--settings takes method=setting pairs, got {item!r}")
+            try:
+                settings[name] = float(value)
+            except ValueError:
+                settings[name] = value
         res = mitigate_eval.run(pipe, records, digit_images()[0], methods=args.method, seeds=tuple(range(args.seeds)),
+                                settings=settings,
                                 sweep=args.sweep, out_dir=args.out, batch_prompts=args.batch_size,
                                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                 progress=not args.quiet)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -51,8 +49,9 @@ def _key(method, setting, prompt):
 
 def run(pipe, records: list[dict], train: torch.Tensor, *, methods=("none", "random_tokens", "wen_embedding"),
         seeds=(0, 1, 2, 3, 4), sweep=False, out_dir="sharpfast-eval", batch_prompts=8, num_inference_steps=50,
-        guidance_scale=7.5, progress=True, grid_prompts=6) -> dict:
-    """records: memorized prompts with prompt, digit and train_index."""
+        guidance_scale=7.5, progress=True, grid_prompts=6, settings=None) -> dict:
+    """records: memorized prompts with prompt, digit and train_index; settings: {method: setting}
+    in place of a method's registry default (without --sweep)."""
     from tqdm.auto import tqdm
 
     from ..score import ScoreModel
@@ -70,7 +69,9 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, methods=("none", "ran
     model = ScoreModel(pipe)
     h, w = model.default_size()
     gen_kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-    jobs = [(m, s) for m in methods for s in (REGISTRY[m].sweep if sweep else (REGISTRY[m].default,))]
+    settings = dict(settings or {})
+    default = {m: settings.get(m, REGISTRY[m].default) for m in methods}
+    jobs = [(m, s) for m in methods for s in (REGISTRY[m].sweep if sweep else (default[m],))]
     bar = tqdm(total=len(jobs) * len(records), desc="mitigate", unit="prompt", disable=not progress)
 
     def judged(method, setting, chunk):
@@ -108,9 +109,9 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, methods=("none", "ran
         json.dump({"seeds": list(seeds), "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                    "prompts": len(records), "summary": summary}, fh, indent=1)
     shown = records[:grid_prompts]
-    grid = {m: judged(m, REGISTRY[m].default, shown)[0][:, 0] for m in methods} if shown else {}
-    sims = {m: [done[_key(m, REGISTRY[m].default, p)]["similarity"] for p in (r["prompt"] for r in records)
-                if _key(m, REGISTRY[m].default, p) in done] for m in methods}
+    grid = {m: judged(m, default[m], shown)[0][:, 0] for m in methods} if shown else {}
+    sims = {m: [done[_key(m, default[m], p)]["similarity"] for p in (r["prompt"] for r in records)
+                if _key(m, default[m], p) in done] for m in methods}
     _figures(summary, shown, train, methods, grid, out_dir, sweep, sims)
     return {"summary": summary}
 

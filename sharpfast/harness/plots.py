@@ -118,17 +118,23 @@ def similarity_histogram(sims: dict, cuts, path: str) -> str:
     return path
 
 
-def tradeoff_figure(series: dict, path: str, title: str = "") -> str:
-    """The mitigation frontier. series: {method: [(fidelity, copies at 0.8, setting, CFG calls per
-    image), ...]}: one curve per method (its settings in fidelity order), the mean CFG calls per
-    image in the legend, unmitigated generation a black star drawn on top. Setting labels are
-    staggered so that close points stay readable."""
+def _pareto(pts):
+    """The points no other point beats on both axes (higher fidelity, fewer copies), by fidelity."""
+    keep = [p for p in pts if not any((q[0] >= p[0] and q[1] < p[1]) or (q[0] > p[0] and q[1] <= p[1]) for q in pts)]
+    return sorted(keep, key=lambda p: p[0])
+
+
+def tradeoff_figure(series: dict, path: str, title: str = "", chosen=None, fidelity_floor=None) -> str:
+    """The mitigation frontier. series: {method: [(fidelity, copies, setting, CFG calls per image),
+    ...]}: every setting a dot, each method's own frontier (the settings no other of its settings
+    beats on both axes) a line with its settings labelled, the mean CFG calls per image in the
+    legend, unmitigated generation a black star drawn on top; `chosen` (method, setting) is
+    ringed, `fidelity_floor` a dotted vertical line."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(9.5, 5.6))
+    fig, ax = plt.subplots(figsize=(10, 5.8))
     colors = plt.get_cmap("tab10").colors
     k = 0
     for method, pts in series.items():
-        pts = sorted(pts, key=lambda p: p[0])
         calls = np.mean([p[3] for p in pts]) if pts and len(pts[0]) > 3 else None
         label = method if calls is None else f"{method} ({calls:.0f} calls/img)"
         if method == "none":
@@ -137,12 +143,22 @@ def tradeoff_figure(series: dict, path: str, title: str = "") -> str:
             continue
         color = colors[k % len(colors)]
         k += 1
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, lw=1.3, color=color, label=label)
-        for j, p in enumerate(pts):
-            if p[2] is None:
-                continue
-            dy = (4 + 7 * (j % 3)) * (1 if j % 2 else -1)
-            ax.annotate(str(p[2]), (p[0], p[1]), fontsize=6, color=color, xytext=(4, dy), textcoords="offset points")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, color=color, linestyle="none", alpha=0.5)
+        front = _pareto(pts)
+        ax.plot([p[0] for p in front], [p[1] for p in front], marker="o", ms=5, lw=1.5, color=color, label=label)
+        for j, p in enumerate(front):
+            if p[2] is not None:
+                ax.annotate(str(p[2]), (p[0], p[1]), fontsize=7, color=color, xytext=(-6, 6 if j % 2 else -11),
+                            textcoords="offset points", ha="right")
+        if chosen and chosen[0] == method:
+            for p in pts:
+                if str(p[2]) == str(chosen[1]):
+                    ax.plot([p[0]], [p[1]], marker="o", ms=15, mfc="none", mec="black", mew=1.5, zorder=11,
+                            linestyle="none", label=f"chosen: {method} {chosen[1]}")
+    if fidelity_floor is not None:
+        ax.axvline(fidelity_floor, color="grey", ls=":", lw=1)
+        ax.annotate(f"fidelity {fidelity_floor}", (fidelity_floor, 0.98), xycoords=("data", "axes fraction"),
+                    fontsize=7, color="grey", ha="right", xytext=(-3, 0), textcoords="offset points")
     ax.set_xlabel("prompt fidelity (share of outputs the digit classifier reads as the prompted digit)", fontsize=9)
     ax.set_ylabel("copies: nearest training image is the memorized one, similarity >= 0.8", fontsize=9)
     ax.set_title(title or "mitigation frontier (lower right is better)", fontsize=10)

@@ -1,0 +1,100 @@
+"""What the guard's flagged path costs: guarded / plain generation, ratios in one run.
+
+Rows, each timed round-robin against plain `pipe(...)` with the same prompts and generators
+(median of the per-round ratios, so that a slow moment of the machine falls on both):
+
+    unflagged   guard(defaults, threshold inf): scoring only             target <= 1.05
+    flagged     guard(defaults, every prompt flagged): decide at step 1,
+                the default mitigation, one generation                   target <= 1.10
+    sail        guard(mitigation="sail_guard", every prompt flagged)     (reported)
+
+on the bundled digits model (4 memorized prompts, 50 DDIM steps) and on the SD 1.5-sized random
+UNet of bench_sd15_cpu.py (860 M parameters, 4x16x16 latents, 2 prompts, 10 steps, no SAIL row,
+to keep that part near 5 minutes on 2 cores; at 10 steps the flagged path's fixed costs, the
+wen_low call and the restarted first step, weigh 5x more than at 50).
+
+    python benchmarks/bench_guard.py                      # both models, prints the table
+    python benchmarks/bench_guard.py --model digits       # one of them
+    pytest benchmarks/bench_guard.py --benchmark-only -s  # the same, asserting the targets
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+import sharpfast
+from bench_detect import interleaved_times  # the benchmarks' timing helpers (same folder)
+
+TARGETS = {"unflagged": 1.05, "flagged": 1.10}
+
+
+def setup(model: str):
+    if model == "digits":
+        pipe = sharpfast.zoo.load("digits")
+        prompts = [r["prompt"] for r in sharpfast.zoo.prompts("digits", "memorized")[:4]]
+        steps = 50
+    else:
+        from sharpfast.testing import sd15_sized_pipeline
+
+        pipe = sd15_sized_pipeline(sample_size=16)
+        prompts = ["a photo of a cat", "an oil painting of a harbour"]
+        steps = 10
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, prompts, steps
+
+
+def measure(model: str, reps: int = 5) -> dict:
+    pipe, prompts, steps = setup(model)
+    kw = dict(num_inference_steps=steps, output_type="latent")
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(len(prompts))]  # noqa: E731
+    probe = sharpfast.guard(pipe, threshold=-1e30, name="flagged")
+    used = probe.mitigation
+    probe.remove()  # each row makes its own guard: its hook is on only while that row runs
+
+    def run(kind):
+        def fn():
+            g = sharpfast.guard(pipe, threshold=float("inf") if kind == "unflagged" else -1e30,
+                                mitigation="sail_guard" if kind == "sail" else "auto", name=kind)
+            try:
+                out = g(prompts, generator=gens(), **kw)
+            finally:
+                g.remove()
+            return out
+        return fn
+
+    fns = {"plain": lambda: pipe(prompts, generator=gens(), **kw), "unflagged": run("unflagged"),
+           "flagged": run("flagged")}
+    if model == "digits":
+        fns["sail"] = run("sail")
+    secs = interleaved_times(fns, reps)
+    med = statistics.median
+    rows = {k: {"seconds": med(v), "vs_plain": med(a / b for a, b in zip(v, secs["plain"]))} for k, v in secs.items()}
+    rows["flagged"]["mitigation"] = used
+    return rows
+
+
+def report(model, rows) -> str:
+    lines = [f"{model}: {'row':10s} {'seconds':>8s} {'vs plain':>9s}"]
+    for k, r in rows.items():
+        target = f"  (target <= {TARGETS[k]})" if k in TARGETS else ""
+        lines.append(f"{'':{len(model) + 2}s}{k:10s} {r['seconds']:8.3f} {r['vs_plain']:8.3f}x{target}"
+                     f"{'  ' + r['mitigation'] if 'mitigation' in r else ''}")
+    return "\n".join(lines)
+
+
+def test_guard_flagged_path(benchmark):
+    rows = benchmark.pedantic(lambda: measure("digits"), rounds=1, iterations=1)
+    print(report("digits", rows))
+    for k, target in TARGETS.items():
+        assert rows[k]["vs_plain"] <= target, (k, rows[k])
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=("digits", "sd15", "both"), default="both")
+    ap.add_argument("--reps", type=int, default=0, help="rounds (default 5 digits, 2 sd15)")
+    a = ap.parse_args()
+    for m in (("digits", "sd15") if a.model == "both" else (a.model,)):
+        print(report(m, measure(m, a.reps or (5 if m == "digits" else 2))), flush=True)

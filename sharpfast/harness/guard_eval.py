@@ -1,0 +1,130 @@
+"""`sharpfast eval guard`: memorized prompts served as a user serves them, guarded against plain.
+
+Every memorized prompt of the chosen half is generated once per seed by `pipe(...)` and once by
+`sharpfast.guard(pipe)` with its defaults (or the metric / mitigation given), from the same
+generators, in the same run, alternating which goes first per batch so that a slow moment of
+the machine falls on both. Each output is judged against the prompt's own training image
+(sharpfast.zoo.copying): copies at 0.8 (the nearest training image is the memorized one, Pearson
+similarity >= 0.8), near copies at 0.8 (similarity >= 0.8 to its own training image, whichever is
+nearest), fidelity (the digit classifier reads the prompted digit). Rows go to OUT/guard.jsonl one
+batch at a time (a killed run resumes), the summary to OUT/guard.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from .. import jsonl
+
+CUT = 0.8
+
+
+def _judge(images, records, train):
+    from ..zoo.copying import copy_stats, nearest
+    from ..zoo.fidelity import fidelity
+
+    idx, _ = nearest(images, train)
+    target = torch.tensor([r["train_index"] for r in records])
+    _, sim = copy_stats(images, train, target)
+    return {"similarity": [round(float(v), 4) for v in sim], "nearest_is_target": (idx == target).tolist(),
+            "fidelity": fidelity(images, [r["digit"] for r in records]).tolist()}
+
+
+def run(pipe, records: list[dict], train: torch.Tensor, *, seeds=(0, 1), metric=None, mitigation="auto",
+        setting=None, out_dir="sharpfast-eval", batch_prompts=8, num_inference_steps=50, guidance_scale=7.5,
+        progress=True) -> dict:
+    """records: memorized prompts (prompt, digit, train_index). Returns the summary."""
+    from tqdm.auto import tqdm
+
+    from ..serving import DEFAULT_METRIC, guard
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "guard.jsonl")
+    config = {"metric": metric or DEFAULT_METRIC, "mitigation": mitigation, "setting": setting,
+              "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seeds": list(seeds)}
+    key = lambda r, s: json.dumps([config, r["prompt"], s], sort_keys=True)  # noqa: E731
+    done = jsonl.read(path, key="key")
+    jobs = [(r, s) for r in records for s in seeds]
+    todo = [(r, s) for r, s in jobs if key(r, s) not in done]
+    kw = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type="pt")
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="eval guard", unit="image", disable=not progress)
+    # the guard calibrates (if it must) before the first timed request
+    used = {}
+    with guard(pipe, metric=config["metric"], mitigation=mitigation, setting=setting, name="eval") as g, \
+            open(path, "a", encoding="utf-8") as f:
+        used.update(mitigation=g.mitigation, setting=g.setting,
+                    threshold=g.calibrate(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale))
+        step = batch_prompts * len(seeds)
+        for b, start in enumerate(range(0, len(todo), step)):
+            chunk = todo[start:start + step]
+            caps = [r["prompt"] for r, _ in chunk]
+            gens = lambda: [torch.Generator().manual_seed(s) for _, s in chunk]  # noqa: E731
+            secs = {}
+
+            def plain():
+                t = time.perf_counter()
+                out = pipe(caps, generator=gens(), **kw).images
+                secs["plain"] = time.perf_counter() - t
+                return out
+
+            def guarded():
+                t = time.perf_counter()
+                out = g(caps, generator=gens(), **kw)
+                secs["guard"] = time.perf_counter() - t
+                return out
+
+            if b % 2:
+                go = guarded()
+                po = plain()
+            else:
+                po = plain()
+                go = guarded()
+            recs = [r for r, _ in chunk]
+            jp = _judge(po.float() * 2 - 1, recs, train)
+            jg = _judge(go.images.float() * 2 - 1, recs, train)
+            rows = []
+            for i, (r, s) in enumerate(chunk):
+                rep = go.memorization[i]
+                rows.append({"key": key(r, s), "prompt": r["prompt"], "seed": s,
+                             "plain": {k: v[i] for k, v in jp.items()}, "guard": {k: v[i] for k, v in jg.items()},
+                             "flagged": rep["flagged"], "mitigated": rep["mitigated"], "check": rep["check"],
+                             "score": rep["score"], "seconds_plain": secs["plain"] / len(chunk),
+                             "seconds_guard": secs["guard"] / len(chunk)})
+            jsonl.append(f, rows)
+            done.update({x["key"]: x for x in rows})
+            bar.update(len(chunk))
+    bar.close()
+    summary = summarize([done[key(r, s)] for r, s in jobs], config)
+    with open(os.path.join(out_dir, "guard.json"), "w", encoding="utf-8") as fh:
+        json.dump({"config": config, "used": used, "prompts": len(records), "summary": summary}, fh, indent=1)
+    return summary
+
+
+def summarize(rows: list[dict], config: dict) -> dict:
+    out = {"images": len(rows), "flagged": float(np.mean([r["flagged"] for r in rows])),
+           "mitigated": float(np.mean([r["mitigated"] for r in rows]))}
+    for side in ("plain", "guard"):
+        sim = np.array([r[side]["similarity"] for r in rows])
+        hit = np.array([r[side]["nearest_is_target"] for r in rows], dtype=bool)
+        out[side] = {"copies_at_0.8": float((hit & (sim >= CUT)).mean()), "near_at_0.8": float((sim >= CUT).mean()),
+                     "copies_at_0.9": float((hit & (sim >= 0.9)).mean()), "similarity": float(sim.mean()),
+                     "fidelity": float(np.mean([r[side]["fidelity"] for r in rows]))}
+    out["fidelity_ratio"] = out["guard"]["fidelity"] / max(out["plain"]["fidelity"], 1e-12)
+    out["time_ratio"] = sum(r["seconds_guard"] for r in rows) / sum(r["seconds_plain"] for r in rows)
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'':6s} {'copies@0.8':>10s} {'near@0.8':>9s} {'copies@0.9':>10s} {'similarity':>10s} {'fidelity':>8s}"]
+    for side in ("plain", "guard"):
+        s = summary[side]
+        lines.append(f"{side:6s} {s['copies_at_0.8']:10.3f} {s['near_at_0.8']:9.3f} {s['copies_at_0.9']:10.3f} "
+                     f"{s['similarity']:10.3f} {s['fidelity']:8.3f}")
+    lines.append(f"flagged {summary['flagged']:.3f}, mitigated {summary['mitigated']:.3f}, fidelity ratio "
+                 f"{summary['fidelity_ratio']:.3f}, guarded / plain time {summary['time_ratio']:.3f} "
+                 f"({summary['images']} images)")
+    return "\n".join(lines)
