@@ -382,7 +382,7 @@ def _transition(ctx, setting):
     def applied():  # per mitigated row: at least one step ran at the early scale
         steps = hook.state.get("early_steps", 0)
         return (steps > 0).tolist() if torch.is_tensor(steps) else [steps > 0] * len(hook.rows)
-    return Plan(hooks=[hook.installed()], info={"guidance_hook": hook, "applied": applied})
+    return Plan(hooks=[hook.installed()], info={"applied": applied})
 
 
 @register("sail+transition", cost="as sail, then 0", knob="transition setting (SAIL k1 s3 lr 0.7)",
@@ -521,7 +521,7 @@ def _attract_repel(ctx, setting):
     positions = attenuated_positions(rec.token_attention(), [lengths[r] for r in rows], z)
     hook = GuidanceHook(model.unet, ctx.guidance_scale, rows, ctx.images,
                         _attract_repel_rule(ctx, positions, attenuation, repel))
-    return Plan(hooks=[hook.installed()], info={"attenuated_positions": positions, "guidance_hook": hook,
+    return Plan(hooks=[hook.installed()], info={"attenuated_positions": positions,
                                                 "applied": lambda: [hook.state.get("extra_rows", 0) > 0] * len(rows),
                                                 "unet_calls_before": 0.5 * len(rows) / max(ctx.images, 1)})
 
@@ -640,7 +640,7 @@ def mitigate(pipe, prompt, method: str = "transition", setting=None, *, num_imag
         return out
     info = {"method": method, "setting": setting, "seconds": time.perf_counter() - start,
             "unet_calls_per_image": calls.rows / (2 * ctx.images) + plan.info.get("unet_calls_before", 0),
-            **{k: v for k, v in plan.info.items() if k not in ("guidance_hook", "applied")}}
+            **{k: v for k, v in plan.info.items() if k != "applied"}}
     return out, info
 
 
