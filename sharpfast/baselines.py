@@ -14,6 +14,9 @@ import re
 
 import torch
 
+from . import validate
+from .errors import BadArgument, UnsupportedPipeline
+
 
 def _vocab_words(tokenizer) -> list[str]:
     special = set(tokenizer.all_special_tokens)
@@ -25,7 +28,7 @@ def _vocab_words(tokenizer) -> list[str]:
         if re.fullmatch(r"[a-z0-9]+", w):
             words.add(w)
     if not words:
-        raise ValueError("the tokenizer has no alphanumeric tokens to draw random tokens from")
+        raise BadArgument("the tokenizer has no alphanumeric tokens to draw random tokens from")
     return sorted(words)
 
 
@@ -34,7 +37,7 @@ def random_tokens(pipe, prompts, num_tokens: int = 4, generator: torch.Generator
     if isinstance(prompts, str):
         prompts = [prompts]
     if num_tokens < 0:
-        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        raise BadArgument(f"num_tokens must be >= 0, got {num_tokens}")
     words = _vocab_words(pipe.tokenizer)
     g = generator or torch.Generator().manual_seed(0)
     out = []
@@ -45,25 +48,28 @@ def random_tokens(pipe, prompts, num_tokens: int = 4, generator: torch.Generator
 
 
 def wen_embedding(pipe, prompts, latents, *, target_ratio: float = 0.5, target_loss: float | None = None,
-                  lr: float = 0.05, max_steps: int = 50, num_inference_steps: int = 50, return_info: bool = False):
+                  lr: float = 0.05, max_steps: int = 50, num_inference_steps: int | None = None,
+                  return_info: bool = False):
     """Wen et al.'s mitigation: (prompt_embeds, negative_prompt_embeds) to pass to `pipe(...)`.
 
     One row per latent (prompt-major, len(latents) a multiple of len(prompts)). Each row's loss is
     ||eps_Δ|| at the first timestep of `num_inference_steps`; a row stops once its loss is at most
     `target_loss`, or `target_ratio` times its initial loss when target_loss is None; at most
-    `max_steps` AdamW steps (one CFG forward and backward each).
+    `max_steps` AdamW steps (one CFG forward and backward each); num_inference_steps defaults to
+    the pipeline's own.
     """
     from .score import ScoreModel
+    from .settings import Settings
 
     model = ScoreModel(pipe)
-    if model.is_xl:
-        raise TypeError("wen_embedding supports StableDiffusionPipeline (SD 1.x / 2.x); SDXL's pooled "
-                        "embeddings are not optimized")
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise ValueError("prompts is empty")
+    num_inference_steps = Settings.resolve(model, num_inference_steps=num_inference_steps).num_inference_steps
+    if not model.embeddings_only:
+        raise UnsupportedPipeline(f"wen_embedding optimizes the text embeddings of models conditioned on them alone "
+                                  f"(StableDiffusionPipeline, SD 1.x / 2.x); {model.family}'s pooled / added inputs "
+                                  f"are not optimized")
+    prompts = validate.prompts(prompts, "prompts")
     if len(latents) % len(prompts):
-        raise ValueError(f"{len(latents)} latents are not a multiple of {len(prompts)} prompts")
+        raise BadArgument(f"{len(latents)} latents are not a multiple of {len(prompts)} prompts")
     n = len(latents) // len(prompts)
     sched = model.scheduler(num_inference_steps)
     t = sched.timesteps[0]

@@ -28,18 +28,21 @@ import math
 import os
 import threading
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from . import validate
 from .errors import BadArgument, OutputMismatch
+from .settings import Settings
 
 log = logging.getLogger("sharpfast.calibration")
 
 CALIBRATION_FILE = "calibration.json"
 TARGET_ABOVE = 0.9  # SAIL's target: the sharpness 90% of normal prompts' images lie above
 CALIBRATED_METRICS = ("wen", "sharpness", "wen_low")  # calibrated together: the detectors, SAIL's target and the guard's default metric
-DEFAULTS = {"num_images_per_prompt": 1, "num_inference_steps": 50, "guidance_scale": 7.5, "fpr": 0.01, "seed": 0}
+# num_inference_steps and guidance_scale default to the pipeline's own (sharpfast.settings)
+DEFAULTS = {"num_images_per_prompt": 1, "num_inference_steps": None, "guidance_scale": None, "fpr": 0.01, "seed": 0}
 GENERIC_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "generic_prompts.txt")
 _SAMPLE = 16  # weight elements read per parameter for the fingerprint
 
@@ -106,7 +109,7 @@ def same_weights(recorded: dict, current: dict) -> bool:
 # ---- calibrating -------------------------------------------------------------------------------
 
 def calibrate_model(pipe, prompts=None, *, num_images_per_prompt: int = 1, fpr: float = 0.01,
-                    num_inference_steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
+                    num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None, seed: int = 0,
                     metrics=CALIBRATED_METRICS, batch_size: int = 8, progress: bool = True) -> dict:
     """Thresholds at false-positive rate `fpr` and SAIL's target from prompts that are not
     memorized (default: the built-in generic captions), at the first sampling step with these
@@ -124,11 +127,10 @@ def calibrate_model(pipe, prompts=None, *, num_images_per_prompt: int = 1, fpr: 
     fpr = validate.finite(fpr, "fpr", above=0)
     if not fpr < 1:
         raise BadArgument(f"fpr must be in (0, 1), got {fpr}")
-    metrics = list(dict.fromkeys([*metrics]))
-    for m in metrics:
-        if m not in METRICS:
-            raise BadArgument(f"unknown metric {m!r}; valid: {', '.join(METRICS)}")
-    n = validate.integer(num_images_per_prompt, "num_images_per_prompt")
+    metrics = list(validate.metrics(metrics, METRICS))
+    st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                          num_images_per_prompt=num_images_per_prompt)
+    n, num_inference_steps, guidance_scale = st.num_images_per_prompt, st.num_inference_steps, st.guidance_scale
     res = detect(pipe, prompts, metrics=tuple(metrics), num_images_per_prompt=n,
                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                  generator=torch.Generator("cpu").manual_seed(seed), batch_size=batch_size, progress=progress)
@@ -138,7 +140,7 @@ def calibrate_model(pipe, prompts=None, *, num_images_per_prompt: int = 1, fpr: 
            "settings": settings,
            "prompts": {"source": source, "count": len(prompts),
                        "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]},
-           "unet_calls": res.unet_calls if hasattr(res, "unet_calls") else None}
+           "unet_calls": res.config["unet_calls"], "unet_rows": res.config["unet_rows"]}
     for m in metrics:
         s = res.scores[m]
         if not bool(torch.isfinite(s).all()):
@@ -216,7 +218,8 @@ def cache_dir() -> str:
 
 def cache_path(fingerprint: dict, **settings) -> str:
     """Where the per-user cache keeps the calibration of these weights at these settings."""
-    s = _settings(**{k: settings.get(k) for k in DEFAULTS})
+    s = {k: settings.get(k) for k in DEFAULTS}
+    s["guidance_scale"] = float(s["guidance_scale"])
     key = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:8]
     return os.path.join(cache_dir(), f"{fingerprint['fingerprint']}-{key}.json")
 
@@ -226,9 +229,12 @@ _LOCKS: dict = {}
 _LOCKS_GUARD = threading.Lock()
 
 
-def _settings(**kw) -> dict:
+def _settings(pipe, **kw) -> dict:
+    """The calibration settings of a call: DEFAULTS, steps and guidance from the pipeline."""
+    st = Settings.resolve(pipe, num_inference_steps=kw.get("num_inference_steps"),
+                          guidance_scale=kw.get("guidance_scale"))
     s = {**DEFAULTS, **{k: v for k, v in kw.items() if v is not None}}
-    s["guidance_scale"] = float(s["guidance_scale"])
+    s["num_inference_steps"], s["guidance_scale"] = st.num_inference_steps, float(st.guidance_scale)
     return s
 
 
@@ -251,7 +257,7 @@ def resolve(pipe, metric: str = "sharpness", key: str = "threshold", *, calibrat
     fpr (defaults DEFAULTS) must match what the calibration was made with."""
     from .errors import MissingCalibration
 
-    s = _settings(**settings)
+    s = _settings(pipe, **settings)
     fp = weights_fingerprint(pipe)
     # 1. beside the model
     beside = _beside(pipe)

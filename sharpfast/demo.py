@@ -73,7 +73,7 @@ def run(out_dir: str = "sharpfast-demo", device: str = "cpu", progress: bool = T
     cols = {}
     for m in methods:
         out = mitigate(pipe, [r["prompt"] for r in shown], m, REGISTRY[m].default, latents=lat.to(device),
-                       num_inference_steps=50, guidance_scale=7.5, output_type="pt")
+                       output_type="pt")
         imgs = (out.images.float() * 2 - 1).cpu()
         copies = [bool(copy_stats(im[None], train, r["train_index"])[0][0]) for im, r in zip(imgs, shown)]
         fid = fidelity(imgs, [r["digit"] for r in shown])

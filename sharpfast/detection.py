@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 
@@ -9,82 +10,86 @@ from . import validate
 from .errors import BadArgument
 from .metrics import HVP_MODES, METRICS, step_metrics
 from .results import DetectionResult
-from .score import ScoreModel
+from .score import adapt
+from .settings import Settings
 
 
-def _check_args(prompts, metrics, n, steps, num_inference_steps, guidance_scale, batch_size, hvp):
+def _check_args(prompts, metrics, steps, num_inference_steps, batch_size, hvp):
     prompts = validate.prompts(prompts, "prompts")
-    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
-    if not metrics:
-        raise BadArgument(f"metrics is empty; choose from {', '.join(METRICS)}")
-    for m in metrics:
-        if m not in METRICS:
-            raise BadArgument(f"unknown metric {m!r}; valid metrics: {', '.join(METRICS)}")
-    for name, v in (("num_images_per_prompt", n), ("steps", steps), ("num_inference_steps", num_inference_steps),
-                    ("batch_size", batch_size)):
+    metrics = validate.metrics(metrics, METRICS)
+    for name, v in (("steps", steps), ("batch_size", batch_size)):
         validate.integer(v, name)
     if steps > num_inference_steps:
         raise BadArgument(f"steps ({steps}) must not exceed num_inference_steps ({num_inference_steps})")
-    validate.guidance_scale(guidance_scale, needs_cfg=False)
     if hvp not in HVP_MODES:
         raise BadArgument(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
     return prompts, tuple(dict.fromkeys(metrics))
 
 
-def _check_latents(latents, count, shape, model):
-    if not isinstance(latents, torch.Tensor):
-        raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
-    want = (count, *shape)
-    if tuple(latents.shape) != want:
-        raise ValueError(f"latents must have shape {want} (len(prompts) * num_images_per_prompt, C, h, w), "
-                         f"got {tuple(latents.shape)}")
-    if not latents.is_floating_point():
-        raise TypeError(f"latents must be floating point, got {latents.dtype}")
-    if latents.device != model.device:
-        raise ValueError(f"latents are on {latents.device} but the pipeline's UNet is on {model.device}")
-    if not bool(torch.isfinite(latents).all()):
-        raise ValueError("latents hold NaN or inf values")
-
-
 def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt: int = 1, steps: int = 1,
-           num_inference_steps: int = 50, guidance_scale: float = 7.5, generator=None, latents=None,
+           num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None, generator=None, latents=None,
            batch_size: int = 8, hvp: str = "fd", progress: bool = True, height=None, width=None,
            num_probes: int = 8, fd_step=None, probe_seed: int = 0, probe_step=None) -> DetectionResult:
-    """Memorization scores of `prompts` on a StableDiffusionPipeline / StableDiffusionXLPipeline.
-
-    `pipe` may also be a `sharpfast.score.ScoreModel` of the pipeline, to share one across many
-    calls on equal batches (it keeps the null prompt's embeddings, as scan does).
+    """Memorization scores of `prompts` on any supported pipeline (SD 1.x / 2.x, SDXL, SD3, Flux).
 
     Every metric (see sharpfast.metrics.METRICS; higher = more likely memorized) is computed per
     image on the real CFG sampling trajectory, averaged over the first `steps` steps and the
-    `num_images_per_prompt` images of each prompt. Initial latents are drawn exactly as
-    `pipe(prompts, num_images_per_prompt=n, generator=generator)` would draw them, or taken from
-    `latents` as `pipe(latents=...)` takes them (shape (len(prompts) * n, C, h, w), prompt-major;
-    scaled by the scheduler's init_noise_sigma here, as the pipeline does). Prompts go through the UNet
-    `batch_size` at a time, one CFG call per step (plus one for `sharpness` with hvp="fd", one on
-    a num_probes-times larger batch for the traces); a prompt's score does not depend on its batch
-    (except with ancestral schedulers and steps > 1, whose noise comes from the generator).
+    `num_images_per_prompt` images of each prompt. Prompts go through the denoiser `batch_size`
+    at a time, one CFG call per step (plus one for `sharpness` with hvp="fd", one on a
+    num_probes-times larger batch for the traces); a prompt's score does not depend on its batch
+    (except with ancestral schedulers and steps > 1, whose noise comes from the generator). The
+    pipeline is left as it was (its scheduler is copied, not stepped).
 
-    hvp: "fd" (finite difference, default, any precision) or "jvp" (exact forward-mode AD, fp32,
-    math attention; slower). fd_step: the finite-difference step of sharpness, a distance in
-    latent space (default by UNet dtype); probe_step: the traces' step per element of a Rademacher
-    probe (default fd_step / sqrt(C h w), so a probe moves x as far as the sharpness's step).
-    The pipeline is left as it was (its scheduler is copied, not stepped).
+    Args:
+        pipe: a supported diffusers pipeline, or its `sharpfast.score.ScoreModel` to share one
+            across many calls on equal batches (it keeps the null prompt's embeddings).
+        prompts: a prompt or a list of prompts (none empty).
+        metrics: registry names (sharpfast.metrics.METRICS).
+        num_images_per_prompt: images per prompt.
+        steps: first sampling steps averaged.
+        num_inference_steps: the schedule's steps (default: the pipeline's own, see
+            sharpfast.settings).
+        guidance_scale: CFG scale of the trajectory (default: the pipeline's own).
+        generator: a torch.Generator or one per image; initial latents are drawn exactly as
+            `pipe(prompts, num_images_per_prompt=n, generator=generator)` draws them.
+        latents: or the initial noise as `pipe(latents=...)` takes it ((len(prompts) * n, *latent),
+            prompt-major; scaled by init_noise_sigma here, as the pipeline does).
+        batch_size: prompts per denoiser call.
+        hvp: "fd" (finite difference, any precision) or "jvp" (exact forward-mode AD, fp32, math
+            attention; slower).
+        progress: show a progress bar.
+        height: image height in pixels (default: the pipeline's).
+        width: image width in pixels (default: the pipeline's).
+        num_probes: Rademacher probes of the trace metrics.
+        fd_step: the finite-difference step of sharpness, a distance in latent space (default by
+            dtype).
+        probe_seed: seed of the trace probes.
+        probe_step: the traces' step per element of a probe (default fd_step / sqrt(D)).
+
+    Returns:
+        A DetectionResult: per-prompt scores and per-image values of each metric, the prompts'
+        warnings (truncation) and the config, with the denoiser calls and rows it cost.
+
+    Raises:
+        BadArgument: a bad prompt, metric, size, generator or latents (the message names it).
+        UnsupportedPipeline: the pipeline or its scheduler's prediction type is not supported.
+        NonFiniteOutput: the model returned NaN/inf for a prompt.
     """
-    prompts, metrics = _check_args(prompts, metrics, num_images_per_prompt, steps, num_inference_steps,
-                                   guidance_scale, batch_size, hvp)
-    model = pipe if isinstance(pipe, ScoreModel) else ScoreModel(pipe)
+    model = adapt(pipe)
+    st = Settings.resolve(model, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                          height=height, width=width, num_images_per_prompt=num_images_per_prompt)
+    n, num_inference_steps, guidance_scale, height, width = (st.num_images_per_prompt, st.num_inference_steps,
+                                                             st.guidance_scale, st.height, st.width)
+    prompts, metrics = _check_args(prompts, metrics, steps, num_inference_steps, batch_size, hvp)
+    validate.torch_generator(generator)
     pipe, calls0 = model.pipe, dict(model.stats)
-    n = num_images_per_prompt
-    dh, dw = model.default_size()
-    height, width = height or dh, width or dw
     sched0 = model.scheduler(num_inference_steps, height, width)
     count = len(prompts) * n
     validate.generators(generator, count)
     if latents is None:
         latents = model.noise(count, height, width, generator)
     else:
-        _check_latents(latents, count, model.latent_shape(height, width), model)
+        validate.latents(latents, (count, *model.latent_shape(height, width)), (height, width), model.device)
     latents = latents * sched0.init_noise_sigma  # as pipe.prepare_latents scales them
     extra = pipe.prepare_extra_step_kwargs(generator, 0.0) if hasattr(pipe, "prepare_extra_step_kwargs") else {}
     per_image = {m: torch.empty(len(prompts), n) for m in metrics}

@@ -36,3 +36,7 @@ class OutputMismatch(SharpfastError, ValueError):
 
 class MissingDependency(SharpfastError, ImportError):
     """An optional dependency of the feature asked for is not installed (the message says which extra)."""
+
+
+class UsageError(SharpfastError, RuntimeError):
+    """An object was used in a state that does not allow it (a removed guard, say)."""

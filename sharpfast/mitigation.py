@@ -293,11 +293,8 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
     validate.generators(generator, N)
     if latents is None:
         latents = model.noise(N, height, width, generator)
-    elif not isinstance(latents, torch.Tensor) or tuple(latents.shape) != (N, *shape):
-        raise BadArgument(f"latents must be a tensor of shape {(N, *shape)} (len(prompts) * num_images_per_prompt, "
-                         f"C, h, w), got {tuple(getattr(latents, 'shape', ())) or type(latents).__name__}")
-    elif not latents.is_floating_point() or not bool(torch.isfinite(latents).all()):
-        raise BadArgument("latents must be floating point without NaN or inf values")
+    else:
+        validate.latents(latents, (N, *shape))
     g = generator[0] if isinstance(generator, list) else generator
     dev = model.device
 

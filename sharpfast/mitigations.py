@@ -1,7 +1,7 @@
 """Every inference-time mitigation in one registry: `sharpfast.mitigate(pipe, prompt, method=...)`.
 
 A mitigation is registered once (`REGISTRY[name]`, a `Mitigation`) with its declared cost, its
-main knob with a default and a sweep, the model families it is defined for, and one function
+main knob with a default and a sweep, what it needs of a model family, and one function
 `plan(ctx, setting) -> Plan`: what the pipeline call must get (other initial latents, other
 prompts or embeddings) and the hooks it must run under (a guidance schedule on the denoiser's
 output, edited cross-attention). `mitigate` and the serving guard both run a plan around the
@@ -54,13 +54,15 @@ import torch
 
 from . import validate
 from .errors import BadArgument, UnsupportedPipeline
+from .score import adapter_families
 
 # the serving guard's default metric (sharpfast.serving reads it here: sail_guard outside a guard
 # stops on it too)
 GUARD_METRIC = "wen_low"
-UNET_FAMILIES = ("sd", "sdxl")
-CFG_FAMILIES = ("sd", "sdxl", "sd3")
-ALL_FAMILIES = ("sd", "sdxl", "sd3", "flux")
+# what a method needs of the model family (the adapter's `capabilities`, sharpfast.score)
+NEEDS_WHY = {"cfg": "is guidance-distilled: its call has no classifier-free batch to reschedule or steer",
+             "cross_attention": "attends jointly over image and text tokens: it has no cross-attention map",
+             "embeddings_only": "is conditioned on pooled / added inputs besides the text embeddings"}
 
 
 # ---- what a method gives the pipeline call ---------------------------------------------------
@@ -110,24 +112,34 @@ class Plan:
 @dataclass(frozen=True)
 class Mitigation:
     """A registered mitigation: its declared cost (extra UNet calls and backwards per image), its
-    main knob (name, default, sweep), the families it is defined for, and plan(ctx, setting)."""
+    main knob (name, default, sweep), what it needs of a model family (adapter capabilities:
+    "cfg", "cross_attention", "embeddings_only") and plan(ctx, setting)."""
 
     name: str
     cost: str
     knob: str
     default: object
     sweep: tuple
-    families: tuple
+    needs: tuple
     plan: Callable[[Context, object], Plan]
     kind: str  # "noise" (changes x_T), "trajectory" (changes the sampler's predictions), "prompt"
+
+    @property
+    def families(self) -> tuple:
+        """The registered model families that have what this method needs."""
+        return tuple(f for f, caps in adapter_families().items() if set(self.needs) <= caps)
+
+    def supports(self, model) -> bool:
+        """Whether the model's family (its adapter) has what this method needs."""
+        return set(self.needs) <= model.capabilities
 
 
 REGISTRY: dict[str, Mitigation] = {}
 
 
-def register(name, *, cost, knob, default, sweep, families, kind):
+def register(name, *, cost, knob, default, sweep, needs=(), kind):
     def deco(fn):
-        REGISTRY[name] = Mitigation(name, cost, knob, default, tuple(sweep), tuple(families), fn, kind)
+        REGISTRY[name] = Mitigation(name, cost, knob, default, tuple(sweep), tuple(needs), fn, kind)
         return fn
     return deco
 
@@ -139,11 +151,11 @@ def get(name: str) -> Mitigation:
 
 
 def check_family(m: Mitigation, model) -> None:
-    if model.family not in m.families:
-        why = {"sd3": "SD3's transformer attends jointly over image and text tokens (no cross-attention map)",
-               "flux": "Flux is guidance-distilled: its call has no classifier-free batch to reschedule or steer"}
+    """UnsupportedPipeline unless the model's family has what m needs (the message says why)."""
+    missing = [need for need in m.needs if need not in model.capabilities]
+    if missing:
         raise UnsupportedPipeline(f"mitigation {m.name!r} is defined for {', '.join(m.families)} pipelines, not "
-                                  f"{model.family}: {why.get(model.family, '')}".rstrip(": "))
+                                  f"{model.family}: {model.family} {NEEDS_WHY[missing[0]]}")
 
 
 # ---- the denoiser-output hook: a per-call guidance rule ----------------------------------------
@@ -276,7 +288,7 @@ def sail_setting(setting) -> dict:
     return out
 
 
-@register("none", cost="0", knob="-", default=None, sweep=(None,), families=ALL_FAMILIES, kind="none")
+@register("none", cost="0", knob="-", default=None, sweep=(None,), kind="none")
 def _none(ctx, setting):
     return Plan()
 
@@ -284,21 +296,21 @@ def _none(ctx, setting):
 @register("sail", cost="2 CFG calls per evaluation, (s + 1) evaluations and s backwards at most (s Adam steps)",
           knob="candidates k, Adam steps s, lr (default k1 s3 lr 0.7)", default="k1s3",
           sweep=("k4s2lr0.05", "k1s1", "k1s2", "k1s3lr0.3", "k1s3lr0.5", "k1s3", "k1s3lr1"),
-          families=ALL_FAMILIES, kind="noise")
+          kind="noise")
 def _sail(ctx, setting):
     return _sail_plan(ctx, sail_setting(setting))
 
 
 @register("sail_alpha", cost="as sail", knob="alpha of the paper's norm term (k1 s3 lr 0.7, no projection)",
           default="k1s3a3e-5", sweep=("k1s3a0", "k1s3a1e-5", "k1s3a3e-5", "k1s3a1e-4", "k1s3a3e-4"),
-          families=ALL_FAMILIES, kind="noise")
+          kind="noise")
 def _sail_alpha(ctx, setting):
     return _sail_plan(ctx, sail_setting(setting))
 
 
 @register("sail_reference", cost="3 CFG calls per Adam step x k candidates (their loss), 10 steps",
           knob="the authors' loss, no early exit; lr (default 0.05)", default="k8s10",
-          sweep=("k8s10", "k8s10lr0.1", "k8s10lr0.3", "k8s10lr0.7", "k8s10lr1"), families=ALL_FAMILIES, kind="noise")
+          sweep=("k8s10", "k8s10lr0.1", "k8s10lr0.3", "k8s10lr0.7", "k8s10lr1"), kind="noise")
 def _sail_reference(ctx, setting):
     # every candidate through all steps (no early exit, one round): what bench_sail times as the reference loop
     kw = {"lr": 0.05, **sail_setting(setting)}
@@ -313,7 +325,7 @@ def _guard_stop(ctx, margin: float):
 
 @register("sail_guard", cost="as sail (+ the guard metric's own calls per evaluation)",
           knob="margin: stop once the guard's metric is under margin x its threshold (k1 s3 lr 0.7)",
-          default=1.0, sweep=(1.0, 0.8, 0.6, 0.4), families=ALL_FAMILIES, kind="noise")
+          default=1.0, sweep=(1.0, 0.8, 0.6, 0.4), kind="noise")
 def _sail_guard(ctx, setting):
     margin = validate.finite(1.0 if setting is None else setting, "margin", above=0)
     stop = _guard_stop(ctx, margin)
@@ -326,7 +338,7 @@ def _sail_guard(ctx, setting):
     return _sail_plan(ctx, {}, stop=stop)
 
 
-@register("random_tokens", cost="0", knob="tokens added", default=4, sweep=(1, 2, 4, 8, 16), families=ALL_FAMILIES,
+@register("random_tokens", cost="0", knob="tokens added", default=4, sweep=(1, 2, 4, 8, 16),
           kind="prompt")
 def _random_tokens(ctx, setting):
     from .baselines import random_tokens
@@ -338,7 +350,7 @@ def _random_tokens(ctx, setting):
 
 
 @register("wen_embedding", cost="1 CFG call + 1 backward per AdamW step (at most 50), then the sampler",
-          knob="target / initial ||eps_Δ||", default=0.5, sweep=(0.9, 0.7, 0.5, 0.3, 0.15), families=("sd",),
+          knob="target / initial ||eps_Δ||", default=0.5, sweep=(0.9, 0.7, 0.5, 0.3, 0.15), needs=("cfg", "embeddings_only"),
           kind="prompt")
 def _wen_embedding(ctx, setting):
     from .baselines import wen_embedding
@@ -375,7 +387,7 @@ def _transition_hook(ctx, setting) -> GuidanceHook:
 @register("transition", cost="0", knob="early scale s above the transition timestep t (dyn: dynamic point)",
           default="s0t500", sweep=("s0t700", "s0t600", "s0t500", "s0t450", "s0t400", "s0t300", "s-2t650", "s-2t800",
                                    "s-1t600", "s-1t500", "dyn", "s-2dyn"),
-          families=CFG_FAMILIES, kind="trajectory")
+          needs=("cfg",), kind="trajectory")
 def _transition(ctx, setting):
     hook = _transition_hook(ctx, setting)
 
@@ -386,7 +398,7 @@ def _transition(ctx, setting):
 
 
 @register("sail+transition", cost="as sail, then 0", knob="transition setting (SAIL k1 s3 lr 0.7)",
-          default="s0t500", sweep=("s0t700", "s0t600", "s0t500", "s0t400", "s-2t650"), families=CFG_FAMILIES,
+          default="s0t500", sweep=("s0t700", "s0t600", "s0t500", "s0t400", "s-2t650"), needs=("cfg",),
           kind="noise+trajectory")
 def _sail_transition(ctx, setting):
     return _sail_plan(ctx, {}).merge(_transition(ctx, setting))
@@ -418,7 +430,7 @@ def _rescale_edit(c1: float, lengths: torch.Tensor, images: int, rows_all: torch
 
 @register("attention_rescale", cost="0 (the cross-attention layers of the mitigated rows computed explicitly)",
           knob="c1, the factor on the BOS logit (summary tokens masked)", default=1.25, sweep=(1.1, 1.25, 1.5, 2.0, 3.0),
-          families=UNET_FAMILIES, kind="trajectory")
+          needs=("cfg", "cross_attention"), kind="trajectory")
 def _attention_rescale(ctx, setting):
     from .attention import edit_cross_attention
 
@@ -502,7 +514,7 @@ def attract_repel_setting(setting) -> tuple:
 
 @register("attract_repel", cost="0.5 CFG call per step (the attenuated conditional prediction) + 0.5 at step 1",
           knob="repel scale r (attenuation a, test z)", default="r1", sweep=("r0", "r0.5", "r1", "r2", "r1a0.01"),
-          families=UNET_FAMILIES, kind="trajectory")
+          needs=("cfg", "cross_attention"), kind="trajectory")
 def _attract_repel(ctx, setting):
     from .attention import record_cross_attention
 
@@ -580,6 +592,44 @@ def run_plan(pipe, prompts, plan: Plan, call_kwargs: dict):
         if "prompt_embeds" in plan.kwargs:
             return pipe(**kw)
         return pipe(plan.prompts if plan.prompts is not None else prompts, **kw)
+
+
+def generator_states(gens):
+    """The states of a generator or a list of them (None: None), to replay their draws."""
+    if gens is None:
+        return None
+    return [g.get_state() for g in (gens if isinstance(gens, list) else [gens])]
+
+
+def restore_generators(gens, states) -> None:
+    """Put generators back to states from generator_states."""
+    if gens is not None:
+        for g, st in zip(gens if isinstance(gens, list) else [gens], states):
+            g.set_state(st)
+
+
+def regenerate(m: Mitigation, ctx: Context, setting, sail_kwargs: dict, call_kwargs: dict, on_planned=None):
+    """The guard's second pass: m planned on the flagged rows of ctx (the others as they were), then
+    ONE generation of the whole batch from ctx.latents, so the unflagged rows come out exactly as
+    pipe(...) makes them.
+
+    Args:
+        m: the guard's mitigation; ctx: its Context (rows = the flagged images, guard = metric and
+            threshold); setting, sail_kwargs: as the guard was given them.
+        call_kwargs: the pipeline call's keyword arguments (callbacks included).
+        on_planned: called after planning; its return value is stored as info["_planning_s"].
+
+    Returns:
+        (the pipeline's output, per prompt (mitigated, check), the plan's info).
+    """
+    inner = generator_states(ctx.generator)
+    plan, checker = guard_plan(m, ctx, setting, sail_kwargs)
+    restore_generators(ctx.generator, inner)  # SAIL's extra candidates must not move the request's generators
+    info = dict(plan.info)
+    if on_planned is not None:
+        info["_planning_s"] = on_planned()
+    out = run_plan(ctx.pipe, ctx.prompts, plan, dict(call_kwargs, latents=plan.kwargs.get("latents", ctx.latents)))
+    return out, checker(), info
 
 
 def mitigate(pipe, prompt, method: str = "transition", setting=None, *, num_images_per_prompt: int = 1,

@@ -61,19 +61,26 @@ class GuardStats:
 
     COUNTERS = ("requests", "prompts", "images", "flagged", "mitigated", "unmitigated", "errors")
 
-    def __init__(self, name: str, metric: str, threshold: float):
+    def __init__(self, name: str, metric: str, threshold=None):
+        """threshold: the buckets' centre; None (threshold="auto", not resolved yet): set from the
+        first recorded request's threshold."""
         self.name, self.metric = name, metric
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(self.COUNTERS, 0)
-        self._hist = {"score": Histogram(score_buckets(threshold)), "sail_steps": Histogram(STEP_BUCKETS),
+        self._hist = {"score": Histogram(score_buckets(threshold) if threshold is not None else ()),
+                      "sail_steps": Histogram(STEP_BUCKETS),
                       "added_latency_seconds": Histogram(LATENCY_BUCKETS),
                       "request_latency_seconds": Histogram(LATENCY_BUCKETS)}
 
     def record(self, *, scores, flagged, mitigated, images: int, sail_steps, added_s: float,
-               request_s: float) -> None:
+               request_s: float, threshold=None) -> None:
         """mitigated: per prompt, whether its mitigation ran and passed its check (flagged prompts
-        that are not are counted as unmitigated)."""
+        that are not are counted as unmitigated); threshold: the request's (sets the score buckets
+        of a guard made with threshold="auto", once)."""
         with self._lock:
+            if threshold is not None and not self._hist["score"].bounds and not self._hist["score"].sum \
+                    and not any(self._hist["score"].counts):
+                self._hist["score"] = Histogram(score_buckets(float(threshold)))
             c = self._counts
             c["requests"] += 1
             c["prompts"] += len(scores)

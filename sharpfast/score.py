@@ -136,22 +136,6 @@ class Conditioning:
         return hidden, added
 
 
-def family(pipe) -> str:
-    """"sd", "sdxl", "sd3" or "flux" (UnsupportedPipeline for anything else)."""
-    names = {cls.__name__ for cls in type(pipe).__mro__}
-    for fam, cls in (("flux", "FluxPipeline"), ("sd3", "StableDiffusion3Pipeline"),
-                     ("sdxl", "StableDiffusionXLPipeline"), ("sd", "StableDiffusionPipeline")):
-        if cls in names:
-            return fam
-    raise UnsupportedPipeline(f"sharpfast supports {', '.join(SUPPORTED_PIPELINES)} (and their subclasses); "
-                              f"got {type(pipe).__name__}")
-
-
-def denoiser(pipe):
-    """The pipeline's denoising network: pipe.unet, or pipe.transformer for SD3 / Flux."""
-    return pipe.transformer if family(pipe) in ("sd3", "flux") else pipe.unet
-
-
 def pipeline_defaults(pipe) -> dict:
     """num_inference_steps and guidance_scale as the pipeline's own __call__ defaults them (SD 50 /
     7.5, SD3 28 / 7.0, Flux 28 / 3.5): what a request that names neither gets."""
@@ -165,159 +149,159 @@ def pipeline_defaults(pipe) -> dict:
     return out
 
 
-def _check_pipeline(pipe):
-    fam = family(pipe)
-    if fam in ("sd3", "flux"):
-        return fam
-    pt = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if pt not in PREDICTION_TYPES or pt == "flow":
-        raise UnsupportedPipeline(f"unsupported scheduler prediction_type {pt!r}; expected one of "
-                                  f"{PREDICTION_TYPES[:3]}")
-    return fam
+# ---- the adapters: one class per model family ------------------------------------------
+
+_ADAPTERS: dict = {}  # diffusers pipeline class name -> its ScoreModel subclass
 
 
-class PromptEncoder:
-    """Prompts as the pipeline encodes them for CFG (null = the empty prompt), with the null
-    prompt's embeddings cached per batch shape and a note for every prompt the tokenizer truncates."""
+def adapter_class(pipe) -> type:
+    """The ScoreModel subclass for this pipeline: the first class of its MRO that an adapter
+    declares as its `pipeline_class` (so a user's subclass of a stock pipeline is served too).
 
-    def __init__(self, pipe, fam: str, device, max_sequence_length=None):
-        self.pipe, self.family, self.device = pipe, fam, device
-        self.is_xl = fam == "sdxl"
-        self.max_sequence_length = max_sequence_length or {"sd3": 256, "flux": 512}.get(fam)
-        self.txt_ids = None  # Flux: the text tokens' position ids
-        self._null = {}  # (batch, n, height, width) -> the null embeddings the pipeline computed
-
-    def encode(self, prompts: list[str], n: int, height: int, width: int, guidance_scale=None) -> Conditioning:
-        """Embeddings as the pipeline computes them for CFG (null = the empty prompt).
-
-        The null embeddings depend only on the batch shape: they are encoded by the pipeline once
-        per shape and adapter (same call, same batch, so the same bits) and reused, which halves the
-        text-encoder work of a long run of equal batches (scan).
-        """
-        p, dev = self.pipe, self.device
-        warnings = [self._truncation(prompt) for prompt in prompts]
-        key = (len(prompts), n, height, width)
-        cached = self._null.get(key)
-        if self.family in ("sd3", "flux"):
-            return self._encode_flow(prompts, n, key, guidance_scale, warnings)
-        with torch.no_grad():
-            if not self.is_xl:
-                cond, null = p.encode_prompt(prompts, dev, n, cached is None)
-                if cached is None:
-                    self._null[key] = cached = (null, None)
-                return Conditioning(cond, cached[0], warnings=warnings)
-            cond, null, pooled, null_pooled = p.encode_prompt(prompts, device=dev, num_images_per_prompt=n,
-                                                              do_classifier_free_guidance=cached is None)
-            if cached is None:
-                self._null[key] = cached = (null, null_pooled)
-            null, null_pooled = cached
-            proj = int(pooled.shape[-1]) if p.text_encoder_2 is None else p.text_encoder_2.config.projection_dim
-            time_ids = p._get_add_time_ids((height, width), (0, 0), (height, width), dtype=cond.dtype,
-                                           text_encoder_projection_dim=proj).to(dev).repeat(len(cond), 1)
-        return Conditioning(cond, null, {"text_embeds": pooled, "time_ids": time_ids},
-                            {"text_embeds": null_pooled, "time_ids": time_ids}, warnings)
-
-    def _encode_flow(self, prompts, n, key, guidance_scale, warnings) -> Conditioning:
-        p, dev, msl = self.pipe, self.device, self.max_sequence_length
-        cached = self._null.get(key)
-        with torch.no_grad():
-            if self.family == "sd3":  # the null branch: the empty negative prompt, as the pipeline makes it
-                cond, null, pooled, null_pooled = p.encode_prompt(prompts, None, None, device=dev, num_images_per_prompt=n,
-                                                                  do_classifier_free_guidance=cached is None,
-                                                                  max_sequence_length=msl)
-                if cached is None:
-                    self._null[key] = cached = (null, null_pooled)
-                null, null_pooled = cached
-                return Conditioning(cond, null, {"pooled_projections": pooled}, {"pooled_projections": null_pooled},
-                                    warnings)
-            # Flux: guidance-distilled, its call has no null branch; the empty prompt plays it here
-            cond, pooled, txt_ids = p.encode_prompt(prompts, None, device=dev, num_images_per_prompt=n,
-                                                    max_sequence_length=msl)
-            null, null_pooled = self.flux_null(len(prompts), n, key)
-            self.txt_ids = txt_ids
-            added = lambda pool: {"pooled_projections": pool}  # noqa: E731
-            ca, na = added(pooled), added(null_pooled)
-            if p.transformer.config.guidance_embeds:
-                g = torch.full((len(cond),), 3.5 if guidance_scale is None else float(guidance_scale), device=dev,
-                               dtype=torch.float32)
-                ca["guidance"], na["guidance"] = g, g
-            return Conditioning(cond, null, ca, na, warnings)
-
-    def flux_null(self, count: int, n: int, key=None):
-        """Flux's null branch: the empty prompt's (embeddings, pooled), encoded once per batch shape."""
-        key = key if key is not None else (count, n)
-        if key not in self._null:
-            with torch.no_grad():
-                null, null_pooled, _ = self.pipe.encode_prompt([""] * count, None, device=self.device,
-                                                               num_images_per_prompt=n,
-                                                               max_sequence_length=self.max_sequence_length)
-            self._null[key] = (null, null_pooled)
-        return self._null[key]
-
-    def _truncation(self, prompt: str) -> list[str]:
-        out = []
-        for tok in filter(None, (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None))):
-            if type(tok).__name__.startswith("T5"):  # T5 is cut at max_sequence_length, not model_max_length
-                continue
-            length = len(tok(prompt).input_ids)
-            if length > tok.model_max_length:
-                out.append(f"prompt is {length} tokens, truncated to {tok.model_max_length} as the pipeline does")
-                break
-        return out
+    Raises:
+        UnsupportedPipeline: no adapter serves this pipeline.
+    """
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in _ADAPTERS:
+            return _ADAPTERS[cls.__name__]
+    raise UnsupportedPipeline(f"sharpfast supports {', '.join(SUPPORTED_PIPELINES)} (and their subclasses); "
+                              f"got {type(pipe).__name__}")
 
 
-class LatentSpace:
-    """The pipeline's latents: their default size and shape, and the noise it starts from."""
+def adapter_families() -> dict:
+    """Every registered family's name -> its capabilities (what mitigations may need)."""
+    return {cls.family: cls.capabilities for cls in _ADAPTERS.values()}
 
-    def __init__(self, pipe, fam: str, device, dtype):
-        self.pipe, self.family, self.device, self.dtype = pipe, fam, device, dtype
-        self.is_xl = fam == "sdxl"
-        self.unet_config = denoiser(pipe).config
-        self.grid = {}  # Flux: packed length -> (h, w) of the latent before packing
 
-    def default_size(self) -> tuple[int, int]:
-        p = self.pipe
-        base = self.unet_config.sample_size if self.family == "sd" else p.default_sample_size
-        size = base * p.vae_scale_factor
-        return size, size
+def adapt(pipe, max_sequence_length=None) -> "ScoreModel":
+    """The pipeline's adapter (an adapter given is returned as it is)."""
+    return pipe if isinstance(pipe, ScoreModel) else ScoreModel(pipe, max_sequence_length)
 
-    def _flux_hw(self, height: int, width: int) -> tuple[int, int]:
-        f = self.pipe.vae_scale_factor * 2
-        return 2 * (height // f), 2 * (width // f)
+
+def family(pipe) -> str:
+    """"sd", "sdxl", "sd3" or "flux" (UnsupportedPipeline for anything else)."""
+    return adapter_class(pipe).family
+
+
+def denoiser(pipe):
+    """The pipeline's denoising network: pipe.unet, or pipe.transformer for SD3 / Flux."""
+    return getattr(pipe, adapter_class(pipe).network)
+
+
+class ScoreModel:
+    """A stock pipeline as a score model: the denoiser's predictions as eps and scores at any
+    latents (and an exact fp32 variant for derivatives), the schedule's alpha_bar; counts
+    denoiser calls and rows in `stats`.
+
+    `ScoreModel(pipe)` returns the adapter of the pipeline's family (a subclass below). A new
+    family is one subclass that sets `pipeline_class`, `family` and `network` and implements
+    `encode`, `default_size`, `call` and `read_call` (and, where they differ from a plain
+    latent UNet, `latent_shape`, `noise`, `channels_first`, `scheduler`, `split_capture`);
+    defining the class registers it.
+
+    Args:
+        pipe: a diffusers pipeline of a supported family.
+        max_sequence_length: the T5 encoder's length (SD3 256, Flux 512 by default).
+
+    Raises:
+        UnsupportedPipeline: no adapter serves the pipeline, or its scheduler's prediction type.
+    """
+
+    pipeline_class = ""       # the diffusers pipeline class this adapter serves (and its subclasses)
+    family = ""               # its short name: what mitigations and settings list
+    network = "unet"          # the pipeline attribute holding the denoising network
+    flow = False              # flow matching: the velocity presented at unit noise (module doc)
+    distilled = False         # guidance-distilled: the pipeline's own call has no null branch
+    embeddings_only = False   # the conditioning is the text embeddings alone (no pooled / added inputs)
+    cross_attention = False   # a UNet with cross-attention layers (attn2) between image and text
+    max_sequence_length: Optional[int] = None
+
+    # what mitigations may need: "cfg" (the call holds a null branch), "cross_attention",
+    # "embeddings_only"; derived from the flags above when a subclass is defined
+    capabilities: frozenset = frozenset()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.capabilities = frozenset(name for name, has in (("cfg", not cls.distilled),
+                                                            ("cross_attention", cls.cross_attention),
+                                                            ("embeddings_only", cls.embeddings_only)) if has)
+        if cls.pipeline_class:
+            _ADAPTERS[cls.pipeline_class] = cls
+
+    def __new__(cls, pipe=None, *args, **kwargs):
+        if cls is ScoreModel:
+            cls = adapter_class(pipe)
+        return super().__new__(cls)
+
+    def __init__(self, pipe, max_sequence_length=None):
+        self.pipe = pipe
+        self.unet = getattr(pipe, self.network)  # the denoising network: a UNet, or a transformer
+        self.prediction_type = self._prediction_type(pipe)
+        self.stats = {"unet_calls": 0, "unet_rows": 0}  # shared with with_unet() copies
+        self._place()
+        self.max_sequence_length = max_sequence_length or self.max_sequence_length
+        self.unet_config = self.unet.config
+        self._null: dict = {}  # batch shape -> the null embeddings the pipeline computed
+
+    def _prediction_type(self, pipe) -> str:
+        pt = pipe.scheduler.config.get("prediction_type", "epsilon")
+        if pt not in PREDICTION_TYPES or pt == "flow":
+            raise UnsupportedPipeline(f"unsupported scheduler prediction_type {pt!r}; expected one of "
+                                      f"{PREDICTION_TYPES[:3]}")
+        return pt
+
+    def _place(self):
+        # read once: diffusers' ModelMixin.device / .dtype walk the parameters on every access,
+        # which costs milliseconds per call on a per-prompt path (an adapter lives for one call)
+        self.device, self.dtype = self.unet.device, self.unet.dtype
+
+    # -- what each family implements ------------------------------------------------------
+    def encode(self, prompts: list, n: int, height: int, width: int, guidance_scale=None) -> Conditioning:
+        """Embeddings as the pipeline computes them for CFG (null = the empty prompt), n images per
+        prompt. The null embeddings depend only on the batch shape: encoded once per shape and
+        adapter (same call, same batch, so the same bits) and reused. guidance_scale: Flux's
+        embedded guidance (its own call's); the others ignore it."""
+        raise NotImplementedError
+
+    def default_size(self) -> tuple:
+        """(height, width) in pixels when a call names neither."""
+        raise NotImplementedError
+
+    def call(self, x, t, hidden, added):
+        """One call of the denoising network on rows x with these embeddings (its own signature)."""
+        raise NotImplementedError
+
+    def read_call(self, args, kwargs):
+        """The inverse of `call`, for a forward hook on the network: (x, t, hidden, added) of the
+        call the pipeline made (t a scalar on the scheduler's scale)."""
+        raise NotImplementedError
 
     def latent_shape(self, height: int, width: int) -> tuple:
-        """The shape of one image's latent as `pipe(latents=...)` takes it (Flux: packed, (L, 4C))."""
-        if self.family == "flux":
-            h, w = self._flux_hw(height, width)
-            L = (h // 2) * (w // 2)
-            self.grid[L] = (h, w)
-            return L, self.unet_config.in_channels
+        """The shape of one image's latent as `pipe(latents=...)` takes it."""
         f = self.pipe.vae_scale_factor
         return self.unet_config.in_channels, height // f, width // f
 
     def channels_first(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents as (N, C, h, w) (Flux's packed (N, L, 4C) unpacked; others as they are)."""
-        if self.family != "flux":
-            return x
-        h, w = self.grid[x.shape[1]]
-        c = x.shape[2] // 4
-        return x.view(len(x), h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(len(x), c, h, w)
+        """Latents as (N, C, h, w)."""
+        return x
 
     def noise(self, count: int, height: int, width: int, generator=None) -> torch.Tensor:
         """Unit Gaussian noise drawn exactly as pipe.prepare_latents draws it (same generator, same
-        order): what `pipe(latents=...)` takes, before the scheduler's init_noise_sigma (Flux:
-        drawn as (C, h, w), then packed as the pipeline packs it)."""
+        order): what `pipe(latents=...)` takes, before the scheduler's init_noise_sigma."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        if self.family == "flux":
-            h, w = self._flux_hw(height, width)
-            c = self.unet_config.in_channels // 4
-            self.latent_shape(height, width)
-            z = randn_tensor((count, c, h, w), generator=generator, device=self.device, dtype=self.dtype)
-            return z.view(count, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(count, -1, 4 * c)
-        shape = (count, *self.latent_shape(height, width))
-        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        return randn_tensor((count, *self.latent_shape(height, width)), generator=generator, device=self.device,
+                            dtype=self.dtype)
 
+    def split_capture(self, sample, t, pred, hidden, added, prompts: list, n: int, size: tuple):
+        """A captured CFG call [null; cond] (read_call's parts and its output) as
+        (x, cond, pred_null, pred_cond) of its N images."""
+        split = lambda d, i: None if d is None else {k: v.chunk(2)[i] for k, v in d.items()}  # noqa: E731
+        cond = Conditioning(hidden.chunk(2)[1], hidden.chunk(2)[0], split(added, 1), split(added, 0))
+        u, c = pred.chunk(2)
+        return sample.chunk(2)[1], cond, u, c
+
+    # -- the same for every family ----------------------------------------------------------
     def noise_for_ids(self, ids, n: int, height: int, width: int, seed: int) -> torch.Tensor:
         """The batch jobs' noise (scan, `sharpfast detect`, eval detect, the demo): prompt `id` draws
         its n images from a CPU generator seeded with seed + id, so a prompt's scores depend on its
@@ -329,89 +313,15 @@ class LatentSpace:
         """x_T as the pipeline starts from it: noise(...) * init_noise_sigma."""
         return self.noise(count, height, width, generator) * sched.init_noise_sigma
 
-
-class ScoreModel:
-    """A stock pipeline as a score model: the UNet's predictions as eps and scores at any latents
-    (and an exact fp32 variant for derivatives), the schedule's alpha_bar; counts UNet calls and
-    rows in `stats`. Prompt encoding (`.prompts`, a PromptEncoder) and latents and noise
-    (`.latents`, a LatentSpace) are kept apart; the methods below forward to them."""
-
-    def __init__(self, pipe, max_sequence_length=None):
-        self.family = _check_pipeline(pipe)
-        self.is_xl = self.family == "sdxl"
-        self.flow = self.family in ("sd3", "flux")
-        # guidance-distilled (Flux): the pipeline's own call has no null branch
-        self.distilled = self.family == "flux"
-        self.pipe = pipe
-        self.unet = denoiser(pipe)  # the denoising network: a UNet, or SD3's / Flux's transformer
-        self.prediction_type = "flow" if self.flow else pipe.scheduler.config.get("prediction_type", "epsilon")
-        self.stats = {"unet_calls": 0, "unet_rows": 0}  # shared with with_unet() copies
-        self._place()
-        self.prompts = PromptEncoder(pipe, self.family, self.device, max_sequence_length)
-        self.latents = LatentSpace(pipe, self.family, self.device, self.dtype)
-
-    def _place(self):
-        # read once: diffusers' ModelMixin.device / .dtype walk the parameters on every access,
-        # which costs milliseconds per call on a per-prompt path (an adapter lives for one call)
-        self.device, self.dtype = self.unet.device, self.unet.dtype
-
-    # -- forwarded to the prompt encoder and the latent space ------------------------------
-    def encode(self, prompts: list[str], n: int, height: int, width: int, guidance_scale=None) -> "Conditioning":
-        """guidance_scale: Flux's embedded guidance (its own call's guidance_scale); others ignore it."""
-        return self.prompts.encode(prompts, n, height, width, guidance_scale)
-
-    def channels_first(self, x: torch.Tensor) -> torch.Tensor:
-        return self.latents.channels_first(x)
-
-    def default_size(self) -> tuple[int, int]:
-        return self.latents.default_size()
-
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        return self.latents.latent_shape(height, width)
-
-    def noise(self, count: int, height: int, width: int, generator=None) -> torch.Tensor:
-        return self.latents.noise(count, height, width, generator)
-
-    def noise_for_ids(self, ids, n: int, height: int, width: int, seed: int) -> torch.Tensor:
-        return self.latents.noise_for_ids(ids, n, height, width, seed)
-
-    def initial_latents(self, sched, count: int, height: int, width: int, generator=None) -> torch.Tensor:
-        return self.latents.initial_latents(sched, count, height, width, generator)
-
-    # -- schedule -----------------------------------------------------------------------
     def scheduler(self, num_inference_steps: int, height=None, width=None):
         """A private copy of the pipeline's scheduler with its timesteps set as the pipeline sets
-        them (Flux: sigmas 1 .. 1/n shifted by the image's sequence length; height / width default
-        to the pipeline's). A flow-matching scheduler gets init_noise_sigma 1 and an identity
-        scale_model_input, so the samplers' code is the same for every family."""
+        them (height / width matter to Flux's shift only)."""
         sched = copy.deepcopy(self.pipe.scheduler)
-        if not self.flow:
-            sched.set_timesteps(num_inference_steps, device=self.device)
-            return sched
-        if self.family == "flux":  # as FluxPipeline: sigmas 1 .. 1/n, shifted by the image's sequence length
-            import numpy as np
-            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-            dh, dw = self.default_size()
-            c = sched.config
-            L = self.latent_shape(height or dh, width or dw)[0]  # also registers the packed grid
-            kw = {}
-            if c.get("use_dynamic_shifting", False):
-                kw["mu"] = calculate_shift(L, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                                           c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-            sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps),
-                                device=self.device, **kw)
-        else:
-            sched.set_timesteps(num_inference_steps, device=self.device)
-        sched.init_noise_sigma = 1.0
-        sched.scale_model_input = lambda sample, timestep=None: sample
+        sched.set_timesteps(num_inference_steps, device=self.device)
         return sched
 
     def alpha_bar(self, sched, t) -> float:
-        """alpha_bar of the VP latent the UNet sees at t (call after sched.scale_model_input);
-        0 for flow-matching models, whose velocity the adapter presents at unit noise (module doc)."""
-        if self.flow:
-            return 0.0
+        """alpha_bar of the VP latent the UNet sees at t (call after sched.scale_model_input)."""
         if type(sched).__name__ in _SIGMA_SPACE:
             index = sched.step_index
             if index is None:  # before the first step (a fresh copy): the index of t in the schedule
@@ -421,8 +331,6 @@ class ScoreModel:
 
     def alpha_bar_at(self, sched, index: int) -> float:
         """alpha_bar at the index-th timestep of a scheduler whose timesteps are set."""
-        if self.flow:
-            return 0.0
         if type(sched).__name__ in _SIGMA_SPACE:
             sigma = float(sched.sigmas[index])
             return 1.0 / (1.0 + sigma * sigma)
@@ -450,41 +358,261 @@ class ScoreModel:
         other._place()
         return other
 
-    # -- UNet -----------------------------------------------------------------------------
-    def _call(self, x, t, hidden, added):
-        """One call of the denoising network on rows x with these embeddings (its own signature)."""
-        tt = torch.as_tensor(t, device=self.device)
-        if self.family in ("sd", "sdxl"):
-            return self.unet(x, tt, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
-        tt = tt.reshape(-1)[:1].expand(len(x))
-        if self.family == "sd3":
-            return self.unet(hidden_states=x, timestep=tt.to(x.dtype), encoder_hidden_states=hidden,
-                             pooled_projections=added["pooled_projections"], return_dict=False)[0]
-        h, w = self.latents.grid[x.shape[1]]  # Flux: the transformer takes t / 1000 and position ids
-        img_ids = self.pipe._prepare_latent_image_ids(len(x), h // 2, w // 2, self.device, x.dtype)
-        txt_ids = self.prompts.txt_ids
-        if txt_ids is None:
-            txt_ids = torch.zeros(hidden.shape[1], 3, device=self.device, dtype=x.dtype)
-        return self.unet(hidden_states=x, timestep=(tt / 1000).to(x.dtype), guidance=added.get("guidance"),
-                         pooled_projections=added["pooled_projections"], encoder_hidden_states=hidden,
-                         txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-
     def predict(self, x: torch.Tensor, t, cond: Conditioning, repeats: int = 1):
         """Raw predictions (null, cond) at x (R*N rows, R = repeats of the N images) in ONE UNet call."""
         hidden, added = cond.cfg_batch(repeats)
         xx = torch.cat([x, x]).to(self.dtype)
         self.stats["unet_calls"] += 1
         self.stats["unet_rows"] += xx.shape[0]
-        return self._call(xx, t, hidden, added).chunk(2)
+        return self.call(xx, t, hidden, added).chunk(2)
 
     def predict_branch(self, x: torch.Tensor, t, cond: Conditioning, branch: str = "cond"):
         """One branch alone at x (N rows, one call on N rows): "cond" or "null"."""
         self.stats["unet_calls"] += 1
         self.stats["unet_rows"] += x.shape[0]
         hidden, added = (cond.cond, cond.cond_added) if branch == "cond" else (cond.null, cond.null_added)
-        return self._call(x.to(self.dtype), t, hidden, added)
+        return self.call(x.to(self.dtype), t, hidden, added)
 
     def eps(self, x, t, alpha_bar, cond: Conditioning, repeats: int = 1):
         """(eps_null, eps_cond) in fp32."""
         u, c = self.predict(x, t, cond, repeats)
         return to_eps(u, x, alpha_bar, self.prediction_type), to_eps(c, x, alpha_bar, self.prediction_type)
+
+    def _truncation(self, prompt: str) -> list:
+        out = []
+        for tok in filter(None, (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None))):
+            if type(tok).__name__.startswith("T5"):  # T5 is cut at max_sequence_length, not model_max_length
+                continue
+            length = len(tok(prompt).input_ids)
+            if length > tok.model_max_length:
+                out.append(f"prompt is {length} tokens, truncated to {tok.model_max_length} as the pipeline does")
+                break
+        return out
+
+    def _cached_null(self, key, compute):
+        """The null embeddings of a batch shape: `compute()` once per shape and adapter."""
+        if key not in self._null:
+            self._null[key] = compute()
+        return self._null[key]
+
+
+class StableDiffusionModel(ScoreModel):
+    """Stable Diffusion 1.x / 2.x: a UNet on CLIP embeddings (epsilon, v or sample prediction)."""
+
+    pipeline_class, family, embeddings_only, cross_attention = "StableDiffusionPipeline", "sd", True, True
+
+    def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
+        warnings = [self._truncation(prompt) for prompt in prompts]
+        key = (len(prompts), n, height, width)
+        fresh = key not in self._null
+        with torch.no_grad():
+            cond, null = self.pipe.encode_prompt(prompts, self.device, n, fresh)
+        return Conditioning(cond, self._cached_null(key, lambda: null), warnings=warnings)
+
+    def default_size(self) -> tuple:
+        size = self.unet_config.sample_size * self.pipe.vae_scale_factor
+        return size, size
+
+    def call(self, x, t, hidden, added):
+        tt = torch.as_tensor(t, device=self.device)
+        return self.unet(x, tt, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+
+    def read_call(self, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        return sample, _scalar(t), kwargs["encoder_hidden_states"], kwargs.get("added_cond_kwargs")
+
+
+class StableDiffusionXLModel(StableDiffusionModel):
+    """SDXL: two CLIP encoders, their pooled embedding and the size conditioning as added inputs."""
+
+    pipeline_class, family, embeddings_only = "StableDiffusionXLPipeline", "sdxl", False
+
+    def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
+        p, warnings = self.pipe, [self._truncation(prompt) for prompt in prompts]
+        key = (len(prompts), n, height, width)
+        fresh = key not in self._null
+        with torch.no_grad():
+            cond, null, pooled, null_pooled = p.encode_prompt(prompts, device=self.device, num_images_per_prompt=n,
+                                                              do_classifier_free_guidance=fresh)
+            null, null_pooled = self._cached_null(key, lambda: (null, null_pooled))
+            proj = int(pooled.shape[-1]) if p.text_encoder_2 is None else p.text_encoder_2.config.projection_dim
+            time_ids = p._get_add_time_ids((height, width), (0, 0), (height, width), dtype=cond.dtype,
+                                           text_encoder_projection_dim=proj).to(self.device).repeat(len(cond), 1)
+        return Conditioning(cond, null, {"text_embeds": pooled, "time_ids": time_ids},
+                            {"text_embeds": null_pooled, "time_ids": time_ids}, warnings)
+
+    def default_size(self) -> tuple:
+        size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return size, size
+
+
+class _FlowModel(ScoreModel):
+    """Flow-matching transformers (SD3, Flux): the velocity presented as eps at unit noise."""
+
+    network, flow = "transformer", True
+
+    def _prediction_type(self, pipe) -> str:
+        return "flow"
+
+    def default_size(self) -> tuple:
+        size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return size, size
+
+    def scheduler(self, num_inference_steps: int, height=None, width=None):
+        """As the base, then init_noise_sigma 1 and an identity scale_model_input, so the samplers'
+        code is the same for every family."""
+        sched = self._set_timesteps(copy.deepcopy(self.pipe.scheduler), num_inference_steps, height, width)
+        sched.init_noise_sigma = 1.0
+        sched.scale_model_input = lambda sample, timestep=None: sample
+        return sched
+
+    def _set_timesteps(self, sched, num_inference_steps, height, width):
+        sched.set_timesteps(num_inference_steps, device=self.device)
+        return sched
+
+    def alpha_bar(self, sched, t) -> float:
+        """0: the velocity is presented at unit noise (module doc)."""
+        return 0.0
+
+    def alpha_bar_at(self, sched, index: int) -> float:
+        return 0.0
+
+
+class StableDiffusion3Model(_FlowModel):
+    """Stable Diffusion 3: an MMDiT on CLIP x2 + T5 embeddings and a pooled projection."""
+
+    pipeline_class, family, max_sequence_length = "StableDiffusion3Pipeline", "sd3", 256
+
+    def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
+        warnings = [self._truncation(prompt) for prompt in prompts]
+        key = (len(prompts), n, height, width)
+        fresh = key not in self._null
+        with torch.no_grad():  # the null branch: the empty negative prompt, as the pipeline makes it
+            cond, null, pooled, null_pooled = self.pipe.encode_prompt(
+                prompts, None, None, device=self.device, num_images_per_prompt=n, do_classifier_free_guidance=fresh,
+                max_sequence_length=self.max_sequence_length)
+        null, null_pooled = self._cached_null(key, lambda: (null, null_pooled))
+        return Conditioning(cond, null, {"pooled_projections": pooled}, {"pooled_projections": null_pooled}, warnings)
+
+    def call(self, x, t, hidden, added):
+        tt = torch.as_tensor(t, device=self.device).reshape(-1)[:1].expand(len(x))
+        return self.unet(hidden_states=x, timestep=tt.to(x.dtype), encoder_hidden_states=hidden,
+                         pooled_projections=added["pooled_projections"], return_dict=False)[0]
+
+    def read_call(self, args, kwargs):
+        added = {"pooled_projections": kwargs["pooled_projections"]}
+        return kwargs["hidden_states"], _scalar(kwargs["timestep"]), kwargs["encoder_hidden_states"], added
+
+
+class FluxModel(_FlowModel):
+    """Flux: guidance-distilled (no null branch in its call; the empty prompt plays it here), packed
+    latents (N, L, 4C) with position ids, the embedded guidance as an input, a shifted schedule."""
+
+    pipeline_class, family, distilled, max_sequence_length = "FluxPipeline", "flux", True, 512
+
+    def __init__(self, pipe, max_sequence_length=None):
+        super().__init__(pipe, max_sequence_length)
+        self.txt_ids = None  # the text tokens' position ids
+        self.grid: dict = {}  # packed length -> (h, w) of the latent before packing
+
+    def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
+        warnings = [self._truncation(prompt) for prompt in prompts]
+        with torch.no_grad():
+            cond, pooled, txt_ids = self.pipe.encode_prompt(prompts, None, device=self.device,
+                                                            num_images_per_prompt=n,
+                                                            max_sequence_length=self.max_sequence_length)
+        null, null_pooled = self.null_branch(len(prompts), n, (len(prompts), n, height, width))
+        self.txt_ids = txt_ids
+        ca, na = {"pooled_projections": pooled}, {"pooled_projections": null_pooled}
+        if self.unet.config.guidance_embeds:
+            g = torch.full((len(cond),), 3.5 if guidance_scale is None else float(guidance_scale),
+                           device=self.device, dtype=torch.float32)
+            ca["guidance"], na["guidance"] = g, g
+        return Conditioning(cond, null, ca, na, warnings)
+
+    def null_branch(self, count: int, n: int, key=None):
+        """The empty prompt's (embeddings, pooled), encoded once per batch shape."""
+        def compute():
+            with torch.no_grad():
+                null, null_pooled, _ = self.pipe.encode_prompt([""] * count, None, device=self.device,
+                                                               num_images_per_prompt=n,
+                                                               max_sequence_length=self.max_sequence_length)
+            return null, null_pooled
+        return self._cached_null(key if key is not None else (count, n), compute)
+
+    def _hw(self, height: int, width: int) -> tuple:
+        f = self.pipe.vae_scale_factor * 2
+        return 2 * (height // f), 2 * (width // f)
+
+    def latent_shape(self, height: int, width: int) -> tuple:
+        """Packed, (L, 4C); registers the grid for channels_first and the position ids."""
+        h, w = self._hw(height, width)
+        L = (h // 2) * (w // 2)
+        self.grid[L] = (h, w)
+        return L, self.unet_config.in_channels
+
+    def channels_first(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = self.grid[x.shape[1]]
+        c = x.shape[2] // 4
+        return x.view(len(x), h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(len(x), c, h, w)
+
+    def noise(self, count: int, height: int, width: int, generator=None) -> torch.Tensor:
+        """Drawn as (C, h, w), then packed as the pipeline packs it."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        h, w = self._hw(height, width)
+        c = self.unet_config.in_channels // 4
+        self.latent_shape(height, width)
+        z = randn_tensor((count, c, h, w), generator=generator, device=self.device, dtype=self.dtype)
+        return z.view(count, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(count, -1, 4 * c)
+
+    def _set_timesteps(self, sched, num_inference_steps, height, width):
+        """As FluxPipeline: sigmas 1 .. 1/n, shifted by the image's sequence length."""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        dh, dw = self.default_size()
+        c = sched.config
+        L = self.latent_shape(height or dh, width or dw)[0]  # also registers the packed grid
+        kw = {}
+        if c.get("use_dynamic_shifting", False):
+            kw["mu"] = calculate_shift(L, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                       c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps),
+                            device=self.device, **kw)
+        return sched
+
+    def call(self, x, t, hidden, added):
+        tt = torch.as_tensor(t, device=self.device).reshape(-1)[:1].expand(len(x))
+        h, w = self.grid[x.shape[1]]  # the transformer takes t / 1000 and position ids
+        img_ids = self.pipe._prepare_latent_image_ids(len(x), h // 2, w // 2, self.device, x.dtype)
+        txt_ids = self.txt_ids
+        if txt_ids is None:
+            txt_ids = torch.zeros(hidden.shape[1], 3, device=self.device, dtype=x.dtype)
+        return self.unet(hidden_states=x, timestep=(tt / 1000).to(x.dtype), guidance=added.get("guidance"),
+                         pooled_projections=added["pooled_projections"], encoder_hidden_states=hidden,
+                         txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+
+    def read_call(self, args, kwargs):
+        added = {"pooled_projections": kwargs["pooled_projections"]}
+        if kwargs.get("guidance") is not None:  # the embedded guidance, per row
+            added["guidance"] = kwargs["guidance"]
+        t = kwargs["timestep"] * 1000  # the transformer takes t / 1000
+        return kwargs["hidden_states"], _scalar(t), kwargs["encoder_hidden_states"], added
+
+    def split_capture(self, sample, t, pred, hidden, added, prompts, n, size):
+        """The call holds the conditional branch only (its embeddings are the capture's); the null
+        branch, the empty prompt, costs one call on the N rows."""
+        self.latent_shape(*size)  # the packed latents' grid, for the position ids
+        null, null_pooled = self.null_branch(len(prompts), n)
+        ca = dict(added)
+        cond = Conditioning(hidden, null, ca, {**ca, "pooled_projections": null_pooled})
+        with torch.no_grad():
+            u = self.predict_branch(sample, t, cond, "null")
+        return sample, cond, u, pred
+
+
+def _scalar(t):
+    """A timestep as one value (a per-row tensor's first element)."""
+    return t.reshape(-1)[0] if torch.is_tensor(t) and t.dim() else t

@@ -32,10 +32,11 @@ from typing import Optional
 import torch
 
 from . import mitigations, validate
-from .errors import BadArgument, NonFiniteOutput
+from .errors import BadArgument, NonFiniteOutput, UsageError
 from .metrics import REGISTRY, Step
+from .mitigations import generator_states, restore_generators
 from .monitoring import GuardStats
-from .score import Conditioning, ScoreModel, denoiser, pipeline_defaults
+from .score import ScoreModel, denoiser, pipeline_defaults
 
 log = logging.getLogger("sharpfast.guard")
 
@@ -62,24 +63,84 @@ class _Mitigate(Exception):
     """Raised from the step callback: the request holds a flagged prompt; stop after step 1."""
 
 
-def _generator_states(gens):
-    if gens is None:
-        return None
-    return [g.get_state() for g in (gens if isinstance(gens, list) else [gens])]
-
-
-def _restore(gens, states):
-    if gens is not None:
-        for g, st in zip(gens if isinstance(gens, list) else [gens], states):
-            g.set_state(st)
-
-
 def pipeline_lock(pipe) -> threading.RLock:
+    """The one lock of a pipeline object, shared by every guard on it."""
     with _PIPE_LOCKS_GUARD:
         lock = _PIPE_LOCKS.get(pipe)
         if lock is None:
             lock = _PIPE_LOCKS[pipe] = threading.RLock()
         return lock
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """What a guard does, checked once: the metric, the threshold ("auto" or a number), the
+    mitigation (its registry entry and setting) and SAIL's extra keywords."""
+
+    metric: str
+    threshold: object
+    mitigation: Optional[str]
+    method: object
+    setting: object
+    sail_kwargs: dict
+    name: str
+
+    @classmethod
+    def build(cls, model, metric, threshold, mitigation, setting, sail_kwargs, name) -> "GuardConfig":
+        """The checked configuration (BadArgument / UnsupportedPipeline naming what is wrong)."""
+        if metric not in GUARD_METRICS:
+            raise BadArgument(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
+        if mitigation == "auto":
+            mitigation, auto_setting = next((m, st) for m, st in AUTO_MITIGATION
+                                            if mitigations.get(m).supports(model))
+            setting = auto_setting if setting is None else setting
+        method = None if mitigation is None else mitigations.get(mitigation)
+        if method is not None:
+            mitigations.check_family(method, model)
+            if method.kind == "prompt":
+                raise BadArgument(f"the guard mitigates single images; {mitigation!r} changes whole prompts")
+            setting = method.default if setting is None else setting
+        sail_kwargs = dict(sail_kwargs or {})
+        if "threshold" in sail_kwargs or "stop" in sail_kwargs:
+            raise BadArgument("SAIL inside the guard stops on the guard's own metric and threshold: drop sail_kwargs' "
+                              "threshold (mitigation='sail_guard', setting=margin stops under margin x threshold)")
+        if threshold != "auto":  # +inf is allowed (score only, never flag); NaN would silently flag nothing
+            threshold = validate.finite(threshold, "threshold", allow_inf=True)
+        return cls(metric, threshold, mitigation, method, setting, sail_kwargs, str(name))
+
+
+class _Thresholds:
+    """The threshold at a request's (num_inference_steps, guidance_scale): the given number, or for
+    "auto" the model's calibration at that setting, resolved once each, when first needed (the
+    first timestep and the guidance change the scores' scale; see sharpfast.calibration)."""
+
+    def __init__(self, pipe, metric: str, given, defaults: dict):
+        self.pipe, self.metric, self.given, self.defaults = pipe, metric, given, defaults
+        self.sources: dict = {}
+        self._table: dict = {}
+        self._lock = threading.Lock()
+
+    def at(self, steps=None, guidance=None) -> float:
+        if self.given != "auto":
+            return float(self.given)
+        key = (int(steps or self.defaults["num_inference_steps"]),
+               float(self.defaults["guidance_scale"] if guidance is None else guidance))
+        with self._lock:
+            if key not in self._table:
+                from .calibration import resolve
+
+                found = resolve(self.pipe, self.metric, "threshold", num_inference_steps=key[0], guidance_scale=key[1])
+                value = validate.finite(found.value, f"the calibrated threshold ({found.source})", allow_inf=True)
+                self._table[key], self.sources[key] = value, found.source
+                log.info("sharpfast.guard: %s > %.4g at %d steps, guidance %g (%s)", self.metric, value, *key,
+                         found.source)
+            return self._table[key]
+
+    def source(self) -> str:
+        if self.given != "auto":
+            return "given"
+        self.at()
+        return self.sources[(int(self.defaults["num_inference_steps"]), float(self.defaults["guidance_scale"]))]
 
 
 @dataclass
@@ -95,12 +156,7 @@ class _Request:
     steps: int
     user_cb: object = None
     added_s: float = 0.0
-    # the first UNet call's capture
-    sample: object = None
-    t: object = None
-    pred: object = None
-    hidden: object = None
-    added: object = None
+    capture: Optional[tuple] = None  # the first call: (sample, t, pred, hidden, added) from model.read_call
     alpha_bar: float = 0.0
     schedule: object = None
     bad: object = None  # per image: NaN/inf seen in any call of the request (on the device: no sync per step)
@@ -125,68 +181,124 @@ class _Request:
             raise NonFiniteOutput(f"the denoiser returned NaN/inf during the guarded generation of prompt "
                                   f"{self.prompts[i]!r}")
 
+    def capture_call(self, args, kwargs, pred, scheduler) -> None:
+        """Keep the first denoiser call (read back by the adapter) and alpha_bar now: Euler-type
+        schedulers read it from their step index, which moves on."""
+        sample, t, hidden, added = self.model.read_call(args, kwargs)
+        if sample.shape[0] % 2 and not self.model.distilled:
+            raise BadArgument("sharpfast.guard expects the CFG batch [null; cond]: call with guidance_scale > 1")
+        self.capture = (sample.detach(), t, pred.detach(), hidden.detach(), added)
+        self.alpha_bar, self.schedule = self.model.alpha_bar(scheduler, t), scheduler
+
+    def decide(self, metric: str) -> dict:
+        """Per-prompt scores (mean over its images) and flags, from the captured first call."""
+        if self.capture is None:
+            raise UsageError("the pipeline made no UNet call; nothing was scored")
+        start = time.perf_counter()
+        sample, t, pred, hidden, added = self.capture
+        x, cond, u, c = self.model.split_capture(sample, t, pred, hidden, added, self.prompts, self.n, self.size)
+        step = Step(self.model, x, t, self.alpha_bar, cond, u, c, names=self.prompts, n=self.n, schedule=self.schedule)
+        step.check(u, "null branch at the first step")  # NaN > threshold is False: it would pass unflagged
+        step.check(c, "conditional branch at the first step")
+        with torch.no_grad():
+            scores = REGISTRY[metric].fn(step).float().view(len(self.prompts), self.n).mean(dim=1).cpu()
+        self.added_s += time.perf_counter() - start
+        bad = ~torch.isfinite(scores)
+        if bool(bad.any()):  # finite predictions, yet no finite score (an overflow in the metric)
+            raise NonFiniteOutput(f"the {metric} score of prompt {self.prompts[int(bad.nonzero()[0])]!r} is not finite")
+        return {"scores": scores, "flagged": scores > self.threshold}
+
+    def report(self, metric: str, mitigation) -> list:
+        """The per-prompt report the guard attaches to the output."""
+        d = self.decision
+        reports = self.reports or [(False, "not flagged" if not f else "report only (mitigation=None)")
+                                   for f in d["flagged"].tolist()]
+        return [{"prompt": p, "score": float(s), "metric": metric, "threshold": self.threshold, "flagged": bool(f),
+                 "mitigated": bool(f) and m, "mitigation": mitigation if f else None, "check": c}
+                for p, s, f, (m, c) in zip(self.prompts, d["scores"], d["flagged"], reports)]
+
+    def take_callback(self, call: dict) -> dict:
+        """Take the user's step callback out of the call (it is chained after the guard's own)."""
+        self.user_cb = call.pop("callback_on_step_end", None)
+        inputs = call.pop("callback_on_step_end_tensor_inputs", None) or getattr(self.user_cb, "tensor_inputs", None)
+        call["callback_on_step_end_tensor_inputs"] = list(dict.fromkeys([*(inputs or ["latents"]), "latents"]))
+        return call
+
+    def watch_callback(self):
+        """A step callback that watches the latents for NaN/inf (the sampler's own arithmetic, a
+        huge guidance), then runs the user's."""
+        def watch(pipe, i, t, cb_kwargs):
+            self.note_finite(cb_kwargs["latents"].detach())
+            return self.user_cb(pipe, i, t, cb_kwargs) if self.user_cb is not None else {}
+        return watch
+
+    def step_callback(self, metric: str, stop_if_flagged: bool):
+        """watch_callback, plus the decision at the first step (outside the denoiser's hook): a
+        request with a flagged prompt stops there (_Mitigate) when it is to be mitigated."""
+        watch = self.watch_callback()
+
+        def on_step_end(pipe, i, t, cb_kwargs):
+            if self.decision is None:
+                self.note_finite(cb_kwargs["latents"].detach())
+                self.decision = self.decide(metric)
+                if stop_if_flagged and bool(self.decision["flagged"].any()):
+                    raise _Mitigate()
+            return watch(pipe, i, t, cb_kwargs)
+        return on_step_end
+
+    def context(self, pipe, noise, generator, metric: str):
+        """The mitigation context of the flagged rows."""
+        flagged = self.decision["flagged"].nonzero().view(-1).tolist()
+        return mitigations.Context(pipe, self.model, self.prompts, self.n, noise, *self.size, self.steps,
+                                   self.guidance, generator, rows=[i * self.n + j for i in flagged
+                                                                   for j in range(self.n)],
+                                   guard={"metric": metric, "threshold": self.threshold})
+
+
+def _new_request(pipe, thresholds: _Thresholds, prompt, kwargs) -> _Request:
+    """The request's state, every argument checked before the pipeline runs."""
+    model = ScoreModel(pipe, kwargs.get("max_sequence_length"))  # per request: the pipeline may have moved
+    if "prompt_embeds" in kwargs:
+        raise BadArgument("sharpfast.guard scores text prompts: pass prompt, not prompt_embeds")
+    prompts = validate.prompts(prompt, "prompt")
+    guidance = kwargs.get("guidance_scale", thresholds.defaults["guidance_scale"])
+    guidance = validate.guidance_scale(guidance, needs_cfg=not model.distilled)
+    n = kwargs.get("num_images_per_prompt")
+    n = 1 if n is None else validate.integer(n, "num_images_per_prompt")
+    validate.generators(kwargs.get("generator"), len(prompts) * n)
+    dh, dw = model.default_size()
+    size = (kwargs.get("height") or dh, kwargs.get("width") or dw)
+    validate.latents(kwargs.get("latents"), (len(prompts) * n, *model.latent_shape(*size)), size)
+    steps = int(kwargs.get("num_inference_steps") or thresholds.defaults["num_inference_steps"])
+    return _Request(model, prompts, n, size, thresholds.at(steps, guidance), guidance, steps)
+
 
 class Guard:
     """A stock pipeline wrapped for serving; see sharpfast.guard."""
 
-    def __init__(self, pipe, metric=DEFAULT_METRIC, threshold="auto", mitigation=DEFAULT_MITIGATION, sail_kwargs=None,
-                 name="default", setting=None):
-        model = ScoreModel(pipe)  # raises UnsupportedPipeline now, not at the first request
-        if metric not in GUARD_METRICS:
-            raise BadArgument(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
-        if mitigation == "auto":
-            mitigation, auto_setting = next((m, st) for m, st in AUTO_MITIGATION
-                                            if model.family in mitigations.get(m).families)
-            setting = auto_setting if setting is None else setting
-        self.method = None if mitigation is None else mitigations.get(mitigation)
-        if self.method is not None:
-            mitigations.check_family(self.method, model)
-            if self.method.kind == "prompt":
-                raise BadArgument(f"the guard mitigates single images; {mitigation!r} changes whole prompts")
-        self.pipe, self.metric, self.mitigation = pipe, metric, mitigation
-        self.setting = self.method.default if setting is None and self.method is not None else setting
-        self.sail_kwargs = dict(sail_kwargs or {})
-        if "threshold" in self.sail_kwargs or "stop" in self.sail_kwargs:
-            raise BadArgument("SAIL inside the guard stops on the guard's own metric and threshold: drop sail_kwargs' "
-                              "threshold (mitigation='sail_guard', setting=margin stops under margin x threshold)")
-        self._defaults = pipeline_defaults(pipe)
-        self._auto = threshold == "auto"
-        self._thresholds = {}  # (num_inference_steps, guidance_scale) -> threshold, for "auto"
-        self._auto_lock = threading.Lock()
-        if self._auto:  # the model's calibration (beside it, cached, or made now); see sharpfast.calibration
-            threshold = self._auto_threshold(self._defaults["num_inference_steps"], self._defaults["guidance_scale"])
-        else:
-            self.threshold_source = "given"
-        # +inf is allowed (score only, never flag); NaN would silently flag nothing
-        self.threshold = validate.finite(threshold, "threshold", allow_inf=True)
-        log.info("sharpfast.guard: %s > %.4g (%s), mitigation %s", metric, self.threshold, self.threshold_source,
-                 mitigation)
+    def __init__(self, pipe, config: GuardConfig):
+        self.pipe, self.config = pipe, config
+        self.metric, self.mitigation, self.method, self.setting = (config.metric, config.mitigation, config.method,
+                                                                   config.setting)
+        self._thresholds = _Thresholds(pipe, config.metric, config.threshold, pipeline_defaults(pipe))
         self._local = threading.local()  # per-request state: one per thread
-        self._stats = GuardStats(str(name), metric, self.threshold)
+        self._stats = GuardStats(config.name, config.metric, None if config.threshold == "auto" else config.threshold)
         self._lock = pipeline_lock(pipe)
         self._handle = denoiser(pipe).register_forward_hook(self._hook, with_kwargs=True)
+        log.info("sharpfast.guard: %s > %s, mitigation %s", config.metric, config.threshold, config.mitigation)
 
-    def _auto_threshold(self, steps, guidance):
-        """threshold="auto" at a request's settings: the first timestep (num_inference_steps) and the
-        guidance change the scores' scale, so each setting has its own calibration."""
-        key = (int(steps), float(guidance))
-        with self._auto_lock:
-            if key not in self._thresholds:
-                from .calibration import resolve
+    @property
+    def threshold(self) -> float:
+        """The threshold at the pipeline's default settings (threshold="auto": calibrated on first use)."""
+        return self._thresholds.at()
 
-                found = resolve(self.pipe, self.metric, "threshold", num_inference_steps=key[0],
-                                guidance_scale=key[1])
-                self._thresholds[key] = found.value
-                if key == (self._defaults["num_inference_steps"], float(self._defaults["guidance_scale"])):
-                    self.threshold_source = found.source
-                else:
-                    log.info("sharpfast.guard: %s > %.4g at %d steps, guidance %g (%s)", self.metric,
-                             found.value, key[0], key[1], found.source)
-            return self._thresholds[key]
+    @property
+    def threshold_source(self) -> str:
+        """Where that threshold came from ("given", a calibration file, the cache, calibrated now)."""
+        return self._thresholds.source()
 
     def calibrate(self, num_inference_steps=None, guidance_scale=None) -> float:
-        """The threshold at these request settings (default: the pipeline's own), calibrating now if
-        threshold="auto" has none yet, so that no request waits for it.
+        """Resolve the threshold at these request settings now, so that no request waits for it.
 
         Args:
             num_inference_steps: the requests' steps (default the pipeline's).
@@ -195,66 +307,18 @@ class Guard:
         Returns:
             The threshold the guard flags above at those settings.
         """
-        steps = num_inference_steps or self._defaults["num_inference_steps"]
-        guidance = self._defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        return self._auto_threshold(steps, guidance) if self._auto else self.threshold
+        return self._thresholds.at(num_inference_steps, guidance_scale)
 
-    # -- the hook: capture the first call, watch every call for NaN/inf --------------------------
     def _hook(self, unet, args, kwargs, output):
+        """The denoiser's forward hook: capture the first call, watch every call for NaN/inf."""
         req = getattr(self._local, "request", None)
-        if req is None:  # not a guarded request
-            return None
-        pred = output[0] if isinstance(output, tuple) else output.sample
-        req.note_finite(pred.detach())
-        if req.pred is not None:  # its first call is captured
-            return None
-        model = req.model
-        if model.flow:  # SD3 / Flux transformers: keyword arguments of their own
-            sample, t = kwargs["hidden_states"], kwargs["timestep"]
-            if model.family == "flux":
-                t = t * 1000  # Flux's transformer takes t / 1000
-            added = {"pooled_projections": kwargs["pooled_projections"]}
-            if kwargs.get("guidance") is not None:  # Flux's embedded guidance, per row
-                added["guidance"] = kwargs["guidance"]
-        else:
-            sample = args[0] if args else kwargs["sample"]
-            t = args[1] if len(args) > 1 else kwargs["timestep"]
-            added = kwargs.get("added_cond_kwargs")
-        t = t.reshape(-1)[0] if torch.is_tensor(t) and t.dim() else t
-        if sample.shape[0] % 2 and not model.distilled:
-            raise RuntimeError("sharpfast.guard expects the CFG batch [null; cond]: call with guidance_scale > 1")
-        # alpha_bar now: Euler-type schedulers read it from their step index, which moves on
-        req.sample, req.t, req.pred = sample.detach(), t, pred.detach()
-        req.hidden, req.added = kwargs["encoder_hidden_states"].detach(), added
-        req.alpha_bar, req.schedule = model.alpha_bar(self.pipe.scheduler, t), self.pipe.scheduler
+        if req is not None:  # else not a guarded request
+            pred = output[0] if isinstance(output, tuple) else output.sample
+            req.note_finite(pred.detach())
+            if req.capture is None:
+                req.capture_call(args, kwargs, pred, self.pipe.scheduler)
         return None
 
-    def _score(self, req: _Request):
-        """The metric of every image of the captured CFG batch (outside the hook)."""
-        model = req.model
-        if model.distilled:
-            # Flux: the pipeline's call holds the conditional branch only (its embeddings are the
-            # capture's); the null branch, the empty prompt, costs one call on the N rows
-            model.latent_shape(*req.size)  # the packed latents' grid, for the position ids
-            null, null_pooled = model.prompts.flux_null(len(req.prompts), req.n)
-            ca = dict(req.added)
-            cond = Conditioning(req.hidden, null, ca, {**ca, "pooled_projections": null_pooled})
-            x, c = req.sample, req.pred
-            with torch.no_grad():
-                u = model.predict_branch(x, req.t, cond, "null")
-        else:
-            split = lambda d, i: None if d is None else {k: v.chunk(2)[i] for k, v in d.items()}  # noqa: E731
-            hidden, added = req.hidden, req.added
-            cond = Conditioning(hidden.chunk(2)[1], hidden.chunk(2)[0], split(added, 1), split(added, 0))
-            u, c = req.pred.chunk(2)
-            x = req.sample.chunk(2)[1]
-        step = Step(model, x, req.t, req.alpha_bar, cond, u, c, names=req.prompts, n=req.n, schedule=req.schedule)
-        step.check(u, "null branch at the first step")  # NaN > threshold is False: it would pass unflagged
-        step.check(c, "conditional branch at the first step")
-        with torch.no_grad():
-            return REGISTRY[self.metric].fn(step)
-
-    # -- serving -------------------------------------------------------------------------------
     def __call__(self, prompt, **kwargs):
         start = time.perf_counter()
         try:
@@ -264,8 +328,8 @@ class Guard:
             raise
         d = req.decision
         self._stats.record(scores=d["scores"].tolist(), flagged=d["flagged"].tolist(),
-                           mitigated=[m for m, _ in req.reports], images=req.images, sail_steps=req.sail_steps,
-                           added_s=req.added_s, request_s=time.perf_counter() - start)
+                           mitigated=[m for m, _ in req.reports or []], images=req.images, threshold=req.threshold,
+                           sail_steps=req.sail_steps, added_s=req.added_s, request_s=time.perf_counter() - start)
         return out
 
     @property
@@ -282,127 +346,32 @@ class Guard:
         registry.register(collector)
         return collector
 
-    def _request(self, prompt, kwargs) -> _Request:
-        """The request's state, every argument checked before the pipeline runs."""
-        if self._handle is None:
-            raise RuntimeError("this guard was removed; create a new one with sharpfast.guard(pipe)")
-        # per request: the pipeline may have moved since the guard was made
-        model = ScoreModel(self.pipe, kwargs.get("max_sequence_length"))
-        if "prompt_embeds" in kwargs:
-            raise BadArgument("sharpfast.guard scores text prompts: pass prompt, not prompt_embeds")
-        prompts = validate.prompts(prompt, "prompt")
-        guidance = kwargs.get("guidance_scale", self._defaults["guidance_scale"])
-        guidance = validate.guidance_scale(guidance, needs_cfg=not model.distilled)
-        n = kwargs.get("num_images_per_prompt")
-        n = 1 if n is None else validate.integer(n, "num_images_per_prompt")
-        validate.generators(kwargs.get("generator"), len(prompts) * n)
-        dh, dw = model.default_size()
-        size = (kwargs.get("height") or dh, kwargs.get("width") or dw)
-        lat = kwargs.get("latents")
-        shape = (len(prompts) * n, *model.latent_shape(*size))
-        if lat is not None and (not isinstance(lat, torch.Tensor) or tuple(lat.shape) != shape):
-            raise BadArgument(f"latents must be a tensor of shape {shape} (len(prompts) * num_images_per_prompt, "
-                              f"and the latent of height x width {size}), got "
-                              f"{tuple(getattr(lat, 'shape', ())) or type(lat).__name__}")
-        steps = kwargs.get("num_inference_steps") or self._defaults["num_inference_steps"]
-        return _Request(model, prompts, n, size, self._auto_threshold(steps, guidance) if self._auto
-                        else self.threshold, guidance, int(steps))
-
     def _call(self, prompt, kwargs):
-        req = self._request(prompt, kwargs)
-        kwargs = dict(kwargs)
-        req.user_cb = kwargs.pop("callback_on_step_end", None)
-        user_inputs = kwargs.pop("callback_on_step_end_tensor_inputs", None) or getattr(req.user_cb, "tensor_inputs",
-                                                                                        None)
-        inputs = list(dict.fromkeys([*(user_inputs or ["latents"]), "latents"]))
-
-        def on_step_end(pipe, i, t, cb_kwargs):
-            # the latents after every step: NaN/inf from the sampler's own arithmetic (a huge guidance)
-            req.note_finite(cb_kwargs["latents"].detach())
-            # the decision at the first step: scored here, outside the UNet's hook; a request
-            # with a flagged prompt stops now and is generated once, from mixed noise
-            if req.decision is None:
-                req.decision = self._decide(req)
-                if self.method is not None and bool(req.decision["flagged"].any()):
-                    raise _Mitigate()
-            return req.user_cb(pipe, i, t, cb_kwargs) if req.user_cb is not None else {}
-
-        call = dict(kwargs, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=inputs)
+        if self._handle is None:
+            raise UsageError("this guard was removed; create a new one with sharpfast.guard(pipe)")
+        req = _new_request(self.pipe, self._thresholds, prompt, kwargs)
+        call = req.take_callback(dict(kwargs))
+        call["callback_on_step_end"] = req.step_callback(self.metric, stop_if_flagged=self.method is not None)
         self._local.request = req
         try:
             with self._lock:
-                if self.method is not None and kwargs.get("latents") is None and kwargs.get("generator") is None:
-                    # the global RNG: draw the noise pipe(...) would draw, so it can be reused
-                    call["latents"] = req.model.noise(req.images, *req.size)
-                states = _generator_states(kwargs.get("generator"))
+                if self.method is not None and call.get("latents") is None and call.get("generator") is None:
+                    call["latents"] = req.model.noise(req.images, *req.size)  # the global RNG's draw, reusable
+                states = generator_states(call.get("generator"))
                 try:
                     out = self.pipe(req.prompts, **call)
                 except _Mitigate:
-                    out = self._generate_mitigated(req, call, states)
+                    out = _regenerate(self.pipe, self.config, req, call, states)
             req.check_finite()
         finally:
             self._local.request = None
-        if req.decision is None:  # a pipeline that never called back: decide from the capture
-            req.decision = self._decide(req)
-        if req.reports is None:
-            req.reports = [(False, "not flagged" if not f else "report only (mitigation=None)")
-                           for f in req.decision["flagged"].tolist()]
-        report = [{"prompt": p, "score": float(s), "metric": self.metric, "threshold": req.threshold,
-                   "flagged": bool(f), "mitigated": bool(f) and m, "mitigation": self.mitigation if f else None,
-                   "check": c}
-                  for p, s, f, (m, c) in zip(req.prompts, req.decision["scores"], req.decision["flagged"], req.reports)]
+        req.decision = req.decision or req.decide(self.metric)  # a pipeline that never called back
+        report = req.report(self.metric, self.mitigation)
         if isinstance(out, tuple):  # return_dict=False: the pipeline's tuple, then the report
             return (*out, report), req
         out.memorization = report
         return out, req
 
-    def _decide(self, req: _Request) -> dict:
-        """Per-prompt scores (mean over its images) and flags, from the captured first call."""
-        if req.pred is None:
-            raise RuntimeError("the pipeline made no UNet call; nothing was scored")
-        start = time.perf_counter()
-        per_prompt = self._score(req).float().view(len(req.prompts), req.n).mean(dim=1).cpu()
-        req.added_s += time.perf_counter() - start
-        bad = ~torch.isfinite(per_prompt)
-        if bool(bad.any()):  # finite predictions, yet no finite score (an overflow in the metric)
-            raise NonFiniteOutput(f"the {self.metric} score of prompt {req.prompts[int(bad.nonzero()[0])]!r} is "
-                                  f"not finite")
-        return {"scores": per_prompt, "flagged": per_prompt > req.threshold}
-
-    def _generate_mitigated(self, req: _Request, call: dict, states):
-        """The method's plan for the flagged rows (their noise, or a hook on their rows), the others
-        as they were, and ONE generation of the whole batch: the unflagged rows come out exactly as
-        pipe(...) makes them."""
-        gens = call.get("generator")
-        _restore(gens, states)
-        noise = call.get("latents")
-        if noise is None:  # the draw prepare_latents made, which also advances the generators as it did
-            noise = req.model.noise(req.images, *req.size, gens)
-        noise = noise.to(req.model.device)
-        flagged = req.decision["flagged"].nonzero().view(-1).tolist()
-        start = time.perf_counter()
-        inner = _generator_states(gens)
-        ctx = mitigations.Context(self.pipe, req.model, req.prompts, req.n, noise, *req.size, req.steps, req.guidance,
-                                  gens, rows=[i * req.n + j for i in flagged for j in range(req.n)],
-                                  guard={"metric": self.metric, "threshold": req.threshold})
-        plan, checker = mitigations.guard_plan(self.method, ctx, self.setting, self.sail_kwargs)
-        if "sail" in plan.info:
-            req.sail_steps = plan.info["sail"]["adam_steps"]
-        _restore(gens, inner)  # SAIL's extra candidates must not move the request's generators
-        req.added_s += time.perf_counter() - start
-        final = {k: v for k, v in call.items() if k != "callback_on_step_end"}
-
-        def watch(pipe, i, t, cb_kwargs):
-            req.note_finite(cb_kwargs["latents"].detach())
-            return req.user_cb(pipe, i, t, cb_kwargs) if req.user_cb is not None else {}
-
-        final["callback_on_step_end"] = watch
-        final["latents"] = plan.kwargs.get("latents", noise)
-        out = mitigations.run_plan(self.pipe, req.prompts, plan, final)
-        req.reports = checker()
-        return out
-
-    # -- lifetime -------------------------------------------------------------------------------
     def remove(self) -> None:
         """Take the hook off pipe.unet / pipe.transformer: the pipeline is exactly as before."""
         if self._handle is not None:
@@ -415,6 +384,23 @@ class Guard:
     def __exit__(self, *exc):
         self.remove()
         return False
+
+
+def _regenerate(pipe, config: GuardConfig, req: _Request, call: dict, states):
+    """The flagged rows mitigated, the others as they were, in ONE generation of the batch."""
+    gens = call.get("generator")
+    restore_generators(gens, states)
+    noise = call.get("latents")
+    if noise is None:  # the draw prepare_latents made, which also advances the generators as it did
+        noise = req.model.noise(req.images, *req.size, gens)
+    start = time.perf_counter()
+    ctx = req.context(pipe, noise.to(req.model.device), gens, config.metric)
+    out, req.reports, info = mitigations.regenerate(config.method, ctx, config.setting, config.sail_kwargs,
+                                                    dict(call, callback_on_step_end=req.watch_callback()),
+                                                    on_planned=lambda: time.perf_counter() - start)
+    req.added_s += info.pop("_planning_s", 0.0)
+    req.sail_steps = info["sail"]["adam_steps"] if "sail" in info else None
+    return out
 
 
 def guard(pipe, *, metric: str = DEFAULT_METRIC, threshold="auto", mitigation: Optional[str] = DEFAULT_MITIGATION,
@@ -450,4 +436,5 @@ def guard(pipe, *, metric: str = DEFAULT_METRIC, threshold="auto", mitigation: O
         BadArgument: an unknown metric or mitigation, a NaN threshold.
         UnsupportedPipeline: the pipeline, or the mitigation for its family, is not supported.
     """
-    return Guard(pipe, metric, threshold, mitigation, sail_kwargs, name, setting)
+    model = ScoreModel(pipe)  # raises UnsupportedPipeline now, not at the first request
+    return Guard(pipe, GuardConfig.build(model, metric, threshold, mitigation, setting, sail_kwargs, name))

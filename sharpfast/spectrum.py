@@ -2,6 +2,8 @@
 over the ScoreJacobian operator of sharpfast.curvature."""
 from __future__ import annotations
 
+from typing import Optional
+
 
 import numpy as np
 import torch
@@ -9,13 +11,14 @@ import torch
 from . import validate
 from .curvature import ScoreJacobian
 from .errors import BadArgument
+from .settings import Settings
 from .score import ScoreModel
 
 CONDITIONS = ("cond", "null")
 
 
 def hessian_spectrum(pipe, prompt: str, k: int = 6, *, conditions=CONDITIONS, which: str = "LM",
-                     symmetric: bool = False, num_inference_steps: int = 50, generator=None, latents=None,
+                     symmetric: bool = False, num_inference_steps: Optional[int] = None, generator=None, latents=None,
                      height=None, width=None, tol: float = 1e-6, maxiter=None) -> dict:
     """k eigenvalues of H(x, c) and H(x, null) = d s / d x at the first sampling step, by ARPACK
     over the exact `ScoreJacobian` operator (forward-mode AD, fp32, math attention).
@@ -36,9 +39,9 @@ def hessian_spectrum(pipe, prompt: str, k: int = 6, *, conditions=CONDITIONS, wh
         if c not in CONDITIONS:
             raise BadArgument(f"conditions must be among {CONDITIONS}, got {c!r}")
     model = ScoreModel(pipe)
-    dh, dw = model.default_size()
-    height, width = height or dh, width or dw
-    sched = model.scheduler(num_inference_steps)
+    st = Settings.resolve(model, num_inference_steps=num_inference_steps, height=height, width=width)
+    height, width = st.height, st.width
+    sched = model.scheduler(st.num_inference_steps)
     if latents is None:
         latents = model.initial_latents(sched, 1, height, width, generator)
     shape = (1, *model.latent_shape(height, width))

@@ -50,7 +50,68 @@ def guidance_scale(value, *, needs_cfg: bool) -> float:
 
 def generators(generator, count: int):
     """A generator, None, or a list of exactly `count` generators (one per image)."""
+    torch_generator(generator)
     if isinstance(generator, list) and len(generator) != count:
         raise BadArgument(f"generator is a list of {len(generator)} generators; pass one per image "
                           f"(len(prompts) * num_images_per_prompt = {count}) or a single generator")
     return generator
+
+
+def latents(value, shape: tuple, size=None, device=None):
+    """None, or a floating tensor of exactly `shape` without NaN/inf (on `device` when given).
+
+    Args:
+        value: the latents a caller passed (as `pipe(latents=...)` takes them).
+        shape: (len(prompts) * num_images_per_prompt, *one image's latent shape).
+        size: the (height, width) in pixels the shape comes from, for the message.
+        device: the denoiser's device, when the latents are used as they are.
+
+    Returns:
+        value, unchanged.
+
+    Raises:
+        BadArgument: naming what is wrong.
+    """
+    if value is None:
+        return None
+    import torch
+
+    of = f" and the latent of height x width {tuple(size)}" if size is not None else ", *latent"
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(shape):
+        got = tuple(getattr(value, "shape", ())) or type(value).__name__
+        raise BadArgument(f"latents must be a tensor of shape {tuple(shape)} (len(prompts) * num_images_per_prompt"
+                          f"{of}), got {got}")
+    if not value.is_floating_point():
+        raise BadArgument(f"latents must be floating point, got {value.dtype}")
+    if device is not None and value.device != device:
+        raise BadArgument(f"latents are on {value.device} but the pipeline's denoiser is on {device}")
+    if not bool(torch.isfinite(value).all()):
+        raise BadArgument("latents hold NaN or inf values")
+    return value
+
+
+def torch_generator(value):
+    """None, a torch.Generator, or a list of them (an int seed is refused with the fix)."""
+    import torch
+
+    for g in value if isinstance(value, list) else [value]:
+        if g is not None and not isinstance(g, torch.Generator):
+            raise BadArgument(f"generator must be a torch.Generator or a list of them, got {type(g).__name__}"
+                              + (" (for a seed, pass torch.Generator().manual_seed(seed))"
+                                 if isinstance(g, numbers.Integral) else ""))
+    return value
+
+
+def metrics(value, known) -> tuple:
+    """A metric name or a non-empty sequence of them, each one of `known` (duplicates dropped).
+
+    Raises:
+        BadArgument: empty, or an unknown name (the message lists the valid ones).
+    """
+    items = (value,) if isinstance(value, str) else tuple(value)
+    if not items:
+        raise BadArgument(f"metrics is empty; choose from {', '.join(known)}")
+    for m in items:
+        if m not in known:
+            raise BadArgument(f"unknown metric {m!r}; valid metrics: {', '.join(known)}")
+    return tuple(dict.fromkeys(items))

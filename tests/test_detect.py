@@ -272,7 +272,7 @@ def test_bad_input(small_pipe):
         sharpfast.detect(p, ["a"], steps=0, **kw)
     with pytest.raises(ValueError, match="must not exceed num_inference_steps"):
         sharpfast.detect(p, ["a"], steps=11, num_inference_steps=10, **kw)
-    with pytest.raises(ValueError, match="latents must have shape"):
+    with pytest.raises(ValueError, match="latents must be a tensor of shape"):
         sharpfast.detect(p, ["a", "b"], latents=torch.randn(1, 4, 4, 4), **kw)
     with pytest.raises(TypeError, match="latents must be floating point"):
         sharpfast.detect(p, ["a"], latents=torch.ones(1, 4, 4, 4, dtype=torch.int64), **kw)

@@ -25,8 +25,10 @@ class CalibrateCommand:
         p.add_argument("--out", help="output file (default: the per-user cache that threshold='auto' reads)")
         p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate of the thresholds (default 0.01)")
         p.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
-        p.add_argument("--num-inference-steps", type=int, default=50, help="sampler steps (default 50)")
-        p.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale (default 7.5)")
+        p.add_argument("--num-inference-steps", type=int, default=None,
+                       help="sampler steps (default: the pipeline's own, 50 for SD)")
+        p.add_argument("--guidance-scale", type=float, default=None,
+                       help="CFG scale (default: the pipeline's own, 7.5 for SD)")
         p.add_argument("--batch-size", type=int, default=8, help="prompts per UNet batch (default 8)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         add_device_args(p)
@@ -38,9 +40,11 @@ class CalibrateCommand:
         prompts = read_lines(args.prompts, "--prompts") if args.prompts else None
         prompts = [q for q in prompts if q.strip()] if prompts else None
         validate.integer(args.n, "--n")
-        validate.integer(args.num_inference_steps, "--num-inference-steps")
+        if args.num_inference_steps is not None:
+            validate.integer(args.num_inference_steps, "--num-inference-steps")
         validate.integer(args.batch_size, "--batch-size")
-        validate.guidance_scale(args.guidance_scale, needs_cfg=True)
+        if args.guidance_scale is not None:
+            validate.guidance_scale(args.guidance_scale, needs_cfg=True)
         validate.finite(args.fpr, "--fpr", above=0)
         if args.out:
             from .common import check_output

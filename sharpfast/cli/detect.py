@@ -29,8 +29,10 @@ class DetectCommand:
                        help="comma list of wen, sharpness, trace, trace_delta, score_norm (default: wen,sharpness)")
         d.add_argument("--n", type=int, default=1, help="images per prompt, averaged (default 1)")
         d.add_argument("--steps", type=int, default=1, help="first sampling steps to average over (default 1)")
-        d.add_argument("--num-inference-steps", type=int, default=50, help="sampler steps of the schedule (default 50)")
-        d.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale of the trajectory (default 7.5)")
+        d.add_argument("--num-inference-steps", type=int, default=None,
+                       help="sampler steps of the schedule (default: the pipeline's own, 50 for SD)")
+        d.add_argument("--guidance-scale", type=float, default=None,
+                       help="CFG scale of the trajectory (default: the pipeline's own, 7.5 for SD)")
         d.add_argument("--batch-size", type=int, default=8, help="prompts per UNet batch (default 8)")
         d.add_argument("--hvp", choices=("fd", "jvp"), default="fd", help="Hessian-vector product: fd (default) or jvp")
         d.add_argument("--seed", type=int, default=42,
@@ -66,8 +68,10 @@ class DetectCommand:
                 raise BadArgument(f"--labels must hold one 0/1 per line of {args.prompts} ({len(raw)} labels)") from None
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
         for name in ("n", "steps", "num_inference_steps", "batch_size"):
-            validate.integer(getattr(args, name), "--" + name.replace("_", "-"))
-        validate.guidance_scale(args.guidance_scale, needs_cfg=False)
+            if getattr(args, name) is not None:
+                validate.integer(getattr(args, name), "--" + name.replace("_", "-"))
+        if args.guidance_scale is not None:
+            validate.guidance_scale(args.guidance_scale, needs_cfg=False)
         for m in metrics or [""]:
             if m not in METRICS:
                 raise BadArgument(f"unknown metric {m!r} in --metrics; valid: {', '.join(METRICS)}")

@@ -10,8 +10,10 @@ def _common(p):
     p.add_argument("--model", default="digits", help="'digits' (bundled, default) or a local diffusers model directory")
     p.add_argument("--out", default="sharpfast-eval", help="output folder (default sharpfast-eval); reruns resume")
     add_device_args(p)
-    p.add_argument("--num-inference-steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale (default 7.5)")
+    p.add_argument("--num-inference-steps", type=int, default=None,
+                       help="DDIM steps (default: the pipeline's own, 50 for SD)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                       help="CFG scale (default: the pipeline's own, 7.5 for SD)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per UNet batch (default 16)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

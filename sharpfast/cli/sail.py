@@ -24,8 +24,10 @@ class SailCommand:
                        help=f"initial noises per image (default {DEFAULTS['paper']['candidates']})")
         g.add_argument("--max-steps", type=int, default=None,
                        help=f"Adam steps at most (default {DEFAULTS['paper']['max_steps']})")
-        g.add_argument("--num-inference-steps", type=int, default=50, help="sampler steps (default 50)")
-        g.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale (default 7.5)")
+        g.add_argument("--num-inference-steps", type=int, default=None,
+                       help="sampler steps (default: the pipeline's own, 50 for SD)")
+        g.add_argument("--guidance-scale", type=float, default=None,
+                       help="CFG scale (default: the pipeline's own, 7.5 for SD)")
         g.add_argument("--device", default="auto")
         g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
         g.add_argument("--out", default="sail.png", help="PNG grid: plain generation above, SAIL below (default sail.png)")
@@ -41,8 +43,10 @@ class SailCommand:
         # everything that can be checked is checked before the model is loaded and anything generated
         validate.prompts(args.prompt, "--prompt")
         validate.integer(args.n, "--n")
-        validate.integer(args.num_inference_steps, "--num-inference-steps")
-        validate.guidance_scale(args.guidance_scale, needs_cfg=True)
+        if args.num_inference_steps is not None:
+            validate.integer(args.num_inference_steps, "--num-inference-steps")
+        if args.guidance_scale is not None:
+            validate.guidance_scale(args.guidance_scale, needs_cfg=True)
         for name in ("candidates", "max_steps"):
             if getattr(args, name) is not None:
                 validate.integer(getattr(args, name), "--" + name.replace("_", "-"), minimum=0 if name == "max_steps" else 1)
@@ -53,8 +57,9 @@ class SailCommand:
         check_output(args.out)
         device, dtype = device_dtype(args.device, args.dtype)
         pipe = load_model(args.model, device, dtype)
-        kw = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, output_type="pt",
-                  num_images_per_prompt=args.n)
+        kw = dict(output_type="pt", num_images_per_prompt=args.n,
+                  **{k: v for k, v in (("num_inference_steps", args.num_inference_steps),
+                                       ("guidance_scale", args.guidance_scale)) if v is not None})
         plain = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), **kw).images
         extra = {k: v for k, v in (("candidates", args.candidates), ("max_steps", args.max_steps)) if v is not None}
         out, info = sharpfast.sail(pipe, args.prompt, generator=torch.Generator().manual_seed(args.seed),

@@ -89,7 +89,7 @@ DEFAULT_COMBINED = (("wen", "wen_low"), ("wen", "sharpness"), ("wen", "channel_w
 
 
 def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "sharpness"), out_dir="sharpfast-eval",
-        seed=42, batch_size=16, hvp="fd", num_inference_steps=50, guidance_scale=7.5, progress=True,
+        seed=42, batch_size=16, hvp="fd", num_inference_steps=None, guidance_scale=None, progress=True,
         combined=DEFAULT_COMBINED, costs=True) -> dict:
     """sets: {"eval": records with prompt and memorized, optional "duplicated_low" / "narrow" /
     "calibration" (normal prompts kept apart: the combined detectors are fitted on them only)}.
@@ -97,6 +97,10 @@ def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "shar
     from ..evaluation import CombinedDetector
     from .plots import roc_figure
 
+    from ..settings import Settings
+
+    st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    num_inference_steps, guidance_scale = st.num_inference_steps, st.guidance_scale
     os.makedirs(out_dir, exist_ok=True)
     ev = sets["eval"]
     if not any(r["memorized"] for r in ev) or all(r["memorized"] for r in ev):

@@ -35,13 +35,17 @@ def _judge(images, records, train):
 
 
 def run(pipe, records: list[dict], train: torch.Tensor, *, seeds=(0, 1), metric=None, mitigation="auto",
-        setting=None, out_dir="sharpfast-eval", batch_prompts=8, num_inference_steps=50, guidance_scale=7.5,
+        setting=None, out_dir="sharpfast-eval", batch_prompts=8, num_inference_steps=None, guidance_scale=None,
         progress=True) -> dict:
     """records: memorized prompts (prompt, digit, train_index). Returns the summary."""
     from tqdm.auto import tqdm
 
     from ..serving import DEFAULT_METRIC, guard
 
+    from ..settings import Settings
+
+    st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    num_inference_steps, guidance_scale = st.num_inference_steps, st.guidance_scale
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "guard.jsonl")
     config = {"metric": metric or DEFAULT_METRIC, "mitigation": mitigation, "setting": setting,

@@ -48,8 +48,8 @@ def _key(method, setting, prompt):
 
 
 def run(pipe, records: list[dict], train: torch.Tensor, *, methods=("none", "random_tokens", "wen_embedding"),
-        seeds=(0, 1, 2, 3, 4), sweep=False, out_dir="sharpfast-eval", batch_prompts=8, num_inference_steps=50,
-        guidance_scale=7.5, progress=True, grid_prompts=6, settings=None) -> dict:
+        seeds=(0, 1, 2, 3, 4), sweep=False, out_dir="sharpfast-eval", batch_prompts=8, num_inference_steps=None,
+        guidance_scale=None, progress=True, grid_prompts=6, settings=None) -> dict:
     """records: memorized prompts with prompt, digit and train_index; settings: {method: setting}
     in place of a method's registry default (without --sweep)."""
     from tqdm.auto import tqdm
@@ -58,6 +58,10 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, methods=("none", "ran
     from ..zoo.copying import copy_stats, nearest
     from ..zoo.fidelity import fidelity
 
+    from ..settings import Settings
+
+    st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    num_inference_steps, guidance_scale = st.num_inference_steps, st.guidance_scale
     for m in methods:
         if m not in REGISTRY:
             raise BadArgument(f"unknown method {m!r}; available: {', '.join(REGISTRY)}")
