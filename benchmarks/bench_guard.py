@@ -23,9 +23,9 @@ import argparse
 import statistics
 
 import torch
+from bench_detect import interleaved_times  # the benchmarks' timing helpers (same folder)
 
 import sharpfast
-from bench_detect import interleaved_times  # the benchmarks' timing helpers (same folder)
 
 TARGETS = {"unflagged": 1.05, "flagged": 1.10}
 

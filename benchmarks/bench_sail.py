@@ -18,10 +18,9 @@ import statistics
 
 import pytest
 import torch
-
-import sharpfast
 from bench_detect import interleaved_times  # the benchmarks' timing helpers live there (same folder)
 
+import sharpfast
 
 DEFAULT = "sail (paper, k1 s3)"  # sharpfast.sail's defaults (lr 0.7)
 

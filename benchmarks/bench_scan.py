@@ -89,7 +89,9 @@ def multiprocess_rate(model_dir, processes, count, batch):
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                   "--num_cpu_threads_per_process", str(threads)] if processes > 1 else [sys.executable]
         s = time.perf_counter()
-        subprocess.run(launch + cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        subprocess.run(
+            launch + cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)}
+        )
         return count / (time.perf_counter() - s)  # includes process start and model load
 
 

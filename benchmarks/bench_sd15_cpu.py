@@ -26,10 +26,10 @@ import tempfile
 import time
 
 import torch
-
-import sharpfast
 from bench_detect import interleaved_times  # the benchmarks' timing helpers (same folder)
 from bench_scan import bare_forward_rate
+
+import sharpfast
 
 TARGETS = {"detect": ("<=", 2.1), "scan": (">=", 0.9), "guard": ("<=", 1.02), "sail": ("<=", 1.5)}
 

@@ -32,7 +32,9 @@ def main() -> dict:
     shipped = json.load(open(os.path.join(zoo.path("digits"), calibration.CALIBRATION_FILE)))
     generic = calibration.calibrate_model(pipe, None, progress=False)
     out = {}
-    print(f"{'metric':10s} {'calibration':34s} {'threshold':>10s} {'FPR (100 normal)':>17s} {'TPR (51 memorized)':>19s}")
+    print(
+        f"{'metric':10s} {'calibration':34s} {'threshold':>10s} {'FPR (100 normal)':>17s} {'TPR (51 memorized)':>19s}"
+    )
     for m in ("wen", "sharpness"):
         s = res.scores[m].numpy()
         for name, cal in (("shipped (digit captions, 148)", shipped), ("built-in generic captions (320)", generic)):

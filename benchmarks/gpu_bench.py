@@ -92,7 +92,9 @@ def main(argv=None):
         b for b in ops.available_backends() if b in (("cuda", "triton") if device.type == "cuda" else ("cpp",))]
     if device.type == "cuda":
         print(f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
-    print(f"{'op':20s} {'backend':7s} {'dtype':8s} {'size':9s} {'us':>8s} {'GB/s':>8s} {'copy GB/s':>9s} {'of copy':>7s}")
+    print(
+        f"{'op':20s} {'backend':7s} {'dtype':8s} {'size':9s} {'us':>8s} {'GB/s':>8s} {'copy GB/s':>9s} {'of copy':>7s}"
+    )
     worst = {}
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)

@@ -10,7 +10,8 @@ from the digits model's memorized and non-memorized sets (memorized share `--mem
 its own seed and request_id. Checked for every response: status 200, its own request_id (none lost
 or duplicated), one decodable PNG per prompt, a report per prompt with flagged => mitigated
 (guarded); and the server's memory (RSS) after the first quarter of the requests against the end.
-Then SIGTERM: the server must shut down gracefully (answer what is in flight, say so, exit). Reports p50 / p99 latency, throughput
+Then SIGTERM: the server must shut down gracefully (answer what is in flight, say so, exit).
+Reports p50 / p99 latency, throughput
 and the guarded / unguarded ratios, and writes them to --out (JSON). Bounded: every request has a
 timeout, the whole run a deadline.
 """
@@ -229,7 +230,9 @@ def main(argv=None) -> dict:
     g, b = runs["guarded"], runs["plain"]
     ratios = {"p50": g["p50_s"] / b["p50_s"], "p99": g["p99_s"] / b["p99_s"],
               "throughput": g["throughput_rps"] / b["throughput_rps"]}
-    print(f"guarded / plain: p50 {ratios['p50']:.2f}x, p99 {ratios['p99']:.2f}x, throughput {ratios['throughput']:.2f}x")
+    print(
+        f"guarded / plain: p50 {ratios['p50']:.2f}x, p99 {ratios['p99']:.2f}x, throughput {ratios['throughput']:.2f}x"
+    )
     result = {"settings": vars(args), "runs": runs, "ratios": ratios}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

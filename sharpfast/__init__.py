@@ -21,7 +21,15 @@ _LAZY = {
 }
 
 
-_SUBMODULES = ("zoo", "errors", "testing", "calibration", "server", "monitoring", "mitigations")  # sharpfast.zoo.load(...) works after a plain `import sharpfast`
+_SUBMODULES = (
+    "zoo",
+    "errors",
+    "testing",
+    "calibration",
+    "server",
+    "monitoring",
+    "mitigations",
+)  # sharpfast.zoo.load(...) works after a plain `import sharpfast`
 
 
 def __getattr__(name):

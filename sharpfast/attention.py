@@ -50,6 +50,7 @@ class EntropyProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
+        """The layer's attention with its per-position entropy recorded."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -101,6 +102,7 @@ class LogitEditProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
+        """The layer's attention with the edit applied to the chosen rows' logits."""
         plain = None
         if self.rows is not None:
             plain = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)

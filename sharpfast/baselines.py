@@ -98,6 +98,7 @@ def wen_embedding(pipe, prompts, latents, *, target_ratio: float = 0.5, target_l
             emb[~active] = keep[~active]  # rows that reached their target stay where they were
     out = (emb.detach().to(model.dtype), cond.null.detach())
     if return_info:
+        assert losses is not None and target is not None  # max_steps >= 1 runs the loop at least once
         info = {"steps": steps, "final_loss": losses.detach().cpu(), "target": target.cpu(),
                 "converged": bool((losses.detach() <= target).all()), "unet_calls": model.stats["unet_calls"]}
         return (*out, info)

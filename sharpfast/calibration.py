@@ -40,7 +40,11 @@ log = logging.getLogger("sharpfast.calibration")
 
 CALIBRATION_FILE = "calibration.json"
 TARGET_ABOVE = 0.9  # SAIL's target: the sharpness 90% of normal prompts' images lie above
-CALIBRATED_METRICS = ("wen", "sharpness", "wen_low")  # calibrated together: the detectors, SAIL's target and the guard's default metric
+CALIBRATED_METRICS = (
+    "wen",
+    "sharpness",
+    "wen_low",
+)  # calibrated together: the detectors, SAIL's target and the guard's default metric
 # num_inference_steps and guidance_scale default to the pipeline's own (sharpfast.settings)
 DEFAULTS = {"num_images_per_prompt": 1, "num_inference_steps": None, "guidance_scale": None, "fpr": 0.01, "seed": 0}
 GENERIC_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "generic_prompts.txt")
@@ -82,7 +86,7 @@ def weights_fingerprint(pipe) -> dict:
     for i, v in enumerate(sums):
         by_device.setdefault(v.device, []).append(i)
     sample = [0.0] * len(sums)
-    for dev, idx in by_device.items():
+    for _dev, idx in by_device.items():
         for i, v in zip(idx, torch.stack([sums[i] for i in idx]).cpu().tolist()):
             sample[i] = float(v)
     dtype = "+".join(sorted(dtypes))
@@ -178,7 +182,8 @@ def load(path: str, pipe=None) -> dict:
     with open(path, encoding="utf-8") as f:
         cal = json.load(f)
     if pipe is not None and "weights" in cal and not same_weights(cal["weights"], weights_fingerprint(pipe)):
-        raise OutputMismatch(f"{path} was calibrated for other weights (fingerprint {cal['weights'].get('fingerprint')}, "
+        theirs = cal["weights"].get("fingerprint")
+        raise OutputMismatch(f"{path} was calibrated for other weights (fingerprint {theirs}, "
                              f"this model {weights_fingerprint(pipe)['fingerprint']}); calibrate this model with "
                              f"sharpfast calibrate")
     return cal
@@ -204,11 +209,13 @@ def shipped_threshold(pipe, metric: str = "sharpness", key: str = "threshold") -
 
 @dataclass(frozen=True)
 class Resolved:
+    """A resolved calibration value and where it came from."""
     value: float
     source: str  # where it came from, for logs and reports
 
 
 def cache_dir() -> str:
+    """The per-user calibration cache folder ($SHARPFAST_CACHE, else the XDG cache)."""
     root = os.environ.get("SHARPFAST_CACHE")
     if not root:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -218,7 +225,7 @@ def cache_dir() -> str:
 
 def cache_path(fingerprint: dict, **settings) -> str:
     """Where the per-user cache keeps the calibration of these weights at these settings."""
-    s = {k: settings.get(k) for k in DEFAULTS}
+    s: dict = {k: settings.get(k) for k in DEFAULTS}
     s["guidance_scale"] = float(s["guidance_scale"])
     key = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:8]
     return os.path.join(cache_dir(), f"{fingerprint['fingerprint']}-{key}.json")
@@ -305,5 +312,5 @@ def resolve(pipe, metric: str = "sharpness", key: str = "threshold", *, calibrat
             where = f"calibrated now on the built-in generic captions, cached at {path}"
         except OSError as err:  # a read-only home, a full disk: keep it for this process
             log.warning("could not cache the calibration at %s (%s); kept in memory for this process", path, err)
-            where = "calibrated now on the built-in generic captions (not cached: %s)" % err
+            where = f"calibrated now on the built-in generic captions (not cached: {err})"
         return Resolved(float(cal[metric][key]), where)

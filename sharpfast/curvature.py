@@ -25,6 +25,7 @@ DEFAULT_FD_STEP = {torch.float32: 0.05, torch.float16: 1.0, torch.bfloat16: 1.0}
 
 
 def default_fd_step(dtype) -> float:
+    """The default finite-difference step for a denoiser of this dtype."""
     return DEFAULT_FD_STEP.get(dtype, 0.05)
 
 
@@ -42,7 +43,14 @@ class ScoreJacobian:
             raise BadArgument(f"branch must be one of {BRANCHES}, got {branch!r}")
         if mode not in MODES:
             raise BadArgument(f"mode must be one of {MODES}, got {mode!r}")
-        self.model, self.x, self.t, self.alpha_bar, self.branch, self.mode = model, x.float(), t, alpha_bar, branch, mode
+        self.model, self.x, self.t, self.alpha_bar, self.branch, self.mode = (
+            model,
+            x.float(),
+            t,
+            alpha_bar,
+            branch,
+            mode,
+        )
         self.h = h if h is not None else default_fd_step(model.dtype)
         self.N = x.shape[0]
         if mode == "jvp":
@@ -81,6 +89,7 @@ class ScoreJacobian:
         s1 = self._score((self.x.unsqueeze(0) + shift).reshape(K * self.N, *self.x.shape[1:]), self.model, self.cond,
                          repeats=K).view(K, self.N, *self.x.shape[1:])
         ratio = torch.where(norms > 0, norms / self.h, torch.zeros_like(norms))
+        assert self._s0 is not None
         return (s1 - self._s0.unsqueeze(0)) * ratio.view(K, self.N, *[1] * (V.dim() - 2))
 
     def rmatvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -90,7 +99,8 @@ class ScoreJacobian:
         v = v.to(self.x.device, torch.float32)
         return self._exact_call(lambda f: torch.func.vjp(f, self.x)[1](v)[0])
 
-    def symmetrized(self) -> "SymmetrizedJacobian":
+    def symmetrized(self) -> SymmetrizedJacobian:
+        """(J + J^T) / 2 as an operator (real eigenvalues; the same quadratic form)."""
         return SymmetrizedJacobian(self)
 
 
@@ -101,6 +111,7 @@ class SymmetrizedJacobian:
         self.jac = jac
 
     def matvec(self, v):
+        """J v for a flat vector v (scipy's LinearOperator protocol)."""
         return 0.5 * (self.jac.matvec(v) + self.jac.rmatvec(v))
 
 

@@ -22,12 +22,13 @@ DEMO_PROMPTS = 6
 
 
 def run(out_dir: str = "sharpfast-demo", device: str = "cpu", progress: bool = True, stream=None) -> int:
+    """The demo: score the bundled model's prompt sets, mitigate a few, write OUT; returns 0."""
     import sharpfast
 
     from . import zoo
-    from .mitigations import REGISTRY, mitigate
-    from .harness.plots import image_grid, roc_figure
     from .calibration import shipped_threshold
+    from .harness.plots import image_grid, roc_figure
+    from .mitigations import REGISTRY, mitigate
     from .zoo.copying import copy_stats
     from .zoo.digits_data import digit_images
     from .zoo.fidelity import fidelity

@@ -26,10 +26,27 @@ def _check_args(prompts, metrics, steps, num_inference_steps, batch_size, hvp):
     return prompts, tuple(dict.fromkeys(metrics))
 
 
-def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt: int = 1, steps: int = 1,
-           num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None, generator=None, latents=None,
-           batch_size: int = 8, hvp: str = "fd", progress: bool = True, height=None, width=None,
-           num_probes: int = 8, fd_step=None, probe_seed: int = 0, probe_step=None) -> DetectionResult:
+def detect(
+    pipe,
+    prompts,
+    *,
+    metrics=("wen", "sharpness"),
+    num_images_per_prompt: int = 1,
+    steps: int = 1,
+    num_inference_steps: Optional[int] = None,
+    guidance_scale: Optional[float] = None,
+    generator=None,
+    latents=None,
+    batch_size: int = 8,
+    hvp: str = "fd",
+    progress: bool = True,
+    height=None,
+    width=None,
+    num_probes: int = 8,
+    fd_step=None,
+    probe_seed: int = 0,
+    probe_step=None,
+) -> DetectionResult:
     """Memorization scores of `prompts` on any supported pipeline (SD 1.x / 2.x, SDXL, SD3, Flux).
 
     Every metric (see sharpfast.metrics.METRICS; higher = more likely memorized) is computed per
@@ -123,5 +140,6 @@ def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt
     scores = {m: per_image[m].mean(dim=1) for m in metrics}
     config = dict(metrics=list(metrics), num_images_per_prompt=n, steps=steps, num_inference_steps=num_inference_steps,
                   guidance_scale=float(guidance_scale), hvp=hvp, batch_size=batch_size, height=height, width=width,
-                  num_probes=num_probes, fd_step=fd_step, probe_step=probe_step, **{k: v - calls0[k] for k, v in model.stats.items()})
+                  num_probes=num_probes, fd_step=fd_step, probe_step=probe_step,
+                  **{k: v - calls0[k] for k, v in model.stats.items()})
     return DetectionResult(prompts, scores, per_image, warnings, config)

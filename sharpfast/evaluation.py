@@ -73,7 +73,8 @@ class CombinedDetector:
             self.log[m] = bool((v > 0).all())
         return np.log(np.maximum(v, 1e-30)) if self.log[m] else v
 
-    def fit(self, normal_scores: dict) -> "CombinedDetector":
+    def fit(self, normal_scores: dict) -> CombinedDetector:
+        """Fit each member's median and MAD on normal prompts' scores; returns self."""
         for m in self.metrics:
             v = self._values(normal_scores, m, fitting=True)
             if v.size < 10:
@@ -84,6 +85,7 @@ class CombinedDetector:
         return self
 
     def score(self, scores: dict) -> np.ndarray:
+        """The combined score: the maximum of the members' robust z-scores."""
         if not self.center:
             raise ValueError("fit the CombinedDetector on normal prompts first")
         z = [(self._values(scores, m) - self.center[m]) / self.scale[m] for m in self.metrics]
@@ -91,13 +93,16 @@ class CombinedDetector:
 
     @property
     def name(self) -> str:
+        """The detector's name, its members joined by '+'."""
         return "combined(" + "+".join(self.metrics) + ")"
 
     def to_dict(self) -> dict:
+        """The fitted detector as a JSON-able dict."""
         return {"metrics": list(self.metrics), "center": self.center, "scale": self.scale, "log": self.log}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CombinedDetector":
+    def from_dict(cls, d: dict) -> CombinedDetector:
+        """A detector from to_dict's output."""
         det = cls(d["metrics"])
         det.center, det.scale, det.log = dict(d["center"]), dict(d["scale"]), dict(d["log"])
         return det

@@ -33,8 +33,8 @@ Higher means sharper, i.e. more likely memorized, for every metric.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -107,8 +107,10 @@ class Step:
         self.sigma = sigma_of(alpha_bar)
         self.h = fd_step if fd_step is not None else default_fd_step(model.dtype)
         self.num_probes, self.probe_seed, self.probe_h, self.checks = num_probes, probe_seed, probe_h, checks
-        self.schedule = schedule  # the sampler's scheduler, timesteps set: its low-noise timesteps (anisotropy, wen_low)
-        self._cache = {}
+        self.schedule = (
+            schedule  # the sampler's scheduler, timesteps set: its low-noise timesteps (anisotropy, wen_low)
+        )
+        self._cache: dict = {}
 
     def _cached(self, key, make):
         if key not in self._cache:
@@ -116,6 +118,7 @@ class Step:
         return self._cache[key]
 
     def check(self, tensor, what: str) -> None:
+        """Raise NonFiniteOutput naming the first prompt whose rows of tensor hold NaN/inf."""
         if self.checks:
             check_finite(tensor, self.n, self.names, what)
 

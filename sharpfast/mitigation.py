@@ -1,4 +1,4 @@
-"""sharpfast.sail (this module: mitigation): Sharpness-Aware Initialization for Latent diffusion (SPEC.md, "Mitigation").
+"""sharpfast.sail (this module: mitigation): Sharpness-Aware Initialization for Latent diffusion.
 
 Instead of sampling from x_T as drawn, SAIL looks for an initial noise where the prompt's density
 is flat at the first sampling step, then runs the ordinary sampler from it. Every image has
@@ -38,8 +38,8 @@ import time
 import torch
 
 from . import ops, validate
-from .errors import BadArgument, NonFiniteOutput
 from .curvature import default_fd_step
+from .errors import BadArgument, NonFiniteOutput
 from .metrics import REGISTRY, Step
 from .score import ScoreModel, pipeline_defaults
 
@@ -186,6 +186,7 @@ def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, object
         if rnd + 1 < rounds and (rnd + 1) % raise_every == 0:
             thr += raise_by
     chosen = torch.where(_per_row(accepted, acc_x), acc_x, best_x)
+    assert first_stat is not None  # the loop runs at least one round
     info = {"accepted": accepted.cpu(), "converged": bool(accepted.all()), "final_loss": best_loss.cpu(),
             "final_statistic": final_stat.cpu(), "initial_statistic": first_stat.cpu(), "adam_steps": steps_taken,
             "threshold": thr}

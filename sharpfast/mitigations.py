@@ -47,8 +47,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -88,9 +89,11 @@ class Context:
 
     @property
     def images(self) -> int:
+        """len(prompts) * n."""
         return len(self.prompts) * self.n
 
     def row_list(self) -> list:
+        """The rows to mitigate (all images when rows is None)."""
         return list(range(self.images)) if self.rows is None else list(self.rows)
 
 
@@ -104,7 +107,8 @@ class Plan:
     info: dict = field(default_factory=dict)
     prompts: Optional[list] = None  # replacement prompts (random_tokens)
 
-    def merge(self, other: "Plan") -> "Plan":
+    def merge(self, other: Plan) -> Plan:
+        """This plan and other's together (other's kwargs and prompts win)."""
         return Plan({**self.kwargs, **other.kwargs}, self.hooks + other.hooks, {**self.info, **other.info},
                     other.prompts if other.prompts is not None else self.prompts)
 
@@ -138,6 +142,7 @@ REGISTRY: dict[str, Mitigation] = {}
 
 
 def register(name, *, cost, knob, default, sweep, needs=(), kind):
+    """Decorator: register plan(ctx, setting) as mitigation `name` in REGISTRY."""
     def deco(fn):
         REGISTRY[name] = Mitigation(name, cost, knob, default, tuple(sweep), tuple(needs), fn, kind)
         return fn
@@ -145,6 +150,7 @@ def register(name, *, cost, knob, default, sweep, needs=(), kind):
 
 
 def get(name: str) -> Mitigation:
+    """The registered mitigation `name` (BadArgument naming the valid ones)."""
     if name not in REGISTRY:
         raise BadArgument(f"mitigation must be one of {', '.join(REGISTRY)}, got {name!r}")
     return REGISTRY[name]
@@ -184,6 +190,7 @@ class GuidanceHook:
         self.state: dict = {}
 
     def __call__(self, module, args, kwargs, output):
+        """The forward hook: rewrite the mitigated rows' guided prediction by the rule."""
         if self.inside:
             return None
         pred = output[0] if isinstance(output, tuple) else output.sample
@@ -207,6 +214,7 @@ class GuidanceHook:
 
     @contextlib.contextmanager
     def installed(self):
+        """Context manager: the hook installed on the denoiser for one pipeline call."""
         handle = self.net.register_forward_hook(self, with_kwargs=True)
         try:
             yield self
@@ -258,8 +266,8 @@ def _sail_plan(ctx: Context, options: dict, stop=None) -> Plan:
         raise BadArgument("SAIL mitigates whole prompts: rows must hold every image of each prompt they name")
     gens = ctx.generator
     sub_gens = [gens[r] for r in rows] if isinstance(gens, list) else gens
-    kw = dict(num_inference_steps=ctx.num_inference_steps, guidance_scale=ctx.guidance_scale, height=ctx.height,
-              width=ctx.width)
+    kw: dict = dict(num_inference_steps=ctx.num_inference_steps, guidance_scale=ctx.guidance_scale,
+                    height=ctx.height, width=ctx.width)
     opt, info = sail_latents(ctx.pipe, [ctx.prompts[p] for p in by_prompt], num_images_per_prompt=n,
                              latents=ctx.latents[rows], generator=sub_gens, stop=stop, **options, **kw)
     mixed = ctx.latents.clone()
@@ -280,7 +288,7 @@ def sail_setting(setting) -> dict:
     if not m:
         raise BadArgument(f"a SAIL setting looks like k1s3lr0.7 (1 candidate, 3 Adam steps, lr 0.7; lr optional) or "
                           f"k1s3lr0.7a1e-4 (alpha ||x||^2 instead of the projection), got {setting!r}")
-    out = {"candidates": int(m.group(1)), "max_steps": int(m.group(2))}
+    out: dict = {"candidates": int(m.group(1)), "max_steps": int(m.group(2))}
     if m.group(3):
         out["lr"] = float(m.group(3))
     if m.group(4):
@@ -349,9 +357,15 @@ def _random_tokens(ctx, setting):
     return Plan(prompts=random_tokens(ctx.pipe, ctx.prompts, int(setting), g))
 
 
-@register("wen_embedding", cost="1 CFG call + 1 backward per AdamW step (at most 50), then the sampler",
-          knob="target / initial ||eps_Δ||", default=0.5, sweep=(0.9, 0.7, 0.5, 0.3, 0.15), needs=("cfg", "embeddings_only"),
-          kind="prompt")
+@register(
+    "wen_embedding",
+    cost="1 CFG call + 1 backward per AdamW step (at most 50), then the sampler",
+    knob="target / initial ||eps_Δ||",
+    default=0.5,
+    sweep=(0.9, 0.7, 0.5, 0.3, 0.15),
+    needs=("cfg", "embeddings_only"),
+    kind="prompt",
+)
 def _wen_embedding(ctx, setting):
     from .baselines import wen_embedding
 
@@ -429,7 +443,8 @@ def _rescale_edit(c1: float, lengths: torch.Tensor, images: int, rows_all: torch
 
 
 @register("attention_rescale", cost="0 (the cross-attention layers of the mitigated rows computed explicitly)",
-          knob="c1, the factor on the BOS logit (summary tokens masked)", default=1.25, sweep=(1.1, 1.25, 1.5, 2.0, 3.0),
+          knob="c1, the factor on the BOS logit (summary tokens masked)", default=1.25,
+          sweep=(1.1, 1.25, 1.5, 2.0, 3.0),
           needs=("cfg", "cross_attention"), kind="trajectory")
 def _attention_rescale(ctx, setting):
     from .attention import edit_cross_attention
@@ -451,7 +466,7 @@ def _attention_rescale(ctx, setting):
 def attenuated_positions(attention: torch.Tensor, lengths, z: float) -> list:
     """GUARD's per-prompt test (this instantiation): per row, the positions 1..L-1 whose attention is
     above median + z * 1.4826 MAD of those positions; at least the largest one."""
-    out = []
+    out: list = []
     for a, L in zip(attention.float().cpu(), lengths):
         cand = a[1:int(L)]
         if not len(cand):
@@ -480,16 +495,13 @@ def _attract_repel_rule(ctx, positions, attenuation: float, repel: float):
         return scores + m.to(scores.dtype) * log_att
 
     def rule(hook, u, c, t, args, kwargs, rows):
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        added = kwargs.get("added_cond_kwargs")
+        sample, timestep, hidden, added = ctx.model.read_call(args, kwargs)
         cond_rows = rows + images
         hook.inside = True
         try:
             with edit_cross_attention(hook.net, edit, None), torch.no_grad():
-                a = hook.net(sample[cond_rows], timestep, encoder_hidden_states=kwargs["encoder_hidden_states"][cond_rows],
-                             added_cond_kwargs=None if added is None else {k: v[cond_rows] for k, v in added.items()},
-                             return_dict=False)[0].float()
+                a = ctx.model.call(sample[cond_rows], timestep, hidden[cond_rows],
+                                   None if added is None else {k: v[cond_rows] for k, v in added.items()}).float()
         finally:
             hook.inside = False
         hook.state["extra_rows"] = hook.state.get("extra_rows", 0) + len(rows)
@@ -546,6 +558,8 @@ _GUARD_NOISE = {"sail": 1.0, "sail_alpha": 1.0, "sail_guard": None, "sail+transi
 def guard_plan(m: Mitigation, ctx: Context, setting, sail_kwargs: dict):
     """(plan, checker) of mitigation m on the flagged rows of a guarded request; checker() ->
     per prompt (mitigated, check) after the generation."""
+    if ctx.guard is None:
+        raise BadArgument("guard_plan needs the guard's metric and threshold in ctx.guard")
     metric, thr = ctx.guard["metric"], float(ctx.guard["threshold"])
     if m.kind.startswith("noise"):
         if m.name not in _GUARD_NOISE:
@@ -614,8 +628,10 @@ def regenerate(m: Mitigation, ctx: Context, setting, sail_kwargs: dict, call_kwa
     pipe(...) makes them.
 
     Args:
-        m: the guard's mitigation; ctx: its Context (rows = the flagged images, guard = metric and
-            threshold); setting, sail_kwargs: as the guard was given them.
+        m: the guard's mitigation.
+        ctx: its Context (rows = the flagged images, guard = metric and threshold).
+        setting: the mitigation's knob, as the guard was given it.
+        sail_kwargs: SAIL's extra keywords, as the guard was given them.
         call_kwargs: the pipeline call's keyword arguments (callbacks included).
         on_planned: called after planning; its return value is stored as info["_planning_s"].
 
@@ -643,8 +659,9 @@ def mitigate(pipe, prompt, method: str = "transition", setting=None, *, num_imag
             "sail+transition", "wen_embedding", "random_tokens", ...).
         setting: the method's main knob (default: the registry's default; see each method's
             `knob`), e.g. "s0t500" for transition, 1.25 for attention_rescale.
-        num_images_per_prompt, generator, latents: as for `pipe(...)`; the initial noise is the
-            one the pipeline would draw (or `latents`).
+        num_images_per_prompt: images per prompt, as for `pipe(...)`.
+        generator: as for `pipe(...)`: the initial noise is the one the pipeline would draw.
+        latents: or that noise given, as `pipe(latents=...)` takes it.
         return_info: also return what the method did (info dict: method, setting, seconds, UNet
             calls per image, and the method's own fields).
         **pipe_kwargs: the rest of the pipeline call (num_inference_steps, guidance_scale,

@@ -44,11 +44,13 @@ class Histogram:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
+        """Count one value."""
         value = float(value)
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
 
     def snapshot(self) -> dict:
+        """Cumulative buckets, count and sum."""
         cum, total = [], 0
         for c in self.counts:
             total += c
@@ -96,10 +98,12 @@ class GuardStats:
             self._hist["request_latency_seconds"].observe(request_s)
 
     def record_error(self) -> None:
+        """Count a request that raised."""
         with self._lock:
             self._counts["errors"] += 1
 
     def snapshot(self) -> dict:
+        """The counters and histograms as a dict."""
         with self._lock:
             return {"guard": self.name, "metric": self.metric, **self._counts,
                     **{k: h.snapshot() for k, h in self._hist.items()}}

@@ -18,6 +18,7 @@ class DetectionResult:
 
     @property
     def metrics(self) -> list:
+        """The metrics scored."""
         return list(self.scores)
 
     def __len__(self):

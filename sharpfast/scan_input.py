@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Iterator, NamedTuple, Optional
+from collections.abc import Iterator
+from typing import NamedTuple, Optional
 
 from .errors import BadArgument, MissingInput
 
@@ -18,7 +19,8 @@ FORMATS = (".txt", ".jsonl", ".parquet")
 
 
 class Row(NamedTuple):
-    index: int
+    """One row of a prompt file: its index, id, prompt (None if unusable), problem and extra fields."""
+    index: int  # type: ignore[assignment]  # the row's line / record number (shadows tuple.index)
     id: object
     prompt: Optional[str]
     extra: dict
@@ -26,6 +28,7 @@ class Row(NamedTuple):
 
 
 def check_source(path: str) -> str:
+    """The prompt file's path, checked to exist and to have a supported extension."""
     if not os.path.isfile(path):
         raise MissingInput(f"prompt file not found: {path}")
     ext = next((e for e in FORMATS if path.endswith(e)), None)
@@ -61,6 +64,7 @@ def _clean(p) -> Optional[str]:
 
 
 def iter_rows(path: str, column: Optional[str] = None, id_field: Optional[str] = None) -> Iterator[Row]:
+    """The rows of a .txt, .jsonl or .parquet prompt file, streamed."""
     ext = check_source(path)
     if ext == ".parquet":
         yield from _parquet(path, column or "prompt", id_field)
@@ -111,7 +115,8 @@ def _parquet(path: str, column: str, id_field: Optional[str]) -> Iterator[Row]:
 
 def iter_chunks(rows: Iterator[Row], chunk_size: int):
     """(chunk number, rows) of consecutive row numbers: chunk c holds rows c*size .. (c+1)*size-1."""
-    chunk, buf = 0, []
+    chunk = 0
+    buf: list = []
     for r in rows:
         c = r.index // chunk_size
         if c != chunk and buf:

@@ -1,4 +1,5 @@
-"""sharpfast.scan (this module: scanning): audit a prompt corpus for memorized prompts, resumably, on one or many processes.
+"""sharpfast.scan (this module: scanning): audit a prompt corpus for memorized prompts, resumably,
+on one or many processes.
 
 The corpus is streamed in chunks of `batch_size` consecutive rows (chunk c = rows c*B .. c*B+B-1,
 the same in every run). Under `accelerate launch` (or torchrun) rank r takes the chunks with
@@ -56,7 +57,10 @@ class _Procs:
 
 def _committed(path: str):
     """(records of committed chunks, committed chunk ids, byte length up to the last commit)."""
-    recs, chunks, good, pending = [], set(), 0, []
+    recs: list = []
+    chunks: set = set()
+    good = 0
+    pending: list = []
     with open(path, "rb") as f:
         pos = 0
         for raw in f:
@@ -138,9 +142,9 @@ def _check_meta(out_dir: str, meta: dict, overwrite: bool, procs: _Procs):
                                      f"output folder, or overwrite=True (--overwrite) to discard it")
             if keys:
                 shutil.rmtree(os.path.join(out_dir, "shards"), ignore_errors=True)
-                for f in ("results.jsonl", "summary.json", "histogram.png"):
-                    if os.path.exists(os.path.join(out_dir, f)):
-                        os.remove(os.path.join(out_dir, f))
+                for name in ("results.jsonl", "summary.json", "histogram.png"):
+                    if os.path.exists(os.path.join(out_dir, name)):
+                        os.remove(os.path.join(out_dir, name))
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
         os.replace(path + ".tmp", path)

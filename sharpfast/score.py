@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
+from typing_extensions import override
 
 from .errors import UnsupportedPipeline
 
@@ -71,6 +72,7 @@ def eps_per_pred(prediction_type: str, alpha_bar: float) -> float:
 
 
 def sigma_of(alpha_bar: float) -> float:
+    """The noise level sqrt(1 - alpha_bar) of a VP latent."""
     return math.sqrt(1.0 - alpha_bar)
 
 
@@ -115,13 +117,14 @@ class Conditioning:
     def __len__(self):
         return self.cond.shape[0]
 
-    def to(self, dtype) -> "Conditioning":
+    def to(self, dtype) -> Conditioning:
         """The same embeddings in another floating dtype (time ids and other tensors alike)."""
         cast = lambda d: None if d is None else {k: v.to(dtype) for k, v in d.items()}  # noqa: E731
         return replace(self, cond=self.cond.to(dtype), null=self.null.to(dtype), cond_added=cast(self.cond_added),
                        null_added=cast(self.null_added))
 
-    def rows(self, idx) -> "Conditioning":
+    def rows(self, idx) -> Conditioning:
+        """The embeddings of rows idx."""
         pick = lambda d: None if d is None else {k: v[idx] for k, v in d.items()}  # noqa: E731
         return replace(self, cond=self.cond[idx], null=self.null[idx], cond_added=pick(self.cond_added),
                        null_added=pick(self.null_added))
@@ -130,7 +133,7 @@ class Conditioning:
         """(encoder_hidden_states, added_cond_kwargs) of the batch [null; cond], each part repeated."""
         hidden = torch.cat([self.null.repeat(repeats, 1, 1), self.cond.repeat(repeats, 1, 1)])
         added = None
-        if self.cond_added is not None:
+        if self.cond_added is not None and self.null_added is not None:
             rep = lambda v: v.repeat(repeats, *[1] * (v.dim() - 1))  # noqa: E731
             added = {k: torch.cat([rep(self.null_added[k]), rep(self.cond_added[k])]) for k in self.cond_added}
         return hidden, added
@@ -151,7 +154,7 @@ def pipeline_defaults(pipe) -> dict:
 
 # ---- the adapters: one class per model family ------------------------------------------
 
-_ADAPTERS: dict = {}  # diffusers pipeline class name -> its ScoreModel subclass
+_ADAPTERS: dict[str, type[ScoreModel]] = {}  # diffusers pipeline class name -> its ScoreModel subclass
 
 
 def adapter_class(pipe) -> type:
@@ -173,14 +176,14 @@ def adapter_families() -> dict:
     return {cls.family: cls.capabilities for cls in _ADAPTERS.values()}
 
 
-def adapt(pipe, max_sequence_length=None) -> "ScoreModel":
+def adapt(pipe, max_sequence_length=None) -> ScoreModel:
     """The pipeline's adapter (an adapter given is returned as it is)."""
     return pipe if isinstance(pipe, ScoreModel) else ScoreModel(pipe, max_sequence_length)
 
 
 def family(pipe) -> str:
     """"sd", "sdxl", "sd3" or "flux" (UnsupportedPipeline for anything else)."""
-    return adapter_class(pipe).family
+    return adapter_class(pipe).family  # type: ignore[attr-defined]
 
 
 def denoiser(pipe):
@@ -229,6 +232,7 @@ class ScoreModel:
             _ADAPTERS[cls.pipeline_class] = cls
 
     def __new__(cls, pipe=None, *args, **kwargs):
+        """ScoreModel(pipe) is the adapter of the pipeline's family."""
         if cls is ScoreModel:
             cls = adapter_class(pipe)
         return super().__new__(cls)
@@ -351,7 +355,7 @@ class ScoreModel:
             self._fp32_unet = copy.deepcopy(self.unet).float()
         return self._fp32_unet
 
-    def with_unet(self, unet) -> "ScoreModel":
+    def with_unet(self, unet) -> ScoreModel:
         """The same adapter calling another UNet (an fp32 copy for the exact JVP, say)."""
         other = copy.copy(self)
         other.unet = unet
@@ -401,6 +405,7 @@ class StableDiffusionModel(ScoreModel):
 
     pipeline_class, family, embeddings_only, cross_attention = "StableDiffusionPipeline", "sd", True, True
 
+    @override
     def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
         warnings = [self._truncation(prompt) for prompt in prompts]
         key = (len(prompts), n, height, width)
@@ -409,14 +414,17 @@ class StableDiffusionModel(ScoreModel):
             cond, null = self.pipe.encode_prompt(prompts, self.device, n, fresh)
         return Conditioning(cond, self._cached_null(key, lambda: null), warnings=warnings)
 
+    @override
     def default_size(self) -> tuple:
         size = self.unet_config.sample_size * self.pipe.vae_scale_factor
         return size, size
 
+    @override
     def call(self, x, t, hidden, added):
         tt = torch.as_tensor(t, device=self.device)
         return self.unet(x, tt, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
 
+    @override
     def read_call(self, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         t = args[1] if len(args) > 1 else kwargs["timestep"]
@@ -428,6 +436,7 @@ class StableDiffusionXLModel(StableDiffusionModel):
 
     pipeline_class, family, embeddings_only = "StableDiffusionXLPipeline", "sdxl", False
 
+    @override
     def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
         p, warnings = self.pipe, [self._truncation(prompt) for prompt in prompts]
         key = (len(prompts), n, height, width)
@@ -442,6 +451,7 @@ class StableDiffusionXLModel(StableDiffusionModel):
         return Conditioning(cond, null, {"text_embeds": pooled, "time_ids": time_ids},
                             {"text_embeds": null_pooled, "time_ids": time_ids}, warnings)
 
+    @override
     def default_size(self) -> tuple:
         size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
         return size, size
@@ -484,6 +494,7 @@ class StableDiffusion3Model(_FlowModel):
 
     pipeline_class, family, max_sequence_length = "StableDiffusion3Pipeline", "sd3", 256
 
+    @override
     def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
         warnings = [self._truncation(prompt) for prompt in prompts]
         key = (len(prompts), n, height, width)
@@ -495,11 +506,13 @@ class StableDiffusion3Model(_FlowModel):
         null, null_pooled = self._cached_null(key, lambda: (null, null_pooled))
         return Conditioning(cond, null, {"pooled_projections": pooled}, {"pooled_projections": null_pooled}, warnings)
 
+    @override
     def call(self, x, t, hidden, added):
         tt = torch.as_tensor(t, device=self.device).reshape(-1)[:1].expand(len(x))
         return self.unet(hidden_states=x, timestep=tt.to(x.dtype), encoder_hidden_states=hidden,
                          pooled_projections=added["pooled_projections"], return_dict=False)[0]
 
+    @override
     def read_call(self, args, kwargs):
         added = {"pooled_projections": kwargs["pooled_projections"]}
         return kwargs["hidden_states"], _scalar(kwargs["timestep"]), kwargs["encoder_hidden_states"], added
@@ -516,6 +529,7 @@ class FluxModel(_FlowModel):
         self.txt_ids = None  # the text tokens' position ids
         self.grid: dict = {}  # packed length -> (h, w) of the latent before packing
 
+    @override
     def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
         warnings = [self._truncation(prompt) for prompt in prompts]
         with torch.no_grad():
@@ -552,6 +566,7 @@ class FluxModel(_FlowModel):
         self.grid[L] = (h, w)
         return L, self.unet_config.in_channels
 
+    @override
     def channels_first(self, x: torch.Tensor) -> torch.Tensor:
         h, w = self.grid[x.shape[1]]
         c = x.shape[2] // 4
@@ -583,6 +598,7 @@ class FluxModel(_FlowModel):
                             device=self.device, **kw)
         return sched
 
+    @override
     def call(self, x, t, hidden, added):
         tt = torch.as_tensor(t, device=self.device).reshape(-1)[:1].expand(len(x))
         h, w = self.grid[x.shape[1]]  # the transformer takes t / 1000 and position ids
@@ -594,6 +610,7 @@ class FluxModel(_FlowModel):
                          pooled_projections=added["pooled_projections"], encoder_hidden_states=hidden,
                          txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
 
+    @override
     def read_call(self, args, kwargs):
         added = {"pooled_projections": kwargs["pooled_projections"]}
         if kwargs.get("guidance") is not None:  # the embedded guidance, per row

@@ -85,9 +85,11 @@ class Batcher:
         self.answered = 0
 
     def start(self):
+        """Start the batching worker on the running event loop."""
         self._task = asyncio.get_running_loop().create_task(self._worker())
 
     async def submit(self, body) -> dict:
+        """Queue one request body; its response once its batch has run."""
         if self._closing:
             raise RuntimeError("the server is shutting down")
         job = _Job(body, asyncio.get_running_loop().create_future())
@@ -104,7 +106,9 @@ class Batcher:
 
     def _take(self) -> list[_Job]:
         first = self.pending[0]
-        batch, size, rest = [], 0, []
+        batch: list = []
+        size = 0
+        rest: list = []
         for job in self.pending:
             if job.key == first.key and (not batch or size + job.size <= self.max_batch_size):
                 batch.append(job)
@@ -185,7 +189,7 @@ def parse_request(body: dict, defaults: dict, needs_cfg: bool = True) -> dict:
     if n > MAX_PROMPTS_PER_REQUEST:
         raise BadArgument(f"num_images_per_prompt must be at most {MAX_PROMPTS_PER_REQUEST}, got {n}")
     guidance = validate.guidance_scale(get("guidance_scale"), needs_cfg=needs_cfg)
-    size = {}
+    size: dict = {}
     for k in ("height", "width"):
         v = body.get(k)
         size[k] = None if v is None else validate.integer(v, k)
@@ -213,6 +217,7 @@ class Runner:
         self._lock = pipeline_lock(pipe)  # the guard's own lock too: one pipeline call at a time
 
     def __call__(self, bodies: list[dict]) -> list[dict]:
+        """Generate a batch of compatible request bodies in one pipeline call."""
         b0 = bodies[0]
         n = b0["num_images_per_prompt"]
         prompts, gens = [], []
@@ -259,7 +264,6 @@ def create_app(pipe, *, guarded: bool = True, metric: str | None = None, thresho
 
     from . import validate
     from .monitoring import LATENCY_BUCKETS
-
     from .score import ScoreModel, pipeline_defaults
 
     max_batch_size = validate.integer(max_batch_size, "max_batch_size")
@@ -270,9 +274,7 @@ def create_app(pipe, *, guarded: bool = True, metric: str | None = None, thresho
     defaults = {**pipeline_defaults(pipe), "num_images_per_prompt": 1, **(defaults or {})}
     g = None
     if guarded:
-        from .serving import guard
-
-        from .serving import DEFAULT_METRIC
+        from .serving import DEFAULT_METRIC, guard
 
         g = guard(pipe, metric=metric or DEFAULT_METRIC, threshold=threshold, mitigation=mitigation,
                   sail_kwargs=sail_kwargs, name=name)

@@ -6,7 +6,8 @@
 
 A forward hook on pipe.unet (pipe.transformer for SD3 / Flux) captures the first call of each
 guarded request (its CFG batch [null; cond]; Flux, guidance-distilled, has only the conditional
-rows, and its null branch costs one extra call on them) into that request's own state (thread-local: requests on other threads never see
+rows, and its null branch costs one extra call on them) into that request's own state
+(thread-local: requests on other threads never see
 it); after the call, every image is scored from the capture with the metric registry of
 sharpfast.metrics, the same function detect uses: metric="wen" costs no extra UNet call,
 "sharpness" one extra CFG call at that step (the finite difference of sharpfast.detect), made
@@ -55,7 +56,7 @@ AUTO_MITIGATION = (("transition", "s0t450"), ("sail_guard", 1.0))
 # from its text encoding (the fast tokenizer's padding state is shared) within 30 rounds. So the
 # pipeline's own work (generation, SAIL's re-generation and its prompt encoding) runs one request
 # at a time; capturing is per thread and scoring runs outside the lock.
-_PIPE_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PIPE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PIPE_LOCKS_GUARD = threading.Lock()
 
 
@@ -80,13 +81,13 @@ class GuardConfig:
     metric: str
     threshold: object
     mitigation: Optional[str]
-    method: object
+    method: Optional[mitigations.Mitigation]
     setting: object
     sail_kwargs: dict
     name: str
 
     @classmethod
-    def build(cls, model, metric, threshold, mitigation, setting, sail_kwargs, name) -> "GuardConfig":
+    def build(cls, model, metric, threshold, mitigation, setting, sail_kwargs, name) -> GuardConfig:
         """The checked configuration (BadArgument / UnsupportedPipeline naming what is wrong)."""
         if metric not in GUARD_METRICS:
             raise BadArgument(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
@@ -147,10 +148,10 @@ class _Thresholds:
 class _Request:
     """The state of one guarded request (one per call, on its own thread)."""
 
-    model: object
+    model: ScoreModel
     prompts: list
     n: int
-    size: tuple
+    size: tuple[int, int]
     threshold: float
     guidance: float
     steps: int
@@ -159,7 +160,8 @@ class _Request:
     capture: Optional[tuple] = None  # the first call: (sample, t, pred, hidden, added) from model.read_call
     alpha_bar: float = 0.0
     schedule: object = None
-    bad: object = None  # per image: NaN/inf seen in any call of the request (on the device: no sync per step)
+    # per image: NaN/inf seen in any call of the request (kept on the device: no sync per step)
+    bad: Optional[torch.Tensor] = None
     decision: Optional[dict] = None
     reports: Optional[list] = None  # per prompt: (mitigated, check) of the mitigation
     sail_steps: Optional[int] = None
@@ -211,6 +213,7 @@ class _Request:
     def report(self, metric: str, mitigation) -> list:
         """The per-prompt report the guard attaches to the output."""
         d = self.decision
+        assert d is not None, "report() before decide()"
         reports = self.reports or [(False, "not flagged" if not f else "report only (mitigation=None)")
                                    for f in d["flagged"].tolist()]
         return [{"prompt": p, "score": float(s), "metric": metric, "threshold": self.threshold, "flagged": bool(f),
@@ -248,10 +251,11 @@ class _Request:
 
     def context(self, pipe, noise, generator, metric: str):
         """The mitigation context of the flagged rows."""
+        assert self.decision is not None, "context() before decide()"
         flagged = self.decision["flagged"].nonzero().view(-1).tolist()
-        return mitigations.Context(pipe, self.model, self.prompts, self.n, noise, *self.size, self.steps,
-                                   self.guidance, generator, rows=[i * self.n + j for i in flagged
-                                                                   for j in range(self.n)],
+        rows = [i * self.n + j for i in flagged for j in range(self.n)]
+        return mitigations.Context(pipe, self.model, self.prompts, self.n, noise, self.size[0], self.size[1],
+                                   self.steps, self.guidance, generator, rows=rows,
                                    guard={"metric": metric, "threshold": self.threshold})
 
 
@@ -320,6 +324,7 @@ class Guard:
         return None
 
     def __call__(self, prompt, **kwargs):
+        """pipe(prompt, **kwargs) with `.memorization`: the per-prompt report (see sharpfast.guard)."""
         start = time.perf_counter()
         try:
             out, req = self._call(prompt, kwargs)
@@ -388,6 +393,7 @@ class Guard:
 
 def _regenerate(pipe, config: GuardConfig, req: _Request, call: dict, states):
     """The flagged rows mitigated, the others as they were, in ONE generation of the batch."""
+    assert config.method is not None, "regenerating needs a mitigation"
     gens = call.get("generator")
     restore_generators(gens, states)
     noise = call.get("latents")

@@ -35,7 +35,7 @@ class Settings:
     @classmethod
     def resolve(cls, pipe, *, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                 height: Optional[int] = None, width: Optional[int] = None,
-                num_images_per_prompt: Optional[int] = None, needs_cfg: bool = False) -> "Settings":
+                num_images_per_prompt: Optional[int] = None, needs_cfg: bool = False) -> Settings:
         """The settings of a call on `pipe`, each None replaced by the pipeline's own default.
 
         Args:

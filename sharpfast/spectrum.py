@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-
 import numpy as np
 import torch
 
 from . import validate
 from .curvature import ScoreJacobian
 from .errors import BadArgument
-from .settings import Settings
 from .score import ScoreModel
+from .settings import Settings
 
 CONDITIONS = ("cond", "null")
 

@@ -133,8 +133,13 @@ def tiny_flow_pipeline(kind: str = "sd3", seed: int = 0, sample_size: int = 8, m
     are twice that size. The T5 tokenizer's model_max_length is max_sequence_length: pass it as
     the pipelines' max_sequence_length too (their default asks for 256 / 512 tokens).
     """
-    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
-                           SD3Transformer2DModel, StableDiffusion3Pipeline)
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     if kind not in ("sd3", "flux"):
         raise ValueError(f"kind must be 'sd3' or 'flux', got {kind!r}")
@@ -172,9 +177,17 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0, sample_size: int = 8, schedu
     Latents are (4, sample_size, sample_size); images are twice that size (the VAE downsamples by 2).
     scheduler: "ddim", "ddpm", "pndm", "euler", "euler_a" (Euler ancestral) or "dpm".
     """
-    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     if kind in ("sd3", "flux"):
         return tiny_flow_pipeline(kind, seed, sample_size)

@@ -26,6 +26,7 @@ def prompts(value, name: str = "prompt") -> list[str]:
 
 
 def integer(value, name: str, minimum: int = 1) -> int:
+    """An int >= minimum (bool refused)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise BadArgument(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)

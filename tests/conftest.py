@@ -10,6 +10,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# under pytest-xdist (-n 2, as CI runs) each worker gets one thread: on two cores, two processes
+# with torch's default two threads each were measured far slower than one thread each
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"  # and the subprocesses a test starts
+    torch.set_num_threads(1)
+
 # threshold="auto" caches calibrations per user (~/.cache/sharpfast): the tests use a folder of
 # their own, so they neither read a developer's cache nor leave files in it
 if "SHARPFAST_CACHE" not in os.environ:

@@ -53,6 +53,8 @@ def test_thresholds_are_quantiles_of_the_normal_scores(cache):
     assert cal["sharpness"]["target"] == pytest.approx(float(s[math.ceil(0.1 * 39)]), rel=1e-6)
     assert cal["weights"] == calibration.weights_fingerprint(pipe)
     assert cal["settings"]["num_inference_steps"] == 10 and cal["prompts"]["count"] == 40
+    # what it cost: 5 batches of 8, one CFG call each for wen, one more each for sharpness and wen_low
+    assert cal["unet_calls"] == 5 * 3 and cal["unet_rows"] == 5 * 3 * 16
     with pytest.raises(BadArgument, match="at least 20"):
         calibration.calibrate_model(pipe, prompts[:5], progress=False)
     with pytest.raises(BadArgument, match="fpr"):

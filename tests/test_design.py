@@ -12,8 +12,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "sharpfast"
 ADAPTERS = {"score.py"}          # the adapters: the one place that knows the families
 BUILDERS = {"testing.py"}        # builds tiny pipelines of each family for the tests
-FAMILY_BRANCH = re.compile(r"""\bfam(ily)?\s*(==|!=|\bin\b|\bnot in\b)\s*[("']|isinstance\(pipe,\s*\w*Pipeline|\.is_xl\b|"""
-                           r"""["'](StableDiffusion3?(XL)?|Flux)Pipeline["']|__name__\s*==\s*["']\w+Pipeline""")
+FAMILY_BRANCH = re.compile(
+    r"""\bfam(ily)?\s*(==|!=|\bin\b|\bnot in\b)\s*[("']|isinstance\(pipe,\s*\w*Pipeline|\.is_xl\b|"""
+    r"""["'](StableDiffusion3?(XL)?|Flux)Pipeline["']|__name__\s*==\s*["']\w+Pipeline"""
+)
 
 
 def _sources():

@@ -5,15 +5,13 @@ import copy
 import numpy as np
 import pytest
 import torch
+from pipeline_state import assert_same, snapshot
 from scipy.stats import spearmanr
 
 import sharpfast
 from sharpfast.metrics import METRICS
-from sharpfast.score import math_attention
-from sharpfast.score import ScoreModel, eps_to_score
+from sharpfast.score import ScoreModel, eps_to_score, math_attention
 from sharpfast.testing import tiny_pipeline
-
-from pipeline_state import assert_same, snapshot
 
 WORDS = "cats dogs cars trees sky sea boats birds fish moon sun rain snow wind fire ice".split()
 PROMPTS = [f"prompt {i} about {w}" for i, w in enumerate(WORDS)]  # 16
@@ -357,5 +355,17 @@ def test_half_precision_pipeline_exact_paths():
     s16 = sharpfast.detect(p16, ["a cat", "a dog"], latents=lat.half(), **kw).scores["sharpness"]
     assert torch.isfinite(s16).all()
     assert torch.allclose(s16, s32, rtol=0.05), (s16, s32)
-    spec = sharpfast.hessian_spectrum(p16, "a cat", k=2, conditions=("cond",), generator=torch.Generator().manual_seed(0))
+    spec = sharpfast.hessian_spectrum(
+        p16, "a cat", k=2, conditions=("cond",), generator=torch.Generator().manual_seed(0)
+    )
     assert spec["cond"].shape == (2,) and torch.isfinite(spec["cond"].abs()).all()
+
+
+def test_a_seed_for_a_generator_is_refused_with_the_fix():
+    from sharpfast.errors import BadArgument
+
+    p = tiny_pipeline("sd1")
+    with pytest.raises(BadArgument, match=r"torch.Generator\(\).manual_seed"):
+        sharpfast.detect(p, ["a cat"], generator=5, progress=False)
+    with pytest.raises(BadArgument, match="generator"):
+        sharpfast.detect(p, ["a cat"], generator=[torch.Generator(), "x"], num_images_per_prompt=2, progress=False)

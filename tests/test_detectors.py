@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from pipeline_state import assert_same, snapshot
 
 import sharpfast
-from pipeline_state import assert_same, snapshot
 from sharpfast.testing import tiny_pipeline
 
 PROMPTS = ["a red house by the sea", "two dogs on a beach", "an old map of a city"]

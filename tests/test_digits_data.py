@@ -48,7 +48,9 @@ def test_training_script_runs_a_few_steps_and_saves_a_pipeline(tmp_path):
     from sharpfast.zoo.copying import COPY_THRESHOLD, copy_stats, generate
     from sharpfast.zoo.train_digits import main
 
-    main(["--out", str(tmp_path), "--vae-steps", "2", "--pretrain-steps", "2", "--unet-steps", "2", "--batch-size", "8"])
+    main(
+        ["--out", str(tmp_path), "--vae-steps", "2", "--pretrain-steps", "2", "--unet-steps", "2", "--batch-size", "8"]
+    )
     info = json.loads((tmp_path / "train_info.json").read_text())
     assert info["unet_steps"] == 2 and info["final_unet_loss"] > 0
     assert info["init"] == str(tmp_path / "pretrained")

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from pipeline_state import assert_same, snapshot
 
 import sharpfast
-from pipeline_state import assert_same, snapshot
 from sharpfast.testing import tiny_pipeline
 
 PROMPTS = ["a red house by the sea", "two dogs on a beach", "an old map"]
@@ -140,7 +140,9 @@ def test_sail_guard_and_scan_with_no_setup(pipe, tmp_path, monkeypatch):
     assert out.images.shape[0] == 1 and "built-in generic captions" in info["threshold_source"]
     with sharpfast.guard(pipe) as g:
         res = g("a red house", output_type="pt", generator=gen(), **KW)
-    assert res.memorization[0]["metric"] == __import__("sharpfast.serving").serving.DEFAULT_METRIC and g.threshold_source
+    assert (
+        res.memorization[0]["metric"] == __import__("sharpfast.serving").serving.DEFAULT_METRIC and g.threshold_source
+    )
     f = tmp_path / "p.txt"
     f.write_text("a red house\ntwo dogs\n")
     summary = sharpfast.scan(pipe, str(f), str(tmp_path / "scan"), progress=False, **KW)

@@ -2,13 +2,12 @@
 unchanged for unflagged prompts, flagged ones mitigated, and the pipeline restored by remove()."""
 import pytest
 import torch
+from helpers import nan_unet
+from pipeline_state import assert_same, snapshot
 
 import sharpfast
-from helpers import nan_unet
 from sharpfast.errors import BadArgument, NonFiniteOutput
 from sharpfast.testing import tiny_pipeline
-
-from pipeline_state import assert_same, snapshot
 
 KW = dict(num_inference_steps=5, output_type="pt")
 PROMPTS = ["a red house by the sea", "two dogs", "an old map"]

@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
+from pipeline_state import assert_same, snapshot
 
 import sharpfast
 from sharpfast.errors import BadArgument, UnsupportedPipeline
 from sharpfast.mitigations import REGISTRY, attenuated_positions, mitigate
 from sharpfast.testing import tiny_pipeline
-
-from pipeline_state import assert_same, snapshot
 
 PROMPTS = ["a red house by the sea", "two dogs"]
 STEPS = 6

@@ -7,8 +7,8 @@ output scale. Outputs are poisoned with NaN before each native run.
 
 import pytest
 import torch
-
 from conftest import DTYPES, SHAPES, randn
+
 from sharpfast import ops
 from sharpfast.ops import _backends, reference
 

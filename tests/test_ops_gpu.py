@@ -3,10 +3,10 @@ identical to the CPU's, opcheck, and CUDA-graph capture. Skipped without a GPU (
 benchmarks/gpu_check.sh on a lent one."""
 import pytest
 import torch
-
 from conftest import DTYPES, SHAPES, randn
-from sharpfast import ops
 from test_ops_accuracy import check, fresh_seed, three_ways
+
+from sharpfast import ops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -1,8 +1,8 @@
 """The Rademacher probes: one pure function of (seed, k, i), identical on every backend."""
 import pytest
 import torch
-
 from conftest import ALL_CPU
+
 from sharpfast import ops
 from sharpfast.ops import _hash
 

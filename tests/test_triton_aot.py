@@ -31,7 +31,9 @@ def test_every_triton_kernel_compiles_for_sm90_and_sm80(tmp_path):
     from pathlib import Path
 
     src = Path(triton_aot.__file__).with_name("_triton_kernels.py").read_text()
-    launched = {n.name for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef) and n.name.endswith("_kernel")}
+    launched = {
+        n.name for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef) and n.name.endswith("_kernel")
+    }
     assert launched == kernels, f"kernels not in the AOT check: {launched - kernels}"
     assert len(rows) == 2 * sum(1 for _ in triton_aot.variants())
     for r in rows:

@@ -11,10 +11,13 @@ class DemoCommand:
 
     @staticmethod
     def register(sub) -> None:
-        demo = sub.add_parser("demo", help="detection and mitigation on the bundled digits model (a few minutes on CPU)",
-                              description="Load the bundled digits pipeline, score its prompt sets, print the AUC / "
-                                          "TPR table, mitigate a few memorized prompts and write OUT/roc.png, "
-                                          "OUT/before_after.png and OUT/results.jsonl.")
+        demo = sub.add_parser(
+            "demo",
+            help="detection and mitigation on the bundled digits model (a few minutes on CPU)",
+            description="Load the bundled digits pipeline, score its prompt sets, print the AUC / "
+            "TPR table, mitigate a few memorized prompts and write OUT/roc.png, "
+            "OUT/before_after.png and OUT/results.jsonl.",
+        )
         demo.add_argument("--out", default="sharpfast-demo", help="output folder (default sharpfast-demo)")
         demo.add_argument("--device", default="auto", help="torch device; auto = cuda if available, else cpu")
         demo.add_argument("--quiet", action="store_true", help="no progress bars")

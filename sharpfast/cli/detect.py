@@ -65,7 +65,9 @@ class DetectCommand:
             try:
                 labels = {i: int(raw[i]) for i, _ in rows}
             except (IndexError, ValueError):
-                raise BadArgument(f"--labels must hold one 0/1 per line of {args.prompts} ({len(raw)} labels)") from None
+                raise BadArgument(
+                    f"--labels must hold one 0/1 per line of {args.prompts} ({len(raw)} labels)"
+                ) from None
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
         for name in ("n", "steps", "num_inference_steps", "batch_size"):
             if getattr(args, name) is not None:

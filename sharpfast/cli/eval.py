@@ -37,7 +37,9 @@ class EvalCommand:
                                               "combined detectors are fitted on these only (the bundled model "
                                               "uses the captions of its shipped calibration)")
         d.add_argument("--n", type=ints, default=[1, 4], help="images per prompt, comma list (default 1,4)")
-        d.add_argument("--steps", type=ints, default=[1, 5], help="first sampling steps averaged, comma list (default 1,5)")
+        d.add_argument(
+            "--steps", type=ints, default=[1, 5], help="first sampling steps averaged, comma list (default 1,5)"
+        )
         d.add_argument("--metrics", type=csv, default=None,
                        help="comma list of the registry's metrics: wen, sharpness, trace, trace_delta, score_norm, "
                             "channel_wen, aniso_align, anisotropy, wen_low, attn_entropy (default: all of them, "
@@ -66,12 +68,15 @@ class EvalCommand:
                             "transition=s0t450,attention_rescale=1.5 (without --sweep)")
         m.add_argument("--sweep", action="store_true", help="every setting of each method: trade-off curves")
         m.add_argument("--limit", type=int, default=None, help="only the first LIMIT memorized prompts")
-        gd = esub.add_parser("guard", help="memorized prompts through sharpfast.guard(pipe) against plain pipe(...)",
-                             description="Generate each memorized prompt of the half once per seed plainly and once "
-                                         "through sharpfast.guard(pipe) (its defaults unless given), from the same "
-                                         "generators in the same run; report copies, near copies at 0.8, fidelity, "
-                                         "flagged / mitigated shares and the guarded / plain time. Writes OUT/guard.json "
-                                         "(resumable).")
+        gd = esub.add_parser(
+            "guard",
+            help="memorized prompts through sharpfast.guard(pipe) against plain pipe(...)",
+            description="Generate each memorized prompt of the half once per seed plainly and once "
+            "through sharpfast.guard(pipe) (its defaults unless given), from the same "
+            "generators in the same run; report copies, near copies at 0.8, fidelity, "
+            "flagged / mitigated shares and the guarded / plain time. Writes OUT/guard.json "
+            "(resumable).",
+        )
         _common(gd)
         gd.add_argument("--half", choices=("A", "B", "all"), default="B",
                         help="memorized prompts at odd positions (B, default: held out from the choice of the guard's "
@@ -106,7 +111,8 @@ class EvalCommand:
             from ..metrics import METRICS
 
             pipe = load_model(args.model, device, dtype)
-            report = detect_eval.run(pipe, sets, ns=args.n, steps_list=args.steps, metrics=args.metrics or list(METRICS),
+            report = detect_eval.run(pipe, sets, ns=args.n, steps_list=args.steps,
+                                     metrics=args.metrics or list(METRICS),
                                      out_dir=args.out,
                                      seed=args.seed, batch_size=args.batch_size, hvp=args.hvp,
                                      num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,

@@ -13,7 +13,9 @@ class SailCommand:
     def register(sub) -> None:
         g = sub.add_parser("sail", help="generate with SAIL-optimized initial noise (memorization mitigation)",
                            description="Generate images for a prompt with SAIL and save them as one PNG grid.")
-        g.add_argument("--model", default="digits", help="'digits' (bundled, default) or a local diffusers model directory")
+        g.add_argument(
+            "--model", default="digits", help="'digits' (bundled, default) or a local diffusers model directory"
+        )
         g.add_argument("--prompt", required=True, help="the prompt")
         g.add_argument("--n", type=int, default=4, help="images (default 4)")
         g.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
@@ -30,7 +32,8 @@ class SailCommand:
                        help="CFG scale (default: the pipeline's own, 7.5 for SD)")
         g.add_argument("--device", default="auto")
         g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-        g.add_argument("--out", default="sail.png", help="PNG grid: plain generation above, SAIL below (default sail.png)")
+        g.add_argument("--out", default="sail.png",
+                       help="PNG grid: plain generation above, SAIL below (default sail.png)")
 
     @staticmethod
     def run(args) -> int:
@@ -49,7 +52,8 @@ class SailCommand:
             validate.guidance_scale(args.guidance_scale, needs_cfg=True)
         for name in ("candidates", "max_steps"):
             if getattr(args, name) is not None:
-                validate.integer(getattr(args, name), "--" + name.replace("_", "-"), minimum=0 if name == "max_steps" else 1)
+                validate.integer(getattr(args, name), "--" + name.replace("_", "-"),
+                                 minimum=0 if name == "max_steps" else 1)
         if args.threshold is not None:
             validate.finite(args.threshold, "--threshold")
         if not args.out.lower().endswith(".png"):

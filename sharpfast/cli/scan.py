@@ -21,10 +21,13 @@ class ScanCommand:
         s.add_argument("--model", required=True, help="'digits' (bundled) or a local diffusers model directory")
         s.add_argument("--prompts", required=True, help=".txt (a prompt a line), .jsonl ('prompt' or 'caption' field; "
                                                         "other fields carried through) or .parquet")
-        s.add_argument("--out", required=True, help="output folder (shards, results.jsonl, summary.json, histogram.png)")
+        s.add_argument(
+            "--out", required=True, help="output folder (shards, results.jsonl, summary.json, histogram.png)"
+        )
         s.add_argument("--metrics", type=csv, default=["wen", "sharpness"], help="comma list (default wen,sharpness)")
         s.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
-        s.add_argument("--batch-size", type=int, default=32, help="prompts per batch and per resumable chunk (default 32)")
+        s.add_argument("--batch-size", type=int, default=32,
+                       help="prompts per batch and per resumable chunk (default 32)")
         s.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                        help="UNet dtype; auto = fp16 on cuda, fp32 on cpu")
         s.add_argument("--device", default="auto", help="torch device; auto = cuda if available (the process's own "
@@ -71,12 +74,26 @@ class ScanCommand:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         pipe = load_model(args.model, device, dtype)
-        summary = sharpfast.scan(pipe, args.prompts, args.out, metrics=args.metrics, n=args.n, batch_size=args.batch_size,
-                                 threshold=threshold, calibrate_on=args.calibrate_on, fpr=args.fpr,
-                                 flag_metric=args.flag_metric, column=args.column, id_field=args.id_field, seed=args.seed,
-                                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                                 model_name=args.model,
-                                 overwrite=args.overwrite, progress=not args.quiet)
+        summary = sharpfast.scan(
+            pipe,
+            args.prompts,
+            args.out,
+            metrics=args.metrics,
+            n=args.n,
+            batch_size=args.batch_size,
+            threshold=threshold,
+            calibrate_on=args.calibrate_on,
+            fpr=args.fpr,
+            flag_metric=args.flag_metric,
+            column=args.column,
+            id_field=args.id_field,
+            seed=args.seed,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            model_name=args.model,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{summary['rows']} rows: {summary['scored']} scored, {summary['skipped']} skipped "
                   f"{summary['skipped_by_reason'] or ''}, {summary['flagged']} flagged "

@@ -61,9 +61,13 @@ class ServeCommand:
                          mitigation=None if args.mitigation == "none" else args.mitigation,
                          max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                          defaults={} if steps is None else {"num_inference_steps": steps}, name=args.model)
-        print(f"sharpfast serve: {args.model} on {device} ({dtype}), "
-              f"{'unguarded' if args.no_guard else f'guard {args.metric} > {app.state.guard.threshold:.4g} ({app.state.guard.threshold_source})'}",
-              file=sys.stderr, flush=True)
+        print(
+            f"sharpfast serve: {args.model} on {device} ({dtype}), "
+            "unguarded" if args.no_guard else
+            f"guard {args.metric} > {app.state.guard.threshold:.4g} ({app.state.guard.threshold_source})",
+            file=sys.stderr,
+            flush=True,
+        )
         import logging
 
         handler = logging.StreamHandler(sys.stderr)

@@ -47,7 +47,8 @@ SUFFIXES = ["", "", "", ", high quality", ", 4k", ", detailed", " | free stock i
 
 def captions(count: int = 320, seed: int = 20261129) -> list[str]:
     rng = random.Random(seed)
-    out, seen = [], set()
+    out: list = []
+    seen: set = set()
     for _ in range(100 * count):  # bounded: the space has far more than `count` combinations
         if len(out) == count:
             break
@@ -74,7 +75,7 @@ def main() -> None:
     lines = captions()
     shared = os.path.join(here, "..", "..", "..", "shared", "data", "prompts")
     if os.path.isdir(shared):  # none of them may be a benchmark prompt
-        bench = set()
+        bench: set = set()
         for name in os.listdir(shared):
             with open(os.path.join(shared, name), encoding="utf-8", errors="replace") as f:
                 bench.update(line.strip().lower() for line in f)

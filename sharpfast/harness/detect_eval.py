@@ -19,8 +19,9 @@ from ..evaluation import evaluate
 
 def _score_config(pipe, prompts, noise_ids, n, steps, metrics, path, seed, batch_size, hvp, num_inference_steps,
                   guidance_scale, progress):
-    import sharpfast
     from tqdm.auto import tqdm
+
+    import sharpfast
 
     from ..score import ScoreModel, denoiser
 
@@ -95,9 +96,8 @@ def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "shar
     "calibration" (normal prompts kept apart: the combined detectors are fitted on them only)}.
     combined: metric tuples whose CombinedDetector is reported (those whose metrics are all scored)."""
     from ..evaluation import CombinedDetector
-    from .plots import roc_figure
-
     from ..settings import Settings
+    from .plots import roc_figure
 
     st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     num_inference_steps, guidance_scale = st.num_inference_steps, st.guidance_scale
@@ -109,7 +109,7 @@ def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "shar
     index = {p: i for i, p in enumerate(all_prompts)}
     # a prompt's noise: seed + its line in the file it came from (as `sharpfast detect` and `scan`
     # draw it), or seed + its position in the sets for the bundled model's records
-    row_of = {}
+    row_of: dict = {}
     for recs in sets.values():
         for r in recs:
             row_of.setdefault(r["prompt"], r.get("row"))
@@ -120,11 +120,11 @@ def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "shar
     levels = sorted({r["duplicates"] for r in dup})
     calib = [index[r["prompt"]] for r in sets.get("calibration", [])]
     combos = [tuple(c) for c in combined if all(m in metrics for m in c)] if calib else []
-    report = {"config": dict(ns=list(ns), steps=list(steps_list), metrics=list(metrics), seed=seed, hvp=hvp,
+    report: dict = {"config": dict(ns=list(ns), steps=list(steps_list), metrics=list(metrics), seed=seed, hvp=hvp,
                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                              memorized=len(mem), non_memorized=len(non), calibration=len(calib)),
               "table": [], "by_level": [], "narrow": [], "combined": []}
-    curves = {}
+    curves: dict = {}
     for n in ns:
         for s in steps_list:
             path = os.path.join(out_dir, f"scores_n{n}_steps{s}.jsonl")
@@ -137,9 +137,17 @@ def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "shar
             for m in metrics:
                 val = lambda ids: np.array([scores[i][m] for i in ids])  # noqa: E731
                 e = _auc_row(val(mem), val(non))
-                report["table"].append({"metric": m, "steps": s, "n": n, "auc": e["auc"],
-                                        "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"], "tpr_at_3pct_fpr": e["tpr_at_3pct_fpr"],
-                                        **cost([m])})
+                report["table"].append(
+                    {
+                        "metric": m,
+                        "steps": s,
+                        "n": n,
+                        "auc": e["auc"],
+                        "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"],
+                        "tpr_at_3pct_fpr": e["tpr_at_3pct_fpr"],
+                        **cost([m]),
+                    }
+                )
                 panel[m] = (np.array(e["roc"]["fpr"]), np.array(e["roc"]["tpr"]), e["auc"])
                 for lv in levels:
                     recs = list({r["prompt"]: r for r in dup if r["duplicates"] == lv}.values())

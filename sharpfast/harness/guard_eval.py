@@ -41,7 +41,6 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, seeds=(0, 1), metric=
     from tqdm.auto import tqdm
 
     from ..serving import DEFAULT_METRIC, guard
-
     from ..settings import Settings
 
     st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
@@ -57,7 +56,7 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, seeds=(0, 1), metric=
     kw = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type="pt")
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="eval guard", unit="image", disable=not progress)
     # the guard calibrates (if it must) before the first timed request
-    used = {}
+    used: dict = {}
     with guard(pipe, metric=config["metric"], mitigation=mitigation, setting=setting, name="eval") as g, \
             open(path, "a", encoding="utf-8") as f:
         used.update(mitigation=g.mitigation, setting=g.setting,
@@ -109,7 +108,7 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, seeds=(0, 1), metric=
 
 
 def summarize(rows: list[dict], config: dict) -> dict:
-    out = {"images": len(rows), "flagged": float(np.mean([r["flagged"] for r in rows])),
+    out: dict = {"images": len(rows), "flagged": float(np.mean([r["flagged"] for r in rows])),
            "mitigated": float(np.mean([r["mitigated"] for r in rows]))}
     for side in ("plain", "guard"):
         sim = np.array([r[side]["similarity"] for r in rows])

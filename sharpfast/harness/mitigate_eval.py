@@ -55,10 +55,9 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, methods=("none", "ran
     from tqdm.auto import tqdm
 
     from ..score import ScoreModel
+    from ..settings import Settings
     from ..zoo.copying import copy_stats, nearest
     from ..zoo.fidelity import fidelity
-
-    from ..settings import Settings
 
     st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     num_inference_steps, guidance_scale = st.num_inference_steps, st.guidance_scale
@@ -128,12 +127,20 @@ def summarize(done: dict, jobs, prompts) -> list[dict]:
             continue
         cat = lambda k: np.concatenate([np.asarray(r[k], dtype=np.float64) for r in recs])  # noqa: E731
         sim, hit = cat("similarity"), cat("nearest_is_target").astype(bool)
-        rows.append({"method": method, "setting": setting, "prompts": len(recs), "copy_rate": float(cat("copies").mean()),
-                     "copy_rate_at": {str(c): float((hit & (sim >= c)).mean()) for c in CUTS},
-                     "near_rate_at": {str(c): float((sim >= c).mean()) for c in CUTS},
-                     "similarity": float(sim.mean()), "fidelity": float(cat("fidelity").mean()),
-                     "unet_calls_per_image": float(np.mean([r["unet_calls_per_image"] for r in recs])),
-                     "seconds_per_image": float(np.mean([r["seconds_per_image"] for r in recs]))})
+        rows.append(
+            {
+                "method": method,
+                "setting": setting,
+                "prompts": len(recs),
+                "copy_rate": float(cat("copies").mean()),
+                "copy_rate_at": {str(c): float((hit & (sim >= c)).mean()) for c in CUTS},
+                "near_rate_at": {str(c): float((sim >= c).mean()) for c in CUTS},
+                "similarity": float(sim.mean()),
+                "fidelity": float(cat("fidelity").mean()),
+                "unet_calls_per_image": float(np.mean([r["unet_calls_per_image"] for r in recs])),
+                "seconds_per_image": float(np.mean([r["seconds_per_image"] for r in recs])),
+            }
+        )
     plain = [r for r in rows if r["method"] == "none"]
     for r in rows:  # the wall-time ratio to plain generation measured in the same run
         r["time_ratio"] = r["seconds_per_image"] / plain[0]["seconds_per_image"] if plain else None

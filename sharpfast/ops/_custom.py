@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import _backends
 from ._hash import rademacher_signs
-from .reference import as_rows, acc_dtype
+from .reference import acc_dtype, as_rows
 
 
 def _impl(backend: str):
@@ -114,7 +114,6 @@ def _hutch_setup(ctx, inputs, output):
 def _hutch_backward(ctx, g_trace):
     (y_shape, y_dtype, y0_meta), (K, h, seed, central) = ctx.meta, ctx.args
     n = 2 * K if central else K
-    B = y_shape[0] // n
     D = y_shape.numel() // y_shape[0]
     v = rademacher_signs(K, D, seed, g_trace.device, acc_dtype(y_dtype))[:, None, :]  # (K, 1, D)
     g = g_trace.to(v.dtype)[None, :, None] / (n * h)  # (1, B, 1)

@@ -2,11 +2,11 @@
 
 This is the Python twin of ``kernels/sf_common.h`` (used by the C++ and CUDA backends); the
 Triton kernels call :func:`sharpfast.ops._triton_kernels` versions written from the same
-constants. ``tests/test_ops_cross_backend.py`` checks that all of them agree bit for bit.
+constants. ``tests/test_ops_signs.py`` checks that all of them agree bit for bit.
 
 Signs come 32 at a time: bit (i % 32) of mix32(mix32(i // 32) ^ probe_key(k)) is the sign of
-element i (a set bit means -1). Element index i is the flat index inside ONE sample, so every sample of a batch sees the same
-probe and a sample's estimate does not depend on the batch it was in.
+element i (a set bit means -1). Element index i is the flat index inside ONE sample, so every
+sample of a batch sees the same probe and a sample's estimate does not depend on the batch it was in.
 """
 from __future__ import annotations
 

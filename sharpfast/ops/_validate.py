@@ -63,6 +63,7 @@ def count(v, name: str) -> int:
 def seed(v) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"seed must be an int, got {type(v).__name__}")
+    v = int(v)
     if not 0 <= v <= MAX_SEED:
         raise ValueError(f"seed must be in [0, 2**63), got {v}")
     return int(v)

@@ -17,8 +17,7 @@ from typing import Optional
 
 import torch
 
-from . import _custom, _validate, reference
-from . import _backends
+from . import _backends, _custom, _validate, reference
 from ._backends import resolve
 
 

@@ -1,7 +1,8 @@
 """Hutchinson trace estimation of a Jacobian with one batched call of the function."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 

@@ -26,6 +26,7 @@ def _row_norm(t: torch.Tensor) -> torch.Tensor:
 
 
 def cfg_combine(eps_uncond, eps_cond, guidance_scale):
+    """eps_u + g (eps_c - eps_u)."""
     u, c = as_rows(eps_uncond), as_rows(eps_cond)
     d = c - u
     guided = (u + guidance_scale * d).to(eps_uncond.dtype).reshape(eps_uncond.shape)
@@ -33,6 +34,7 @@ def cfg_combine(eps_uncond, eps_cond, guidance_scale):
 
 
 def rademacher_perturb(x, num_probes, h, seed, central=False):
+    """x + h v_k for each Rademacher probe v_k (and x - h v_k when central)."""
     rows = as_rows(x)
     v = rademacher_signs(num_probes, rows.shape[1], seed, x.device, rows.dtype)[:, None, :]
     out = rows[None] + h * v
@@ -42,6 +44,7 @@ def rademacher_perturb(x, num_probes, h, seed, central=False):
 
 
 def hutchinson_reduce(y_probes, y0, num_probes, h, seed, central=False):
+    """The Hutchinson trace estimate from the probes' outputs (forward or central differences)."""
     y = as_rows(y_probes)
     n = 2 * num_probes if central else num_probes
     y = y.reshape(n, -1, y.shape[1])
@@ -54,6 +57,7 @@ def hutchinson_reduce(y_probes, y0, num_probes, h, seed, central=False):
 
 
 def fd_direction(x, eps_uncond, eps_cond, h):
+    """x + h (eps_c - eps_u) / ||eps_c - eps_u|| per sample."""
     d = as_rows(eps_cond) - as_rows(eps_uncond)
     norm = _row_norm(d)[:, None]
     positive = norm > 0  # a zero difference has no direction: no shift
@@ -62,4 +66,5 @@ def fd_direction(x, eps_uncond, eps_cond, h):
 
 
 def diff_of_diffs_norm(u0, c0, u1, c1):
+    """||(c1 - u1) - (c0 - u0)|| per sample."""
     return _row_norm((as_rows(c1) - as_rows(u1)) - (as_rows(c0) - as_rows(u0)))

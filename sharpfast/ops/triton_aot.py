@@ -183,7 +183,7 @@ def run(archs=(90, 80), kernels=None, progress=True) -> list[dict]:
 def summary(rows) -> str:
     """One line per (kernel, arch): variants compiled, registers min-max, shared memory max."""
     lines = []
-    by = {}
+    by: dict = {}
     for r in rows:
         by.setdefault((r["kernel"], r["arch"]), []).append(r)
     for (kernel, arch), rs in sorted(by.items()):

@@ -46,6 +46,7 @@ def load(name: str = "digits", device="cpu", dtype=None):
 
 
 def load_prompt_file(model_dir: str) -> dict:
+    """The prompts.json of a zoo model directory."""
     f = os.path.join(model_dir, PROMPT_FILE)
     if not os.path.isfile(f):
         raise FileNotFoundError(f"no {PROMPT_FILE} beside the model in {model_dir}; measure it with "

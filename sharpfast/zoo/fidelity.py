@@ -17,6 +17,7 @@ AUGMENTED_COPIES = 3
 
 @functools.lru_cache(maxsize=1)
 def digit_classifier():
+    """An SVM trained on the digits data: the judge of which digit an image shows."""
     from sklearn.svm import SVC
 
     from .digits_data import augment, digit_images

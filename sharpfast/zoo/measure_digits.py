@@ -84,7 +84,9 @@ def calibrate(pipe, data, exclude: set, fpr: float = 0.01, per_digit: int = 20) 
     and SAIL's target (the sharpness under which only 10% of those images are)."""
     import sharpfast
 
-    recs = [r for r in generic_prompts(data, per_digit=per_digit, seed=777) if r["prompt"] not in exclude]  # = calibration_prompts()
+    recs = [
+        r for r in generic_prompts(data, per_digit=per_digit, seed=777) if r["prompt"] not in exclude
+    ]  # = calibration_prompts()
     res = sharpfast.detect(pipe, [r["prompt"] for r in recs], metrics=SHIPPED_METRICS, batch_size=50,
                            generator=torch.Generator().manual_seed(7), progress=True)
     cal = {m: {"threshold": sharpfast.calibrate(res.scores[m], fpr=fpr), "fpr": fpr, "prompts": len(recs),
@@ -141,11 +143,18 @@ def model_card(model_dir: str, doc: dict, cal: dict) -> str:
         if k in doc["summary"]:
             v = doc["summary"][k]
             lines.append(f"| {k} | {v['prompts']} | {v['copy_rate']:.2f} |")
-    lines += ["", "Detection thresholds at 1% FPR (calibration.json, step 1, n=1): "
-              + ", ".join(f"{m} {c['threshold']:.4g}" for m, c in cal.items()
-                           if isinstance(c, dict) and "threshold" in c) + "."
-              + (f" SAIL's target (sharpness under which {1 - cal['sharpness']['target_above']:.0%} of those images are): "
-                 f"{cal['sharpness']['target']:.4g}." if "target" in cal.get("sharpness", {}) else "")]
+    lines += [
+        "",
+        "Detection thresholds at 1% FPR (calibration.json, step 1, n=1): "
+        + ", ".join(f"{m} {c['threshold']:.4g}" for m, c in cal.items() if isinstance(c, dict) and "threshold" in c)
+        + "."
+        + (
+            f" SAIL's target (sharpness under which {1 - cal['sharpness']['target_above']:.0%} of those images are): "
+            f"{cal['sharpness']['target']:.4g}."
+            if "target" in cal.get("sharpness", {})
+            else ""
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
