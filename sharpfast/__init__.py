@@ -5,7 +5,13 @@ Importing sharpfast touches no device and loads diffusers only when a pipeline f
 """
 from . import ops
 
-__version__ = "0.1.0"
+try:  # the one version source is pyproject.toml; the installed metadata carries it
+    from importlib.metadata import PackageNotFoundError as _NotFound
+    from importlib.metadata import version as _version
+
+    __version__ = _version("sharpfast")
+except _NotFound:  # a bare checkout on sys.path, not installed
+    __version__ = "0+unknown"
 
 _LAZY = {
     "detect": ("detection", "detect"),

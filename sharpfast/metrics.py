@@ -24,7 +24,7 @@ formula exists once. Every metric is per image (N rows), in the VP space of `sha
                scale-free per channel (0 extra calls)
 - wen_low:     ||eps_Δ|| of the same x at the schedule's LAST (lowest-noise) timestep (1 extra CFG
                call): at step 1, pure noise read as if it were almost clean, the anisotropy
-               paper's observation applied to Wen's norm (measured in the README)
+               paper's observation applied to Wen's norm (measured in docs/evaluation.md)
 - attn_entropy: minus the cross-attention entropy over tokens (Ren et al., ECCV 2024), averaged
                 over heads, queries and cross-attention layers, of the conditional branch at this
                 step                                       (1 extra UNet call on the N conditional rows)

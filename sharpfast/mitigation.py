@@ -46,7 +46,7 @@ from .score import ScoreModel, pipeline_defaults
 OBJECTIVES = ("paper", "reference")
 REFERENCE = dict(alpha_sd1=0.05, alpha_sd2=0.01, threshold=8.2, threshold_numel=4 * 64 * 64, candidates=8,
                  steps_per_round=10, raise_every=3, raise_by=0.1)
-# paper: measured on the digits model (README, "Mitigation"): the paper's lr 0.05 hardly moves x_T
+# paper: measured on the digits model (docs/mitigation.md): the paper's lr 0.05 hardly moves x_T
 # there (copies 0.867 -> 0.863), steps of 0.5-1 on the shell do
 DEFAULTS = {"paper": dict(candidates=1, max_steps=3, lr=0.7), "reference": dict(candidates=8, max_steps=10, lr=0.05)}
 

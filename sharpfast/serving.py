@@ -42,7 +42,7 @@ from .score import ScoreModel, denoiser, pipeline_defaults
 log = logging.getLogger("sharpfast.guard")
 
 GUARD_METRICS = tuple(REGISTRY)  # costs: REGISTRY[name].cost (wen and score_norm: no extra UNet call)
-# chosen on the tuning half of the digits model's memorized prompts (README, "Mitigation"; the
+# chosen on the tuning half of the digits model's memorized prompts (docs/mitigation.md; the
 # held-out half reports it)
 DEFAULT_METRIC = mitigations.GUARD_METRIC
 DEFAULT_MITIGATION = "auto"
@@ -428,8 +428,8 @@ def guard(pipe, *, metric: str = DEFAULT_METRIC, threshold="auto", mitigation: O
             guidance_scale: calibration.json beside it, the per-user cache, or calibrated once on
             the built-in generic captions; `guarded.threshold_source` says which), a number, or
             inf (score only).
-        mitigation: "auto" (the default chosen on the digits model's frontier, see README
-            "Mitigation", where the model family has it, else sail_guard), a registry name of
+        mitigation: "auto" (the default chosen on the digits model's frontier, see docs/mitigation.md,
+            where the model family has it, else sail_guard), a registry name of
             sharpfast.mitigations (not the prompt-changing ones), or None to only report.
         setting: the mitigation's knob (default: its registry default).
         sail_kwargs: extra keywords for SAIL (candidates, max_steps, lr, ...), noise methods only.

@@ -1,5 +1,5 @@
-"""Every ```python block of README.md runs as written, each on its own in a fresh interpreter
-(a snippet that uses a name it never defines fails here)."""
+"""Every ```python block of README.md and of the documentation site (docs/*.md) runs as written,
+each on its own in a fresh interpreter (a snippet that uses a name it never defines fails here)."""
 import re
 import subprocess
 import sys
@@ -7,15 +7,27 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCKS = [(page, code) for page in PAGES
+          for code in re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)]
 
 
 def test_there_are_snippets():
-    assert len(BLOCKS) >= 5
+    assert sum(1 for page, _ in BLOCKS if page.name == "README.md") >= 1
+    assert len(BLOCKS) >= 8
 
 
-@pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_python_block_runs(code, tmp_path):
+def test_readme_is_short_and_its_links_resolve():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250
+    for target in re.findall(r"\]\(([^)#]+)\)", text):
+        if not target.startswith("http"):
+            assert (ROOT / target).exists(), target
+
+
+@pytest.mark.parametrize("page, code", BLOCKS,
+                         ids=[f"{page.stem}-block{i}" for i, (page, _) in enumerate(BLOCKS)])
+def test_python_block_runs(page, code, tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, f"README snippet failed:\n{code}\n--- stderr ---\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, f"{page.name} snippet failed:\n{code}\n--- stderr ---\n{res.stderr[-3000:]}"
