@@ -21,13 +21,12 @@ from typing import Optional
 
 import torch
 
-from . import validate
+from . import engine, validate
 from .errors import BadArgument, OutputMismatch
 from .scan_input import check_source, file_digest, iter_chunks, iter_rows
 from .score import ScoreModel, denoiser, pipeline_defaults
 
 META = "scan.json"
-COMMIT = "_commit"
 
 
 # ---- processes --------------------------------------------------------------------------
@@ -55,75 +54,18 @@ class _Procs:
 
 # ---- shards -----------------------------------------------------------------------------
 
-def _committed(path: str):
-    """(records of committed chunks, committed chunk ids, byte length up to the last commit)."""
-    recs: list = []
-    chunks: set = set()
-    good = 0
-    pending: list = []
-    with open(path, "rb") as f:
-        pos = 0
-        for raw in f:
-            pos += len(raw)
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                break
-            if COMMIT in rec:
-                chunks.add(rec[COMMIT])
-                recs += pending
-                pending, good = [], pos
-            else:
-                pending.append(rec)
-    return recs, chunks, good
-
-
 def _read_shards(out_dir: str):
     recs, chunks = [], set()
     for p in sorted(glob.glob(os.path.join(out_dir, "shards", "rank-*.jsonl"))):
-        r, c, _ = _committed(p)
+        r, c, _ = engine.read_log(p)
         recs += r
         chunks |= c
     return recs, chunks
 
 
-class _Shard:
-    """This rank's append-only shard; every write is all of a chunk or nothing.
-
-    Written through a raw file descriptor (no Python buffer): a failed write leaves nothing
-    buffered for a later flush or close() to fail on again, and the shard is cut back to its last
-    complete chunk with ftruncate before the error is raised."""
-
-    def __init__(self, out_dir: str, rank: int):
-        os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
-        self.path = os.path.join(out_dir, "shards", f"rank-{rank:05d}.jsonl")
-        self.good = _committed(self.path)[2] if os.path.exists(self.path) else 0
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
-        os.ftruncate(self.fd, self.good)  # drop the chunk a killed run was writing
-
-    def commit(self, chunk: int, records: list[dict]):
-        data = ("".join(json.dumps(r) + "\n" for r in records) + json.dumps({COMMIT: chunk}) + "\n").encode("utf-8")
-        try:
-            view, pos = memoryview(data), self.good
-            while view:  # os.pwrite may write less than asked
-                n = os.pwrite(self.fd, view, pos)
-                view, pos = view[n:], pos + n
-            os.fsync(self.fd)
-        except OSError as err:
-            try:
-                os.ftruncate(self.fd, self.good)
-            except OSError:
-                pass  # the rerun cuts the torn chunk off all the same (_committed)
-            raise OSError(err.errno, f"writing chunk {chunk} to {self.path} failed ({err.strerror}); the shard is "
-                                     f"kept up to its last complete chunk: free space and rerun to resume") from err
-        self.good += len(data)
-
-    def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+def _shard(out_dir: str, rank: int) -> engine.CommitLog:
+    """This rank's append-only shard (a commit log of chunks; see sharpfast.engine)."""
+    return engine.CommitLog(os.path.join(out_dir, "shards", f"rank-{rank:05d}.jsonl"))
 
 
 # ---- metadata ---------------------------------------------------------------------------
@@ -202,16 +144,11 @@ def _threshold(model, meta, calibrate_on, fpr, procs, out_dir, score_kw, progres
 
 
 def _score(model, prompts, rows, *, metrics, n, seed, batch_size, num_inference_steps, guidance_scale):
-    import sharpfast
-
-    h, w = model.default_size()
-    out = {m: [] for m in metrics}
+    out: dict = {m: [] for m in metrics}
     for s in range(0, len(prompts), batch_size):
-        ids = rows[s:s + batch_size]
-        lat = model.noise_for_ids(ids, n, h, w, seed)
-        res = sharpfast.detect(model, prompts[s:s + batch_size], metrics=metrics, num_images_per_prompt=n,
-                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                               latents=lat.to(model.device), batch_size=batch_size, progress=False)
+        res = engine.score_batch(model, prompts[s:s + batch_size], rows[s:s + batch_size], n=n, seed=seed,
+                                 metrics=metrics, num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale, batch_size=batch_size)
         for m in metrics:
             out[m] += res.scores[m].tolist()
     return out
@@ -273,7 +210,7 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
     threshold = _threshold(model, meta, calibrate_on, fpr, procs, out_dir, score_kw, progress)
     source = meta.get("threshold_source") or ("given" if threshold is not None else None)
     _, done = _read_shards(out_dir)
-    shard = _Shard(out_dir, procs.rank)
+    shard = _shard(out_dir, procs.rank)
     from tqdm.auto import tqdm
 
     total = _count_rows(prompts)

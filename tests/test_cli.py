@@ -31,7 +31,10 @@ def args(model_dir, tmp_path, out, *extra):
 
 
 def read(out):
-    return [json.loads(line) for line in out.read_text().splitlines()]
+    """The committed records of a result file (a commit log, see sharpfast.engine), in order."""
+    from sharpfast import engine
+
+    return engine.read_log(str(out))[0]
 
 
 def test_detect_writes_one_line_per_prompt_and_resumes(model_dir, tmp_path, capsys):
@@ -42,11 +45,14 @@ def test_detect_writes_one_line_per_prompt_and_resumes(model_dir, tmp_path, caps
     assert [r["prompt"] for r in recs] == PROMPTS and [r["label"] for r in recs] == LABELS
     assert "AUC" in capsys.readouterr().out
     full = {r["id"]: r for r in recs}
-    # a run killed after two prompts, its last line torn: the rerun completes without duplicates
+    # a run killed in its second batch (batches of 2: two records and a commit line each), one
+    # record of it on disk and the next torn: the rerun completes without duplicates
     lines = out.read_text().splitlines()
-    out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:15], encoding="utf-8")
+    assert json.loads(lines[2]) == {"_commit": 0}
+    out.write_text("\n".join(lines[:4]) + "\n" + lines[4][:15], encoding="utf-8")
+    assert [r["id"] for r in read(out)] == [0, 1], "only the committed batch counts"
     assert main(args(model_dir, tmp_path, out)) == 0
-    again = [json.loads(line) for line in out.read_text().splitlines()[2:]]  # torn line was cut off
+    again = read(out)[2:]
     ids = [0, 1] + [r["id"] for r in again]
     assert sorted(ids) == list(range(5)) and len(ids) == 5
     for r in again:  # same noise per prompt id: the same scores as the uninterrupted run
@@ -167,21 +173,22 @@ def test_full_disk_and_read_only_output_are_one_line_errors(model_dir, tmp_path,
     read-only output folder is refused before any model loads."""
     import errno
 
-    from sharpfast import jsonl
+    from sharpfast import engine
 
     out = tmp_path / "r.jsonl"
-    real = jsonl.append
+    real = engine.os.pwrite
     calls = {"n": 0}
 
-    def full_on_second(f, recs):
+    def full_on_second(fd, data, pos):  # the second batch's write: half of it lands, then the disk is full
         calls["n"] += 1
         if calls["n"] == 2:
+            real(fd, bytes(data)[: len(data) // 2], pos)
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(f, recs)
+        return real(fd, data, pos)
 
-    monkeypatch.setattr(jsonl, "append", full_on_second)
+    monkeypatch.setattr(engine.os, "pwrite", full_on_second)
     fails(capsys, args(model_dir, tmp_path, out), "No space left on device")
-    monkeypatch.setattr(jsonl, "append", real)
+    monkeypatch.setattr(engine.os, "pwrite", real)
     assert len(read(out)) == 2  # the first batch is kept
     assert main(args(model_dir, tmp_path, out)) == 0
     assert sorted(r["id"] for r in read(out)) == list(range(5))

@@ -36,7 +36,9 @@ def test_eval_detect_table_json_png_and_resume(tmp_path, capsys):
     assert all(0 <= r["auc"] <= 1 for r in rep["table"])
     # the AUC, computed here from the written scores as P(memorized score > non-memorized score):
     # swapped labels (AUC -> 1 - AUC) or a wrong set would differ
-    recs = [json.loads(line) for line in (tmp_path / "o" / "scores_n1_steps1.jsonl").read_text().splitlines()]
+    from sharpfast import engine
+
+    recs = engine.read_log(str(tmp_path / "o" / "scores_n1_steps1.jsonl"))[0]
     by_prompt = {r["prompt"]: r for r in recs}
     for m in ("wen", "sharpness"):
         pos, neg = [by_prompt[p][m] for p in mem], [by_prompt[p][m] for p in non]
@@ -45,7 +47,7 @@ def test_eval_detect_table_json_png_and_resume(tmp_path, capsys):
         assert row["auc"] == pytest.approx(auc) and auc != 0.5, (m, row["auc"], auc)
     assert (tmp_path / "o" / "roc.png").stat().st_size > 1000
     scores = (tmp_path / "o" / "scores_n1_steps1.jsonl").read_text().splitlines()
-    assert len(scores) == 8
+    assert len(recs) == 8 and len(scores) == 8 + 1  # 8 records of one batch, then its commit line
     # a rerun resumes: nothing is scored twice, the table is the same
     assert main(args) == 0
     assert (tmp_path / "o" / "scores_n1_steps1.jsonl").read_text().splitlines() == scores
@@ -62,9 +64,9 @@ def test_eval_detect_table_json_png_and_resume(tmp_path, capsys):
     assert main(args2) == 0
     rep2 = json.loads((tmp_path / "o" / "detect.json").read_text())
     assert rep2["config"]["non_memorized"] == 3
-    from sharpfast import jsonl
+    from sharpfast import engine
 
-    latest = jsonl.read(str(tmp_path / "o" / "scores_n1_steps1.jsonl"))
+    latest = engine.read(str(tmp_path / "o" / "scores_n1_steps1.jsonl"))
     prompts_now = mem + other[:2] + ["a brand new prompt"]
     assert [latest[i]["prompt"] for i in range(len(prompts_now))] == prompts_now
 
@@ -178,13 +180,13 @@ def test_eval_detect_on_files_scores_as_detect_and_scan_do(tmp_path, capsys):
     common = ["--model", "digits", "--num-inference-steps", "10", "--quiet"]
     assert main(["eval", "detect", "--memorized", mfile, "--non-memorized", nfile, "--n", "1", "--steps", "1",
                  "--metrics", "wen", "--out", str(tmp_path / "ev"), *common]) == 0
-    evaluated = {json.loads(line)["prompt"]: json.loads(line)["wen"]
-                 for line in (tmp_path / "ev" / "scores_n1_steps1.jsonl").read_text().splitlines()}
+    from sharpfast import engine
+
+    evaluated = {r["prompt"]: r["wen"] for r in engine.read_log(str(tmp_path / "ev" / "scores_n1_steps1.jsonl"))[0]}
     for f in (mfile, nfile):
         out = tmp_path / (os.path.basename(f) + ".jsonl")
         assert main(["detect", "--prompts", f, "--metrics", "wen", "--out", str(out), *common]) == 0
-        for line in out.read_text().splitlines():
-            rec = json.loads(line)
+        for rec in engine.read_log(str(out))[0]:
             assert rec["wen"] == pytest.approx(evaluated[rec["prompt"]], rel=1e-5), rec["prompt"]
 
 

@@ -222,7 +222,7 @@ def test_full_disk_mid_write_and_during_the_merge(pipe, tmp_path, monkeypatch):
         return real(fd, data, pos)
 
     monkeypatch.setattr(scanning.os, "pwrite", half_then_full)
-    with pytest.raises(OSError, match="No space left.*last complete chunk.*rerun to resume"):
+    with pytest.raises(OSError, match="No space left.*last complete batch.*rerun to resume"):
         sharpfast.scan(pipe, src, out, metrics=("wen",), batch_size=3, num_inference_steps=10, progress=False)
     monkeypatch.setattr(scanning.os, "pwrite", real)
     shard = open(os.path.join(out, "shards", "rank-00000.jsonl")).read()

@@ -4,8 +4,6 @@ entry point (sharpfast.cli.main) prints them as one line and exits 2."""
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 
 from ..errors import BadArgument, MissingInput
@@ -89,11 +87,6 @@ def load_model(model: str, device: str, dtype: str):
                                              use_safetensors=True, local_files_only=True).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def fingerprint(obj) -> str:
-    """A short hash of JSON-able settings: records carry it, and a rerun reuses only matching ones."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 def check_output(path: str) -> None:

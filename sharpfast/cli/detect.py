@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 import sys
 
-from .. import jsonl, validate
+from .. import engine, validate
 from ..errors import BadArgument, OutputMismatch
-from .common import add_device_args, check_output, device_dtype, fingerprint, load_model, read_lines
+from .common import add_device_args, check_output, device_dtype, load_model, read_lines
 
 
 class DetectCommand:
@@ -48,8 +48,6 @@ class DetectCommand:
     def run(args) -> int:
         from tqdm.auto import tqdm
 
-        import sharpfast
-
         from ..metrics import METRICS
         from ..scan_input import read_prompts
         from ..score import ScoreModel
@@ -80,11 +78,11 @@ class DetectCommand:
         check_output(args.out)
         device, dtype = device_dtype(args.device, args.dtype)
         # a record is reused only for the same prompt at the same id under the same settings and model
-        settings = fingerprint(dict(model=args.model, metrics=metrics, n=args.n, steps=args.steps, seed=args.seed,
-                                    num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                                    hvp=args.hvp, dtype=dtype))
+        settings = engine.fingerprint(dict(model=args.model, metrics=metrics, n=args.n, steps=args.steps,
+                                           seed=args.seed, num_inference_steps=args.num_inference_steps,
+                                           guidance_scale=args.guidance_scale, hvp=args.hvp, dtype=dtype))
         prompt_of = dict(rows)
-        done = jsonl.read(args.out) if os.path.exists(args.out) else {}
+        done = engine.read(args.out)
         stale = [i for i, r in done.items() if prompt_of.get(i) != r.get("prompt") or r.get("settings") != settings]
         if stale and not args.overwrite:
             raise OutputMismatch(f"{args.out} holds {len(stale)} records of other prompts or settings (first: id "
@@ -95,29 +93,19 @@ class DetectCommand:
         todo = [i for i, _ in rows if i not in done]
         if done:
             print(f"sharpfast: {len(done)} prompts already in {args.out}; {len(todo)} to go", file=sys.stderr)
-        if not todo:  # nothing to score: no model to load
-            if labels is not None:
-                print_table(args.out, metrics, len(rows))
-            return 0
-        model = ScoreModel(load_model(args.model, device, dtype))
-        height, width = model.default_size()
-        with open(args.out, "a", encoding="utf-8") as out, \
-                tqdm(total=len(todo), unit="prompt", desc="detect", disable=args.quiet) as bar:
-            for start in range(0, len(todo), args.batch_size):
-                ids = todo[start:start + args.batch_size]
-                # one generator per prompt id (its line number): results do not depend on batching or restarts
-                lat = model.noise_for_ids(ids, args.n, height, width, args.seed)
-                res = sharpfast.detect(model, [prompt_of[i] for i in ids], metrics=metrics,
-                                       num_images_per_prompt=args.n, steps=args.steps,
-                                       num_inference_steps=args.num_inference_steps,
-                                       guidance_scale=args.guidance_scale, latents=lat.to(model.device),
-                                       batch_size=args.batch_size, hvp=args.hvp, progress=False)
-                recs = [{"id": i, **rec, "settings": settings} for i, rec in zip(ids, res.to_records())]
-                if labels is not None:
-                    for rec in recs:
-                        rec["label"] = labels[rec["id"]]
-                jsonl.append(out, recs)
-                bar.update(len(ids))
+        if todo:  # else nothing to score: no model to load
+            model = ScoreModel(load_model(args.model, device, dtype))
+
+            def record(i, res, k):  # the id is the prompt's line number: its noise is seed + id
+                rec = {"id": i, **res.to_records()[k], "settings": settings}
+                return rec if labels is None else {**rec, "label": labels[i]}
+
+            with engine.CommitLog(args.out) as log, \
+                    tqdm(total=len(todo), unit="prompt", desc="detect", disable=args.quiet) as bar:
+                engine.run(model, log, todo, prompt_of=prompt_of.__getitem__, noise_id_of=int, n=args.n,
+                           seed=args.seed, batch_size=args.batch_size, record=record, bar=bar, metrics=metrics,
+                           steps=args.steps, num_inference_steps=args.num_inference_steps,
+                           guidance_scale=args.guidance_scale, hvp=args.hvp)
         if labels is not None:
             print_table(args.out, metrics, len(rows))
         return 0
@@ -126,7 +114,7 @@ class DetectCommand:
 def print_table(path: str, metrics, total: int):
     from ..evaluation import evaluate
 
-    rows = [r for r in jsonl.read(path).values() if "label" in r]
+    rows = [r for r in engine.read(path).values() if "label" in r]
     print(f"\n{len(rows)} of {total} prompts scored")
     print(f"{'metric':12s} {'AUC':>6s} {'TPR@1%FPR':>10s} {'TPR@3%FPR':>10s}")
     for m in metrics:

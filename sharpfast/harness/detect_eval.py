@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from .. import jsonl
+from .. import engine
 from ..evaluation import evaluate
 
 
@@ -21,42 +21,30 @@ def _score_config(pipe, prompts, noise_ids, n, steps, metrics, path, seed, batch
                   guidance_scale, progress):
     from tqdm.auto import tqdm
 
-    import sharpfast
-
     from ..score import ScoreModel, denoiser
 
     # a record counts only for the same prompt at the same id under the same settings: a rerun with
     # other prompt files or settings into the same folder redoes those records, never reuses them
-    settings = _fingerprint(dict(seed=seed, hvp=hvp, num_inference_steps=num_inference_steps,
-                                 guidance_scale=guidance_scale, dtype=str(denoiser(pipe).dtype)))
-    done = {i: r for i, r in jsonl.read(path).items()
+    settings = engine.fingerprint(dict(seed=seed, hvp=hvp, num_inference_steps=num_inference_steps,
+                                       guidance_scale=guidance_scale, dtype=str(denoiser(pipe).dtype)))
+    done = {i: r for i, r in engine.read(path).items()
             if isinstance(i, int) and i < len(prompts) and r.get("prompt") == prompts[i]
             and r.get("settings") == settings and r.get("noise_id") == noise_ids[i]}
     todo = [i for i in range(len(prompts)) if i not in done or any(m not in done[i] for m in metrics)]
     if not todo:
         return done
-    model = ScoreModel(pipe)
-    h, w = model.default_size()
-    with open(path, "a", encoding="utf-8") as f, \
+
+    def record(i, res, k):
+        return {"id": i, "prompt": prompts[i], **{m: float(res.scores[m][k]) for m in metrics}, "settings": settings,
+                "noise_id": noise_ids[i]}
+
+    with engine.CommitLog(path) as log, \
             tqdm(total=len(todo), desc=f"detect n={n} steps={steps}", unit="prompt", disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            ids = todo[start:start + batch_size]
-            lat = model.noise_for_ids([noise_ids[i] for i in ids], n, h, w, seed)
-            res = sharpfast.detect(pipe, [prompts[i] for i in ids], metrics=metrics, num_images_per_prompt=n,
-                                   steps=steps, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                   latents=lat.to(model.device), batch_size=batch_size, hvp=hvp, progress=False)
-            recs = [{"id": i, "prompt": prompts[i], **{m: float(res.scores[m][k]) for m in metrics},
-                     "settings": settings, "noise_id": noise_ids[i]} for k, i in enumerate(ids)]
-            jsonl.append(f, recs)
-            done.update({r["id"]: r for r in recs})
-            bar.update(len(ids))
+        recs = engine.run(ScoreModel(pipe), log, todo, prompt_of=prompts.__getitem__, noise_id_of=noise_ids.__getitem__,
+                          n=n, seed=seed, batch_size=batch_size, record=record, bar=bar, metrics=metrics, steps=steps,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, hvp=hvp)
+    done.update({r["id"]: r for r in recs})
     return done
-
-
-def _fingerprint(obj) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 def _auc_row(scores_pos, scores_neg):
