@@ -20,6 +20,7 @@ import time
 import pytest
 import torch
 
+from sharpfast.curvature import EstimatorOptions
 from sharpfast.metrics import step_metrics
 from sharpfast.score import ScoreModel
 from sharpfast.testing import sd15_sized_pipeline, tiny_pipeline
@@ -83,8 +84,8 @@ def measure(batch: int, pipe=None):
                                     vs_cfg_call=t_own / t_cfg)
         for name, (metric, hvp) in CASES.items():
             def run():
-                step_metrics(model, x, t, ab, cond, (metric,), 7.5, prompts=prompts, n=1, hvp=hvp, num_probes=8,
-                             schedule=model.bench_schedule)
+                step_metrics(model, x, t, ab, cond, (metric,), 7.5, prompts=prompts, n=1,
+                             estimator=EstimatorOptions(hvp=hvp, num_probes=8), schedule=model.bench_schedule)
 
             before = dict(model.stats)
             run()

@@ -1,4 +1,5 @@
-"""Curvature as linear operators (the view of curvlinops): the Jacobian of the score at one point,
+"""Curvature as linear operators (the view of curvlinops), the one home of every Hessian-vector
+product and trace estimate: the Jacobian of the score at one point,
 J = d s / d x = the Hessian of log p_t, as an operator with a batched matvec, and estimators over
 any such operator. The sharpness is one matvec (||J_Δ s_Δ||), the traces are Hutchinson estimates
 over it, the spectrum is ARPACK over it.
@@ -11,11 +12,14 @@ trace cannot tell the two apart (tr J = tr (J + J^T) / 2).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from . import ops
 from .errors import BadArgument
-from .score import Conditioning, ScoreModel, eps_to_score, math_attention
+from .score import Conditioning, ScoreModel, eps_to_score, math_attention, sigma_of
 
 BRANCHES = ("cond", "null", "delta")
 MODES = ("fd", "jvp")
@@ -24,9 +28,46 @@ MODES = ("fd", "jvp")
 DEFAULT_FD_STEP = {torch.float32: 0.05, torch.float16: 1.0, torch.bfloat16: 1.0}
 
 
+@dataclass(frozen=True)
+class EstimatorOptions:
+    """How the curvature metrics are estimated, as one object (detect's keywords of the same names).
+
+    Attributes:
+        hvp: "fd" (a finite difference, any precision) or "jvp" (exact forward-mode AD, fp32).
+        fd_step: the sharpness's finite-difference step, a distance in latent space (None: by dtype).
+        num_probes: Hutchinson's Rademacher probes K.
+        probe_seed: the probes' seed.
+        probe_h: the traces' step per probe element (None: fd_step / sqrt(D)).
+    """
+
+    hvp: str = "fd"
+    fd_step: Optional[float] = None
+    num_probes: int = 8
+    probe_seed: int = 0
+    probe_h: Optional[float] = None
+
+
 def default_fd_step(dtype) -> float:
     """The default finite-difference step for a denoiser of this dtype."""
     return DEFAULT_FD_STEP.get(dtype, 0.05)
+
+
+def fd_sharpness(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, eps_u, eps_c, h, check=None, wen=None):
+    """||H_Δ s_Δ|| per row by one finite difference along s_Δ (one extra CFG call); differentiable
+    in x (sharpfast.ops support autograd), so SAIL minimizes exactly what detection measures.
+
+    x' = x + h s_Δ / ||s_Δ|| (s_Δ = -eps_Δ / sigma points along eps_u - eps_c), and
+    ||H_Δ s_Δ|| ~ ||s_Δ(x') - s_Δ(x)|| ||s_Δ|| / h = ||eps_Δ(x') - eps_Δ(x)|| ||eps_Δ|| / (sigma^2 h).
+    """
+    sig = sigma_of(alpha_bar)
+    shifted = ops.fd_direction(x, eps_c, eps_u, h)
+    eps_u2, eps_c2 = model.eps(shifted, t, alpha_bar, cond)
+    if check is not None:
+        check(eps_c2 - eps_u2)
+    dod = ops.diff_of_diffs_norm(eps_u, eps_c, eps_u2, eps_c2)
+    if wen is None:  # ||eps_Δ||, unless the caller has it already (Step: from cfg_combine)
+        wen = (eps_c - eps_u).reshape(len(x), -1).norm(dim=1)
+    return dod * wen / (sig * sig * h)
 
 
 class ScoreJacobian:
@@ -38,7 +79,8 @@ class ScoreJacobian:
     a whole batch of vectors): J v ~ (s(x + h v/||v||) - s(x)) ||v|| / h.
     """
 
-    def __init__(self, model: ScoreModel, x, t, alpha_bar, cond: Conditioning, branch="delta", mode="jvp", h=None):
+    def __init__(self, model: ScoreModel, x, t, alpha_bar, cond: Conditioning, branch="delta", mode="jvp", h=None,
+                 eps0=None, shared=None):
         if branch not in BRANCHES:
             raise BadArgument(f"branch must be one of {BRANCHES}, got {branch!r}")
         if mode not in MODES:
@@ -60,11 +102,58 @@ class ScoreJacobian:
         else:
             self.cond = cond
         self._s0 = None
+        self._eps0 = eps0  # (eps_null, eps_cond) at x, already computed by the caller: no call for them
+        if eps0 is not None:
+            self._s0 = self._branch(*(eps_to_score(e.float(), alpha_bar) for e in eps0))
+        # the denoiser's outputs at probe points, shared by the branches of one point (siblings())
+        self._shared: dict = {} if shared is None else shared
+        self.check = None  # optional callable(eps_cond - eps_null, what) run on every probe evaluation
+
+    def siblings(self, *branches: str) -> tuple:
+        """Operators of other branches at the same point, sharing this one's denoiser calls (one
+        call at the probe points serves cond, null and delta)."""
+        out = []
+        for b in branches:
+            op = ScoreJacobian.__new__(ScoreJacobian)
+            op.__dict__.update(self.__dict__)
+            op.branch, op._s0 = b, None
+            if self._eps0 is not None:
+                op._s0 = op._branch(*(eps_to_score(e.float(), self.alpha_bar) for e in self._eps0))
+            out.append(op)
+        return tuple(out)
+
+    def _branch(self, su, sc):
+        return {"cond": sc, "null": su, "delta": sc - su}[self.branch]
 
     def _score(self, z, model, cond, repeats=1):
         u, c = model.eps(z, self.t, self.alpha_bar, cond, repeats=repeats)
-        su, sc = eps_to_score(u, self.alpha_bar), eps_to_score(c, self.alpha_bar)
-        return {"cond": sc, "null": su, "delta": sc - su}[self.branch]
+        return self._branch(eps_to_score(u, self.alpha_bar), eps_to_score(c, self.alpha_bar))
+
+    def base(self) -> torch.Tensor:
+        """s_branch at x (one CFG call, once; none when eps0 was given)."""
+        if self._s0 is None:
+            self._s0 = self._score(self.x, self.model, self.cond)
+        return self._s0
+
+    def fused_trace(self, num_probes: int, seed: int, probe_h=None) -> torch.Tensor:
+        """tr J per image by Hutchinson over the fused ops (sharpfast.ops.hutchinson_trace): the
+        probe points x + probe_h v_k (Rademacher v_k of `seed`; probe_h default h / sqrt(D), so a
+        probe moves x by h) in ONE denoiser call for all K probes, shared with sibling branches."""
+        if self.mode != "fd":
+            raise BadArgument("fused_trace is the finite-difference estimator: mode='fd'")
+        D = self.x[0].numel()
+        hp = float(probe_h) if probe_h is not None else self.h / D ** 0.5
+        key = (num_probes, hp, seed)
+
+        def scores_at(probes):
+            if key not in self._shared:
+                u, c = self.model.eps(probes, self.t, self.alpha_bar, self.cond, repeats=num_probes)
+                if self.check is not None:
+                    self.check(c - u, "Hutchinson probes")
+                self._shared[key] = (eps_to_score(u, self.alpha_bar), eps_to_score(c, self.alpha_bar))
+            return self._branch(*self._shared[key])
+
+        return ops.hutchinson_trace(scores_at, self.x, num_probes, hp, seed, y0=self.base())
 
     def _exact_call(self, fn):
         # torch.func's transforms work under no_grad (no graph is kept for the weights)
@@ -81,16 +170,14 @@ class ScoreJacobian:
         V = V.to(self.x.device, torch.float32)
         if self.mode == "jvp":
             return torch.stack([self._exact_call(lambda f, v=v: torch.func.jvp(f, (self.x,), (v,))[1]) for v in V])
-        if self._s0 is None:
-            self._s0 = self._score(self.x, self.model, self.cond)
+        s0 = self.base()
         norms = V.flatten(2).norm(dim=2)  # (K, N)
         scale = torch.where(norms > 0, self.h / norms.clamp_min(1e-30), torch.zeros_like(norms))
         shift = V * scale.view(K, self.N, *[1] * (V.dim() - 2))
         s1 = self._score((self.x.unsqueeze(0) + shift).reshape(K * self.N, *self.x.shape[1:]), self.model, self.cond,
                          repeats=K).view(K, self.N, *self.x.shape[1:])
         ratio = torch.where(norms > 0, norms / self.h, torch.zeros_like(norms))
-        assert self._s0 is not None
-        return (s1 - self._s0.unsqueeze(0)) * ratio.view(K, self.N, *[1] * (V.dim() - 2))
+        return (s1 - s0.unsqueeze(0)) * ratio.view(K, self.N, *[1] * (V.dim() - 2))
 
     def rmatvec(self, v: torch.Tensor) -> torch.Tensor:
         """J^T v per image (reverse-mode AD through the fp32 copy; mode "jvp" only)."""
@@ -98,6 +185,11 @@ class ScoreJacobian:
             raise BadArgument("rmatvec needs mode='jvp' (a transpose has no finite-difference form)")
         v = v.to(self.x.device, torch.float32)
         return self._exact_call(lambda f: torch.func.vjp(f, self.x)[1](v)[0])
+
+    def to_scipy(self):
+        """The operator as a scipy.sparse.linalg.LinearOperator on flat float64 vectors (one
+        image: x of batch 1), for ARPACK and the rest of SciPy; rmatvec too in mode "jvp"."""
+        return _to_scipy(self, self.x.shape, self.x.device, self.mode == "jvp")
 
     def symmetrized(self) -> SymmetrizedJacobian:
         """(J + J^T) / 2 as an operator (real eigenvalues; the same quadratic form)."""
@@ -111,14 +203,58 @@ class SymmetrizedJacobian:
         self.jac = jac
 
     def matvec(self, v):
-        """J v for a flat vector v (scipy's LinearOperator protocol)."""
+        """((J + J^T) / 2) v per image; v has x's shape."""
         return 0.5 * (self.jac.matvec(v) + self.jac.rmatvec(v))
 
+    def rmatvec(self, v):
+        """The same as matvec: the operator is symmetric."""
+        return self.matvec(v)
 
-def hutchinson_trace(op, shape, num_probes: int = 8, seed: int = 0) -> torch.Tensor:
+    def to_scipy(self):
+        """As ScoreJacobian.to_scipy (symmetric: rmatvec = matvec)."""
+        return _to_scipy(self, self.jac.x.shape, self.jac.x.device, True)
+
+
+def _to_scipy(op, shape, device, with_rmatvec: bool):
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator
+
+    if shape[0] != 1:
+        raise BadArgument(f"to_scipy takes the operator of one image (x of batch 1), got batch {shape[0]}")
+    D = int(torch.Size(shape).numel())
+
+    def wrap(fn):
+        def apply(v):
+            tangent = torch.as_tensor(np.asarray(v, dtype=np.float32).reshape(shape), device=device)
+            return fn(tangent).detach().double().cpu().numpy().reshape(-1)
+        return apply
+
+    return LinearOperator((D, D), matvec=wrap(op.matvec), rmatvec=wrap(op.rmatvec) if with_rmatvec else None,
+                          dtype=np.float64)
+
+
+def hutchinson_trace(op, shape, num_probes: int = 8, seed: int = 0, probe_h=None) -> torch.Tensor:
     """tr(op) per image, (1/K) sum_k v_k^T op v_k over K Rademacher probes (the signs of
-    sharpfast.ops for `seed`, the same for every image); op.matmat takes (K, N, ...) when it has
-    one (one UNet call for all probes with a finite-difference ScoreJacobian), else K matvecs."""
+    sharpfast.ops for `seed`, the same for every image).
+
+    The one Hutchinson estimator of sharpfast: a finite-difference ScoreJacobian runs it on the
+    fused ops (`op.fused_trace`: one denoiser call for all probes, shared by the branches of one
+    point; probe_h its step per element); any other operator with `matmat` (K, N, ...) gets one
+    call of it, else K matvecs.
+
+    Args:
+        op: a linear operator per image (ScoreJacobian, SymmetrizedJacobian, or any object with
+            matmat or matvec).
+        shape: (N, ...) of the vectors it acts on.
+        num_probes: K.
+        seed: the probes' seed.
+        probe_h: the fd operator's step per probe element (default h / sqrt(D)).
+
+    Returns:
+        (N,) trace estimates.
+    """
+    if getattr(op, "mode", None) == "fd" and hasattr(op, "fused_trace"):
+        return op.fused_trace(num_probes, seed, probe_h)
     N, D = shape[0], int(torch.Size(shape[1:]).numel())
     signs = ops.rademacher_signs(num_probes, D, seed).view(num_probes, 1, *shape[1:]).expand(num_probes, *shape)
     signs = signs.contiguous()

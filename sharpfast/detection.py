@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from . import validate
+from .curvature import EstimatorOptions
 from .errors import BadArgument
 from .metrics import HVP_MODES, METRICS, step_metrics
 from .results import DetectionResult
@@ -108,6 +109,7 @@ def detect(
     else:
         validate.latents(latents, (count, *model.latent_shape(height, width)), (height, width), model.device)
     latents = latents * sched0.init_noise_sigma  # as pipe.prepare_latents scales them
+    estimator = EstimatorOptions(hvp, fd_step, num_probes, probe_seed, probe_step)
     extra = pipe.prepare_extra_step_kwargs(generator, 0.0) if hasattr(pipe, "prepare_extra_step_kwargs") else {}
     per_image = {m: torch.empty(len(prompts), n) for m in metrics}
     warnings = []
@@ -127,8 +129,7 @@ def detect(
                 x = sched.scale_model_input(lat, t)
                 ab = model.alpha_bar(sched, t)
                 vals, guided = step_metrics(model, x, t, ab, cond, metrics, guidance_scale, prompts=batch, n=n,
-                                            hvp=hvp, fd_step=fd_step, num_probes=num_probes, probe_seed=probe_seed,
-                                            probe_h=probe_step, schedule=sched0)
+                                            estimator=estimator, schedule=sched0)
                 for m in metrics:
                     total[m] += vals[m]
                 if i + 1 < steps:

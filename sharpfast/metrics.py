@@ -39,29 +39,12 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .curvature import ScoreJacobian, default_fd_step
+from .curvature import EstimatorOptions, ScoreJacobian, default_fd_step, fd_sharpness, hutchinson_trace
 from .errors import NonFiniteOutput
-from .score import Conditioning, ScoreModel, eps_per_pred, eps_to_score, sigma_of, to_eps
+from .score import Conditioning, ScoreModel, eps_per_pred, sigma_of, to_eps
 
 HVP_MODES = ("fd", "jvp")
-
-
-def fd_sharpness(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, eps_u, eps_c, h, check=None, wen=None):
-    """||H_Δ s_Δ|| per row by one finite difference along s_Δ (one extra CFG call); differentiable
-    in x (sharpfast.ops support autograd), so SAIL minimizes exactly what detection measures.
-
-    x' = x + h s_Δ / ||s_Δ|| (s_Δ = -eps_Δ / sigma points along eps_u - eps_c), and
-    ||H_Δ s_Δ|| ~ ||s_Δ(x') - s_Δ(x)|| ||s_Δ|| / h = ||eps_Δ(x') - eps_Δ(x)|| ||eps_Δ|| / (sigma^2 h).
-    """
-    sig = sigma_of(alpha_bar)
-    shifted = ops.fd_direction(x, eps_c, eps_u, h)
-    eps_u2, eps_c2 = model.eps(shifted, t, alpha_bar, cond)
-    if check is not None:
-        check(eps_c2 - eps_u2)
-    dod = ops.diff_of_diffs_norm(eps_u, eps_c, eps_u2, eps_c2)
-    if wen is None:  # ||eps_Δ||, unless the caller has it already (Step: from cfg_combine)
-        wen = (eps_c - eps_u).reshape(len(x), -1).norm(dim=1)
-    return dod * wen / (sig * sig * h)
+DEFAULT_ESTIMATOR = EstimatorOptions()  # frozen: a shared default is safe
 
 
 def check_finite(pred: torch.Tensor, rows_per_prompt: int, prompts, what: str):
@@ -99,14 +82,14 @@ class Step:
     """
 
     def __init__(self, model: ScoreModel, x, t, alpha_bar, cond: Conditioning, pred_u, pred_c, *, names=None, n=1,
-                 guidance_scale=1.0, hvp="fd", fd_step=None, num_probes=8, probe_seed=0, probe_h=None, checks=True,
-                 schedule=None):
+                 guidance_scale=1.0, estimator: EstimatorOptions = DEFAULT_ESTIMATOR, checks=True, schedule=None):
         self.model, self.x, self.t, self.alpha_bar, self.cond = model, x, t, alpha_bar, cond
         self.pred_u, self.pred_c = pred_u, pred_c
-        self.names, self.n, self.guidance_scale, self.hvp = names, n, guidance_scale, hvp
+        self.names, self.n, self.guidance_scale, self.hvp = names, n, guidance_scale, estimator.hvp
         self.sigma = sigma_of(alpha_bar)
-        self.h = fd_step if fd_step is not None else default_fd_step(model.dtype)
-        self.num_probes, self.probe_seed, self.probe_h, self.checks = num_probes, probe_seed, probe_h, checks
+        self.h = estimator.fd_step if estimator.fd_step is not None else default_fd_step(model.dtype)
+        self.num_probes, self.probe_seed, self.probe_h = estimator.num_probes, estimator.probe_seed, estimator.probe_h
+        self.checks = checks
         self.schedule = (
             schedule  # the sampler's scheduler, timesteps set: its low-noise timesteps (anisotropy, wen_low)
         )
@@ -147,16 +130,15 @@ class Step:
         """(tr H(x, c), tr H(x, null)) by Hutchinson over num_probes probes: one UNet call on a
         num_probes-times batch, shared by trace and trace_delta."""
         def make():
-            K, xf = self.num_probes, self.x.float()
+            xf = self.x.float()
             hp = self.probe_h if self.probe_h is not None else probe_step(self.h, xf[0].numel())
-            probes = ops.rademacher_perturb(xf, K, hp, self.probe_seed)
-            eps_up, eps_cp = self.model.eps(probes, self.t, self.alpha_bar, self.cond, repeats=K)
-            self.check(eps_cp - eps_up, "Hutchinson probes")
-            eps_u, eps_c = self.eps
-            ab, seed = self.alpha_bar, self.probe_seed
-            tr_c = ops.hutchinson_reduce(eps_to_score(eps_cp, ab), eps_to_score(eps_c, ab), K, hp, seed)
-            tr_u = ops.hutchinson_reduce(eps_to_score(eps_up, ab), eps_to_score(eps_u, ab), K, hp, seed)
-            return tr_c, tr_u
+            jc = ScoreJacobian(self.model, xf, self.t, self.alpha_bar, self.cond, branch="cond", mode="fd", h=self.h,
+                               eps0=self.eps)
+            jc.check = self.check
+            (ju,) = jc.siblings("null")
+            shape = tuple(xf.shape)
+            return (hutchinson_trace(jc, shape, self.num_probes, self.probe_seed, hp),
+                    hutchinson_trace(ju, shape, self.num_probes, self.probe_seed, hp))
         return self._cached("traces", make)
 
 
@@ -291,7 +273,7 @@ METRICS = tuple(REGISTRY)
 
 
 def step_metrics(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, metrics, guidance_scale, *, prompts, n,
-                 hvp="fd", fd_step=None, num_probes=8, probe_seed=0, probe_h=None, schedule=None):
+                 estimator: EstimatorOptions = DEFAULT_ESTIMATOR, schedule=None):
     """Metrics at latents x (N rows) from one CFG call, and the guided prediction for the sampler.
 
     Returns ({metric: (N,) float32}, guided prediction in the UNet's parameterization).
@@ -300,6 +282,5 @@ def step_metrics(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, metrics
     check_finite(pred_u, n, prompts, "null branch")
     check_finite(pred_c, n, prompts, "conditional branch")
     step = Step(model, x, t, alpha_bar, cond, pred_u, pred_c, names=prompts, n=n, guidance_scale=guidance_scale,
-                hvp=hvp, fd_step=fd_step, num_probes=num_probes, probe_seed=probe_seed, probe_h=probe_h,
-                schedule=schedule)
+                estimator=estimator, schedule=schedule)
     return {m: REGISTRY[m].fn(step).float() for m in metrics}, step.guided[0]

@@ -38,7 +38,7 @@ import time
 import torch
 
 from . import ops, validate
-from .curvature import default_fd_step
+from .curvature import EstimatorOptions, default_fd_step
 from .errors import BadArgument, NonFiniteOutput
 from .metrics import REGISTRY, Step
 from .score import ScoreModel, pipeline_defaults
@@ -74,8 +74,8 @@ class _Objective:
         serving guard's: SAIL then stops where the guard would no longer flag)."""
         m = self.model
         pred_u, pred_c = m.predict(x, self.t, cond)
-        step = Step(m, x, self.t, self.ab, cond, pred_u, pred_c, fd_step=self.h, names=names, checks=False,
-                    schedule=self.schedule)
+        step = Step(m, x, self.t, self.ab, cond, pred_u, pred_c, estimator=EstimatorOptions(fd_step=self.h),
+                    names=names, checks=False, schedule=self.schedule)
         if self.objective == "paper":  # detect's own sharpness (the registry's), differentiable in x
             sharp = REGISTRY["sharpness"].fn(step)
             loss = sharp.pow(2)

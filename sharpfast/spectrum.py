@@ -31,7 +31,7 @@ def hessian_spectrum(pipe, prompt: str, k: int = 6, *, conditions=CONDITIONS, wh
     directions of memorized prompts), "LR"/"LA", ... Returns {"cond": tensor (k,), "null": ...}
     (complex, or real with symmetric=True) sorted ascending, plus "latents" (the x_T used).
     """
-    from scipy.sparse.linalg import LinearOperator, eigs, eigsh
+    from scipy.sparse.linalg import eigs, eigsh
 
     validate.prompts(prompt, "prompt")
     for c in conditions:
@@ -58,13 +58,7 @@ def hessian_spectrum(pipe, prompt: str, k: int = 6, *, conditions=CONDITIONS, wh
         which = {"SR": "SA", "LR": "LA"}.get(which, which)
     for c in conditions:
         jac = ScoreJacobian(model, x, t, ab, cond, branch=c, mode="jvp")
-        op_ = jac.symmetrized() if symmetric else jac
-
-        def matvec(v, op_=op_):
-            tangent = torch.as_tensor(np.asarray(v, dtype=np.float32).reshape(shape), device=model.device)
-            return op_.matvec(tangent).detach().double().cpu().numpy().reshape(-1)
-
-        op = LinearOperator((D, D), matvec=matvec, dtype=np.float64)
+        op = (jac.symmetrized() if symmetric else jac).to_scipy()
         v0 = np.random.default_rng(0).standard_normal(D)
         if symmetric:
             vals = eigsh(op, k=k, which=which, v0=v0, tol=tol, maxiter=maxiter, return_eigenvectors=False)

@@ -33,6 +33,7 @@ def test_rectified_flow_relations_against_a_float64_reference():
     sigma = 1 while sharpfast's normalized wen is ||Δv||; at sigma < 1 sharpfast's wen times
     (1 - sigma) is the paper's ||Δeps|| and its sharpness times ((1 - sigma) / sigma)^2 the
     paper's ||H_Δ s_Δ|| (exact, by reverse-mode autograd here, forward mode in the product)."""
+    from sharpfast.curvature import EstimatorOptions
     from sharpfast.metrics import step_metrics
     from sharpfast.score import ScoreModel
 
@@ -65,7 +66,7 @@ def test_rectified_flow_relations_against_a_float64_reference():
             dv = v(x, t, "c") - v(x, t, "u")
             paper_wen = ((1 - sigma) * dv).flatten(1).norm(dim=1)
         ours, _ = step_metrics(model, x.float(), t, model.alpha_bar(sched, t), enc, ("wen", "sharpness"), 7.0,
-                               prompts=prompts, n=1, hvp="jvp")
+                               prompts=prompts, n=1, estimator=EstimatorOptions(hvp="jvp"))
         torch.testing.assert_close(ours["wen"].double(), dv.flatten(1).norm(dim=1), rtol=1e-4, atol=0)
         if k == 0:
             assert sigma == 1.0 and float(paper_wen.abs().max()) == 0.0  # vanishes at the first step
