@@ -37,7 +37,7 @@ MUTATIONS = [
     ),
     (
         "sharpness 1/sigma^2 dropped",
-        "sharpfast/metrics.py",
+        "sharpfast/curvature.py",
         "return dod * wen / (sig * sig * h)",
         "return dod * wen / h",
         ["tests/test_reference.py"],

@@ -16,6 +16,8 @@ import contextlib
 
 import torch
 
+from .errors import UnsupportedPipeline, UsageError
+
 
 class _Recorder:
     def __init__(self):
@@ -32,12 +34,12 @@ class _Recorder:
     def token_attention(self) -> torch.Tensor:
         """(batch, tokens): the attention each token receives, averaged over heads, queries and layers."""
         if not self.layers:
-            raise RuntimeError("no cross-attention layer ran inside record_cross_attention")
+            raise UsageError("no cross-attention layer ran inside record_cross_attention")
         return self.token_sums / self.layers
 
     def entropy(self) -> torch.Tensor:
         if not self.layers:
-            raise RuntimeError("no cross-attention layer ran inside record_cross_attention")
+            raise UsageError("no cross-attention layer ran inside record_cross_attention")
         return self.sums / self.layers
 
 
@@ -139,7 +141,7 @@ def edit_cross_attention(unet, edit, rows=None):
     procs = {name: (LogitEditProcessor(proc, edit, rows) if name.endswith("attn2.processor") else proc)
              for name, proc in saved.items()}
     if not any(isinstance(p, LogitEditProcessor) for p in procs.values()):
-        raise RuntimeError("this UNet has no cross-attention layers (attn2)")
+        raise UnsupportedPipeline("this UNet has no cross-attention layers (attn2)")
     unet.set_attn_processor(procs)
     try:
         yield
@@ -164,7 +166,7 @@ def record_cross_attention(unet):
     procs = {name: (EntropyProcessor(rec) if name.endswith("attn2.processor") else proc)
              for name, proc in saved.items()}
     if not any(isinstance(p, EntropyProcessor) for p in procs.values()):
-        raise RuntimeError("this UNet has no cross-attention layers (attn2)")
+        raise UnsupportedPipeline("this UNet has no cross-attention layers (attn2)")
     unet.set_attn_processor(procs)
     try:
         yield rec

@@ -16,6 +16,8 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Optional
 
+from .errors import WriteFailed
+
 COMMIT = "_commit"
 
 
@@ -98,7 +100,7 @@ class CommitLog:
                 os.ftruncate(self.fd, self.good)
             except OSError:
                 pass  # the rerun cuts the torn batch off all the same (read_log)
-            raise OSError(err.errno, f"writing batch {chunk} to {self.path} failed ({err.strerror}); the file is "
+            raise WriteFailed(err.errno, f"writing batch {chunk} to {self.path} failed ({err.strerror}); the file is "
                                      f"kept up to its last complete batch: free space and rerun to resume") from err
         self.good += len(data)
         self.chunks.add(chunk)

@@ -40,3 +40,8 @@ class MissingDependency(SharpfastError, ImportError):
 
 class UsageError(SharpfastError, RuntimeError):
     """An object was used in a state that does not allow it (a removed guard, say)."""
+
+
+class WriteFailed(SharpfastError, OSError):
+    """Writing a result failed (a full disk, a read-only folder); what was committed before is kept
+    (the message says how to resume). Built as OSError(errno, message)."""

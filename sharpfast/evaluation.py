@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import BadArgument
+
 
 def _array(x, name):
     a = np.asarray(x.cpu() if hasattr(x, "cpu") else x, dtype=np.float64).reshape(-1)
     if a.size == 0:
-        raise ValueError(f"{name} is empty")
+        raise BadArgument(f"{name} is empty")
     if not np.isfinite(a).all():
-        raise ValueError(f"{name} has NaN or inf values")
+        raise BadArgument(f"{name} has NaN or inf values")
     return a
 
 
@@ -24,11 +26,11 @@ def evaluate(scores, labels) -> dict:
     s = _array(scores, "scores")
     y = _array(labels, "labels")
     if s.shape != y.shape:
-        raise ValueError(f"scores ({s.size}) and labels ({y.size}) differ in length")
+        raise BadArgument(f"scores ({s.size}) and labels ({y.size}) differ in length")
     if not np.isin(y, (0, 1)).all():
-        raise ValueError("labels must be 0/1 or booleans")
+        raise BadArgument("labels must be 0/1 or booleans")
     if y.min() == y.max():
-        raise ValueError("labels hold one class only: an ROC needs memorized and non-memorized prompts")
+        raise BadArgument("labels hold one class only: an ROC needs memorized and non-memorized prompts")
     fpr, tpr, thr = roc_curve(y, s)
 
     def tpr_at(limit):
@@ -42,7 +44,7 @@ def evaluate(scores, labels) -> dict:
 def calibrate(scores_of_normal_prompts, fpr: float = 0.01) -> float:
     """Threshold that flags at most a fraction `fpr` of normal prompts (flagged: score > threshold)."""
     if not 0 < fpr < 1:
-        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+        raise BadArgument(f"fpr must be in (0, 1), got {fpr}")
     s = _array(scores_of_normal_prompts, "scores_of_normal_prompts")
     return float(np.quantile(s, 1.0 - fpr, method="higher"))
 
@@ -64,7 +66,7 @@ class CombinedDetector:
     def __init__(self, metrics):
         self.metrics = tuple(metrics)
         if len(self.metrics) < 1:
-            raise ValueError("CombinedDetector needs at least one metric")
+            raise BadArgument("CombinedDetector needs at least one metric")
         self.center, self.scale, self.log = {}, {}, {}
 
     def _values(self, scores, m, fitting=False):
@@ -78,7 +80,7 @@ class CombinedDetector:
         for m in self.metrics:
             v = self._values(normal_scores, m, fitting=True)
             if v.size < 10:
-                raise ValueError(f"fitting needs at least 10 normal prompts, got {v.size}")
+                raise BadArgument(f"fitting needs at least 10 normal prompts, got {v.size}")
             med = float(np.median(v))
             mad = float(np.median(np.abs(v - med))) * 1.4826
             self.center[m], self.scale[m] = med, mad if mad > 0 else float(v.std()) or 1.0
@@ -87,7 +89,7 @@ class CombinedDetector:
     def score(self, scores: dict) -> np.ndarray:
         """The combined score: the maximum of the members' robust z-scores."""
         if not self.center:
-            raise ValueError("fit the CombinedDetector on normal prompts first")
+            raise BadArgument("fit the CombinedDetector on normal prompts first")
         z = [(self._values(scores, m) - self.center[m]) / self.scale[m] for m in self.metrics]
         return np.mean(z, axis=0)
 

@@ -40,7 +40,7 @@ import torch
 
 from . import ops
 from .curvature import EstimatorOptions, ScoreJacobian, default_fd_step, fd_sharpness, hutchinson_trace
-from .errors import NonFiniteOutput
+from .errors import BadArgument, NonFiniteOutput
 from .score import Conditioning, ScoreModel, eps_per_pred, sigma_of, to_eps
 
 HVP_MODES = ("fd", "jvp")
@@ -146,7 +146,7 @@ class Step:
         """(eps_null, eps_cond) at x, at the from_end-th timestep from the schedule's end: one CFG call."""
         def make():
             if self.schedule is None:
-                raise ValueError("this metric evaluates x at the schedule's low-noise timesteps: Step(schedule=...)")
+                raise BadArgument("this metric evaluates x at the schedule's low-noise timesteps: Step(schedule=...)")
             t_lo, ab_lo = self.model.low_noise(self.schedule, from_end)
             u, c = self.model.eps(self.x, t_lo, ab_lo, self.cond)
             self.check(c - u, f"low-noise timestep ({from_end} from the end)")

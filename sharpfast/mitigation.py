@@ -260,7 +260,7 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
     if any(k in pipe_kwargs for k in ("prompt_embeds", "negative_prompt_embeds")):
         raise BadArgument("sail encodes the prompt itself: pass prompt (and negative_prompt), not prompt_embeds")
     if pipe_kwargs.get("negative_prompt") is not None:
-        raise NotImplementedError("sail optimizes against the empty-prompt null branch; negative_prompt is not "
+        raise BadArgument("sail optimizes against the empty-prompt null branch; negative_prompt is not "
                                   "supported yet")
     v_pred = model.prediction_type == "v_prediction"
     if alpha is None:

@@ -54,7 +54,7 @@ from typing import Optional
 import torch
 
 from . import validate
-from .errors import BadArgument, UnsupportedPipeline
+from .errors import BadArgument, UnsupportedPipeline, UsageError
 from .score import adapter_families
 
 # the serving guard's default metric (sharpfast.serving reads it here: sail_guard outside a guard
@@ -195,7 +195,7 @@ class GuidanceHook:
             return None
         pred = output[0] if isinstance(output, tuple) else output.sample
         if pred.shape[0] != 2 * self.images:
-            raise RuntimeError(f"a guidance mitigation expects the CFG batch of {self.images} images "
+            raise UsageError(f"a guidance mitigation expects the CFG batch of {self.images} images "
                                f"[null; cond], got a batch of {pred.shape[0]}: call with guidance_scale > 1")
         _, t = _split_call(args, kwargs)
         rows = self.rows.to(pred.device)

@@ -82,9 +82,9 @@ def iter_rows(path: str, column: Optional[str] = None, id_field: Optional[str] =
                 continue
             try:
                 rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise ValueError("not an object")
             except ValueError:
+                rec = None
+            if not isinstance(rec, dict):
                 yield Row(i, i, None, {}, "not a JSON object")
                 continue
             key = column or ("prompt" if "prompt" in rec else "caption")
@@ -101,9 +101,9 @@ def _parquet(path: str, column: str, id_field: Optional[str]) -> Iterator[Row]:
     pf = pq.ParquetFile(path)
     names = pf.schema_arrow.names
     if column not in names:
-        raise ValueError(f"{path} has no column {column!r}; columns: {', '.join(names)}")
+        raise BadArgument(f"{path} has no column {column!r}; columns: {', '.join(names)}")
     if id_field and id_field not in names:
-        raise ValueError(f"{path} has no id column {id_field!r}; columns: {', '.join(names)}")
+        raise BadArgument(f"{path} has no id column {id_field!r}; columns: {', '.join(names)}")
     i = 0
     for batch in pf.iter_batches(batch_size=4096):
         for rec in batch.to_pylist():

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from . import engine, validate
-from .errors import BadArgument, OutputMismatch
+from .errors import BadArgument, OutputMismatch, WriteFailed
 from .scan_input import check_source, file_digest, iter_chunks, iter_rows
 from .score import ScoreModel, denoiser, pipeline_defaults
 
@@ -172,13 +172,10 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
     from .metrics import METRICS
 
     check_source(prompts)
-    metrics = list(dict.fromkeys(metrics))
-    for m in metrics:
-        if m not in METRICS:
-            raise ValueError(f"unknown metric {m!r}; valid: {', '.join(METRICS)}")
+    metrics = list(validate.metrics(metrics, METRICS))
     flag_metric = flag_metric or metrics[-1]
     if flag_metric not in metrics:
-        raise ValueError(f"flag_metric {flag_metric!r} is not among the metrics {metrics}")
+        raise BadArgument(f"flag_metric {flag_metric!r} is not among the metrics {metrics}")
     if calibrate_on is not None:
         if threshold not in ("auto", None):
             raise BadArgument("give threshold or calibrate_on, not both")
@@ -289,7 +286,7 @@ def _write_atomic(path: str, text: str) -> None:
             os.remove(tmp)
         except OSError:
             pass
-        raise OSError(err.errno, f"writing {path} failed ({err.strerror}); every scored chunk is kept in the "
+        raise WriteFailed(err.errno, f"writing {path} failed ({err.strerror}); every scored chunk is kept in the "
                                  f"shards: free space and rerun to merge them") from err
 
 

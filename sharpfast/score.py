@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from typing_extensions import override
 
-from .errors import UnsupportedPipeline
+from .errors import BadArgument, UnsupportedPipeline
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
                        "FluxPipeline")
@@ -62,7 +62,7 @@ def to_eps(pred: torch.Tensor, x: torch.Tensor, alpha_bar: float, prediction_typ
         return a * pred + s * x
     if prediction_type == "sample":
         return (x - a * pred) / s
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    raise BadArgument(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
 def eps_per_pred(prediction_type: str, alpha_bar: float) -> float:

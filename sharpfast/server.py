@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from .errors import BadArgument, MissingDependency, SharpfastError
+from .errors import BadArgument, MissingDependency, SharpfastError, UsageError
 
 log = logging.getLogger("sharpfast.server")
 
@@ -91,7 +91,7 @@ class Batcher:
     async def submit(self, body) -> dict:
         """Queue one request body; its response once its batch has run."""
         if self._closing:
-            raise RuntimeError("the server is shutting down")
+            raise UsageError("the server is shutting down")
         job = _Job(body, asyncio.get_running_loop().create_future())
         self.pending.append(job)
         self._wake.set()

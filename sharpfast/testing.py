@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import BadArgument
+
 _BYTES = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
 
 
@@ -52,7 +54,7 @@ def word_tokenizer(words, max_length: int = 77):
     merges: list[tuple[str, str]] = []
     for w in sorted(set(words)):
         if not w or " " in w or w != w.lower():
-            raise ValueError(f"word_tokenizer: {w!r} must be a non-empty lower-case word without spaces")
+            raise BadArgument(f"word_tokenizer: {w!r} must be a non-empty lower-case word without spaces")
         parts = list(w[:-1]) + [w[-1] + "</w>"]
         left = parts[0]
         for right in parts[1:]:
@@ -142,7 +144,7 @@ def tiny_flow_pipeline(kind: str = "sd3", seed: int = 0, sample_size: int = 8, m
     )
 
     if kind not in ("sd3", "flux"):
-        raise ValueError(f"kind must be 'sd3' or 'flux', got {kind!r}")
+        raise BadArgument(f"kind must be 'sd3' or 'flux', got {kind!r}")
     tok = tiny_tokenizer()
     V = len(tok)
     t5 = t5_tokenizer(max_sequence_length)
@@ -192,7 +194,7 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0, sample_size: int = 8, schedu
     if kind in ("sd3", "flux"):
         return tiny_flow_pipeline(kind, seed, sample_size)
     if kind not in ("sd1", "sd2", "sdxl"):
-        raise ValueError(f"kind must be 'sd1', 'sd2', 'sdxl', 'sd3' or 'flux', got {kind!r}")
+        raise BadArgument(f"kind must be 'sd1', 'sd2', 'sdxl', 'sd3' or 'flux', got {kind!r}")
     tok = tiny_tokenizer()
     V = len(tok)
     common = dict(sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,

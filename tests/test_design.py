@@ -91,3 +91,14 @@ def test_sampling_defaults_live_in_one_place():
             if pat.search(line):
                 hits.append(f"{p.relative_to(ROOT)}:{i}: {line.strip()}")
     assert not hits, "\n".join(hits)
+
+
+def test_library_code_raises_sharpfast_errors():
+    """Outside the kernels' own argument checks (sharpfast.ops), every raise is a SharpfastError
+    (each also the built-in type a caller would catch); a module __getattr__ keeps AttributeError,
+    its protocol."""
+    builtin = re.compile(r"raise (ValueError|TypeError|RuntimeError|KeyError|NotImplementedError|FileNotFoundError|"
+                         r"OSError|IndexError)\(")
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in _sources() if p.parent.name != "ops"
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if builtin.search(line)]
+    assert not hits, hits

@@ -72,9 +72,7 @@ class DetectCommand:
                 validate.integer(getattr(args, name), "--" + name.replace("_", "-"))
         if args.guidance_scale is not None:
             validate.guidance_scale(args.guidance_scale, needs_cfg=False)
-        for m in metrics or [""]:
-            if m not in METRICS:
-                raise BadArgument(f"unknown metric {m!r} in --metrics; valid: {', '.join(METRICS)}")
+        metrics = list(validate.metrics(metrics, METRICS))
         check_output(args.out)
         device, dtype = device_dtype(args.device, args.dtype)
         # a record is reused only for the same prompt at the same id under the same settings and model

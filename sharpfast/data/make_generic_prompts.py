@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import random
 
+from ..errors import UsageError
+
 SUBJECTS = [
     "a golden retriever", "a tabby cat", "a young woman", "an old man", "two children", "a cyclist", "a chef",
     "a red fox", "a flock of sheep", "a brown horse", "a small sailboat", "a vintage car", "a yellow taxi",
@@ -81,7 +83,7 @@ def main() -> None:
                 bench.update(line.strip().lower() for line in f)
         clash = [c for c in lines if c.lower() in bench]
         if clash:
-            raise RuntimeError(f"generic captions found in the benchmark sets: {clash[:5]}")
+            raise UsageError(f"generic captions found in the benchmark sets: {clash[:5]}")
     with open(os.path.join(here, "generic_prompts.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {len(lines)} captions")

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from .. import engine
+from ..errors import BadArgument
 from ..evaluation import evaluate
 
 
@@ -92,7 +93,7 @@ def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "shar
     os.makedirs(out_dir, exist_ok=True)
     ev = sets["eval"]
     if not any(r["memorized"] for r in ev) or all(r["memorized"] for r in ev):
-        raise ValueError("the evaluation set needs memorized and non-memorized prompts")
+        raise BadArgument("the evaluation set needs memorized and non-memorized prompts")
     all_prompts = list(dict.fromkeys(r["prompt"] for recs in sets.values() for r in recs))
     index = {p: i for i, p in enumerate(all_prompts)}
     # a prompt's noise: seed + its line in the file it came from (as `sharpfast detect` and `scan`

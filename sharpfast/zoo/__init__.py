@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 
+from ..errors import BadArgument, MissingInput
+
 MODELS = ("digits",)
 # "eval" is memorized + non_memorized, the two sets of the detection benchmark
 SPLITS = ("eval", "memorized", "non_memorized", "duplicated_low", "narrow")
@@ -22,10 +24,10 @@ PROMPT_FILE = "prompts.json"
 def path(name: str = "digits") -> str:
     """Directory of a bundled model (a diffusers model directory, safetensors)."""
     if name not in MODELS:
-        raise ValueError(f"unknown bundled model {name!r}; available: {', '.join(MODELS)}")
+        raise BadArgument(f"unknown bundled model {name!r}; available: {', '.join(MODELS)}")
     p = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
     if not os.path.isfile(os.path.join(p, "model_index.json")):
-        raise FileNotFoundError(f"the bundled model {name!r} is missing from {p}; reinstall sharpfast or rebuild "
+        raise MissingInput(f"the bundled model {name!r} is missing from {p}; reinstall sharpfast or rebuild "
                                 f"it with python -m sharpfast.zoo.train_digits --out {p}")
     return p
 
@@ -49,7 +51,7 @@ def load_prompt_file(model_dir: str) -> dict:
     """The prompts.json of a zoo model directory."""
     f = os.path.join(model_dir, PROMPT_FILE)
     if not os.path.isfile(f):
-        raise FileNotFoundError(f"no {PROMPT_FILE} beside the model in {model_dir}; measure it with "
+        raise MissingInput(f"no {PROMPT_FILE} beside the model in {model_dir}; measure it with "
                                 f"python -m sharpfast.zoo.measure_digits --model {model_dir}")
     with open(f, encoding="utf-8") as fh:
         return json.load(fh)
@@ -64,7 +66,7 @@ def prompts(name: str = "digits", split: str = "eval") -> list[dict]:
     name only the digit).
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; available: {', '.join(SPLITS)}")
+        raise BadArgument(f"unknown split {split!r}; available: {', '.join(SPLITS)}")
     sets = load_prompt_file(path(name))["splits"]
     if split == "eval":
         return [dict(r) for r in sets["memorized"] + sets["non_memorized"]]
