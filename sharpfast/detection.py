@@ -27,6 +27,33 @@ def _check_args(prompts, metrics, steps, num_inference_steps, batch_size, hvp):
     return prompts, tuple(dict.fromkeys(metrics))
 
 
+def _initial_latents(model, latents, generator, count, height, width, sched0):
+    """x_T as pipe.prepare_latents makes it: drawn (or the given noise, checked), times init_noise_sigma."""
+    validate.generators(generator, count)
+    if latents is None:
+        latents = model.noise(count, height, width, generator)
+    else:
+        validate.latents(latents, (count, *model.latent_shape(height, width)), (height, width), model.device)
+    return latents * sched0.init_noise_sigma
+
+
+def _along_trajectory(model, lat, cond, sched0, steps, metrics, guidance_scale, batch, n, estimator, extra) -> dict:
+    """Each metric averaged over the first `steps` sampling steps of one batch (the real CFG
+    trajectory, on a fresh copy of the scheduler: multistep / sigma-indexed state)."""
+    sched = copy.deepcopy(sched0)
+    total = {m: torch.zeros(len(lat), device=model.device) for m in metrics}
+    for i in range(steps):
+        t = sched.timesteps[i]
+        x = sched.scale_model_input(lat, t)
+        vals, guided = step_metrics(model, x, t, model.alpha_bar(sched, t), cond, metrics, guidance_scale,
+                                    prompts=batch, n=n, estimator=estimator, schedule=sched0)
+        for m in metrics:
+            total[m] += vals[m]
+        if i + 1 < steps:
+            lat = sched.step(guided, t, lat, **extra, return_dict=False)[0]
+    return {m: total[m] / steps for m in metrics}
+
+
 def detect(
     pipe,
     prompts,
@@ -102,13 +129,7 @@ def detect(
     validate.torch_generator(generator)
     pipe, calls0 = model.pipe, dict(model.stats)
     sched0 = model.scheduler(num_inference_steps, height, width)
-    count = len(prompts) * n
-    validate.generators(generator, count)
-    if latents is None:
-        latents = model.noise(count, height, width, generator)
-    else:
-        validate.latents(latents, (count, *model.latent_shape(height, width)), (height, width), model.device)
-    latents = latents * sched0.init_noise_sigma  # as pipe.prepare_latents scales them
+    latents = _initial_latents(model, latents, generator, len(prompts) * n, height, width, sched0)
     estimator = EstimatorOptions(hvp, fd_step, num_probes, probe_seed, probe_step)
     extra = pipe.prepare_extra_step_kwargs(generator, 0.0) if hasattr(pipe, "prepare_extra_step_kwargs") else {}
     per_image = {m: torch.empty(len(prompts), n) for m in metrics}
@@ -122,20 +143,10 @@ def detect(
             cond = model.encode(batch, n, height, width, guidance_scale)
             warnings.extend(cond.warnings)
             lat = latents[start * n:(start + len(batch)) * n].to(model.dtype)
-            sched = copy.deepcopy(sched0)  # fresh state for multistep / sigma-indexed schedulers
-            total = {m: torch.zeros(len(lat), device=model.device) for m in metrics}
-            for i in range(steps):
-                t = sched.timesteps[i]
-                x = sched.scale_model_input(lat, t)
-                ab = model.alpha_bar(sched, t)
-                vals, guided = step_metrics(model, x, t, ab, cond, metrics, guidance_scale, prompts=batch, n=n,
-                                            estimator=estimator, schedule=sched0)
-                for m in metrics:
-                    total[m] += vals[m]
-                if i + 1 < steps:
-                    lat = sched.step(guided, t, lat, **extra, return_dict=False)[0]
+            mean = _along_trajectory(model, lat, cond, sched0, steps, metrics, guidance_scale, batch, n, estimator,
+                                     extra)
             for m in metrics:
-                per_image[m][start:start + len(batch)] = (total[m] / steps).view(len(batch), n).cpu()
+                per_image[m][start:start + len(batch)] = mean[m].view(len(batch), n).cpu()
             bar.update(len(batch))
     bar.close()
     scores = {m: per_image[m].mean(dim=1) for m in metrics}

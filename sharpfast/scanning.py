@@ -24,7 +24,8 @@ import torch
 from . import engine, validate
 from .errors import BadArgument, OutputMismatch, WriteFailed
 from .scan_input import check_source, file_digest, iter_chunks, iter_rows
-from .score import ScoreModel, denoiser, pipeline_defaults
+from .score import ScoreModel, denoiser
+from .settings import Settings
 
 META = "scan.json"
 
@@ -182,13 +183,10 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
         threshold = "auto"  # replaced by the calibration below
     elif threshold is not None and threshold != "auto":
         threshold = validate.finite(threshold, "threshold")
-    defaults = pipeline_defaults(pipe)  # a setting not given is the pipeline's own
-    num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-    validate.integer(n, "n")
+    st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                          num_images_per_prompt=n)  # a setting not given is the pipeline's own
+    num_inference_steps, guidance_scale = st.num_inference_steps, st.guidance_scale
     validate.integer(batch_size, "batch_size")
-    validate.integer(num_inference_steps, "num_inference_steps")
-    validate.guidance_scale(guidance_scale, needs_cfg=False)
     validate.finite(fpr, "fpr", above=0)
     procs = _Procs()
     if procs.device is not None and procs.device.type == "cuda":
@@ -206,35 +204,8 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
     model = ScoreModel(pipe)  # one adapter for the whole scan: the null embeddings are encoded once
     threshold = _threshold(model, meta, calibrate_on, fpr, procs, out_dir, score_kw, progress)
     source = meta.get("threshold_source") or ("given" if threshold is not None else None)
-    _, done = _read_shards(out_dir)
-    shard = _shard(out_dir, procs.rank)
-    from tqdm.auto import tqdm
-
-    total = _count_rows(prompts)
-    bar = tqdm(total=total, unit="prompt", desc=f"scan rank {procs.rank}/{procs.world}", dynamic_ncols=True,
-               disable=not progress or procs.rank != 0)
-    try:
-        for c, rows in iter_chunks(iter_rows(prompts, column, id_field), batch_size):
-            if c % procs.world != procs.rank or c in done:
-                bar.update(len(rows))  # done before, or a peer's chunk (the peers advance in step)
-                continue
-            good = [r for r in rows if r.prompt is not None]
-            scores = _score(model, [r.prompt for r in good], [r.index for r in good], **score_kw) if good else {}
-            recs, k = [], 0
-            for r in rows:
-                base = {"row": r.index, "id": r.id}
-                if r.prompt is None:
-                    recs.append({**base, "skipped": r.problem})
-                    continue
-                vals = {m: scores[m][k] for m in metrics}
-                k += 1
-                flag = None if threshold is None else bool(vals[flag_metric] > threshold)
-                recs.append({**base, "prompt": r.prompt, **r.extra, **vals, "flagged": flag})
-            shard.commit(c, recs)
-            bar.update(len(rows))
-    finally:
-        shard.close()
-        bar.close()
+    _scan_chunks(model, prompts, out_dir, procs, column, id_field, batch_size, threshold, flag_metric, score_kw,
+                 progress)
     procs.barrier()
     summary = None
     if procs.rank == 0:
@@ -244,6 +215,42 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
         with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
             summary = json.load(f)
     return summary
+
+
+def _chunk_records(model, rows, threshold, flag_metric, score_kw) -> list:
+    """The records of one chunk: scores and flag per usable row, the reason per skipped one."""
+    good = [r for r in rows if r.prompt is not None]
+    scores = _score(model, [r.prompt for r in good], [r.index for r in good], **score_kw) if good else {}
+    recs, k = [], 0
+    for r in rows:
+        base = {"row": r.index, "id": r.id}
+        if r.prompt is None:
+            recs.append({**base, "skipped": r.problem})
+            continue
+        vals = {m: scores[m][k] for m in score_kw["metrics"]}
+        k += 1
+        flag = None if threshold is None else bool(vals[flag_metric] > threshold)
+        recs.append({**base, "prompt": r.prompt, **r.extra, **vals, "flagged": flag})
+    return recs
+
+
+def _scan_chunks(model, prompts, out_dir, procs, column, id_field, batch_size, threshold, flag_metric, score_kw,
+                 progress) -> None:
+    """This rank's chunks that no run has committed yet, each committed to its shard."""
+    from tqdm.auto import tqdm
+
+    _, done = _read_shards(out_dir)
+    shard = _shard(out_dir, procs.rank)
+    bar = tqdm(total=_count_rows(prompts), unit="prompt", desc=f"scan rank {procs.rank}/{procs.world}",
+               dynamic_ncols=True, disable=not progress or procs.rank != 0)
+    try:
+        for c, rows in iter_chunks(iter_rows(prompts, column, id_field), batch_size):
+            if c % procs.world == procs.rank and c not in done:  # else done before, or a peer's chunk
+                shard.commit(c, _chunk_records(model, rows, threshold, flag_metric, score_kw))
+            bar.update(len(rows))
+    finally:
+        shard.close()
+        bar.close()
 
 
 def _merge(out_dir, metrics, flag_metric, threshold, top, source=None):

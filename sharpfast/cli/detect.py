@@ -49,23 +49,9 @@ class DetectCommand:
         from tqdm.auto import tqdm
 
         from ..metrics import METRICS
-        from ..scan_input import read_prompts
         from ..score import ScoreModel
 
-        # every argument and path is checked before the model is loaded
-        rows = read_prompts(args.prompts) if args.prompts.endswith((".jsonl", ".parquet")) else [
-            (i, p) for i, p in enumerate(read_lines(args.prompts, "prompts")) if p.strip()]
-        if not rows:
-            raise BadArgument(f"no usable prompt in {args.prompts}")
-        labels = None
-        if args.labels:
-            raw = read_lines(args.labels, "labels")
-            try:
-                labels = {i: int(raw[i]) for i, _ in rows}
-            except (IndexError, ValueError):
-                raise BadArgument(
-                    f"--labels must hold one 0/1 per line of {args.prompts} ({len(raw)} labels)"
-                ) from None
+        rows, labels = _read_inputs(args)  # every argument and path is checked before the model is loaded
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
         for name in ("n", "steps", "num_inference_steps", "batch_size"):
             if getattr(args, name) is not None:
@@ -107,6 +93,23 @@ class DetectCommand:
         if labels is not None:
             print_table(args.out, metrics, len(rows))
         return 0
+
+
+def _read_inputs(args):
+    """(rows (id, prompt), labels {id: 0/1} or None) of --prompts / --labels."""
+    from ..scan_input import read_prompts
+
+    rows = read_prompts(args.prompts) if args.prompts.endswith((".jsonl", ".parquet")) else [
+        (i, p) for i, p in enumerate(read_lines(args.prompts, "prompts")) if p.strip()]
+    if not rows:
+        raise BadArgument(f"no usable prompt in {args.prompts}")
+    if not args.labels:
+        return rows, None
+    raw = read_lines(args.labels, "labels")
+    try:
+        return rows, {i: int(raw[i]) for i, _ in rows}
+    except (IndexError, ValueError):
+        raise BadArgument(f"--labels must hold one 0/1 per line of {args.prompts} ({len(raw)} labels)") from None
 
 
 def print_table(path: str, metrics, total: int):
