@@ -14,6 +14,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MUTATIONS = [
+    # the second design step (issue 20)
+    ("engine: uncommitted records count", "sharpfast/engine.py",
+     "                pending.append(rec)\n    return recs, chunks, good\n",
+     "                pending.append(rec)\n    return recs + pending, chunks, good\n", ["tests/test_engine.py"]),
+    ("hutchinson: a sibling operator keeps its parent's branch", "sharpfast/curvature.py",
+     "op.branch, op._s0 = b, None", "op.branch, op._s0 = self.branch, None", ["tests/test_reference.py"]),
+    ("guard: flux timestep read back unscaled", "sharpfast/score.py", "t = kwargs[\"timestep\"] * 1000",
+     "t = kwargs[\"timestep\"]", ["tests/test_flow.py"]),
     (
         "v-prediction conversion sign",
         "sharpfast/score.py",
