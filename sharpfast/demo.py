@@ -21,17 +21,44 @@ DEMO_METHODS = ("none", "wen_embedding", "sail", "transition", "sail+transition"
 DEMO_PROMPTS = 6
 
 
+def _mitigation_grid(pipe, recs, device, out_dir, say) -> None:
+    """A few memorized prompts from the same noise under each demo method: copies and fidelity
+    printed, OUT/before_after.png written."""
+    from .harness.plots import image_grid
+    from .mitigations import REGISTRY, mitigate
+    from .score import ScoreModel
+    from .zoo.copying import copy_stats
+    from .zoo.digits_data import digit_images
+    from .zoo.fidelity import fidelity
+
+    train = digit_images()[0]
+    shown = [r for r in recs if r["memorized"]][:DEMO_PROMPTS]
+    model = ScoreModel(pipe)
+    h, w = model.default_size()
+    lat = model.noise_for_ids(range(len(shown)), 1, h, w, seed=0)
+    say(f"\nmitigation of {len(shown)} memorized prompts from the same noise (copy = reproduces its training image):")
+    say(f"{'method':14s} {'copies':>7s} {'right digit':>11s}")
+    cols = {}
+    for m in DEMO_METHODS:
+        out = mitigate(pipe, [r["prompt"] for r in shown], m, REGISTRY[m].default, latents=lat.to(device),
+                       output_type="pt")
+        imgs = (out.images.float() * 2 - 1).cpu()
+        copies = [bool(copy_stats(im[None], train, r["train_index"])[0][0]) for im, r in zip(imgs, shown)]
+        fid = fidelity(imgs, [r["digit"] for r in shown])
+        cols[m] = imgs
+        say(f"{m:14s} {sum(copies):4d}/{len(shown):<2d} {int(fid.sum()):8d}/{len(shown):<2d}")
+    rows = [[train[r["train_index"]].numpy()] + [cols[m][k].numpy() for m in DEMO_METHODS] for k, r in enumerate(shown)]
+    image_grid(rows, [r["prompt"][:48] for r in shown], ["training image", *DEMO_METHODS],
+               os.path.join(out_dir, "before_after.png"), "same prompt, same initial noise")
+
+
 def run(out_dir: str = "sharpfast-demo", device: str = "cpu", progress: bool = True, stream=None) -> int:
     """The demo: score the bundled model's prompt sets, mitigate a few, write OUT; returns 0."""
     import sharpfast
 
     from . import zoo
     from .calibration import shipped_threshold
-    from .harness.plots import image_grid, roc_figure
-    from .mitigations import REGISTRY, mitigate
-    from .zoo.copying import copy_stats
-    from .zoo.digits_data import digit_images
-    from .zoo.fidelity import fidelity
+    from .harness.plots import roc_figure
 
     say = (lambda *a: print(*a, file=stream, flush=True)) if stream else (lambda *a: None)
     t0 = time.time()
@@ -61,28 +88,7 @@ def run(out_dir: str = "sharpfast-demo", device: str = "cpu", progress: bool = T
             f.write(json.dumps({**rec, "memorized": r["memorized"], "duplicates": r["duplicates"],
                                 "copy_rate": r["copy_rate"], "flagged": fl}) + "\n")
 
-    train = digit_images()[0]
-    shown = [r for r in recs if r["memorized"]][:DEMO_PROMPTS]
-    methods = DEMO_METHODS
-    from .score import ScoreModel
-
-    model = ScoreModel(pipe)
-    h, w = model.default_size()
-    lat = model.noise_for_ids(range(len(shown)), 1, h, w, seed=0)
-    say(f"\nmitigation of {len(shown)} memorized prompts from the same noise (copy = reproduces its training image):")
-    say(f"{'method':14s} {'copies':>7s} {'right digit':>11s}")
-    cols = {}
-    for m in methods:
-        out = mitigate(pipe, [r["prompt"] for r in shown], m, REGISTRY[m].default, latents=lat.to(device),
-                       output_type="pt")
-        imgs = (out.images.float() * 2 - 1).cpu()
-        copies = [bool(copy_stats(im[None], train, r["train_index"])[0][0]) for im, r in zip(imgs, shown)]
-        fid = fidelity(imgs, [r["digit"] for r in shown])
-        cols[m] = imgs
-        say(f"{m:14s} {sum(copies):4d}/{len(shown):<2d} {int(fid.sum()):8d}/{len(shown):<2d}")
-    rows = [[train[r["train_index"]].numpy()] + [cols[m][k].numpy() for m in methods] for k, r in enumerate(shown)]
-    image_grid(rows, [r["prompt"][:48] for r in shown], ["training image", *methods],
-               os.path.join(out_dir, "before_after.png"), "same prompt, same initial noise")
+    _mitigation_grid(pipe, recs, device, out_dir, say)
     say(f"\nwrote {out_dir}/results.jsonl, {out_dir}/roc.png, {out_dir}/before_after.png "
         f"in {time.time() - t0:.0f} s")
     return 0

@@ -64,39 +64,7 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, seeds=(0, 1), metric=
         step = batch_prompts * len(seeds)
         for b, start in enumerate(range(0, len(todo), step)):
             chunk = todo[start:start + step]
-            caps = [r["prompt"] for r, _ in chunk]
-            gens = lambda: [torch.Generator().manual_seed(s) for _, s in chunk]  # noqa: E731
-            secs = {}
-
-            def plain():
-                t = time.perf_counter()
-                out = pipe(caps, generator=gens(), **kw).images
-                secs["plain"] = time.perf_counter() - t
-                return out
-
-            def guarded():
-                t = time.perf_counter()
-                out = g(caps, generator=gens(), **kw)
-                secs["guard"] = time.perf_counter() - t
-                return out
-
-            if b % 2:
-                go = guarded()
-                po = plain()
-            else:
-                po = plain()
-                go = guarded()
-            recs = [r for r, _ in chunk]
-            jp = _judge(po.float() * 2 - 1, recs, train)
-            jg = _judge(go.images.float() * 2 - 1, recs, train)
-            rows = []
-            for i, (r, s) in enumerate(chunk):
-                rep = go.memorization[i]
-                rows.append({"key": key(r, s), "prompt": r["prompt"], "seed": s,
-                             "plain": {k: v[i] for k, v in jp.items()}, "guard": {k: v[i] for k, v in jg.items()},
-                             "flagged": rep["flagged"], "mitigated": rep["mitigated"], "check": rep["check"],
-                             "score": rep["score"], "seconds_plain": secs["plain"] / len(chunk),
-                             "seconds_guard": secs["guard"] / len(chunk)})
+            rows = _batch_rows(pipe, g, chunk, train, kw, key, guard_first=bool(b % 2))
             jsonl.append(f, rows)
             done.update({x["key"]: x for x in rows})
             bar.update(len(chunk))
@@ -105,6 +73,38 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, seeds=(0, 1), metric=
     with open(os.path.join(out_dir, "guard.json"), "w", encoding="utf-8") as fh:
         json.dump({"config": config, "used": used, "prompts": len(records), "summary": summary}, fh, indent=1)
     return summary
+
+
+def _batch_rows(pipe, g, chunk, train, kw, key, guard_first: bool) -> list:
+    """One batch generated plainly and through the guard from the same generators (in alternating
+    order across batches), both judged: a row per (prompt, seed)."""
+    caps = [r["prompt"] for r, _ in chunk]
+    secs = {}
+
+    def timed(name, call):
+        t = time.perf_counter()
+        out = call(caps, generator=[torch.Generator().manual_seed(s) for _, s in chunk], **kw)
+        secs[name] = time.perf_counter() - t
+        return out
+
+    if guard_first:
+        go = timed("guard", g)
+        po = timed("plain", pipe).images
+    else:
+        po = timed("plain", pipe).images
+        go = timed("guard", g)
+    recs = [r for r, _ in chunk]
+    jp = _judge(po.float() * 2 - 1, recs, train)
+    jg = _judge(go.images.float() * 2 - 1, recs, train)
+    rows = []
+    for i, (r, s) in enumerate(chunk):
+        rep = go.memorization[i]
+        rows.append({"key": key(r, s), "prompt": r["prompt"], "seed": s,
+                     "plain": {k: v[i] for k, v in jp.items()}, "guard": {k: v[i] for k, v in jg.items()},
+                     "flagged": rep["flagged"], "mitigated": rep["mitigated"], "check": rep["check"],
+                     "score": rep["score"], "seconds_plain": secs["plain"] / len(chunk),
+                     "seconds_guard": secs["guard"] / len(chunk)})
+    return rows
 
 
 def summarize(rows: list[dict], config: dict) -> dict:
