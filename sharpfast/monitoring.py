@@ -80,8 +80,7 @@ class GuardStats:
         that are not are counted as unmitigated); threshold: the request's (sets the score buckets
         of a guard made with threshold="auto", once)."""
         with self._lock:
-            if threshold is not None and not self._hist["score"].bounds and not self._hist["score"].sum \
-                    and not any(self._hist["score"].counts):
+            if threshold is not None and not self._hist["score"].bounds:  # unset: centred on the first request's
                 self._hist["score"] = Histogram(score_buckets(float(threshold)))
             c = self._counts
             c["requests"] += 1

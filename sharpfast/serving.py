@@ -238,15 +238,13 @@ class _Request:
     def step_callback(self, metric: str, stop_if_flagged: bool):
         """watch_callback, plus the decision at the first step (outside the denoiser's hook): a
         request with a flagged prompt stops there (_Mitigate) when it is to be mitigated."""
-        watch = self.watch_callback()
-
         def on_step_end(pipe, i, t, cb_kwargs):
+            self.note_finite(cb_kwargs["latents"].detach())  # once per step, also before a _Mitigate
             if self.decision is None:
-                self.note_finite(cb_kwargs["latents"].detach())
                 self.decision = self.decide(metric)
                 if stop_if_flagged and bool(self.decision["flagged"].any()):
                     raise _Mitigate()
-            return watch(pipe, i, t, cb_kwargs)
+            return self.user_cb(pipe, i, t, cb_kwargs) if self.user_cb is not None else {}
         return on_step_end
 
     def context(self, pipe, noise, generator, metric: str):
