@@ -1,4 +1,13 @@
-"""sharpfast.detect: per-prompt memorization scores on a stock diffusers pipeline."""
+"""sharpfast.detect: per-prompt memorization scores on a stock diffusers pipeline.
+
+Every metric (sharpfast.metrics.METRICS; higher = more likely memorized) is computed per image on
+the real CFG sampling trajectory, averaged over the first `steps` steps and the
+`num_images_per_prompt` images of each prompt. Prompts go through the denoiser `batch_size` at a
+time, one CFG call per step (plus one for `sharpness` with hvp="fd", one on a num_probes-times
+larger batch for the traces); a prompt's score does not depend on its batch (except with ancestral
+schedulers and steps > 1, whose noise comes from the generator). The pipeline is left as it was
+(its scheduler is copied, not stepped).
+"""
 from __future__ import annotations
 
 import copy
@@ -12,7 +21,7 @@ from .errors import BadArgument
 from .metrics import HVP_MODES, METRICS, step_metrics
 from .results import DetectionResult
 from .score import adapt
-from .settings import Settings
+from .settings import BATCH_SIZE, Settings
 
 
 def _check_args(prompts, metrics, steps, num_inference_steps, batch_size, hvp):
@@ -54,46 +63,44 @@ def _along_trajectory(model, lat, cond, sched0, steps, metrics, guidance_scale, 
     return {m: total[m] / steps for m in metrics}
 
 
-def detect(
-    pipe,
-    prompts,
-    *,
-    metrics=("wen", "sharpness"),
-    num_images_per_prompt: int = 1,
-    steps: int = 1,
-    num_inference_steps: Optional[int] = None,
-    guidance_scale: Optional[float] = None,
-    generator=None,
-    latents=None,
-    batch_size: int = 8,
-    hvp: str = "fd",
-    progress: bool = True,
-    height=None,
-    width=None,
-    num_probes: int = 8,
-    fd_step=None,
-    probe_seed: int = 0,
-    probe_step=None,
-) -> DetectionResult:
-    """Memorization scores of `prompts` on any supported pipeline (SD 1.x / 2.x, SDXL, SD3, Flux).
+def _score_batches(model, prompts, latents, n, metrics, steps, sched0, st, estimator, generator, batch_size,
+                   progress):
+    """(per-image values {metric: (prompts, n)}, the prompts' warnings), a batch at a time."""
+    from .progress import bar as progress_bar
 
-    Every metric (see sharpfast.metrics.METRICS; higher = more likely memorized) is computed per
-    image on the real CFG sampling trajectory, averaged over the first `steps` steps and the
-    `num_images_per_prompt` images of each prompt. Prompts go through the denoiser `batch_size`
-    at a time, one CFG call per step (plus one for `sharpness` with hvp="fd", one on a
-    num_probes-times larger batch for the traces); a prompt's score does not depend on its batch
-    (except with ancestral schedulers and steps > 1, whose noise comes from the generator). The
-    pipeline is left as it was (its scheduler is copied, not stepped).
+    pipe = model.pipe
+    extra = pipe.prepare_extra_step_kwargs(generator, 0.0) if hasattr(pipe, "prepare_extra_step_kwargs") else {}
+    per_image = {m: torch.empty(len(prompts), n) for m in metrics}
+    warnings: list = []
+    with torch.no_grad(), progress_bar(pipe, total=len(prompts), desc="sharpfast detect", enabled=progress) as bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            cond = model.encode(batch, n, st.height, st.width, st.guidance_scale)
+            warnings.extend(cond.warnings)
+            lat = latents[start * n:(start + len(batch)) * n].to(model.dtype)
+            mean = _along_trajectory(model, lat, cond, sched0, steps, metrics, st.guidance_scale, batch, n, estimator,
+                                     extra)
+            for m in metrics:
+                per_image[m][start:start + len(batch)] = mean[m].view(len(batch), n).cpu()
+            bar.update(len(batch))
+    return per_image, warnings
+
+
+def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt: int = 1, steps: int = 1,
+           num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None, generator=None,
+           latents=None, batch_size: int = BATCH_SIZE, hvp: str = "fd", progress: bool = True, height=None,
+           width=None, num_probes: int = 8, fd_step=None, probe_seed: int = 0, probe_step=None) -> DetectionResult:
+    """Memorization scores of `prompts` on any supported pipeline (SD 1.x / 2.x, SDXL, SD3, Flux),
+    on the real CFG trajectory of the first `steps` sampling steps (see this module's docstring).
 
     Args:
         pipe: a supported diffusers pipeline, or its `sharpfast.score.ScoreModel` to share one
             across many calls on equal batches (it keeps the null prompt's embeddings).
         prompts: a prompt or a list of prompts (none empty).
         metrics: registry names (sharpfast.metrics.METRICS).
-        num_images_per_prompt: images per prompt.
+        num_images_per_prompt: images per prompt (the scores are their mean).
         steps: first sampling steps averaged.
-        num_inference_steps: the schedule's steps (default: the pipeline's own, see
-            sharpfast.settings).
+        num_inference_steps: the schedule's steps (default: the pipeline's own, sharpfast.settings).
         guidance_scale: CFG scale of the trajectory (default: the pipeline's own).
         generator: a torch.Generator or one per image; initial latents are drawn exactly as
             `pipe(prompts, num_images_per_prompt=n, generator=generator)` draws them.
@@ -106,8 +113,7 @@ def detect(
         height: image height in pixels (default: the pipeline's).
         width: image width in pixels (default: the pipeline's).
         num_probes: Rademacher probes of the trace metrics.
-        fd_step: the finite-difference step of sharpness, a distance in latent space (default by
-            dtype).
+        fd_step: the finite-difference step of sharpness, a latent-space distance (default by dtype).
         probe_seed: seed of the trace probes.
         probe_step: the traces' step per element of a probe (default fd_step / sqrt(D)).
 
@@ -123,35 +129,17 @@ def detect(
     model = adapt(pipe)
     st = Settings.resolve(model, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                           height=height, width=width, num_images_per_prompt=num_images_per_prompt)
-    n, num_inference_steps, guidance_scale, height, width = (st.num_images_per_prompt, st.num_inference_steps,
-                                                             st.guidance_scale, st.height, st.width)
-    prompts, metrics = _check_args(prompts, metrics, steps, num_inference_steps, batch_size, hvp)
+    prompts, metrics = _check_args(prompts, metrics, steps, st.num_inference_steps, batch_size, hvp)
     validate.torch_generator(generator)
-    pipe, calls0 = model.pipe, dict(model.stats)
-    sched0 = model.scheduler(num_inference_steps, height, width)
-    latents = _initial_latents(model, latents, generator, len(prompts) * n, height, width, sched0)
+    calls0, n = dict(model.stats), st.num_images_per_prompt
+    sched0 = model.scheduler(st.num_inference_steps, st.height, st.width)
+    latents = _initial_latents(model, latents, generator, len(prompts) * n, st.height, st.width, sched0)
     estimator = EstimatorOptions(hvp, fd_step, num_probes, probe_seed, probe_step)
-    extra = pipe.prepare_extra_step_kwargs(generator, 0.0) if hasattr(pipe, "prepare_extra_step_kwargs") else {}
-    per_image = {m: torch.empty(len(prompts), n) for m in metrics}
-    warnings = []
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(prompts), desc="sharpfast detect", unit="prompt", disable=not progress)
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start:start + batch_size]
-            cond = model.encode(batch, n, height, width, guidance_scale)
-            warnings.extend(cond.warnings)
-            lat = latents[start * n:(start + len(batch)) * n].to(model.dtype)
-            mean = _along_trajectory(model, lat, cond, sched0, steps, metrics, guidance_scale, batch, n, estimator,
-                                     extra)
-            for m in metrics:
-                per_image[m][start:start + len(batch)] = mean[m].view(len(batch), n).cpu()
-            bar.update(len(batch))
-    bar.close()
-    scores = {m: per_image[m].mean(dim=1) for m in metrics}
-    config = dict(metrics=list(metrics), num_images_per_prompt=n, steps=steps, num_inference_steps=num_inference_steps,
-                  guidance_scale=float(guidance_scale), hvp=hvp, batch_size=batch_size, height=height, width=width,
-                  num_probes=num_probes, fd_step=fd_step, probe_step=probe_step,
+    per_image, warnings = _score_batches(model, prompts, latents, n, metrics, steps, sched0, st, estimator, generator,
+                                         batch_size, progress)
+    config = dict(metrics=list(metrics), num_images_per_prompt=n, steps=steps,
+                  num_inference_steps=st.num_inference_steps, guidance_scale=float(st.guidance_scale), hvp=hvp,
+                  batch_size=batch_size, height=st.height, width=st.width, num_probes=num_probes, fd_step=fd_step,
+                  probe_step=probe_step,
                   **{k: v - calls0[k] for k, v in model.stats.items()})
-    return DetectionResult(prompts, scores, per_image, warnings, config)
+    return DetectionResult(prompts, {m: per_image[m].mean(dim=1) for m in metrics}, per_image, warnings, config)

@@ -42,13 +42,14 @@ from .curvature import EstimatorOptions, default_fd_step
 from .errors import BadArgument, NonFiniteOutput
 from .metrics import REGISTRY, Step
 from .score import ScoreModel, pipeline_defaults
+from .settings import SAIL_DEFAULTS
 
 OBJECTIVES = ("paper", "reference")
 REFERENCE = dict(alpha_sd1=0.05, alpha_sd2=0.01, threshold=8.2, threshold_numel=4 * 64 * 64, candidates=8,
                  steps_per_round=10, raise_every=3, raise_by=0.1)
 # paper: measured on the digits model (docs/mitigation.md): the paper's lr 0.05 hardly moves x_T
 # there (copies 0.867 -> 0.863), steps of 0.5-1 on the shell do
-DEFAULTS = {"paper": dict(candidates=1, max_steps=3, lr=0.7), "reference": dict(candidates=8, max_steps=10, lr=0.05)}
+DEFAULTS = SAIL_DEFAULTS
 
 
 def _check(prompts, n, guidance_scale, lr, max_steps, candidates, needs_cfg=True):
@@ -111,6 +112,63 @@ def _per_row(v, x):
     return v.view(-1, *[1] * (x.dim() - 1))
 
 
+class _Track:
+    """Per image across candidates, rounds and steps: the accepted point (the first candidate under
+    the threshold), else the lowest-loss point so far (the fallback), with its statistic. Updated on
+    the device, without a host sync."""
+
+    def __init__(self, N, shape, dev):
+        self.N, self.dev = N, dev
+        self.acc_x = torch.zeros(N, *shape, device=dev)
+        self.best_x = torch.zeros(N, *shape, device=dev)
+        self.accepted = torch.zeros(N, dtype=torch.bool, device=dev)
+        self.best_loss = torch.full((N,), float("inf"), device=dev)
+        self.final_stat = torch.full((N,), float("inf"), device=dev)
+        self.first_stat: torch.Tensor | None = None
+
+    def note(self, x, rows, ld, sd, thr, K):
+        """Record one step's points (rows: their images); returns which rows are still live."""
+        if self.first_stat is None:
+            self.first_stat = sd.view(self.N, K)
+        low = torch.full((self.N,), float("inf"), device=self.dev).scatter_reduce(0, rows, ld, "amin")
+        better = low < self.best_loss
+        pick = better[rows] & (ld == low[rows])
+        self.best_x[rows[pick]] = x[pick]
+        self.final_stat[rows[pick]] = sd[pick]
+        self.best_loss = torch.where(better, low, self.best_loss)
+        pos = torch.arange(len(rows), device=self.dev)
+        ok = sd <= thr
+        first = torch.full((self.N,), len(rows), device=self.dev).scatter_reduce(0, rows[ok], pos[ok], "amin")
+        newly = (first < len(rows)) & ~self.accepted
+        self.acc_x[newly] = x[first[newly]]
+        self.final_stat[newly] = sd[first[newly]]
+        self.accepted |= newly
+        return ~self.accepted[rows]
+
+    def chosen(self):
+        return torch.where(_per_row(self.accepted, self.acc_x), self.acc_x, self.best_x)
+
+
+class _Adam:
+    """Adam on a batch of points whose rows leave as they are accepted (moments kept per row)."""
+    b1, b2, eps = 0.9, 0.999, 1e-8
+
+    def __init__(self, x, lr, project):
+        self.m, self.v, self.lr, self.project = torch.zeros_like(x), torch.zeros_like(x), lr, project
+        self.radius = x.reshape(len(x), -1).norm(dim=1)
+
+    def step(self, x, g, live, k):
+        """x, g of every row; returns the live rows' x after Adam's k-th step (k from 0)."""
+        b1, b2 = self.b1, self.b2
+        x, g, self.m, self.v, self.radius = (a[live] for a in (x, g, self.m, self.v, self.radius))
+        self.m = b1 * self.m + (1 - b1) * g
+        self.v = b2 * self.v + (1 - b2) * g * g
+        x = x - self.lr * (self.m / (1 - b1 ** (k + 1))) / ((self.v / (1 - b2 ** (k + 1))).sqrt() + self.eps)
+        if self.project:  # back onto the shell of the candidate's initial norm
+            x = x * _per_row(self.radius / x.reshape(len(x), -1).norm(dim=1).clamp_min(1e-12), x)
+        return x
+
+
 def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, objective="paper", alpha=0.0, lr=0.05,
                      max_steps=2, threshold=0.0, project=True, fd_step=None, new_candidates=None,
                      rounds=1, raise_every=3, raise_by=0.1, names=None, stop_metric=None):
@@ -128,43 +186,20 @@ def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, object
     obj = _Objective(model, t, model.alpha_bar(sched, t), objective, alpha,
                      fd_step if fd_step is not None else default_fd_step(model.dtype), stop_metric, sched)
     shape = x0.shape[2:]
-    acc_x = torch.zeros(N, *shape, device=dev)
-    best_x = torch.zeros(N, *shape, device=dev)
-    accepted = torch.zeros(N, dtype=torch.bool, device=dev)
-    best_loss = torch.full((N,), float("inf"), device=dev)
-    final_stat = torch.full((N,), float("inf"), device=dev)
-    first_stat, steps_taken, thr = None, 0, float(threshold)
-    b1, b2, eps = 0.9, 0.999, 1e-8
+    track = _Track(N, shape, dev)
+    steps_taken, thr = 0, float(threshold)
     for rnd in range(rounds):
         cand = x0 if rnd == 0 else new_candidates(rnd)
         rows = torch.arange(N, device=dev).repeat_interleave(K)
-        x = cand.reshape(N * K, *shape).to(dev, torch.float32)[~accepted[rows]]
-        rows = rows[~accepted[rows]]
-        radius = x.reshape(len(x), -1).norm(dim=1)
-        m, v = torch.zeros_like(x), torch.zeros_like(x)
+        x = cand.reshape(N * K, *shape).to(dev, torch.float32)[~track.accepted[rows]]
+        rows = rows[~track.accepted[rows]]
+        adam = _Adam(x, lr, project)
         for step in range(max_steps + 1):
             x.requires_grad_(True)
             loss, stat = obj(sched.scale_model_input(x, t), cond.rows(rows), _RowNames(names, rows))
             ld, sd = loss.detach(), stat.detach()
             bad = ~(torch.isfinite(sd) & torch.isfinite(ld))
-            if first_stat is None:
-                first_stat = sd.view(N, K)
-            # lowest-loss point of each image so far (the fallback), without a host sync
-            low = torch.full((N,), float("inf"), device=dev).scatter_reduce(0, rows, ld, "amin")
-            better = low < best_loss
-            pick = better[rows] & (ld == low[rows])
-            best_x[rows[pick]] = x.detach()[pick]
-            final_stat[rows[pick]] = sd[pick]
-            best_loss = torch.where(better, low, best_loss)
-            # accept, per image, the first candidate (lowest row) under the threshold
-            pos = torch.arange(len(rows), device=dev)
-            ok = sd <= thr
-            first = torch.full((N,), len(rows), device=dev).scatter_reduce(0, rows[ok], pos[ok], "amin")
-            newly = (first < len(rows)) & ~accepted
-            acc_x[newly] = x.detach()[first[newly]]
-            final_stat[newly] = sd[first[newly]]
-            accepted |= newly
-            live = ~accepted[rows]
+            live = track.note(x.detach(), rows, ld, sd, thr, K)
             any_bad, any_live = torch.stack([bad.any(), live.any()]).tolist()  # the one host sync of a step
             if any_bad:
                 i = int(rows[bad.nonzero()[0]])
@@ -174,23 +209,17 @@ def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, object
                 break
             (g,) = torch.autograd.grad((loss * live).sum(), x)
             steps_taken += 1
-            with torch.no_grad():  # Adam on the rows still live; accepted rows leave the batch
-                x, g, m, v, rows, radius = (a[live] for a in (x.detach(), g, m, v, rows, radius))
-                m = b1 * m + (1 - b1) * g
-                v = b2 * v + (1 - b2) * g * g
-                x = x - lr * (m / (1 - b1 ** (step + 1))) / ((v / (1 - b2 ** (step + 1))).sqrt() + eps)
-                if project:  # back onto the shell of the candidate's initial norm
-                    x = x * _per_row(radius / x.reshape(len(x), -1).norm(dim=1).clamp_min(1e-12), x)
-        if bool(accepted.all()):
+            with torch.no_grad():  # accepted rows leave the batch
+                x, rows = adam.step(x.detach(), g, live, step), rows[live]
+        if bool(track.accepted.all()):
             break
         if rnd + 1 < rounds and (rnd + 1) % raise_every == 0:
             thr += raise_by
-    chosen = torch.where(_per_row(accepted, acc_x), acc_x, best_x)
-    assert first_stat is not None  # the loop runs at least one round
-    info = {"accepted": accepted.cpu(), "converged": bool(accepted.all()), "final_loss": best_loss.cpu(),
-            "final_statistic": final_stat.cpu(), "initial_statistic": first_stat.cpu(), "adam_steps": steps_taken,
-            "threshold": thr}
-    return chosen, info
+    assert track.first_stat is not None  # the loop runs at least one round
+    info = {"accepted": track.accepted.cpu(), "converged": bool(track.accepted.all()),
+            "final_loss": track.best_loss.cpu(), "final_statistic": track.final_stat.cpu(),
+            "initial_statistic": track.first_stat.cpu(), "adam_steps": steps_taken, "threshold": thr}
+    return track.chosen(), info
 
 
 def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latents=None, return_info: bool = False,
@@ -200,7 +229,8 @@ def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latent
     Takes the keyword arguments of `pipe(...)` (num_inference_steps, guidance_scale, height, width,
     output_type, negative_prompt, ...) and returns the pipeline's own output; with
     return_info=True, (output, info) where info holds the acceptance per image, final losses and
-    sharpness, Adam steps, converged, UNet calls and seconds.
+    sharpness, Adam steps, converged, UNet calls and seconds, and `note`: one line on what SAIL did
+    (above all when nothing: every image already under the target, with the target's source).
 
     threshold: the sharpness at which a candidate stops. "auto" (objective="paper": the model's
     calibrated "target", the sharpness that only 10% of normal prompts' images are under, from
@@ -240,6 +270,48 @@ def _sail_options() -> tuple:
                  if p.kind is p.KEYWORD_ONLY and name not in own)
 
 
+def _options(objective, alpha, lr, max_steps, candidates, project, v_pred) -> dict:
+    """The objective's defaults filled in (sail's docstring lists them)."""
+    if objective not in OBJECTIVES:
+        raise BadArgument(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    d = DEFAULTS[objective]
+    if alpha is None:
+        alpha = 0.0 if objective == "paper" else (REFERENCE["alpha_sd2"] if v_pred else REFERENCE["alpha_sd1"])
+    return dict(candidates=d["candidates"] if candidates is None else candidates,
+                max_steps=d["max_steps"] if max_steps is None else max_steps, lr=d["lr"] if lr is None else lr,
+                alpha=alpha, project=objective == "paper" if project is None else project)
+
+
+def _check_pipe_kwargs(pipe_kwargs):
+    if any(k in pipe_kwargs for k in ("prompt_embeds", "negative_prompt_embeds")):
+        raise BadArgument("sail encodes the prompt itself: pass prompt (and negative_prompt), not prompt_embeds")
+    if pipe_kwargs.get("negative_prompt") is not None:
+        raise BadArgument("sail optimizes against the empty-prompt null branch; negative_prompt is not supported yet")
+
+
+def _stop_at(pipe, stop, threshold, objective, numel, steps, guidance_scale):
+    """(the statistic's metric or None for sharpness/loss, its threshold, where the threshold came from)."""
+    if stop is not None:
+        if objective != "paper" or not isinstance(stop, dict) or set(stop) != {"metric", "threshold"}:
+            raise BadArgument("stop must be {'metric': name, 'threshold': number}, with objective='paper'")
+        if stop["metric"] not in REGISTRY:
+            raise BadArgument(f"stop metric must be one of {tuple(REGISTRY)}, got {stop['metric']!r}")
+        metric, threshold, source = stop["metric"], stop["threshold"], f"the {stop['metric']} threshold given"
+    elif threshold == "auto":
+        metric = None
+        if objective == "paper":  # the model's calibration (beside it, cached, or made now: sharpfast.calibration)
+            from .calibration import resolve
+
+            found = resolve(pipe, "sharpness", "target", num_inference_steps=steps, guidance_scale=guidance_scale)
+            threshold, source = found.value, found.source
+        else:
+            threshold = REFERENCE["threshold"] * (numel / REFERENCE["threshold_numel"]) ** 0.5
+            source = f"the authors' 8.2 on SD 1.4's latent, times sqrt(D / 16384) for D = {numel}"
+    else:
+        metric, source = None, "given"
+    return metric, validate.finite(threshold, "threshold"), source
+
+
 def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latents=None,
                  objective: str = "paper", alpha=None, lr=None, max_steps=None, candidates=None, threshold="auto",
                  project=None, max_rounds: int = 6, fd_step=None, stop=None, **pipe_kwargs):
@@ -250,46 +322,15 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
     n = num_images_per_prompt
     defaults = pipeline_defaults(pipe)
     guidance_scale = pipe_kwargs.get("guidance_scale", defaults["guidance_scale"])
-    if objective not in OBJECTIVES:
-        raise BadArgument(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    candidates = DEFAULTS[objective]["candidates"] if candidates is None else candidates
-    max_steps = DEFAULTS[objective]["max_steps"] if max_steps is None else max_steps
-    lr = DEFAULTS[objective]["lr"] if lr is None else lr
     model = ScoreModel(pipe, pipe_kwargs.get("max_sequence_length"))
-    prompts = _check(prompt, n, guidance_scale, lr, max_steps, candidates, needs_cfg=not model.distilled)
-    if any(k in pipe_kwargs for k in ("prompt_embeds", "negative_prompt_embeds")):
-        raise BadArgument("sail encodes the prompt itself: pass prompt (and negative_prompt), not prompt_embeds")
-    if pipe_kwargs.get("negative_prompt") is not None:
-        raise BadArgument("sail optimizes against the empty-prompt null branch; negative_prompt is not "
-                                  "supported yet")
-    v_pred = model.prediction_type == "v_prediction"
-    if alpha is None:
-        alpha = 0.0 if objective == "paper" else (REFERENCE["alpha_sd2"] if v_pred else REFERENCE["alpha_sd1"])
-    if project is None:
-        project = objective == "paper"
+    o = _options(objective, alpha, lr, max_steps, candidates, project, model.prediction_type == "v_prediction")
+    prompts = _check(prompt, n, guidance_scale, o["lr"], o["max_steps"], o["candidates"], needs_cfg=not model.distilled)
+    _check_pipe_kwargs(pipe_kwargs)
     dh, dw = model.default_size()
     height, width = pipe_kwargs.get("height") or dh, pipe_kwargs.get("width") or dw
     N, shape = len(prompts) * n, model.latent_shape(height, width)
     steps = pipe_kwargs.get("num_inference_steps", defaults["num_inference_steps"])
-    stop_metric = None
-    if stop is not None:
-        if objective != "paper" or not isinstance(stop, dict) or set(stop) != {"metric", "threshold"}:
-            raise BadArgument("stop must be {'metric': name, 'threshold': number}, with objective='paper'")
-        if stop["metric"] not in REGISTRY:
-            raise BadArgument(f"stop metric must be one of {tuple(REGISTRY)}, got {stop['metric']!r}")
-        stop_metric, threshold, source = stop["metric"], stop["threshold"], f"the {stop['metric']} threshold given"
-    elif threshold == "auto":
-        if objective == "paper":  # the model's calibration (beside it, cached, or made now: sharpfast.calibration)
-            from .calibration import resolve
-
-            found = resolve(pipe, "sharpness", "target", num_inference_steps=steps, guidance_scale=guidance_scale)
-            threshold, source = found.value, found.source
-        else:
-            threshold = REFERENCE["threshold"] * (math.prod(shape) / REFERENCE["threshold_numel"]) ** 0.5
-            source = f"the authors' 8.2 on SD 1.4's latent, times sqrt(D / 16384) for D = {math.prod(shape)}"
-    else:
-        source = "given"
-    threshold = validate.finite(threshold, "threshold")
+    stop_metric, threshold, source = _stop_at(pipe, stop, threshold, objective, math.prod(shape), steps, guidance_scale)
     sched = model.scheduler(steps, height, width)
     validate.generators(generator, N)
     if latents is None:
@@ -303,23 +344,43 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
         return model.noise(N * k, height, width, g).view(N, k, *shape).to(dev, torch.float32)
 
     base = latents.to(dev, torch.float32).view(N, 1, *shape)
-    x0 = torch.cat([base, fresh(candidates - 1)], dim=1) if candidates > 1 else base
+    x0 = torch.cat([base, fresh(o["candidates"] - 1)], dim=1) if o["candidates"] > 1 else base
     scale = float(sched.init_noise_sigma)
     with torch.no_grad():
         cond = model.encode(prompts, n, height, width, guidance_scale)
     chosen, info = optimize_latents(
-        model, cond, x0 * scale, sched, objective=objective, alpha=alpha, lr=lr, max_steps=max_steps,
-        threshold=threshold, project=project, fd_step=fd_step, rounds=max_rounds if objective == "reference" else 1,
-        new_candidates=lambda r: fresh(candidates) * scale, raise_every=REFERENCE["raise_every"],
-        raise_by=REFERENCE["raise_by"], names=[p for p in prompts for _ in range(n)], stop_metric=stop_metric)
-    opt_calls = model.stats["unet_calls"]
-    final = (chosen / scale).to(latents.dtype)
-    # a first candidate accepted where it started is the caller's noise, bit for bit
-    keep = (info["initial_statistic"][:, 0] <= threshold).to(dev)
-    final[keep] = latents.to(dev)[keep]
-    # "unchanged" says what came back: also an image whose optimization fell back to its start
-    unchanged = (final.flatten(1) == latents.to(dev, final.dtype).flatten(1)).all(dim=1)
-    info.update(unet_calls_optimization=opt_calls, candidates=candidates, objective=objective,
+        model, cond, x0 * scale, sched, objective=objective, alpha=o["alpha"], lr=o["lr"], max_steps=o["max_steps"],
+        threshold=threshold, project=o["project"], fd_step=fd_step,
+        rounds=max_rounds if objective == "reference" else 1, new_candidates=lambda r: fresh(o["candidates"]) * scale,
+        raise_every=REFERENCE["raise_every"], raise_by=REFERENCE["raise_by"],
+        names=[p for p in prompts for _ in range(n)], stop_metric=stop_metric)
+    final = _as_given(chosen / scale, latents, info, threshold)
+    info["note"] = _note(info, threshold, source, stop_metric or "sharpness")
+    info.update(unet_calls_optimization=model.stats["unet_calls"], candidates=o["candidates"], objective=objective,
                 threshold_source=source, statistic=stop_metric or ("sharpness" if objective == "paper" else "loss"),
-                unchanged=unchanged.cpu(), latents=final.detach().cpu())
+                unchanged=(final.flatten(1) == latents.to(dev, final.dtype).flatten(1)).all(dim=1).cpu(),
+                latents=final.detach().cpu())
     return final, info
+
+
+def _note(info, threshold, source, statistic) -> str:
+    """One line on what SAIL did, for reports: above all when it did nothing, and why."""
+    start = info["initial_statistic"][:, 0]
+    under = int((start <= threshold).sum())
+    if under == len(start):
+        return (f"nothing to do: every image's initial noise is already under the {statistic} target {threshold:.4g} "
+                f"(from {source}), so the noise is returned unchanged; a lower threshold moves it")
+    moved = f"{len(start) - under} of {len(start)} images optimized ({info['adam_steps']} Adam steps)"
+    if not info["converged"]:
+        return f"{moved}; not every image reached the target {threshold:.4g}: the flattest point found is kept"
+    return f"{moved}, every image under the target {threshold:.4g}"
+
+
+def _as_given(final, latents, info, threshold):
+    """The chosen noise in the caller's dtype; a first candidate accepted where it started is the
+    caller's noise, bit for bit ("unchanged" then also marks an image whose optimization fell back
+    to its start)."""
+    final = final.to(latents.dtype)
+    keep = (info["initial_statistic"][:, 0] <= threshold).to(final.device)
+    final[keep] = latents.to(final.device)[keep]
+    return final

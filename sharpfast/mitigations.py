@@ -53,13 +53,13 @@ from typing import Optional
 
 import torch
 
-from . import validate
+from . import settings, validate
 from .errors import BadArgument, UnsupportedPipeline, UsageError
 from .score import adapter_families
 
 # the serving guard's default metric (sharpfast.serving reads it here: sail_guard outside a guard
 # stops on it too)
-GUARD_METRIC = "wen_low"
+GUARD_METRIC = settings.GUARD_METRIC
 # what a method needs of the model family (the adapter's `capabilities`, sharpfast.score)
 NEEDS_WHY = {"cfg": "is guidance-distilled: its call has no classifier-free batch to reschedule or steer",
              "cross_attention": "attends jointly over image and text tokens: it has no cross-attention map",
@@ -675,7 +675,7 @@ def mitigate(pipe, prompt, method: str = "transition", setting=None, *, num_imag
         UnsupportedPipeline: the method is not defined for this model family.
         NonFiniteOutput: the model returned NaN/inf while the method optimized.
     """
-    from .score import ScoreModel, pipeline_defaults
+    from .score import ScoreModel
 
     start = time.perf_counter()
     m = get(method)
@@ -683,6 +683,25 @@ def mitigate(pipe, prompt, method: str = "transition", setting=None, *, num_imag
     check_family(m, model)
     prompts = validate.prompts(prompt, "prompt")
     n = validate.integer(num_images_per_prompt, "num_images_per_prompt")
+    ctx = _context(pipe, model, m, prompts, n, generator, latents, pipe_kwargs)
+    setting = m.default if setting is None else setting
+    plan = m.plan(ctx, setting)
+    calls = _Counter(model.unet)
+    with calls:
+        out = run_plan(pipe, prompts, plan, {**pipe_kwargs, "num_images_per_prompt": n, "generator": generator,
+                                             "latents": plan.kwargs.get("latents", ctx.latents)})
+    if not return_info:
+        return out
+    info = {"method": method, "setting": setting, "seconds": time.perf_counter() - start,
+            "unet_calls_per_image": calls.rows / (2 * ctx.images) + plan.info.get("unet_calls_before", 0),
+            **{k: v for k, v in plan.info.items() if k != "applied"}}
+    return out, info
+
+
+def _context(pipe, model, m, prompts, n, generator, latents, pipe_kwargs) -> Context:
+    """The call's Context: its settings (the pipeline's defaults filled in) and initial noise."""
+    from .score import pipeline_defaults
+
     defaults = pipeline_defaults(pipe)
     steps = pipe_kwargs.get("num_inference_steps") or defaults["num_inference_steps"]
     guidance = pipe_kwargs.get("guidance_scale", defaults["guidance_scale"])
@@ -696,19 +715,7 @@ def mitigate(pipe, prompt, method: str = "transition", setting=None, *, num_imag
     elif not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
         raise BadArgument(f"latents must be a tensor of shape {shape}, got "
                           f"{tuple(getattr(latents, 'shape', ())) or type(latents).__name__}")
-    ctx = Context(pipe, model, prompts, n, latents.to(model.device), height, width, steps, guidance, generator)
-    setting = m.default if setting is None else setting
-    plan = m.plan(ctx, setting)
-    calls = _Counter(model.unet)
-    with calls:
-        out = run_plan(pipe, prompts, plan, {**pipe_kwargs, "num_images_per_prompt": n, "generator": generator,
-                                             "latents": plan.kwargs.get("latents", ctx.latents)})
-    if not return_info:
-        return out
-    info = {"method": method, "setting": setting, "seconds": time.perf_counter() - start,
-            "unet_calls_per_image": calls.rows / (2 * ctx.images) + plan.info.get("unet_calls_before", 0),
-            **{k: v for k, v in plan.info.items() if k != "applied"}}
-    return out, info
+    return Context(pipe, model, prompts, n, latents.to(model.device), height, width, steps, guidance, generator)
 
 
 class _Counter:

@@ -6,7 +6,7 @@ Endpoints
   POST /generate  {"prompt": str | [str], "num_inference_steps", "guidance_scale", "seed",
                    "num_images_per_prompt", "height", "width", "request_id"}
                   -> {"request_id", "seed", "images": [{"prompt", "png_base64"}], "memorization": [...],
-                      "batch_size", "seconds"}
+                      "batch_images", "batch_requests", "seconds"}
   GET  /health    -> {"status": "ok" | "draining", "queued", "in_flight", ...}
   GET  /metrics   -> Prometheus text: the guard's series (sharpfast.monitoring) and the server's own
                      (HTTP requests by status, batch sizes, queue wait)
@@ -141,7 +141,8 @@ class Batcher:
             batch = self._take()
             self.in_flight += len(batch)
             now = time.perf_counter()
-            self.observe(batch_size=len(batch), waits=[now - j.queued_at for j in batch])
+            self.observe(requests=len(batch), images=sum(j.size for j in batch),
+                         waits=[now - j.queued_at for j in batch])
             try:
                 results = await asyncio.to_thread(self._run_safely, batch)
             finally:
@@ -245,9 +246,93 @@ class Runner:
                 "request_id": b["request_id"], "seed": b["seed"],
                 "images": [{"prompt": b["prompts"][i // n], "png_base64": _png(im)} for i, im in enumerate(images)],
                 "memorization": None if report is None else report[row:row + k],
-                "batch_size": len(prompts) * n, "seconds": seconds})
+                "batch_images": len(prompts) * n, "batch_requests": len(bodies), "seconds": seconds})
             row += k
         return results
+
+
+class _ServerMetrics:
+    """The server's own Prometheus series (beside the guard's): HTTP status, batch sizes, queue wait."""
+
+    def __init__(self, guard):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        from .monitoring import LATENCY_BUCKETS
+
+        self.registry = CollectorRegistry()
+        if guard is not None:
+            guard.register_prometheus(self.registry)
+        self.http = Counter("sharpfast_http_requests", "HTTP requests to /generate by status", ["status"],
+                            registry=self.registry)
+        self.batch = Histogram("sharpfast_batch_requests", "HTTP requests per pipeline call", registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.images = Histogram("sharpfast_batch_images", "images per pipeline call", registry=self.registry,
+                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.wait = Histogram("sharpfast_queue_wait_seconds", "time a request waited for its batch",
+                              registry=self.registry, buckets=LATENCY_BUCKETS)
+
+    def observe(self, requests, images, waits):
+        self.batch.observe(requests)
+        self.images.observe(images)
+        for w in waits:
+            self.wait.observe(w)
+
+    def text(self):
+        from fastapi.responses import PlainTextResponse
+        from prometheus_client import generate_latest
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+        return PlainTextResponse(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _lifespan(batcher, guard, state):
+    """Start the batcher with the app; on shutdown drain it and give the pipeline back as it was."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        state["status"] = "ok"
+        try:
+            yield
+        finally:
+            state["status"] = "draining"
+            log.info("sharpfast server: shutting down, %d requests queued, %d in flight",
+                     len(batcher.pending), batcher.in_flight)
+            await batcher.stop()
+            if guard is not None:
+                guard.remove()  # the pipeline as it was
+            log.info("sharpfast server: stopped gracefully after answering %d requests", batcher.answered)
+
+    return lifespan
+
+
+def _generate_handler(batcher, metrics, defaults, needs_cfg):
+    """POST /generate: parse (400 naming the problem), queue for a batch, answer (500 only for a bug)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    def fail(status, message, rid=None):
+        metrics.http.labels(str(status)).inc()
+        return JSONResponse({"error": message, **({} if rid is None else {"request_id": rid})}, status_code=status)
+
+    async def generate(request: Request):
+        try:
+            body = parse_request(await request.json(), defaults, needs_cfg)
+        except SharpfastError as err:
+            return fail(400, str(err))
+        except ValueError as err:  # not JSON
+            return fail(400, f"the body is not JSON: {err}")
+        try:
+            result = await batcher.submit(body)
+        except SharpfastError as err:
+            return fail(400, str(err), body["request_id"])
+        except Exception as err:  # noqa: BLE001 (a bug or the model's failure: reported, the server lives on)
+            return fail(500, f"{type(err).__name__}: {err}", body["request_id"])
+        metrics.http.labels("200").inc()
+        return result
+
+    return generate
 
 
 def create_app(pipe, *, guarded: bool = True, metric: str | None = None, threshold="auto", sail_kwargs=None,
@@ -255,15 +340,9 @@ def create_app(pipe, *, guarded: bool = True, metric: str | None = None, thresho
                max_batch_size: int = 8, max_wait_ms: float = 10.0, defaults: dict | None = None, name="default"):
     """A FastAPI app serving `pipe` (guarded by sharpfast.guard unless guarded=False)."""
     _require()
-    from contextlib import asynccontextmanager
-
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse
-    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+    from fastapi import FastAPI
 
     from . import validate
-    from .monitoring import LATENCY_BUCKETS
     from .score import ScoreModel, pipeline_defaults
 
     max_batch_size = validate.integer(max_batch_size, "max_batch_size")
@@ -278,62 +357,12 @@ def create_app(pipe, *, guarded: bool = True, metric: str | None = None, thresho
 
         g = guard(pipe, metric=metric or DEFAULT_METRIC, threshold=threshold, mitigation=mitigation,
                   sail_kwargs=sail_kwargs, name=name)
-    registry = CollectorRegistry()
-    if g is not None:
-        g.register_prometheus(registry)
-    http = Counter("sharpfast_http_requests", "HTTP requests to /generate by status", ["status"], registry=registry)
-    batch_hist = Histogram("sharpfast_batch_size", "requests per pipeline call", registry=registry,
-                           buckets=(1, 2, 4, 8, 16, 32, 64))
-    wait_hist = Histogram("sharpfast_queue_wait_seconds", "time a request waited for its batch", registry=registry,
-                          buckets=LATENCY_BUCKETS)
-
-    def observe(batch_size, waits):
-        batch_hist.observe(batch_size)
-        for w in waits:
-            wait_hist.observe(w)
-
-    batcher = Batcher(Runner(pipe, g), max_batch_size, max_wait_ms, observe)
+    metrics = _ServerMetrics(g)
+    batcher = Batcher(Runner(pipe, g), max_batch_size, max_wait_ms, metrics.observe)
     state = {"status": "starting"}
-
-    @asynccontextmanager
-    async def lifespan(app):
-        batcher.start()
-        state["status"] = "ok"
-        try:
-            yield
-        finally:
-            state["status"] = "draining"
-            log.info("sharpfast server: shutting down, %d requests queued, %d in flight",
-                     len(batcher.pending), batcher.in_flight)
-            await batcher.stop()
-            if g is not None:
-                g.remove()  # the pipeline as it was
-            log.info("sharpfast server: stopped gracefully after answering %d requests", batcher.answered)
-
     app = FastAPI(title="sharpfast", description="text-to-image generation guarded against memorization",
-                  lifespan=lifespan)
-
-    @app.post("/generate")
-    async def generate(request: Request):
-        try:
-            body = parse_request(await request.json(), defaults, needs_cfg)
-        except SharpfastError as err:
-            http.labels("400").inc()
-            return JSONResponse({"error": str(err)}, status_code=400)
-        except ValueError as err:  # not JSON
-            http.labels("400").inc()
-            return JSONResponse({"error": f"the body is not JSON: {err}"}, status_code=400)
-        try:
-            result = await batcher.submit(body)
-        except SharpfastError as err:
-            http.labels("400").inc()
-            return JSONResponse({"error": str(err), "request_id": body["request_id"]}, status_code=400)
-        except Exception as err:  # noqa: BLE001 (a bug or the model's failure: reported, the server lives on)
-            http.labels("500").inc()
-            return JSONResponse({"error": f"{type(err).__name__}: {err}", "request_id": body["request_id"]},
-                                status_code=500)
-        http.labels("200").inc()
-        return result
+                  lifespan=_lifespan(batcher, g, state))
+    app.post("/generate")(_generate_handler(batcher, metrics, defaults, needs_cfg))
 
     @app.get("/health")
     async def health():
@@ -342,8 +371,8 @@ def create_app(pipe, *, guarded: bool = True, metric: str | None = None, thresho
                 "in_flight": batcher.in_flight}
 
     @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_text():
+        return metrics.text()
 
     app.state.guard, app.state.batcher = g, batcher
     return app

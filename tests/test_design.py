@@ -79,6 +79,19 @@ def test_the_guard_is_small():
     assert guard.end_lineno - guard.lineno + 1 < 120
 
 
+def _long_functions(tree, limit):
+    return [(n.name, n.lineno, n.end_lineno - n.lineno + 1) for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > limit]
+
+
+def test_no_function_over_60_lines():
+    """Every function in sharpfast/, signature and docstring included, fits on one screen."""
+    long = [(str(p.relative_to(ROOT)), *f) for p in _sources() for f in _long_functions(ast.parse(p.read_text()), 60)]
+    assert not long, long
+    planted = ast.parse("def f():\n" + "    x = 1\n" * 60)  # 61 lines: the check sees it
+    assert _long_functions(planted, 60) == [("f", 1, 61)]
+
+
 def test_sampling_defaults_live_in_one_place():
     """No 50-step / 7.5-guidance literals as defaults outside sharpfast.score.pipeline_defaults
     (the training scripts and the zoo's measurement record their own fixed protocol)."""

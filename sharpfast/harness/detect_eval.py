@@ -20,8 +20,7 @@ from ..evaluation import evaluate
 
 def _score_config(pipe, prompts, noise_ids, n, steps, metrics, path, seed, batch_size, hvp, num_inference_steps,
                   guidance_scale, progress):
-    from tqdm.auto import tqdm
-
+    from ..progress import bar as progress_bar
     from ..score import ScoreModel, denoiser
 
     # a record counts only for the same prompt at the same id under the same settings: a rerun with
@@ -40,7 +39,7 @@ def _score_config(pipe, prompts, noise_ids, n, steps, metrics, path, seed, batch
                 "noise_id": noise_ids[i]}
 
     with engine.CommitLog(path) as log, \
-            tqdm(total=len(todo), desc=f"detect n={n} steps={steps}", unit="prompt", disable=not progress) as bar:
+            progress_bar(pipe, total=len(todo), desc=f"eval detect n={n} steps={steps}", enabled=progress) as bar:
         recs = engine.run(ScoreModel(pipe), log, todo, prompt_of=prompts.__getitem__, noise_id_of=noise_ids.__getitem__,
                           n=n, seed=seed, batch_size=batch_size, record=record, bar=bar, metrics=metrics, steps=steps,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, hvp=hvp)
@@ -78,89 +77,107 @@ def _cost(pipe, prompts, metrics, n, steps, batch_size, hvp, num_inference_steps
 DEFAULT_COMBINED = (("wen", "wen_low"), ("wen", "sharpness"), ("wen", "channel_wen", "wen_low"))
 
 
+class _Sets:
+    """The prompt sets indexed once: every distinct prompt, its noise id, and the groups scored."""
+
+    def __init__(self, sets: dict):
+        ev = sets["eval"]
+        if not any(r["memorized"] for r in ev) or all(r["memorized"] for r in ev):
+            raise BadArgument("the evaluation set needs memorized and non-memorized prompts")
+        self.prompts = list(dict.fromkeys(r["prompt"] for recs in sets.values() for r in recs))
+        self.index = {p: i for i, p in enumerate(self.prompts)}
+        # a prompt's noise: seed + its line in the file it came from (as `sharpfast detect` and `scan`
+        # draw it), or seed + its position in the sets for the bundled model's records
+        row_of: dict = {}
+        for recs in sets.values():
+            for r in recs:
+                row_of.setdefault(r["prompt"], r.get("row"))
+        self.noise_ids = [i if row_of[p] is None else row_of[p] for i, p in enumerate(self.prompts)]
+        self.mem = [self.index[r["prompt"]] for r in ev if r["memorized"]]
+        self.non = [self.index[r["prompt"]] for r in ev if not r["memorized"]]
+        self.dup = [r for recs in sets.values() for r in recs if r.get("duplicates")]
+        self.levels = sorted({r["duplicates"] for r in self.dup})
+        self.calib = [self.index[r["prompt"]] for r in sets.get("calibration", [])]
+        self.narrow = [self.index[r["prompt"]] for r in sets.get("narrow", [])]
+
+    def ids(self, recs) -> list:
+        return [self.index[r["prompt"]] for r in recs]
+
+
+def _metric_rows(report, ix: _Sets, scores, m, n, s, cost, panel):
+    """One metric of one (n, steps): its table row and ROC, per duplication level, against the narrow set."""
+    val = lambda ids: np.array([scores[i][m] for i in ids])  # noqa: E731
+    e = _auc_row(val(ix.mem), val(ix.non))
+    report["table"].append({"metric": m, "steps": s, "n": n, "auc": e["auc"], "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"],
+                            "tpr_at_3pct_fpr": e["tpr_at_3pct_fpr"], **cost([m])})
+    panel[m] = (np.array(e["roc"]["fpr"]), np.array(e["roc"]["tpr"]), e["auc"])
+    for lv in ix.levels:
+        recs = list({r["prompt"]: r for r in ix.dup if r["duplicates"] == lv}.values())
+        e = _auc_row(val(ix.ids(recs)), val(ix.non))
+        report["by_level"].append({"metric": m, "steps": s, "n": n, "duplicates": lv, "prompts": len(recs),
+                                   "copy_rate": float(np.mean([r.get("copy_rate", np.nan) for r in recs])),
+                                   "auc": e["auc"], "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"]})
+    if ix.narrow:
+        e = _auc_row(val(ix.mem), val(ix.narrow))
+        report["narrow"].append({"metric": m, "steps": s, "n": n, "auc": e["auc"],
+                                 "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"]})
+
+
+def _combined_row(report, ix: _Sets, scores, combo, n, s, cost, panel):
+    """A CombinedDetector fitted on the calibration prompts only, scored on the evaluation set."""
+    from ..evaluation import CombinedDetector
+
+    det = CombinedDetector(combo).fit({m: [scores[i][m] for i in ix.calib] for m in combo})
+    comb = lambda ids: det.score({m: [scores[i][m] for i in ids] for m in combo})  # noqa: E731
+    e = _auc_row(comb(ix.mem), comb(ix.non))
+    row = {"metric": det.name, "steps": s, "n": n, "auc": e["auc"], "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"],
+           "tpr_at_3pct_fpr": e["tpr_at_3pct_fpr"], "fitted_on": len(ix.calib), "detector": det.to_dict(),
+           **cost(list(combo))}
+    report["table"].append(row)
+    report["combined"].append(row)
+    panel[det.name] = (np.array(e["roc"]["fpr"]), np.array(e["roc"]["tpr"]), e["auc"])
+
+
 def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "sharpness"), out_dir="sharpfast-eval",
         seed=42, batch_size=16, hvp="fd", num_inference_steps=None, guidance_scale=None, progress=True,
         combined=DEFAULT_COMBINED, costs=True) -> dict:
     """sets: {"eval": records with prompt and memorized, optional "duplicated_low" / "narrow" /
     "calibration" (normal prompts kept apart: the combined detectors are fitted on them only)}.
     combined: metric tuples whose CombinedDetector is reported (those whose metrics are all scored)."""
-    from ..evaluation import CombinedDetector
     from ..settings import Settings
     from .plots import roc_figure
 
     st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     num_inference_steps, guidance_scale = st.num_inference_steps, st.guidance_scale
+    ix = _Sets(sets)
     os.makedirs(out_dir, exist_ok=True)
-    ev = sets["eval"]
-    if not any(r["memorized"] for r in ev) or all(r["memorized"] for r in ev):
-        raise BadArgument("the evaluation set needs memorized and non-memorized prompts")
-    all_prompts = list(dict.fromkeys(r["prompt"] for recs in sets.values() for r in recs))
-    index = {p: i for i, p in enumerate(all_prompts)}
-    # a prompt's noise: seed + its line in the file it came from (as `sharpfast detect` and `scan`
-    # draw it), or seed + its position in the sets for the bundled model's records
-    row_of: dict = {}
-    for recs in sets.values():
-        for r in recs:
-            row_of.setdefault(r["prompt"], r.get("row"))
-    noise_ids = [i if row_of[p] is None else row_of[p] for i, p in enumerate(all_prompts)]
-    mem = [index[r["prompt"]] for r in ev if r["memorized"]]
-    non = [index[r["prompt"]] for r in ev if not r["memorized"]]
-    dup = [r for recs in sets.values() for r in recs if r.get("duplicates")]
-    levels = sorted({r["duplicates"] for r in dup})
-    calib = [index[r["prompt"]] for r in sets.get("calibration", [])]
-    combos = [tuple(c) for c in combined if all(m in metrics for m in c)] if calib else []
+    combos = [tuple(c) for c in combined if all(m in metrics for m in c)] if ix.calib else []
     report: dict = {"config": dict(ns=list(ns), steps=list(steps_list), metrics=list(metrics), seed=seed, hvp=hvp,
-                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                             memorized=len(mem), non_memorized=len(non), calibration=len(calib)),
-              "table": [], "by_level": [], "narrow": [], "combined": []}
+                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                   memorized=len(ix.mem), non_memorized=len(ix.non), calibration=len(ix.calib)),
+                    "table": [], "by_level": [], "narrow": [], "combined": []}
     curves: dict = {}
+    eval_prompts = [ix.prompts[i] for i in ix.mem[:batch_size // 2] + ix.non[:batch_size - batch_size // 2]]
     for n in ns:
         for s in steps_list:
             path = os.path.join(out_dir, f"scores_n{n}_steps{s}.jsonl")
-            scores = _score_config(pipe, all_prompts, noise_ids, n, s, list(metrics), path, seed, batch_size, hvp,
+            scores = _score_config(pipe, ix.prompts, ix.noise_ids, n, s, list(metrics), path, seed, batch_size, hvp,
                                    num_inference_steps, guidance_scale, progress)
             panel = curves.setdefault(f"steps={s}, n={n}", {})
-            eval_prompts = [all_prompts[i] for i in mem[:batch_size // 2] + non[:batch_size - batch_size // 2]]
-            cost = lambda ms: _cost(pipe, eval_prompts, ms, n, s, batch_size, hvp, num_inference_steps,  # noqa: E731
-                                    guidance_scale, seed) if costs else {"unet_calls": None, "seconds_per_prompt": None}
+
+            def cost(ms, n=n, s=s):
+                if not costs:
+                    return {"unet_calls": None, "seconds_per_prompt": None}
+                return _cost(pipe, eval_prompts, ms, n, s, batch_size, hvp, num_inference_steps, guidance_scale, seed)
+
             for m in metrics:
-                val = lambda ids: np.array([scores[i][m] for i in ids])  # noqa: E731
-                e = _auc_row(val(mem), val(non))
-                report["table"].append(
-                    {
-                        "metric": m,
-                        "steps": s,
-                        "n": n,
-                        "auc": e["auc"],
-                        "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"],
-                        "tpr_at_3pct_fpr": e["tpr_at_3pct_fpr"],
-                        **cost([m]),
-                    }
-                )
-                panel[m] = (np.array(e["roc"]["fpr"]), np.array(e["roc"]["tpr"]), e["auc"])
-                for lv in levels:
-                    recs = list({r["prompt"]: r for r in dup if r["duplicates"] == lv}.values())
-                    e = _auc_row(val([index[r["prompt"]] for r in recs]), val(non))
-                    report["by_level"].append({"metric": m, "steps": s, "n": n, "duplicates": lv, "prompts": len(recs),
-                                               "copy_rate": float(np.mean([r.get("copy_rate", np.nan) for r in recs])),
-                                               "auc": e["auc"], "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"]})
-                if sets.get("narrow"):
-                    e = _auc_row(val(mem), val([index[r["prompt"]] for r in sets["narrow"]]))
-                    report["narrow"].append({"metric": m, "steps": s, "n": n, "auc": e["auc"],
-                                             "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"]})
-            for combo in combos:  # fitted on the calibration prompts only, scored on the evaluation set
-                det = CombinedDetector(combo).fit({m: [scores[i][m] for i in calib] for m in combo})
-                comb = lambda ids: det.score({m: [scores[i][m] for i in ids] for m in combo})  # noqa: E731
-                e = _auc_row(comb(mem), comb(non))
-                row = {"metric": det.name, "steps": s, "n": n, "auc": e["auc"], "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"],
-                       "tpr_at_3pct_fpr": e["tpr_at_3pct_fpr"], "fitted_on": len(calib), "detector": det.to_dict(),
-                       **cost(list(combo))}
-                report["table"].append(row)
-                report["combined"].append(row)
-                panel[det.name] = (np.array(e["roc"]["fpr"]), np.array(e["roc"]["tpr"]), e["auc"])
+                _metric_rows(report, ix, scores, m, n, s, cost, panel)
+            for combo in combos:
+                _combined_row(report, ix, scores, combo, n, s, cost, panel)
     with open(os.path.join(out_dir, "detect.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
-    roc_figure(curves, os.path.join(out_dir, "roc.png"), f"memorized ({len(mem)}) vs non-memorized ({len(non)})")
+    roc_figure(curves, os.path.join(out_dir, "roc.png"),
+               f"memorized ({len(ix.mem)}) vs non-memorized ({len(ix.non)})")
     return report
 
 

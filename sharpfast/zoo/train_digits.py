@@ -148,7 +148,7 @@ def assemble(vae, unet, te, tok):
                                    requires_safety_checker=False)
 
 
-def main(argv=None):
+def _parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -168,7 +168,23 @@ def main(argv=None):
                         "training from scratch; the VAE is kept")
     p.add_argument("--save-at", default="", help="comma list of UNet steps at which to also save OUT/step-N "
                                                    "(identical to a run with --unet-steps N: constant learning rate)")
-    a = p.parse_args(argv)
+    return p
+
+
+def _models(a, data, log):
+    """(vae, unet, text encoder, tokenizer, VAE loss, pretraining steps): from --init or made and the VAE trained."""
+    if a.init:
+        vae, unet, te, tok = load_models(a.init)
+        with open(os.path.join(a.init, "train_info.json")) as f:
+            init_info = json.load(f)
+        pretrain_steps = init_info["unet_steps"] if init_info.get("generic_only") else 0
+        return vae, unet, te, tok, init_info["final_vae_loss"], pretrain_steps
+    vae, unet, te, tok = make_models(a.seed, a.tokenizer)
+    return vae, unet, te, tok, train_vae(vae, data.images, a.vae_steps, a.batch_size, a.seed, log), 0
+
+
+def main(argv=None):
+    a = _parser().parse_args(argv)
     if a.pretrain_steps and not a.init and not a.generic_only:
         # stage 2 writes a pipeline that stage 3 loads, exactly as --generic-only then --init would
         pre = os.path.join(a.out, "pretrained")
@@ -183,16 +199,7 @@ def main(argv=None):
 
     torch.manual_seed(a.seed)
     data = build(seed=a.seed, per_level=(0,) * len(DUPLICATION_LEVELS) if a.generic_only else IMAGES_PER_LEVEL)
-    pretrain_steps = 0
-    if a.init:
-        vae, unet, te, tok = load_models(a.init)
-        with open(os.path.join(a.init, "train_info.json")) as f:
-            init_info = json.load(f)
-        vae_loss = init_info["final_vae_loss"]
-        pretrain_steps = init_info["unet_steps"] if init_info.get("generic_only") else 0
-    else:
-        vae, unet, te, tok = make_models(a.seed, a.tokenizer)
-        vae_loss = train_vae(vae, data.images, a.vae_steps, a.batch_size, a.seed, log)
+    vae, unet, te, tok, vae_loss, pretrain_steps = _models(a, data, log)
     vae.requires_grad_(False)
     save_at = {int(v) for v in a.save_at.split(",") if v.strip()}
 
