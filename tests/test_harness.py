@@ -79,7 +79,9 @@ def test_eval_mitigate_runs_every_baseline(tmp_path, capsys):
     assert main(args) == 0
     summary = json.loads((tmp_path / "mitigate.json").read_text())["summary"]
     assert [r["method"] for r in summary] == methods
-    recs = [json.loads(line) for line in (tmp_path / "mitigate.jsonl").read_text().splitlines()]
+    from sharpfast import engine
+
+    recs = list(engine.read(str(tmp_path / "mitigate.jsonl"), key="key").values())
     for r in summary:
         assert r["prompts"] == 2 and 0 <= r["copy_rate"] <= 1 and 0 <= r["fidelity"] <= 1
         # copies at each cut, recomputed here from the records: nearest is the memorized image and
@@ -101,9 +103,29 @@ def test_eval_mitigate_runs_every_baseline(tmp_path, capsys):
     assert (tmp_path / "mitigate_grid.png").stat().st_size > 1000
     assert (tmp_path / "similarity_hist.png").stat().st_size > 1000
     lines = (tmp_path / "mitigate.jsonl").read_text().splitlines()
-    assert len(lines) == len(methods) * 2
+    assert len(recs) == len(methods) * 2 and len(lines) == len(recs) + len(methods)  # a commit line per batch
     assert main(args) == 0, "a rerun resumes"
     assert (tmp_path / "mitigate.jsonl").read_text().splitlines() == lines
+
+
+def test_eval_mitigate_rerun_with_other_settings_is_not_stale(tmp_path):
+    """The same folder with other seeds or steps generates anew: a record counts only under the
+    settings that made it."""
+    base = ["eval", "mitigate", "--model", "digits", "--method", "none", "--limit", "2", "--out", str(tmp_path),
+            "--quiet"]
+    from sharpfast import engine
+
+    def records():
+        return list(engine.read(str(tmp_path / "mitigate.jsonl"), key="key").values())
+
+    assert main(base + ["--seeds", "1", "--num-inference-steps", "3"]) == 0
+    first = records()
+    assert main(base + ["--seeds", "2", "--num-inference-steps", "3"]) == 0
+    second = [r for r in records() if r["key"] not in {x["key"] for x in first}]
+    assert len(second) == 2 and all(len(r["similarity"]) == 2 for r in second)
+    assert main(base + ["--seeds", "2", "--num-inference-steps", "4"]) == 0
+    third = json.loads((tmp_path / "mitigate.json").read_text())
+    assert third["num_inference_steps"] == 4 and len(records()) == 6
 
 
 def test_sail_settings_reach_sail(monkeypatch):
@@ -162,8 +184,8 @@ def test_demo_writes_its_outputs(tmp_path, capsys):
 def test_sail_cli_writes_a_grid(tmp_path, capsys):
     prompt = zoo.prompts("digits", "memorized")[0]["prompt"]
     out = tmp_path / "sail.png"
-    assert main(["sail", "--prompt", prompt, "--n", "2", "--num-inference-steps", "5", "--max-steps", "1",
-                 "--out", str(out)]) == 0
+    assert main(["sail", "--model", "digits", "--prompt", prompt, "--n", "2", "--num-inference-steps", "5",
+                 "--max-steps", "1", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "UNet calls" in text and out.stat().st_size > 1000
 

@@ -21,7 +21,7 @@ import os
 import numpy as np
 import torch
 
-from .. import jsonl
+from .. import engine
 from ..errors import BadArgument
 from ..mitigations import REGISTRY
 
@@ -43,21 +43,62 @@ def halves(records: list[dict]) -> dict:
     return {"A": records[0::2], "B": records[1::2], "all": records}
 
 
-def _key(method, setting, prompt):
-    return json.dumps([method, setting, prompt])
+def _key(method, setting, prompt, settings=""):
+    return json.dumps([method, setting, prompt, settings])
+
+
+def _judge(r, im, train, seeds, calls, per_image_s) -> dict:
+    """The judged record of one prompt's images (copies, similarity, nearest, fidelity, cost)."""
+    from ..zoo.copying import copy_stats, nearest
+    from ..zoo.fidelity import fidelity
+
+    copies, sim = copy_stats(im, train, r["train_index"])
+    idx, _ = nearest(im, train)
+    return {"prompt": r["prompt"], "duplicates": r.get("duplicates"), "copies": copies.tolist(),
+            "similarity": [round(float(v), 4) for v in sim],
+            "nearest_is_target": (idx == int(r["train_index"])).tolist(),
+            "unet_calls_per_image": round(float(calls), 3), "seconds_per_image": round(float(per_image_s), 5),
+            "fidelity": fidelity(im, [r["digit"]] * len(seeds)).tolist()}
+
+
+class _Job:
+    """One evaluation's generation: the same `seeds` noises for every prompt, judged against `train`."""
+
+    def __init__(self, pipe, train, seeds, gen_kwargs):
+        from ..score import ScoreModel
+
+        self.pipe, self.train, self.seeds, self.gen_kwargs = pipe, train, seeds, gen_kwargs
+        self.model = ScoreModel(pipe)
+        self.h, self.w = self.model.default_size()
+
+    def images(self, method, setting, chunk):
+        """(images (prompts, seeds, *image), CFG calls per image, seconds per image) of one method."""
+        m = self.model
+        lat = torch.cat([m.noise(1, self.h, self.w, torch.Generator("cpu").manual_seed(s))
+                         for _ in chunk for s in self.seeds]).to(m.device)
+        imgs, calls, secs = _judged_run(self.pipe, method, setting, [r["prompt"] for r in chunk for _ in self.seeds],
+                                        lat, self.gen_kwargs)
+        return imgs.cpu().view(len(chunk), len(self.seeds), *self.train.shape[1:]), calls, secs / lat.shape[0]
+
+    def records(self, method, setting, chunk, settings) -> list:
+        images, calls, per_image_s = self.images(method, setting, chunk)
+        return [{"key": _key(method, setting, r["prompt"], settings), "method": method, "setting": setting,
+                 "settings": settings, **_judge(r, im, self.train, self.seeds, calls, per_image_s)}
+                for r, im in zip(chunk, images)]
 
 
 def run(pipe, records: list[dict], train: torch.Tensor, *, methods=("none", "random_tokens", "wen_embedding"),
         seeds=(0, 1, 2, 3, 4), sweep=False, out_dir="sharpfast-eval", batch_prompts=8, num_inference_steps=None,
         guidance_scale=None, progress=True, grid_prompts=6, settings=None) -> dict:
     """records: memorized prompts with prompt, digit and train_index; settings: {method: setting}
-    in place of a method's registry default (without --sweep)."""
-    from tqdm.auto import tqdm
+    in place of a method's registry default (without --sweep).
 
-    from ..score import ScoreModel
+    Rows are committed to `OUT/mitigate.jsonl` (a sharpfast.engine commit log) a batch at a time,
+    each keyed by method, setting, prompt and a fingerprint of the seeds, steps, guidance and
+    dtype: a rerun into the same folder with other settings generates anew, never reuses."""
+    from ..progress import bar as progress_bar
+    from ..score import denoiser
     from ..settings import Settings
-    from ..zoo.copying import copy_stats, nearest
-    from ..zoo.fidelity import fidelity
 
     st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     num_inference_steps, guidance_scale = st.num_inference_steps, st.guidance_scale
@@ -66,63 +107,49 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, methods=("none", "ran
             raise BadArgument(f"unknown method {m!r}; available: {', '.join(REGISTRY)}")
     if not records:
         raise BadArgument("no memorized prompts to mitigate")
-    os.makedirs(out_dir, exist_ok=True)
+    fp = engine.fingerprint(dict(seeds=list(seeds), num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale, dtype=str(denoiser(pipe).dtype)))
     path = os.path.join(out_dir, "mitigate.jsonl")
-    done = jsonl.read(path, key="key")
-    model = ScoreModel(pipe)
-    h, w = model.default_size()
-    gen_kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-    settings = dict(settings or {})
-    default = {m: settings.get(m, REGISTRY[m].default) for m in methods}
+    job = _Job(pipe, train, seeds, dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale))
+    default = {m: dict(settings or {}).get(m, REGISTRY[m].default) for m in methods}
     jobs = [(m, s) for m in methods for s in (REGISTRY[m].sweep if sweep else (default[m],))]
-    bar = tqdm(total=len(jobs) * len(records), desc="mitigate", unit="prompt", disable=not progress)
-
-    def judged(method, setting, chunk):
-        lat = torch.cat([model.noise(1, h, w, torch.Generator("cpu").manual_seed(s))
-                         for _ in chunk for s in seeds]).to(model.device)
-        imgs, calls, secs = _judged_run(pipe, method, setting, [r["prompt"] for r in chunk for _ in seeds], lat,
-                                        gen_kwargs)
-        return imgs.cpu().view(len(chunk), len(seeds), *train.shape[1:]), calls, secs / lat.shape[0]
-
-    with open(path, "a", encoding="utf-8") as f:
+    with engine.CommitLog(path) as log, \
+            progress_bar(pipe, total=len(jobs) * len(records), desc="eval mitigate", enabled=progress) as bar:
+        done = {k: r for k, r in engine.read(path, key="key").items() if r.get("settings") == fp}
         for method, setting in jobs:
             for start in range(0, len(records), batch_prompts):
                 chunk = records[start:start + batch_prompts]
-                # records of an older version lack nearest_is_target (copies at other cuts): redone
-                todo = [r for r in chunk if "seconds_per_image" not in done.get(_key(method, setting, r["prompt"]), {})]
+                todo = [r for r in chunk if _key(method, setting, r["prompt"], fp) not in done]
                 if todo:
-                    recs = []
-                    images, calls, per_image_s = judged(method, setting, todo)
-                    for r, im in zip(todo, images):
-                        copies, sim = copy_stats(im, train, r["train_index"])
-                        idx, _ = nearest(im, train)
-                        recs.append({"key": _key(method, setting, r["prompt"]), "method": method, "setting": setting,
-                                     "prompt": r["prompt"], "duplicates": r.get("duplicates"),
-                                     "copies": copies.tolist(), "similarity": [round(float(v), 4) for v in sim],
-                                     "nearest_is_target": (idx == int(r["train_index"])).tolist(),
-                                     "unet_calls_per_image": round(float(calls), 3),
-                                     "seconds_per_image": round(float(per_image_s), 5),
-                                     "fidelity": fidelity(im, [r["digit"]] * len(seeds)).tolist()})
-                    jsonl.append(f, recs)
+                    recs = job.records(method, setting, todo, fp)
+                    log.commit(log.next_chunk(), recs)
                     done.update({x["key"]: x for x in recs})
                 bar.update(len(chunk))
-    bar.close()
-    summary = summarize(done, jobs, [r["prompt"] for r in records])
-    with open(os.path.join(out_dir, "mitigate.json"), "w", encoding="utf-8") as fh:
-        json.dump({"seeds": list(seeds), "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                   "prompts": len(records), "summary": summary}, fh, indent=1)
+    summary = summarize(done, jobs, [r["prompt"] for r in records], fp)
+    _write_json(os.path.join(out_dir, "mitigate.json"),
+                {"seeds": list(seeds), "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                 "prompts": len(records), "summary": summary})
     shown = records[:grid_prompts]
-    grid = {m: judged(m, default[m], shown)[0][:, 0] for m in methods} if shown else {}
-    sims = {m: [done[_key(m, default[m], p)]["similarity"] for p in (r["prompt"] for r in records)
-                if _key(m, default[m], p) in done] for m in methods}
+    grid = {m: job.images(m, default[m], shown)[0][:, 0] for m in methods} if shown else {}
+    sims = {m: [done[_key(m, default[m], p, fp)]["similarity"] for p in (r["prompt"] for r in records)
+                if _key(m, default[m], p, fp) in done] for m in methods}
     _figures(summary, shown, train, methods, grid, out_dir, sweep, sims)
     return {"summary": summary}
 
 
-def summarize(done: dict, jobs, prompts) -> list[dict]:
+def _write_json(path, obj):
+    """Write obj as JSON through a temporary file and a rename: a reader never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def summarize(done: dict, jobs, prompts, settings="") -> list[dict]:
     rows = []
     for method, setting in jobs:
-        recs = [done[_key(method, setting, p)] for p in prompts if _key(method, setting, p) in done]
+        keys = [_key(method, setting, p, settings) for p in prompts]
+        recs = [done[k] for k in keys if k in done]
         if not recs:
             continue
         cat = lambda k: np.concatenate([np.asarray(r[k], dtype=np.float64) for r in recs])  # noqa: E731
