@@ -164,7 +164,7 @@ async def drive(url: str, requests: list, clients: int, guarded: bool, timeout_s
                 if req["request_id"] in results:
                     errors.append(f"{req['request_id']}: answered twice")
                 results[req["request_id"]] = {"latency": dt, "report": body.get("memorization"),
-                                              "memorized": req["_memorized"], "batch": body.get("batch_size")}
+                                              "memorized": req["_memorized"], "batch": body.get("batch_images")}
                 if len(results) == quarter and on_quarter:
                     on_quarter()
 
@@ -202,7 +202,7 @@ def run_one(guarded: bool, args) -> dict:
             "flagged": len(flagged), "flagged_memorized": sum(r["memorized"] for r in flagged),
             "memorized_sent": sum(r["_memorized"] for r in requests),
             "mean_batch": sum(r["batch"] or 0 for r in results.values()) / max(1, len(results)),
-            "metrics_has_guard_series": "sharpfast_requests_total" in metrics}
+            "metrics_has_guard_series": "sharpfast_calls_total" in metrics}
 
 
 def main(argv=None) -> dict:

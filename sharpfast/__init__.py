@@ -1,10 +1,9 @@
 """sharpfast: find and prevent memorization in text-to-image diffusion models from the
 sharpness of the learned density (Jeon, Kim and No, ICML 2025), with fused kernels.
 
-Importing sharpfast touches no device and loads diffusers only when a pipeline function is used.
+Importing sharpfast imports no torch (`sharpfast --help` answers at once): every name below is
+loaded on first use, and diffusers only when a pipeline function is used.
 """
-from . import ops
-
 try:  # the one version source is pyproject.toml; the installed metadata carries it
     from importlib.metadata import PackageNotFoundError as _NotFound
     from importlib.metadata import version as _version
@@ -28,6 +27,7 @@ _LAZY = {
 
 
 _SUBMODULES = (
+    "ops",
     "zoo",
     "errors",
     "testing",
@@ -35,6 +35,8 @@ _SUBMODULES = (
     "server",
     "monitoring",
     "mitigations",
+    "data",
+    "settings",
 )  # sharpfast.zoo.load(...) works after a plain `import sharpfast`
 
 
@@ -51,4 +53,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'sharpfast' has no attribute {name!r}")
 
 
-__all__ = ["ops", "__version__", *_LAZY, *_SUBMODULES]
+__all__ = ["__version__", *_LAZY, *_SUBMODULES]

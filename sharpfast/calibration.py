@@ -34,7 +34,7 @@ import torch
 
 from . import validate
 from .errors import BadArgument, OutputMismatch
-from .settings import Settings
+from .settings import BATCH_SIZE, FPR, Settings
 
 log = logging.getLogger("sharpfast.calibration")
 
@@ -46,15 +46,37 @@ CALIBRATED_METRICS = (
     "wen_low",
 )  # calibrated together: the detectors, SAIL's target and the guard's default metric
 # num_inference_steps and guidance_scale default to the pipeline's own (sharpfast.settings)
-DEFAULTS = {"num_images_per_prompt": 1, "num_inference_steps": None, "guidance_scale": None, "fpr": 0.01, "seed": 0}
+DEFAULTS = {"num_images_per_prompt": 1, "num_inference_steps": None, "guidance_scale": None, "fpr": FPR,
+            "seed": 0}
 GENERIC_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "generic_prompts.txt")
 _SAMPLE = 16  # weight elements read per parameter for the fingerprint
 
 
-def generic_prompts() -> list[str]:
-    """The built-in everyday captions (see sharpfast/data/make_generic_prompts.py for how they were made)."""
+QUICK = 64  # built-in captions of a quick calibration (SHARPFAST_CALIBRATION=quick): a first try
+
+
+def generic_prompts(kind: str = "full") -> list[str]:
+    """The built-in everyday captions (see sharpfast/data/make_generic_prompts.py for how they were
+    made): all of them ("full"), or an even spread of QUICK of them ("quick")."""
+    if kind not in ("full", "quick"):
+        raise BadArgument(f"the built-in calibration set is 'full' or 'quick', got {kind!r}")
     with open(GENERIC_PROMPTS, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+        prompts = [line.strip() for line in f if line.strip()]
+    return prompts if kind == "full" else prompts[::max(1, len(prompts) // QUICK)][:QUICK]
+
+
+def builtin_kind() -> str:
+    """Which built-in set threshold="auto" calibrates on: $SHARPFAST_CALIBRATION ("full", the
+    default, or "quick")."""
+    kind = os.environ.get("SHARPFAST_CALIBRATION", "full").strip().lower() or "full"
+    if kind not in ("full", "quick"):
+        raise BadArgument(f"SHARPFAST_CALIBRATION must be 'full' or 'quick', got {kind!r}")
+    return kind
+
+
+def model_name(pipe) -> str:
+    """How messages name the model: its directory, else its pipeline class."""
+    return str(getattr(pipe, "name_or_path", "") or type(pipe).__name__)
 
 
 # ---- the weights' fingerprint ----------------------------------------------------------------
@@ -112,19 +134,89 @@ def same_weights(recorded: dict, current: dict) -> bool:
 
 # ---- calibrating -------------------------------------------------------------------------------
 
-def calibrate_model(pipe, prompts=None, *, num_images_per_prompt: int = 1, fpr: float = 0.01,
-                    num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None, seed: int = 0,
-                    metrics=CALIBRATED_METRICS, batch_size: int = 8, progress: bool = True) -> dict:
-    """Thresholds at false-positive rate `fpr` and SAIL's target from prompts that are not
-    memorized (default: the built-in generic captions), at the first sampling step with these
-    settings. The result is JSON-able; save() writes it, threshold="auto" finds it."""
-    from . import __version__
+def _prompt_set(prompts) -> tuple:
+    """(prompts, their source) of calibrate_model's `prompts` argument."""
+    if prompts is None or isinstance(prompts, str) and prompts in ("full", "quick"):
+        kind = prompts or "full"
+        return generic_prompts(kind), "built-in generic captions" + (" (quick)" if kind == "quick" else "")
+    return validate.prompts(prompts, "prompts"), "given prompts"
+
+
+def _scores(pipe, prompts, metrics, st, seed, batch_size, progress) -> tuple:
+    """detect's scores of the calibration prompts a batch at a time, under a bar named for the
+    model, with the time the rest will take logged after the first batch; (scores, UNet calls, rows)."""
+    import time
+
     from .detection import detect
+    from .progress import bar as progress_bar
+    from .score import adapt
+
+    model = adapt(pipe)
+    n = st.num_images_per_prompt
+    noise = model.noise(len(prompts) * n, st.height, st.width, torch.Generator("cpu").manual_seed(seed))
+    parts: dict = {m: [] for m in metrics}
+    calls = rows = 0
+    start = time.perf_counter()
+    with progress_bar(pipe, total=len(prompts), desc=f"calibrating {model_name(pipe)}", enabled=progress) as bar:
+        for i in range(0, len(prompts), batch_size):
+            res = detect(model, prompts[i:i + batch_size], metrics=tuple(metrics), num_images_per_prompt=n,
+                         num_inference_steps=st.num_inference_steps, guidance_scale=st.guidance_scale,
+                         latents=noise[i * n:(i + batch_size) * n], batch_size=batch_size, progress=False)
+            for m in metrics:
+                parts[m].append(res.scores[m])
+            calls, rows = calls + res.config["unet_calls"], rows + res.config["unet_rows"]
+            bar.update(len(res.prompts))
+            if i == 0 and len(prompts) > batch_size:
+                took = time.perf_counter() - start
+                log.warning("calibrating %s: about %.0f s more (%d prompts, %.1f s per batch of %d)",
+                            model_name(pipe), took * (len(prompts) - batch_size) / batch_size, len(prompts), took,
+                            batch_size)
+    return {m: torch.cat(v) for m, v in parts.items()}, calls, rows
+
+
+def _record(pipe, prompts, source, st, fpr, seed, calls, rows) -> dict:
+    """What a calibration records besides its values: version, weights, settings, prompts, cost."""
+    from . import __version__
+
+    return {"sharpfast_version": __version__, "pipeline": type(pipe).__name__, "weights": weights_fingerprint(pipe),
+            "settings": {"num_images_per_prompt": st.num_images_per_prompt, "num_inference_steps":
+                         st.num_inference_steps, "guidance_scale": float(st.guidance_scale), "fpr": fpr, "seed": seed,
+                         "steps": 1},
+            "prompts": {"source": source, "count": len(prompts),
+                        "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]},
+            "unet_calls": calls, "unet_rows": rows}
+
+
+def calibrate_model(pipe, prompts=None, *, num_images_per_prompt: int = 1, fpr: float = FPR,
+                    num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None, seed: int = 0,
+                    metrics=CALIBRATED_METRICS, batch_size: int = BATCH_SIZE, progress: bool = True) -> dict:
+    """Thresholds at false-positive rate `fpr` and SAIL's target from prompts that are not
+    memorized, at the first sampling step with these settings.
+
+    Args:
+        pipe: a supported diffusers pipeline.
+        prompts: normal prompts, or None / "full" (the built-in generic captions) / "quick" (an
+            even spread of QUICK of them: a first try).
+        num_images_per_prompt: images per prompt.
+        fpr: the false-positive rate of the thresholds.
+        num_inference_steps: the schedule's steps (default: the pipeline's own).
+        guidance_scale: CFG scale (default: the pipeline's own).
+        seed: the noise's seed.
+        metrics: the metrics calibrated.
+        batch_size: prompts per denoiser call.
+        progress: show a progress bar ("calibrating <model>").
+
+    Returns:
+        The calibration, JSON-able: save() writes it, threshold="auto" finds it.
+
+    Raises:
+        BadArgument: fewer than 20 prompts, a bad fpr, metric or setting.
+        NonFiniteOutput: a normal prompt's score is not finite.
+    """
     from .evaluation import calibrate
     from .metrics import METRICS
 
-    source = "built-in generic captions" if prompts is None else "given prompts"
-    prompts = validate.prompts(generic_prompts() if prompts is None else prompts, "prompts")
+    prompts, source = _prompt_set(prompts)
     if len(prompts) < 20:
         raise BadArgument(f"calibrating needs at least 20 normal prompts (a 1% threshold of fewer is their "
                           f"maximum), got {len(prompts)}")
@@ -134,28 +226,20 @@ def calibrate_model(pipe, prompts=None, *, num_images_per_prompt: int = 1, fpr: 
     metrics = list(validate.metrics(metrics, METRICS))
     st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                           num_images_per_prompt=num_images_per_prompt)
-    n, num_inference_steps, guidance_scale = st.num_images_per_prompt, st.num_inference_steps, st.guidance_scale
-    res = detect(pipe, prompts, metrics=tuple(metrics), num_images_per_prompt=n,
-                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                 generator=torch.Generator("cpu").manual_seed(seed), batch_size=batch_size, progress=progress)
-    settings = {"num_images_per_prompt": n, "num_inference_steps": num_inference_steps,
-                "guidance_scale": float(guidance_scale), "fpr": fpr, "seed": seed, "steps": 1}
-    cal = {"sharpfast_version": __version__, "pipeline": type(pipe).__name__, "weights": weights_fingerprint(pipe),
-           "settings": settings,
-           "prompts": {"source": source, "count": len(prompts),
-                       "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]},
-           "unet_calls": res.config["unet_calls"], "unet_rows": res.config["unet_rows"]}
+    validate.integer(batch_size, "batch_size")
+    scores, calls, rows = _scores(pipe, prompts, metrics, st, seed, batch_size, progress)
+    cal = _record(pipe, prompts, source, st, fpr, seed, calls, rows)
     for m in metrics:
-        s = res.scores[m]
+        s = scores[m]
         if not bool(torch.isfinite(s).all()):
             from .errors import NonFiniteOutput
 
             raise NonFiniteOutput(f"calibration: the {m} score of a normal prompt is not finite")
         cal[m] = {"threshold": calibrate(s, fpr=fpr), "fpr": fpr, "prompts": len(prompts),
-                  "num_images_per_prompt": n, "steps": 1, "num_inference_steps": num_inference_steps,
-                  "median": float(s.median())}
+                  "num_images_per_prompt": st.num_images_per_prompt, "steps": 1,
+                  "num_inference_steps": st.num_inference_steps, "median": float(s.median())}
     if "sharpness" in cal:
-        cal["sharpness"]["target"] = calibrate(res.scores["sharpness"], fpr=TARGET_ABOVE)
+        cal["sharpness"]["target"] = calibrate(scores["sharpness"], fpr=TARGET_ABOVE)
         cal["sharpness"]["target_above"] = TARGET_ABOVE
     return cal
 
@@ -227,6 +311,8 @@ def cache_path(fingerprint: dict, **settings) -> str:
     """Where the per-user cache keeps the calibration of these weights at these settings."""
     s: dict = {k: settings.get(k) for k in DEFAULTS}
     s["guidance_scale"] = float(s["guidance_scale"])
+    if settings.get("builtin", "full") != "full":
+        s["builtin"] = settings["builtin"]
     key = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:8]
     return os.path.join(cache_dir(), f"{fingerprint['fingerprint']}-{key}.json")
 
@@ -242,6 +328,8 @@ def _settings(pipe, **kw) -> dict:
                           guidance_scale=kw.get("guidance_scale"))
     s = {**DEFAULTS, **{k: v for k, v in kw.items() if v is not None}}
     s["num_inference_steps"], s["guidance_scale"] = st.num_inference_steps, float(st.guidance_scale)
+    if builtin_kind() != "full":  # a quick calibration is cached apart from the full one
+        s["builtin"] = builtin_kind()
     return s
 
 
@@ -256,6 +344,19 @@ def _matches(cal: dict, metric: str, key: str, settings: dict, check_settings: b
     return all(rec.get(k) == settings[k] for k in keys if k in rec)
 
 
+def _from_beside(pipe, fp, metric, key, s) -> Optional[Resolved]:
+    beside = _beside(pipe)
+    if beside and os.path.isfile(beside):
+        with open(beside, encoding="utf-8") as f:
+            cal = json.load(f)
+        if "weights" in cal and not same_weights(cal["weights"], fp):
+            log.warning("ignoring %s: calibrated for other weights (fingerprint %s, this model %s)", beside,
+                        cal["weights"].get("fingerprint"), fp["fingerprint"])
+        elif _matches(cal, metric, key, s, check_settings=True):
+            return Resolved(float(cal[metric][key]), f"{beside}")
+    return None
+
+
 def resolve(pipe, metric: str = "sharpness", key: str = "threshold", *, calibrate: bool = True, progress: bool = True,
             **settings) -> Resolved:
     """The value of `key` ("threshold" or "target") of `metric` for this model, from the first of:
@@ -266,16 +367,9 @@ def resolve(pipe, metric: str = "sharpness", key: str = "threshold", *, calibrat
 
     s = _settings(pipe, **settings)
     fp = weights_fingerprint(pipe)
-    # 1. beside the model
-    beside = _beside(pipe)
-    if beside and os.path.isfile(beside):
-        with open(beside, encoding="utf-8") as f:
-            cal = json.load(f)
-        if "weights" in cal and not same_weights(cal["weights"], fp):
-            log.warning("ignoring %s: calibrated for other weights (fingerprint %s, this model %s)", beside,
-                        cal["weights"].get("fingerprint"), fp["fingerprint"])
-        elif _matches(cal, metric, key, s, check_settings=True):
-            return Resolved(float(cal[metric][key]), f"{beside}")
+    found = _from_beside(pipe, fp, metric, key, s)  # 1. beside the model
+    if found is not None:
+        return found
     # 2. the cache, 3. calibrate now
     path = cache_path(fp, **s)
     with _LOCKS_GUARD:
@@ -296,21 +390,24 @@ def resolve(pipe, metric: str = "sharpness", key: str = "threshold", *, calibrat
             raise MissingCalibration(f"no calibration of {metric} for this model (weights {fp['fingerprint']}); run "
                                      f"sharpfast calibrate, or pass a number")
         metrics = list(dict.fromkeys([*CALIBRATED_METRICS, metric]))
-        count = len(generic_prompts())
+        kind = s.get("builtin", "full")
+        count = len(generic_prompts(kind))
         per = 1 + sum(1 for m in metrics if m != "wen")  # CFG calls per batch: wen's + one per extra metric
-        log.warning("no calibration for this model (weights %s) at %s: calibrating once on %d built-in generic "
-                    "captions (about %d CFG calls of %d images); cached at %s. For thresholds that fit your "
-                    "traffic run `sharpfast calibrate --prompts your_normal_prompts.txt`.", fp["fingerprint"],
+        log.warning("no calibration for %s (weights %s) at %s: calibrating once on %d built-in generic captions "
+                    "(%d batches x %d CFG calls of %d images; SHARPFAST_CALIBRATION=quick takes %d), cached at %s. "
+                    "For thresholds that fit your traffic: sharpfast calibrate --model %s --prompts "
+                    "your_normal_prompts.txt", model_name(pipe), fp["fingerprint"],
                     {k: s[k] for k in ("num_inference_steps", "num_images_per_prompt", "guidance_scale")}, count,
-                    per * math.ceil(count / 8), 8 * s["num_images_per_prompt"], path)
-        cal = calibrate_model(pipe, None, num_images_per_prompt=s["num_images_per_prompt"], fpr=s["fpr"],
+                    math.ceil(count / BATCH_SIZE), per, BATCH_SIZE * s["num_images_per_prompt"], QUICK, path,
+                    getattr(pipe, "name_or_path", None) or "YOUR_MODEL_DIR")
+        cal = calibrate_model(pipe, kind, num_images_per_prompt=s["num_images_per_prompt"], fpr=s["fpr"],
                               num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
                               seed=s["seed"], metrics=metrics, progress=progress)
         _MEMO[path] = cal
         try:
             save(cal, path)
-            where = f"calibrated now on the built-in generic captions, cached at {path}"
+            where = f"calibrated now on the {cal['prompts']['source']}, cached at {path}"
         except OSError as err:  # a read-only home, a full disk: keep it for this process
             log.warning("could not cache the calibration at %s (%s); kept in memory for this process", path, err)
-            where = f"calibrated now on the built-in generic captions (not cached: {err})"
+            where = f"calibrated now on the {cal['prompts']['source']} (not cached: {err})"
         return Resolved(float(cal[metric][key]), where)

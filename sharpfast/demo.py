@@ -15,19 +15,20 @@ import os
 import time
 
 import numpy as np
-import torch
 
 DEMO_METHODS = ("none", "wen_embedding", "sail", "transition", "sail+transition")
 DEMO_PROMPTS = 6
 
 
-def _mitigation_grid(pipe, recs, device, out_dir, say) -> None:
+def _mitigation_grid(pipe, recs, device, out_dir, say, progress) -> None:
     """A few memorized prompts from the same noise under each demo method: copies and fidelity
-    printed, OUT/before_after.png written."""
+    printed, OUT/before_after.png written (each cell's similarity to the training image under it,
+    copies framed red, near copies at similarity >= 0.8 orange)."""
     from .harness.plots import image_grid
     from .mitigations import REGISTRY, mitigate
+    from .progress import bar
     from .score import ScoreModel
-    from .zoo.copying import copy_stats
+    from .zoo.copying import COPY_THRESHOLD, copy_stats
     from .zoo.digits_data import digit_images
     from .zoo.fidelity import fidelity
 
@@ -36,26 +37,61 @@ def _mitigation_grid(pipe, recs, device, out_dir, say) -> None:
     model = ScoreModel(pipe)
     h, w = model.default_size()
     lat = model.noise_for_ids(range(len(shown)), 1, h, w, seed=0)
-    say(f"\nmitigation of {len(shown)} memorized prompts from the same noise (copy = reproduces its training image):")
-    say(f"{'method':14s} {'copies':>7s} {'right digit':>11s}")
-    cols = {}
-    for m in DEMO_METHODS:
-        out = mitigate(pipe, [r["prompt"] for r in shown], m, REGISTRY[m].default, latents=lat.to(device),
-                       output_type="pt")
-        imgs = (out.images.float() * 2 - 1).cpu()
-        copies = [bool(copy_stats(im[None], train, r["train_index"])[0][0]) for im, r in zip(imgs, shown)]
-        fid = fidelity(imgs, [r["digit"] for r in shown])
-        cols[m] = imgs
-        say(f"{m:14s} {sum(copies):4d}/{len(shown):<2d} {int(fid.sum()):8d}/{len(shown):<2d}")
+    say(f"\nmitigation of {len(shown)} memorized prompts from the same noise (copy = its nearest training image is "
+        f"the memorized one at similarity >= {COPY_THRESHOLD}):")
+    table = [f"{'method':16s} {'copies':>7s} {'similarity':>10s} {'right digit':>11s}"]
+    cols, notes = {}, {}
+    with bar(None, total=len(DEMO_METHODS), desc="mitigating", unit="method", enabled=progress) as b:
+        for m in DEMO_METHODS:
+            out = mitigate(pipe, [r["prompt"] for r in shown], m, REGISTRY[m].default, latents=lat.to(device),
+                           output_type="pt")
+            imgs = (out.images.float() * 2 - 1).cpu()
+            stats = [copy_stats(im[None], train, r["train_index"]) for im, r in zip(imgs, shown)]
+            copies = [bool(c[0]) for c, _ in stats]
+            sims = [float(v[0]) for _, v in stats]
+            fid = fidelity(imgs, [r["digit"] for r in shown])
+            cols[m] = imgs
+            notes[m] = [(v, "copy" if c else "near" if v >= 0.8 else None) for c, v in zip(copies, sims)]
+            table.append(f"{m:16s} {sum(copies):4d}/{len(shown):<2d} {np.mean(sims):10.3f} "
+                         f"{int(fid.sum()):8d}/{len(shown):<2d}")
+            b.update(1)
+    say("\n".join(table))
     rows = [[train[r["train_index"]].numpy()] + [cols[m][k].numpy() for m in DEMO_METHODS] for k, r in enumerate(shown)]
-    image_grid(rows, [r["prompt"][:48] for r in shown], ["training image", *DEMO_METHODS],
-               os.path.join(out_dir, "before_after.png"), "same prompt, same initial noise")
+    cells = [[(None, None)] + [notes[m][k] for m in DEMO_METHODS] for k in range(len(shown))]
+    image_grid(rows, [r["prompt"] for r in shown], ["training image", *DEMO_METHODS],
+               os.path.join(out_dir, "before_after.png"),
+               "same prompt, same initial noise; under each output its similarity to the training image "
+               "(red frame: a copy, orange: similarity >= 0.8)", notes=cells)
+
+
+def _detection(pipe, recs, progress, say):
+    """Scores of the evaluation prompts with the noise `sharpfast eval detect` draws for them (seed
+    42 + each prompt's id), so the table is the README's; prints it and returns (scores, curves)."""
+    import sharpfast
+
+    from .harness.detect_eval import _Sets
+    from .harness.prompt_sets import bundled_records
+    from .score import ScoreModel
+
+    model = ScoreModel(pipe)
+    ix = _Sets(bundled_records("digits"))
+    ids = [ix.noise_ids[ix.index[r["prompt"]]] for r in recs]
+    h, w = model.default_size()
+    lat = model.noise_for_ids(ids, 1, h, w, seed=42)
+    res = sharpfast.detect(model, [r["prompt"] for r in recs], metrics=("wen", "sharpness"), latents=lat,
+                           batch_size=16, progress=progress)
+    labels = np.array([r["memorized"] for r in recs], dtype=int)
+    say(f"\n{'metric':10s} {'AUC':>6s} {'TPR@1%FPR':>10s}   (step 1, n=1; the README's table)")
+    curves = {}
+    for m in ("wen", "sharpness"):
+        e = sharpfast.evaluate(res.scores[m], labels)
+        curves[m] = (np.array(e["roc"]["fpr"]), np.array(e["roc"]["tpr"]), e["auc"])
+        say(f"{m:10s} {e['auc']:6.3f} {e['tpr_at_1pct_fpr']:10.3f}")
+    return res, labels, curves
 
 
 def run(out_dir: str = "sharpfast-demo", device: str = "cpu", progress: bool = True, stream=None) -> int:
     """The demo: score the bundled model's prompt sets, mitigate a few, write OUT; returns 0."""
-    import sharpfast
-
     from . import zoo
     from .calibration import shipped_threshold
     from .harness.plots import roc_figure
@@ -63,32 +99,25 @@ def run(out_dir: str = "sharpfast-demo", device: str = "cpu", progress: bool = T
     say = (lambda *a: print(*a, file=stream, flush=True)) if stream else (lambda *a: None)
     t0 = time.time()
     os.makedirs(out_dir, exist_ok=True)
-    pipe = zoo.load("digits", device=device)
-    pipe.set_progress_bar_config(disable=True)
+    with zoo.quiet_loading():
+        pipe = zoo.load("digits", device=device)
     recs = zoo.prompts("digits", "eval")
     say(f"digits model: {len(recs)} prompts ({sum(r['memorized'] for r in recs)} memorized), device {device}")
-
-    res = sharpfast.detect(pipe, [r["prompt"] for r in recs], metrics=("wen", "sharpness"), batch_size=32,
-                           generator=torch.Generator("cpu").manual_seed(42), progress=progress)
-    labels = np.array([r["memorized"] for r in recs], dtype=int)
-    say(f"\n{'metric':10s} {'AUC':>6s} {'TPR@1%FPR':>10s}   (step 1, n=1)")
-    curves, thresholds = {}, {}
-    for m in ("wen", "sharpness"):
-        e = sharpfast.evaluate(res.scores[m], labels)
-        curves[m] = (np.array(e["roc"]["fpr"]), np.array(e["roc"]["tpr"]), e["auc"])
-        thresholds[m] = shipped_threshold(pipe, m)  # 1% FPR on generic captions kept apart
-        say(f"{m:10s} {e['auc']:6.3f} {e['tpr_at_1pct_fpr']:10.3f}")
+    res, labels, curves = _detection(pipe, recs, progress, say)
     roc_figure({"digits model, step 1, n=1": curves}, os.path.join(out_dir, "roc.png"))
-    flagged = res.scores["sharpness"] > thresholds["sharpness"]
-    say(f"shipped threshold (sharpness, 1% FPR on held-out generic captions): {thresholds['sharpness']:.4g}; flagged "
+    thr = shipped_threshold(pipe, "sharpness")  # 1% FPR on generic captions kept apart
+    flagged = res.scores["sharpness"] > thr
+    say(f"shipped threshold (sharpness, 1% FPR on held-out generic captions): {thr:.4g}; flagged "
         f"{int(flagged[labels == 1].sum())}/{int(labels.sum())} memorized, "
         f"{int(flagged[labels == 0].sum())}/{int((labels == 0).sum())} non-memorized")
+    say("(TPR@1%FPR above puts the cut at 1% of THESE normal prompts, chosen on the set it is scored on; the "
+        "shipped threshold was calibrated on other captions, as a deployment would be, so its rates differ)")
     with open(os.path.join(out_dir, "results.jsonl"), "w", encoding="utf-8") as f:
         for r, rec, fl in zip(recs, res.to_records(), flagged.tolist()):
             f.write(json.dumps({**rec, "memorized": r["memorized"], "duplicates": r["duplicates"],
                                 "copy_rate": r["copy_rate"], "flagged": fl}) + "\n")
-
-    _mitigation_grid(pipe, recs, device, out_dir, say)
+    pipe.set_progress_bar_config(disable=True)  # the mitigations' own sampling loops: one bar of ours instead
+    _mitigation_grid(pipe, recs, device, out_dir, say, progress)
     say(f"\nwrote {out_dir}/results.jsonl, {out_dir}/roc.png, {out_dir}/before_after.png "
         f"in {time.time() - t0:.0f} s")
     return 0

@@ -1,4 +1,4 @@
-"""The detection metrics at one sampling step, from the CFG batch (SPEC.md, "Detection metrics").
+"""The detection metrics at one sampling step, from the CFG batch (docs/method.md, "Detection metrics").
 
 A metric is a function of one `Step` (the CFG batch's raw predictions at latents x, with the
 schedule's alpha_bar) registered in `REGISTRY` with its cost; detect (`step_metrics`), the
@@ -38,12 +38,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
+from . import catalog, ops
 from .curvature import EstimatorOptions, ScoreJacobian, default_fd_step, fd_sharpness, hutchinson_trace
 from .errors import BadArgument, NonFiniteOutput
 from .score import Conditioning, ScoreModel, eps_per_pred, sigma_of, to_eps
 
-HVP_MODES = ("fd", "jvp")
+HVP_MODES = catalog.HVP_MODES
 DEFAULT_ESTIMATOR = EstimatorOptions()  # frozen: a shared default is safe
 
 

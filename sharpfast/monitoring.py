@@ -9,7 +9,8 @@ threads). The Prometheus side is a custom collector that reads the snapshot at s
 the two views can never disagree and nothing is counted twice.
 
 Exported (every series labelled guard=<name> and metric=<the guard's metric>):
-  sharpfast_requests_total, sharpfast_prompts_total, sharpfast_images_total,
+  sharpfast_calls_total (guarded pipeline calls: a server batches several HTTP requests into one),
+  sharpfast_prompts_total, sharpfast_images_total,
   sharpfast_flagged_total (prompts), sharpfast_mitigated_total (prompts), sharpfast_errors_total,
   sharpfast_score (histogram: the per-prompt score, buckets around the threshold),
   sharpfast_sail_steps (histogram: Adam steps per mitigated request),
@@ -61,7 +62,7 @@ class Histogram:
 class GuardStats:
     """What one guard has seen; `snapshot()` is what `guard.stats` returns."""
 
-    COUNTERS = ("requests", "prompts", "images", "flagged", "mitigated", "unmitigated", "errors")
+    COUNTERS = ("calls", "prompts", "images", "flagged", "mitigated", "unmitigated", "errors")
 
     def __init__(self, name: str, metric: str, threshold=None):
         """threshold: the buckets' centre; None (threshold="auto", not resolved yet): set from the
@@ -83,7 +84,7 @@ class GuardStats:
             if threshold is not None and not self._hist["score"].bounds:  # unset: centred on the first request's
                 self._hist["score"] = Histogram(score_buckets(float(threshold)))
             c = self._counts
-            c["requests"] += 1
+            c["calls"] += 1
             c["prompts"] += len(scores)
             c["images"] += images
             c["flagged"] += int(sum(bool(f) for f in flagged))
@@ -124,7 +125,8 @@ class GuardStats:
             def collect(self):
                 snap = stats.snapshot()
                 values = [snap["guard"], snap["metric"]]
-                helps = {"requests": "guarded requests served", "prompts": "prompts scored",
+                helps = {"calls": "guarded pipeline calls (a server batch of several HTTP requests is one)",
+                         "prompts": "prompts scored",
                          "images": "images generated", "flagged": "prompts flagged as memorized",
                          "mitigated": "flagged prompts whose mitigation ran and passed its check",
                          "unmitigated": "flagged prompts whose mitigation did not pass its check (or none ran)",

@@ -19,9 +19,10 @@ import shutil
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 
-from . import engine, validate
+from . import engine, settings, validate
 from .errors import BadArgument, OutputMismatch, WriteFailed
 from .scan_input import check_source, file_digest, iter_chunks, iter_rows
 from .score import ScoreModel, denoiser
@@ -155,24 +156,10 @@ def _score(model, prompts, rows, *, metrics, n, seed, batch_size, num_inference_
     return out
 
 
-def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: int = 1, batch_size: int = 32,
-         threshold="auto", calibrate_on: Optional[str] = None, fpr: float = 0.01,
-         flag_metric: Optional[str] = None, column: Optional[str] = None, id_field: Optional[str] = None,
-         seed: int = 42, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-         model_name: Optional[str] = None,
-         overwrite: bool = False, progress: bool = True, top: int = 10) -> dict:
-    """Scan the prompt file `prompts` (.txt, .jsonl, .parquet) and write OUT as described above.
-
-    Returns the summary (on every rank; rank 0 wrote it). A prompt is flagged when its score of
-    flag_metric (default the last of metrics) is above the threshold: threshold="auto" (default)
-    takes the model's calibration at the scan's settings (sharpfast.calibration: beside the model,
-    the per-user cache, or calibrated once on the built-in generic captions), a number is used as
-    given, None flags nothing; calibrate_on=FILE calibrates on those known-normal prompts at fpr.
-    The summary's threshold_source says which.
-    """
+def _check_flagging(metrics, flag_metric, threshold, calibrate_on):
+    """(metrics, flag metric, threshold) checked: the flag metric among the metrics, one threshold source."""
     from .metrics import METRICS
 
-    check_source(prompts)
     metrics = list(validate.metrics(metrics, METRICS))
     flag_metric = flag_metric or metrics[-1]
     if flag_metric not in metrics:
@@ -183,6 +170,32 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), n: i
         threshold = "auto"  # replaced by the calibration below
     elif threshold is not None and threshold != "auto":
         threshold = validate.finite(threshold, "threshold")
+    return metrics, flag_metric, threshold
+
+
+def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), num_images_per_prompt: int = 1,
+         batch_size: int = settings.BATCH_SIZE, threshold="auto", calibrate_on: Optional[str] = None,
+         fpr: float = settings.FPR, flag_metric: Optional[str] = None, column: Optional[str] = None,
+         id_field: Optional[str] = None, seed: int = settings.SEED, num_inference_steps: Optional[int] = None,
+         guidance_scale: Optional[float] = None, model_name: Optional[str] = None, overwrite: bool = False,
+         progress: bool = True, top: int = 10, n: Optional[int] = None) -> dict:
+    """Scan the prompt file `prompts` (.txt, .jsonl, .parquet) and write OUT as described above.
+
+    Returns the summary (on every rank; rank 0 wrote it). A prompt is flagged when its score of
+    flag_metric (default the last of metrics) is above the threshold: threshold="auto" (default)
+    takes the model's calibration at the scan's settings (sharpfast.calibration: beside the model,
+    the per-user cache, or calibrated once on the built-in generic captions), a number is used as
+    given, None flags nothing; calibrate_on=FILE calibrates on those known-normal prompts at fpr.
+    The summary's threshold_source says which. `n` is the old name of num_images_per_prompt.
+    """
+    if n is not None:
+        import warnings
+
+        warnings.warn("scan(n=...) is now num_images_per_prompt=...", FutureWarning, stacklevel=2)
+        num_images_per_prompt = n
+    n = num_images_per_prompt
+    check_source(prompts)
+    metrics, flag_metric, threshold = _check_flagging(metrics, flag_metric, threshold, calibrate_on)
     st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                           num_images_per_prompt=n)  # a setting not given is the pipeline's own
     num_inference_steps, guidance_scale = st.num_inference_steps, st.guidance_scale
@@ -237,12 +250,12 @@ def _chunk_records(model, rows, threshold, flag_metric, score_kw) -> list:
 def _scan_chunks(model, prompts, out_dir, procs, column, id_field, batch_size, threshold, flag_metric, score_kw,
                  progress) -> None:
     """This rank's chunks that no run has committed yet, each committed to its shard."""
-    from tqdm.auto import tqdm
+    from .progress import bar as progress_bar
 
     _, done = _read_shards(out_dir)
     shard = _shard(out_dir, procs.rank)
-    bar = tqdm(total=_count_rows(prompts), unit="prompt", desc=f"scan rank {procs.rank}/{procs.world}",
-               dynamic_ncols=True, disable=not progress or procs.rank != 0)
+    bar = progress_bar(model.pipe, total=_count_rows(prompts), desc=f"scan rank {procs.rank}/{procs.world}",
+                       enabled=progress and procs.rank == 0)
     try:
         for c, rows in iter_chunks(iter_rows(prompts, column, id_field), batch_size):
             if c % procs.world == procs.rank and c not in done:  # else done before, or a peer's chunk
@@ -298,18 +311,29 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def _histogram(recs, metrics, threshold, flag_metric, path):
+    """One panel per metric: the scanned prompts' scores, the flag threshold and how many lie above
+    it. Counts on a linear axis; a log axis (from 1, never below a prompt) only when the tallest bar
+    is over 50 times the median bar, so that a long tail of a few prompts stays visible."""
     from .harness.plots import _plt
 
     plt = _plt()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
     for ax, m in zip(axes[0], metrics):
-        ax.hist([r[m] for r in recs], bins=50, color="tab:blue")
+        vals = np.asarray([r[m] for r in recs], dtype=np.float64)
+        counts, _, _ = ax.hist(vals, bins=50, color="tab:blue")
+        nonzero = counts[counts > 0]
+        if len(nonzero) and counts.max() > 50 * np.median(nonzero):
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=0.8)
         if threshold is not None and m == flag_metric:
-            ax.axvline(threshold, color="tab:red", ls="--", label="threshold")
+            above = int((vals > threshold).sum())
+            ax.axvline(threshold, color="tab:red", ls="--", label=f"threshold {threshold:.4g}: {above} above")
             ax.legend(fontsize=8)
-        ax.set_yscale("log")
-        ax.set_xlabel(m)
-        ax.set_ylabel("prompts")
+        ax.set_title(f"{m}: {len(vals)} prompts", fontsize=9)
+        ax.set_xlabel(f"{m} score (higher = more likely memorized)", fontsize=8)
+        ax.set_ylabel("prompts", fontsize=8)
+    fig.suptitle("sharpfast scan: score distribution" + (f" (flag: {flag_metric})" if threshold is not None else ""),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -189,6 +191,19 @@ def family(pipe) -> str:
 def denoiser(pipe):
     """The pipeline's denoising network: pipe.unet, or pipe.transformer for SD3 / Flux."""
     return getattr(pipe, adapter_class(pipe).network)
+
+
+class _QuietTruncation(logging.Filter):
+    """Drops diffusers' "part of your input was truncated" warning in a thread that is inside
+    ScoreModel._encode_prompt; every other record, and every other thread's, passes."""
+
+    local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (getattr(self.local, "depth", 0) > 0 and "part of your input was truncated" in record.getMessage())
+
+
+_QUIET = _QuietTruncation()
 
 
 class ScoreModel:
@@ -382,6 +397,21 @@ class ScoreModel:
         u, c = self.predict(x, t, cond, repeats)
         return to_eps(u, x, alpha_bar, self.prediction_type), to_eps(c, x, alpha_bar, self.prediction_type)
 
+    def _encode_prompt(self, *args, **kwargs):
+        """pipe.encode_prompt without diffusers' truncation warning: sharpfast reports truncation per
+        prompt itself (Conditioning.warnings), and diffusers' message, made on the whole batch,
+        lists the padding of its shorter prompts (`<|endoftext|>`) as if they had been cut."""
+        loggers = {logging.getLogger(c.__module__) for c in type(self.pipe).__mro__
+                   if c.__module__.startswith("diffusers.")}
+        for lg in loggers:
+            if _QUIET not in lg.filters:
+                lg.addFilter(_QUIET)  # inert outside sharpfast's own encoding (thread-local)
+        _QUIET.local.depth = getattr(_QUIET.local, "depth", 0) + 1
+        try:
+            return self.pipe.encode_prompt(*args, **kwargs)
+        finally:
+            _QUIET.local.depth -= 1
+
     def _truncation(self, prompt: str) -> list:
         out = []
         for tok in filter(None, (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None))):
@@ -411,7 +441,7 @@ class StableDiffusionModel(ScoreModel):
         key = (len(prompts), n, height, width)
         fresh = key not in self._null
         with torch.no_grad():
-            cond, null = self.pipe.encode_prompt(prompts, self.device, n, fresh)
+            cond, null = self._encode_prompt(prompts, self.device, n, fresh)
         return Conditioning(cond, self._cached_null(key, lambda: null), warnings=warnings)
 
     @override
@@ -442,7 +472,7 @@ class StableDiffusionXLModel(StableDiffusionModel):
         key = (len(prompts), n, height, width)
         fresh = key not in self._null
         with torch.no_grad():
-            cond, null, pooled, null_pooled = p.encode_prompt(prompts, device=self.device, num_images_per_prompt=n,
+            cond, null, pooled, null_pooled = self._encode_prompt(prompts, device=self.device, num_images_per_prompt=n,
                                                               do_classifier_free_guidance=fresh)
             null, null_pooled = self._cached_null(key, lambda: (null, null_pooled))
             proj = int(pooled.shape[-1]) if p.text_encoder_2 is None else p.text_encoder_2.config.projection_dim
@@ -500,7 +530,7 @@ class StableDiffusion3Model(_FlowModel):
         key = (len(prompts), n, height, width)
         fresh = key not in self._null
         with torch.no_grad():  # the null branch: the empty negative prompt, as the pipeline makes it
-            cond, null, pooled, null_pooled = self.pipe.encode_prompt(
+            cond, null, pooled, null_pooled = self._encode_prompt(
                 prompts, None, None, device=self.device, num_images_per_prompt=n, do_classifier_free_guidance=fresh,
                 max_sequence_length=self.max_sequence_length)
         null, null_pooled = self._cached_null(key, lambda: (null, null_pooled))
@@ -533,7 +563,7 @@ class FluxModel(_FlowModel):
     def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
         warnings = [self._truncation(prompt) for prompt in prompts]
         with torch.no_grad():
-            cond, pooled, txt_ids = self.pipe.encode_prompt(prompts, None, device=self.device,
+            cond, pooled, txt_ids = self._encode_prompt(prompts, None, device=self.device,
                                                             num_images_per_prompt=n,
                                                             max_sequence_length=self.max_sequence_length)
         null, null_pooled = self.null_branch(len(prompts), n, (len(prompts), n, height, width))
@@ -549,7 +579,7 @@ class FluxModel(_FlowModel):
         """The empty prompt's (embeddings, pooled), encoded once per batch shape."""
         def compute():
             with torch.no_grad():
-                null, null_pooled, _ = self.pipe.encode_prompt([""] * count, None, device=self.device,
+                null, null_pooled, _ = self._encode_prompt([""] * count, None, device=self.device,
                                                                num_images_per_prompt=n,
                                                                max_sequence_length=self.max_sequence_length)
             return null, null_pooled

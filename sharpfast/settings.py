@@ -4,6 +4,9 @@ A call that names neither `num_inference_steps` nor `guidance_scale` gets the pi
 defaults (what its `__call__` defaults them to: SD 50 / 7.5, SD3 28 / 7.0, Flux 28 / 3.5), in the
 library, the CLI, calibration and the guard alike, so a calibration made with the defaults is
 the one a default request looks up. Image size defaults to the pipeline's own too.
+
+The constants below are the library's one default for each shared knob (the Python API and the
+command line both read them). This module imports no torch: `sharpfast --help` reads it.
 """
 from __future__ import annotations
 
@@ -11,7 +14,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import validate
-from .score import adapt, pipeline_defaults
+
+BATCH_SIZE = 8  # prompts per denoiser call (detect, scan, calibrate, eval)
+SEED = 42  # the prompt on line i draws its initial noise from SEED + i (detect, scan, eval; sail's generator)
+FPR = 0.01  # false-positive rate of calibrated thresholds
+SAIL_DEFAULTS = {"paper": dict(candidates=1, max_steps=3, lr=0.7),
+                 "reference": dict(candidates=8, max_steps=10, lr=0.05)}  # SAIL's knobs per objective
+GUARD_METRIC = "wen_low"  # the guard's default metric (why: docs/guard.md)
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,8 @@ class Settings:
             BadArgument: a value of the wrong type or out of range (the message names it).
             UnsupportedPipeline: the pipeline is not supported.
         """
+        from .score import adapt, pipeline_defaults
+
         model = adapt(pipe)
         own = pipeline_defaults(model.pipe)
         steps = own["num_inference_steps"] if num_inference_steps is None else num_inference_steps

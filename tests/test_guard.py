@@ -283,7 +283,7 @@ def test_stats_and_prometheus_count_what_happened(pipe):
         s = g.stats
     got = [r["score"] for r in reports]
     assert got[:3] == pytest.approx(scores, rel=1e-5)
-    assert (s["requests"], s["prompts"], s["images"], s["errors"]) == (2, 5, 5, 1)
+    assert (s["calls"], s["prompts"], s["images"], s["errors"]) == (2, 5, 5, 1)
     flagged = sum(r["flagged"] for r in reports)
     assert s["flagged"] == flagged == sum(x > thr for x in got) >= 1
     # mitigated: SAIL's check passed (wen under the threshold at the new noise); the rest unmitigated
@@ -298,7 +298,7 @@ def test_stats_and_prometheus_count_what_happened(pipe):
     assert s["request_latency_seconds"]["count"] == 2
     assert s["added_latency_seconds"]["sum"] <= s["request_latency_seconds"]["sum"]
     value = lambda n, **lab: registry.get_sample_value(n, {"guard": "t", "metric": "wen", **lab})  # noqa: E731
-    assert value("sharpfast_requests_total") == 2 and value("sharpfast_errors_total") == 1
+    assert value("sharpfast_calls_total") == 2 and value("sharpfast_errors_total") == 1
     assert value("sharpfast_flagged_total") == flagged and value("sharpfast_score_count") == 5
     assert value("sharpfast_score_bucket", le="+Inf") == 5
     assert value("sharpfast_score_bucket", le=repr(float(thr))) == sum(x <= thr for x in got)

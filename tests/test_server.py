@@ -63,7 +63,7 @@ def test_generate_health_metrics_and_bad_requests(digits):
             assert r.status_code == 400 and r.json()["error"], bad
         assert c.post("/generate", content=b"{not json").status_code == 400
         text = c.get("/metrics").text
-        assert 'sharpfast_requests_total{guard="default",metric="wen_low"} 1.0' in text
+        assert 'sharpfast_calls_total{guard="default",metric="wen_low"} 1.0' in text
         assert 'sharpfast_flagged_total{guard="default",metric="wen_low"} 1.0' in text
         assert 'sharpfast_http_requests_total{status="400"} 12.0' in text
     assert not digits.unet._forward_hooks  # the guard is removed at shutdown
@@ -76,7 +76,7 @@ def test_batching_does_not_change_a_request(digits):
     reqs = [{"prompt": NORMAL, "seed": 10 + i, "request_id": str(i)} for i in range(4)]
     with TestClient(app) as c:
         alone = [c.post("/generate", json=r).json() for r in reqs]
-        assert all(a["batch_size"] == 1 for a in alone)
+        assert all(a["batch_images"] == 1 and a["batch_requests"] == 1 for a in alone)
 
         async def together():
             import httpx
@@ -87,7 +87,8 @@ def test_batching_does_not_change_a_request(digits):
 
         batched = [r.json() for r in c.portal.call(together)]
     assert [b["request_id"] for b in batched] == ["0", "1", "2", "3"]
-    assert max(b["batch_size"] for b in batched) > 1
+    assert max(b["batch_requests"] for b in batched) > 1
+    assert all(b["batch_images"] >= b["batch_requests"] for b in batched)
     for a, b in zip(alone, batched):
         assert np.abs(pixels(a["images"][0]) - pixels(b["images"][0])).max() <= 1
 
@@ -125,7 +126,7 @@ def test_server_process_shuts_down_gracefully_with_requests_in_flight(tmp_path):
     port.close()
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "sharpfast", "serve", "--model", "digits", "--port", str(p),
-                             "--steps", "40", "--max-batch-size", "2", "--device", "cpu"],
+                             "--num-inference-steps", "40", "--max-batch-size", "2", "--device", "cpu"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{p}"
     try:

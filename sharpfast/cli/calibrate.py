@@ -5,7 +5,8 @@ import json
 import sys
 
 from .. import validate
-from .common import add_device_args, device_dtype, load_model, read_lines
+from . import options
+from .common import device_dtype, load_model, read_lines
 
 
 class CalibrateCommand:
@@ -20,25 +21,15 @@ class CalibrateCommand:
                                        "the model's weights fingerprint. Written to the per-user cache, where "
                                        "threshold='auto' (sail, guard, scan, serve) finds it, or to --out (name it "
                                        "calibration.json inside the model directory to ship it with the model).")
-        p.add_argument("--model", required=True, help="'digits' (bundled) or a local diffusers model directory")
-        p.add_argument("--prompts", help="normal prompts, one a line (default: the built-in generic captions)")
-        p.add_argument("--out", help="output file (default: the per-user cache that threshold='auto' reads)")
-        p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate of the thresholds (default 0.01)")
-        p.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
-        p.add_argument("--num-inference-steps", type=int, default=None,
-                       help="sampler steps (default: the pipeline's own, 50 for SD)")
-        p.add_argument("--guidance-scale", type=float, default=None,
-                       help="CFG scale (default: the pipeline's own, 7.5 for SD)")
-        p.add_argument("--batch-size", type=int, default=8, help="prompts per UNet batch (default 8)")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
-        add_device_args(p)
+        options.add(p, "calibrate", "--model", "--prompts", "--out", "--fpr", "--n",
+                    "--num-inference-steps", "--guidance-scale", "--batch-size", "--quiet", "--device", "--dtype")
 
     @staticmethod
     def run(args) -> int:
         from .. import calibration
 
-        prompts = read_lines(args.prompts, "--prompts") if args.prompts else None
-        prompts = [q for q in prompts if q.strip()] if prompts else None
+        prompts: list | str = ([q for q in read_lines(args.prompts, "--prompts") if q.strip()] if args.prompts
+                               else calibration.builtin_kind())
         validate.integer(args.n, "--n")
         if args.num_inference_steps is not None:
             validate.integer(args.num_inference_steps, "--num-inference-steps")
@@ -56,7 +47,8 @@ class CalibrateCommand:
                                           num_inference_steps=args.num_inference_steps,
                                           guidance_scale=args.guidance_scale, batch_size=args.batch_size,
                                           progress=not args.quiet)
-        out = args.out or calibration.cache_path(cal["weights"], **cal["settings"])
+        kind = {} if args.prompts else {"builtin": calibration.builtin_kind()}
+        out = args.out or calibration.cache_path(cal["weights"], **cal["settings"], **kind)
         calibration.save(cal, out)
         print(json.dumps({m: cal[m] for m in calibration.CALIBRATED_METRICS}, indent=1))
         print(f"wrote {out} ({cal['prompts']['count']} prompts: {cal['prompts']['source']}; weights "

@@ -3,41 +3,10 @@ model offline, reading prompt files, checking output paths. Errors are sharpfast
 entry point (sharpfast.cli.main) prints them as one line and exits 2."""
 from __future__ import annotations
 
-import argparse
 import os
 
 from ..errors import BadArgument, MissingInput
-
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def csv(text: str, kind=str) -> list:
-    vals = [kind(v.strip()) for v in text.split(",") if v.strip()]
-    if not vals:
-        raise argparse.ArgumentTypeError("expected a comma-separated list")
-    return vals
-
-
-def ints(text):
-    try:
-        return csv(text, int)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def parse_threshold(text: str, what: str = "--threshold"):
-    """'auto' (the model's calibration), 'none' (no flags) or a non-NaN number (inf: never flag)."""
-    import math
-
-    if text in ("auto", "none"):
-        return None if text == "none" else "auto"
-    try:
-        v = float(text)
-    except ValueError:
-        raise BadArgument(f"{what} must be 'auto', 'none' or a number, got {text!r}") from None
-    if math.isnan(v):
-        raise BadArgument(f"{what} must be 'auto', 'none' or a non-NaN number, got {text!r}")
-    return v
+from .options import DTYPES
 
 
 def device_dtype(device: str, dtype: str):
@@ -49,12 +18,6 @@ def device_dtype(device: str, dtype: str):
     if dtype == "auto":
         dtype = "fp16" if device.startswith("cuda") else "fp32"
     return device, dtype
-
-
-def add_device_args(p) -> None:
-    p.add_argument("--device", default="auto", help="torch device; auto = cuda if available, else cpu")
-    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="UNet dtype; auto = fp16 on cuda, "
-                                                                              "fp32 on cpu")
 
 
 def read_lines(path: str, what: str) -> list[str]:
@@ -83,8 +46,9 @@ def load_model(model: str, device: str, dtype: str):
     model_dir = zoo.resolve(model)
     if not os.path.isdir(model_dir):
         raise MissingInput(f"--model must be 'digits' or a local diffusers model directory; not found: {model_dir}")
-    pipe = DiffusionPipeline.from_pretrained(model_dir, torch_dtype=getattr(torch, DTYPES[dtype]),
-                                             use_safetensors=True, local_files_only=True).to(device)
+    with zoo.quiet_loading():
+        pipe = DiffusionPipeline.from_pretrained(model_dir, **zoo.dtype_kwarg(getattr(torch, DTYPES[dtype])),
+                                                 use_safetensors=True, local_files_only=True).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from . import options
 from .common import device_dtype
 
 
@@ -18,9 +19,7 @@ class DemoCommand:
             "TPR table, mitigate a few memorized prompts and write OUT/roc.png, "
             "OUT/before_after.png and OUT/results.jsonl.",
         )
-        demo.add_argument("--out", default="sharpfast-demo", help="output folder (default sharpfast-demo)")
-        demo.add_argument("--device", default="auto", help="torch device; auto = cuda if available, else cpu")
-        demo.add_argument("--quiet", action="store_true", help="no progress bars")
+        options.add(demo, "demo", "--out", "--device", "--quiet")
 
     @staticmethod
     def run(args) -> int:

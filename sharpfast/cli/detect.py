@@ -6,7 +6,8 @@ import sys
 
 from .. import engine, validate
 from ..errors import BadArgument, OutputMismatch
-from .common import add_device_args, check_output, device_dtype, load_model, read_lines
+from . import options
+from .common import check_output, device_dtype, load_model, read_lines
 
 
 class DetectCommand:
@@ -18,41 +19,18 @@ class DetectCommand:
                            description="Score every prompt of a file for memorization and append one JSON line "
                                        "per prompt to --out. Restarting the same command skips prompts already "
                                        "written; an --out of other prompts or settings is refused.")
-        d.add_argument("--model", required=True, help="'digits' (bundled) or a local diffusers model directory "
-                                                      "(safetensors; loaded offline)")
-        d.add_argument("--prompts", required=True,
-                       help="text file, one prompt a line (kept exactly, HTML entities too; blank lines skipped, ids "
-                            "are line numbers), or .jsonl/.parquet read as `sharpfast scan` reads them")
-        d.add_argument("--labels", help="text file, one 0/1 per line of --prompts (1 = memorized): prints AUC and "
-                                        "TPR at 1%%/3%% FPR")
-        d.add_argument("--metrics", default="wen,sharpness",
-                       help="comma list of wen, sharpness, trace, trace_delta, score_norm (default: wen,sharpness)")
-        d.add_argument("--n", type=int, default=1, help="images per prompt, averaged (default 1)")
-        d.add_argument("--steps", type=int, default=1, help="first sampling steps to average over (default 1)")
-        d.add_argument("--num-inference-steps", type=int, default=None,
-                       help="sampler steps of the schedule (default: the pipeline's own, 50 for SD)")
-        d.add_argument("--guidance-scale", type=float, default=None,
-                       help="CFG scale of the trajectory (default: the pipeline's own, 7.5 for SD)")
-        d.add_argument("--batch-size", type=int, default=8, help="prompts per UNet batch (default 8)")
-        d.add_argument("--hvp", choices=("fd", "jvp"), default="fd", help="Hessian-vector product: fd (default) or jvp")
-        d.add_argument("--seed", type=int, default=42,
-                       help="the prompt on line i draws its noise from seed + i (default 42), as in `sharpfast scan`")
-        add_device_args(d)
-        d.add_argument("--out", default="results.jsonl",
-                       help="JSON lines output, appended; a rerun resumes it, and refuses it if it holds other "
-                            "prompts or settings")
-        d.add_argument("--overwrite", action="store_true", help="start --out afresh if it holds other prompts/settings")
-        d.add_argument("--quiet", action="store_true", help="no progress bar")
+        options.add(d, "detect", "--model", "--prompts", "--labels", "--metrics", "--n", "--steps",
+                    "--num-inference-steps", "--guidance-scale", "--batch-size", "--hvp", "--seed", "--device",
+                    "--dtype", "--out", "--overwrite", "--quiet")
 
     @staticmethod
     def run(args) -> int:
-        from tqdm.auto import tqdm
-
         from ..metrics import METRICS
+        from ..progress import bar as progress_bar
         from ..score import ScoreModel
 
         rows, labels = _read_inputs(args)  # every argument and path is checked before the model is loaded
-        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        metrics = args.metrics
         for name in ("n", "steps", "num_inference_steps", "batch_size"):
             if getattr(args, name) is not None:
                 validate.integer(getattr(args, name), "--" + name.replace("_", "-"))
@@ -85,7 +63,7 @@ class DetectCommand:
                 return rec if labels is None else {**rec, "label": labels[i]}
 
             with engine.CommitLog(args.out) as log, \
-                    tqdm(total=len(todo), unit="prompt", desc="detect", disable=args.quiet) as bar:
+                    progress_bar(None, total=len(todo), desc="sharpfast detect", enabled=not args.quiet) as bar:
                 engine.run(model, log, todo, prompt_of=prompt_of.__getitem__, noise_id_of=int, n=args.n,
                            seed=args.seed, batch_size=args.batch_size, record=record, bar=bar, metrics=metrics,
                            steps=args.steps, num_inference_steps=args.num_inference_steps,

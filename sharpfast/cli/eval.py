@@ -2,47 +2,21 @@
 from __future__ import annotations
 
 from ..errors import BadArgument
-from .common import add_device_args, check_output_dir, csv, device_dtype, ints, load_model
+from . import options
+from .common import check_output_dir, device_dtype, load_model
 
-
-def _common(p):
-    """Options of both eval commands."""
-    p.add_argument("--model", default="digits", help="'digits' (bundled, default) or a local diffusers model directory")
-    p.add_argument("--out", default="sharpfast-eval", help="output folder (default sharpfast-eval); reruns resume")
-    add_device_args(p)
-    p.add_argument("--num-inference-steps", type=int, default=None,
-                       help="DDIM steps (default: the pipeline's own, 50 for SD)")
-    p.add_argument("--guidance-scale", type=float, default=None,
-                       help="CFG scale (default: the pipeline's own, 7.5 for SD)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per UNet batch (default 16)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+_COMMON = ("--model", "--out", "--device", "--dtype", "--num-inference-steps", "--guidance-scale", "--batch-size",
+           "--quiet")
 
 
 def _detect_parser(esub) -> None:
     """eval detect: the paper's Table 1 for every detector."""
     d = esub.add_parser("detect", help="AUC and TPR at 1%% FPR per metric, steps and n; table, JSON, ROC PNG",
                         description="Score the memorized and non-memorized prompt sets with every metric for each "
-                                    "(n, steps), print the AUC / TPR@1%%FPR table and write OUT/detect.json, "
+                                    "(n, steps), print the AUC / TPR@1%FPR table and write OUT/detect.json, "
                                     "OUT/roc.png and the per-configuration scores (resumable).")
-    _common(d)
-    d.add_argument("--memorized", help="memorized prompts (.txt, one a line, or .jsonl with 'prompt'); "
-                                       "default: the bundled model's set")
-    d.add_argument("--non-memorized", help="non-memorized prompts (.txt or .jsonl); with --memorized")
-    d.add_argument("--calibration", help="normal prompts kept apart from both sets (.txt or .jsonl): the "
-                                          "combined detectors are fitted on these only (the bundled model "
-                                          "uses the captions of its shipped calibration)")
-    d.add_argument("--n", type=ints, default=[1, 4], help="images per prompt, comma list (default 1,4)")
-    d.add_argument(
-        "--steps", type=ints, default=[1, 5], help="first sampling steps averaged, comma list (default 1,5)"
-    )
-    d.add_argument("--metrics", type=csv, default=None,
-                   help="comma list of the registry's metrics: wen, sharpness, trace, trace_delta, score_norm, "
-                        "channel_wen, aniso_align, anisotropy, wen_low, attn_entropy (default: all of them, "
-                        "side by side)")
-    d.add_argument("--hvp", choices=("fd", "jvp"), default="fd", help="Hessian-vector product for sharpness")
-    d.add_argument("--seed", type=int, default=42,
-                   help="the prompt on line i of its file draws its noise from seed + i, as in `sharpfast "
-                        "detect` and `scan` (bundled sets: position i) (default 42)")
+    options.add(d, "eval detect", *_COMMON, "--memorized", "--non-memorized", "--calibration", "--n", "--steps",
+                "--metrics", "--hvp", "--seed")
 
 
 def _mitigate_parser(esub) -> None:
@@ -52,21 +26,7 @@ def _mitigate_parser(esub) -> None:
                                     "report the share of copies of the memorized image, the mean similarity to it "
                                     "and prompt fidelity (digit classifier). Writes OUT/mitigate.json, "
                                     "OUT/mitigate_grid.png (and OUT/tradeoff.png with --sweep); resumable.")
-    _common(m)
-    from ..mitigations import REGISTRY
-
-    m.add_argument("--method", type=csv, default=["none", "sail", "transition", "sail+transition"],
-                   help=f"comma list of the registry's mitigations: {', '.join(REGISTRY)} (default none,sail,"
-                        f"transition,sail+transition)")
-    m.add_argument("--half", choices=("A", "B", "all"), default="all",
-                   help="memorized prompts at even positions (A: where settings are chosen), odd positions (B: "
-                        "where the choice is reported) or all (default)")
-    m.add_argument("--seeds", type=int, default=5, help="generations per prompt, seeds 0..S-1 (default 5)")
-    m.add_argument("--settings", type=csv, default=[],
-                   help="comma list of method=setting in place of a method's registry default, e.g. "
-                        "transition=s0t450,attention_rescale=1.5 (without --sweep)")
-    m.add_argument("--sweep", action="store_true", help="every setting of each method: trade-off curves")
-    m.add_argument("--limit", type=int, default=None, help="only the first LIMIT memorized prompts")
+    options.add(m, "eval mitigate", *_COMMON, "--method", "--half", "--seeds", "--settings", "--sweep", "--limit")
 
 
 def _guard_parser(esub) -> None:
@@ -80,15 +40,7 @@ def _guard_parser(esub) -> None:
         "flagged / mitigated shares and the guarded / plain time. Writes OUT/guard.json "
         "(resumable).",
     )
-    _common(gd)
-    gd.add_argument("--half", choices=("A", "B", "all"), default="B",
-                    help="memorized prompts at odd positions (B, default: held out from the choice of the guard's "
-                         "defaults), even positions (A) or all")
-    gd.add_argument("--seeds", type=int, default=2, help="generations per prompt, seeds 0..S-1 (default 2)")
-    gd.add_argument("--metric", default=None, help="the guard's metric (default: the guard's own default)")
-    gd.add_argument("--mitigation", default="auto", help="the guard's mitigation (default auto)")
-    gd.add_argument("--setting", default=None, help="the mitigation's setting (default: its registry default)")
-    gd.add_argument("--limit", type=int, default=None, help="only the first LIMIT memorized prompts")
+    options.add(gd, "eval guard", *_COMMON, "--half", "--seeds", "--metric", "--mitigation", "--setting", "--limit")
 
 
 class EvalCommand:
@@ -96,7 +48,10 @@ class EvalCommand:
 
     @staticmethod
     def register(sub) -> None:
-        e = sub.add_parser("eval", help="evaluation harness: detection (Table 1) and mitigation quality")
+        e = sub.add_parser("eval", help="evaluation harness: detection (Table 1) and mitigation quality",
+                           description="The evaluation harness: `eval detect` (AUC / TPR per detector), `eval "
+                                       "mitigate` (copies, similarity, fidelity per mitigation), `eval guard` (the "
+                                       "guard as served). Tables, JSON and figures; every run resumes.")
         esub = e.add_subparsers(dest="eval_command", required=True)
         _detect_parser(esub)
         _mitigate_parser(esub)
@@ -126,7 +81,10 @@ def _run_detect(args, device, dtype) -> int:
     if bool(args.memorized) != bool(args.non_memorized):
         raise BadArgument("give both --memorized and --non-memorized, or neither")
     if args.memorized:
-        sets = {"eval": records_from_files(args.memorized, args.non_memorized)}
+        from ..data import PROMPT_SETS, prompt_set_path
+
+        shipped = lambda f: prompt_set_path(f) if f in PROMPT_SETS else f  # noqa: E731  (a shipped set by name)
+        sets = {"eval": records_from_files(shipped(args.memorized), shipped(args.non_memorized))}
         if args.calibration:
             sets["calibration"] = [dict(prompt=p, memorized=False, duplicates=0, row=k)
                                    for k, p in read_prompt_file(args.calibration)]

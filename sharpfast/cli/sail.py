@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from .. import validate
 from ..errors import BadArgument
+from . import options
 from .common import check_output, device_dtype, load_model
+from .options import parse_threshold
 
 
 class SailCommand:
@@ -13,27 +15,8 @@ class SailCommand:
     def register(sub) -> None:
         g = sub.add_parser("sail", help="generate with SAIL-optimized initial noise (memorization mitigation)",
                            description="Generate images for a prompt with SAIL and save them as one PNG grid.")
-        g.add_argument(
-            "--model", default="digits", help="'digits' (bundled, default) or a local diffusers model directory"
-        )
-        g.add_argument("--prompt", required=True, help="the prompt")
-        g.add_argument("--n", type=int, default=4, help="images (default 4)")
-        g.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-        g.add_argument("--threshold", type=float, help="sharpness threshold (default: the model's calibration.json)")
-        from ..mitigation import DEFAULTS
-
-        g.add_argument("--candidates", type=int, default=None,
-                       help=f"initial noises per image (default {DEFAULTS['paper']['candidates']})")
-        g.add_argument("--max-steps", type=int, default=None,
-                       help=f"Adam steps at most (default {DEFAULTS['paper']['max_steps']})")
-        g.add_argument("--num-inference-steps", type=int, default=None,
-                       help="sampler steps (default: the pipeline's own, 50 for SD)")
-        g.add_argument("--guidance-scale", type=float, default=None,
-                       help="CFG scale (default: the pipeline's own, 7.5 for SD)")
-        g.add_argument("--device", default="auto")
-        g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-        g.add_argument("--out", default="sail.png",
-                       help="PNG grid: plain generation above, SAIL below (default sail.png)")
+        options.add(g, "sail", "--model", "--prompt", "--n", "--seed", "--threshold", "--candidates", "--max-steps",
+                    "--num-inference-steps", "--guidance-scale", "--device", "--dtype", "--out", "--quiet")
 
     @staticmethod
     def run(args) -> int:
@@ -54,25 +37,26 @@ class SailCommand:
             if getattr(args, name) is not None:
                 validate.integer(getattr(args, name), "--" + name.replace("_", "-"),
                                  minimum=0 if name == "max_steps" else 1)
-        if args.threshold is not None:
-            validate.finite(args.threshold, "--threshold")
+        threshold = parse_threshold(args.threshold)
+        if threshold is None:
+            raise BadArgument("--threshold none: SAIL needs a target ('auto' or a number)")
         if not args.out.lower().endswith(".png"):
             raise BadArgument(f"--out must be a .png file, got {args.out!r}")
         check_output(args.out)
         device, dtype = device_dtype(args.device, args.dtype)
         pipe = load_model(args.model, device, dtype)
+        pipe.set_progress_bar_config(disable=args.quiet)
         kw = dict(output_type="pt", num_images_per_prompt=args.n,
                   **{k: v for k, v in (("num_inference_steps", args.num_inference_steps),
                                        ("guidance_scale", args.guidance_scale)) if v is not None})
         plain = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), **kw).images
         extra = {k: v for k, v in (("candidates", args.candidates), ("max_steps", args.max_steps)) if v is not None}
         out, info = sharpfast.sail(pipe, args.prompt, generator=torch.Generator().manual_seed(args.seed),
-                                   threshold=args.threshold if args.threshold is not None else "auto", return_info=True,
-                                   **extra, **kw)
+                                   threshold=threshold, return_info=True, **extra, **kw)
         to_img = lambda x: (x.float().mean(0) * 2 - 1).cpu().numpy()  # noqa: E731  (grey view of any channel count)
         image_grid([[to_img(x) for x in plain], [to_img(x) for x in out.images]], ["plain", "SAIL"],
                    [f"seed {args.seed}, image {i}" for i in range(args.n)], args.out, args.prompt[:80])
         print(f"SAIL: {int(info['accepted'].sum())}/{args.n} images under the threshold {info['threshold']:.4g}, "
               f"{int(info['unchanged'].sum())} kept their noise, {info['adam_steps']} Adam steps, "
-              f"{info['unet_calls']} UNet calls, {info['seconds']:.1f} s; wrote {args.out}")
+              f"{info['unet_calls']} UNet calls, {info['seconds']:.1f} s; wrote {args.out}\nSAIL: {info['note']}")
         return 0

@@ -5,7 +5,9 @@ import os
 
 from .. import validate
 from ..errors import BadArgument
-from .common import check_output_dir, csv, device_dtype, load_model, parse_threshold
+from . import options
+from .common import check_output_dir, device_dtype, load_model
+from .options import parse_threshold
 
 
 class ScanCommand:
@@ -18,36 +20,9 @@ class ScanCommand:
                                        "resumable at batch granularity (rerun the same command after a kill). Under "
                                        "`accelerate launch` each process takes a disjoint share; rank 0 merges "
                                        "results.jsonl, summary.json and histogram.png.")
-        s.add_argument("--model", required=True, help="'digits' (bundled) or a local diffusers model directory")
-        s.add_argument("--prompts", required=True, help=".txt (a prompt a line), .jsonl ('prompt' or 'caption' field; "
-                                                        "other fields carried through) or .parquet")
-        s.add_argument(
-            "--out", required=True, help="output folder (shards, results.jsonl, summary.json, histogram.png)"
-        )
-        s.add_argument("--metrics", type=csv, default=["wen", "sharpness"], help="comma list (default wen,sharpness)")
-        s.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
-        s.add_argument("--batch-size", type=int, default=32,
-                       help="prompts per batch and per resumable chunk (default 32)")
-        s.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                       help="UNet dtype; auto = fp16 on cuda, fp32 on cpu")
-        s.add_argument("--device", default="auto", help="torch device; auto = cuda if available (the process's own "
-                                                         "GPU under accelerate), else cpu")
-        s.add_argument("--threshold", default="auto",
-                       help="flag prompts whose flag metric exceeds this: a number, 'auto' (default: the model's "
-                            "calibration at these settings, beside it, cached, or made once on built-in captions) "
-                            "or 'none' (no flags)")
-        s.add_argument("--calibrate-on", help="file of known-normal prompts: threshold at --fpr of their scores")
-        s.add_argument("--fpr", type=float, default=0.01, help="false-positive rate for --calibrate-on (default 0.01)")
-        s.add_argument("--flag-metric", help="metric the flag uses (default: the last of --metrics)")
-        s.add_argument("--column", help="prompt field / column (default: prompt, else caption)")
-        s.add_argument("--id-field", help="field / column holding a stable prompt id (default: the row number)")
-        s.add_argument("--seed", type=int, default=42, help="row i draws its noise from seed + i (default 42)")
-        s.add_argument("--num-inference-steps", type=int, default=None,
-                       help="sampler steps of the schedule (default: the pipeline's own, 50 for SD, 28 for SD3 / Flux)")
-        s.add_argument("--guidance-scale", type=float, default=None,
-                       help="CFG scale (Flux: its embedded guidance; default: the pipeline's own)")
-        s.add_argument("--overwrite", action="store_true", help="discard a scan with other settings in --out")
-        s.add_argument("--quiet", action="store_true", help="no progress bar")
+        options.add(s, "scan", "--model", "--prompts", "--out", "--metrics", "--n", "--batch-size", "--dtype",
+                    "--device", "--threshold", "--calibrate-on", "--fpr", "--flag-metric", "--column", "--id-field",
+                    "--seed", "--num-inference-steps", "--guidance-scale", "--overwrite", "--quiet")
 
     @staticmethod
     def run(args) -> int:
@@ -79,7 +54,7 @@ class ScanCommand:
             args.prompts,
             args.out,
             metrics=args.metrics,
-            n=args.n,
+            num_images_per_prompt=args.n,
             batch_size=args.batch_size,
             threshold=threshold,
             calibrate_on=args.calibrate_on,

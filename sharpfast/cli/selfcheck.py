@@ -1,14 +1,19 @@
 """`sharpfast selfcheck` and `sharpfast backends`: the kernel backends of this process."""
 from __future__ import annotations
 
+from . import options
+
 
 class SelfcheckCommand:
     name = "selfcheck"
 
     @staticmethod
     def register(sub) -> None:
-        p = sub.add_parser("selfcheck", help="check every available backend against the torch reference and time it")
-        p.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu' or 'cuda'")
+        p = sub.add_parser("selfcheck", help="check every available backend against the torch reference and time it",
+                           description="Run every kernel backend usable here (torch, C++, Triton, CUDA) on random "
+                                       "inputs against the float64 torch reference and time each: a quick check "
+                                       "that a build works on this machine.")
+        options.add(p, "selfcheck", "--device")
 
     @staticmethod
     def run(args) -> int:
@@ -22,7 +27,9 @@ class BackendsCommand:
 
     @staticmethod
     def register(sub) -> None:
-        sub.add_parser("backends", help="list the backends usable in this process")
+        sub.add_parser("backends", help="list the backends usable in this process",
+                       description="Print the kernel backends usable in this process, best first (the one "
+                                   "sharpfast.ops picks by default comes first).")
 
     @staticmethod
     def run(args) -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import sys
 
 from ..errors import BadArgument
-from .common import add_device_args, device_dtype, load_model, parse_threshold
+from . import options
+from .common import device_dtype, load_model
+from .options import parse_threshold
 
 
 class ServeCommand:
@@ -18,26 +20,9 @@ class ServeCommand:
                                        "memorization report; /metrics is Prometheus text; /health. Requests with "
                                        "the same settings are batched into one pipeline call. SIGTERM / Ctrl-C "
                                        "finishes the requests in flight, then exits.")
-        p.add_argument("--model", required=True, help="'digits' (bundled) or a local diffusers model directory")
-        p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-        p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-        from ..mitigations import REGISTRY
-        from ..serving import DEFAULT_METRIC
-
-        p.add_argument("--metric", default=DEFAULT_METRIC,
-                       help=f"the guard's metric (default {DEFAULT_METRIC}: one extra CFG call at step 1)")
-        p.add_argument("--mitigation", default="auto",
-                       help=f"the guard's mitigation: auto (default), none, or one of {', '.join(REGISTRY)}")
-        p.add_argument("--threshold", default="auto", help="flag above this score; auto (default) = the model's "
-                       "calibration (beside it, cached, or made once on built-in captions)")
-        p.add_argument("--no-guard", action="store_true", help="serve the plain pipeline (a baseline for load tests)")
-        p.add_argument("--max-batch-size", type=int, default=8, help="images per pipeline call at most (default 8)")
-        p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch may wait to fill (default 10)")
-        p.add_argument("--steps", type=int, default=None,
-                       help="default num_inference_steps of a request (default: the pipeline's own, 50 for SD)")
-        p.add_argument("--graceful-timeout", type=float, default=300.0,
-                       help="seconds to wait for requests in flight at shutdown (default 300)")
-        add_device_args(p)
+        options.add(p, "serve", "--model", "--host", "--port", "--metric", "--mitigation", "--threshold", "--no-guard",
+                    "--max-batch-size", "--max-wait-ms", "--num-inference-steps", "--guidance-scale",
+                    "--graceful-timeout", "--device", "--dtype")
 
     @staticmethod
     def run(args) -> int:
@@ -53,21 +38,21 @@ class ServeCommand:
         threshold = parse_threshold(args.threshold)
         if threshold is None:
             raise BadArgument("--threshold none: serve without a guard with --no-guard")
-        steps = None if args.steps is None else validate.integer(args.steps, "--steps")
+        own: dict = {}
+        if args.num_inference_steps is not None:
+            own["num_inference_steps"] = validate.integer(args.num_inference_steps, "--num-inference-steps")
+        if args.guidance_scale is not None:
+            own["guidance_scale"] = validate.finite(args.guidance_scale, "--guidance-scale")
         validate.integer(args.port, "--port", minimum=0)
         device, dtype = device_dtype(args.device, args.dtype)
         pipe = load_model(args.model, device, dtype)
         app = create_app(pipe, guarded=not args.no_guard, metric=args.metric, threshold=threshold,
                          mitigation=None if args.mitigation == "none" else args.mitigation,
                          max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                         defaults={} if steps is None else {"num_inference_steps": steps}, name=args.model)
-        print(
-            f"sharpfast serve: {args.model} on {device} ({dtype}), "
-            "unguarded" if args.no_guard else
-            f"guard {args.metric} > {app.state.guard.threshold:.4g} ({app.state.guard.threshold_source})",
-            file=sys.stderr,
-            flush=True,
-        )
+                         defaults=own, name=args.model)
+        g = app.state.guard  # its threshold is resolved here, at start, not in the first request
+        what = "unguarded" if g is None else f"guard {args.metric} > {g.threshold:.4g} ({g.threshold_source})"
+        print(f"sharpfast serve: {args.model} on {device} ({dtype}), {what}", file=sys.stderr, flush=True)
         import logging
 
         handler = logging.StreamHandler(sys.stderr)
@@ -76,9 +61,19 @@ class ServeCommand:
         logging.getLogger("sharpfast.server").setLevel(logging.INFO)
         # SIGTERM / SIGINT: uvicorn stops accepting, waits for the requests in flight (the lifespan
         # then drains the queue), and re-raises the signal, so a process manager sees exit 143 / 130
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                timeout_graceful_shutdown=args.graceful_timeout)
-        server = uvicorn.Server(config)
-        server.run()
-        return 0
+        import socket
 
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((args.host, args.port))
+        except OSError as err:
+            sock.close()
+            raise BadArgument(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
+        host, port = sock.getsockname()[:2]
+        print(f"sharpfast serve: listening on http://{host if family == socket.AF_INET else f'[{host}]'}:{port}",
+              file=sys.stderr, flush=True)
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.graceful_timeout)
+        uvicorn.Server(config).run(sockets=[sock])
+        return 0

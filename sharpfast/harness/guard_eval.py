@@ -38,7 +38,6 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, seeds=(0, 1), metric=
         setting=None, out_dir="sharpfast-eval", batch_prompts=8, num_inference_steps=None, guidance_scale=None,
         progress=True) -> dict:
     """records: memorized prompts (prompt, digit, train_index). Returns the summary."""
-    from tqdm.auto import tqdm
 
     from ..serving import DEFAULT_METRIC, guard
     from ..settings import Settings
@@ -54,7 +53,10 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, seeds=(0, 1), metric=
     jobs = [(r, s) for r in records for s in seeds]
     todo = [(r, s) for r, s in jobs if key(r, s) not in done]
     kw = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type="pt")
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="eval guard", unit="image", disable=not progress)
+    from ..progress import bar as progress_bar
+
+    bar = progress_bar(pipe, total=len(jobs), initial=len(jobs) - len(todo), desc="eval guard", unit="image",
+                       enabled=progress)
     # the guard calibrates (if it must) before the first timed request
     used: dict = {}
     with guard(pipe, metric=config["metric"], mitigation=mitigation, setting=setting, name="eval") as g, \

@@ -10,6 +10,7 @@ train_digits.py); the prompt sets carry the copy rates measured by measure_digit
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -37,12 +38,46 @@ def resolve(model: str) -> str:
     return path(model) if model in MODELS else model
 
 
+def dtype_kwarg(dtype) -> dict:
+    """from_pretrained's dtype keyword: `dtype=` where diffusers has it (it deprecates
+    `torch_dtype=`, warning on every load), `torch_dtype=` on older releases."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present with dtype=)
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Inside the block, from_pretrained shows no loading bars and diffusers / transformers log
+    errors only (for the command line, whose own output this would bury); restored after."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    levels = (dlog.get_verbosity(), tlog.get_verbosity())
+    bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
+
+
 def load(name: str = "digits", device="cpu", dtype=None):
     """The bundled pipeline, offline: StableDiffusionPipeline.from_pretrained(path(name))."""
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(path(name), torch_dtype=dtype or torch.float32,
+    pipe = StableDiffusionPipeline.from_pretrained(path(name), **dtype_kwarg(dtype or torch.float32),
                                                    use_safetensors=True, local_files_only=True)
     return pipe.to(device)
 

@@ -54,9 +54,9 @@ def narrow_prompts() -> list[dict]:
 
 def measure(pipe, records: list[dict], train: torch.Tensor, seeds, batch_prompts: int = 16, progress=True):
     """Adds copy_rate and mean_similarity to each record (in place) and returns them."""
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
 
-    bar = tqdm(total=len(records), unit="prompt", desc="copy rates", disable=not progress)
+    bar = progress_bar(pipe, total=len(records), desc="copy rates", enabled=progress)
     for start in range(0, len(records), batch_prompts):
         chunk = records[start:start + batch_prompts]
         imgs = generate(pipe, [r["prompt"] for r in chunk], seeds).view(len(chunk), len(seeds), 1, *train.shape[2:])
