@@ -13,9 +13,18 @@ echo "wheel smoke: building the wheel..."
 # in-tree build with the checkout's torch: the extension's objects from .ci/setup are reused
 .venv/bin/python -m pip wheel -q --no-build-isolation --no-deps -w "$W/dist" . >/dev/null
 ls "$W"/dist/sharpfast-*.whl
+# A fresh venv holding the wheel alone; its dependencies are the checkout venv's, reached through
+# a path line in a .pth file (which adds that folder to sys.path but runs none of its own .pth
+# files, so the editable install's finder stays out): installing torch and the rest again would
+# cost minutes for no more evidence. `pip check` then holds the wheel's declared requirements to them.
 "${PYTHON:-python3}" -m venv "$W/venv"
-"$W/venv/bin/python" -m pip install -q "torch==2.13.0"
-"$W/venv/bin/python" -m pip install -q "$W"/dist/sharpfast-*.whl
+"$W/venv/bin/python" -m pip install -q --no-deps "$W"/dist/sharpfast-*.whl
+SITE=$("$W/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+DEPS=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$DEPS" > "$SITE/zz_sharpfast_deps.pth"
+if ! "$W/venv/bin/python" -m pip check > "$W/check.txt"; then
+  if grep -i '^sharpfast ' "$W/check.txt"; then echo "wheel smoke: the wheel's requirements are not met"; exit 1; fi
+fi
 cd "$W"  # outside the checkout: the installed package only
 SHARPFAST_CACHE="$W/cache" "$W/venv/bin/python" - "$ROOT" <<'PY'
 import os, sys, torch
@@ -35,9 +44,12 @@ with sharpfast.guard(pipe) as g:
 assert rep[0]["metric"] and g.threshold_source
 digits = sharpfast.zoo.load("digits")
 assert len(sharpfast.zoo.prompts("digits")) > 100
+assert [len(sharpfast.data.prompt_set(n)) for n in sharpfast.data.PROMPT_SETS] == [500, 219, 500]
 print("wheel smoke: detect, sail, guard, zoo OK from", os.path.dirname(sharpfast.__file__))
 PY
-"$W/venv/bin/sharpfast" --help >/dev/null
+START=$(date +%s%N)
+"$W/venv/bin/sharpfast" detect --help >/dev/null
+echo "wheel smoke: sharpfast detect --help in $(( ($(date +%s%N) - START) / 1000000 )) ms"
 printf 'digit 3 on paper\na photo of a cat\n' > "$W/p.txt"
 "$W/venv/bin/sharpfast" detect --model digits --prompts "$W/p.txt" --metrics wen --out "$W/d.jsonl" --quiet
 [ "$(grep -c '"prompt"' "$W/d.jsonl")" = 2 ]  # two records (and the batch's commit line)

@@ -1,4 +1,4 @@
-"""Mitigation baselines that SAIL is compared with (SPEC.md, "Baselines").
+"""Mitigation baselines that SAIL is compared with (docs/method.md, "Mitigation").
 
 - random_tokens: append random vocabulary tokens to the prompt (Somepalli et al.).
 - wen_embedding: optimize the conditional prompt embedding to shrink ||eps_Δ|| at the first

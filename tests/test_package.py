@@ -121,3 +121,18 @@ def test_plain_import_gives_every_documented_name():
             "assert issubclass(sharpfast.errors.BadArgument, ValueError)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_the_prompt_sets_ship_as_written():
+    """The public prompt sets are package data, each caption exactly as published (odd spaces kept)."""
+    from sharpfast import data
+    from sharpfast.errors import BadArgument
+
+    sets = {n: data.prompt_set(n) for n in data.PROMPT_SETS}
+    assert [len(v) for v in sets.values()] == [500, 219, 500]
+    assert any("  " in p for p in sets["sd1_memorized"]), "a caption's own spacing must be kept"
+    assert not set(sets["sd1_memorized"]) & set(sets["non_memorized"])
+    import pytest
+
+    with pytest.raises(BadArgument, match="sd1_memorized"):
+        data.prompt_set("sd3_memorized")

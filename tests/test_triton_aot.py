@@ -1,4 +1,5 @@
-"""The Triton kernels compile for NVIDIA GPUs (sm_90, sm_80) in every variant their launchers can
+"""The Triton kernels compile for NVIDIA GPUs (sm_90, the H200 the project is measured on;
+`python -m sharpfast.ops.triton_aot --arch 90,80` adds sm_80) in every variant their launchers can
 produce, without spills: checked here without a GPU, because the interpreter CI runs the kernels
 under does not check what the compiler checks (sharpfast.ops.triton_aot)."""
 import json
@@ -17,8 +18,8 @@ def _aot(tmp_path, *args):
                           text=True, env=env, timeout=900)
 
 
-def test_every_triton_kernel_compiles_for_sm90_and_sm80(tmp_path):
-    res = _aot(tmp_path, "--arch", "90,80", "--json", str(tmp_path / "aot.json"))
+def test_every_triton_kernel_compiles_for_sm90(tmp_path):
+    res = _aot(tmp_path, "--arch", "90", "--json", str(tmp_path / "aot.json"))
     print(res.stdout)  # registers and shared memory per kernel, in the test log (-s / -rA)
     assert res.returncode == 0, f"AOT compile check failed:\n{res.stdout}\n{res.stderr[-4000:]}"
     rows = json.loads((tmp_path / "aot.json").read_text())["rows"]
@@ -35,7 +36,7 @@ def test_every_triton_kernel_compiles_for_sm90_and_sm80(tmp_path):
         n.name for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef) and n.name.endswith("_kernel")
     }
     assert launched == kernels, f"kernels not in the AOT check: {launched - kernels}"
-    assert len(rows) == 2 * sum(1 for _ in triton_aot.variants())
+    assert len(rows) == sum(1 for _ in triton_aot.variants())
     for r in rows:
         assert "error" not in r, r
         assert 0 < r["registers"] <= 255 and r["local"] == 0 and r["stack"] == 0, r

@@ -4,7 +4,7 @@ calibrating a model's thresholds on prompts that are not memorized.
 How it was made: the word lists below were written by hand for this project (subjects with
 something they do, places, times of day, photo and art styles, product shots); captions are
 drawn from their combinations with a fixed seed, de-duplicated, and none is taken from a
-memorization benchmark (the script checks the prompt sets in shared/data/prompts when present).
+memorization benchmark (the script checks the shipped prompt sets, sharpfast/data/prompts).
 Rerun: python -m sharpfast.data.make_generic_prompts  (same seed -> the same file).
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ def captions(count: int = 320, seed: int = 20261129) -> list[str]:
 def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     lines = captions()
-    shared = os.path.join(here, "..", "..", "..", "shared", "data", "prompts")
+    shared = os.path.join(here, "prompts")  # the shipped benchmark sets (sharpfast.data.PROMPT_SETS)
     if os.path.isdir(shared):  # none of them may be a benchmark prompt
         bench: set = set()
         for name in os.listdir(shared):

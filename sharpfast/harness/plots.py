@@ -124,30 +124,60 @@ def _pareto(pts):
     return sorted(keep, key=lambda p: p[0])
 
 
-def tradeoff_figure(series: dict, path: str, title: str = "", chosen=None, fidelity_floor=None) -> str:
+def tradeoff_figure(series: dict, path: str, title: str = "", chosen=None, fidelity_floor=None,
+                    copy_cut: float = 0.8, zoom: float | None = None) -> str:
     """The mitigation frontier. series: {method: [(fidelity, copies, setting, CFG calls per image),
     ...]}: every setting a dot, each method's own frontier (the settings no other of its settings
     beats on both axes) a line with its settings labelled, the mean CFG calls per image in the
     legend, unmitigated generation a black star drawn on top; `chosen` (method, setting) is
-    ringed, `fidelity_floor` a dotted vertical line."""
+    ringed, `fidelity_floor` a dotted vertical line; `copy_cut` is the similarity the copies
+    were counted at (the y axis' label). zoom: a fidelity from which a second panel enlarges the
+    crowded high-fidelity corner (its points are labelled there, not on the full view)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(10, 5.8))
-    colors = plt.get_cmap("tab10").colors
+    panels = 2 if zoom is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(10 + 4 * (panels - 1), 5.8), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2][:panels]})
+    for i, ax in enumerate(axes[0]):
+        _draw_tradeoff(ax, series, chosen, fidelity_floor,
+                       label=lambda p, i=i: zoom is None or (p[0] >= zoom) == (i == 1), legend=i == 0)
+        ax.set_xlabel("prompt fidelity (share of outputs the digit classifier reads as the prompted digit)"
+                      if i == 0 else "the same, fidelity >= " + str(zoom), fontsize=9)
+        ax.grid(alpha=0.3, lw=0.5)
+    if zoom is not None:
+        z = axes[0][1]
+        ys = [p[1] for pts in series.values() for p in pts if p[0] >= zoom]
+        z.set_xlim(zoom, 1.0 + (1.0 - zoom) * 0.08)
+        z.set_ylim(min(ys) - 0.04, max(ys) + 0.04)
+        axes[0][0].axvspan(zoom, 1.0, color="grey", alpha=0.08)
+    axes[0][0].set_ylabel(f"copies: nearest training image is the memorized one, similarity >= {copy_cut}",
+                          fontsize=9)
+    fig.suptitle(title or "mitigation frontier (lower right is better)", fontsize=10)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, loc="lower center",
+               ncol=min(4, len(series) + 1), frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _draw_tradeoff(ax, series, chosen, fidelity_floor, label, legend):
+    """One panel of tradeoff_figure; label(point) says whether a point's setting is written here."""
+    colors = _plt().get_cmap("tab10").colors
     k = 0
     for method, pts in series.items():
-        calls = np.mean([p[3] for p in pts]) if pts and len(pts[0]) > 3 else None
-        label = method if calls is None else f"{method} ({calls:.0f} calls/img)"
+        calls = np.mean([p[3] for p in pts]) if pts and len(pts[0]) > 3 and pts[0][3] is not None else None
+        name = method if calls is None else f"{method} ({calls:.0f} calls/img)"
         if method == "none":
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="*", markersize=16, color="black",
-                    linestyle="none", label=label, zorder=10)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="*", markersize=18, color="black", mec="white",
+                    mew=1.0, linestyle="none", label=name, zorder=12)
             continue
         color = colors[k % len(colors)]
         k += 1
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, color=color, linestyle="none", alpha=0.5)
         front = _pareto(pts)
-        ax.plot([p[0] for p in front], [p[1] for p in front], marker="o", ms=5, lw=1.5, color=color, label=label)
+        ax.plot([p[0] for p in front], [p[1] for p in front], marker="o", ms=5, lw=1.5, color=color, label=name)
         for j, p in enumerate(front):
-            if p[2] is not None:
+            if p[2] is not None and label(p):
                 ax.annotate(str(p[2]), (p[0], p[1]), fontsize=7, color=color, xytext=(-6, 6 if j % 2 else -11),
                             textcoords="offset points", ha="right")
         if chosen and chosen[0] == method:
@@ -159,12 +189,4 @@ def tradeoff_figure(series: dict, path: str, title: str = "", chosen=None, fidel
         ax.axvline(fidelity_floor, color="grey", ls=":", lw=1)
         ax.annotate(f"fidelity {fidelity_floor}", (fidelity_floor, 0.98), xycoords=("data", "axes fraction"),
                     fontsize=7, color="grey", ha="right", xytext=(-3, 0), textcoords="offset points")
-    ax.set_xlabel("prompt fidelity (share of outputs the digit classifier reads as the prompted digit)", fontsize=9)
-    ax.set_ylabel("copies: nearest training image is the memorized one, similarity >= 0.8", fontsize=9)
-    ax.set_title(title or "mitigation frontier (lower right is better)", fontsize=10)
-    ax.grid(alpha=0.3, lw=0.5)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    del legend
