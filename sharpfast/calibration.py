@@ -47,7 +47,9 @@ CALIBRATED_METRICS = (
 )  # calibrated together: the detectors, SAIL's target and the guard's default metric
 # num_inference_steps and guidance_scale default to the pipeline's own (sharpfast.settings)
 DEFAULTS = {"num_images_per_prompt": 1, "num_inference_steps": None, "guidance_scale": None, "fpr": FPR,
-            "seed": 0}
+            "seed": 0, "height": None, "width": None}
+MAX_MEMO = 64  # calibrations kept in memory per process (the least recently used go first)
+MAX_CACHE_FILES = 256  # files in the per-user cache (the oldest are removed beyond it)
 GENERIC_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "generic_prompts.txt")
 _SAMPLE = 16  # weight elements read per parameter for the fingerprint
 
@@ -161,7 +163,8 @@ def _scores(pipe, prompts, metrics, st, seed, batch_size, progress) -> tuple:
         for i in range(0, len(prompts), batch_size):
             res = detect(model, prompts[i:i + batch_size], metrics=tuple(metrics), num_images_per_prompt=n,
                          num_inference_steps=st.num_inference_steps, guidance_scale=st.guidance_scale,
-                         latents=noise[i * n:(i + batch_size) * n], batch_size=batch_size, progress=False)
+                         latents=noise[i * n:(i + batch_size) * n], batch_size=batch_size, progress=False,
+                         height=st.height, width=st.width)
             for m in metrics:
                 parts[m].append(res.scores[m])
             calls, rows = calls + res.config["unet_calls"], rows + res.config["unet_rows"]
@@ -181,7 +184,7 @@ def _record(pipe, prompts, source, st, fpr, seed, calls, rows) -> dict:
     return {"sharpfast_version": __version__, "pipeline": type(pipe).__name__, "weights": weights_fingerprint(pipe),
             "settings": {"num_images_per_prompt": st.num_images_per_prompt, "num_inference_steps":
                          st.num_inference_steps, "guidance_scale": float(st.guidance_scale), "fpr": fpr, "seed": seed,
-                         "steps": 1},
+                         "steps": 1, "height": st.height, "width": st.width},
             "prompts": {"source": source, "count": len(prompts),
                         "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]},
             "unet_calls": calls, "unet_rows": rows}
@@ -189,9 +192,11 @@ def _record(pipe, prompts, source, st, fpr, seed, calls, rows) -> dict:
 
 def calibrate_model(pipe, prompts=None, *, num_images_per_prompt: int = 1, fpr: float = FPR,
                     num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None, seed: int = 0,
-                    metrics=CALIBRATED_METRICS, batch_size: int = BATCH_SIZE, progress: bool = True) -> dict:
+                    metrics=CALIBRATED_METRICS, batch_size: int = BATCH_SIZE, progress: bool = True,
+                    height: Optional[int] = None, width: Optional[int] = None) -> dict:
     """Thresholds at false-positive rate `fpr` and SAIL's target from prompts that are not
-    memorized, at the first sampling step with these settings.
+    memorized, at the first sampling step with these settings (image size included: the scores
+    grow with the latent's size).
 
     Args:
         pipe: a supported diffusers pipeline.
@@ -205,6 +210,8 @@ def calibrate_model(pipe, prompts=None, *, num_images_per_prompt: int = 1, fpr: 
         metrics: the metrics calibrated.
         batch_size: prompts per denoiser call.
         progress: show a progress bar ("calibrating <model>").
+        height: image height in pixels (default: the pipeline's).
+        width: image width in pixels (default: the pipeline's).
 
     Returns:
         The calibration, JSON-able: save() writes it, threshold="auto" finds it.
@@ -225,7 +232,7 @@ def calibrate_model(pipe, prompts=None, *, num_images_per_prompt: int = 1, fpr: 
         raise BadArgument(f"fpr must be in (0, 1), got {fpr}")
     metrics = list(validate.metrics(metrics, METRICS))
     st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          num_images_per_prompt=num_images_per_prompt)
+                          num_images_per_prompt=num_images_per_prompt, height=height, width=width)
     validate.integer(batch_size, "batch_size")
     scores, calls, rows = _scores(pipe, prompts, metrics, st, seed, batch_size, progress)
     cal = _record(pipe, prompts, source, st, fpr, seed, calls, rows)
@@ -325,36 +332,117 @@ _LOCKS_GUARD = threading.Lock()
 def _settings(pipe, **kw) -> dict:
     """The calibration settings of a call: DEFAULTS, steps and guidance from the pipeline."""
     st = Settings.resolve(pipe, num_inference_steps=kw.get("num_inference_steps"),
-                          guidance_scale=kw.get("guidance_scale"))
+                          guidance_scale=kw.get("guidance_scale"), height=kw.get("height"), width=kw.get("width"))
     s = {**DEFAULTS, **{k: v for k, v in kw.items() if v is not None}}
     s["num_inference_steps"], s["guidance_scale"] = st.num_inference_steps, float(st.guidance_scale)
+    s["height"], s["width"] = st.height, st.width
     if builtin_kind() != "full":  # a quick calibration is cached apart from the full one
         s["builtin"] = builtin_kind()
     return s
 
 
-def _matches(cal: dict, metric: str, key: str, settings: dict, check_settings: bool) -> bool:
-    entry = cal.get(metric, {})
-    if key not in entry:
+def _value(cal, metric: str, key: str) -> Optional[float]:
+    """The calibrated value, or None where the file does not hold a valid one (not a JSON object,
+    a missing entry, a value that is not a finite number: NaN would flag nothing, -inf everything)."""
+    entry = cal.get(metric) if isinstance(cal, dict) else None
+    v = entry.get(key) if isinstance(entry, dict) else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _problem(cal, metric: str, key: str) -> Optional[str]:
+    """Why a calibration file cannot be used for `metric`/`key` (None: it can)."""
+    if not isinstance(cal, dict):
+        return f"it holds a JSON {type(cal).__name__}, not an object"
+    if "weights" in cal and not isinstance(cal["weights"], dict):
+        return "its 'weights' is not an object"
+    if "settings" in cal and not isinstance(cal["settings"], dict):
+        return "its 'settings' is not an object"
+    if metric in cal and key in (cal[metric] if isinstance(cal[metric], dict) else {}) \
+            and _value(cal, metric, key) is None:
+        return f"its {metric} {key} is {cal[metric][key]!r}, not a finite number"
+    return None
+
+
+def _matches(cal: dict, metric: str, key: str, settings: dict, check_settings: bool, default_size=None) -> bool:
+    if _value(cal, metric, key) is None:
         return False
     if not check_settings:
         return True
-    rec = cal.get("settings") or {k: entry.get(k) for k in ("num_images_per_prompt", "num_inference_steps")}
-    keys = ("num_images_per_prompt", "num_inference_steps", "guidance_scale") + (("fpr",) if key == "threshold" else ())
+    entry = cal[metric]
+    rec = dict(cal.get("settings") or {k: entry.get(k) for k in ("num_images_per_prompt", "num_inference_steps")})
+    if default_size is not None:  # a file of before the size was recorded: made at the model's own size
+        rec.setdefault("height", default_size[0])
+        rec.setdefault("width", default_size[1])
+    keys = ("num_images_per_prompt", "num_inference_steps", "guidance_scale", "height", "width") + \
+        (("fpr",) if key == "threshold" else ())
     return all(rec.get(k) == settings[k] for k in keys if k in rec)
+
+
+def _read_json(path: str):
+    """A JSON file's content, or None with a warning naming the file when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError, RecursionError) as err:
+        log.warning("ignoring the calibration file %s: %s", path, err)
+        return None
 
 
 def _from_beside(pipe, fp, metric, key, s) -> Optional[Resolved]:
     beside = _beside(pipe)
-    if beside and os.path.isfile(beside):
-        with open(beside, encoding="utf-8") as f:
-            cal = json.load(f)
-        if "weights" in cal and not same_weights(cal["weights"], fp):
-            log.warning("ignoring %s: calibrated for other weights (fingerprint %s, this model %s)", beside,
-                        cal["weights"].get("fingerprint"), fp["fingerprint"])
-        elif _matches(cal, metric, key, s, check_settings=True):
+    if not beside or not os.path.isfile(beside):
+        return None
+    cal = _read_json(beside)
+    if cal is None:
+        return None
+    why = _problem(cal, metric, key)
+    if why:
+        log.warning("ignoring the calibration file %s: %s", beside, why)
+    elif "weights" in cal and not same_weights(cal["weights"], fp):
+        log.warning("ignoring %s: calibrated for other weights (fingerprint %s, this model %s)", beside,
+                    cal["weights"].get("fingerprint"), fp["fingerprint"])
+    else:
+        from .score import adapt
+
+        if _matches(cal, metric, key, s, check_settings=True, default_size=adapt(pipe).default_size()):
             return Resolved(float(cal[metric][key]), f"{beside}")
     return None
+
+
+def _cached(path: str, pipe, metric: str, key: str):
+    """The cached calibration at `path`, or None (with a warning naming the file: it is then
+    recomputed and overwritten) when it does not parse as valid thresholds or is for other weights."""
+    cal = _read_json(path)
+    if cal is None:
+        return None
+    why = _problem(cal, metric, key)
+    if why is None and "weights" in cal and not same_weights(cal["weights"], weights_fingerprint(pipe)):
+        why = "calibrated for other weights"
+    if why:
+        log.warning("ignoring the cached calibration %s: %s; recalibrating", path, why)
+        return None
+    return cal
+
+
+def _remember(path: str, cal: dict) -> None:
+    """Keep `cal` in the bounded in-memory table (least recently used out first)."""
+    _MEMO.pop(path, None)
+    _MEMO[path] = cal
+    while len(_MEMO) > MAX_MEMO:
+        _MEMO.pop(next(iter(_MEMO)))
+
+
+def _prune(folder: str) -> None:
+    """Remove the oldest cache files beyond MAX_CACHE_FILES (best effort: another process may race)."""
+    try:
+        files = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".json")]
+        files.sort(key=lambda f: os.path.getmtime(f))
+        for f in files[:max(0, len(files) - MAX_CACHE_FILES)]:
+            os.remove(f)
+    except OSError:
+        pass
 
 
 def resolve(pipe, metric: str = "sharpness", key: str = "threshold", *, calibrate: bool = True, progress: bool = True,
@@ -377,13 +465,9 @@ def resolve(pipe, metric: str = "sharpness", key: str = "threshold", *, calibrat
     with lock:  # one calibration per model and settings, whatever the number of threads asking
         cal = _MEMO.get(path)
         if cal is None and os.path.isfile(path):
-            try:
-                cal = load(path, pipe)
-            except (OSError, ValueError) as err:
-                log.warning("ignoring the cached calibration %s: %s", path, err)
-                cal = None
+            cal = _cached(path, pipe, metric, key)
         if cal is not None and _matches(cal, metric, key, s, check_settings=False):
-            _MEMO[path] = cal
+            _remember(path, cal)
             where = f"cache {path}" if os.path.isfile(path) else "calibrated earlier in this process (not cached)"
             return Resolved(float(cal[metric][key]), where)
         if not calibrate:
@@ -397,15 +481,18 @@ def resolve(pipe, metric: str = "sharpness", key: str = "threshold", *, calibrat
                     "(%d batches x %d CFG calls of %d images; SHARPFAST_CALIBRATION=quick takes %d), cached at %s. "
                     "For thresholds that fit your traffic: sharpfast calibrate --model %s --prompts "
                     "your_normal_prompts.txt", model_name(pipe), fp["fingerprint"],
-                    {k: s[k] for k in ("num_inference_steps", "num_images_per_prompt", "guidance_scale")}, count,
+                    {k: s[k] for k in ("num_inference_steps", "num_images_per_prompt", "guidance_scale", "height",
+                                       "width")}, count,
                     math.ceil(count / BATCH_SIZE), per, BATCH_SIZE * s["num_images_per_prompt"], QUICK, path,
                     getattr(pipe, "name_or_path", None) or "YOUR_MODEL_DIR")
         cal = calibrate_model(pipe, kind, num_images_per_prompt=s["num_images_per_prompt"], fpr=s["fpr"],
                               num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
-                              seed=s["seed"], metrics=metrics, progress=progress)
-        _MEMO[path] = cal
+                              seed=s["seed"], metrics=metrics, progress=progress, height=s["height"],
+                              width=s["width"])
+        _remember(path, cal)
         try:
             save(cal, path)
+            _prune(cache_dir())
             where = f"calibrated now on the {cal['prompts']['source']}, cached at {path}"
         except OSError as err:  # a read-only home, a full disk: keep it for this process
             log.warning("could not cache the calibration at %s (%s); kept in memory for this process", path, err)

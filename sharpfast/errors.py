@@ -30,6 +30,11 @@ class MissingCalibration(SharpfastError, ValueError):
     """threshold='auto' was asked for and the model has no calibration to take it from."""
 
 
+class NotCalibrated(MissingCalibration):
+    """A request at settings the guard was not allowed to calibrate for (a server calibrates the
+    settings it serves at start and refuses others)."""
+
+
 class OutputMismatch(SharpfastError, ValueError):
     """An output path holds results of other inputs or settings; nothing there was reused."""
 

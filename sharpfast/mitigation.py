@@ -289,7 +289,7 @@ def _check_pipe_kwargs(pipe_kwargs):
         raise BadArgument("sail optimizes against the empty-prompt null branch; negative_prompt is not supported yet")
 
 
-def _stop_at(pipe, stop, threshold, objective, numel, steps, guidance_scale):
+def _stop_at(pipe, stop, threshold, objective, numel, steps, guidance_scale, size):
     """(the statistic's metric or None for sharpness/loss, its threshold, where the threshold came from)."""
     if stop is not None:
         if objective != "paper" or not isinstance(stop, dict) or set(stop) != {"metric", "threshold"}:
@@ -302,7 +302,8 @@ def _stop_at(pipe, stop, threshold, objective, numel, steps, guidance_scale):
         if objective == "paper":  # the model's calibration (beside it, cached, or made now: sharpfast.calibration)
             from .calibration import resolve
 
-            found = resolve(pipe, "sharpness", "target", num_inference_steps=steps, guidance_scale=guidance_scale)
+            found = resolve(pipe, "sharpness", "target", num_inference_steps=steps, guidance_scale=guidance_scale,
+                            height=size[0], width=size[1])
             threshold, source = found.value, found.source
         else:
             threshold = REFERENCE["threshold"] * (numel / REFERENCE["threshold_numel"]) ** 0.5
@@ -330,7 +331,8 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
     height, width = pipe_kwargs.get("height") or dh, pipe_kwargs.get("width") or dw
     N, shape = len(prompts) * n, model.latent_shape(height, width)
     steps = pipe_kwargs.get("num_inference_steps", defaults["num_inference_steps"])
-    stop_metric, threshold, source = _stop_at(pipe, stop, threshold, objective, math.prod(shape), steps, guidance_scale)
+    stop_metric, threshold, source = _stop_at(pipe, stop, threshold, objective, math.prod(shape), steps, guidance_scale,
+                                              (height, width))
     sched = model.scheduler(steps, height, width)
     validate.generators(generator, N)
     if latents is None:

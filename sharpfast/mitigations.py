@@ -341,7 +341,7 @@ def _sail_guard(ctx, setting):
         from .calibration import resolve
 
         found = resolve(ctx.pipe, GUARD_METRIC, "threshold", num_inference_steps=ctx.num_inference_steps,
-                        guidance_scale=ctx.guidance_scale)
+                        guidance_scale=ctx.guidance_scale, height=ctx.height, width=ctx.width)
         stop = {"metric": GUARD_METRIC, "threshold": found.value * margin}
     return _sail_plan(ctx, {}, stop=stop)
 

@@ -198,9 +198,10 @@ class _QuietTruncation(logging.Filter):
     ScoreModel._encode_prompt; every other record, and every other thread's, passes."""
 
     local = threading.local()
+    MESSAGES = ("part of your input was truncated", "Token indices sequence length is longer")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (getattr(self.local, "depth", 0) > 0 and "part of your input was truncated" in record.getMessage())
+        return not (getattr(self.local, "depth", 0) > 0 and any(m in record.getMessage() for m in self.MESSAGES))
 
 
 _QUIET = _QuietTruncation()
@@ -403,6 +404,7 @@ class ScoreModel:
         lists the padding of its shorter prompts (`<|endoftext|>`) as if they had been cut."""
         loggers = {logging.getLogger(c.__module__) for c in type(self.pipe).__mro__
                    if c.__module__.startswith("diffusers.")}
+        loggers.add(logging.getLogger("transformers.tokenization_utils_base"))
         for lg in loggers:
             if _QUIET not in lg.filters:
                 lg.addFilter(_QUIET)  # inert outside sharpfast's own encoding (thread-local)
@@ -417,7 +419,7 @@ class ScoreModel:
         for tok in filter(None, (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None))):
             if type(tok).__name__.startswith("T5"):  # T5 is cut at max_sequence_length, not model_max_length
                 continue
-            length = len(tok(prompt).input_ids)
+            length = len(tok(prompt, verbose=False).input_ids)  # (no "longer than the maximum" warning)
             if length > tok.model_max_length:
                 out.append(f"prompt is {length} tokens, truncated to {tok.model_max_length} as the pipeline does")
                 break

@@ -2,25 +2,33 @@
 
     app = sharpfast.server.create_app(pipe)           # a FastAPI app; uvicorn.run(app, ...)
 
-Endpoints
+Endpoints (the OpenAPI schema at /openapi.json declares them: sharpfast.server_api)
   POST /generate  {"prompt": str | [str], "num_inference_steps", "guidance_scale", "seed",
                    "num_images_per_prompt", "height", "width", "request_id"}
-                  -> {"request_id", "seed", "images": [{"prompt", "png_base64"}], "memorization": [...],
-                      "batch_images", "batch_requests", "seconds"}
-  GET  /health    -> {"status": "ok" | "draining", "queued", "in_flight", ...}
+                  -> {"request_id", "seed", "images": [{"prompt", "png_base64", "warnings"}],
+                      "memorization": [...], "batch_images", "batch_requests", "seconds"}
+  GET  /health    -> {"status": "ok" | "draining", "queued", "in_flight", "serves", ...} (no key needed)
   GET  /metrics   -> Prometheus text: the guard's series (sharpfast.monitoring) and the server's own
-                     (HTTP requests by status, batch sizes, queue wait)
+                     (HTTP requests by status, batch requests and images, queue wait)
 
 Request batching: one worker takes the queued requests with the same generation settings, up to
-max_batch_size prompts, waiting at most max_wait_ms for a batch to fill, and makes ONE guarded
+max_batch_size images, waiting at most max_wait_ms for a batch to fill, and makes ONE guarded
 call for all of them in a worker thread (the pipeline runs one call at a time anyway, see
 sharpfast.serving). Every image has its own generator, seeded seed + k for the k-th image of a
 request, so a request's images do not depend on what it was batched with (up to the float
 rounding of a larger batch). A batch that raises is retried request by request, so a bad request
 fails alone (400 for a sharpfast error naming the problem, 500 otherwise).
 
-Graceful shutdown: on SIGTERM / SIGINT uvicorn stops accepting connections and waits for the
-requests in flight; the worker keeps serving the queue until they are answered, then stops.
+What no request can do (sharpfast.server_api.Limits): send a body over max_body_bytes (413) or
+nested deeper than max_depth (400); ask for more prompts, characters, images, pixels or a larger
+side than the limits (400 / 422); make the server calibrate: the guard's thresholds are resolved
+at start for the default settings and those given (`calibrate_for`), and a request at another
+setting gets 400 naming what the server serves. A client that disconnects has its request dropped
+from the queue, or its batch stopped at the next sampling step when it was alone in it.
+
+Graceful shutdown: on SIGTERM / SIGINT uvicorn stops accepting connections and waits up to its
+graceful timeout for the requests in flight; then the worker drops what is queued and stops the
+pipeline call in flight at its next step, so the process ends whatever was asked of it.
 """
 # (no `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time)
 import asyncio
@@ -28,23 +36,21 @@ import base64
 import io
 import logging
 import secrets
+import threading
 import time
 
 import torch
 
-from .errors import BadArgument, MissingDependency, SharpfastError, UsageError
+from .errors import BadArgument, MissingDependency, NotCalibrated, SharpfastError, UsageError
 
 log = logging.getLogger("sharpfast.server")
-
-MAX_PROMPTS_PER_REQUEST = 64
-MAX_STEPS = 1000
-MAX_SIDE = 2048  # pixels: a request may not ask the server for more memory than a 2048^2 image
 
 
 def _require():
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
+        import pydantic  # noqa: F401
     except ImportError as e:
         raise MissingDependency(f"the server needs the 'serve' extra: pip install 'sharpfast[serve]' ({e})") from e
 
@@ -55,11 +61,15 @@ def _png(image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+class _Stopped(Exception):
+    """Raised in a step callback: every request of the batch was withdrawn, or the server stops."""
+
+
 class _Job:
-    __slots__ = ("body", "future", "queued_at")
+    __slots__ = ("body", "future", "queued_at", "cancelled")
 
     def __init__(self, body, future):
-        self.body, self.future, self.queued_at = body, future, time.perf_counter()
+        self.body, self.future, self.queued_at, self.cancelled = body, future, time.perf_counter(), False
 
     @property
     def key(self):  # requests that may share one pipeline call
@@ -82,29 +92,51 @@ class Batcher:
         self._wake = asyncio.Event()
         self._task = None
         self._closing = False
+        self.aborted = threading.Event()  # set: the call in flight stops at its next step
         self.answered = 0
 
     def start(self):
         """Start the batching worker on the running event loop."""
         self._task = asyncio.get_running_loop().create_task(self._worker())
 
-    async def submit(self, body) -> dict:
-        """Queue one request body; its response once its batch has run."""
+    async def submit(self, body, disconnected=None) -> dict:
+        """Queue one request body; its response once its batch has run. disconnected: an async
+        callable polled while waiting; when it says True the request is withdrawn."""
         if self._closing:
             raise UsageError("the server is shutting down")
         job = _Job(body, asyncio.get_running_loop().create_future())
         self.pending.append(job)
         self._wake.set()
-        return await job.future
+        if disconnected is None:
+            return await job.future
+        while True:
+            done, _ = await asyncio.wait({job.future}, timeout=0.25)
+            if done:
+                return job.future.result()
+            if await disconnected():
+                job.cancelled = True
+                if job in self.pending:
+                    self.pending.remove(job)
+                raise asyncio.CancelledError("the client disconnected")
 
-    async def stop(self):
-        """Answer everything queued, then stop the worker."""
+    async def stop(self, abort: bool = False):
+        """Stop the worker: answer everything queued first, or with abort=True drop the queue
+        (503) and stop the call in flight at its next step."""
         self._closing = True
+        if abort:
+            self.aborted.set()
+            for job in self.pending:
+                if not job.future.done():
+                    job.future.set_exception(UsageError("the server is shutting down"))
+            self.pending = []
         self._wake.set()
         if self._task is not None:
             await self._task
 
     def _take(self) -> list[_Job]:
+        self.pending = [j for j in self.pending if not j.cancelled]
+        if not self.pending:
+            return []
         first = self.pending[0]
         batch: list = []
         size = 0
@@ -118,6 +150,19 @@ class Batcher:
         self.pending = rest
         return batch
 
+    async def _fill(self, loop):
+        """Let a batch fill: until max_batch_size images of one setting are queued, or max_wait."""
+        deadline = loop.time() + self.max_wait
+        while not self._closing and loop.time() < deadline and self.pending:
+            first = self.pending[0]
+            if sum(j.size for j in self.pending if j.key == first.key) >= self.max_batch_size:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                break
+
     async def _worker(self):
         loop = asyncio.get_running_loop()
         while True:
@@ -127,18 +172,10 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            # let a batch fill: until max_batch_size images of one setting are queued, or max_wait
-            deadline = loop.time() + self.max_wait
-            while not self._closing and loop.time() < deadline:
-                first = self.pending[0]
-                if sum(j.size for j in self.pending if j.key == first.key) >= self.max_batch_size:
-                    break
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - loop.time()))
-                except asyncio.TimeoutError:
-                    break
+            await self._fill(loop)
             batch = self._take()
+            if not batch:
+                continue
             self.in_flight += len(batch)
             now = time.perf_counter()
             self.observe(requests=len(batch), images=sum(j.size for j in batch),
@@ -152,25 +189,32 @@ class Batcher:
                 if not job.future.done():
                     (job.future.set_exception if isinstance(res, BaseException) else job.future.set_result)(res)
 
+    def _should_stop(self, batch) -> bool:
+        return self.aborted.is_set() or all(j.cancelled for j in batch)
+
     def _run_safely(self, batch):
+        stop = lambda: self._should_stop(batch)  # noqa: E731
         try:
-            return self.run_batch([j.body for j in batch])
+            return self.run_batch([j.body for j in batch], stop)
         except Exception as err:  # noqa: BLE001 (a failed batch is retried request by request)
-            if len(batch) == 1:
-                return [err]
+            if len(batch) == 1 or isinstance(err, _Stopped):
+                return [err] * len(batch)
             out = []
             for job in batch:
                 try:
-                    out.extend(self.run_batch([job.body]))
+                    out.extend(self.run_batch([job.body], lambda job=job: self._should_stop([job])))
                 except Exception as e:  # noqa: BLE001
                     out.append(e)
             return out
 
 
-def parse_request(body: dict, defaults: dict, needs_cfg: bool = True) -> dict:
-    """A /generate body checked and completed with the server's defaults (BadArgument names the field)."""
+def parse_request(body: dict, defaults: dict, needs_cfg: bool = True, limits=None) -> dict:
+    """A /generate body checked and completed with the server's defaults (BadArgument names the
+    field and the limit; sharpfast.server_api.Limits)."""
     from . import validate
+    from .server_api import MAX_GUIDANCE, MAX_STEPS, Limits
 
+    lim = limits or Limits()
     if not isinstance(body, dict):
         raise BadArgument("the request body must be a JSON object")
     unknown = set(body) - {"prompt", "num_inference_steps", "guidance_scale", "seed", "num_images_per_prompt",
@@ -180,22 +224,24 @@ def parse_request(body: dict, defaults: dict, needs_cfg: bool = True) -> dict:
     if "prompt" not in body:
         raise BadArgument("the request needs a 'prompt' (a string or a list of strings)")
     prompts = validate.prompts(body["prompt"], "prompt")
-    if len(prompts) > MAX_PROMPTS_PER_REQUEST:
-        raise BadArgument(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request, got {len(prompts)}")
+    if len(prompts) > lim.max_prompts:
+        raise BadArgument(f"at most {lim.max_prompts} prompts per request, got {len(prompts)}")
+    long = [i for i, p in enumerate(prompts) if len(p) > lim.max_prompt_chars]
+    if long:
+        raise BadArgument(f"prompt[{long[0]}] has {len(prompts[long[0]])} characters; at most "
+                          f"{lim.max_prompt_chars}")
     get = lambda k: body[k] if body.get(k) is not None else defaults[k]  # noqa: E731
     steps = validate.integer(get("num_inference_steps"), "num_inference_steps")
     if steps > MAX_STEPS:
         raise BadArgument(f"num_inference_steps must be at most {MAX_STEPS}, got {steps}")
     n = validate.integer(get("num_images_per_prompt"), "num_images_per_prompt")
-    if n > MAX_PROMPTS_PER_REQUEST:
-        raise BadArgument(f"num_images_per_prompt must be at most {MAX_PROMPTS_PER_REQUEST}, got {n}")
+    if len(prompts) * n > lim.max_images:
+        raise BadArgument(f"{len(prompts)} prompts x {n} images = {len(prompts) * n} images; this server makes at "
+                          f"most {lim.max_images} per request")
     guidance = validate.guidance_scale(get("guidance_scale"), needs_cfg=needs_cfg)
-    size: dict = {}
-    for k in ("height", "width"):
-        v = body.get(k)
-        size[k] = None if v is None else validate.integer(v, k)
-        if size[k] is not None and (size[k] % 8 or size[k] > MAX_SIDE):
-            raise BadArgument(f"{k} must be a multiple of 8 and at most {MAX_SIDE}, got {size[k]}")
+    if abs(guidance) > MAX_GUIDANCE:
+        raise BadArgument(f"guidance_scale must be within +-{MAX_GUIDANCE:g}, got {guidance:g}")
+    size = _size(body, defaults, lim, len(prompts) * n)
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbits(31)
@@ -208,17 +254,36 @@ def parse_request(body: dict, defaults: dict, needs_cfg: bool = True) -> dict:
             "num_images_per_prompt": n, "request_id": rid, **size}
 
 
+def _size(body, defaults, lim, images) -> dict:
+    from . import validate
+
+    size: dict = {}
+    for k in ("height", "width"):
+        v = body.get(k)
+        size[k] = None if v is None else validate.integer(v, k)
+        if size[k] is not None and (size[k] % 8 or size[k] > lim.max_side):
+            raise BadArgument(f"{k} must be a multiple of 8 and at most {lim.max_side}, got {size[k]}")
+    h, w = size["height"] or defaults.get("height") or 0, size["width"] or defaults.get("width") or 0
+    if h * w * images > lim.max_pixels:
+        raise BadArgument(f"{images} images of {h}x{w} are {h * w * images} pixels; this server makes at most "
+                          f"{lim.max_pixels} per request")
+    return size
+
+
 class Runner:
     """One pipeline call for a batch of parsed requests (guarded or plain), split back per request."""
 
     def __init__(self, pipe, guard=None):
+        from .score import ScoreModel
         from .serving import pipeline_lock
 
         self.pipe, self.guard = pipe, guard
         self._lock = pipeline_lock(pipe)  # the guard's own lock too: one pipeline call at a time
+        self._model = ScoreModel(pipe)
 
-    def __call__(self, bodies: list[dict]) -> list[dict]:
-        """Generate a batch of compatible request bodies in one pipeline call."""
+    def __call__(self, bodies: list[dict], should_stop=None) -> list[dict]:
+        """Generate a batch of compatible request bodies in one pipeline call; should_stop() is
+        asked at every sampling step (True: the call stops with _Stopped)."""
         b0 = bodies[0]
         n = b0["num_images_per_prompt"]
         prompts, gens = [], []
@@ -229,6 +294,12 @@ class Runner:
         kw = dict(num_inference_steps=b0["num_inference_steps"], guidance_scale=b0["guidance_scale"],
                   num_images_per_prompt=n, generator=gens, output_type="pil")
         kw.update({k: b0[k] for k in ("height", "width") if b0[k] is not None})
+        if should_stop is not None:
+            def check(pipe, i, t, cb_kwargs):
+                if should_stop():
+                    raise _Stopped("the request was withdrawn (client gone) or the server is stopping")
+                return {}
+            kw["callback_on_step_end"] = check
         start = time.perf_counter()
         if self.guard is not None:
             out = self.guard(prompts, **kw)
@@ -237,16 +308,21 @@ class Runner:
             with self._lock:
                 out = self.pipe(prompts, **kw)
             report = None
-        seconds = time.perf_counter() - start
+        return self._split(bodies, out, report, len(prompts) * n, time.perf_counter() - start)
+
+    def _split(self, bodies, out, report, images, seconds) -> list[dict]:
+        n = bodies[0]["num_images_per_prompt"]
         results, row = [], 0
         for b in bodies:
             k = len(b["prompts"])
-            images = out.images[row * n:(row + k) * n]
+            warn = [self._model._truncation(p) for p in b["prompts"]]
             results.append({
                 "request_id": b["request_id"], "seed": b["seed"],
-                "images": [{"prompt": b["prompts"][i // n], "png_base64": _png(im)} for i, im in enumerate(images)],
-                "memorization": None if report is None else report[row:row + k],
-                "batch_images": len(prompts) * n, "batch_requests": len(bodies), "seconds": seconds})
+                "images": [{"prompt": b["prompts"][i // n][:200], "png_base64": _png(im), "warnings": warn[i // n]}
+                           for i, im in enumerate(out.images[row * n:(row + k) * n])],
+                "memorization": None if report is None else [{**r, "prompt": r["prompt"][:200]}
+                                                            for r in report[row:row + k]],
+                "batch_images": images, "batch_requests": len(bodies), "seconds": seconds})
             row += k
         return results
 
@@ -286,7 +362,8 @@ class _ServerMetrics:
 
 
 def _lifespan(batcher, guard, state):
-    """Start the batcher with the app; on shutdown drain it and give the pipeline back as it was."""
+    """Start the batcher with the app; on shutdown (after uvicorn's graceful wait for the requests
+    in flight) drop what is queued, stop the call in flight, give the pipeline back as it was."""
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
@@ -299,7 +376,7 @@ def _lifespan(batcher, guard, state):
             state["status"] = "draining"
             log.info("sharpfast server: shutting down, %d requests queued, %d in flight",
                      len(batcher.pending), batcher.in_flight)
-            await batcher.stop()
+            await batcher.stop(abort=True)
             if guard is not None:
                 guard.remove()  # the pipeline as it was
             log.info("sharpfast server: stopped gracefully after answering %d requests", batcher.answered)
@@ -307,24 +384,47 @@ def _lifespan(batcher, guard, state):
     return lifespan
 
 
-def _generate_handler(batcher, metrics, defaults, needs_cfg):
+def _not_served(guard, body, defaults):
+    """Why the guard cannot serve this request's setting (None: it can); no calibration is made."""
+    if guard is None or guard.config.threshold != "auto":
+        return None
+    key = (body["num_inference_steps"], float(body["guidance_scale"]), body["height"] or defaults["height"],
+           body["width"] or defaults["width"])
+    served = guard.served_settings()
+    if key in served:
+        return None
+    show = lambda k: f"{k[0]} steps, guidance {k[1]:g}, {k[2]}x{k[3]}"  # noqa: E731
+    return (f"this server has no calibrated threshold at {show(key)}; it serves {'; '.join(map(show, served))} "
+            f"(start it with --calibrate-for to serve more)")
+
+
+def _generate_handler(batcher, metrics, defaults, needs_cfg, limits, guard):
     """POST /generate: parse (400 naming the problem), queue for a batch, answer (500 only for a bug)."""
     from fastapi import Request
     from fastapi.responses import JSONResponse
+
+    from .server_api import GenerateRequest, GenerateResponse
 
     def fail(status, message, rid=None):
         metrics.http.labels(str(status)).inc()
         return JSONResponse({"error": message, **({} if rid is None else {"request_id": rid})}, status_code=status)
 
-    async def generate(request: Request):
+    async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:
         try:
-            body = parse_request(await request.json(), defaults, needs_cfg)
+            body = parse_request(req.model_dump(exclude_none=True), defaults, needs_cfg, limits)
         except SharpfastError as err:
             return fail(400, str(err))
-        except ValueError as err:  # not JSON
-            return fail(400, f"the body is not JSON: {err}")
+        why = _not_served(guard, body, defaults)
+        if why:
+            return fail(400, why, body["request_id"])
         try:
-            result = await batcher.submit(body)
+            result = await batcher.submit(body, request.is_disconnected)
+        except (NotCalibrated, BadArgument) as err:
+            return fail(400, str(err), body["request_id"])
+        except UsageError as err:  # shutting down: another replica can take it
+            return fail(503, str(err), body["request_id"])
+        except _Stopped as err:
+            return fail(503, str(err), body["request_id"])
         except SharpfastError as err:
             return fail(400, str(err), body["request_id"])
         except Exception as err:  # noqa: BLE001 (a bug or the model's failure: reported, the server lives on)
@@ -335,44 +435,91 @@ def _generate_handler(batcher, metrics, defaults, needs_cfg):
     return generate
 
 
+def _guard(pipe, guarded, metric, threshold, mitigation, sail_kwargs, name, calibrate_for, defaults):
+    """The server's guard, its thresholds resolved now for every setting it serves (the defaults and
+    `calibrate_for`): no request waits for a calibration, and one at another setting is refused."""
+    if not guarded:
+        return None
+    from .serving import DEFAULT_METRIC, guard
+
+    g = guard(pipe, metric=metric or DEFAULT_METRIC, threshold=threshold, mitigation=mitigation,
+              sail_kwargs=sail_kwargs, name=name, calibrate_new=False)
+    for s in [{}, *(calibrate_for or [])]:
+        bad = set(s) - {"num_inference_steps", "guidance_scale", "height", "width"}
+        if bad:
+            raise BadArgument(f"calibrate_for takes num_inference_steps, guidance_scale, height, width; got {bad}")
+        g.calibrate(s.get("num_inference_steps", defaults["num_inference_steps"]),
+                    s.get("guidance_scale", defaults["guidance_scale"]), s.get("height"), s.get("width"))
+    return g
+
+
 def create_app(pipe, *, guarded: bool = True, metric: str | None = None, threshold="auto", sail_kwargs=None,
-               mitigation="auto",
-               max_batch_size: int = 8, max_wait_ms: float = 10.0, defaults: dict | None = None, name="default"):
-    """A FastAPI app serving `pipe` (guarded by sharpfast.guard unless guarded=False)."""
+               mitigation="auto", max_batch_size: int = 8, max_wait_ms: float = 10.0, defaults: dict | None = None,
+               name="default", calibrate_for=None, limits=None):
+    """A FastAPI app serving `pipe` (guarded by sharpfast.guard unless guarded=False).
+
+    calibrate_for: extra settings to serve besides the defaults, each a dict of some of
+    num_inference_steps, guidance_scale, height, width; limits: a sharpfast.server_api.Limits
+    (default: Limits.for_model, scaled to the model's own size and max_batch_size)."""
     _require()
     from fastapi import FastAPI
 
     from . import validate
     from .score import ScoreModel, pipeline_defaults
+    from .server_api import ERRORS, BodyGuard, GenerateResponse, Limits
 
     max_batch_size = validate.integer(max_batch_size, "max_batch_size")
-    needs_cfg = not ScoreModel(pipe).distilled  # Flux's guidance is embedded: any finite scale
+    model = ScoreModel(pipe)
     max_wait_ms = validate.finite(max_wait_ms, "max_wait_ms")
     if max_wait_ms < 0:
         raise BadArgument(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
     defaults = {**pipeline_defaults(pipe), "num_images_per_prompt": 1, **(defaults or {})}
-    g = None
-    if guarded:
-        from .serving import DEFAULT_METRIC, guard
-
-        g = guard(pipe, metric=metric or DEFAULT_METRIC, threshold=threshold, mitigation=mitigation,
-                  sail_kwargs=sail_kwargs, name=name)
+    h, w = model.default_size()
+    defaults.setdefault("height", h)
+    defaults.setdefault("width", w)
+    limits = limits or Limits.for_model((h, w), max_batch_size)
+    g = _guard(pipe, guarded, metric, threshold, mitigation, sail_kwargs, name, calibrate_for, defaults)
+    thr = None if g is None else g.calibrate(defaults["num_inference_steps"], defaults["guidance_scale"])
     metrics = _ServerMetrics(g)
     batcher = Batcher(Runner(pipe, g), max_batch_size, max_wait_ms, metrics.observe)
     state = {"status": "starting"}
     app = FastAPI(title="sharpfast", description="text-to-image generation guarded against memorization",
                   lifespan=_lifespan(batcher, g, state))
-    app.post("/generate")(_generate_handler(batcher, metrics, defaults, needs_cfg))
+    app.post("/generate", response_model=GenerateResponse, responses=ERRORS)(
+        _generate_handler(batcher, metrics, defaults, not model.distilled, limits, g))  # Flux: any finite guidance
 
     @app.get("/health")
-    async def health():
+    async def health() -> dict:
         return {"status": state["status"], "guarded": g is not None, "metric": metric if g else None,
-                "threshold": g.threshold if g else None, "queued": len(batcher.pending),
-                "in_flight": batcher.in_flight}
+                "threshold": thr, "queued": len(batcher.pending),
+                "in_flight": batcher.in_flight, "serves": [list(k) for k in g.served_settings()] if g else None}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=_plain_text(), responses={401: ERRORS[401]})
     async def metrics_text():
         return metrics.text()
 
-    app.state.guard, app.state.batcher = g, batcher
+    _count_invalid(app, metrics)
+    app.add_middleware(BodyGuard, limits=limits, on_refused=lambda status: metrics.http.labels(str(status)).inc())
+    app.state.guard, app.state.batcher, app.state.limits, app.state.threshold = g, batcher, limits, thr
     return app
+
+
+def _count_invalid(app, metrics):
+    """422 for a body that does not match the schema: FastAPI's detail without the inputs (never
+    echo a large body), counted as the other statuses are."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc):
+        metrics.http.labels("422").inc()
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))[:300], "type": e.get("type")}
+                  for e in exc.errors()[:20]]
+        return JSONResponse({"error": "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail),
+                             "detail": detail}, status_code=422)
+
+
+def _plain_text():
+    from fastapi.responses import PlainTextResponse
+
+    return PlainTextResponse

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from . import mitigations, validate
-from .errors import BadArgument, NonFiniteOutput, UsageError
+from .errors import BadArgument, NonFiniteOutput, NotCalibrated, UsageError
 from .metrics import REGISTRY, Step
 from .mitigations import generator_states, restore_generators
 from .monitoring import GuardStats
@@ -85,9 +85,11 @@ class GuardConfig:
     setting: object
     sail_kwargs: dict
     name: str
+    calibrate_new: bool = True  # False: a request at a setting not calibrated before is refused (NotCalibrated)
 
     @classmethod
-    def build(cls, model, metric, threshold, mitigation, setting, sail_kwargs, name) -> GuardConfig:
+    def build(cls, model, metric, threshold, mitigation, setting, sail_kwargs, name,
+              calibrate_new: bool = True) -> GuardConfig:
         """The checked configuration (BadArgument / UnsupportedPipeline naming what is wrong)."""
         if metric not in GUARD_METRICS:
             raise BadArgument(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
@@ -107,41 +109,64 @@ class GuardConfig:
                               "threshold (mitigation='sail_guard', setting=margin stops under margin x threshold)")
         if threshold != "auto":  # +inf is allowed (score only, never flag); NaN would silently flag nothing
             threshold = validate.finite(threshold, "threshold", allow_inf=True)
-        return cls(metric, threshold, mitigation, method, setting, sail_kwargs, str(name))
+        return cls(metric, threshold, mitigation, method, setting, sail_kwargs, str(name), bool(calibrate_new))
 
 
 class _Thresholds:
-    """The threshold at a request's (num_inference_steps, guidance_scale): the given number, or for
-    "auto" the model's calibration at that setting, resolved once each, when first needed (the
-    first timestep and the guidance change the scores' scale; see sharpfast.calibration)."""
+    """The threshold at a request's (num_inference_steps, guidance_scale, height, width): the given
+    number, or for "auto" the model's calibration at that setting, resolved once each, when first
+    needed (the first timestep, the guidance and the latent's size change the scores' scale; see
+    sharpfast.calibration). With calibrate_new=False only settings resolved before (calibrate())
+    are served: another raises NotCalibrated instead of calibrating inside a request."""
 
-    def __init__(self, pipe, metric: str, given, defaults: dict):
+    def __init__(self, pipe, metric: str, given, defaults: dict, default_size: tuple, calibrate_new: bool = True):
         self.pipe, self.metric, self.given, self.defaults = pipe, metric, given, defaults
+        self.default_size, self.calibrate_new = tuple(default_size), calibrate_new
         self.sources: dict = {}
         self._table: dict = {}
         self._lock = threading.Lock()
 
-    def at(self, steps=None, guidance=None) -> float:
+    def key(self, steps=None, guidance=None, size=None) -> tuple:
+        h, w = size or self.default_size
+        return (int(steps or self.defaults["num_inference_steps"]),
+                float(self.defaults["guidance_scale"] if guidance is None else guidance), int(h), int(w))
+
+    def at(self, steps=None, guidance=None, size=None, *, allow_new: Optional[bool] = None) -> float:
         if self.given != "auto":
             return float(self.given)
-        key = (int(steps or self.defaults["num_inference_steps"]),
-               float(self.defaults["guidance_scale"] if guidance is None else guidance))
+        key = self.key(steps, guidance, size)
         with self._lock:
             if key not in self._table:
+                if not (self.calibrate_new if allow_new is None else allow_new):
+                    raise NotCalibrated(f"no calibrated threshold at {_describe(key)}; this guard serves "
+                                        f"{', '.join(_describe(k) for k in self._table) or 'no setting yet'}")
                 from .calibration import resolve
 
-                found = resolve(self.pipe, self.metric, "threshold", num_inference_steps=key[0], guidance_scale=key[1])
+                found = resolve(self.pipe, self.metric, "threshold", num_inference_steps=key[0], guidance_scale=key[1],
+                                height=key[2], width=key[3])
                 value = validate.finite(found.value, f"the calibrated threshold ({found.source})", allow_inf=True)
-                self._table[key], self.sources[key] = value, found.source
-                log.info("sharpfast.guard: %s > %.4g at %d steps, guidance %g (%s)", self.metric, value, *key,
-                         found.source)
+                self._table[key], self.sources[key] = value, f"{found.source} ({_describe(key)})"
+                log.info("sharpfast.guard: %s > %.4g at %s (%s)", self.metric, value, _describe(key), found.source)
             return self._table[key]
 
-    def source(self) -> str:
+    def source(self, steps=None, guidance=None, size=None) -> str:
         if self.given != "auto":
             return "given"
-        self.at()
-        return self.sources[(int(self.defaults["num_inference_steps"]), float(self.defaults["guidance_scale"]))]
+        self.at(steps, guidance, size)
+        return self.sources[self.key(steps, guidance, size)]
+
+    def size(self, height, width) -> tuple:
+        dh, dw = self.default_size
+        return (validate.integer(height or dh, "height"), validate.integer(width or dw, "width"))
+
+    def settings(self) -> list:
+        """The (steps, guidance, height, width) resolved so far."""
+        with self._lock:
+            return list(self._table)
+
+
+def _describe(key: tuple) -> str:
+    return f"{key[0]} steps, guidance {key[1]:g}, {key[2]}x{key[3]}"
 
 
 @dataclass
@@ -155,6 +180,7 @@ class _Request:
     threshold: float
     guidance: float
     steps: int
+    threshold_source: str = "given"
     user_cb: object = None
     added_s: float = 0.0
     capture: Optional[tuple] = None  # the first call: (sample, t, pred, hidden, added) from model.read_call
@@ -216,7 +242,8 @@ class _Request:
         assert d is not None, "report() before decide()"
         reports = self.reports or [(False, "not flagged" if not f else "report only (mitigation=None)")
                                    for f in d["flagged"].tolist()]
-        return [{"prompt": p, "score": float(s), "metric": metric, "threshold": self.threshold, "flagged": bool(f),
+        return [{"prompt": p, "score": float(s), "metric": metric, "threshold": self.threshold,
+                 "threshold_source": self.threshold_source, "flagged": bool(f),
                  "mitigated": bool(f) and m, "mitigation": mitigation if f else None, "check": c}
                 for p, s, f, (m, c) in zip(self.prompts, d["scores"], d["flagged"], reports)]
 
@@ -272,7 +299,9 @@ def _new_request(pipe, thresholds: _Thresholds, prompt, kwargs) -> _Request:
     size = (kwargs.get("height") or dh, kwargs.get("width") or dw)
     validate.latents(kwargs.get("latents"), (len(prompts) * n, *model.latent_shape(*size)), size)
     steps = int(kwargs.get("num_inference_steps") or thresholds.defaults["num_inference_steps"])
-    return _Request(model, prompts, n, size, thresholds.at(steps, guidance), guidance, steps)
+    threshold = thresholds.at(steps, guidance, size)
+    return _Request(model, prompts, n, size, threshold, guidance, steps,
+                    threshold_source=thresholds.source(steps, guidance, size))
 
 
 class Guard:
@@ -282,7 +311,8 @@ class Guard:
         self.pipe, self.config = pipe, config
         self.metric, self.mitigation, self.method, self.setting = (config.metric, config.mitigation, config.method,
                                                                    config.setting)
-        self._thresholds = _Thresholds(pipe, config.metric, config.threshold, pipeline_defaults(pipe))
+        self._thresholds = _Thresholds(pipe, config.metric, config.threshold, pipeline_defaults(pipe),
+                                       ScoreModel(pipe).default_size(), config.calibrate_new)
         self._local = threading.local()  # per-request state: one per thread
         self._stats = GuardStats(config.name, config.metric, None if config.threshold == "auto" else config.threshold)
         self._lock = pipeline_lock(pipe)
@@ -299,17 +329,19 @@ class Guard:
         """Where that threshold came from ("given", a calibration file, the cache, calibrated now)."""
         return self._thresholds.source()
 
-    def calibrate(self, num_inference_steps=None, guidance_scale=None) -> float:
-        """Resolve the threshold at these request settings now, so that no request waits for it.
-
-        Args:
-            num_inference_steps: the requests' steps (default the pipeline's).
-            guidance_scale: the requests' guidance (default the pipeline's).
+    def calibrate(self, num_inference_steps=None, guidance_scale=None, height=None, width=None) -> float:
+        """Resolve the threshold at these request settings now (default: the pipeline's own), so
+        that no request waits for it; with calibrate_new=False, the settings the guard serves.
 
         Returns:
             The threshold the guard flags above at those settings.
         """
-        return self._thresholds.at(num_inference_steps, guidance_scale)
+        size = None if height is None and width is None else self._thresholds.size(height, width)
+        return self._thresholds.at(num_inference_steps, guidance_scale, size, allow_new=True)
+
+    def served_settings(self) -> list:
+        """The (num_inference_steps, guidance_scale, height, width) the guard has thresholds for."""
+        return self._thresholds.settings()
 
     def _hook(self, unet, args, kwargs, output):
         """The denoiser's forward hook: capture the first call, watch every call for NaN/inf."""
@@ -408,7 +440,7 @@ def _regenerate(pipe, config: GuardConfig, req: _Request, call: dict, states):
 
 
 def guard(pipe, *, metric: str = DEFAULT_METRIC, threshold="auto", mitigation: Optional[str] = DEFAULT_MITIGATION,
-          setting=None, sail_kwargs=None, name: str = "default") -> Guard:
+          setting=None, sail_kwargs=None, name: str = "default", calibrate_new: bool = True) -> Guard:
     """Wrap a stock pipeline for serving.
 
     guard(pipe)(prompt, **pipe_kwargs) returns pipe's own output with `.memorization`: per prompt
@@ -422,16 +454,20 @@ def guard(pipe, *, metric: str = DEFAULT_METRIC, threshold="auto", mitigation: O
     Args:
         pipe: a supported diffusers pipeline; it stays the user's object (remove() takes the hook off).
         metric: the registry metric scored at the first step (sharpfast.metrics.REGISTRY).
-        threshold: "auto" (the model's calibration at each request's num_inference_steps and
-            guidance_scale: calibration.json beside it, the per-user cache, or calibrated once on
-            the built-in generic captions; `guarded.threshold_source` says which), a number, or
-            inf (score only).
+        threshold: "auto" (the model's calibration at each request's num_inference_steps,
+            guidance_scale and image size: calibration.json beside it, the per-user cache, or
+            calibrated once on the built-in generic captions; each report's `threshold_source`
+            says which), a number, or inf (score only).
         mitigation: "auto" (the default chosen on the digits model's frontier, see docs/mitigation.md,
             where the model family has it, else sail_guard), a registry name of
             sharpfast.mitigations (not the prompt-changing ones), or None to only report.
         setting: the mitigation's knob (default: its registry default).
         sail_kwargs: extra keywords for SAIL (candidates, max_steps, lr, ...), noise methods only.
         name: the label of this guard's monitoring series.
+        calibrate_new: with threshold="auto", calibrate a setting the first time a request needs
+            it (default); False serves only the settings resolved by `guarded.calibrate(...)`
+            before, and refuses others with NotCalibrated (a server's request never waits for a
+            calibration).
 
     Returns:
         A Guard: call it as the pipeline; `.stats`, `.register_prometheus()`, `.remove()`.
@@ -439,6 +475,8 @@ def guard(pipe, *, metric: str = DEFAULT_METRIC, threshold="auto", mitigation: O
     Raises:
         BadArgument: an unknown metric or mitigation, a NaN threshold.
         UnsupportedPipeline: the pipeline, or the mitigation for its family, is not supported.
+        NotCalibrated: (at a call) a setting not calibrated before, with calibrate_new=False.
     """
     model = ScoreModel(pipe)  # raises UnsupportedPipeline now, not at the first request
-    return Guard(pipe, GuardConfig.build(model, metric, threshold, mitigation, setting, sail_kwargs, name))
+    return Guard(pipe, GuardConfig.build(model, metric, threshold, mitigation, setting, sail_kwargs, name,
+                                         calibrate_new))

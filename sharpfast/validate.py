@@ -10,11 +10,9 @@ from .errors import BadArgument
 
 def prompts(value, name: str = "prompt") -> list[str]:
     """A str or a non-empty sequence of str, none of them empty or blank."""
-    items = [value] if isinstance(value, str) else value
-    try:
-        items = list(items)
-    except TypeError:
-        raise BadArgument(f"{name} must be a str or a list of str, got {type(value).__name__}") from None
+    if not isinstance(value, (str, list, tuple)):  # a dict or a set would iterate into its keys
+        raise BadArgument(f"{name} must be a str or a list of str, got {type(value).__name__}")
+    items = [value] if isinstance(value, str) else list(value)
     if not items:
         raise BadArgument(f"{name} is empty: pass a prompt or a non-empty list of prompts")
     for i, p in enumerate(items):
@@ -22,6 +20,10 @@ def prompts(value, name: str = "prompt") -> list[str]:
             raise BadArgument(f"{name}[{i}] must be a str, got {type(p).__name__}")
         if not p.strip():
             raise BadArgument(f"{name}[{i}] is an empty or blank string: a memorization score needs a prompt")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate: no tokenizer takes it
+            raise BadArgument(f"{name}[{i}] is not valid text ({err.reason} at character {err.start})") from None
     return items
 
 

@@ -68,3 +68,19 @@ def pipe(request):
     p = tiny_pipeline(request.param)
     p.set_progress_bar_config(disable=True)
     return p
+
+
+# The longest tests (measured with --durations) go to the workers first: xdist hands tests out in
+# collection order, and a two-minute test collected last runs alone while the other worker idles.
+SLOW_FIRST = ("test_triton_aot.py::test_every_triton_kernel_compiles", "test_build.py::test_cuda_binding",
+              "test_harness.py::test_eval_mitigate_runs_every_baseline", "test_harness.py::test_demo",
+              "test_flow.py::test_sail_guard_and_scan_with_no_setup", "test_detect.py::test_hessian_spectrum",
+              "test_harness.py::test_sail_cli", "test_build.py::test_cmake_build", "test_harness.py::test_eval_guard",
+              "test_digits_data.py::test_pretraining", "test_readme.py", "test_server_limits.py",
+              "test_calibration_files.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {item: next((i for i, key in enumerate(SLOW_FIRST) if key in item.nodeid), len(SLOW_FIRST))
+            for item in items}
+    items.sort(key=lambda item: rank[item])  # stable: the rest keep their order

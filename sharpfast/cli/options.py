@@ -72,7 +72,7 @@ class Option:
                 kw[k] = getattr(self, k)
         if self.required:
             kw["required"] = True
-        return kw
+        return {**kw, **self.extra}
 
 
 _OWN = "the pipeline's own (its __call__ default)"
@@ -143,6 +143,15 @@ OPTIONS: dict[str, Option] = {
     "--max-batch-size": Option("images per pipeline call at most, a single request's too (default 8)", default=8,
                                type=int),
     "--max-wait-ms": Option("how long a batch may wait to fill (default 10)", default=10.0, type=float),
+    "--calibrate-for": Option("a further setting to serve, calibrated at start (repeatable): HxW, or "
+                              "key=value pairs of num_inference_steps, guidance_scale, height, width, e.g. "
+                              "'num_inference_steps=30,height=32,width=32'; a request at a setting not served is "
+                              "refused (400), never calibrated", default=[], extra={"action": "append"}),
+    "--api-key-file": Option("a file holding the API key that /generate and /metrics require as 'Authorization: "
+                             "Bearer <key>' (/health stays open); put TLS in front (see docs/serving.md)"),
+    "--max-prompt-chars": Option("characters per prompt at most (default 2000)", default=2000, type=int),
+    "--header-timeout": Option("seconds a client may take to send its request headers (default 10)", default=10.0,
+                               type=float),
     "--graceful-timeout": Option("seconds to wait for requests in flight at shutdown (default 300)", default=300.0,
                                  type=float),
 }

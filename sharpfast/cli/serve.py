@@ -22,6 +22,7 @@ class ServeCommand:
                                        "finishes the requests in flight, then exits.")
         options.add(p, "serve", "--model", "--host", "--port", "--metric", "--mitigation", "--threshold", "--no-guard",
                     "--max-batch-size", "--max-wait-ms", "--num-inference-steps", "--guidance-scale",
+                    "--calibrate-for", "--api-key-file", "--max-prompt-chars", "--header-timeout",
                     "--graceful-timeout", "--device", "--dtype")
 
     @staticmethod
@@ -44,36 +45,101 @@ class ServeCommand:
         if args.guidance_scale is not None:
             own["guidance_scale"] = validate.finite(args.guidance_scale, "--guidance-scale")
         validate.integer(args.port, "--port", minimum=0)
+        extra = [parse_setting(t) for t in args.calibrate_for]
+        key = read_api_key(args.api_key_file) if args.api_key_file else None
+        sock, where = _listen(args.host, args.port)  # a port in use fails before the model loads
         device, dtype = device_dtype(args.device, args.dtype)
         pipe = load_model(args.model, device, dtype)
+        limits = _limits(pipe, args, key)
         app = create_app(pipe, guarded=not args.no_guard, metric=args.metric, threshold=threshold,
                          mitigation=None if args.mitigation == "none" else args.mitigation,
                          max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                         defaults=own, name=args.model)
-        g = app.state.guard  # its threshold is resolved here, at start, not in the first request
-        what = "unguarded" if g is None else f"guard {args.metric} > {g.threshold:.4g} ({g.threshold_source})"
-        print(f"sharpfast serve: {args.model} on {device} ({dtype}), {what}", file=sys.stderr, flush=True)
-        import logging
+                         defaults=own, name=args.model, calibrate_for=extra, limits=limits)
+        g = app.state.guard  # its thresholds are resolved at start, never in a request
+        what = "unguarded" if g is None else f"guard {args.metric} > {app.state.threshold:.4g} at the default settings"
+        print(f"sharpfast serve: {args.model} on {device} ({dtype}), {what}" +
+              ("" if g is None else f"; serves {len(g.served_settings())} setting(s)") +
+              ("; API key required" if key else ""), file=sys.stderr, flush=True)
+        _log_to_stderr()
+        print(f"sharpfast serve: listening on {where}", file=sys.stderr, flush=True)
+        # SIGTERM / SIGINT: uvicorn stops accepting, waits up to --graceful-timeout for the requests in
+        # flight, then the lifespan stops what is left, and the signal is re-raised (exit 143 / 130)
+        from ..server_api import timed_h11
 
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logging.getLogger("sharpfast.server").addHandler(handler)
-        logging.getLogger("sharpfast.server").setLevel(logging.INFO)
-        # SIGTERM / SIGINT: uvicorn stops accepting, waits for the requests in flight (the lifespan
-        # then drains the queue), and re-raises the signal, so a process manager sees exit 143 / 130
-        import socket
-
-        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((args.host, args.port))
-        except OSError as err:
-            sock.close()
-            raise BadArgument(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
-        host, port = sock.getsockname()[:2]
-        print(f"sharpfast serve: listening on http://{host if family == socket.AF_INET else f'[{host}]'}:{port}",
-              file=sys.stderr, flush=True)
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.graceful_timeout)
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.graceful_timeout,
+                                http=timed_h11(validate.finite(args.header_timeout, "--header-timeout", above=0)))
         uvicorn.Server(config).run(sockets=[sock])
         return 0
+
+
+def _limits(pipe, args, key):
+    from .. import validate
+    from ..score import ScoreModel
+    from ..server_api import Limits
+
+    return Limits.for_model(ScoreModel(pipe).default_size(), validate.integer(args.max_batch_size, "--max-batch-size"),
+                            max_prompt_chars=validate.integer(args.max_prompt_chars, "--max-prompt-chars"),
+                            header_timeout=args.header_timeout, api_key=key)
+
+
+def _log_to_stderr():
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("sharpfast.server").addHandler(handler)
+    logging.getLogger("sharpfast.server").setLevel(logging.INFO)
+
+
+def _listen(host: str, port: int):
+    """A bound socket and the address it listens on (the chosen port with --port 0)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise BadArgument(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    h, p = sock.getsockname()[:2]
+    return sock, f"http://{h if family == socket.AF_INET else f'[{h}]'}:{p}"
+
+
+def parse_setting(text: str) -> dict:
+    """A --calibrate-for value: 'HxW' or key=value pairs of the four settings."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if m:
+        return {"height": int(m.group(1)), "width": int(m.group(2))}
+    kinds = {"num_inference_steps": int, "guidance_scale": float, "height": int, "width": int}
+    out: dict = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        k, eq, v = item.partition("=")
+        if not eq or k.strip() not in kinds:
+            raise BadArgument(f"--calibrate-for takes HxW or key=value pairs of {', '.join(kinds)}; got {item!r}")
+        try:
+            out[k.strip()] = kinds[k.strip()](v)
+        except ValueError:
+            raise BadArgument(f"--calibrate-for: {k.strip()} must be a number, got {v!r}") from None
+    if not out:
+        raise BadArgument("--calibrate-for is empty")
+    return out
+
+
+def read_api_key(path: str) -> str:
+    """The API key in `path` (its first line, surrounding spaces dropped; at least 16 characters)."""
+    import os
+
+    from ..errors import MissingInput
+
+    if not os.path.isfile(path):
+        raise MissingInput(f"--api-key-file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        key = (f.readline() or "").strip()
+    if len(key) < 16:
+        raise BadArgument(f"the API key in {path} has {len(key)} characters; use at least 16 (e.g. "
+                          f"python -c 'import secrets; print(secrets.token_urlsafe(32))' > {path})")
+    return key

@@ -1,0 +1,180 @@
+"""An HTTP API that no request can knock over: every case the review tried gets a 4xx naming the
+problem in under a second and the server answers the next request; calibration never runs in a
+request; the API key; withdrawn requests; slow clients' headers."""
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from sharpfast import zoo  # noqa: E402
+from sharpfast.server import Batcher, create_app  # noqa: E402
+
+NORMAL = zoo.prompts("digits", "non_memorized")[0]["prompt"]
+KEY = "k" * 24
+
+
+@pytest.fixture(scope="module")
+def client():
+    os.environ["SHARPFAST_CALIBRATION"] = "quick"  # 64 captions per served setting: a test, not a deployment
+    pipe = zoo.load("digits")
+    pipe.set_progress_bar_config(disable=True)
+    from sharpfast.server_api import Limits
+
+    limits = Limits.for_model((16, 16), 8, api_key=KEY)
+    app = create_app(pipe, defaults={"num_inference_steps": 2}, calibrate_for=[{"height": 32, "width": 32}],
+                     limits=limits)
+    del os.environ["SHARPFAST_CALIBRATION"]
+    with TestClient(app) as c:
+        c.headers["Authorization"] = f"Bearer {KEY}"
+        yield c
+
+
+def ok(client):
+    r = client.post("/generate", json={"prompt": NORMAL, "seed": 1})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+CASES = [
+    ("a 10 MB prompt", dict(content=json.dumps({"prompt": "a" * 10_000_000})), 413, "bytes"),
+    ("a deeply nested body", dict(content="[" * 100_000 + "]" * 100_000), 400, "nests deeper"),
+    ("4096 images in one request", dict(json={"prompt": [NORMAL] * 64, "num_images_per_prompt": 64}), 400,
+     "images"),
+    ("a 2048x2048 request", dict(json={"prompt": NORMAL, "height": 2048, "width": 2048}), 400, "at most 64"),
+    ("a prompt that is an object", dict(json={"prompt": {"a": 1}}), 422, "prompt"),
+    ("a lone surrogate", dict(content=b'{"prompt": "digit \\ud800 two"}'), 400, "not valid text"),
+    ("guidance 1e300", dict(json={"prompt": NORMAL, "guidance_scale": 1e300}), 422, "guidance_scale"),
+    ("an unknown field", dict(json={"prompt": NORMAL, "steps": 3}), 422, "steps"),
+    ("a prompt over the character limit", dict(json={"prompt": "a" * 2001}), 400, "2000"),
+    ("malformed JSON", dict(content=b'{"prompt": '), 422, ""),
+    ("an uncalibrated setting", dict(json={"prompt": NORMAL, "height": 64, "width": 64}), 400, "--calibrate-for"),
+    ("another uncalibrated setting", dict(json={"prompt": NORMAL, "guidance_scale": 7.501}), 400, "calibrate"),
+]
+
+
+@pytest.mark.parametrize("what,kw,status,says", CASES, ids=[c[0] for c in CASES])
+def test_a_bad_request_is_a_4xx_in_under_a_second(client, what, kw, status, says):
+    headers = {"content-type": "application/json"} if "content" in kw else {}
+    start = time.perf_counter()
+    r = client.post("/generate", headers=headers, **kw)
+    took = time.perf_counter() - start
+    assert r.status_code == status, (what, r.status_code, r.text[:300])
+    assert says in r.text, r.text[:300]
+    assert len(r.content) < 20_000, "the answer must not echo a huge body"
+    assert took < 1.0, f"{what}: {took:.2f} s"
+    ok(client)  # and the server answers the next request
+
+
+def test_calibrated_sizes_are_served_and_reported(client):
+    r = client.post("/generate", json={"prompt": NORMAL, "height": 32, "width": 32, "seed": 3})
+    assert r.status_code == 200, r.text
+    rep = r.json()["memorization"][0]
+    assert "32x32" in rep["threshold_source"]
+    assert "16x16" in ok(client)["memorization"][0]["threshold_source"]
+    serves = client.get("/health").json()["serves"]
+    assert sorted(tuple(s[2:]) for s in serves) == [(16, 16), (32, 32)]
+
+
+def test_truncation_is_reported_and_prompts_are_not_echoed_whole(client):
+    long_prompt = " ".join(["digit"] * 300)  # under 2000 characters, far over the tokenizer's length
+    r = client.post("/generate", json={"prompt": long_prompt, "seed": 1})
+    assert r.status_code == 200, r.text
+    img = r.json()["images"][0]
+    assert img["warnings"] and "truncated" in img["warnings"][0]
+    assert len(img["prompt"]) == 200
+
+
+def test_the_api_key(client):
+    anon = TestClient(client.app)
+    assert anon.get("/health").status_code == 200
+    assert anon.post("/generate", json={"prompt": NORMAL}).status_code == 401
+    assert anon.get("/metrics").status_code == 401
+    assert anon.post("/generate", json={"prompt": NORMAL}, headers={"Authorization": "Bearer " + "x" * 24}) \
+        .status_code == 401
+    assert client.get("/metrics").status_code == 200
+
+
+def test_the_schema_declares_the_request_and_the_errors(client):
+    spec = client.get("/openapi.json").json()
+    op = spec["paths"]["/generate"]["post"]
+    assert "requestBody" in op and {"200", "400", "401", "413", "422", "503"} <= set(op["responses"])
+    assert "GenerateRequest" in json.dumps(op["requestBody"])
+    assert "text/plain" in json.dumps(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"])
+
+
+def test_a_withdrawn_request_leaves_the_queue_and_stops_its_batch():
+    """A client gone while queued is dropped; one alone in a running batch stops it at the next step."""
+    steps_run = []
+
+    def run_batch(bodies, should_stop):
+        for i in range(200):
+            if should_stop():
+                from sharpfast.server import _Stopped
+
+                raise _Stopped("withdrawn")
+            steps_run.append(i)
+            time.sleep(0.01)
+        return [{"ok": True} for _ in bodies]
+
+    async def main():
+        b = Batcher(run_batch, 8, 0.0)
+        b.start()
+        gone = {"now": False}
+
+        async def disconnected():
+            return gone["now"]
+
+        task = asyncio.create_task(b.submit({"prompts": ["a"], "num_images_per_prompt": 1, "num_inference_steps": 1,
+                                             "guidance_scale": 7.5, "height": None, "width": None}, disconnected))
+        await asyncio.sleep(0.2)
+        gone["now"] = True
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.2)
+        await b.stop()
+
+    asyncio.run(main())
+    assert 0 < len(steps_run) < 100, len(steps_run)
+
+
+def test_a_slow_client_is_dropped_after_the_header_timeout():
+    import uvicorn
+
+    from sharpfast.server_api import timed_h11
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", http=timed_h11(0.5), lifespan="off"))
+    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    th.start()
+    try:
+        deadline = time.time() + 10
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        slow.settimeout(5)
+        start = time.time()
+        assert slow.recv(100) == b"", "the connection must be closed"
+        assert time.time() - start < 3
+        fast = socket.create_connection(("127.0.0.1", port))
+        fast.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        fast.settimeout(5)
+        assert b"200" in fast.recv(100)
+    finally:
+        server.should_exit = True
+        th.join(10)
