@@ -504,7 +504,7 @@ def create_app(pipe, *, guarded: bool = True, metric: str | None = None, thresho
     return app
 
 
-def _count_invalid(app, metrics):
+def _count_invalid(app, metrics=None):
     """422 for a body that does not match the schema: FastAPI's detail without the inputs (never
     echo a large body), counted as the other statuses are."""
     from fastapi.exceptions import RequestValidationError
@@ -512,7 +512,8 @@ def _count_invalid(app, metrics):
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
-        metrics.http.labels("422").inc()
+        if metrics is not None:
+            metrics.http.labels("422").inc()
         detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))[:300], "type": e.get("type")}
                   for e in exc.errors()[:20]]
         return JSONResponse({"error": "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail),

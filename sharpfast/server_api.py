@@ -90,6 +90,7 @@ class GenerateResponse(BaseModel):
     batch_images: int = Field(description="images in the pipeline call that served this request")
     batch_requests: int = Field(description="requests in that call")
     seconds: float
+    replica: Optional[str] = Field(None, description="the replica that answered (Ray Serve deployments)")
 
 
 class ErrorResponse(BaseModel):

@@ -136,6 +136,7 @@ def test_sail_guard_and_scan_with_no_setup(pipe, tmp_path, monkeypatch):
     from sharpfast import calibration
 
     monkeypatch.setenv("SHARPFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SHARPFAST_CALIBRATION", "quick")  # the full set's path is tested on SD (test_calibration)
     calibration._MEMO.clear()
     out, info = sharpfast.sail(pipe, "a red house", output_type="pt", return_info=True, generator=gen(), **KW)
     assert out.images.shape[0] == 1 and "built-in generic captions" in info["threshold_source"]
