@@ -153,6 +153,24 @@ MUTATIONS = [
         "                ok = True\n",
         ["tests/test_guard.py::test_mitigated_is_earned"],
     ),
+    # serving past one process and the first hour (issues 21, 23)
+    ("calibration: one threshold for every image size", "sharpfast/calibration.py",
+     '"seed": 0, "height": None, "width": None}', '"seed": 0}',
+     ["tests/test_calibration_files.py::test_the_size_is_part_of_the_setting"]),
+    ("calibration: a NaN threshold in a file accepted", "sharpfast/calibration.py",
+     "not isinstance(v, (int, float)) or not math.isfinite(v):", "not isinstance(v, (int, float)):",
+     ["tests/test_calibration_files.py"]),
+    ("server: a deeply nested body reaches the parser", "sharpfast/server_api.py",
+     "if not depth_ok(body, self.limits.max_depth):", "if False:", ["tests/test_server_limits.py"]),
+    ("server: any API key accepted", "sharpfast/server_api.py",
+     "            if not hmac.compare_digest(", "            if False and not hmac.compare_digest(",
+     ["tests/test_server_limits.py::test_the_api_key"]),
+    ("cli: --batch-size default off the shared table", "sharpfast/cli/options.py",
+     '(default {settings.BATCH_SIZE})", default=settings.BATCH_SIZE,', '(default {settings.BATCH_SIZE})", default=16,',
+     ["tests/test_cli_options.py"]),
+    ("sail: nothing-to-do note whatever happened", "sharpfast/mitigation.py",
+     "    if under == len(start):", "    if True:",
+     ["tests/test_first_hour.py::test_sail_says_when_it_did_nothing"]),
 ]
 
 

@@ -232,8 +232,8 @@ def parse_request(body: dict, defaults: dict, needs_cfg: bool = True, limits=Non
                           f"{lim.max_prompt_chars}")
     get = lambda k: body[k] if body.get(k) is not None else defaults[k]  # noqa: E731
     steps = validate.integer(get("num_inference_steps"), "num_inference_steps")
-    if steps > MAX_STEPS:
-        raise BadArgument(f"num_inference_steps must be at most {MAX_STEPS}, got {steps}")
+    if steps > min(MAX_STEPS, lim.max_steps):
+        raise BadArgument(f"num_inference_steps must be at most {min(MAX_STEPS, lim.max_steps)}, got {steps}")
     n = validate.integer(get("num_images_per_prompt"), "num_images_per_prompt")
     if len(prompts) * n > lim.max_images:
         raise BadArgument(f"{len(prompts)} prompts x {n} images = {len(prompts) * n} images; this server makes at "

@@ -33,6 +33,7 @@ class Limits:
         max_side: height and width in pixels.
         max_pixels: height x width x images of one request.
         header_timeout: seconds a connection may take to send its request headers.
+        max_steps: num_inference_steps at most.
         api_key: the key /generate and /metrics require as `Authorization: Bearer <key>`, or None.
     """
 
@@ -45,6 +46,7 @@ class Limits:
     max_pixels: int = 8 << 20
     header_timeout: float = 10.0
     api_key: Optional[str] = None
+    max_steps: int = MAX_STEPS
 
     @classmethod
     def for_model(cls, default_size: tuple, max_batch_size: int, **kw) -> Limits:

@@ -66,7 +66,8 @@ def merge_metrics(texts: dict) -> str:
                 f[2].append((s.name, {**s.labels, "replica": replica}, s.value))
     out = []
     for name, (kind, doc, samples) in families.items():
-        out += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
+        head = f"{name}_total" if kind == "counter" else name  # (the text format names counters with _total)
+        out += [f"# HELP {head} {doc}", f"# TYPE {head} {kind}"]
         for sname, labels, value in samples:
             lab = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
             out.append(f"{sname}{{{lab}}} {value!r}")
@@ -151,7 +152,7 @@ def _deployment(cfg, num_replicas, num_gpus, num_cpus, max_batch_size, max_wait_
 
     @serve.deployment(num_replicas=num_replicas, ray_actor_options={"num_gpus": num_gpus, "num_cpus": num_cpus},
                       health_check_period_s=2, health_check_timeout_s=30, max_ongoing_requests=4 * max_batch_size,
-                      graceful_shutdown_timeout_s=30)
+                      graceful_shutdown_timeout_s=10)
     @serve.ingress(api)
     class SharpfastReplica:
         def __init__(self):

@@ -178,3 +178,41 @@ def test_a_slow_client_is_dropped_after_the_header_timeout():
     finally:
         server.should_exit = True
         th.join(10)
+
+
+def test_schemathesis_finds_no_server_error_and_no_schema_violation():
+    """Property-based requests from the OpenAPI schema (bounded examples): no 500, every answer's
+    status, content type and body as the schema declares."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, settings
+
+    from sharpfast.server_api import Limits
+
+    os.environ["SHARPFAST_CALIBRATION"] = "quick"
+    try:
+        pipe = zoo.load("digits")
+        pipe.set_progress_bar_config(disable=True)
+        app = create_app(pipe, defaults={"num_inference_steps": 2}, max_wait_ms=0,
+                         limits=Limits.for_model((16, 16), 2, max_steps=3))
+    finally:
+        del os.environ["SHARPFAST_CALIBRATION"]
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)  # it runs the app's lifespan itself
+    seen = []
+    from hypothesis import given
+
+    @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    def run(case):
+        resp = case.call_and_validate(checks=[not_a_server_error, status_code_conformance, content_type_conformance,
+                                              response_schema_conformance])
+        seen.append(resp.status_code)
+
+    for path, method in (("/generate", "POST"), ("/health", "GET"), ("/metrics", "GET")):
+        given(schema[path][method].as_strategy())(run)()
+    assert 200 in seen and any(400 <= s < 500 for s in seen), sorted(set(seen))

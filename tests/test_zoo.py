@@ -77,4 +77,4 @@ def test_shipped_calibration_is_used_by_sail_and_guard(pipe):
 
     with sharpfast.guard(pipe) as g:  # the guard's default metric, calibrated beside the model
         assert g.threshold == cal[DEFAULT_METRIC]["threshold"] and g.metric == DEFAULT_METRIC
-        assert g.threshold_source.endswith("calibration.json")
+        assert g.threshold_source.split(" (")[0].endswith("calibration.json") and "16x16" in g.threshold_source

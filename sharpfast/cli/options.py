@@ -147,6 +147,13 @@ OPTIONS: dict[str, Option] = {
                               "key=value pairs of num_inference_steps, guidance_scale, height, width, e.g. "
                               "'num_inference_steps=30,height=32,width=32'; a request at a setting not served is "
                               "refused (400), never calibrated", default=[], extra={"action": "append"}),
+    "--engine": Option("uvicorn (one process, default) or ray (Ray Serve: --replicas pipelines behind one endpoint, "
+                       "a dead replica replaced; needs the 'ray' extra)", default="uvicorn",
+                       choices=("uvicorn", "ray")),
+    "--replicas": Option("replicas with --engine ray (default 2)", default=2, type=int),
+    "--ray-address": Option("a running Ray cluster to join with --engine ray (default: start a local one)"),
+    "--gpus-per-replica": Option("GPUs Ray gives each replica with --engine ray (default 1 if this machine has a "
+                                 "CUDA GPU, else 0)", type=float),
     "--api-key-file": Option("a file holding the API key that /generate and /metrics require as 'Authorization: "
                              "Bearer <key>' (/health stays open); put TLS in front (see docs/serving.md)"),
     "--max-prompt-chars": Option("characters per prompt at most (default 2000)", default=2000, type=int),

@@ -22,7 +22,8 @@ class ServeCommand:
                                        "finishes the requests in flight, then exits.")
         options.add(p, "serve", "--model", "--host", "--port", "--metric", "--mitigation", "--threshold", "--no-guard",
                     "--max-batch-size", "--max-wait-ms", "--num-inference-steps", "--guidance-scale",
-                    "--calibrate-for", "--api-key-file", "--max-prompt-chars", "--header-timeout",
+                    "--calibrate-for", "--engine", "--replicas", "--ray-address",
+                    "--gpus-per-replica", "--api-key-file", "--max-prompt-chars", "--header-timeout",
                     "--graceful-timeout", "--device", "--dtype")
 
     @staticmethod
@@ -47,6 +48,8 @@ class ServeCommand:
         validate.integer(args.port, "--port", minimum=0)
         extra = [parse_setting(t) for t in args.calibrate_for]
         key = read_api_key(args.api_key_file) if args.api_key_file else None
+        if args.engine == "ray":
+            return _serve_on_ray(args, threshold, own, extra, key)
         sock, where = _listen(args.host, args.port)  # a port in use fails before the model loads
         device, dtype = device_dtype(args.device, args.dtype)
         pipe = load_model(args.model, device, dtype)
@@ -70,6 +73,44 @@ class ServeCommand:
                                 http=timed_h11(validate.finite(args.header_timeout, "--header-timeout", above=0)))
         uvicorn.Server(config).run(sockets=[sock])
         return 0
+
+
+def _serve_on_ray(args, threshold, own, extra, key) -> int:
+    """`--engine ray`: the deployment of sharpfast.server_ray on Ray Serve, until SIGTERM / Ctrl-C."""
+    import signal
+    import threading
+
+    from .. import validate
+    from ..server_ray import _require, ray_app
+
+    _require()
+    import ray
+    from ray import serve
+
+    replicas = validate.integer(args.replicas, "--replicas")
+    gpus = args.gpus_per_replica
+    if gpus is None:
+        import torch
+
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(ray_app(args.model, device=args.device, dtype=args.dtype, num_replicas=replicas, num_gpus=gpus,
+                      metric=args.metric, threshold=threshold,
+                      mitigation=None if args.mitigation == "none" else args.mitigation,
+                      max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, defaults=own,
+                      calibrate_for=extra, guarded=not args.no_guard, api_key=key),
+              name="sharpfast", route_prefix="/")
+    print(f"sharpfast serve: {args.model} on Ray Serve, {replicas} replica(s) ({gpus:g} GPU each); listening on "
+          f"http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("sharpfast serve: shutting the deployment down", file=sys.stderr, flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    return 0
 
 
 def _limits(pipe, args, key):
