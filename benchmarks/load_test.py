@@ -45,7 +45,7 @@ class Server:
     def __init__(self, guarded: bool, steps: int, max_batch_size: int = 8, startup_s: float = 180.0):
         self.port = free_port()
         cmd = [sys.executable, "-m", "sharpfast", "serve", "--model", "digits", "--port", str(self.port),
-               "--steps", str(steps), "--max-batch-size", str(max_batch_size), "--device", "cpu"]
+               "--num-inference-steps", str(steps), "--max-batch-size", str(max_batch_size), "--device", "cpu"]
         if not guarded:
             cmd.append("--no-guard")
         import tempfile
