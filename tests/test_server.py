@@ -120,9 +120,8 @@ def test_a_failing_request_fails_alone():
     assert isinstance(res[1], ValueError)
 
 
-def test_server_process_shuts_down_gracefully_with_requests_in_flight(tmp_path):
-    """The real `sharpfast serve` process: SIGTERM while 6 requests are queued or running; every one
-    is answered 200, the server says it stopped gracefully and exits (uvicorn re-raises SIGTERM)."""
+def _start_server(tmp_path, *args):
+    """`sharpfast serve --model digits` on a free port, ready: (process, url, its stderr log file)."""
     import httpx
 
     port = __import__("socket").socket()
@@ -131,20 +130,28 @@ def test_server_process_shuts_down_gracefully_with_requests_in_flight(tmp_path):
     port.close()
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "sharpfast", "serve", "--model", "digits", "--port", str(p),
-                             "--num-inference-steps", "40", "--max-batch-size", "2", "--device", "cpu"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+                             "--device", "cpu", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{p}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited: {open(tmp_path / 'serve.log').read()}")
+        try:
+            if httpx.get(url + "/health", timeout=2).json()["status"] == "ok":
+                return proc, url, log
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    pytest.fail("server not ready in 120 s")
+
+
+def test_server_process_shuts_down_gracefully_with_requests_in_flight(tmp_path):
+    """The real `sharpfast serve` process: SIGTERM while 6 requests are queued or running; every one
+    is answered 200, the server says it stopped gracefully and exits (uvicorn re-raises SIGTERM)."""
+    import httpx
+
+    proc, url, log = _start_server(tmp_path, "--num-inference-steps", "40", "--max-batch-size", "2")
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert proc.poll() is None, open(tmp_path / "serve.log").read()
-            try:
-                if httpx.get(url + "/health", timeout=2).json()["status"] == "ok":
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        else:
-            pytest.fail("server not ready in 120 s")
 
         async def load_and_stop():
             async with httpx.AsyncClient(base_url=url, timeout=120) as c:
@@ -169,4 +176,42 @@ def test_server_process_shuts_down_gracefully_with_requests_in_flight(tmp_path):
     assert [r.status_code for r in responses] == [200] * 6, text
     assert sorted(r.json()["request_id"] for r in responses) == [str(i) for i in range(6)]
     assert "stopped gracefully after answering 6 requests" in text, text
+    assert rc in (0, -signal.SIGTERM), rc
+
+
+def test_sigterm_ends_the_process_within_the_graceful_timeout_whatever_is_in_flight(tmp_path):
+    """A request of 1000 sampling steps in flight (minutes on this machine) and SIGTERM with a
+    2 s graceful timeout: the call stops at its next step and the process exits within seconds."""
+    import httpx
+
+    proc, url, log = _start_server(tmp_path, "--no-guard", "--graceful-timeout", "2")
+    try:
+
+        def long_request():
+            try:
+                httpx.post(url + "/generate", json={"prompt": NORMAL, "num_inference_steps": 1000}, timeout=120)
+            except httpx.HTTPError:
+                pass
+
+        import threading
+
+        th = threading.Thread(target=long_request, daemon=True)
+        th.start()
+        for _ in range(400):
+            if httpx.get(url + "/health", timeout=5).json()["in_flight"] >= 1:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the long request never reached the pipeline")
+        time.sleep(1.0)  # well inside its 1000 steps
+        start = time.time()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+        took = time.time() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log.seek(0)
+    print(f"SIGTERM to exit: {took:.1f} s")
+    assert took < 15, f"exit took {took:.1f} s\n{log.read()}"
     assert rc in (0, -signal.SIGTERM), rc
