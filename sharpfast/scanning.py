@@ -332,6 +332,10 @@ def _histogram(recs, metrics, threshold, flag_metric, path):
         ax.set_title(f"{m}: {len(vals)} prompts", fontsize=9)
         ax.set_xlabel(f"{m} score (higher = more likely memorized)", fontsize=8)
         ax.set_ylabel("prompts", fontsize=8)
+        if ax.get_yscale() == "linear":
+            from matplotlib.ticker import MaxNLocator
+
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: whole prompts
     fig.suptitle("sharpfast scan: score distribution" + (f" (flag: {flag_metric})" if threshold is not None else ""),
                  fontsize=10)
     fig.tight_layout()
