@@ -29,3 +29,12 @@ def fresh_seed(name: str) -> int:
     seed = int(os.environ.get("SHARPFAST_TEST_SEED") or random.SystemRandom().randrange(2**31))
     print(f"{name}: seed {seed} (replay: SHARPFAST_TEST_SEED={seed})")
     return seed
+
+
+def quiet_tiny(kind: str = "sd1"):
+    """A tiny random-weight pipeline with its progress bar off (the module fixtures' pipeline)."""
+    from sharpfast.testing import tiny_pipeline
+
+    p = tiny_pipeline(kind)
+    p.set_progress_bar_config(disable=True)
+    return p

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from helpers import quiet_tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sharpfast
 from sharpfast.errors import SharpfastError
-from sharpfast.testing import tiny_pipeline
 
 NAN, INF = float("nan"), float("inf")
 # argument -> (valid values, invalid values)
@@ -24,9 +24,7 @@ THRESHOLD = ([1.0, INF], [NAN, "x"])
 
 @pytest.fixture(scope="module")
 def pipe():
-    p = tiny_pipeline("sd1")
-    p.set_progress_bar_config(disable=True)
-    return p
+    return quiet_tiny("sd1")
 
 
 def pick(spec):

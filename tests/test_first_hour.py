@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from helpers import quiet_tiny
 
 import sharpfast
 from sharpfast import calibration
@@ -13,9 +14,7 @@ from sharpfast.testing import tiny_pipeline
 
 @pytest.fixture(scope="module")
 def pipe():
-    p = tiny_pipeline("sd1")
-    p.set_progress_bar_config(disable=True)
-    return p
+    return quiet_tiny("sd1")
 
 
 def test_sail_says_when_it_did_nothing(pipe):
