@@ -337,7 +337,16 @@ class ScoreModel:
         """A private copy of the pipeline's scheduler with its timesteps set as the pipeline sets
         them (height / width matter to Flux's shift only)."""
         sched = copy.deepcopy(self.pipe.scheduler)
-        sched.set_timesteps(num_inference_steps, device=self.device)
+        try:
+            sched.set_timesteps(num_inference_steps, device=self.device)
+        except ValueError as err:  # e.g. more steps than the scheduler was trained with
+            raise BadArgument(f"the scheduler refuses num_inference_steps={num_inference_steps}: {err}") from err
+        table = getattr(sched, "alphas_cumprod", None)
+        if table is not None and len(sched.timesteps) and int(sched.timesteps.max()) >= len(table):
+            raise BadArgument(f"num_inference_steps={num_inference_steps} lays out timestep "
+                              f"{int(sched.timesteps.max())}, past the {len(table)} training timesteps of "
+                              f"{type(sched).__name__} (steps_offset={sched.config.get('steps_offset', 0)}); use "
+                              f"fewer steps")
         return sched
 
     def alpha_bar(self, sched, t) -> float:

@@ -477,7 +477,7 @@ def create_app(pipe, *, guarded: bool = True, metric: str | None = None, thresho
     h, w = model.default_size()
     defaults.setdefault("height", h)
     defaults.setdefault("width", w)
-    limits = limits or Limits.for_model((h, w), max_batch_size)
+    limits = limits or Limits.for_model((h, w), max_batch_size, pipe.scheduler)
     g = _guard(pipe, guarded, metric, threshold, mitigation, sail_kwargs, name, calibrate_for, defaults)
     thr = None if g is None else g.calibrate(defaults["num_inference_steps"], defaults["guidance_scale"])
     metrics = _ServerMetrics(g)

@@ -49,13 +49,41 @@ class Limits:
     max_steps: int = MAX_STEPS
 
     @classmethod
-    def for_model(cls, default_size: tuple, max_batch_size: int, **kw) -> Limits:
+    def for_model(cls, default_size: tuple, max_batch_size: int, scheduler=None, **kw) -> Limits:
         """Limits scaled to a model: sides up to 4x its own (at most 2048), a request's pixels up
-        to max_batch_size images of twice its side."""
+        to max_batch_size images of twice its side, steps up to what its scheduler can take."""
         h, w = default_size
         side = min(2048, 4 * max(h, w))
+        steps = MAX_STEPS if scheduler is None else scheduler_step_limit(scheduler)
         return cls(max_images=max_batch_size, max_side=side, max_pixels=max_batch_size * 4 * h * w,
-                   **{k: v for k, v in kw.items() if v is not None})
+                   max_steps=steps, **{k: v for k, v in kw.items() if v is not None})
+
+
+def _steps_fit(scheduler, n: int) -> bool:
+    """Whether a fresh copy of the scheduler lays out n steps inside its training timesteps."""
+    try:
+        s = type(scheduler).from_config(scheduler.config)
+        s.set_timesteps(n)
+        t = s.timesteps
+        top = getattr(s.config, "num_train_timesteps", None)
+        return len(t) > 0 and (top is None or float(t.max()) < top) and float(t.min()) >= 0
+    except Exception:  # noqa: BLE001 (a scheduler that cannot lay out n steps has no n-step schedule)
+        return False
+
+
+def scheduler_step_limit(scheduler, cap: int = MAX_STEPS) -> int:
+    """The most sampling steps (at most `cap`) a scheduler lays out without an out-of-range
+    timestep: DDIM with steps_offset=1 and 1000 training steps takes 999, not 1000 (at 1000 its
+    last timestep is 1000, an index error inside the pipeline). A scheduler whose layout cannot be
+    probed without the pipeline's arguments (e.g. a dynamically shifted flow schedule) keeps `cap`.
+    """
+    if _steps_fit(scheduler, cap) or not _steps_fit(scheduler, 1):
+        return cap
+    lo, hi = 1, cap  # lo fits, hi does not: bounded bisection (log2(cap) probes)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _steps_fit(scheduler, mid) else (lo, mid)
+    return lo
 
 
 class GenerateRequest(BaseModel):

@@ -196,7 +196,7 @@ class _Replica:
         h, w = model.default_size()
         self.defaults = {**pipeline_defaults(self.pipe), "num_images_per_prompt": 1, "height": h, "width": w,
                          **cfg["defaults"]}
-        self.limits = cfg["limits"] or Limits.for_model((h, w), cfg["max_batch_size"])
+        self.limits = cfg["limits"] or Limits.for_model((h, w), cfg["max_batch_size"], self.pipe.scheduler)
         self.needs_cfg = not model.distilled
         self.guard = _guard(self.pipe, cfg["guarded"], cfg["metric"], cfg["threshold"], cfg["mitigation"], None,
                             cfg["model"], cfg["calibrate_for"], self.defaults)

@@ -295,6 +295,11 @@ def test_bad_input(small_pipe):
     for gs in (float("nan"), float("inf")):
         with pytest.raises(BadArgument, match="guidance_scale must be a finite number"):
             sharpfast.detect(p, ["a"], guidance_scale=gs, **kw)
+    # more steps than the scheduler lays out inside its training timesteps: once a raw IndexError
+    with pytest.raises(BadArgument, match="past the 1000 training timesteps"):
+        sharpfast.detect(p, ["a"], num_inference_steps=1000, **kw)
+    with pytest.raises(BadArgument, match="the scheduler refuses num_inference_steps=1001"):
+        sharpfast.detect(p, ["a"], num_inference_steps=1001, **kw)
 
 
 def test_long_prompt_is_truncated_with_a_warning(small_pipe):

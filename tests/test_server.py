@@ -180,18 +180,21 @@ def test_server_process_shuts_down_gracefully_with_requests_in_flight(tmp_path):
 
 
 def test_sigterm_ends_the_process_within_the_graceful_timeout_whatever_is_in_flight(tmp_path):
-    """A request of 1000 sampling steps in flight (minutes on this machine) and SIGTERM with a
+    """A request of 900 sampling steps in flight (minutes on this machine) and SIGTERM with a
     2 s graceful timeout: the call stops at its next step and the process exits within seconds."""
     import httpx
 
     proc, url, log = _start_server(tmp_path, "--no-guard", "--graceful-timeout", "2")
     try:
 
+        answer = []
+
         def long_request():
             try:
-                httpx.post(url + "/generate", json={"prompt": NORMAL, "num_inference_steps": 1000}, timeout=120)
-            except httpx.HTTPError:
-                pass
+                answer.append(httpx.post(url + "/generate", json={"prompt": NORMAL, "num_inference_steps": 900},
+                                         timeout=120))
+            except httpx.HTTPError as err:
+                answer.append(err)
 
         import threading
 
@@ -200,10 +203,11 @@ def test_sigterm_ends_the_process_within_the_graceful_timeout_whatever_is_in_fli
         for _ in range(400):
             if httpx.get(url + "/health", timeout=5).json()["in_flight"] >= 1:
                 break
+            assert not answer, f"the long request was answered before it ran: {answer[0]!r}"
             time.sleep(0.05)
         else:
             pytest.fail("the long request never reached the pipeline")
-        time.sleep(1.0)  # well inside its 1000 steps
+        time.sleep(1.0)  # well inside its 900 steps
         start = time.time()
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(60)

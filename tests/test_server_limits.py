@@ -28,7 +28,7 @@ def client():
     pipe.set_progress_bar_config(disable=True)
     from sharpfast.server_api import Limits
 
-    limits = Limits.for_model((16, 16), 8, api_key=KEY)
+    limits = Limits.for_model((16, 16), 8, pipe.scheduler, api_key=KEY)
     app = create_app(pipe, defaults={"num_inference_steps": 2}, calibrate_for=[{"height": 32, "width": 32}],
                      limits=limits)
     del os.environ["SHARPFAST_CALIBRATION"]
@@ -48,6 +48,8 @@ CASES = [
     ("a deeply nested body", dict(content="[" * 100_000 + "]" * 100_000), 400, "nests deeper"),
     ("4096 images in one request", dict(json={"prompt": [NORMAL] * 64, "num_images_per_prompt": 64}), 400,
      "images"),
+    ("1000 steps of a DDIM schedule that lays out 999", dict(json={"prompt": NORMAL, "num_inference_steps": 1000}),
+     400, "at most 999"),
     ("a 2048x2048 request", dict(json={"prompt": NORMAL, "height": 2048, "width": 2048}), 400, "at most 64"),
     ("a prompt that is an object", dict(json={"prompt": {"a": 1}}), 422, "prompt"),
     ("a lone surrogate", dict(content=b'{"prompt": "digit \\ud800 two"}'), 400, "not valid text"),
@@ -71,6 +73,28 @@ def test_a_bad_request_is_a_4xx_in_under_a_second(client, what, kw, status, says
     assert len(r.content) < 20_000, "the answer must not echo a huge body"
     assert took < 1.0, f"{what}: {took:.2f} s"
     ok(client)  # and the server answers the next request
+
+
+@pytest.mark.parametrize("offset,top", [(1, 999), (0, 1000)])
+def test_the_step_limit_is_what_the_scheduler_can_take(offset, top):
+    """At the limit the scheduler's first step runs; one step more and it indexes past its table."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from sharpfast.server_api import scheduler_step_limit
+
+    sched = DDIMScheduler(num_train_timesteps=1000, steps_offset=offset, set_alpha_to_one=False)
+    assert scheduler_step_limit(sched) == top
+    x = torch.zeros(1, 4, 2, 2)
+    for n, runs in ((top, True), (top + 1, False)):
+        s = DDIMScheduler.from_config(sched.config)
+        try:  # (past 1000 training steps set_timesteps itself refuses)
+            s.set_timesteps(n)
+            s.step(torch.zeros_like(x), s.timesteps[0], x)
+            ran = True
+        except (IndexError, ValueError):
+            ran = False
+        assert ran == runs, (n, runs)
 
 
 def test_calibrated_sizes_are_served_and_reported(client):
