@@ -54,9 +54,10 @@ class Limits:
         to max_batch_size images of twice its side, steps up to what its scheduler can take."""
         h, w = default_size
         side = min(2048, 4 * max(h, w))
-        steps = MAX_STEPS if scheduler is None else scheduler_step_limit(scheduler)
-        return cls(max_images=max_batch_size, max_side=side, max_pixels=max_batch_size * 4 * h * w,
-                   max_steps=steps, **{k: v for k, v in kw.items() if v is not None})
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if "max_steps" not in kw:
+            kw["max_steps"] = MAX_STEPS if scheduler is None else scheduler_step_limit(scheduler)
+        return cls(max_images=max_batch_size, max_side=side, max_pixels=max_batch_size * 4 * h * w, **kw)
 
 
 def _steps_fit(scheduler, n: int) -> bool:
