@@ -140,8 +140,7 @@ def test_sail_guard_and_scan_with_no_setup(kind, cache, tmp_path, monkeypatch):
     """A user's own model, no calibration file: sharpfast.sail(pipe, prompt), guard(pipe)(prompt)
     and scan with defaults run and say where their levels came from (sd1 on the full built-in
     set, the others on the quick one: the same path, a fifth of the cost)."""
-    if kind != "sd1":
-        monkeypatch.setenv("SHARPFAST_CALIBRATION", "quick")
+    monkeypatch.setenv("SHARPFAST_CALIBRATION", "full" if kind == "sd1" else "quick")
     pipe = tiny_pipeline(kind)
     pipe.set_progress_bar_config(disable=True)
     out, info = sharpfast.sail(pipe, "a red house", num_inference_steps=5, output_type="pt", return_info=True)

@@ -1,6 +1,6 @@
-"""The guard on Ray Serve with a replica killed mid-load (marked `ray`; .ci/run runs it in a step
-of its own): 2 CPU replicas of the digits model, mixed normal and memorized prompts from several
-clients, one replica's process SIGKILLed while requests are in flight. Ray replaces it; every
+"""The guard on Ray Serve with a replica killed mid-load (marked `ray`; `pytest -s -m ray
+tests/test_ray.py` prints its figures): 2 CPU replicas of the digits model, mixed normal and
+memorized prompts from several clients, one replica's process SIGKILLed while requests are in flight. Ray replaces it; every
 request is answered 200, or fails with a retryable status and is answered 200 on its one retry;
 none lost, none duplicated; every flagged prompt mitigated; /metrics covers both replicas."""
 import json
@@ -37,7 +37,8 @@ def deployment(tmp_path_factory):
 
     os.environ["SHARPFAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "SHARPFAST_CACHE": os.environ["SHARPFAST_CACHE"]}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "SHARPFAST_CACHE": os.environ["SHARPFAST_CACHE"],
+                                       "SHARPFAST_CALIBRATION": os.environ.get("SHARPFAST_CALIBRATION", "full")}})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(ray_app("digits", num_replicas=2, num_cpus=0.5, device="cpu", dtype="fp32",

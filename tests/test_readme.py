@@ -1,11 +1,12 @@
 """Every ```python block of README.md and of the documentation site (docs/*.md) runs as written,
-each on its own in a fresh interpreter (a snippet that uses a name it never defines fails here)."""
+each on its own in a process of its own with none of the tests' or other snippets' names (a snippet
+that uses a name it never defines fails here), forked from a server that has imported torch and
+diffusers once (helpers.run_snippet)."""
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_snippet
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -29,5 +30,12 @@ def test_readme_is_short_and_its_links_resolve():
 @pytest.mark.parametrize("page, code", BLOCKS,
                          ids=[f"{page.stem}-block{i}" for i, (page, _) in enumerate(BLOCKS)])
 def test_python_block_runs(page, code, tmp_path):
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, f"{page.name} snippet failed:\n{code}\n--- stderr ---\n{res.stderr[-3000:]}"
+    rc, output = run_snippet(code, tmp_path)
+    assert rc == 0, f"{page.name} snippet failed (exit {rc}):\n{code}\n--- output ---\n{output[-3000:]}"
+
+
+def test_a_failing_snippet_fails_and_names_are_not_shared(tmp_path):
+    rc, out = run_snippet("import sharpfast\nprint('ran in', __name__)\nundefined_name", tmp_path)
+    assert rc == 1 and "ran in __main__" in out and "NameError" in out
+    rc, out = run_snippet("print(sorted(k for k in globals() if not k.startswith('__')))", tmp_path)
+    assert rc == 0 and "[]" in out, out
