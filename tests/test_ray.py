@@ -1,8 +1,9 @@
 """The guard on Ray Serve with a replica killed mid-load (marked `ray`; `pytest -s -m ray
 tests/test_ray.py` prints its figures): 2 CPU replicas of the digits model, mixed normal and
 memorized prompts from several clients, one replica's process SIGKILLed while requests are in
-flight. Ray replaces it; every request is answered 200, or fails with a retryable status and is answered 200 on its one retry;
-none lost, none duplicated; every flagged prompt mitigated; /metrics covers both replicas."""
+flight. Ray replaces it; every request is answered 200, or fails with a retryable status and is
+answered 200 on its one retry; none lost, none duplicated; every flagged prompt mitigated;
+/metrics covers both replicas."""
 import json
 import os
 import signal
