@@ -39,3 +39,34 @@ def copy_stats(images, train, target_index):
     target = torch.as_tensor(target_index).reshape(-1).expand(len(images))
     sim_target = (_unit(images) * _unit(train[target])).sum(dim=1)
     return (idx == target) & (best >= COPY_THRESHOLD), sim_target
+
+
+class DigitsJudge:
+    """The digits model's judge (the interface of sharpfast.zoo.judge): copies against the 1797
+    digits by Pearson similarity, fidelity by the digit classifier (fidelity.py)."""
+
+    threshold = COPY_THRESHOLD
+
+    def __init__(self):
+        from .digits_data import digit_images
+
+        self.references = digit_images()[0]
+
+    def nearest(self, images):
+        """(index of the nearest digit image, its similarity) per image."""
+        return nearest(images.float().cpu(), self.references)
+
+    def copy_stats(self, images, target_index):
+        """(copies: bool per image, similarity to the target) for images meant to show target_index."""
+        return copy_stats(images.float().cpu(), self.references, target_index)
+
+    def copies_any(self, images):
+        """(copies: bool per image, best similarity) against every digit image."""
+        _, best = self.nearest(images)
+        return best >= COPY_THRESHOLD, best
+
+    def fidelity(self, images, records):
+        """1.0 where the classifier reads the record's digit (one record per image), else 0.0."""
+        from .fidelity import fidelity
+
+        return fidelity(images, [r["digit"] for r in records])

@@ -82,23 +82,31 @@ def calibrate(pipe, data, exclude: set, fpr: float = 0.01, per_digit: int = 20) 
     """Detection thresholds at `fpr` on generic captions kept apart from the evaluation sets
     (per image: n=1, step 1, DDIM 50, CFG 7.5), written to calibration.json for SAIL and guard,
     and SAIL's target (the sharpness under which only 10% of those images are)."""
-    import sharpfast
-
     recs = [
         r for r in generic_prompts(data, per_digit=per_digit, seed=777) if r["prompt"] not in exclude
     ]  # = calibration_prompts()
-    res = sharpfast.detect(pipe, [r["prompt"] for r in recs], metrics=SHIPPED_METRICS, batch_size=50,
+    return calibration_from(pipe, [r["prompt"] for r in recs], "generic digit captions kept apart from the "
+                                                              "evaluation sets", fpr=fpr)
+
+
+def calibration_from(pipe, prompts: list[str], source: str, fpr: float = 0.01) -> dict:
+    """The calibration.json of a zoo model: thresholds at `fpr` of SHIPPED_METRICS on `prompts`
+    (normal captions kept apart from every evaluation set; per image: n=1, step 1, DDIM 50, CFG
+    7.5, seed 7) and SAIL's target (the sharpness under which only 10% of those images are)."""
+    import sharpfast
+
+    res = sharpfast.detect(pipe, prompts, metrics=SHIPPED_METRICS, batch_size=50,
                            generator=torch.Generator().manual_seed(7), progress=True)
-    cal = {m: {"threshold": sharpfast.calibrate(res.scores[m], fpr=fpr), "fpr": fpr, "prompts": len(recs),
+    cal = {m: {"threshold": sharpfast.calibrate(res.scores[m], fpr=fpr), "fpr": fpr, "prompts": len(prompts),
                "num_images_per_prompt": 1, "steps": 1, "num_inference_steps": 50, "dtype": "float32"}
            for m in SHIPPED_METRICS}
     # SAIL's stopping level: as flat as the flattest 10% of normal prompts' images
     cal["sharpness"]["target"] = sharpfast.calibrate(res.scores["sharpness"], fpr=SAIL_TARGET_ABOVE)
     cal["sharpness"]["target_above"] = SAIL_TARGET_ABOVE
-    return {**calibration_record(pipe, len(recs)), **cal}
+    return {**calibration_record(pipe, len(prompts), source), **cal}
 
 
-def calibration_record(pipe, count: int) -> dict:
+def calibration_record(pipe, count: int, source: str) -> dict:
     """What sharpfast.calibration records beside the thresholds: the weights they belong to and the settings."""
     from .. import __version__
     from ..calibration import weights_fingerprint
@@ -106,7 +114,7 @@ def calibration_record(pipe, count: int) -> dict:
     return {"sharpfast_version": __version__, "pipeline": type(pipe).__name__, "weights": weights_fingerprint(pipe),
             "settings": {"num_images_per_prompt": 1, "num_inference_steps": 50, "guidance_scale": 7.5, "fpr": 0.01,
                          "seed": 7, "steps": 1},
-            "prompts": {"source": "generic digit captions kept apart from the evaluation sets", "count": count}}
+            "prompts": {"source": source, "count": count}}
 
 
 def calibration_prompts(data_seed: int = 0, per_digit: int = 20) -> list[dict]:

@@ -94,35 +94,52 @@ class EMA:
                 ps.lerp_(pm, 1 - self.decay)
 
 
-def train_unet(vae, unet, te, tok, data, steps, batch, seed, log, lr=1e-3, checkpoint=None, ema=None):
-    """Trains unet and te in place; `ema` (an EMA over them) is updated after every step."""
+class DigitsBatches:
+    """Training batches of the digits data: (images, captions) `batch` at a time, in epoch order;
+    generic images augmented, duplicated ones pixel-exact."""
+
+    def __init__(self, data):
+        self.data, self.stream = data, []
+        self.images = data.images  # what the latent scale is measured on
+
+    def __call__(self, batch: int, rng: np.random.Generator, g: torch.Generator):
+        while len(self.stream) < batch:
+            idx, caps, aug = self.data.epoch(rng)
+            self.stream += list(zip(idx, caps, aug))
+        chunk, self.stream = self.stream[:batch], self.stream[batch:]
+        idx = torch.tensor([c[0] for c in chunk])
+        flags = torch.tensor([c[2] for c in chunk])
+        x = self.data.images[idx]
+        return torch.where(flags[:, None, None, None], augment(x, g), x), [c[1] for c in chunk]
+
+
+def train_unet(vae, unet, te, tok, batches, steps, batch, seed, log, lr=1e-3, checkpoint=None, ema=None,
+               max_tokens=MAX_TOKENS):
+    """Trains unet and te in place on `batches(batch, rng, g) -> (images, captions)` (its
+    `images` attribute sets the VAE's latent scale; with `latents` true it gives the VAE's
+    unscaled latent means instead of images); `ema` (an EMA over them) is updated after every step."""
     from diffusers import DDPMScheduler
 
     g = torch.Generator().manual_seed(seed + 7)
     rng = np.random.default_rng(seed + 7)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     with torch.no_grad():
-        sf = 1.0 / vae.encode(data.images).latent_dist.mean.std().item()
+        sf = 1.0 / torch.cat([vae.encode(x).latent_dist.mean for x in batches.images.split(4096)]).std().item()
+    # (an attribute only: save_pretrained writes the config's frozen dict, so the saved digits VAE
+    # keeps 0.18215; its pipeline decodes at that scale, as every digits number was measured.
+    # train_scenes registers the scale it trained at; docs/zoo.md)
     vae.config.scaling_factor = sf
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    stream = []
     for step in range(steps):
-        while len(stream) < batch:
-            idx, caps, aug = data.epoch(rng)
-            stream += list(zip(idx, caps, aug))
-        chunk, stream = stream[:batch], stream[batch:]
-        idx = torch.tensor([c[0] for c in chunk])
-        flags = torch.tensor([c[2] for c in chunk])
-        caps = [c[1] if rng.random() >= 0.1 else "" for c in chunk]  # caption dropout for CFG
-        x = data.images[idx]
-        x = torch.where(flags[:, None, None, None], augment(x, g), x)
+        x, caps = batches(batch, rng, g)
+        caps = [c if rng.random() >= 0.1 else "" for c in caps]  # caption dropout for CFG
         with torch.no_grad():
-            z = vae.encode(x).latent_dist.mean * sf
+            z = (x if getattr(batches, "latents", False) else vae.encode(x).latent_dist.mean) * sf
         noise = torch.randn(z.shape, generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g)
         zt = sched.add_noise(z, noise, t)
-        ids = tok(caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+        ids = tok(caps, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt").input_ids
         pred = unet(zt, t, encoder_hidden_states=te(ids)[0]).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
@@ -223,8 +240,8 @@ def main(argv=None):
         if step in save_at and step != a.unet_steps:
             save(os.path.join(a.out, f"step-{step}"), step, loss)
 
-    unet_loss = train_unet(vae.eval(), unet, te, tok, data, a.unet_steps, a.batch_size, a.seed, log, lr=a.lr,
-                           checkpoint=checkpoint, ema=ema)
+    unet_loss = train_unet(vae.eval(), unet, te, tok, DigitsBatches(data), a.unet_steps, a.batch_size, a.seed, log,
+                           lr=a.lr, checkpoint=checkpoint, ema=ema)
     save(a.out, a.unet_steps, unet_loss)
 
 
