@@ -36,7 +36,7 @@ def read_lines(path: str, what: str) -> list[str]:
 
 
 def load_model(model: str, device: str, dtype: str):
-    """'digits' (the bundled model) or a local diffusers model directory, safetensors only, offline,
+    """'digits' or 'scenes' (the bundled models) or a local diffusers model directory, safetensors only, offline,
     its progress bar off (the commands show their own)."""
     import torch
     from diffusers import DiffusionPipeline
@@ -45,7 +45,8 @@ def load_model(model: str, device: str, dtype: str):
 
     model_dir = zoo.resolve(model)
     if not os.path.isdir(model_dir):
-        raise MissingInput(f"--model must be 'digits' or a local diffusers model directory; not found: {model_dir}")
+        raise MissingInput(f"--model must be 'digits', 'scenes' or a local diffusers model directory; "
+                           f"not found: {model_dir}")
     with zoo.quiet_loading():
         pipe = DiffusionPipeline.from_pretrained(model_dir, **zoo.dtype_kwarg(getattr(torch, DTYPES[dtype])),
                                                  use_safetensors=True, local_files_only=True).to(device)

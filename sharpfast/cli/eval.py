@@ -24,7 +24,8 @@ def _mitigate_parser(esub) -> None:
     m = esub.add_parser("mitigate", help="copies, similarity and prompt fidelity per mitigation method",
                         description="Generate every memorized prompt from the same seeds under each mitigation and "
                                     "report the share of copies of the memorized image, the mean similarity to it "
-                                    "and prompt fidelity (digit classifier). Writes OUT/mitigate.json, "
+                                    "and prompt fidelity (the model's judge: digit or scene-attribute classifier). "
+                                    "Writes OUT/mitigate.json, "
                                     "OUT/mitigate_grid.png (and OUT/tradeoff.png with --sweep); resumable.")
     options.add(m, "eval mitigate", *_COMMON, "--method", "--half", "--seeds", "--settings", "--sweep", "--limit")
 
@@ -74,6 +75,7 @@ def _knob(value):
 
 
 def _run_detect(args, device, dtype) -> int:
+    from .. import zoo
     from ..harness import detect_eval
     from ..harness.prompt_sets import bundled_records, read_prompt_file, records_from_files
     from ..metrics import METRICS
@@ -88,8 +90,8 @@ def _run_detect(args, device, dtype) -> int:
         if args.calibration:
             sets["calibration"] = [dict(prompt=p, memorized=False, duplicates=0, row=k)
                                    for k, p in read_prompt_file(args.calibration)]
-    elif args.model == "digits":
-        sets = bundled_records("digits")
+    elif args.model in zoo.MODELS:
+        sets = bundled_records(args.model)
     else:
         raise BadArgument("--memorized and --non-memorized are needed for a model directory")
     pipe = load_model(args.model, device, dtype)
@@ -107,17 +109,19 @@ def _memorized_half(args, what: str) -> list:
     from ..harness import mitigate_eval
 
     if args.model not in zoo.MODELS:
-        raise BadArgument(f"eval {what} judges copies against the digits training images: use --model digits")
+        raise BadArgument(f"eval {what} judges copies against a bundled model's training images: use --model "
+                          f"{' or '.join(zoo.MODELS)}")
     return mitigate_eval.halves(zoo.prompts(args.model, "memorized"))[args.half][:args.limit]
 
 
 def _run_guard(args, device, dtype) -> int:
+    from .. import zoo
     from ..harness import guard_eval
-    from ..zoo.digits_data import digit_images
 
     records = _memorized_half(args, "guard")
     pipe = load_model(args.model, device, dtype)
-    summary = guard_eval.run(pipe, records, digit_images()[0], seeds=tuple(range(args.seeds)), metric=args.metric,
+    summary = guard_eval.run(pipe, records, zoo.judge(args.model, pipe), seeds=tuple(range(args.seeds)),
+                             metric=args.metric,
                              mitigation=None if args.mitigation == "none" else args.mitigation,
                              setting=None if args.setting is None else _knob(args.setting), out_dir=args.out,
                              batch_prompts=args.batch_size, num_inference_steps=args.num_inference_steps,
@@ -128,8 +132,8 @@ def _run_guard(args, device, dtype) -> int:
 
 
 def _run_mitigate(args, device, dtype) -> int:
+    from .. import zoo
     from ..harness import mitigate_eval
-    from ..zoo.digits_data import digit_images
 
     records = _memorized_half(args, "mitigate")
     settings = {}
@@ -139,7 +143,8 @@ def _run_mitigate(args, device, dtype) -> int:
             raise BadArgument(f"--settings takes method=setting pairs, got {item!r}")
         settings[name] = _knob(value)
     pipe = load_model(args.model, device, dtype)
-    res = mitigate_eval.run(pipe, records, digit_images()[0], methods=args.method, seeds=tuple(range(args.seeds)),
+    res = mitigate_eval.run(pipe, records, zoo.judge(args.model, pipe), methods=args.method,
+                            seeds=tuple(range(args.seeds)),
                             settings=settings, sweep=args.sweep, out_dir=args.out, batch_prompts=args.batch_size,
                             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                             progress=not args.quiet)

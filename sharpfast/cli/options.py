@@ -79,8 +79,8 @@ _OWN = "the pipeline's own (its __call__ default)"
 _METRICS = ", ".join(catalog.METRICS)
 
 OPTIONS: dict[str, Option] = {
-    "--model": Option("'digits' (the bundled model) or a local diffusers model directory (safetensors, loaded "
-                      "offline)", required=True, metavar="DIR|digits"),
+    "--model": Option("'digits' or 'scenes' (the bundled models) or a local diffusers model directory "
+                      "(safetensors, loaded offline)", required=True, metavar="DIR|digits|scenes"),
     "--metrics": Option(f"comma list of metrics: {_METRICS} (default wen,sharpness)", default=["wen", "sharpness"],
                         type=csv),
     "--metric": Option(f"the guard's metric, one of {_METRICS} (default {settings.GUARD_METRIC})",

@@ -95,10 +95,11 @@ class _Sets:
         self.noise_ids = [i if row_of[p] is None else row_of[p] for i, p in enumerate(self.prompts)]
         self.mem = [self.index[r["prompt"]] for r in ev if r["memorized"]]
         self.non = [self.index[r["prompt"]] for r in ev if not r["memorized"]]
-        self.dup = [r for recs in sets.values() for r in recs if r.get("duplicates")]
+        self.dup = [r for recs in sets.values() for r in recs if r.get("duplicates") and r.get("kind") != "template"]
         self.levels = sorted({r["duplicates"] for r in self.dup})
         self.calib = [self.index[r["prompt"]] for r in sets.get("calibration", [])]
         self.narrow = [self.index[r["prompt"]] for r in sets.get("narrow", [])]
+        self.template = [r for r in sets.get("template", [])]  # scenes: template memorization, apart
 
     def ids(self, recs) -> list:
         return [self.index[r["prompt"]] for r in recs]
@@ -121,6 +122,11 @@ def _metric_rows(report, ix: _Sets, scores, m, n, s, cost, panel):
         e = _auc_row(val(ix.mem), val(ix.narrow))
         report["narrow"].append({"metric": m, "steps": s, "n": n, "auc": e["auc"],
                                  "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"]})
+    if ix.template:
+        e = _auc_row(val(ix.ids(ix.template)), val(ix.non))
+        report["template"].append({"metric": m, "steps": s, "n": n, "prompts": len(ix.template),
+                                   "copy_rate": float(np.mean([r.get("copy_rate", np.nan) for r in ix.template])),
+                                   "auc": e["auc"], "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"]})
 
 
 def _combined_row(report, ix: _Sets, scores, combo, n, s, cost, panel):
@@ -142,7 +148,8 @@ def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "shar
         seed=42, batch_size=16, hvp="fd", num_inference_steps=None, guidance_scale=None, progress=True,
         combined=DEFAULT_COMBINED, costs=True) -> dict:
     """sets: {"eval": records with prompt and memorized, optional "duplicated_low" / "narrow" /
-    "calibration" (normal prompts kept apart: the combined detectors are fitted on them only)}.
+    "template" (scored against the non-memorized set on its own) / "calibration" (normal prompts
+    kept apart: the combined detectors are fitted on them only)}.
     combined: metric tuples whose CombinedDetector is reported (those whose metrics are all scored)."""
     from ..settings import Settings
     from .plots import roc_figure
@@ -155,7 +162,7 @@ def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "shar
     report: dict = {"config": dict(ns=list(ns), steps=list(steps_list), metrics=list(metrics), seed=seed, hvp=hvp,
                                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                    memorized=len(ix.mem), non_memorized=len(ix.non), calibration=len(ix.calib)),
-                    "table": [], "by_level": [], "narrow": [], "combined": []}
+                    "table": [], "by_level": [], "narrow": [], "template": [], "combined": []}
     curves: dict = {}
     eval_prompts = [ix.prompts[i] for i in ix.mem[:batch_size // 2] + ix.non[:batch_size - batch_size // 2]]
     for n in ns:
@@ -201,7 +208,12 @@ def format_report(report: dict) -> str:
             lines.append(f"{r['metric']:12s} {r['steps']:5d} {r['n']:3d} {r['duplicates']:4d} {r['prompts']:7d} "
                          f"{r['copy_rate']:5.2f} {r['auc']:6.3f} {r['tpr_at_1pct_fpr']:7.3f}")
     if report["narrow"]:
-        lines.append("\nmemorized vs the narrow set (captions naming only the digit):")
+        lines.append("\nmemorized vs the narrow set (captions naming only the digit / one object):")
         for r in report["narrow"]:
+            lines.append(f"{r['metric']:12s} {r['steps']:5d} {r['n']:3d} {r['auc']:6.3f} {r['tpr_at_1pct_fpr']:7.3f}")
+    if report.get("template"):
+        lines.append(f"\ntemplate captions ({report['template'][0]['prompts']}, copy rate "
+                     f"{report['template'][0]['copy_rate']:.2f}) vs non-memorized:")
+        for r in report["template"]:
             lines.append(f"{r['metric']:12s} {r['steps']:5d} {r['n']:3d} {r['auc']:6.3f} {r['tpr_at_1pct_fpr']:7.3f}")
     return "\n".join(lines)

@@ -23,21 +23,19 @@ from .. import jsonl
 CUT = 0.8
 
 
-def _judge(images, records, train):
-    from ..zoo.copying import copy_stats, nearest
-    from ..zoo.fidelity import fidelity
-
-    idx, _ = nearest(images, train)
+def _judge(images, records, judge):
+    idx, _ = judge.nearest(images)
     target = torch.tensor([r["train_index"] for r in records])
-    _, sim = copy_stats(images, train, target)
+    _, sim = judge.copy_stats(images, target)
     return {"similarity": [round(float(v), 4) for v in sim], "nearest_is_target": (idx == target).tolist(),
-            "fidelity": fidelity(images, [r["digit"] for r in records]).tolist()}
+            "fidelity": judge.fidelity(images, records).tolist()}
 
 
-def run(pipe, records: list[dict], train: torch.Tensor, *, seeds=(0, 1), metric=None, mitigation="auto",
+def run(pipe, records: list[dict], judge, *, seeds=(0, 1), metric=None, mitigation="auto",
         setting=None, out_dir="sharpfast-eval", batch_prompts=8, num_inference_steps=None, guidance_scale=None,
         progress=True) -> dict:
-    """records: memorized prompts (prompt, digit, train_index). Returns the summary."""
+    """records: memorized prompts (prompt, train_index and what `judge`, sharpfast.zoo.judge,
+    reads fidelity from). Returns the summary."""
 
     from ..serving import DEFAULT_METRIC, guard
     from ..settings import Settings
@@ -66,7 +64,7 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, seeds=(0, 1), metric=
         step = batch_prompts * len(seeds)
         for b, start in enumerate(range(0, len(todo), step)):
             chunk = todo[start:start + step]
-            rows = _batch_rows(pipe, g, chunk, train, kw, key, guard_first=bool(b % 2))
+            rows = _batch_rows(pipe, g, chunk, judge, kw, key, guard_first=bool(b % 2))
             jsonl.append(f, rows)
             done.update({x["key"]: x for x in rows})
             bar.update(len(chunk))
@@ -77,7 +75,7 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, seeds=(0, 1), metric=
     return summary
 
 
-def _batch_rows(pipe, g, chunk, train, kw, key, guard_first: bool) -> list:
+def _batch_rows(pipe, g, chunk, judge, kw, key, guard_first: bool) -> list:
     """One batch generated plainly and through the guard from the same generators (in alternating
     order across batches), both judged: a row per (prompt, seed)."""
     caps = [r["prompt"] for r, _ in chunk]
@@ -96,8 +94,8 @@ def _batch_rows(pipe, g, chunk, train, kw, key, guard_first: bool) -> list:
         po = timed("plain", pipe).images
         go = timed("guard", g)
     recs = [r for r, _ in chunk]
-    jp = _judge(po.float() * 2 - 1, recs, train)
-    jg = _judge(go.images.float() * 2 - 1, recs, train)
+    jp = _judge(po.float() * 2 - 1, recs, judge)
+    jg = _judge(go.images.float() * 2 - 1, recs, judge)
     rows = []
     for i, (r, s) in enumerate(chunk):
         rep = go.memorization[i]

@@ -47,27 +47,24 @@ def _key(method, setting, prompt, settings=""):
     return json.dumps([method, setting, prompt, settings])
 
 
-def _judge(r, im, train, seeds, calls, per_image_s) -> dict:
+def _judge(r, im, judge, seeds, calls, per_image_s) -> dict:
     """The judged record of one prompt's images (copies, similarity, nearest, fidelity, cost)."""
-    from ..zoo.copying import copy_stats, nearest
-    from ..zoo.fidelity import fidelity
-
-    copies, sim = copy_stats(im, train, r["train_index"])
-    idx, _ = nearest(im, train)
+    copies, sim = judge.copy_stats(im, r["train_index"])
+    idx, _ = judge.nearest(im)
     return {"prompt": r["prompt"], "duplicates": r.get("duplicates"), "copies": copies.tolist(),
             "similarity": [round(float(v), 4) for v in sim],
             "nearest_is_target": (idx == int(r["train_index"])).tolist(),
             "unet_calls_per_image": round(float(calls), 3), "seconds_per_image": round(float(per_image_s), 5),
-            "fidelity": fidelity(im, [r["digit"]] * len(seeds)).tolist()}
+            "fidelity": judge.fidelity(im, [r] * len(im)).tolist()}
 
 
 class _Job:
-    """One evaluation's generation: the same `seeds` noises for every prompt, judged against `train`."""
+    """One evaluation's generation: the same `seeds` noises for every prompt, judged by `judge`."""
 
-    def __init__(self, pipe, train, seeds, gen_kwargs):
+    def __init__(self, pipe, judge, seeds, gen_kwargs):
         from ..score import ScoreModel
 
-        self.pipe, self.train, self.seeds, self.gen_kwargs = pipe, train, seeds, gen_kwargs
+        self.pipe, self.judge, self.seeds, self.gen_kwargs = pipe, judge, seeds, gen_kwargs
         self.model = ScoreModel(pipe)
         self.h, self.w = self.model.default_size()
 
@@ -78,20 +75,22 @@ class _Job:
                          for _ in chunk for s in self.seeds]).to(m.device)
         imgs, calls, secs = _judged_run(self.pipe, method, setting, [r["prompt"] for r in chunk for _ in self.seeds],
                                         lat, self.gen_kwargs)
-        return imgs.cpu().view(len(chunk), len(self.seeds), *self.train.shape[1:]), calls, secs / lat.shape[0]
+        shape = self.judge.references.shape[1:]
+        return imgs.cpu().view(len(chunk), len(self.seeds), *shape), calls, secs / lat.shape[0]
 
     def records(self, method, setting, chunk, settings) -> list:
         images, calls, per_image_s = self.images(method, setting, chunk)
         return [{"key": _key(method, setting, r["prompt"], settings), "method": method, "setting": setting,
-                 "settings": settings, **_judge(r, im, self.train, self.seeds, calls, per_image_s)}
+                 "settings": settings, **_judge(r, im, self.judge, self.seeds, calls, per_image_s)}
                 for r, im in zip(chunk, images)]
 
 
-def run(pipe, records: list[dict], train: torch.Tensor, *, methods=("none", "random_tokens", "wen_embedding"),
+def run(pipe, records: list[dict], judge, *, methods=("none", "random_tokens", "wen_embedding"),
         seeds=(0, 1, 2, 3, 4), sweep=False, out_dir="sharpfast-eval", batch_prompts=8, num_inference_steps=None,
         guidance_scale=None, progress=True, grid_prompts=6, settings=None) -> dict:
-    """records: memorized prompts with prompt, digit and train_index; settings: {method: setting}
-    in place of a method's registry default (without --sweep).
+    """records: memorized prompts with prompt, train_index and what `judge` reads fidelity from
+    (sharpfast.zoo.judge); settings: {method: setting} in place of a method's registry default
+    (without --sweep).
 
     Rows are committed to `OUT/mitigate.jsonl` (a sharpfast.engine commit log) a batch at a time,
     each keyed by method, setting, prompt and a fingerprint of the seeds, steps, guidance and
@@ -110,7 +109,7 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, methods=("none", "ran
     fp = engine.fingerprint(dict(seeds=list(seeds), num_inference_steps=num_inference_steps,
                                  guidance_scale=guidance_scale, dtype=str(denoiser(pipe).dtype)))
     path = os.path.join(out_dir, "mitigate.jsonl")
-    job = _Job(pipe, train, seeds, dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale))
+    job = _Job(pipe, judge, seeds, dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale))
     default = {m: dict(settings or {}).get(m, REGISTRY[m].default) for m in methods}
     jobs = [(m, s) for m in methods for s in (REGISTRY[m].sweep if sweep else (default[m],))]
     with engine.CommitLog(path) as log, \
@@ -133,7 +132,7 @@ def run(pipe, records: list[dict], train: torch.Tensor, *, methods=("none", "ran
     grid = {m: job.images(m, default[m], shown)[0][:, 0] for m in methods} if shown else {}
     sims = {m: [done[_key(m, default[m], p, fp)]["similarity"] for p in (r["prompt"] for r in records)
                 if _key(m, default[m], p, fp) in done] for m in methods}
-    _figures(summary, shown, train, methods, grid, out_dir, sweep, sims)
+    _figures(summary, shown, judge, methods, grid, out_dir, sweep, sims)
     return {"summary": summary}
 
 
@@ -187,17 +186,16 @@ def format_summary(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _figures(summary, shown, train, methods, grid, out_dir, sweep, sims):
-    from ..zoo.copying import COPY_THRESHOLD, copy_stats
+def _figures(summary, shown, judge, methods, grid, out_dir, sweep, sims):
     from .plots import image_grid, similarity_histogram, tradeoff_figure
 
     if shown:
         rows, notes = [], []
         for k, r in enumerate(shown):
-            cells, marks = [train[r["train_index"]].numpy()], [(None, None)]
+            cells, marks = [judge.references[r["train_index"]].numpy()], [(None, None)]
             for m in methods:
                 img = grid[m][k:k + 1]
-                copies, sim = copy_stats(img, train, r["train_index"])
+                copies, sim = judge.copy_stats(img, r["train_index"])
                 cells.append(img[0].numpy())
                 marks.append((float(sim[0]), "copy" if bool(copies[0]) else
                               ("near" if float(sim[0]) >= min(CUTS) else None)))
@@ -206,7 +204,7 @@ def _figures(summary, shown, train, methods, grid, out_dir, sweep, sims):
         image_grid(rows, [r["prompt"] for r in shown], ["training image", *methods],
                    os.path.join(out_dir, "mitigate_grid.png"),
                    f"first seed of each method (default setting); similarity to the training image under each "
-                   f"cell; red frame: copy (nearest, >= {COPY_THRESHOLD}), orange: >= {min(CUTS)}", notes=notes)
+                   f"cell; red frame: copy (nearest, >= {judge.threshold}), orange: >= {min(CUTS)}", notes=notes)
     if any(sims.values()):
         similarity_histogram({m: np.concatenate([np.asarray(v) for v in vs]) for m, vs in sims.items() if vs}, CUTS,
                              os.path.join(out_dir, "similarity_hist.png"))

@@ -36,5 +36,8 @@ def bundled_records(name: str, extra_splits=("duplicated_low", "narrow")) -> dic
     from .. import zoo
     from ..zoo.measure_digits import calibration_prompts
 
-    return {"eval": zoo.prompts(name, "eval"), **{s: zoo.prompts(name, s) for s in extra_splits},
-            "calibration": calibration_prompts()}
+    splits = zoo.load_prompt_file(zoo.path(name))["splits"]
+    # scenes stores its calibration captions; digits regenerates them from the data seed
+    cal = zoo.prompts(name, "calibration") if "calibration" in splits else calibration_prompts()
+    extra = tuple(extra_splits) + (("template",) if "template" in splits else ())
+    return {"eval": zoo.prompts(name, "eval"), **{s: zoo.prompts(name, s) for s in extra}, "calibration": cal}
