@@ -102,8 +102,9 @@ def model_card(model_dir: str, doc: dict, cal: dict) -> str:
              + (f"; final UNet loss {info['final_unet_loss']:.4f}, {info['seconds'] / 60:.1f} minutes on "
                 f"{info['threads']} CPU threads (torch {info['torch']})." if "seconds" in info else "."),
              "Measured by `python -m sharpfast.zoo.measure_scenes --model DIR` "
-             f"({len(doc['seeds'])} seeds, DDIM 50 steps, CFG 7.5; a copy: the nearest fixed scene, by Pearson "
-             f"correlation of the RGB pixels against the VAE's reconstruction of each, is the caption's own "
+             f"({len(doc['seeds'])} seeds, DDIM 50 steps, CFG 7.5; a copy: the nearest fixed scene, by the "
+             f"correlation of the RGB pixels (each channel centred) against the VAE's reconstruction of each, is "
+             f"the caption's own "
              f"(any template scene for a template caption) with correlation >= {doc['copy_threshold']}; fidelity: "
              "the share of the caption's attributes an attribute classifier sees"
              + (f", held-out accuracy {judge['held_out']}" if judge else "") + ").", "",

@@ -1,8 +1,11 @@
 """The scenes model's judge: copies by pixel correlation, fidelity by an attribute classifier.
 
 Copies. A generation copies fixed training image i (a duplicated or template scene) when its
-nearest fixed image, by the Pearson correlation of the RGB pixels, is i and the correlation is at
-least COPY_THRESHOLD. The references are the fixed scenes passed through the model's own VAE
+nearest fixed image, by the correlation of the RGB pixels with each colour channel centred on its
+own mean, is i and the correlation is at least COPY_THRESHOLD. (Centring all channels together,
+as the digits judge does with its one channel, lets the colour of a uniform background alone
+correlate two teal scenes at 0.95 whatever their objects; centred per channel a background
+contributes nothing and the objects decide.) The references are the fixed scenes passed through the model's own VAE
 (encode, decode), so that the autoencoder's reconstruction error, which no generation can beat,
 does not hide a copy. The correlation is not a quantity any sharpfast detector or mitigation
 computes.
@@ -153,6 +156,14 @@ def fidelity(net: AttributeNet, images: torch.Tensor, attributes: list) -> np.nd
     return np.asarray(out)
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Each image with every channel centred on its own mean, flattened, at unit length (float64)."""
+    x = x.double()
+    x = x - x.mean(dim=(-2, -1), keepdim=True)
+    flat = x.reshape(len(x), -1)
+    return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 class ScenesJudge:
     """Copies and fidelity of scenes generations (the module docstring says how).
 
@@ -178,16 +189,14 @@ class ScenesJudge:
 
     def nearest(self, images: torch.Tensor):
         """(index of the nearest fixed scene, its correlation) per image."""
-        from .copying import nearest
-
-        return nearest(images.float().cpu(), self.references)
+        sim = _unit(images.float().cpu()) @ _unit(self.references).T
+        best, idx = sim.max(dim=1)
+        return idx, best
 
     def copy_stats(self, images: torch.Tensor, target_index):
         """(copies: bool per image, correlation with the target) for images of prompts whose
         training image is fixed scene `target_index` (one int, or one per image). For a template
         caption a copy of ANY template scene counts (template memorization: the layout is copied)."""
-        from .copying import _unit
-
         images = images.float().cpu()
         idx, best = self.nearest(images)
         target = torch.as_tensor(target_index).reshape(-1).expand(len(images))
