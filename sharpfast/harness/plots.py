@@ -74,7 +74,11 @@ def image_grid(rows: list[list], row_labels: list[str], col_labels: list[str], p
             if img is None:
                 ax.axis("off")
                 continue
-            ax.imshow(np.asarray(img, dtype=np.float32).reshape(img.shape[-2:]), cmap="gray_r", vmin=-1, vmax=1)
+            arr = np.asarray(img, dtype=np.float32)
+            if arr.ndim == 3 and arr.shape[0] == 3:  # RGB in [-1, 1], channels first (scenes)
+                ax.imshow(((arr.transpose(1, 2, 0) + 1) / 2).clip(0, 1))
+            else:  # one channel (digits): dark ink on white
+                ax.imshow(arr.reshape(arr.shape[-2:]), cmap="gray_r", vmin=-1, vmax=1)
             if r == 0:
                 ax.set_title(col_labels[c], fontsize=8)
             sim, mark = (notes[r][c] if notes and c < len(notes[r]) else (None, None))
