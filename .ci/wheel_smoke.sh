@@ -46,6 +46,8 @@ with sharpfast.guard(pipe) as g:
 assert rep[0]["metric"] and g.threshold_source
 digits = sharpfast.zoo.load("digits")
 assert len(sharpfast.zoo.prompts("digits")) > 100
+scenes = sharpfast.zoo.load("scenes")   # weights and the judge's classifier ship in the wheel
+assert len(sharpfast.zoo.prompts("scenes")) > 100 and sharpfast.zoo.judge("scenes", scenes).references.shape[1] == 3
 assert [len(sharpfast.data.prompt_set(n)) for n in sharpfast.data.PROMPT_SETS] == [500, 219, 500]
 print("wheel smoke: detect, sail, guard, zoo OK from", os.path.dirname(sharpfast.__file__))
 PY

@@ -15,6 +15,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MUTATIONS = [
+    # the scenes model's judge (issue 22)
+    ("scenes judge: a template caption's copy must be its own scene", "sharpfast/zoo/scenes_judge.py",
+     "hit = torch.where(self.template[target], self.template[idx], idx == target)", "hit = idx == target",
+     ["tests/test_scenes_data.py"]),
+    ("scenes judge: fidelity ignores the background", "sharpfast/zoo/scenes_judge.py",
+     "hits = [] if a[\"background\"] is None else", "hits = [] if True else", ["tests/test_scenes_data.py"]),
+    ("scenes renderer: triangle upside down", "sharpfast/zoo/scenes_data.py",
+     "np.abs(dx) <= (dy - top) / (base - top) * o.r", "np.abs(dx) <= (base - dy) / (base - top) * o.r",
+     ["tests/test_scenes_data.py"]),
     # the second design step (issue 20)
     ("engine: uncommitted records count", "sharpfast/engine.py",
      "                pending.append(rec)\n    return recs, chunks, good\n",

@@ -234,7 +234,8 @@ def build(seed: int = 0, levels=DUPLICATION_LEVELS, per_level=IMAGES_PER_LEVEL, 
     rng = np.random.default_rng(seed)
     level_of = [lv for lv, k in zip(levels, per_level) for _ in range(k)]
     uids = rng.choice(10000, size=len(level_of), replace=False)
-    fixed, seen = [], set()
+    fixed: list[Fixed] = []
+    seen: set[str] = set()
     for j, (lv, uid) in enumerate(zip(level_of, uids)):
         for _ in range(100):  # bounded: distinct scenes, so each caption has one image
             s = random_scene(rng)

@@ -37,7 +37,8 @@ class ScenesBatches:
     latents = True
 
     def __init__(self, data, seed: int, vae, log=print):
-        self.data, self.stream = data, []
+        self.data = data
+        self.stream: list = []
         rng = np.random.default_rng(seed + 11)
         # what the latent scale is measured on: 1000 generic scenes, the same in every stage
         self.images = to_tensor([random_scene(rng) for _ in range(1000)])
