@@ -99,7 +99,7 @@ class _Sets:
         self.levels = sorted({r["duplicates"] for r in self.dup})
         self.calib = [self.index[r["prompt"]] for r in sets.get("calibration", [])]
         self.narrow = [self.index[r["prompt"]] for r in sets.get("narrow", [])]
-        self.template = [r for r in sets.get("template", [])]  # scenes: template memorization, apart
+        self.template = list(sets.get("template", []))  # scenes: template memorization, apart
 
     def ids(self, recs) -> list:
         return [self.index[r["prompt"]] for r in recs]

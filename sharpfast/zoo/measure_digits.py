@@ -174,16 +174,22 @@ def summarize(records: list[dict]) -> dict:
     return {f"{lv}x": stats([r for r in records if r["duplicates"] == lv]) for lv in levels}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="the trained digits model directory; prompts.json goes there")
+def measure_args(doc: str, name: str, argv=None):
+    """(arguments, pipeline) of a measure script: --model, --seeds, --seed; the model loaded offline."""
+    from diffusers import StableDiffusionPipeline
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--model", required=True, help=f"the trained {name} model directory; prompts.json goes there")
     p.add_argument("--seeds", type=int, default=10, help="generations per prompt (default 10)")
     p.add_argument("--seed", type=int, default=0, help="the data seed the model was trained with (default 0)")
     a = p.parse_args(argv)
-    from diffusers import StableDiffusionPipeline
-
     pipe = StableDiffusionPipeline.from_pretrained(a.model, local_files_only=True, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
+    return a, pipe
+
+
+def main(argv=None):
+    a, pipe = measure_args(__doc__, "digits", argv)
     data = build(seed=a.seed)
     seeds = list(range(MEASURE_SEED0, MEASURE_SEED0 + a.seeds))
     dups = [dict(prompt=d.caption, memorized=None, digit=d.digit, train_index=d.train_index, duplicates=d.duplicates)

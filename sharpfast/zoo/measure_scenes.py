@@ -13,14 +13,13 @@ split. Writes prompts.json, calibration.json and the model card README.md into D
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import numpy as np
 
 from .copying import generate
-from .measure_digits import MEASURE_SEED0, calibration_from
+from .measure_digits import MEASURE_SEED0, calibration_from, measure_args
 from .scenes_data import COLOURS, SHAPES, SIZES, build, caption, random_scene
 from .scenes_judge import COPY_THRESHOLD, ScenesJudge
 
@@ -123,15 +122,7 @@ def model_card(model_dir: str, doc: dict, cal: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="the trained scenes model directory; prompts.json goes there")
-    p.add_argument("--seeds", type=int, default=10, help="generations per prompt (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="the data seed the model was trained with (default 0)")
-    a = p.parse_args(argv)
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(a.model, local_files_only=True, use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
+    a, pipe = measure_args(__doc__, "scenes", argv)
     data = build(seed=a.seed)
     judge = ScenesJudge(pipe, a.model, a.seed)
     seeds = list(range(MEASURE_SEED0, MEASURE_SEED0 + a.seeds))

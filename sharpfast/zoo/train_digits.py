@@ -62,12 +62,20 @@ def load_models(path: str):
 
 
 def train_vae(vae, images, steps, batch, seed, log):
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    for step in range(steps):
+    def batches(g):
         idx = torch.randint(0, len(images), (batch,), generator=g)
         x = images[idx]
-        x = torch.where((torch.rand(batch, generator=g) < 0.5)[:, None, None, None], augment(x, g), x)
+        return torch.where((torch.rand(batch, generator=g) < 0.5)[:, None, None, None], augment(x, g), x)
+
+    return fit_vae(vae, batches, steps, torch.Generator().manual_seed(seed), log)
+
+
+def fit_vae(vae, batches, steps, g, log):
+    """Reconstruction training of the VAE on `batches(g) -> images` (KL weight 1e-6); the last loss."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    loss = torch.zeros(())
+    for step in range(steps):
+        x = batches(g)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
         loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()

@@ -21,11 +21,10 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..testing import _text_encoder, word_tokenizer
 from .scenes_data import DUPLICATION_LEVELS, augment, build, caption_words, random_scene, to_tensor
-from .train_digits import EMA, assemble, train_unet
+from .train_digits import EMA, assemble, fit_vae, train_unet
 
 MAX_TOKENS = 48  # the longest caption is 43 tokens (words, punctuation and identifier digits)
 
@@ -79,25 +78,16 @@ def make_models(seed: int):
 
 def train_vae(vae, data, steps, batch, seed, log):
     """Reconstruction on generic scenes and, a quarter of each batch, the fixed ones."""
-    g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed + 3)
     fixed = data.fixed_images()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    loss = torch.zeros(())
-    for step in range(steps):
-        k = batch // 4
+    k = batch // 4
+
+    def batches(g):
         x = torch.cat([fixed[torch.randint(0, len(fixed), (k,), generator=g)],
                        to_tensor([random_scene(rng) for _ in range(batch - k)])])
-        x = augment(x, g)
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample(generator=g)).sample
-        loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 200 == 0 or step == steps - 1:
-            log(f"vae step {step} loss {loss.item():.4f}")
-    return loss.item()
+        return augment(x, g)
+
+    return fit_vae(vae, batches, steps, torch.Generator().manual_seed(seed), log)
 
 
 def _parser():
