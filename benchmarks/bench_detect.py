@@ -20,9 +20,9 @@ import time
 import pytest
 import torch
 
+from sharpfast.adapters import ScoreModel
 from sharpfast.curvature import EstimatorOptions
-from sharpfast.metrics import step_metrics
-from sharpfast.score import ScoreModel
+from sharpfast.scores import step_metrics
 from sharpfast.testing import sd15_sized_pipeline, tiny_pipeline
 
 CASES = {"wen": ("wen", "fd"), "sharpness_fd": ("sharpness", "fd"), "sharpness_jvp": ("sharpness", "jvp"),

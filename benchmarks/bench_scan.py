@@ -40,7 +40,7 @@ def load(sd15, device, dtype, sample_size=64):
 
 def bare_forward_rate(pipe, batch, calls_per_batch, reps=3):
     """Prompts/s if the scan did nothing but its UNet calls (CFG batch of 2 * batch rows)."""
-    from sharpfast.score import ScoreModel
+    from sharpfast.adapters import ScoreModel
 
     model = ScoreModel(pipe)
     h, w = model.default_size()

@@ -39,8 +39,8 @@ def _paired(a, b):
 
 
 def detection(pipe, rounds):
-    from sharpfast.metrics import step_metrics
-    from sharpfast.score import ScoreModel
+    from sharpfast.adapters import ScoreModel
+    from sharpfast.scores import step_metrics
 
     model = ScoreModel(pipe)
     h, w = model.default_size()

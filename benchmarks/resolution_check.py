@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
     import sharpfast
     from sharpfast import calibration, zoo
-    from sharpfast.score import ScoreModel
+    from sharpfast.adapters import ScoreModel
 
     pipe = zoo.load("digits")
     pipe.set_progress_bar_config(disable=True)

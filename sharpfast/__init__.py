@@ -15,13 +15,13 @@ except _NotFound:  # a bare checkout on sys.path, not installed
 _LAZY = {
     "detect": ("detection", "detect"),
     "hessian_spectrum": ("spectrum", "hessian_spectrum"),
-    "evaluate": ("evaluation", "evaluate"),
-    "calibrate": ("evaluation", "calibrate"),
+    "evaluate": ("roc", "evaluate"),
+    "calibrate": ("roc", "calibrate"),
     "calibrate_model": ("calibration", "calibrate_model"),
     "DetectionResult": ("results", "DetectionResult"),
-    "sail": ("mitigation", "sail"),
+    "sail": ("mitigations.sail", "sail"),
     "mitigate": ("mitigations", "mitigate"),
-    "guard": ("serving", "guard"),
+    "guard": ("guarding", "guard"),
     "scan": ("scanning", "scan"),
 }
 

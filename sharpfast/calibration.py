@@ -149,9 +149,9 @@ def _scores(pipe, prompts, metrics, st, seed, batch_size, progress) -> tuple:
     model, with the time the rest will take logged after the first batch; (scores, UNet calls, rows)."""
     import time
 
+    from .adapters import adapt
     from .detection import detect
     from .progress import bar as progress_bar
-    from .score import adapt
 
     model = adapt(pipe)
     n = st.num_images_per_prompt
@@ -220,8 +220,8 @@ def calibrate_model(pipe, prompts=None, *, num_images_per_prompt: int = 1, fpr: 
         BadArgument: fewer than 20 prompts, a bad fpr, metric or setting.
         NonFiniteOutput: a normal prompt's score is not finite.
     """
-    from .evaluation import calibrate
-    from .metrics import METRICS
+    from .roc import calibrate
+    from .scores import METRICS
 
     prompts, source = _prompt_set(prompts)
     if len(prompts) < 20:
@@ -404,7 +404,7 @@ def _from_beside(pipe, fp, metric, key, s) -> Optional[Resolved]:
         log.warning("ignoring %s: calibrated for other weights (fingerprint %s, this model %s)", beside,
                     cal["weights"].get("fingerprint"), fp["fingerprint"])
     else:
-        from .score import adapt
+        from .adapters import adapt
 
         if _matches(cal, metric, key, s, check_settings=True, default_size=adapt(pipe).default_size()):
             return Resolved(float(cal[metric][key]), f"{beside}")

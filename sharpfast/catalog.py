@@ -1,6 +1,6 @@
 """The names of the built-in registries, for what must answer without importing torch
 (`sharpfast --help`, argument errors). The registries themselves live with their code
-(sharpfast.metrics.REGISTRY, sharpfast.mitigations.REGISTRY); tests/test_cli_options.py holds
+(sharpfast.scores.REGISTRY, sharpfast.mitigations.REGISTRY); tests/test_cli_options.py holds
 these lists equal to them, so a new built-in metric or mitigation is added here too or the
 suite fails naming it."""
 

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 
 from . import ops
+from .adapters import Conditioning, ScoreModel, eps_to_score, math_attention, sigma_of
 from .errors import BadArgument
-from .score import Conditioning, ScoreModel, eps_to_score, math_attention, sigma_of
 
 BRANCHES = ("cond", "null", "delta")
 MODES = ("fd", "jvp")

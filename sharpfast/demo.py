@@ -24,10 +24,10 @@ def _mitigation_grid(pipe, recs, device, out_dir, say, progress) -> None:
     """A few memorized prompts from the same noise under each demo method: copies and fidelity
     printed, OUT/before_after.png written (each cell's similarity to the training image under it,
     copies framed red, near copies at similarity >= 0.8 orange)."""
+    from .adapters import ScoreModel
     from .harness.plots import image_grid
     from .mitigations import REGISTRY, mitigate
     from .progress import bar
-    from .score import ScoreModel
     from .zoo.copying import COPY_THRESHOLD, copy_stats
     from .zoo.digits_data import digit_images
     from .zoo.fidelity import fidelity
@@ -69,9 +69,9 @@ def _detection(pipe, recs, progress, say):
     42 + each prompt's id), so the table is the README's; prints it and returns (scores, curves)."""
     import sharpfast
 
+    from .adapters import ScoreModel
     from .harness.detect_eval import _Sets
     from .harness.prompt_sets import bundled_records
-    from .score import ScoreModel
 
     model = ScoreModel(pipe)
     ix = _Sets(bundled_records("digits"))

@@ -1,6 +1,6 @@
 """sharpfast.detect: per-prompt memorization scores on a stock diffusers pipeline.
 
-Every metric (sharpfast.metrics.METRICS; higher = more likely memorized) is computed per image on
+Every metric (sharpfast.scores.METRICS; higher = more likely memorized) is computed per image on
 the real CFG sampling trajectory, averaged over the first `steps` steps and the
 `num_images_per_prompt` images of each prompt. Prompts go through the denoiser `batch_size` at a
 time, one CFG call per step (plus one for `sharpness` with hvp="fd", one on a num_probes-times
@@ -16,11 +16,11 @@ from typing import Optional
 import torch
 
 from . import validate
+from .adapters import adapt
 from .curvature import EstimatorOptions
 from .errors import BadArgument
-from .metrics import HVP_MODES, METRICS, step_metrics
 from .results import DetectionResult
-from .score import adapt
+from .scores import HVP_MODES, METRICS, step_metrics
 from .settings import BATCH_SIZE, Settings
 
 
@@ -94,10 +94,10 @@ def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt
     on the real CFG trajectory of the first `steps` sampling steps (see this module's docstring).
 
     Args:
-        pipe: a supported diffusers pipeline, or its `sharpfast.score.ScoreModel` to share one
+        pipe: a supported diffusers pipeline, or its `sharpfast.adapters.ScoreModel` to share one
             across many calls on equal batches (it keeps the null prompt's embeddings).
         prompts: a prompt or a list of prompts (none empty).
-        metrics: registry names (sharpfast.metrics.METRICS).
+        metrics: registry names (sharpfast.scores.METRICS).
         num_images_per_prompt: images per prompt (the scores are their mean).
         steps: first sampling steps averaged.
         num_inference_steps: the schedule's steps (default: the pipeline's own, sharpfast.settings).

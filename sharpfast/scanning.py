@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from . import engine, settings, validate
+from .adapters import ScoreModel, denoiser
 from .errors import BadArgument, OutputMismatch, WriteFailed
 from .scan_input import check_source, file_digest, iter_chunks, iter_rows
-from .score import ScoreModel, denoiser
 from .settings import Settings
 
 META = "scan.json"
@@ -158,7 +158,7 @@ def _score(model, prompts, rows, *, metrics, n, seed, batch_size, num_inference_
 
 def _check_flagging(metrics, flag_metric, threshold, calibrate_on):
     """(metrics, flag metric, threshold) checked: the flag metric among the metrics, one threshold source."""
-    from .metrics import METRICS
+    from .scores import METRICS
 
     metrics = list(validate.metrics(metrics, METRICS))
     flag_metric = flag_metric or metrics[-1]

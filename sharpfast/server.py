@@ -14,7 +14,7 @@ Endpoints (the OpenAPI schema at /openapi.json declares them: sharpfast.server_a
 Request batching: one worker takes the queued requests with the same generation settings, up to
 max_batch_size images, waiting at most max_wait_ms for a batch to fill, and makes ONE guarded
 call for all of them in a worker thread (the pipeline runs one call at a time anyway, see
-sharpfast.serving). Every image has its own generator, seeded seed + k for the k-th image of a
+sharpfast.guarding). Every image has its own generator, seeded seed + k for the k-th image of a
 request, so a request's images do not depend on what it was batched with (up to the float
 rounding of a larger batch). A batch that raises is retried request by request, so a bad request
 fails alone (400 for a sharpfast error naming the problem, 500 otherwise).
@@ -274,8 +274,8 @@ class Runner:
     """One pipeline call for a batch of parsed requests (guarded or plain), split back per request."""
 
     def __init__(self, pipe, guard=None):
-        from .score import ScoreModel
-        from .serving import pipeline_lock
+        from .adapters import ScoreModel
+        from .guarding import pipeline_lock
 
         self.pipe, self.guard = pipe, guard
         self._lock = pipeline_lock(pipe)  # the guard's own lock too: one pipeline call at a time
@@ -440,7 +440,7 @@ def _guard(pipe, guarded, metric, threshold, mitigation, sail_kwargs, name, cali
     `calibrate_for`): no request waits for a calibration, and one at another setting is refused."""
     if not guarded:
         return None
-    from .serving import DEFAULT_METRIC, guard
+    from .guarding import DEFAULT_METRIC, guard
 
     g = guard(pipe, metric=metric or DEFAULT_METRIC, threshold=threshold, mitigation=mitigation,
               sail_kwargs=sail_kwargs, name=name, calibrate_new=False)
@@ -465,7 +465,7 @@ def create_app(pipe, *, guarded: bool = True, metric: str | None = None, thresho
     from fastapi import FastAPI
 
     from . import validate
-    from .score import ScoreModel, pipeline_defaults
+    from .adapters import ScoreModel, pipeline_defaults
     from .server_api import ERRORS, BodyGuard, GenerateResponse, Limits
 
     max_batch_size = validate.integer(max_batch_size, "max_batch_size")

@@ -185,8 +185,8 @@ class _Replica:
     """What one replica does, apart from Ray's decorators (so it can be tested without Ray)."""
 
     def __init__(self, cfg: dict):
+        from .adapters import ScoreModel, pipeline_defaults
         from .cli.common import device_dtype, load_model
-        from .score import ScoreModel, pipeline_defaults
         from .server import Runner, _guard, _ServerMetrics
         from .server_api import Limits
 

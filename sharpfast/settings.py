@@ -64,7 +64,7 @@ class Settings:
             BadArgument: a value of the wrong type or out of range (the message names it).
             UnsupportedPipeline: the pipeline is not supported.
         """
-        from .score import adapt, pipeline_defaults
+        from .adapters import adapt, pipeline_defaults
 
         model = adapt(pipe)
         own = pipeline_defaults(model.pipe)

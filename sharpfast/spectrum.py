@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from . import validate
+from .adapters import ScoreModel
 from .curvature import ScoreJacobian
 from .errors import BadArgument
-from .score import ScoreModel
 from .settings import Settings
 
 CONDITIONS = ("cond", "null")

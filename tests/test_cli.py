@@ -154,7 +154,7 @@ def test_sail_cli_checks_everything_before_loading_or_generating(tmp_path, capsy
 
 
 def test_help_states_the_defaults_in_code():
-    from sharpfast.mitigation import DEFAULTS
+    from sharpfast.mitigations.sail import DEFAULTS
 
     res = subprocess.run([sys.executable, "-m", "sharpfast", "sail", "--help"], capture_output=True, text=True)
     assert f"(default {DEFAULTS['paper']['candidates']})" in res.stdout

@@ -78,8 +78,8 @@ def test_a_shared_concept_has_one_default_and_one_name():
 
 def test_help_lists_the_registries():
     from sharpfast import catalog
-    from sharpfast.metrics import REGISTRY as METRICS
     from sharpfast.mitigations import REGISTRY as MITIGATIONS
+    from sharpfast.scores import REGISTRY as METRICS
 
     assert catalog.METRICS == tuple(METRICS), "sharpfast.catalog.METRICS must list the metric registry"
     assert catalog.MITIGATIONS == tuple(MITIGATIONS), "sharpfast.catalog.MITIGATIONS must list the mitigations"

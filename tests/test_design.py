@@ -30,7 +30,7 @@ def test_no_family_branches_outside_the_adapters():
         for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
             if FAMILY_BRANCH.search(line.split("#")[0]):
                 hits.append(f"{p.relative_to(ROOT)}:{i}: {line.strip()}")
-    assert not hits, "family branches outside sharpfast/score.py:\n" + "\n".join(hits)
+    assert not hits, "family branches outside sharpfast/adapters/:\n" + "\n".join(hits)
 
 
 def test_the_branch_pattern_catches_what_it_should():
@@ -44,11 +44,11 @@ def test_the_branch_pattern_catches_what_it_should():
 def test_a_new_family_is_one_class(monkeypatch):
     """A subclass that names a pipeline class serves it: ScoreModel(pipe) returns it, the
     mitigations' families list it, and nothing else is edited."""
-    import sharpfast.score as score
+    import sharpfast.adapters.base as score_base
     from sharpfast import mitigations
-    from sharpfast.score import ScoreModel, StableDiffusionModel, adapter_class
+    from sharpfast.adapters import ScoreModel, StableDiffusionModel, adapter_class
 
-    monkeypatch.setattr(score, "_ADAPTERS", dict(score._ADAPTERS))
+    monkeypatch.setattr(score_base, "_ADAPTERS", dict(score_base._ADAPTERS))
 
     class MyPipeline:  # stands in for a diffusers pipeline class of a new family
         pass
@@ -93,7 +93,7 @@ def test_no_function_over_60_lines():
 
 
 def test_sampling_defaults_live_in_one_place():
-    """No 50-step / 7.5-guidance literals as defaults outside sharpfast.score.pipeline_defaults
+    """No 50-step / 7.5-guidance literals as defaults outside sharpfast.adapters.pipeline_defaults
     (the training scripts and the zoo's measurement record their own fixed protocol)."""
     pat = re.compile(r"(num_inference_steps|guidance_scale)\s*(:\s*\w+\s*)?=\s*(50|7\.5)\b|default=(50|7\.5)\b")
     hits = []

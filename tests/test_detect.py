@@ -9,8 +9,8 @@ from pipeline_state import assert_same, snapshot
 from scipy.stats import spearmanr
 
 import sharpfast
-from sharpfast.metrics import METRICS
-from sharpfast.score import ScoreModel, eps_to_score, math_attention
+from sharpfast.adapters import ScoreModel, eps_to_score, math_attention
+from sharpfast.scores import METRICS
 from sharpfast.testing import tiny_pipeline
 
 WORDS = "cats dogs cars trees sky sea boats birds fish moon sun rain snow wind fire ice".split()
@@ -48,7 +48,7 @@ def test_wen_is_the_noise_difference_of_the_pipelines_own_first_step(pipe):
     model = ScoreModel(pipe)
     sched = model.scheduler(50)
     ab = model.alpha_bar(sched, sched.timesteps[0])
-    from sharpfast.score import to_eps
+    from sharpfast.adapters import to_eps
 
     pt = model.prediction_type
     wen = (to_eps(c, x, ab, pt) - to_eps(u, x, ab, pt)).flatten(1).norm(dim=1).view(3, 2)

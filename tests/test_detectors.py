@@ -150,7 +150,7 @@ def test_guard_scores_the_new_detectors_as_detect_does():
 
 
 def test_combined_detector_standardizes_on_normal_prompts_only():
-    from sharpfast.evaluation import CombinedDetector
+    from sharpfast.roc import CombinedDetector
 
     rng = np.random.default_rng(0)
     normal = {"a": rng.lognormal(0, 0.5, 50), "b": rng.normal(0, 2, 50)}

@@ -18,7 +18,7 @@ def pipe():
 
 
 def test_sail_says_when_it_did_nothing(pipe):
-    from sharpfast.mitigation import sail_latents
+    from sharpfast.mitigations.sail import sail_latents
 
     _, info = sail_latents(pipe, ["a red house", "two dogs"], generator=torch.Generator().manual_seed(0),
                            threshold=1e9, num_inference_steps=3)

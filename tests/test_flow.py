@@ -33,9 +33,9 @@ def test_rectified_flow_relations_against_a_float64_reference():
     sigma = 1 while sharpfast's normalized wen is ||Δv||; at sigma < 1 sharpfast's wen times
     (1 - sigma) is the paper's ||Δeps|| and its sharpness times ((1 - sigma) / sigma)^2 the
     paper's ||H_Δ s_Δ|| (exact, by reverse-mode autograd here, forward mode in the product)."""
+    from sharpfast.adapters import ScoreModel
     from sharpfast.curvature import EstimatorOptions
-    from sharpfast.metrics import step_metrics
-    from sharpfast.score import ScoreModel
+    from sharpfast.scores import step_metrics
 
     p = tiny_pipeline("sd3")
     prompts = PROMPTS[:2]
@@ -106,7 +106,7 @@ def test_fd_agrees_with_jvp_and_the_pipeline_is_left_as_it_was(pipe):
 
 
 def pipe_noise(pipe, count):
-    from sharpfast.score import ScoreModel
+    from sharpfast.adapters import ScoreModel
 
     model = ScoreModel(pipe)
     return model.noise(count, *model.default_size(), gen(7))
@@ -114,7 +114,7 @@ def pipe_noise(pipe, count):
 
 def test_guard_unflagged_is_plain_and_flagged_is_mitigated(pipe):
     plain = pipe(PROMPTS, generator=gen(), output_type="pt", **KW).images
-    defaults = sharpfast.score.pipeline_defaults(pipe)
+    defaults = sharpfast.adapters.pipeline_defaults(pipe)
     det = sharpfast.detect(pipe, PROMPTS, metrics=("wen",), generator=gen(), progress=False,
                            guidance_scale=defaults["guidance_scale"], **KW).scores["wen"]
     with sharpfast.guard(pipe, metric="wen", threshold=float("inf"), mitigation=None) as g:
@@ -143,7 +143,7 @@ def test_sail_guard_and_scan_with_no_setup(pipe, tmp_path, monkeypatch):
     with sharpfast.guard(pipe) as g:
         res = g("a red house", output_type="pt", generator=gen(), **KW)
     assert (
-        res.memorization[0]["metric"] == __import__("sharpfast.serving").serving.DEFAULT_METRIC and g.threshold_source
+        res.memorization[0]["metric"] == __import__("sharpfast.guarding").serving.DEFAULT_METRIC and g.threshold_source
     )
     f = tmp_path / "p.txt"
     f.write_text("a red house\ntwo dogs\n")
@@ -171,7 +171,7 @@ def test_flux_noise_is_what_the_pipeline_draws():
         p(PROMPTS[:2], generator=gen(3), num_inference_steps=2, output_type="latent")
     finally:
         h.remove()
-    from sharpfast.score import ScoreModel
+    from sharpfast.adapters import ScoreModel
 
     model = ScoreModel(p)
     assert torch.equal(model.noise(2, *model.default_size(), gen(3)), seen["x0"])

@@ -135,8 +135,8 @@ def test_eval_mitigate_rerun_with_other_settings_is_not_stale(tmp_path):
 
 def test_sail_settings_reach_sail(monkeypatch):
     """The harness's setting strings reach sail_latents as the keywords they name."""
-    from sharpfast import mitigation
-    from sharpfast.mitigations import REGISTRY, Context, sail_setting
+    from sharpfast.mitigations import REGISTRY, Context, sail
+    from sharpfast.mitigations.noise import sail_setting
 
     seen = []
 
@@ -144,7 +144,7 @@ def test_sail_settings_reach_sail(monkeypatch):
         seen.append(kw)
         return kw["latents"], {"unet_calls_optimization": 0, "adam_steps": 0}
 
-    monkeypatch.setattr(mitigation, "sail_latents", fake)
+    monkeypatch.setattr(sail, "sail_latents", fake)
     lat = torch.zeros(1, 4, 8, 8)
     ctx = Context(None, None, ["p"], 1, lat, 16, 16, 5, 7.5)
     for method, setting in (("sail", "k1s3lr0.5"), ("sail_alpha", "k1s3a3e-5"), ("sail_reference", "k8s10lr0.3")):
@@ -162,7 +162,8 @@ def test_sail_settings_reach_sail(monkeypatch):
 
 
 def test_random_tokens_and_wen_embedding(pipe):
-    from sharpfast.baselines import random_tokens, wen_embedding
+    from sharpfast.mitigations.random_tokens import random_tokens
+    from sharpfast.mitigations.wen_embedding import wen_embedding
 
     g = torch.Generator().manual_seed(0)
     out = random_tokens(pipe, ["a handwritten two"], num_tokens=3, generator=g)

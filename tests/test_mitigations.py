@@ -8,7 +8,8 @@ from pipeline_state import assert_same, snapshot
 
 import sharpfast
 from sharpfast.errors import BadArgument, UnsupportedPipeline
-from sharpfast.mitigations import REGISTRY, attenuated_positions, mitigate
+from sharpfast.mitigations import REGISTRY, mitigate
+from sharpfast.mitigations.attract_repel import attenuated_positions
 from sharpfast.testing import tiny_pipeline
 
 PROMPTS = ["a red house by the sea", "two dogs"]
@@ -114,7 +115,8 @@ def test_attention_rescale_is_ren_et_al(sd1):
     """One cross-attention layer in float64: BOS logit x c1 on the conditional rows, tokens past the
     prompt's own masked on both branches; rows not mitigated equal the layer's own processor."""
     from sharpfast.attention import LogitEditProcessor
-    from sharpfast.mitigations import _prompt_lengths, _rescale_edit
+    from sharpfast.mitigations.attention_rescale import rescale_edit as _rescale_edit
+    from sharpfast.mitigations.base import prompt_lengths as _prompt_lengths
 
     attn = next(m for name, m in sd1.unet.named_modules() if name.endswith("attn2"))
     g = torch.Generator().manual_seed(3)

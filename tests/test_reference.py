@@ -174,7 +174,7 @@ def test_euler_and_ddim_agree_on_alpha_bar_at_equal_t():
     1/sqrt(1 + sigma^2)): alpha_bar must come out as the DDPM alphas_cumprod at the same t."""
     from diffusers import EulerDiscreteScheduler
 
-    from sharpfast.score import ScoreModel
+    from sharpfast.adapters import ScoreModel
 
     p = tiny_pipeline("sd1", scheduler="euler")
     assert isinstance(p.scheduler, EulerDiscreteScheduler)
@@ -197,9 +197,9 @@ def test_score_jacobian_operator_against_reverse_mode(pipe):
     """ScoreJacobian: jvp matvec = J v and rmatvec = J^T v of the reference; the fd matvec along
     s_Δ has the norm detect reports as sharpness; Hutchinson over the exact operator equals
     (1/K) sum v^T J v on the same probes."""
+    from sharpfast.adapters import ScoreModel
     from sharpfast.curvature import ScoreJacobian, hutchinson_trace
     from sharpfast.ops._hash import rademacher_signs
-    from sharpfast.score import ScoreModel
 
     lat = noise(2, 21)
     ref = Reference(pipe, PROMPTS, lat)
@@ -238,7 +238,7 @@ def test_score_jacobian_operator_against_reverse_mode(pipe):
 
 
 def test_symmetrized_spectrum_is_real_and_matches_the_full_jacobian(pipe):
-    from sharpfast.score import ScoreModel
+    from sharpfast.adapters import ScoreModel
 
     lat = noise(1, 31)
     ref = Reference(pipe, PROMPTS[:1], lat)

@@ -6,7 +6,7 @@ import pytest
 
 import sharpfast
 from sharpfast import calibration, zoo
-from sharpfast.score import ScoreModel
+from sharpfast.adapters import ScoreModel
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,7 @@ def test_shipped_calibration_is_used_by_sail_and_guard(model):
     cal = json.load(open(os.path.join(zoo.path(name), "calibration.json")))
     assert shipped_threshold(pipe) == cal["sharpness"]["threshold"] > 0
     assert shipped_threshold(pipe, "wen") == cal["wen"]["threshold"] > 0
-    from sharpfast.serving import DEFAULT_METRIC
+    from sharpfast.guarding import DEFAULT_METRIC
 
     with sharpfast.guard(pipe) as g:  # the guard's default metric, calibrated beside the model
         assert g.threshold == cal[DEFAULT_METRIC]["threshold"] and g.metric == DEFAULT_METRIC

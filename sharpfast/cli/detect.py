@@ -25,9 +25,9 @@ class DetectCommand:
 
     @staticmethod
     def run(args) -> int:
-        from ..metrics import METRICS
+        from ..adapters import ScoreModel
         from ..progress import bar as progress_bar
-        from ..score import ScoreModel
+        from ..scores import METRICS
 
         rows, labels = _read_inputs(args)  # every argument and path is checked before the model is loaded
         metrics = args.metrics
@@ -91,7 +91,7 @@ def _read_inputs(args):
 
 
 def print_table(path: str, metrics, total: int):
-    from ..evaluation import evaluate
+    from ..roc import evaluate
 
     rows = [r for r in engine.read(path).values() if "label" in r]
     print(f"\n{len(rows)} of {total} prompts scored")

@@ -78,7 +78,7 @@ def _run_detect(args, device, dtype) -> int:
     from .. import zoo
     from ..harness import detect_eval
     from ..harness.prompt_sets import bundled_records, read_prompt_file, records_from_files
-    from ..metrics import METRICS
+    from ..scores import METRICS
 
     if bool(args.memorized) != bool(args.non_memorized):
         raise BadArgument("give both --memorized and --non-memorized, or neither")

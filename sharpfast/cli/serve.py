@@ -115,7 +115,7 @@ def _serve_on_ray(args, threshold, own, extra, key) -> int:
 
 def _limits(pipe, args, key):
     from .. import validate
-    from ..score import ScoreModel
+    from ..adapters import ScoreModel
     from ..server_api import Limits
 
     return Limits.for_model(ScoreModel(pipe).default_size(), validate.integer(args.max_batch_size, "--max-batch-size"),

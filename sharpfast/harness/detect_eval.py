@@ -15,13 +15,13 @@ import numpy as np
 
 from .. import engine
 from ..errors import BadArgument
-from ..evaluation import evaluate
+from ..roc import evaluate
 
 
 def _score_config(pipe, prompts, noise_ids, n, steps, metrics, path, seed, batch_size, hvp, num_inference_steps,
                   guidance_scale, progress):
+    from ..adapters import ScoreModel, denoiser
     from ..progress import bar as progress_bar
-    from ..score import ScoreModel, denoiser
 
     # a record counts only for the same prompt at the same id under the same settings: a rerun with
     # other prompt files or settings into the same folder redoes those records, never reuses them
@@ -60,7 +60,7 @@ def _cost(pipe, prompts, metrics, n, steps, batch_size, hvp, num_inference_steps
 
     import sharpfast
 
-    from ..score import ScoreModel
+    from ..adapters import ScoreModel
 
     model = ScoreModel(pipe)
     h, w = model.default_size()
@@ -131,7 +131,7 @@ def _metric_rows(report, ix: _Sets, scores, m, n, s, cost, panel):
 
 def _combined_row(report, ix: _Sets, scores, combo, n, s, cost, panel):
     """A CombinedDetector fitted on the calibration prompts only, scored on the evaluation set."""
-    from ..evaluation import CombinedDetector
+    from ..roc import CombinedDetector
 
     det = CombinedDetector(combo).fit({m: [scores[i][m] for i in ix.calib] for m in combo})
     comb = lambda ids: det.score({m: [scores[i][m] for i in ids] for m in combo})  # noqa: E731

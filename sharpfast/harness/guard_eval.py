@@ -37,7 +37,7 @@ def run(pipe, records: list[dict], judge, *, seeds=(0, 1), metric=None, mitigati
     """records: memorized prompts (prompt, train_index and what `judge`, sharpfast.zoo.judge,
     reads fidelity from). Returns the summary."""
 
-    from ..serving import DEFAULT_METRIC, guard
+    from ..guarding import DEFAULT_METRIC, guard
     from ..settings import Settings
 
     st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)

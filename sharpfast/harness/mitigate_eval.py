@@ -62,7 +62,7 @@ class _Job:
     """One evaluation's generation: the same `seeds` noises for every prompt, judged by `judge`."""
 
     def __init__(self, pipe, judge, seeds, gen_kwargs):
-        from ..score import ScoreModel
+        from ..adapters import ScoreModel
 
         self.pipe, self.judge, self.seeds, self.gen_kwargs = pipe, judge, seeds, gen_kwargs
         self.model = ScoreModel(pipe)
@@ -95,8 +95,8 @@ def run(pipe, records: list[dict], judge, *, methods=("none", "random_tokens", "
     Rows are committed to `OUT/mitigate.jsonl` (a sharpfast.engine commit log) a batch at a time,
     each keyed by method, setting, prompt and a fingerprint of the seeds, steps, guidance and
     dtype: a rerun into the same folder with other settings generates anew, never reuses."""
+    from ..adapters import denoiser
     from ..progress import bar as progress_bar
-    from ..score import denoiser
     from ..settings import Settings
 
     st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)

@@ -37,12 +37,12 @@ import time
 
 import torch
 
-from . import ops, validate
-from .curvature import EstimatorOptions, default_fd_step
-from .errors import BadArgument, NonFiniteOutput
-from .metrics import REGISTRY, Step
-from .score import ScoreModel, pipeline_defaults
-from .settings import SAIL_DEFAULTS
+from .. import ops, validate
+from ..adapters import ScoreModel, pipeline_defaults
+from ..curvature import EstimatorOptions, default_fd_step
+from ..errors import BadArgument, NonFiniteOutput
+from ..scores import REGISTRY, Step
+from ..settings import SAIL_DEFAULTS
 
 OBJECTIVES = ("paper", "reference")
 REFERENCE = dict(alpha_sd1=0.05, alpha_sd2=0.01, threshold=8.2, threshold_numel=4 * 64 * 64, candidates=8,
@@ -300,7 +300,7 @@ def _stop_at(pipe, stop, threshold, objective, numel, steps, guidance_scale, siz
     elif threshold == "auto":
         metric = None
         if objective == "paper":  # the model's calibration (beside it, cached, or made now: sharpfast.calibration)
-            from .calibration import resolve
+            from ..calibration import resolve
 
             found = resolve(pipe, "sharpness", "target", num_inference_steps=steps, guidance_scale=guidance_scale,
                             height=size[0], width=size[1])

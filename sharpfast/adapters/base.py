@@ -1,87 +1,25 @@
-"""The score-model adapter: a stock diffusers pipeline as "eps and score for these latents,
-this timestep, these conditional and null embeddings, in one batch".
-
-Every model parameterization is converted to eps, and eps to the score, here and nowhere else
-(k-diffusion style), so that each metric is written once. All metrics work in the
-variance-preserving space the UNet sees: x = scheduler.scale_model_input(latents, t), with
-alpha_bar from the scheduler (from its sigma for Euler-type schedulers, alpha_bar = 1/(1 + sigma^2)),
-so that the same initial noise gives comparable numbers under DDIM, DPM-Solver or Euler.
-
-The user's pipeline is never modified: the scheduler is copied before set_timesteps, and the
-UNet is only called (attention processors are swapped and restored only by the exact JVP path).
-
-Flow-matching pipelines (Stable Diffusion 3, Flux; prediction type "flow"). Rectified flow:
-x_t = (1 - sigma) x_0 + sigma eps, the transformer predicts v = eps - x_0, so
-eps_hat = x_t + (1 - sigma) v_hat and the score is s = -eps_hat / sigma. Between two prompts at
-the same x_t: eps_c - eps_u = (1 - sigma)(v_c - v_u), s_Δ = -((1 - sigma) / sigma) Δv and
-H_Δ = ∇s_Δ = -((1 - sigma) / sigma) ∇Δv. At the first step sigma = 1 exactly, so eps_hat = x_t for
-every prompt and every score difference is 0: p_1 is N(0, I) whatever the prompt. The prompt shows
-in the rate at which they leave 0, and (sigma / (1 - sigma))^k times the paper's quantities have
-finite limits at sigma = 1 that carry it: Wen's ||Δeps|| / (1 - sigma) = ||Δv||, the normalized
-score difference -Δv, the normalized sharpness ||(∇Δv) Δv|| = (sigma / (1 - sigma))^2 ||H_Δ s_Δ||.
-That is what the adapter presents for these models, at every step: the velocity v as "eps" with
-alpha_bar = 0 (unit noise), so every metric written for eps computes the normalized quantity,
-defined at sigma = 1 and, at sigma < 1, the paper's quantity times a positive factor that depends
-only on the step (the ranking of prompts at a step is the paper's). Two exceptions are not mere
-rescalings: score_norm becomes ||v_c||^2 and trace -tr ∇v_c (the paper's differ from these by
-terms that do not depend on the prompt at sigma = 1: ||x||^2 and -D).
-"""
+"""The adapter's base: Conditioning (the embeddings of a batch), ScoreModel (a pipeline as
+eps and scores at any latents; `ScoreModel(pipe)` returns the family's subclass, registered by
+defining it), the registry of families and the pipeline's own call defaults."""
 from __future__ import annotations
 
 import contextlib
 import copy
 import logging
-import math
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
-from typing_extensions import override
 
-from .errors import BadArgument, UnsupportedPipeline
+from ..errors import BadArgument, UnsupportedPipeline
+from .parameterizations import PREDICTION_TYPES, Parameterization, parameterization
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
                        "FluxPipeline")
-FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 # schedulers that work in sigma space (x = x0 + sigma eps) and scale the UNet input
 _SIGMA_SPACE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
                 "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
-
-
-# ---- the one place that converts predictions ----------------------------------------
-
-def to_eps(pred: torch.Tensor, x: torch.Tensor, alpha_bar: float, prediction_type: str) -> torch.Tensor:
-    """The UNet's prediction as eps_hat, in fp32 (x: the VP latent the UNet saw)."""
-    pred, x = pred.float(), x.float()
-    a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
-    if prediction_type == "flow":  # the velocity at unit noise: the normalized view (module doc)
-        return pred
-    if prediction_type == "epsilon":
-        return pred
-    if prediction_type == "v_prediction":
-        return a * pred + s * x
-    if prediction_type == "sample":
-        return (x - a * pred) / s
-    raise BadArgument(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-
-
-def eps_per_pred(prediction_type: str, alpha_bar: float) -> float:
-    """d eps_hat / d prediction: differences of predictions at the same x scale by this into eps."""
-    a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
-    return {"epsilon": 1.0, "v_prediction": a, "sample": -a / s, "flow": 1.0}[prediction_type]
-
-
-def sigma_of(alpha_bar: float) -> float:
-    """The noise level sqrt(1 - alpha_bar) of a VP latent."""
-    return math.sqrt(1.0 - alpha_bar)
-
-
-def eps_to_score(eps: torch.Tensor, alpha_bar: float) -> torch.Tensor:
-    """s(x) = grad log p_t(x) = -eps_hat / sigma_t."""
-    return -eps / sigma_of(alpha_bar)
-
 
 @contextlib.contextmanager
 def math_attention(unet):
@@ -257,6 +195,7 @@ class ScoreModel:
         self.pipe = pipe
         self.unet = getattr(pipe, self.network)  # the denoising network: a UNet, or a transformer
         self.prediction_type = self._prediction_type(pipe)
+        self.parameterization: Parameterization = parameterization(self.prediction_type)
         self.stats = {"unet_calls": 0, "unet_rows": 0}  # shared with with_unet() copies
         self._place()
         self.max_sequence_length = max_sequence_length or self.max_sequence_length
@@ -405,7 +344,8 @@ class ScoreModel:
     def eps(self, x, t, alpha_bar, cond: Conditioning, repeats: int = 1):
         """(eps_null, eps_cond) in fp32."""
         u, c = self.predict(x, t, cond, repeats)
-        return to_eps(u, x, alpha_bar, self.prediction_type), to_eps(c, x, alpha_bar, self.prediction_type)
+        p = self.parameterization
+        return p.to_eps(u, x, alpha_bar), p.to_eps(c, x, alpha_bar)
 
     def _encode_prompt(self, *args, **kwargs):
         """pipe.encode_prompt without diffusers' truncation warning: sharpfast reports truncation per
@@ -441,236 +381,6 @@ class ScoreModel:
         return self._null[key]
 
 
-class StableDiffusionModel(ScoreModel):
-    """Stable Diffusion 1.x / 2.x: a UNet on CLIP embeddings (epsilon, v or sample prediction)."""
-
-    pipeline_class, family, embeddings_only, cross_attention = "StableDiffusionPipeline", "sd", True, True
-
-    @override
-    def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
-        warnings = [self._truncation(prompt) for prompt in prompts]
-        key = (len(prompts), n, height, width)
-        fresh = key not in self._null
-        with torch.no_grad():
-            cond, null = self._encode_prompt(prompts, self.device, n, fresh)
-        return Conditioning(cond, self._cached_null(key, lambda: null), warnings=warnings)
-
-    @override
-    def default_size(self) -> tuple:
-        size = self.unet_config.sample_size * self.pipe.vae_scale_factor
-        return size, size
-
-    @override
-    def call(self, x, t, hidden, added):
-        tt = torch.as_tensor(t, device=self.device)
-        return self.unet(x, tt, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
-
-    @override
-    def read_call(self, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        return sample, _scalar(t), kwargs["encoder_hidden_states"], kwargs.get("added_cond_kwargs")
-
-
-class StableDiffusionXLModel(StableDiffusionModel):
-    """SDXL: two CLIP encoders, their pooled embedding and the size conditioning as added inputs."""
-
-    pipeline_class, family, embeddings_only = "StableDiffusionXLPipeline", "sdxl", False
-
-    @override
-    def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
-        p, warnings = self.pipe, [self._truncation(prompt) for prompt in prompts]
-        key = (len(prompts), n, height, width)
-        fresh = key not in self._null
-        with torch.no_grad():
-            cond, null, pooled, null_pooled = self._encode_prompt(prompts, device=self.device, num_images_per_prompt=n,
-                                                              do_classifier_free_guidance=fresh)
-            null, null_pooled = self._cached_null(key, lambda: (null, null_pooled))
-            proj = int(pooled.shape[-1]) if p.text_encoder_2 is None else p.text_encoder_2.config.projection_dim
-            time_ids = p._get_add_time_ids((height, width), (0, 0), (height, width), dtype=cond.dtype,
-                                           text_encoder_projection_dim=proj).to(self.device).repeat(len(cond), 1)
-        return Conditioning(cond, null, {"text_embeds": pooled, "time_ids": time_ids},
-                            {"text_embeds": null_pooled, "time_ids": time_ids}, warnings)
-
-    @override
-    def default_size(self) -> tuple:
-        size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
-        return size, size
-
-
-class _FlowModel(ScoreModel):
-    """Flow-matching transformers (SD3, Flux): the velocity presented as eps at unit noise."""
-
-    network, flow = "transformer", True
-
-    def _prediction_type(self, pipe) -> str:
-        return "flow"
-
-    def default_size(self) -> tuple:
-        size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
-        return size, size
-
-    def scheduler(self, num_inference_steps: int, height=None, width=None):
-        """As the base, then init_noise_sigma 1 and an identity scale_model_input, so the samplers'
-        code is the same for every family."""
-        sched = self._set_timesteps(copy.deepcopy(self.pipe.scheduler), num_inference_steps, height, width)
-        sched.init_noise_sigma = 1.0
-        sched.scale_model_input = lambda sample, timestep=None: sample
-        return sched
-
-    def _set_timesteps(self, sched, num_inference_steps, height, width):
-        sched.set_timesteps(num_inference_steps, device=self.device)
-        return sched
-
-    def alpha_bar(self, sched, t) -> float:
-        """0: the velocity is presented at unit noise (module doc)."""
-        return 0.0
-
-    def alpha_bar_at(self, sched, index: int) -> float:
-        return 0.0
-
-
-class StableDiffusion3Model(_FlowModel):
-    """Stable Diffusion 3: an MMDiT on CLIP x2 + T5 embeddings and a pooled projection."""
-
-    pipeline_class, family, max_sequence_length = "StableDiffusion3Pipeline", "sd3", 256
-
-    @override
-    def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
-        warnings = [self._truncation(prompt) for prompt in prompts]
-        key = (len(prompts), n, height, width)
-        fresh = key not in self._null
-        with torch.no_grad():  # the null branch: the empty negative prompt, as the pipeline makes it
-            cond, null, pooled, null_pooled = self._encode_prompt(
-                prompts, None, None, device=self.device, num_images_per_prompt=n, do_classifier_free_guidance=fresh,
-                max_sequence_length=self.max_sequence_length)
-        null, null_pooled = self._cached_null(key, lambda: (null, null_pooled))
-        return Conditioning(cond, null, {"pooled_projections": pooled}, {"pooled_projections": null_pooled}, warnings)
-
-    @override
-    def call(self, x, t, hidden, added):
-        tt = torch.as_tensor(t, device=self.device).reshape(-1)[:1].expand(len(x))
-        return self.unet(hidden_states=x, timestep=tt.to(x.dtype), encoder_hidden_states=hidden,
-                         pooled_projections=added["pooled_projections"], return_dict=False)[0]
-
-    @override
-    def read_call(self, args, kwargs):
-        added = {"pooled_projections": kwargs["pooled_projections"]}
-        return kwargs["hidden_states"], _scalar(kwargs["timestep"]), kwargs["encoder_hidden_states"], added
-
-
-class FluxModel(_FlowModel):
-    """Flux: guidance-distilled (no null branch in its call; the empty prompt plays it here), packed
-    latents (N, L, 4C) with position ids, the embedded guidance as an input, a shifted schedule."""
-
-    pipeline_class, family, distilled, max_sequence_length = "FluxPipeline", "flux", True, 512
-
-    def __init__(self, pipe, max_sequence_length=None):
-        super().__init__(pipe, max_sequence_length)
-        self.txt_ids = None  # the text tokens' position ids
-        self.grid: dict = {}  # packed length -> (h, w) of the latent before packing
-
-    @override
-    def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
-        warnings = [self._truncation(prompt) for prompt in prompts]
-        with torch.no_grad():
-            cond, pooled, txt_ids = self._encode_prompt(prompts, None, device=self.device,
-                                                            num_images_per_prompt=n,
-                                                            max_sequence_length=self.max_sequence_length)
-        null, null_pooled = self.null_branch(len(prompts), n, (len(prompts), n, height, width))
-        self.txt_ids = txt_ids
-        ca, na = {"pooled_projections": pooled}, {"pooled_projections": null_pooled}
-        if self.unet.config.guidance_embeds:
-            g = torch.full((len(cond),), 3.5 if guidance_scale is None else float(guidance_scale),
-                           device=self.device, dtype=torch.float32)
-            ca["guidance"], na["guidance"] = g, g
-        return Conditioning(cond, null, ca, na, warnings)
-
-    def null_branch(self, count: int, n: int, key=None):
-        """The empty prompt's (embeddings, pooled), encoded once per batch shape."""
-        def compute():
-            with torch.no_grad():
-                null, null_pooled, _ = self._encode_prompt([""] * count, None, device=self.device,
-                                                               num_images_per_prompt=n,
-                                                               max_sequence_length=self.max_sequence_length)
-            return null, null_pooled
-        return self._cached_null(key if key is not None else (count, n), compute)
-
-    def _hw(self, height: int, width: int) -> tuple:
-        f = self.pipe.vae_scale_factor * 2
-        return 2 * (height // f), 2 * (width // f)
-
-    def latent_shape(self, height: int, width: int) -> tuple:
-        """Packed, (L, 4C); registers the grid for channels_first and the position ids."""
-        h, w = self._hw(height, width)
-        L = (h // 2) * (w // 2)
-        self.grid[L] = (h, w)
-        return L, self.unet_config.in_channels
-
-    @override
-    def channels_first(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = self.grid[x.shape[1]]
-        c = x.shape[2] // 4
-        return x.view(len(x), h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(len(x), c, h, w)
-
-    def noise(self, count: int, height: int, width: int, generator=None) -> torch.Tensor:
-        """Drawn as (C, h, w), then packed as the pipeline packs it."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        h, w = self._hw(height, width)
-        c = self.unet_config.in_channels // 4
-        self.latent_shape(height, width)
-        z = randn_tensor((count, c, h, w), generator=generator, device=self.device, dtype=self.dtype)
-        return z.view(count, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(count, -1, 4 * c)
-
-    def _set_timesteps(self, sched, num_inference_steps, height, width):
-        """As FluxPipeline: sigmas 1 .. 1/n, shifted by the image's sequence length."""
-        import numpy as np
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        dh, dw = self.default_size()
-        c = sched.config
-        L = self.latent_shape(height or dh, width or dw)[0]  # also registers the packed grid
-        kw = {}
-        if c.get("use_dynamic_shifting", False):
-            kw["mu"] = calculate_shift(L, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                                       c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps),
-                            device=self.device, **kw)
-        return sched
-
-    @override
-    def call(self, x, t, hidden, added):
-        tt = torch.as_tensor(t, device=self.device).reshape(-1)[:1].expand(len(x))
-        h, w = self.grid[x.shape[1]]  # the transformer takes t / 1000 and position ids
-        img_ids = self.pipe._prepare_latent_image_ids(len(x), h // 2, w // 2, self.device, x.dtype)
-        txt_ids = self.txt_ids
-        if txt_ids is None:
-            txt_ids = torch.zeros(hidden.shape[1], 3, device=self.device, dtype=x.dtype)
-        return self.unet(hidden_states=x, timestep=(tt / 1000).to(x.dtype), guidance=added.get("guidance"),
-                         pooled_projections=added["pooled_projections"], encoder_hidden_states=hidden,
-                         txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-
-    @override
-    def read_call(self, args, kwargs):
-        added = {"pooled_projections": kwargs["pooled_projections"]}
-        if kwargs.get("guidance") is not None:  # the embedded guidance, per row
-            added["guidance"] = kwargs["guidance"]
-        t = kwargs["timestep"] * 1000  # the transformer takes t / 1000
-        return kwargs["hidden_states"], _scalar(t), kwargs["encoder_hidden_states"], added
-
-    def split_capture(self, sample, t, pred, hidden, added, prompts, n, size):
-        """The call holds the conditional branch only (its embeddings are the capture's); the null
-        branch, the empty prompt, costs one call on the N rows."""
-        self.latent_shape(*size)  # the packed latents' grid, for the position ids
-        null, null_pooled = self.null_branch(len(prompts), n)
-        ca = dict(added)
-        cond = Conditioning(hidden, null, ca, {**ca, "pooled_projections": null_pooled})
-        with torch.no_grad():
-            u = self.predict_branch(sample, t, cond, "null")
-        return sample, cond, u, pred
-
-
-def _scalar(t):
+def scalar_timestep(t):
     """A timestep as one value (a per-row tensor's first element)."""
     return t.reshape(-1)[0] if torch.is_tensor(t) and t.dim() else t

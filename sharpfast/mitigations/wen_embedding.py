@@ -1,50 +1,19 @@
-"""Mitigation baselines that SAIL is compared with (docs/method.md, "Mitigation").
-
-- random_tokens: append random vocabulary tokens to the prompt (Somepalli et al.).
-- wen_embedding: optimize the conditional prompt embedding to shrink ||eps_Δ|| at the first
-  sampling step (Wen et al.; AdamW, lr 0.05, each image stops once under its target loss), then
-  sample from the same initial noise with the optimized embedding.
-Both leave the pipeline as it was; wen_embedding takes gradients with torch.autograd.grad, so no
-.grad is left on the UNet's parameters.
-"""
+"""`wen_embedding`: Wen et al.'s mitigation: optimize the conditional prompt embedding to shrink
+||eps_Δ|| at the first sampling step (AdamW, lr 0.05, each image stops once under its target
+loss), then sample from the same initial noise with the optimized embedding. Takes gradients
+with torch.autograd.grad, so no .grad is left on the UNet's parameters; the pipeline is left as
+it was."""
 from __future__ import annotations
 
 import dataclasses
-import re
+from typing import Any
 
 import torch
 
-from . import validate
-from .errors import BadArgument, UnsupportedPipeline
-
-
-def _vocab_words(tokenizer) -> list[str]:
-    special = set(tokenizer.all_special_tokens)
-    words = set()
-    for tok, idx in tokenizer.get_vocab().items():
-        if tok in special:
-            continue
-        w = tokenizer.decode([idx]).strip()
-        if re.fullmatch(r"[a-z0-9]+", w):
-            words.add(w)
-    if not words:
-        raise BadArgument("the tokenizer has no alphanumeric tokens to draw random tokens from")
-    return sorted(words)
-
-
-def random_tokens(pipe, prompts, num_tokens: int = 4, generator: torch.Generator | None = None) -> list[str]:
-    """Each prompt with `num_tokens` random vocabulary tokens appended (space separated)."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if num_tokens < 0:
-        raise BadArgument(f"num_tokens must be >= 0, got {num_tokens}")
-    words = _vocab_words(pipe.tokenizer)
-    g = generator or torch.Generator().manual_seed(0)
-    out = []
-    for p in prompts:
-        pick = torch.randint(len(words), (num_tokens,), generator=g).tolist()
-        out.append(" ".join([p, *(words[i] for i in pick)]))
-    return out
+from .. import validate
+from ..errors import BadArgument, UnsupportedPipeline
+from .base import Context, Plan, register
+from .grammar import number
 
 
 def wen_embedding(pipe, prompts, latents, *, target_ratio: float = 0.5, target_loss: float | None = None,
@@ -58,8 +27,8 @@ def wen_embedding(pipe, prompts, latents, *, target_ratio: float = 0.5, target_l
     `max_steps` AdamW steps (one CFG forward and backward each); num_inference_steps defaults to
     the pipeline's own.
     """
-    from .score import ScoreModel
-    from .settings import Settings
+    from ..adapters import ScoreModel
+    from ..settings import Settings
 
     model = ScoreModel(pipe)
     num_inference_steps = Settings.resolve(model, num_inference_steps=num_inference_steps).num_inference_steps
@@ -103,3 +72,23 @@ def wen_embedding(pipe, prompts, latents, *, target_ratio: float = 0.5, target_l
                 "converged": bool((losses.detach() <= target).all()), "unet_calls": model.stats["unet_calls"]}
         return (*out, info)
     return out
+
+
+@register(
+    "wen_embedding",
+    cost="1 CFG call + 1 backward per AdamW step (at most 50), then the sampler",
+    knob="target / initial ||eps_Δ||",
+    default=0.5,
+    sweep=(0.9, 0.7, 0.5, 0.3, 0.15),
+    needs=("cfg", "embeddings_only"),
+    kind="prompt",
+)
+def _wen_embedding(ctx: Context, setting: Any) -> Plan:
+    if ctx.rows is not None:
+        raise BadArgument("wen_embedding changes whole prompts; it cannot mitigate single rows")
+    name = "wen_embedding's setting (target / initial ||eps_Δ||)"
+    ratio = validate.finite(number(setting, name), name, above=0)
+    emb, null, info = wen_embedding(ctx.pipe, ctx.prompts, ctx.latents, target_ratio=ratio,
+                                    num_inference_steps=ctx.num_inference_steps, return_info=True)
+    return Plan({"prompt_embeds": emb, "negative_prompt_embeds": null}, info={"unet_calls_before": info["unet_calls"]},
+                prompts=[])

@@ -3,7 +3,7 @@
 A metric is a function of one `Step` (the CFG batch's raw predictions at latents x, with the
 schedule's alpha_bar) registered in `REGISTRY` with its cost; detect (`step_metrics`), the
 serving guard and SAIL's objective all compute a metric as `REGISTRY[name].fn(step)`, so each
-formula exists once. Every metric is per image (N rows), in the VP space of `sharpfast.score`:
+formula exists once. Every metric is per image (N rows), in the VP space of `sharpfast.adapters`:
 - wen:         ||eps_Δ||                                   (0 extra UNet calls)
 - sharpness:   ||H_Δ s_Δ||, finite difference (1 extra CFG call) or exact JVP
 - trace:       -tr H(x, c), Hutchinson with K probes      (1 extra call on K-times the batch)
@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import torch
 
 from . import catalog, ops
+from .adapters import Conditioning, ScoreModel, eps_per_pred, sigma_of, to_eps
 from .curvature import EstimatorOptions, ScoreJacobian, default_fd_step, fd_sharpness, hutchinson_trace
 from .errors import BadArgument, NonFiniteOutput
-from .score import Conditioning, ScoreModel, eps_per_pred, sigma_of, to_eps
 
 HVP_MODES = catalog.HVP_MODES
 DEFAULT_ESTIMATOR = EstimatorOptions()  # frozen: a shared default is safe

@@ -1,0 +1,60 @@
+"""The guard's configuration: its metric, threshold, mitigation and setting, checked once; the
+defaults (chosen on the digits model: docs/guard.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .. import mitigations, validate
+from ..errors import BadArgument
+from ..scores import REGISTRY
+
+GUARD_METRICS = tuple(REGISTRY)  # costs: REGISTRY[name].cost (wen and score_norm: no extra UNet call)
+# chosen on the tuning half of the digits model's memorized prompts (docs/mitigation.md; the
+# held-out half reports it)
+DEFAULT_METRIC = mitigations.GUARD_METRIC
+DEFAULT_MITIGATION = "auto"
+# mitigation="auto": the chosen (method, setting) where the method is defined for the family, else
+# SAIL on the guard's metric (Flux). transition s0t450 (no guidance above t = 450): the fewest
+# copies at fidelity >= 0.95 with no extra UNet call on half A of the digits memorized prompts
+AUTO_MITIGATION = (("transition", "s0t450"), ("sail_guard", 1.0))
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """What a guard does, checked once: the metric, the threshold ("auto" or a number), the
+    mitigation (its registry entry and setting) and SAIL's extra keywords."""
+
+    metric: str
+    threshold: object
+    mitigation: Optional[str]
+    method: Optional[mitigations.Mitigation]
+    setting: object
+    sail_kwargs: dict
+    name: str
+    calibrate_new: bool = True  # False: a request at a setting not calibrated before is refused (NotCalibrated)
+
+    @classmethod
+    def build(cls, model, metric, threshold, mitigation, setting, sail_kwargs, name,
+              calibrate_new: bool = True) -> GuardConfig:
+        """The checked configuration (BadArgument / UnsupportedPipeline naming what is wrong)."""
+        if metric not in GUARD_METRICS:
+            raise BadArgument(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
+        if mitigation == "auto":
+            mitigation, auto_setting = next((m, st) for m, st in AUTO_MITIGATION
+                                            if mitigations.get(m).supports(model))
+            setting = auto_setting if setting is None else setting
+        method = None if mitigation is None else mitigations.get(mitigation)
+        if method is not None:
+            mitigations.check_family(method, model)
+            if method.kind == "prompt":
+                raise BadArgument(f"the guard mitigates single images; {mitigation!r} changes whole prompts")
+            setting = method.default if setting is None else setting
+        sail_kwargs = dict(sail_kwargs or {})
+        if "threshold" in sail_kwargs or "stop" in sail_kwargs:
+            raise BadArgument("SAIL inside the guard stops on the guard's own metric and threshold: drop sail_kwargs' "
+                              "threshold (mitigation='sail_guard', setting=margin stops under margin x threshold)")
+        if threshold != "auto":  # +inf is allowed (score only, never flag); NaN would silently flag nothing
+            threshold = validate.finite(threshold, "threshold", allow_inf=True)
+        return cls(metric, threshold, mitigation, method, setting, sail_kwargs, str(name), bool(calibrate_new))
+

@@ -1,0 +1,159 @@
+"""The state of one guarded request: its settings checked before the pipeline runs, the capture
+of its first denoiser call, the decision (per-prompt scores and flags), the NaN/inf watch, the
+step callbacks chained before the user's own, and its report."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import mitigations, validate
+from ..adapters import ScoreModel
+from ..errors import BadArgument, NonFiniteOutput, UsageError
+from ..scores import REGISTRY, Step
+from .thresholds import Thresholds
+
+
+class FlaggedAtFirstStep(Exception):
+    """Raised from the step callback: the request holds a flagged prompt; stop after step 1."""
+
+
+@dataclass
+class RequestState:
+    """The state of one guarded request (one per call, on its own thread)."""
+
+    model: ScoreModel
+    prompts: list
+    n: int
+    size: tuple[int, int]
+    threshold: float
+    guidance: float
+    steps: int
+    threshold_source: str = "given"
+    user_cb: object = None
+    added_s: float = 0.0
+    capture: Optional[tuple] = None  # the first call: (sample, t, pred, hidden, added) from model.read_call
+    alpha_bar: float = 0.0
+    schedule: object = None
+    # per image: NaN/inf seen in any call of the request (kept on the device: no sync per step)
+    bad: Optional[torch.Tensor] = None
+    decision: Optional[dict] = None
+    reports: Optional[list] = None  # per prompt: (mitigated, check) of the mitigation
+    sail_steps: Optional[int] = None
+
+    @property
+    def images(self) -> int:
+        """Images of the request: prompts x num_images_per_prompt."""
+        return len(self.prompts) * self.n
+
+    def note_finite(self, pred) -> None:
+        """Note which images' rows of a call hold NaN/inf (kept on the device)."""
+        rows = pred.shape[0]
+        if rows % self.images:
+            return
+        ok = torch.isfinite(pred.reshape(rows, -1)).all(dim=1).view(-1, self.images).all(dim=0)
+        self.bad = ~ok if self.bad is None else self.bad | ~ok
+
+    def check_finite(self) -> None:
+        """NonFiniteOutput naming the first prompt whose images met NaN/inf."""
+        if self.bad is not None and bool(self.bad.any()):
+            i = int(self.bad.nonzero()[0]) // self.n
+            raise NonFiniteOutput(f"the denoiser returned NaN/inf during the guarded generation of prompt "
+                                  f"{self.prompts[i]!r}")
+
+    def capture_call(self, args, kwargs, pred, scheduler) -> None:
+        """Keep the first denoiser call (read back by the adapter) and alpha_bar now: Euler-type
+        schedulers read it from their step index, which moves on."""
+        sample, t, hidden, added = self.model.read_call(args, kwargs)
+        if sample.shape[0] % 2 and not self.model.distilled:
+            raise BadArgument("sharpfast.guard expects the CFG batch [null; cond]: call with guidance_scale > 1")
+        self.capture = (sample.detach(), t, pred.detach(), hidden.detach(), added)
+        self.alpha_bar, self.schedule = self.model.alpha_bar(scheduler, t), scheduler
+
+    def decide(self, metric: str) -> dict:
+        """Per-prompt scores (mean over its images) and flags, from the captured first call."""
+        if self.capture is None:
+            raise UsageError("the pipeline made no UNet call; nothing was scored")
+        start = time.perf_counter()
+        sample, t, pred, hidden, added = self.capture
+        x, cond, u, c = self.model.split_capture(sample, t, pred, hidden, added, self.prompts, self.n, self.size)
+        step = Step(self.model, x, t, self.alpha_bar, cond, u, c, names=self.prompts, n=self.n, schedule=self.schedule)
+        step.check(u, "null branch at the first step")  # NaN > threshold is False: it would pass unflagged
+        step.check(c, "conditional branch at the first step")
+        with torch.no_grad():
+            scores = REGISTRY[metric].fn(step).float().view(len(self.prompts), self.n).mean(dim=1).cpu()
+        self.added_s += time.perf_counter() - start
+        bad = ~torch.isfinite(scores)
+        if bool(bad.any()):  # finite predictions, yet no finite score (an overflow in the metric)
+            raise NonFiniteOutput(f"the {metric} score of prompt {self.prompts[int(bad.nonzero()[0])]!r} is not finite")
+        return {"scores": scores, "flagged": scores > self.threshold}
+
+    def report(self, metric: str, mitigation) -> list:
+        """The per-prompt report the guard attaches to the output."""
+        d = self.decision
+        assert d is not None, "report() before decide()"
+        reports = self.reports or [(False, "not flagged" if not f else "report only (mitigation=None)")
+                                   for f in d["flagged"].tolist()]
+        return [{"prompt": p, "score": float(s), "metric": metric, "threshold": self.threshold,
+                 "threshold_source": self.threshold_source, "flagged": bool(f),
+                 "mitigated": bool(f) and m, "mitigation": mitigation if f else None, "check": c}
+                for p, s, f, (m, c) in zip(self.prompts, d["scores"], d["flagged"], reports)]
+
+    def take_callback(self, call: dict) -> dict:
+        """Take the user's step callback out of the call (it is chained after the guard's own)."""
+        self.user_cb = call.pop("callback_on_step_end", None)
+        inputs = call.pop("callback_on_step_end_tensor_inputs", None) or getattr(self.user_cb, "tensor_inputs", None)
+        call["callback_on_step_end_tensor_inputs"] = list(dict.fromkeys([*(inputs or ["latents"]), "latents"]))
+        return call
+
+    def watch_callback(self):
+        """A step callback that watches the latents for NaN/inf (the sampler's own arithmetic, a
+        huge guidance), then runs the user's."""
+        def watch(pipe, i, t, cb_kwargs):
+            self.note_finite(cb_kwargs["latents"].detach())
+            return self.user_cb(pipe, i, t, cb_kwargs) if self.user_cb is not None else {}
+        return watch
+
+    def step_callback(self, metric: str, stop_if_flagged: bool):
+        """watch_callback, plus the decision at the first step (outside the denoiser's hook): a
+        request with a flagged prompt stops there (FlaggedAtFirstStep) when it is to be mitigated."""
+        def on_step_end(pipe, i, t, cb_kwargs):
+            self.note_finite(cb_kwargs["latents"].detach())  # once per step, also before a FlaggedAtFirstStep
+            if self.decision is None:
+                self.decision = self.decide(metric)
+                if stop_if_flagged and bool(self.decision["flagged"].any()):
+                    raise FlaggedAtFirstStep()
+            return self.user_cb(pipe, i, t, cb_kwargs) if self.user_cb is not None else {}
+        return on_step_end
+
+    def context(self, pipe, noise, generator, metric: str):
+        """The mitigation context of the flagged rows."""
+        assert self.decision is not None, "context() before decide()"
+        flagged = self.decision["flagged"].nonzero().view(-1).tolist()
+        rows = [i * self.n + j for i in flagged for j in range(self.n)]
+        return mitigations.Context(pipe, self.model, self.prompts, self.n, noise, self.size[0], self.size[1],
+                                   self.steps, self.guidance, generator, rows=rows,
+                                   guard={"metric": metric, "threshold": self.threshold})
+
+
+def new_request(pipe, thresholds: Thresholds, prompt, kwargs) -> RequestState:
+    """The request's state, every argument checked before the pipeline runs."""
+    model = ScoreModel(pipe, kwargs.get("max_sequence_length"))  # per request: the pipeline may have moved
+    if "prompt_embeds" in kwargs:
+        raise BadArgument("sharpfast.guard scores text prompts: pass prompt, not prompt_embeds")
+    prompts = validate.prompts(prompt, "prompt")
+    guidance = kwargs.get("guidance_scale", thresholds.defaults["guidance_scale"])
+    guidance = validate.guidance_scale(guidance, needs_cfg=not model.distilled)
+    n = kwargs.get("num_images_per_prompt")
+    n = 1 if n is None else validate.integer(n, "num_images_per_prompt")
+    validate.generators(kwargs.get("generator"), len(prompts) * n)
+    dh, dw = model.default_size()
+    size = (kwargs.get("height") or dh, kwargs.get("width") or dw)
+    validate.latents(kwargs.get("latents"), (len(prompts) * n, *model.latent_shape(*size)), size)
+    steps = int(kwargs.get("num_inference_steps") or thresholds.defaults["num_inference_steps"])
+    threshold = thresholds.at(steps, guidance, size)
+    return RequestState(model, prompts, n, size, threshold, guidance, steps,
+                    threshold_source=thresholds.source(steps, guidance, size))
+

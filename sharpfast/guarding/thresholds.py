@@ -1,0 +1,74 @@
+"""The guard's thresholds per request setting (num_inference_steps, guidance_scale, height, width)."""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Optional
+
+from .. import validate
+from ..errors import NotCalibrated
+
+log = logging.getLogger("sharpfast.guard")
+
+
+class Thresholds:
+    """The threshold at a request's (num_inference_steps, guidance_scale, height, width): the given
+    number, or for "auto" the model's calibration at that setting, resolved once each, when first
+    needed (the first timestep, the guidance and the latent's size change the scores' scale; see
+    sharpfast.calibration). With calibrate_new=False only settings resolved before (calibrate())
+    are served: another raises NotCalibrated instead of calibrating inside a request."""
+
+    def __init__(self, pipe, metric: str, given, defaults: dict, default_size: tuple, calibrate_new: bool = True):
+        self.pipe, self.metric, self.given, self.defaults = pipe, metric, given, defaults
+        self.default_size, self.calibrate_new = tuple(default_size), calibrate_new
+        self.sources: dict = {}
+        self._table: dict = {}
+        self._lock = threading.Lock()
+
+    def key(self, steps=None, guidance=None, size=None) -> tuple:
+        """The table key of a request setting, the defaults filled in."""
+        h, w = size or self.default_size
+        return (int(steps or self.defaults["num_inference_steps"]),
+                float(self.defaults["guidance_scale"] if guidance is None else guidance), int(h), int(w))
+
+    def at(self, steps=None, guidance=None, size=None, *, allow_new: Optional[bool] = None) -> float:
+        """The threshold at a setting (resolved on first use where allowed)."""
+        if self.given != "auto":
+            return float(self.given)
+        key = self.key(steps, guidance, size)
+        with self._lock:
+            if key not in self._table:
+                if not (self.calibrate_new if allow_new is None else allow_new):
+                    raise NotCalibrated(f"no calibrated threshold at {describe(key)}; this guard serves "
+                                        f"{', '.join(describe(k) for k in self._table) or 'no setting yet'}")
+                from ..calibration import resolve
+
+                found = resolve(self.pipe, self.metric, "threshold", num_inference_steps=key[0], guidance_scale=key[1],
+                                height=key[2], width=key[3])
+                value = validate.finite(found.value, f"the calibrated threshold ({found.source})", allow_inf=True)
+                self._table[key], self.sources[key] = value, f"{found.source} ({describe(key)})"
+                log.info("sharpfast.guard: %s > %.4g at %s (%s)", self.metric, value, describe(key), found.source)
+            return self._table[key]
+
+    def source(self, steps=None, guidance=None, size=None) -> str:
+        """Where the threshold at a setting came from."""
+        if self.given != "auto":
+            return "given"
+        self.at(steps, guidance, size)
+        return self.sources[self.key(steps, guidance, size)]
+
+    def size(self, height, width) -> tuple:
+        """(height, width) checked, the model's default filling a None."""
+        dh, dw = self.default_size
+        return (validate.integer(height or dh, "height"), validate.integer(width or dw, "width"))
+
+    def settings(self) -> list:
+        """The (steps, guidance, height, width) resolved so far."""
+        with self._lock:
+            return list(self._table)
+
+
+def describe(key: tuple) -> str:
+    """A setting key in words: '50 steps, guidance 7.5, 16x16'."""
+    return f"{key[0]} steps, guidance {key[1]:g}, {key[2]}x{key[3]}"
+

@@ -1,0 +1,40 @@
+"""Every inference-time mitigation in one registry: `sharpfast.mitigate(pipe, prompt, method=...)`.
+
+A method is one module of this package that registers itself (`register`: its declared cost,
+its main knob with a default and a sweep, what it needs of a model family, its kind, and for a
+noise method how the serving guard runs it) with one function `plan(ctx, setting) -> Plan`:
+what the pipeline call must get (other initial latents, prompts or embeddings) and the hooks it
+runs under (sharpfast.mitigations.hooks: a guidance rule on the denoiser's output; edited
+cross-attention). `mitigate` and the serving guard both run a plan around the user's own
+`pipe(...)` call; the pipeline is left as it was (hooks and processors removed, also on error).
+A setting string ("s0t500", "k1s3lr0.7", "r1a0.1z2") is read by the one grammar of grammar.py.
+
+The methods (each written from its paper; where public code exists its definition was read and
+is noted in its module): none; the SAIL family (sail.py: the algorithm; noise.py: sail,
+sail_alpha, sail_reference, sail_guard, sail+transition); random_tokens (Somepalli et al.);
+wen_embedding (Wen et al.); transition (Jain et al.); attention_rescale (Ren et al.);
+attract_repel (from GUARD's abstract). Adding a method: a module here that calls `register`, its
+import below and its name in sharpfast.catalog.MITIGATIONS (the order the CLI lists them in).
+"""
+from __future__ import annotations
+
+from .. import catalog
+from . import (  # noqa: F401  (each registers its methods)
+    attention_rescale,
+    attract_repel,
+    noise,
+    none,
+    random_tokens,
+    transition,
+    wen_embedding,
+)
+from .base import GUARD_METRIC, NEEDS_WHY, REGISTRY, Context, Mitigation, Plan, check_family, get, register
+from .run import mitigate, run_plan
+
+# the catalog's order (sharpfast --help lists them so); a method not in it comes last
+for _name in sorted(REGISTRY, key=lambda n: catalog.MITIGATIONS.index(n) if n in catalog.MITIGATIONS else 99):
+    REGISTRY[_name] = REGISTRY.pop(_name)
+METHODS = tuple(REGISTRY)
+
+__all__ = ["GUARD_METRIC", "NEEDS_WHY", "REGISTRY", "METHODS", "Context", "Mitigation", "Plan", "check_family", "get",
+           "register", "mitigate", "run_plan"]

@@ -1,0 +1,49 @@
+"""`attention_rescale`: Ren et al. (ECCV 2024). In every cross-attention layer, at every step, the
+logit of the first token (BOS) of the conditional branch is multiplied by `c1` (their 1.25), and
+the tokens after the prompt's own (the padding "summary" tokens) are masked out of both
+branches (their `--cross_attn_mask`: the first `prompt_length` tokens are kept, BOS and EOS
+included). UNets only. Zero extra UNet calls (the edited layers compute attention explicitly).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import validate
+from .base import Context, Plan, prompt_lengths, register
+
+
+def rescale_edit(c1: float, lengths: torch.Tensor, images: int, rows_all: torch.Tensor):
+    """Ren et al.'s logits: BOS x c1 on the conditional rows, tokens past the prompt masked on both."""
+    def edit(scores, rows):
+        # rows index the CFG batch [null (images); cond (images)]; each belongs to image rows % images
+        img = rows % images
+        keep = torch.arange(scores.shape[-1], device=scores.device)[None, :] < lengths.to(scores.device)[img][:, None]
+        cond = (rows >= images)
+        s = scores.clone()
+        s[cond, ..., 0] = s[cond, ..., 0] * c1
+        return s.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return edit
+
+
+
+@register("attention_rescale", cost="0 (the cross-attention layers of the mitigated rows computed explicitly)",
+          knob="c1, the factor on the BOS logit (summary tokens masked)", default=1.25,
+          sweep=(1.1, 1.25, 1.5, 2.0, 3.0),
+          needs=("cfg", "cross_attention"), kind="trajectory")
+def _attention_rescale(ctx: Context, setting: Any) -> Plan:
+    from ..attention import edit_cross_attention
+
+    c1 = validate.finite(setting, "c1", above=0)
+    rows = torch.as_tensor(ctx.row_list(), dtype=torch.long)
+    lengths = torch.tensor(prompt_lengths(ctx.pipe, ctx.prompts, ctx.n))
+    batch_rows = torch.cat([rows, rows + ctx.images]).to(ctx.model.device)
+    edit = rescale_edit(c1, lengths, ctx.images, batch_rows)
+    calls = [0]
+
+    def counted(scores, r):
+        calls[0] += 1
+        return edit(scores, r)
+    return Plan(hooks=[edit_cross_attention(ctx.model.unet, counted, batch_rows)],
+                info={"prompt_lengths": lengths.tolist(), "applied": lambda: [calls[0] > 0] * len(rows)})

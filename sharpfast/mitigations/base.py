@@ -1,0 +1,147 @@
+"""The mitigation framework: what a method gives a pipeline call (a Plan: arguments, hooks,
+info), the one Context of a mitigated generation, the registry entry of a method (Mitigation:
+its cost, knob, default, needs, kind and, for noise methods, how the serving guard applies it)
+and the registry itself. Each method is one module of this package that calls `register`."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .. import settings
+from ..adapters import adapter_families
+from ..errors import BadArgument, UnsupportedPipeline
+
+# the serving guard's default metric (sail_guard outside a guard stops on it too)
+GUARD_METRIC = settings.GUARD_METRIC
+# what a method needs of the model family (the adapter's `capabilities`, sharpfast.adapters)
+NEEDS_WHY = {"cfg": "is guidance-distilled: its call has no classifier-free batch to reschedule or steer",
+             "cross_attention": "attends jointly over image and text tokens: it has no cross-attention map",
+             "embeddings_only": "is conditioned on pooled / added inputs besides the text embeddings"}
+
+
+# ---- what a method gives the pipeline call ---------------------------------------------------
+
+@dataclass
+class Context:
+    """One mitigated generation: the pipeline, its adapter, the prompts (n images each), the unit
+    noise it starts from (N rows, as `pipe(latents=...)` takes it), the rows (images) to mitigate
+    (None: all), and the call's settings."""
+
+    pipe: object
+    model: object
+    prompts: list
+    n: int
+    latents: torch.Tensor
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    generator: object = None
+    rows: Optional[list] = None
+    guard: Optional[dict] = None  # the serving guard's metric and threshold (sail_guard)
+
+    @property
+    def images(self) -> int:
+        """len(prompts) * n."""
+        return len(self.prompts) * self.n
+
+    def row_list(self) -> list:
+        """The rows to mitigate (all images when rows is None)."""
+        return list(range(self.images)) if self.rows is None else list(self.rows)
+
+
+@dataclass
+class Plan:
+    """What the pipeline call gets: keyword arguments to set (latents, prompt_embeds, ...), hooks to
+    run it under (context managers), and per-image info (what the method did, checked)."""
+
+    kwargs: dict = field(default_factory=dict)
+    hooks: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    prompts: Optional[list] = None  # replacement prompts (random_tokens)
+
+    def merge(self, other: Plan) -> Plan:
+        """This plan and other's together (other's kwargs and prompts win)."""
+        return Plan({**self.kwargs, **other.kwargs}, self.hooks + other.hooks, {**self.info, **other.info},
+                    other.prompts if other.prompts is not None else self.prompts)
+
+
+
+
+GuardPlan = Callable[[Context, Any, dict, dict], Plan]
+
+
+@dataclass(frozen=True)
+class Mitigation:
+    """A registered mitigation: its declared cost (extra UNet calls and backwards per image), its
+    main knob (name, default, sweep), what it needs of a model family (adapter capabilities:
+    "cfg", "cross_attention", "embeddings_only"), plan(ctx, setting), its kind ("noise": a new
+    initial noise, "trajectory": the sampler's predictions, "prompt": whole prompts; "none") and,
+    for a noise method the serving guard may run, guard_plan(ctx, setting, sail_kwargs, stop): its
+    plan when it must stop on the guard's metric (stop: {"metric", "threshold"})."""
+
+    name: str
+    cost: str
+    knob: str
+    default: object
+    sweep: tuple
+    needs: tuple
+    plan: Callable[[Context, Any], Plan]
+    kind: str
+    guard_plan: Optional[GuardPlan] = None
+
+    @property
+    def families(self) -> tuple:
+        """The registered model families that have what this method needs."""
+        return tuple(f for f, caps in adapter_families().items() if set(self.needs) <= caps)
+
+    def supports(self, model) -> bool:
+        """Whether the model's family (its adapter) has what this method needs."""
+        return set(self.needs) <= model.capabilities
+
+
+REGISTRY: dict[str, Mitigation] = {}
+
+
+def register(name: str, *, cost: str, knob: str, default: object, sweep: tuple, needs: tuple = (), kind: str,
+             guard_plan: Optional[GuardPlan] = None) -> Callable:
+    """Decorator: register plan(ctx, setting) as mitigation `name` in REGISTRY."""
+    def deco(fn):
+        REGISTRY[name] = Mitigation(name, cost, knob, default, tuple(sweep), tuple(needs), fn, kind, guard_plan)
+        return fn
+    return deco
+
+
+def get(name: str) -> Mitigation:
+    """The registered mitigation `name` (BadArgument naming the valid ones)."""
+    if name not in REGISTRY:
+        raise BadArgument(f"mitigation must be one of {', '.join(REGISTRY)}, got {name!r}")
+    return REGISTRY[name]
+
+
+def check_family(m: Mitigation, model) -> None:
+    """UnsupportedPipeline unless the model's family has what m needs (the message says why)."""
+    missing = [need for need in m.needs if need not in model.capabilities]
+    if missing:
+        raise UnsupportedPipeline(f"mitigation {m.name!r} is defined for {', '.join(m.families)} pipelines, not "
+                                  f"{model.family}: {model.family} {NEEDS_WHY[missing[0]]}")
+
+
+
+def per_row(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-row vector shaped to broadcast over the rows of `like`."""
+    return v.view(-1, *[1] * (like.dim() - 1))
+
+
+def prompt_lengths(pipe, prompts: list, n: int) -> list:
+    """Tokens of each image's prompt as the pipeline's tokenizer makes them (BOS and EOS included,
+    truncated to its maximum length)."""
+    tok = pipe.tokenizer
+    out = []
+    for p in prompts:
+        length = min(len(tok(p).input_ids), tok.model_max_length)
+        out.extend([length] * n)
+    return out

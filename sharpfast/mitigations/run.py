@@ -1,0 +1,97 @@
+"""Running a plan around the user's own `pipe(...)` call, and `sharpfast.mitigate`: one
+registered method on a whole generation."""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+
+from .. import validate
+from ..errors import BadArgument
+from .base import Context, Mitigation, Plan, check_family, get
+from .hooks import CallCounter
+
+
+def run_plan(pipe: Any, prompts: list, plan: Plan, call_kwargs: dict) -> Any:
+    """pipe(...) with the plan's arguments, under its hooks (all removed afterwards)."""
+    kw = {**call_kwargs, **plan.kwargs}
+    with contextlib.ExitStack() as stack:
+        for h in plan.hooks:
+            stack.enter_context(h)
+        if "prompt_embeds" in plan.kwargs:
+            return pipe(**kw)
+        return pipe(plan.prompts if plan.prompts is not None else prompts, **kw)
+
+
+def mitigate(pipe, prompt, method: str = "transition", setting=None, *, num_images_per_prompt: int = 1,
+             generator=None, latents=None, return_info: bool = False, **pipe_kwargs):
+    """Generate with one registered mitigation (see sharpfast.mitigations.REGISTRY).
+
+    Args:
+        pipe: a supported diffusers pipeline (left as it was).
+        prompt: a prompt or a list of prompts.
+        method: a registry name ("sail", "transition", "attention_rescale", "attract_repel",
+            "sail+transition", "wen_embedding", "random_tokens", ...).
+        setting: the method's main knob (default: the registry's default; see each method's
+            `knob`), e.g. "s0t500" for transition, 1.25 for attention_rescale.
+        num_images_per_prompt: images per prompt, as for `pipe(...)`.
+        generator: as for `pipe(...)`: the initial noise is the one the pipeline would draw.
+        latents: or that noise given, as `pipe(latents=...)` takes it.
+        return_info: also return what the method did (info dict: method, setting, seconds, UNet
+            calls per image, and the method's own fields).
+        **pipe_kwargs: the rest of the pipeline call (num_inference_steps, guidance_scale,
+            height, width, output_type, ...).
+
+    Returns:
+        The pipeline's own output, or (output, info) with return_info=True.
+
+    Raises:
+        BadArgument: an unknown method or a bad setting or argument.
+        UnsupportedPipeline: the method is not defined for this model family.
+        NonFiniteOutput: the model returned NaN/inf while the method optimized.
+    """
+    from ..adapters import ScoreModel
+
+    start = time.perf_counter()
+    m = get(method)
+    model = ScoreModel(pipe)
+    check_family(m, model)
+    prompts = validate.prompts(prompt, "prompt")
+    n = validate.integer(num_images_per_prompt, "num_images_per_prompt")
+    ctx = _context(pipe, model, m, prompts, n, generator, latents, pipe_kwargs)
+    setting = m.default if setting is None else setting
+    plan = m.plan(ctx, setting)
+    calls = CallCounter(model)
+    with calls.counting():
+        out = run_plan(pipe, prompts, plan, {**pipe_kwargs, "num_images_per_prompt": n, "generator": generator,
+                                             "latents": plan.kwargs.get("latents", ctx.latents)})
+    if not return_info:
+        return out
+    info = {"method": method, "setting": setting, "seconds": time.perf_counter() - start,
+            "unet_calls_per_image": calls.rows / (2 * ctx.images) + plan.info.get("unet_calls_before", 0),
+            **{k: v for k, v in plan.info.items() if k not in ("applied", "rule")}}
+    return out, info
+
+
+def _context(pipe: Any, model: Any, m: Mitigation, prompts: list, n: int, generator: Any, latents: Any,
+             pipe_kwargs: dict) -> Context:
+    """The call's Context: its settings (the pipeline's defaults filled in) and initial noise."""
+    from ..adapters import pipeline_defaults
+
+    defaults = pipeline_defaults(pipe)
+    steps = pipe_kwargs.get("num_inference_steps") or defaults["num_inference_steps"]
+    guidance = pipe_kwargs.get("guidance_scale", defaults["guidance_scale"])
+    validate.guidance_scale(guidance, needs_cfg=m.kind != "none" and not model.distilled)
+    validate.generators(generator, len(prompts) * n)
+    dh, dw = model.default_size()
+    height, width = pipe_kwargs.get("height") or dh, pipe_kwargs.get("width") or dw
+    shape = (len(prompts) * n, *model.latent_shape(height, width))
+    if latents is None:  # the draw pipe(...) would make; the call then gets it as latents=
+        latents = model.noise(shape[0], height, width, generator)
+    elif not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+        raise BadArgument(f"latents must be a tensor of shape {shape}, got "
+                          f"{tuple(getattr(latents, 'shape', ())) or type(latents).__name__}")
+    return Context(pipe, model, prompts, n, latents.to(model.device), height, width, steps, guidance, generator)
+
