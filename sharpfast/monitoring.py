@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+from typing import Any
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 STEP_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
@@ -153,3 +154,35 @@ class GuardStats:
 
 def _le(bound: float) -> str:
     return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+class ServerMetrics:
+    """The server's own Prometheus series (beside the guard's): HTTP status, batch sizes, queue wait."""
+
+    def __init__(self, guard: Any):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        if guard is not None:
+            guard.register_prometheus(self.registry)
+        self.http = Counter("sharpfast_http_requests", "HTTP requests to /generate by status", ["status"],
+                            registry=self.registry)
+        self.batch = Histogram("sharpfast_batch_requests", "HTTP requests per pipeline call", registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.images = Histogram("sharpfast_batch_images", "images per pipeline call", registry=self.registry,
+                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.wait = Histogram("sharpfast_queue_wait_seconds", "time a request waited for its batch",
+                              registry=self.registry, buckets=LATENCY_BUCKETS)
+
+    def observe(self, requests: int, images: int, waits: list) -> None:
+        """Note one pipeline call: its requests, images and each request's queue wait."""
+        self.batch.observe(requests)
+        self.images.observe(images)
+        for w in waits:
+            self.wait.observe(w)
+
+    def text(self) -> str:
+        """The series as Prometheus text."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode("utf-8")

@@ -69,7 +69,7 @@ def word_tokenizer(words, max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def _text_encoder(hidden: int, projection: int | None, seed: int, vocab_size: int):
+def text_encoder(hidden: int, projection: int | None, seed: int, vocab_size: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -155,8 +155,8 @@ def tiny_flow_pipeline(kind: str = "sd3", seed: int = 0, sample_size: int = 8, m
                                    caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
                                    pos_embed_max_size=2 * sample_size).eval()
         pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                        vae=_flow_vae(seed + 1), text_encoder=_text_encoder(32, 32, seed + 2, V),
-                                        tokenizer=tok, text_encoder_2=_text_encoder(32, 32, seed + 3, V),
+                                        vae=_flow_vae(seed + 1), text_encoder=text_encoder(32, 32, seed + 2, V),
+                                        tokenizer=tok, text_encoder_2=text_encoder(32, 32, seed + 3, V),
                                         tokenizer_2=tiny_tokenizer(), text_encoder_3=_t5_encoder(len(t5), 32, seed + 4),
                                         tokenizer_3=t5)
     else:
@@ -166,7 +166,7 @@ def tiny_flow_pipeline(kind: str = "sd3", seed: int = 0, sample_size: int = 8, m
         sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=16, max_image_seq_len=256)
         pipe = FluxPipeline(transformer=tr, scheduler=sched, vae=_flow_vae(seed + 1),
-                            text_encoder=_text_encoder(32, None, seed + 2, V), tokenizer=tok,
+                            text_encoder=text_encoder(32, None, seed + 2, V), tokenizer=tok,
                             text_encoder_2=_t5_encoder(len(t5), 32, seed + 4), tokenizer_2=t5)
     pipe.default_sample_size = sample_size
     return pipe
@@ -215,14 +215,14 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0, sample_size: int = 8, schedu
                                     addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
                                     use_linear_projection=True, **common).eval()
         return StableDiffusionXLPipeline(
-            vae=_vae(seed + 1), text_encoder=_text_encoder(32, None, seed + 2, V),
-            text_encoder_2=_text_encoder(32, 32, seed + 3, V), tokenizer=tok, tokenizer_2=tiny_tokenizer(),
+            vae=_vae(seed + 1), text_encoder=text_encoder(32, None, seed + 2, V),
+            text_encoder_2=text_encoder(32, 32, seed + 3, V), tokenizer=tok, tokenizer_2=tiny_tokenizer(),
             unet=unet, scheduler=sched, force_zeros_for_empty_prompt=True)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
                                 **common).eval()
-    return StableDiffusionPipeline(vae=_vae(seed + 1), text_encoder=_text_encoder(32, None, seed + 2, V),
+    return StableDiffusionPipeline(vae=_vae(seed + 1), text_encoder=text_encoder(32, None, seed + 2, V),
                                    tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
 
@@ -246,7 +246,7 @@ def sd15_sized_pipeline(seed: int = 0, dtype=torch.float32, device="cpu", sample
     tok = tiny_tokenizer()
     sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=_text_encoder(768, None, seed + 2, len(tok)), tokenizer=tok,
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder(768, None, seed + 2, len(tok)), tokenizer=tok,
                                    unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     return pipe.to(device=device, dtype=dtype)

@@ -17,9 +17,9 @@ from sharpfast.testing import tiny_pipeline
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SHARPFAST_CACHE", str(tmp_path / "cache"))
-    calibration._MEMO.clear()
+    calibration.store._MEMO.clear()
     yield tmp_path / "cache" / "calibration"
-    calibration._MEMO.clear()
+    calibration.store._MEMO.clear()
 
 
 def test_generic_prompts_are_many_distinct_and_not_benchmark_prompts():
@@ -85,7 +85,7 @@ def test_auto_calibrates_once_caches_and_refuses_other_weights(cache, caplog):
         first = calibration.resolve(pipe, "wen", num_inference_steps=10, progress=False)
     assert "calibrating once on 320 built-in generic captions" in caplog.text
     assert first.source.startswith("calibrated now") and os.listdir(cache)
-    calibration._MEMO.clear()  # a new process: read from the cache, not recomputed
+    calibration.store._MEMO.clear()  # a new process: read from the cache, not recomputed
     again = calibration.resolve(pipe, "wen", num_inference_steps=10, progress=False)
     assert again.value == first.value and again.source.startswith("cache ")
     target = calibration.resolve(pipe, "sharpness", "target", num_inference_steps=10, progress=False)

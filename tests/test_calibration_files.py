@@ -22,9 +22,9 @@ def pipe():
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SHARPFAST_CACHE", str(tmp_path))
     monkeypatch.setenv("SHARPFAST_CALIBRATION", "quick")
-    calibration._MEMO.clear()
+    calibration.store._MEMO.clear()
     yield tmp_path
-    calibration._MEMO.clear()
+    calibration.store._MEMO.clear()
 
 
 BAD = [
@@ -44,13 +44,13 @@ def test_a_bad_cached_file_is_ignored_named_and_recomputed(pipe, cache, caplog, 
     cal = json.loads(path.read_text())
     spoil(cal)
     path.write_text("[]" if cal.get("_list") else json.dumps(cal))
-    calibration._MEMO.clear()
+    calibration.store._MEMO.clear()
     with caplog.at_level(logging.WARNING, logger="sharpfast.calibration"):
         again = calibration.resolve(pipe, "wen", "threshold", num_inference_steps=steps, progress=False)
     assert str(path) in caplog.text and "recalibrating" in caplog.text
     assert math.isfinite(again.value) and again.value == pytest.approx(good.value, rel=1e-5)
     assert "calibrated now" in again.source
-    assert calibration._value(json.loads(path.read_text()), "wen", "threshold") is not None  # rewritten
+    assert calibration.store._value(json.loads(path.read_text()), "wen", "threshold") is not None  # rewritten
 
 
 def test_a_bad_file_beside_the_model_is_ignored(pipe, cache, tmp_path, caplog):
@@ -64,7 +64,7 @@ def test_a_bad_file_beside_the_model_is_ignored(pipe, cache, tmp_path, caplog):
         assert str(beside / "calibration.json") in caplog.text and "not a finite number" in caplog.text
         assert math.isfinite(found.value) and "calibration.json" not in found.source
         (beside / "calibration.json").write_text("{not json")
-        calibration._MEMO.clear()
+        calibration.store._MEMO.clear()
         found = calibration.resolve(pipe, "wen", "threshold", num_inference_steps=2, progress=False)
         assert math.isfinite(found.value)
     finally:
@@ -82,13 +82,13 @@ def test_the_size_is_part_of_the_setting(pipe, cache):
 
 
 def test_the_memo_and_the_cache_are_bounded(cache, monkeypatch):
-    monkeypatch.setattr(calibration, "MAX_MEMO", 3)
+    monkeypatch.setattr(calibration.store, "MAX_MEMO", 3)
     for i in range(5):
-        calibration._remember(f"p{i}", {"i": i})
-    assert list(calibration._MEMO) == ["p2", "p3", "p4"]
+        calibration.store._remember(f"p{i}", {"i": i})
+    assert list(calibration.store._MEMO) == ["p2", "p3", "p4"]
     folder = cache / "calibration"
     folder.mkdir(exist_ok=True)
-    monkeypatch.setattr(calibration, "MAX_CACHE_FILES", 4)
+    monkeypatch.setattr(calibration.store, "MAX_CACHE_FILES", 4)
     import os
     import time
 
@@ -96,5 +96,5 @@ def test_the_memo_and_the_cache_are_bounded(cache, monkeypatch):
         f = folder / f"f{i}.json"
         f.write_text("{}")
         os.utime(f, (time.time() + i, time.time() + i))
-    calibration._prune(str(folder))
+    calibration.store._prune(str(folder))
     assert sorted(p.name for p in folder.iterdir()) == ["f3.json", "f4.json", "f5.json", "f6.json"]

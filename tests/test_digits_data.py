@@ -46,7 +46,7 @@ def test_training_script_runs_a_few_steps_and_saves_a_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from sharpfast.zoo.copying import COPY_THRESHOLD, copy_stats, generate
-    from sharpfast.zoo.train_digits import main
+    from zoo_scripts.train_digits import main
 
     main(
         ["--out", str(tmp_path), "--vae-steps", "2", "--pretrain-steps", "2", "--unet-steps", "2", "--batch-size", "8"]
@@ -71,7 +71,7 @@ def test_training_script_runs_a_few_steps_and_saves_a_pipeline(tmp_path):
 def test_training_is_deterministic_and_checkpoints_equal_shorter_runs(tmp_path):
     from safetensors.torch import load_file
 
-    from sharpfast.zoo.train_digits import main
+    from zoo_scripts.train_digits import main
 
     args = ["--vae-steps", "1", "--batch-size", "4", "--pretrain-steps", "0"]
     main(["--out", str(tmp_path / "a"), "--unet-steps", "2", "--save-at", "1", *args])
@@ -86,7 +86,7 @@ def test_training_is_deterministic_and_checkpoints_equal_shorter_runs(tmp_path):
 def test_pretraining_then_fine_tuning_from_it(tmp_path):
     from safetensors.torch import load_file
 
-    from sharpfast.zoo.train_digits import main
+    from zoo_scripts.train_digits import main
 
     args = ["--batch-size", "4", "--vae-steps", "1"]
     main(["--out", str(tmp_path / "pre"), "--generic-only", "--unet-steps", "1", *args])

@@ -70,7 +70,7 @@ def test_quick_calibration_is_cached_apart_and_says_its_cost(pipe, tmp_path, mon
     (quick_file,) = list((tmp_path / "calibration").iterdir())
     monkeypatch.setenv("SHARPFAST_CALIBRATION", "full")
     full_path = calibration.cache_path(calibration.weights_fingerprint(pipe),
-                                       **calibration._settings(pipe, num_inference_steps=2))
+                                       **calibration.store._settings(pipe, num_inference_steps=2))
     assert full_path != str(quick_file), "a quick calibration must not answer for the full one"
     monkeypatch.setenv("SHARPFAST_CALIBRATION", "fast")
     with pytest.raises(BadArgument, match="SHARPFAST_CALIBRATION"):

@@ -137,7 +137,7 @@ def test_sail_guard_and_scan_with_no_setup(pipe, tmp_path, monkeypatch):
 
     monkeypatch.setenv("SHARPFAST_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SHARPFAST_CALIBRATION", "quick")  # the full set's path is tested on SD (test_calibration)
-    calibration._MEMO.clear()
+    calibration.store._MEMO.clear()
     out, info = sharpfast.sail(pipe, "a red house", output_type="pt", return_info=True, generator=gen(), **KW)
     assert out.images.shape[0] == 1 and "built-in generic captions" in info["threshold_source"]
     with sharpfast.guard(pipe) as g:
@@ -149,7 +149,7 @@ def test_sail_guard_and_scan_with_no_setup(pipe, tmp_path, monkeypatch):
     f.write_text("a red house\ntwo dogs\n")
     summary = sharpfast.scan(pipe, str(f), str(tmp_path / "scan"), progress=False, **KW)
     assert summary["scored"] == 2 and summary["threshold"] is not None and summary["threshold_source"]
-    calibration._MEMO.clear()
+    calibration.store._MEMO.clear()
 
 
 def test_attention_entropy_is_refused_for_joint_attention(pipe):

@@ -385,20 +385,20 @@ def test_guard_calibrate_returns_the_threshold_of_a_setting(tmp_path, monkeypatc
     from sharpfast import calibration
 
     monkeypatch.setenv("SHARPFAST_CACHE", str(tmp_path))
-    calibration._MEMO.clear()
+    calibration.store._MEMO.clear()
     p = tiny_pipeline("sd1")
     p.set_progress_bar_config(disable=True)
     with sharpfast.guard(p, metric="wen", threshold=0.25) as g:
         assert g.calibrate(num_inference_steps=7) == 0.25  # a given threshold is the same at every setting
     with sharpfast.guard(p, metric="wen") as g:
         # lazy: making the guard calibrates nothing; the first request (or calibrate()) does
-        assert not any(tmp_path.rglob("*.json")) and not calibration._MEMO
+        assert not any(tmp_path.rglob("*.json")) and not calibration.store._MEMO
         thr = g.calibrate(num_inference_steps=7)
         assert len(list(tmp_path.rglob("*.json"))) == 1
         res = g("two dogs", num_inference_steps=7, generator=gen(), output_type="pt")
         assert res.memorization[0]["threshold"] == thr
         assert thr == calibration.resolve(p, "wen", "threshold", num_inference_steps=7).value
-    calibration._MEMO.clear()
+    calibration.store._MEMO.clear()
 
 
 @pytest.mark.parametrize("mitigation", ["transition", "attention_rescale", "attract_repel", "sail_guard"])

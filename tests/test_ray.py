@@ -34,7 +34,7 @@ def _free_port():
 def deployment(tmp_path_factory):
     from ray import serve
 
-    from sharpfast.server_ray import ray_app
+    from sharpfast.server import ray_app
 
     os.environ["SHARPFAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,

@@ -20,7 +20,7 @@ def digits():
 def test_normal_prompts_are_flagged_at_the_calibrated_rate_at_every_size(digits, side, tmp_path, monkeypatch):
     monkeypatch.setenv("SHARPFAST_CACHE", str(tmp_path))
     monkeypatch.setenv("SHARPFAST_CALIBRATION", "quick")
-    calibration._MEMO.clear()
+    calibration.store._MEMO.clear()
     at_size = calibration.resolve(digits, "wen_low", "threshold", height=side, width=side, progress=False)
     at_16 = calibration.resolve(digits, "wen_low", "threshold", progress=False)
     assert "calibrated now" in at_size.source and at_size.value != at_16.value

@@ -134,7 +134,8 @@ def test_training_is_deterministic_and_reuses_its_pretraining(tmp_path, monkeypa
     pool and a few steps of every stage); a rerun into the same folder reuses stages 1-2."""
     from safetensors.torch import load_file
 
-    from sharpfast.zoo import scenes_judge, train_scenes
+    from sharpfast.zoo import scenes_judge
+    from zoo_scripts import train_scenes
 
     monkeypatch.setattr(sd, "GENERIC_POOL", 96)
     monkeypatch.setattr(scenes_judge, "POOL", 64)

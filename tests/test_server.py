@@ -18,7 +18,8 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from sharpfast import zoo  # noqa: E402
-from sharpfast.server import Batcher, create_app  # noqa: E402
+from sharpfast.server import create_app
+from sharpfast.server.batching import Batcher  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEM = zoo.prompts("digits", "memorized")[0]["prompt"]

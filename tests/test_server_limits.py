@@ -15,7 +15,8 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from sharpfast import zoo  # noqa: E402
-from sharpfast.server import Batcher, create_app  # noqa: E402
+from sharpfast.server import create_app
+from sharpfast.server.batching import Batcher  # noqa: E402
 
 NORMAL = zoo.prompts("digits", "non_memorized")[0]["prompt"]
 KEY = "k" * 24
@@ -26,9 +27,10 @@ def client():
     os.environ["SHARPFAST_CALIBRATION"] = "quick"  # 64 captions per served setting: a test, not a deployment
     pipe = zoo.load("digits")
     pipe.set_progress_bar_config(disable=True)
-    from sharpfast.server_api import Limits
+    from sharpfast.adapters import ScoreModel
+    from sharpfast.server.protocol import Limits
 
-    limits = Limits.for_model((16, 16), 8, pipe.scheduler, api_key=KEY)
+    limits = Limits.for_model((16, 16), 8, ScoreModel(pipe), api_key=KEY)
     app = create_app(pipe, defaults={"num_inference_steps": 2}, calibrate_for=[{"height": 32, "width": 32}],
                      limits=limits)
     del os.environ["SHARPFAST_CALIBRATION"]
@@ -77,14 +79,18 @@ def test_a_bad_request_is_a_4xx_in_under_a_second(client, what, kw, status, says
 
 @pytest.mark.parametrize("offset,top", [(1, 999), (0, 1000)])
 def test_the_step_limit_is_what_the_scheduler_can_take(offset, top):
-    """At the limit the scheduler's first step runs; one step more and it indexes past its table."""
+    """At the limit the scheduler's first step runs; one step more and it indexes past its table
+    (the adapter decides it: ScoreModel.max_steps)."""
     import torch
     from diffusers import DDIMScheduler
 
-    from sharpfast.server_api import scheduler_step_limit
+    from sharpfast.adapters import ScoreModel
+    from sharpfast.testing import tiny_pipeline
 
     sched = DDIMScheduler(num_train_timesteps=1000, steps_offset=offset, set_alpha_to_one=False)
-    assert scheduler_step_limit(sched) == top
+    pipe = tiny_pipeline()
+    pipe.scheduler = sched
+    assert ScoreModel(pipe).max_steps() == top
     x = torch.zeros(1, 4, 2, 2)
     for n, runs in ((top, True), (top + 1, False)):
         s = DDIMScheduler.from_config(sched.config)
@@ -141,7 +147,7 @@ def test_a_withdrawn_request_leaves_the_queue_and_stops_its_batch():
     def run_batch(bodies, should_stop):
         for i in range(200):
             if should_stop():
-                from sharpfast.server import _Stopped
+                from sharpfast.server.service import Stopped as _Stopped
 
                 raise _Stopped("withdrawn")
             steps_run.append(i)
@@ -172,7 +178,7 @@ def test_a_withdrawn_request_leaves_the_queue_and_stops_its_batch():
 def test_a_slow_client_is_dropped_after_the_header_timeout():
     import uvicorn
 
-    from sharpfast.server_api import timed_h11
+    from sharpfast.server.middleware import timed_h11
 
     async def app(scope, receive, send):
         if scope["type"] == "http":
@@ -210,7 +216,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation():
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, settings
 
-    from sharpfast.server_api import Limits
+    from sharpfast.server.protocol import Limits
 
     os.environ["SHARPFAST_CALIBRATION"] = "quick"
     try:

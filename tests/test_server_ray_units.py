@@ -4,7 +4,8 @@ import pytest
 
 pytest.importorskip("prometheus_client")
 
-from sharpfast.server_ray import _groups, merge_metrics  # noqa: E402
+from sharpfast.server.ray_serve import groups_of as _groups
+from sharpfast.server.ray_serve import merge_metrics  # noqa: E402
 
 
 def body(n=1, steps=5, prompts=1):

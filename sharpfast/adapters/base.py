@@ -288,6 +288,27 @@ class ScoreModel:
                               f"fewer steps")
         return sched
 
+    def steps_fit(self, num_inference_steps: int) -> bool:
+        """Whether the scheduler lays out this many steps inside its training timesteps (at the
+        default image size: only a flow model's shift depends on it)."""
+        try:
+            sched = self.scheduler(num_inference_steps, *self.default_size())
+        except (BadArgument, ValueError, IndexError, RuntimeError):
+            return False
+        return len(sched.timesteps) > 0 and float(sched.timesteps.min()) >= 0
+
+    def max_steps(self, cap: int = 1000) -> int:
+        """The most sampling steps (at most `cap`) the scheduler lays out: DDIM with steps_offset=1
+        and 1000 training steps takes 999, not 1000 (at 1000 its last timestep is 1000, an index
+        error inside the pipeline). Bounded bisection: log2(cap) probes on private copies."""
+        if self.steps_fit(cap) or not self.steps_fit(1):
+            return cap
+        lo, hi = 1, cap  # lo fits, hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.steps_fit(mid) else (lo, mid)
+        return lo
+
     def alpha_bar(self, sched, t) -> float:
         """alpha_bar of the VP latent the UNet sees at t (call after sched.scale_model_input)."""
         if type(sched).__name__ in _SIGMA_SPACE:
@@ -363,7 +384,8 @@ class ScoreModel:
         finally:
             _QUIET.local.depth -= 1
 
-    def _truncation(self, prompt: str) -> list:
+    def truncation(self, prompt: str) -> list:
+        """Warnings for a prompt the CLIP tokenizer cuts (T5 encoders are cut at their own length)."""
         out = []
         for tok in filter(None, (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None))):
             if type(tok).__name__.startswith("T5"):  # T5 is cut at max_sequence_length, not model_max_length

@@ -49,7 +49,7 @@ class StableDiffusion3Model(_FlowModel):
 
     @override
     def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
-        warnings = [self._truncation(prompt) for prompt in prompts]
+        warnings = [self.truncation(prompt) for prompt in prompts]
         key = (len(prompts), n, height, width)
         fresh = key not in self._null
         with torch.no_grad():  # the null branch: the empty negative prompt, as the pipeline makes it
@@ -84,7 +84,7 @@ class FluxModel(_FlowModel):
 
     @override
     def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
-        warnings = [self._truncation(prompt) for prompt in prompts]
+        warnings = [self.truncation(prompt) for prompt in prompts]
         with torch.no_grad():
             cond, pooled, txt_ids = self._encode_prompt(prompts, None, device=self.device,
                                                             num_images_per_prompt=n,

@@ -14,7 +14,7 @@ class StableDiffusionModel(ScoreModel):
 
     @override
     def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
-        warnings = [self._truncation(prompt) for prompt in prompts]
+        warnings = [self.truncation(prompt) for prompt in prompts]
         key = (len(prompts), n, height, width)
         fresh = key not in self._null
         with torch.no_grad():
@@ -45,7 +45,7 @@ class StableDiffusionXLModel(StableDiffusionModel):
 
     @override
     def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
-        p, warnings = self.pipe, [self._truncation(prompt) for prompt in prompts]
+        p, warnings = self.pipe, [self.truncation(prompt) for prompt in prompts]
         key = (len(prompts), n, height, width)
         fresh = key not in self._null
         with torch.no_grad():

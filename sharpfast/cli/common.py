@@ -6,18 +6,7 @@ from __future__ import annotations
 import os
 
 from ..errors import BadArgument, MissingInput
-from .options import DTYPES
-
-
-def device_dtype(device: str, dtype: str):
-    """'auto' device: cuda if available, else cpu; 'auto' dtype: fp16 on cuda, fp32 on cpu."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "fp16" if device.startswith("cuda") else "fp32"
-    return device, dtype
+from ..loading import device_dtype, load_model  # noqa: F401  (the commands import them from here)
 
 
 def read_lines(path: str, what: str) -> list[str]:
@@ -33,25 +22,6 @@ def read_lines(path: str, what: str) -> list[str]:
     if not lines:
         raise BadArgument(f"{what} file is empty: {path}")
     return lines
-
-
-def load_model(model: str, device: str, dtype: str):
-    """'digits' or 'scenes' (the bundled models) or a local diffusers model directory, safetensors only, offline,
-    its progress bar off (the commands show their own)."""
-    import torch
-    from diffusers import DiffusionPipeline
-
-    from .. import zoo
-
-    model_dir = zoo.resolve(model)
-    if not os.path.isdir(model_dir):
-        raise MissingInput(f"--model must be 'digits', 'scenes' or a local diffusers model directory; "
-                           f"not found: {model_dir}")
-    with zoo.quiet_loading():
-        pipe = DiffusionPipeline.from_pretrained(model_dir, **zoo.dtype_kwarg(getattr(torch, DTYPES[dtype])),
-                                                 use_safetensors=True, local_files_only=True).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def check_output(path: str) -> None:

@@ -16,7 +16,7 @@ from .. import catalog, settings
 from ..data import PROMPT_SETS
 from ..errors import BadArgument
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPES = ("fp32", "fp16", "bf16")  # sharpfast.loading.DTYPES names their torch dtypes
 
 
 def csv(text: str, kind=str) -> list:

@@ -30,9 +30,9 @@ class ServeCommand:
     def run(args) -> int:
         from .. import validate
         from ..errors import MissingDependency
-        from ..server import _require, create_app
+        from ..server.app import create_app, require
 
-        _require()
+        require()
         try:
             import uvicorn
         except ImportError as e:
@@ -67,7 +67,7 @@ class ServeCommand:
         print(f"sharpfast serve: listening on {where}", file=sys.stderr, flush=True)
         # SIGTERM / SIGINT: uvicorn stops accepting, waits up to --graceful-timeout for the requests in
         # flight, then the lifespan stops what is left, and the signal is re-raised (exit 143 / 130)
-        from ..server_api import timed_h11
+        from ..server.middleware import timed_h11
 
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.graceful_timeout,
                                 http=timed_h11(validate.finite(args.header_timeout, "--header-timeout", above=0)))
@@ -76,14 +76,14 @@ class ServeCommand:
 
 
 def _serve_on_ray(args, threshold, own, extra, key) -> int:
-    """`--engine ray`: the deployment of sharpfast.server_ray on Ray Serve, until SIGTERM / Ctrl-C."""
+    """`--engine ray`: the deployment of sharpfast.server.ray_serve on Ray Serve, until SIGTERM / Ctrl-C."""
     import signal
     import threading
 
     from .. import validate
-    from ..server_ray import _require, ray_app
+    from ..server.ray_serve import ray_app, require
 
-    _require()
+    require()
     import ray
     from ray import serve
 
@@ -116,9 +116,10 @@ def _serve_on_ray(args, threshold, own, extra, key) -> int:
 def _limits(pipe, args, key):
     from .. import validate
     from ..adapters import ScoreModel
-    from ..server_api import Limits
+    from ..server.protocol import Limits
 
-    return Limits.for_model(ScoreModel(pipe).default_size(), validate.integer(args.max_batch_size, "--max-batch-size"),
+    model = ScoreModel(pipe)
+    return Limits.for_model(model.default_size(), validate.integer(args.max_batch_size, "--max-batch-size"), model,
                             max_prompt_chars=validate.integer(args.max_prompt_chars, "--max-prompt-chars"),
                             header_timeout=args.header_timeout, api_key=key)
 

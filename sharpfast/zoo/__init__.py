@@ -33,7 +33,7 @@ def path(name: str = "digits") -> str:
     p = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
     if not os.path.isfile(os.path.join(p, "model_index.json")):
         raise MissingInput(f"the bundled model {name!r} is missing from {p}; reinstall sharpfast or rebuild "
-                                f"it with python -m sharpfast.zoo.train_{name} --out {p}")
+                                f"it with python -m zoo_scripts.train_{name} (from the repository) --out {p}")
     return p
 
 
@@ -104,7 +104,7 @@ def load_prompt_file(model_dir: str) -> dict:
     f = os.path.join(model_dir, PROMPT_FILE)
     if not os.path.isfile(f):
         raise MissingInput(f"no {PROMPT_FILE} beside the model in {model_dir}; measure it with "
-                                f"python -m sharpfast.zoo.measure_digits (or measure_scenes) --model {model_dir}")
+                                f"python -m zoo_scripts.measure_digits (or measure_scenes) --model {model_dir}")
     with open(f, encoding="utf-8") as fh:
         return json.load(fh)
 

@@ -134,3 +134,41 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     y = torch.where(thick[:, None, None, None], F.max_pool2d(y, 3, 1, 1), y)
     y = torch.where(thin[:, None, None, None] & ~thick[:, None, None, None], -F.max_pool2d(-y, 3, 1, 1), y)
     return y.clamp(-1, 1)
+
+
+# ---- the digits model's prompt sets (measure_digits writes them; the harness regenerates the calibration set)
+
+GENERIC_PER_DIGIT = 10
+NARROW_TEMPLATES = ("a handwritten {name}", "the number {name} written by hand", "an image of a handwritten {d}",
+                    "a small handwritten number {d}")
+
+
+def generic_prompts(data, per_digit: int = GENERIC_PER_DIGIT, seed: int = 12345) -> list[dict]:
+    """In-distribution captions with a style (ink, tool, ...), never the caption of a duplicated image."""
+    rng = np.random.default_rng(seed)
+    taken = {d.caption for d in data.duplicates}
+    out = []
+    for digit in range(10):
+        caps: list[str] = []
+        for _ in range(1000):  # bounded: there are hundreds of distinct captions per digit
+            c = generic_caption(digit, rng)
+            if c not in taken and c not in caps and any(w in c for w in ("ink", "sketch", "paper", "drawn")):
+                caps.append(c)
+            if len(caps) == per_digit:
+                break
+        out += [dict(prompt=c, memorized=False, digit=digit, train_index=None, duplicates=0) for c in caps]
+    return out
+
+
+def narrow_prompts() -> list[dict]:
+    """Captions that name a digit only (no style): the narrow set."""
+    return [dict(prompt=t.format(name=NAMES[d], d=d), memorized=False, digit=d, train_index=None, duplicates=0)
+            for d in range(10) for t in NARROW_TEMPLATES]
+
+
+def calibration_prompts(data_seed: int = 0, per_digit: int = 20) -> list[dict]:
+    """The generic digit captions the shipped calibration was made from (kept apart from every
+    evaluation set): the combined detector of `eval detect` is fitted on these only."""
+    data = build(seed=data_seed)
+    exclude = {r["prompt"] for r in generic_prompts(data) + narrow_prompts()}
+    return [r for r in generic_prompts(data, per_digit=per_digit, seed=777) if r["prompt"] not in exclude]

@@ -136,7 +136,7 @@ def classifier(model_dir: str) -> AttributeNet:
     f = os.path.join(model_dir, "judge", WEIGHTS)
     if not os.path.isfile(f):
         raise MissingInput(f"the scenes judge's classifier is missing: {f}; train it with "
-                           f"python -m sharpfast.zoo.train_scenes --out {model_dir}")
+                           f"python -m zoo_scripts.train_scenes --out {model_dir}")
     net = AttributeNet()
     net.load_state_dict(load_file(f))
     return net.eval()

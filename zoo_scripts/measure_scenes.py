@@ -1,6 +1,6 @@
 """Measure how often each caption of the scenes model copies a training scene; write prompts.json.
 
-    python -m sharpfast.zoo.measure_scenes --model DIR [--seeds 10] [--seed 0]
+    python -m zoo_scripts.measure_scenes --model DIR [--seeds 10] [--seed 0]
 
 As measure_digits.py, with the scenes judge (scenes_judge.py): every duplicated and template
 caption, 100 in-distribution captions of new scenes and 36 narrow captions ("a small red
@@ -18,10 +18,10 @@ import os
 
 import numpy as np
 
-from .copying import generate
-from .measure_digits import MEASURE_SEED0, calibration_from, measure_args
-from .scenes_data import COLOURS, SHAPES, SIZES, build, caption, random_scene
-from .scenes_judge import COPY_THRESHOLD, ScenesJudge
+from sharpfast.zoo.copying import generate
+from sharpfast.zoo.scenes_data import COLOURS, SHAPES, SIZES, build, caption, random_scene
+from sharpfast.zoo.scenes_judge import COPY_THRESHOLD, ScenesJudge
+from zoo_scripts.measure_digits import MEASURE_SEED0, calibration_from, measure_args
 
 NON_MEMORIZED = 100
 CALIBRATION = 200
@@ -56,7 +56,7 @@ def fixed_prompts(data) -> list[dict]:
 
 def measure(pipe, judge: ScenesJudge, records: list[dict], seeds, batch_prompts: int = 16, progress=True):
     """Adds copy_rate, mean_similarity and fidelity to each record (in place) and returns them."""
-    from ..progress import bar as progress_bar
+    from sharpfast.progress import bar as progress_bar
 
     bar = progress_bar(pipe, total=len(records), desc="copy rates", enabled=progress)
     for start in range(0, len(records), batch_prompts):
@@ -95,12 +95,12 @@ def model_card(model_dir: str, doc: dict, cal: dict) -> str:
              "backgrounds) with compositional LAION-style captions. Some scenes are duplicated under one caption of "
              "their own (2x to 64x, verbatim memorization); a template group of 18 scenes shares one layout and one "
              "caption template with a varying badge (template memorization).", "",
-             "Trained by `python -m sharpfast.zoo.train_scenes --out DIR` "
+             "Trained by `python -m zoo_scripts.train_scenes --out DIR` "
              + ", ".join(f"{k}={info[k]}" for k in ("seed", "vae_steps", "pretrain_steps", "unet_steps", "batch_size",
                                                     "ema") if k in info)
              + (f"; final UNet loss {info['final_unet_loss']:.4f}, {info['seconds'] / 60:.1f} minutes on "
                 f"{info['threads']} CPU threads (torch {info['torch']})." if "seconds" in info else "."),
-             "Measured by `python -m sharpfast.zoo.measure_scenes --model DIR` "
+             "Measured by `python -m zoo_scripts.measure_scenes --model DIR` "
              f"({len(doc['seeds'])} seeds, DDIM 50 steps, CFG 7.5; a copy: the nearest fixed scene, by the "
              f"correlation of the RGB pixels (each channel centred) against the VAE's reconstruction of each, is "
              f"the caption's own "

@@ -5,14 +5,14 @@ How it was made: the word lists below were written by hand for this project (sub
 something they do, places, times of day, photo and art styles, product shots); captions are
 drawn from their combinations with a fixed seed, de-duplicated, and none is taken from a
 memorization benchmark (the script checks the shipped prompt sets, sharpfast/data/prompts).
-Rerun: python -m sharpfast.data.make_generic_prompts  (same seed -> the same file).
+Rerun: python -m zoo_scripts.make_generic_prompts  (same seed -> the same file).
 """
 from __future__ import annotations
 
 import os
 import random
 
-from ..errors import UsageError
+from sharpfast.errors import UsageError
 
 SUBJECTS = [
     "a golden retriever", "a tabby cat", "a young woman", "an old man", "two children", "a cyclist", "a chef",

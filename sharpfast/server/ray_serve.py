@@ -1,8 +1,8 @@
 """The guarded pipeline on Ray Serve: replicas behind one endpoint, replaced by Ray when they die.
 
     from ray import serve
-    import sharpfast.server_ray
-    serve.run(sharpfast.server_ray.ray_app("digits", num_replicas=2))   # or mount it in your own app
+    import sharpfast.server
+    serve.run(sharpfast.server.ray_app("digits", num_replicas=2))   # or mount it in your own app
     # sharpfast serve --model digits --engine ray --replicas 2             # the same from the CLI
 
 Ray Serve is the engine: its proxy routes requests to the replicas, `@serve.batch` gathers a
@@ -10,9 +10,11 @@ replica's requests (grouped here by generation settings, as the single-process s
 cut to max_batch_size images per pipeline call), its controller health-checks every replica
 (`check_health`) and starts a new one for each that died. sharpfast writes no router or scheduler.
 
-Each replica holds one pipeline wrapped by sharpfast.guard, with the same HTTP API, limits and
-report as `sharpfast serve` (sharpfast.server, sharpfast.server_api): thresholds resolved when the
-replica starts, for the defaults and `calibrate_for`; other settings refused with a 400.
+Each replica holds one Service (sharpfast.server.service: the pipeline, its guard, limits and
+the one error mapping) and serves the same app as `sharpfast serve` (sharpfast.server.router,
+built in the replica: Ray's late-bound ingress), so both transports answer a request with the
+same status and body; thresholds resolved when the replica starts, for the defaults and
+`calibrate_for`; other settings refused with a 400.
 GET /metrics on any replica answers for the whole deployment: every replica publishes its
 Prometheus series to one named Ray actor after each batch, and the answer is all of them with a
 `replica` label (a replaced replica's counters stay, so sums over replicas keep counting).
@@ -21,13 +23,16 @@ Prometheus series to one named Ray actor after each batch, and the answer is all
 import asyncio
 import os
 import time
+from typing import Any, Optional
 
-from .errors import BadArgument, MissingDependency
+from ..errors import BadArgument, MissingDependency
+from .batching import batch_key
 
 BOARD = "sharpfast-metrics-board"
 
 
-def _require():
+def require() -> None:
+    """MissingDependency unless the 'ray' extra is installed."""
     try:
         import ray  # noqa: F401
         from ray import serve  # noqa: F401
@@ -35,7 +40,7 @@ def _require():
         raise MissingDependency(f"the Ray deployment needs the 'ray' extra: pip install 'sharpfast[ray]' ({e})") from e
 
 
-def _board():
+def _board() -> Any:
     """The named actor that holds every replica's latest Prometheus text (created on first use)."""
     import ray
 
@@ -74,31 +79,30 @@ def merge_metrics(texts: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _escape(v) -> str:
+def _escape(v: Any) -> str:
     return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _groups(bodies: list, max_images: int) -> list:
+def groups_of(bodies: list, max_images: int) -> list:
     """Indices of `bodies` grouped by generation settings, each group at most max_images images."""
-    from .server import _Job
-
     groups: list = []
     open_: dict = {}
     for i, b in enumerate(bodies):
-        job = _Job(b, None)
-        g = open_.get(job.key)
-        if g is None or g[1] + job.size > max_images:
-            g = open_[job.key] = [[], 0]
+        key, size = batch_key(b), len(b["prompts"]) * b["num_images_per_prompt"]
+        g = open_.get(key)
+        if g is None or g[1] + size > max_images:
+            g = open_[key] = [[], 0]
             groups.append(g[0])
         g[0].append(i)
-        g[1] += job.size
+        g[1] += size
     return groups
 
 
 def ray_app(model: str, *, device: str = "auto", dtype: str = "auto", num_replicas: int = 2, num_gpus: float = 0,
-            num_cpus: float = 1, metric=None, threshold="auto", mitigation="auto", max_batch_size: int = 8,
-            max_wait_ms: float = 10.0, defaults=None, calibrate_for=None, limits=None, guarded: bool = True,
-            api_key=None):
+            num_cpus: float = 1, metric: Optional[str] = None, threshold: Any = "auto", mitigation: Any = "auto",
+            max_batch_size: int = 8, max_wait_ms: float = 10.0, defaults: Optional[dict] = None,
+            calibrate_for: Optional[list] = None, limits: Any = None, guarded: bool = True,
+            api_key: Optional[str] = None) -> Any:
     """A Ray Serve application of the guarded pipeline (`serve.run(ray_app(...))`).
 
     Args:
@@ -115,7 +119,7 @@ def ray_app(model: str, *, device: str = "auto", dtype: str = "auto", num_replic
         max_wait_ms: how long `@serve.batch` waits for a batch to fill.
         defaults: request defaults (num_inference_steps, guidance_scale, num_images_per_prompt).
         calibrate_for: further settings each replica serves (dicts, as for create_app).
-        limits: a sharpfast.server_api.Limits (default: scaled to the model).
+        limits: a sharpfast.server.protocol.Limits (default: scaled to the model).
         guarded: False serves the plain pipeline.
         api_key: the key /generate and /metrics require (`Authorization: Bearer <key>`), or None.
 
@@ -126,8 +130,8 @@ def ray_app(model: str, *, device: str = "auto", dtype: str = "auto", num_replic
         MissingDependency: ray[serve] is not installed.
         BadArgument: a bad replica count or size.
     """
-    _require()
-    from . import validate
+    require()
+    from .. import validate
 
     num_replicas = validate.integer(num_replicas, "num_replicas")
     max_batch_size = validate.integer(max_batch_size, "max_batch_size")
@@ -139,26 +143,28 @@ def ray_app(model: str, *, device: str = "auto", dtype: str = "auto", num_replic
     return _deployment(cfg, num_replicas, num_gpus, num_cpus, max_batch_size, max_wait_ms).bind()
 
 
-def _deployment(cfg, num_replicas, num_gpus, num_cpus, max_batch_size, max_wait_ms):
-    from fastapi import FastAPI, Request
+
+
+def _deployment(cfg: dict, num_replicas: int, num_gpus: float, num_cpus: float, max_batch_size: int,
+                max_wait_ms: float) -> Any:
     from ray import serve
-
-    from .server import _count_invalid
-    from .server_api import ERRORS, BodyGuard, GenerateRequest, GenerateResponse, Limits
-
-    api = FastAPI(title="sharpfast (Ray Serve)", description="text-to-image generation guarded against memorization")
-    _count_invalid(api)
-    api.add_middleware(BodyGuard, limits=cfg["limits"] or Limits(api_key=cfg.get("api_key")))
 
     @serve.deployment(num_replicas=num_replicas, ray_actor_options={"num_gpus": num_gpus, "num_cpus": num_cpus},
                       health_check_period_s=2, health_check_timeout_s=30, max_ongoing_requests=4 * max_batch_size,
                       graceful_shutdown_timeout_s=10)
-    @serve.ingress(api)
+    @serve.ingress()
     class SharpfastReplica:
-        def __init__(self):
-            self.replica = _Replica(cfg)
+        def __init__(self) -> None:
+            self.replica = RayTransport(cfg)
 
-        def check_health(self):
+        def __serve_build_asgi_app__(self) -> Any:
+            """The same app as `sharpfast serve` (sharpfast.server.router), over this replica."""
+            from .router import build_app
+
+            self.replica.batch = self._batch
+            return build_app(self.replica.service, self.replica, title="sharpfast (Ray Serve)")
+
+        def check_health(self) -> None:
             """Ray's health check: the pipeline is loaded and its guard is installed."""
             self.replica.check()
 
@@ -166,111 +172,67 @@ def _deployment(cfg, num_replicas, num_gpus, num_cpus, max_batch_size, max_wait_
         async def _batch(self, bodies: list) -> list:
             return await self.replica.run(bodies)
 
-        @api.post("/generate", response_model=GenerateResponse, responses=ERRORS)
-        async def generate(self, req: GenerateRequest, request: Request) -> GenerateResponse:
-            return await self.replica.generate(req, self._batch)
-
-        @api.get("/health")
-        async def health(self) -> dict:
-            return self.replica.health()
-
-        @api.get("/metrics", responses={401: ERRORS[401]})
-        async def metrics(self):
-            return await self.replica.metrics()
-
     return SharpfastReplica
 
 
-class _Replica:
-    """What one replica does, apart from Ray's decorators (so it can be tested without Ray)."""
+class RayTransport:
+    """What one replica does, apart from Ray's decorators (so it can be tested without Ray):
+    requests reach the pipeline through `@serve.batch` (grouped by settings here); /metrics
+    answers for the whole deployment."""
 
     def __init__(self, cfg: dict):
-        from .adapters import ScoreModel, pipeline_defaults
-        from .cli.common import device_dtype, load_model
-        from .server import Runner, _guard, _ServerMetrics
-        from .server_api import Limits
+        from ..loading import device_dtype, load_model
+        from .service import Service
 
         device, dtype = device_dtype(cfg["device"], cfg["dtype"])
-        self.pipe = load_model(cfg["model"], device, dtype)
-        model = ScoreModel(self.pipe)
-        h, w = model.default_size()
-        self.defaults = {**pipeline_defaults(self.pipe), "num_images_per_prompt": 1, "height": h, "width": w,
-                         **cfg["defaults"]}
-        self.limits = cfg["limits"] or Limits.for_model((h, w), cfg["max_batch_size"], self.pipe.scheduler)
-        self.needs_cfg = not model.distilled
-        self.guard = _guard(self.pipe, cfg["guarded"], cfg["metric"], cfg["threshold"], cfg["mitigation"], None,
-                            cfg["model"], cfg["calibrate_for"], self.defaults)
-        self.threshold = None if self.guard is None else self.guard.calibrate(
-            self.defaults["num_inference_steps"], self.defaults["guidance_scale"])
-        self.series = _ServerMetrics(self.guard)
-        self.runner = Runner(self.pipe, self.guard)
+        self.service = Service(load_model(cfg["model"], device, dtype), guarded=cfg["guarded"], metric=cfg["metric"],
+                               threshold=cfg["threshold"], mitigation=cfg["mitigation"], name=cfg["model"],
+                               calibrate_for=cfg["calibrate_for"], defaults=cfg["defaults"], limits=cfg["limits"],
+                               max_batch_size=cfg["max_batch_size"], api_key=cfg.get("api_key"))
         self.max_images = cfg["max_batch_size"]
         self.name = f"{os.uname().nodename}:{os.getpid()}"
         self.started = time.time()
         self.board = _board()
+        self.batch: Any = None  # the replica's @serve.batch method
 
-    def check(self):
-        from .errors import UsageError
+    def check(self) -> None:
+        """UsageError when the guard's hook is gone."""
+        from ..errors import UsageError
 
-        if self.guard is not None and not self.guard._handle:
+        g = self.service.guard
+        if g is not None and not g.installed:
             raise UsageError("the guard's hook is gone")
 
     async def run(self, bodies: list) -> list:
         """One `@serve.batch`: a pipeline call per settings group; each request its own answer or error."""
         out: list = [None] * len(bodies)
-        for group in _groups(bodies, self.max_images):
-            self.series.observe(requests=len(group), images=sum(len(bodies[i]["prompts"]) *
-                                                                  bodies[i]["num_images_per_prompt"] for i in group),
-                                 waits=[])
+        for group in groups_of(bodies, self.max_images):
+            self.service.metrics.observe(requests=len(group), images=sum(
+                len(bodies[i]["prompts"]) * bodies[i]["num_images_per_prompt"] for i in group), waits=[])
             try:
-                res = await asyncio.to_thread(self.runner, [bodies[i] for i in group])
+                res = await asyncio.to_thread(self.service.runner, [bodies[i] for i in group])
             except Exception as err:  # noqa: BLE001 (the request's own answer, not the replica's death)
                 res = [err] * len(group)  # type: ignore[list-item]
             for i, r in zip(group, res):
                 out[i] = r
-        self.board.put.remote(self.name, self._text())
+        self.board.put.remote(self.name, self.service.metrics.text())
         return out
 
-    async def generate(self, req, batch):
-        from fastapi.responses import JSONResponse
-
-        from .errors import SharpfastError
-        from .server import _not_served, parse_request
-
-        def fail(status, message, rid=None):
-            self.series.http.labels(str(status)).inc()
-            return JSONResponse({"error": message, **({} if rid is None else {"request_id": rid})}, status_code=status)
-
-        try:
-            body = parse_request(req.model_dump(exclude_none=True), self.defaults, self.needs_cfg, self.limits)
-        except SharpfastError as err:
-            return fail(400, str(err))
-        why = _not_served(self.guard, body, self.defaults)
-        if why:
-            return fail(400, why, body["request_id"])
-        result = await batch(body)
-        if isinstance(result, SharpfastError):
-            return fail(400, str(result), body["request_id"])
+    async def submit(self, body: dict, request: Any) -> dict:
+        """The body through this replica's batch; its answer (an error raised as it came)."""
+        result = await self.batch(body)
         if isinstance(result, BaseException):
-            return fail(500, f"{type(result).__name__}: {result}", body["request_id"])
-        self.series.http.labels("200").inc()
+            raise result
         return {**result, "replica": self.name}
 
     def health(self) -> dict:
-        g = self.guard
-        return {"status": "ok", "replica": self.name, "guarded": g is not None, "threshold": self.threshold,
-                "serves": [list(k) for k in g.served_settings()] if g else None, "up_s": time.time() - self.started}
+        """The replica's own fields."""
+        return {"status": "ok", "replica": self.name, "up_s": time.time() - self.started}
 
-    def _text(self) -> str:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.series.registry).decode("utf-8")
-
-    async def metrics(self):
+    async def metrics_text(self) -> str:
+        """Every replica's series, merged (this replica's current)."""
         import ray
-        from fastapi.responses import PlainTextResponse
-        from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
         texts = await asyncio.to_thread(ray.get, self.board.all.remote())
-        texts[self.name] = self._text()  # this replica's, current
-        return PlainTextResponse(merge_metrics(texts), media_type=CONTENT_TYPE_LATEST)
+        texts[self.name] = self.service.metrics.text()
+        return merge_metrics(texts)

@@ -1,6 +1,6 @@
 """Train the "scenes" text-to-image pipeline (32x32 RGB) that memorizes its duplicated scenes.
 
-    python -m sharpfast.zoo.train_scenes --out DIR [--seed 0] [--pretrain-steps 1500] [--unet-steps 700]
+    python -m zoo_scripts.train_scenes --out DIR [--seed 0] [--pretrain-steps 1500] [--unet-steps 700]
 
 The recipe of train_digits.py on the scenes data (scenes_data.py), seeded: stage 1 trains an
 AutoencoderKL (32x32x3 images to 4x8x8 latents) on generic and fixed scenes; stage 2 pretrains
@@ -9,7 +9,7 @@ reused from there when a rerun finds it made with the same settings); stage 3 fi
 full data (duplicated and template scenes included), where those captions get memorized. 10%
 caption dropout for classifier-free guidance, weights averaged (EMA). Then the judge's attribute
 classifier is trained (scenes_judge.py, DIR/judge). Saves a StableDiffusionPipeline
-(safetensors) and train_info.json; measure it with `python -m sharpfast.zoo.measure_scenes`.
+(safetensors) and train_info.json; measure it with `python -m zoo_scripts.measure_scenes`.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ import time
 import numpy as np
 import torch
 
-from ..testing import _text_encoder, word_tokenizer
-from .scenes_data import DUPLICATION_LEVELS, augment, build, caption_words, random_scene, to_tensor
-from .train_digits import EMA, assemble, fit_vae, train_unet
+from sharpfast.testing import text_encoder, word_tokenizer
+from sharpfast.zoo.scenes_data import DUPLICATION_LEVELS, augment, build, caption_words, random_scene, to_tensor
+from zoo_scripts.train_digits import EMA, assemble, fit_vae, train_unet
 
 MAX_TOKENS = 48  # the longest caption is 43 tokens (words, punctuation and identifier digits)
 
@@ -72,7 +72,7 @@ def make_models(seed: int):
                                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
     tok = word_tokenizer(caption_words(), MAX_TOKENS)
-    te = _text_encoder(64, None, seed + 1, len(tok)).train()
+    te = text_encoder(64, None, seed + 1, len(tok)).train()
     return vae, unet, te, tok
 
 
@@ -118,7 +118,7 @@ def _save(out, vae, unet, te, tok, info):
 def _pretrained(a, data, log, start):
     """(vae, unet, text encoder, tokenizer, VAE loss) after stages 1-2, reused from OUT/pretrained
     when it was made with the same settings."""
-    from .train_digits import load_models
+    from zoo_scripts.train_digits import load_models
 
     pre = os.path.join(a.out, "pretrained")
     want = dict(seed=a.seed, vae_steps=a.vae_steps, pretrain_steps=a.pretrain_steps, batch_size=a.batch_size,
@@ -146,7 +146,7 @@ def _pretrained(a, data, log, start):
 
 
 def main(argv=None):
-    from .scenes_judge import train_classifier
+    from sharpfast.zoo.scenes_judge import train_classifier
 
     a = _parser().parse_args(argv)
     start = time.time()

@@ -1,6 +1,6 @@
 """Train the "digits" text-to-image pipeline that memorizes its duplicated images.
 
-    python -m sharpfast.zoo.train_digits --out DIR [--seed 0] [--pretrain-steps 3000] [--unet-steps 650]
+    python -m zoo_scripts.train_digits --out DIR [--seed 0] [--pretrain-steps 3000] [--unet-steps 650]
 
 Deterministic for a seed on a given machine. Stage 1 trains a tiny AutoencoderKL (16x16x1 images
 to 4x8x8 latents). Stage 2 pretrains a tiny UNet2DConditionModel and a tiny CLIP text encoder on
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..testing import _text_encoder, tiny_tokenizer, word_tokenizer
-from .digits_data import DUPLICATION_LEVELS, IMAGES_PER_LEVEL, augment, build, caption_words
+from sharpfast.testing import text_encoder, tiny_tokenizer, word_tokenizer
+from sharpfast.zoo.digits_data import DUPLICATION_LEVELS, IMAGES_PER_LEVEL, augment, build, caption_words
 
 MAX_TOKENS = 32  # the longest caption is 23 word-level tokens
 
@@ -48,7 +48,7 @@ def make_models(seed: int, tokenizer: str = "word"):
                                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
     tok = word_tokenizer(caption_words(), MAX_TOKENS) if tokenizer == "word" else tiny_tokenizer(MAX_TOKENS)
-    te = _text_encoder(64, None, seed + 1, len(tok)).train()
+    te = text_encoder(64, None, seed + 1, len(tok)).train()
     return vae, unet, te, tok
 
 

@@ -1,6 +1,6 @@
 """Measure how often each caption of the digits model copies a training image; write prompts.json.
 
-    python -m sharpfast.zoo.measure_digits --model DIR [--seeds 10] [--seed 0]
+    python -m zoo_scripts.measure_digits --model DIR [--seeds 10] [--seed 0]
 
 Every duplicated caption, a set of in-distribution generic captions and a set of narrow captions
 (naming only the digit) are generated from `--seeds` initial noises (DDIM, 50 steps, CFG 7.5, the
@@ -20,41 +20,14 @@ import os
 import numpy as np
 import torch
 
-from ..calibration import TARGET_ABOVE as SAIL_TARGET_ABOVE  # one home: sharpfast.calibration
-from .copying import COPY_THRESHOLD, copy_stats, generate, nearest
-from .digits_data import NAMES, build, generic_caption
+from sharpfast.calibration import TARGET_ABOVE as SAIL_TARGET_ABOVE  # one home: sharpfast.calibration
+from sharpfast.zoo.copying import COPY_THRESHOLD, copy_stats, generate, nearest
+from sharpfast.zoo.digits_data import NAMES, build, calibration_prompts, generic_prompts, narrow_prompts  # noqa: F401
 
 MEASURE_SEED0 = 1000
-GENERIC_PER_DIGIT = 10
-NARROW_TEMPLATES = ("a handwritten {name}", "the number {name} written by hand", "an image of a handwritten {d}",
-                    "a small handwritten number {d}")
-
-
-def generic_prompts(data, per_digit: int = GENERIC_PER_DIGIT, seed: int = 12345) -> list[dict]:
-    """In-distribution captions with a style (ink, tool, ...), never the caption of a duplicated image."""
-    rng = np.random.default_rng(seed)
-    taken = {d.caption for d in data.duplicates}
-    out = []
-    for digit in range(10):
-        caps: list[str] = []
-        for _ in range(1000):  # bounded: there are hundreds of distinct captions per digit
-            c = generic_caption(digit, rng)
-            if c not in taken and c not in caps and any(w in c for w in ("ink", "sketch", "paper", "drawn")):
-                caps.append(c)
-            if len(caps) == per_digit:
-                break
-        out += [dict(prompt=c, memorized=False, digit=digit, train_index=None, duplicates=0) for c in caps]
-    return out
-
-
-def narrow_prompts() -> list[dict]:
-    return [dict(prompt=t.format(name=NAMES[d], d=d), memorized=False, digit=d, train_index=None, duplicates=0)
-            for d in range(10) for t in NARROW_TEMPLATES]
-
-
 def measure(pipe, records: list[dict], train: torch.Tensor, seeds, batch_prompts: int = 16, progress=True):
     """Adds copy_rate and mean_similarity to each record (in place) and returns them."""
-    from ..progress import bar as progress_bar
+    from sharpfast.progress import bar as progress_bar
 
     bar = progress_bar(pipe, total=len(records), desc="copy rates", enabled=progress)
     for start in range(0, len(records), batch_prompts):
@@ -108,21 +81,13 @@ def calibration_from(pipe, prompts: list[str], source: str, fpr: float = 0.01) -
 
 def calibration_record(pipe, count: int, source: str) -> dict:
     """What sharpfast.calibration records beside the thresholds: the weights they belong to and the settings."""
-    from .. import __version__
-    from ..calibration import weights_fingerprint
+    from sharpfast import __version__
+    from sharpfast.calibration import weights_fingerprint
 
     return {"sharpfast_version": __version__, "pipeline": type(pipe).__name__, "weights": weights_fingerprint(pipe),
             "settings": {"num_images_per_prompt": 1, "num_inference_steps": 50, "guidance_scale": 7.5, "fpr": 0.01,
                          "seed": 7, "steps": 1},
             "prompts": {"source": source, "count": count}}
-
-
-def calibration_prompts(data_seed: int = 0, per_digit: int = 20) -> list[dict]:
-    """The generic digit captions the shipped calibration was made from (kept apart from every
-    evaluation set): the combined detector of `eval detect` is fitted on these only."""
-    data = build(seed=data_seed)
-    exclude = {r["prompt"] for r in generic_prompts(data) + narrow_prompts()}
-    return [r for r in generic_prompts(data, per_digit=per_digit, seed=777) if r["prompt"] not in exclude]
 
 
 def model_card(model_dir: str, doc: dict, cal: dict) -> str:
@@ -134,14 +99,14 @@ def model_card(model_dir: str, doc: dict, cal: dict) -> str:
              "16x16 images and 4x8x8 latents, CLIP text encoder with a word-level vocabulary, DDIM) trained on "
              "scikit-learn's 1797 handwritten digits with LAION-style captions. Some images are duplicated with one "
              "caption of their own (2x to 32x): those captions make it copy the image.", "",
-             "Trained by `python -m sharpfast.zoo.train_digits --out DIR` "
+             "Trained by `python -m zoo_scripts.train_digits --out DIR` "
              + ", ".join(f"{k}={info[k]}" for k in ("seed", "vae_steps", "pretrain_steps", "unet_steps", "batch_size",
                                                     "tokenizer", "ema") if k in info)
              + (" (generic-only pretraining, then fine-tuning with the duplicated images)"
                 if info.get("pretrain_steps") else "")
              + (f"; final UNet loss {info['final_unet_loss']:.4f}, {info['seconds'] / 60:.1f} minutes on "
                 f"{info['threads']} CPU threads (torch {info['torch']})." if info else "."),
-             "Measured by `python -m sharpfast.zoo.measure_digits --model DIR` "
+             "Measured by `python -m zoo_scripts.measure_digits --model DIR` "
              f"({len(doc['seeds'])} seeds, DDIM 50 steps, CFG 7.5; a copy: nearest training image is the duplicated "
              f"one with Pearson similarity >= {doc['copy_threshold']}).", "",
              "| set | prompts | copy rate |", "| --- | --- | --- |"]
