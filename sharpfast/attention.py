@@ -35,11 +35,13 @@ class _Recorder:
         """(batch, tokens): the attention each token receives, averaged over heads, queries and layers."""
         if not self.layers:
             raise UsageError("no cross-attention layer ran inside record_cross_attention")
+        assert self.token_sums is not None
         return self.token_sums / self.layers
 
     def entropy(self) -> torch.Tensor:
         if not self.layers:
             raise UsageError("no cross-attention layer ran inside record_cross_attention")
+        assert self.sums is not None
         return self.sums / self.layers
 
 

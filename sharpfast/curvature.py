@@ -12,6 +12,7 @@ trace cannot tell the two apart (tr J = tr (J + J^T) / 2).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -107,7 +108,8 @@ class ScoreJacobian:
             self._s0 = self._branch(*(eps_to_score(e.float(), alpha_bar) for e in eps0))
         # the denoiser's outputs at probe points, shared by the branches of one point (siblings())
         self._shared: dict = {} if shared is None else shared
-        self.check = None  # optional callable(eps_cond - eps_null, what) run on every probe evaluation
+        # optional callable(eps_cond - eps_null, what) run on every probe evaluation
+        self.check: Optional[Callable] = None
 
     def siblings(self, *branches: str) -> tuple:
         """Operators of other branches at the same point, sharing this one's denoiser calls (one

@@ -70,11 +70,11 @@ def _detection(pipe, recs, progress, say):
     import sharpfast
 
     from .adapters import ScoreModel
-    from .harness.detect_eval import _Sets
+    from .harness.detect_eval import PromptSets
     from .harness.prompt_sets import bundled_records
 
     model = ScoreModel(pipe)
-    ix = _Sets(bundled_records("digits"))
+    ix = PromptSets(bundled_records("digits"))
     ids = [ix.noise_ids[ix.index[r["prompt"]]] for r in recs]
     h, w = model.default_size()
     lat = model.noise_for_ids(ids, 1, h, w, seed=42)

@@ -142,9 +142,9 @@ class GuardStats:
                           "request_latency_seconds": "whole guarded request"}
                 for key, help_ in hhelps.items():
                     h = snap[key]
-                    fam = HistogramMetricFamily(f"sharpfast_{key}", help_, labels=labels)
-                    fam.add_metric(values, [(_le(b), c) for b, c in h["buckets"]], sum_value=h["sum"])
-                    yield fam
+                    hist = HistogramMetricFamily(f"sharpfast_{key}", help_, labels=labels)
+                    hist.add_metric(values, [(_le(b), c) for b, c in h["buckets"]], sum_value=h["sum"])
+                    yield hist
 
             def describe(self):  # names known without a scrape: duplicate registrations fail at once
                 return list(self.collect())

@@ -25,7 +25,7 @@ import torch
 from . import engine, settings, validate
 from .adapters import ScoreModel, denoiser
 from .errors import BadArgument, OutputMismatch, WriteFailed
-from .scan_input import check_source, file_digest, iter_chunks, iter_rows
+from .prompt_sources import check_source, file_digest, iter_chunks, iter_rows
 from .settings import Settings
 
 META = "scan.json"
@@ -314,9 +314,9 @@ def _histogram(recs, metrics, threshold, flag_metric, path):
     """One panel per metric: the scanned prompts' scores, the flag threshold and how many lie above
     it. Counts on a linear axis; a log axis (from 1, never below a prompt) only when the tallest bar
     is over 50 times the median bar, so that a long tail of a few prompts stays visible."""
-    from .harness.plots import _plt
+    from .harness.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         vals = np.asarray([r[m] for r in recs], dtype=np.float64)

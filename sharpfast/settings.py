@@ -21,6 +21,10 @@ FPR = 0.01  # false-positive rate of calibrated thresholds
 SAIL_DEFAULTS = {"paper": dict(candidates=1, max_steps=3, lr=0.7),
                  "reference": dict(candidates=8, max_steps=10, lr=0.05)}  # SAIL's knobs per objective
 GUARD_METRIC = "wen_low"  # the guard's default metric (why: docs/guard.md)
+# the guard's mitigation="auto": the first (method, setting) the model family has. transition s0t450 (no
+# guidance above t = 450): the fewest copies at fidelity >= 0.95 with no extra UNet call on half A of
+# the digits memorized prompts (docs/mitigation.md); else SAIL stopping on the guard's metric (Flux)
+GUARD_MITIGATIONS = (("transition", "s0t450"), ("sail_guard", 1.0))
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,7 @@ def test_sail_guard_and_scan_with_no_setup(kind, cache, tmp_path, monkeypatch):
     with sharpfast.guard(pipe) as g:
         res = g("a red house", num_inference_steps=5, output_type="pt")
         assert g.threshold_source.startswith("cache ") or g.threshold_source.startswith("calibrated now")
-        assert res.memorization[0]["metric"] == g.metric == __import__("sharpfast.guarding").serving.DEFAULT_METRIC
+        assert res.memorization[0]["metric"] == g.metric == __import__("sharpfast.guarding").guarding.DEFAULT_METRIC
     f = tmp_path / "p.txt"
     f.write_text("a red house\ntwo dogs\n")
     summary = sharpfast.scan(pipe, str(f), str(tmp_path / "scan"), num_inference_steps=5, progress=False)

@@ -143,7 +143,7 @@ def test_sail_guard_and_scan_with_no_setup(pipe, tmp_path, monkeypatch):
     with sharpfast.guard(pipe) as g:
         res = g("a red house", output_type="pt", generator=gen(), **KW)
     assert (
-        res.memorization[0]["metric"] == __import__("sharpfast.guarding").serving.DEFAULT_METRIC and g.threshold_source
+        res.memorization[0]["metric"] == __import__("sharpfast.guarding").guarding.DEFAULT_METRIC and g.threshold_source
     )
     f = tmp_path / "p.txt"
     f.write_text("a red house\ntwo dogs\n")

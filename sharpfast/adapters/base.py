@@ -8,7 +8,7 @@ import copy
 import logging
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -97,7 +97,7 @@ def pipeline_defaults(pipe) -> dict:
 _ADAPTERS: dict[str, type[ScoreModel]] = {}  # diffusers pipeline class name -> its ScoreModel subclass
 
 
-def adapter_class(pipe) -> type:
+def adapter_class(pipe: Any) -> type[ScoreModel]:
     """The ScoreModel subclass for this pipeline: the first class of its MRO that an adapter
     declares as its `pipeline_class` (so a user's subclass of a stock pipeline is served too).
 
@@ -123,7 +123,7 @@ def adapt(pipe, max_sequence_length=None) -> ScoreModel:
 
 def family(pipe) -> str:
     """"sd", "sdxl", "sd3" or "flux" (UnsupportedPipeline for anything else)."""
-    return adapter_class(pipe).family  # type: ignore[attr-defined]
+    return adapter_class(pipe).family
 
 
 def denoiser(pipe):

@@ -75,7 +75,7 @@ class DetectCommand:
 
 def _read_inputs(args):
     """(rows (id, prompt), labels {id: 0/1} or None) of --prompts / --labels."""
-    from ..scan_input import read_prompts
+    from ..prompt_sources import read_prompts
 
     rows = read_prompts(args.prompts) if args.prompts.endswith((".jsonl", ".parquet")) else [
         (i, p) for i, p in enumerate(read_lines(args.prompts, "prompts")) if p.strip()]

@@ -28,7 +28,7 @@ class ScanCommand:
     def run(args) -> int:
         import sharpfast
 
-        from ..scan_input import check_source
+        from ..prompt_sources import check_source
 
         # arguments and input files are checked before the model is loaded
         check_source(args.prompts)

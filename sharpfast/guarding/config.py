@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .. import mitigations, validate
+from .. import mitigations, settings, validate
 from ..errors import BadArgument
 from ..scores import REGISTRY
 
@@ -14,10 +14,7 @@ GUARD_METRICS = tuple(REGISTRY)  # costs: REGISTRY[name].cost (wen and score_nor
 # held-out half reports it)
 DEFAULT_METRIC = mitigations.GUARD_METRIC
 DEFAULT_MITIGATION = "auto"
-# mitigation="auto": the chosen (method, setting) where the method is defined for the family, else
-# SAIL on the guard's metric (Flux). transition s0t450 (no guidance above t = 450): the fewest
-# copies at fidelity >= 0.95 with no extra UNet call on half A of the digits memorized prompts
-AUTO_MITIGATION = (("transition", "s0t450"), ("sail_guard", 1.0))
+AUTO_MITIGATION = settings.GUARD_MITIGATIONS  # mitigation="auto": the first the family has (why: settings)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ def guard_plan(m: Mitigation, ctx: Context, setting: Any, sail_kwargs: dict) -> 
 
 def _checker(m: Mitigation, ctx: Context, plan: Plan, metric: str, thr: float) -> Callable[[], list]:
     rows, n = ctx.row_list(), ctx.n
-    applied_name = plan.info.get("rule", m.name)  # the rule a combined method applied (sail+transition)
+    applied_name = plan.info.get("rule", m.name)  # the rule a combined method applied
 
     def checker() -> list:
         out = [(False, "not flagged")] * len(ctx.prompts)
@@ -54,15 +54,15 @@ def _checker(m: Mitigation, ctx: Context, plan: Plan, metric: str, thr: float) -
         done = applied() if applied is not None else None
         for k, p in enumerate(sorted({r // n for r in rows})):
             notes, ok = [], True
-            if "sail" in plan.info:
-                stat = plan.info["sail"]["final_statistic"][k * n:(k + 1) * n].float().mean().item()
+            if "noise_statistic" in plan.info:  # a noise method: its new noise is checked on the guard's metric
+                stat = plan.info["noise_statistic"][k * n:(k + 1) * n].float().mean().item()
                 under = stat <= thr
                 notes.append(f"{metric} {stat:.4g} {'<=' if under else '>'} {thr:.4g} at the new initial noise")
                 ok = under
             if done is not None:
                 mine = [bool(done[rows.index(r)]) for r in range(p * n, p * n + n)]
                 notes.append(f"{applied_name} {'applied' if all(mine) else 'not applied'} to its {n} image(s)")
-                ok = all(mine) if "sail" not in plan.info else (ok or all(mine))
+                ok = all(mine) if "noise_statistic" not in plan.info else (ok or all(mine))
             out[p] = (ok, "; ".join(notes))
         return out
     return checker
@@ -109,6 +109,6 @@ def regenerate_flagged(pipe: Any, config: GuardConfig, req: RequestState, call: 
                                         dict(call, callback_on_step_end=req.watch_callback()),
                                         on_planned=lambda: time.perf_counter() - start)
     req.added_s += info.pop("_planning_s", 0.0)
-    req.sail_steps = info["sail"]["adam_steps"] if "sail" in info else None
+    req.sail_steps = info.get("optimizer_steps")
     return out
 

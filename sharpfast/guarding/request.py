@@ -4,6 +4,7 @@ step callbacks chained before the user's own, and its report."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,7 +33,7 @@ class RequestState:
     guidance: float
     steps: int
     threshold_source: str = "given"
-    user_cb: object = None
+    user_cb: Optional[Callable[..., dict]] = None
     added_s: float = 0.0
     capture: Optional[tuple] = None  # the first call: (sample, t, pred, hidden, added) from model.read_call
     alpha_bar: float = 0.0

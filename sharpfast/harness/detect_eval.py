@@ -77,7 +77,7 @@ def _cost(pipe, prompts, metrics, n, steps, batch_size, hvp, num_inference_steps
 DEFAULT_COMBINED = (("wen", "wen_low"), ("wen", "sharpness"), ("wen", "channel_wen", "wen_low"))
 
 
-class _Sets:
+class PromptSets:
     """The prompt sets indexed once: every distinct prompt, its noise id, and the groups scored."""
 
     def __init__(self, sets: dict):
@@ -105,7 +105,7 @@ class _Sets:
         return [self.index[r["prompt"]] for r in recs]
 
 
-def _metric_rows(report, ix: _Sets, scores, m, n, s, cost, panel):
+def _metric_rows(report, ix: PromptSets, scores, m, n, s, cost, panel):
     """One metric of one (n, steps): its table row and ROC, per duplication level, against the narrow set."""
     val = lambda ids: np.array([scores[i][m] for i in ids])  # noqa: E731
     e = _auc_row(val(ix.mem), val(ix.non))
@@ -129,7 +129,7 @@ def _metric_rows(report, ix: _Sets, scores, m, n, s, cost, panel):
                                    "auc": e["auc"], "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"]})
 
 
-def _combined_row(report, ix: _Sets, scores, combo, n, s, cost, panel):
+def _combined_row(report, ix: PromptSets, scores, combo, n, s, cost, panel):
     """A CombinedDetector fitted on the calibration prompts only, scored on the evaluation set."""
     from ..roc import CombinedDetector
 
@@ -156,7 +156,7 @@ def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "shar
 
     st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     num_inference_steps, guidance_scale = st.num_inference_steps, st.guidance_scale
-    ix = _Sets(sets)
+    ix = PromptSets(sets)
     os.makedirs(out_dir, exist_ok=True)
     combos = [tuple(c) for c in combined if all(m in metrics for m in c)] if ix.calib else []
     report: dict = {"config": dict(ns=list(ns), steps=list(steps_list), metrics=list(metrics), seed=seed, hvp=hvp,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import numpy as np
 import torch
@@ -192,7 +193,8 @@ def _figures(summary, shown, judge, methods, grid, out_dir, sweep, sims):
     if shown:
         rows, notes = [], []
         for k, r in enumerate(shown):
-            cells, marks = [judge.references[r["train_index"]].numpy()], [(None, None)]
+            cells = [judge.references[r["train_index"]].numpy()]
+            marks: list[tuple[Optional[float], Optional[str]]] = [(None, None)]
             for m in methods:
                 img = grid[m][k:k + 1]
                 copies, sim = judge.copy_stats(img, r["train_index"])
@@ -209,7 +211,7 @@ def _figures(summary, shown, judge, methods, grid, out_dir, sweep, sims):
         similarity_histogram({m: np.concatenate([np.asarray(v) for v in vs]) for m, vs in sims.items() if vs}, CUTS,
                              os.path.join(out_dir, "similarity_hist.png"))
     if sweep:
-        series = {}
+        series: dict = {}
         for r in summary:
             series.setdefault(r["method"], []).append((r["fidelity"], r["copy_rate_at"]["0.8"], r["setting"],
                                                        r["unet_calls_per_image"]))

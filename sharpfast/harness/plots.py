@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,7 +19,7 @@ def roc_figure(curves: dict, path: str, title: str = "") -> str:
     """curves: {panel title: {label: (fpr, tpr, auc)}}; one panel per key, log-scaled FPR axis.
     Each panel's legend (sorted by AUC) sits beside it, so no curve is hidden; combined detectors
     are dashed, and past 10 curves the colours come from a 20-colour map."""
-    plt = _plt()
+    plt = pyplot()
     k = len(curves)
     cols = min(k, 2)
     rows = math.ceil(k / cols)
@@ -60,7 +60,7 @@ def image_grid(rows: list[list], row_labels: list[str], col_labels: list[str], p
     "copy" frames it red, "near" orange. Row labels are wrapped, never cut."""
     import textwrap
 
-    plt = _plt()
+    plt = pyplot()
     R, C = len(rows), len(col_labels)
     wrapped = ["\n".join(textwrap.wrap(lab, 28)) or " " for lab in row_labels]
     label_w = 0.09 * max(len(line) for lab in wrapped for line in lab.split("\n")) + 0.4
@@ -100,7 +100,7 @@ def image_grid(rows: list[list], row_labels: list[str], col_labels: list[str], p
 
 def similarity_histogram(sims: dict, cuts, path: str) -> str:
     """sims: {method: similarities to the memorized image}; one histogram per method, the copy cuts marked."""
-    plt = _plt()
+    plt = pyplot()
     k = len(sims)
     fig, axes = plt.subplots(k, 1, figsize=(7, 1.7 * k + 0.8), sharex=True, squeeze=False)
     bins = np.linspace(min(0.0, min(float(np.min(v)) for v in sims.values())), 1.0, 41)
@@ -137,7 +137,7 @@ def tradeoff_figure(series: dict, path: str, title: str = "", chosen=None, fidel
     ringed, `fidelity_floor` a dotted vertical line; `copy_cut` is the similarity the copies
     were counted at (the y axis' label). zoom: a fidelity from which a second panel enlarges the
     crowded high-fidelity corner (its points are labelled there, not on the full view)."""
-    plt = _plt()
+    plt = pyplot()
     panels = 2 if zoom is not None else 1
     fig, axes = plt.subplots(1, panels, figsize=(10 + 4 * (panels - 1), 5.8), squeeze=False,
                              gridspec_kw={"width_ratios": [3, 2][:panels]})
@@ -166,7 +166,7 @@ def tradeoff_figure(series: dict, path: str, title: str = "", chosen=None, fidel
 
 def _draw_tradeoff(ax, series, chosen, fidelity_floor, label, legend):
     """One panel of tradeoff_figure; label(point) says whether a point's setting is written here."""
-    colors = _plt().get_cmap("tab10").colors
+    colors = pyplot().get_cmap("tab10").colors
     k = 0
     for method, pts in series.items():
         calls = np.mean([p[3] for p in pts]) if pts and len(pts[0]) > 3 and pts[0][3] is not None else None

@@ -9,7 +9,7 @@ def read_prompt_file(path: str) -> list[tuple[int, str]]:
     by the reader `sharpfast detect` and `sharpfast scan` use (row = line number, blank lines
     skipped), so a prompt gets the same id, and the same noise, in all three. Stricter than scan:
     a row that is not blank and holds no prompt (bad JSON, not UTF-8) is an error here."""
-    from ..scan_input import iter_rows
+    from ..prompt_sources import iter_rows
 
     rows = []
     for r in iter_rows(path):
@@ -34,7 +34,7 @@ def bundled_records(name: str, extra_splits=("duplicated_low", "narrow")) -> dic
     captions the shipped calibration was made from (kept apart from every evaluation set)} of a
     bundled model."""
     from .. import zoo
-    from ..zoo.measure_digits import calibration_prompts
+    from ..zoo.digits_data import calibration_prompts
 
     splits = zoo.load_prompt_file(zoo.path(name))["splits"]
     # scenes stores its calibration captions; digits regenerates them from the data seed

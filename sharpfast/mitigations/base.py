@@ -30,8 +30,8 @@ class Context:
     noise it starts from (N rows, as `pipe(latents=...)` takes it), the rows (images) to mitigate
     (None: all), and the call's settings."""
 
-    pipe: object
-    model: object
+    pipe: Any
+    model: Any
     prompts: list
     n: int
     latents: torch.Tensor

@@ -31,7 +31,9 @@ def sail_plan(ctx: Context, options: dict, stop: Optional[dict] = None) -> Plan:
                              latents=ctx.latents[rows], generator=sub_gens, stop=stop, **options, **kw)
     mixed = ctx.latents.clone()
     mixed[rows] = opt.to(mixed)
-    return Plan({"latents": mixed}, info={"sail": info, "unet_calls_before": info["unet_calls_optimization"]})
+    return Plan({"latents": mixed}, info={"sail": info, "unet_calls_before": info["unet_calls_optimization"],
+                                          "noise_statistic": info["final_statistic"],
+                                          "optimizer_steps": info["adam_steps"]})
 
 
 def sail_setting(setting: Any) -> dict:

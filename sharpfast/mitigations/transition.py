@@ -72,6 +72,7 @@ def _dynamic(early: float, hook: GuidanceHook, u: torch.Tensor, c: torch.Tensor)
         st.prev = st.prev2 = torch.full_like(d, -1.0)
         st.switched = torch.zeros_like(d, dtype=torch.bool)
         st.early_steps = torch.zeros_like(d)
+    assert st.prev2 is not None and st.switched is not None
     # the previous step was a local minimum: this step rises above it, the one before was above it
     turn = (d > st.prev) & (st.prev2 > st.prev) & (st.prev >= 0)
     st.switched = st.switched | turn

@@ -6,7 +6,7 @@ queue, or its batch stopped at the next sampling step when it was alone in it.""
 import asyncio
 import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import UsageError
 from .service import Stopped
@@ -46,7 +46,7 @@ class Batcher:
         self.pending: list[Job] = []
         self.in_flight = 0
         self._wake = asyncio.Event()
-        self._task = None
+        self._task: Optional[asyncio.Task] = None
         self._closing = False
         self.aborted = threading.Event()  # set: the call in flight stops at its next step
         self.answered = 0

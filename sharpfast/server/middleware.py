@@ -3,8 +3,10 @@ the JSON parser (oversized or deeply nested bodies, a missing API key) and the u
 that drops connections whose request headers do not arrive in time (slow clients)."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+from typing import Optional
 
 from .protocol import Limits
 
@@ -103,7 +105,8 @@ def timed_h11(header_timeout: float):
     class TimedH11(H11Protocol):
         def connection_made(self, transport):
             super().connection_made(transport)
-            self._header_timer = self.loop.call_later(header_timeout, self._headers_late)
+            self._header_timer: Optional[asyncio.TimerHandle] = self.loop.call_later(header_timeout,
+                                                                                     self._headers_late)
 
         def handle_events(self):
             super().handle_events()

@@ -55,7 +55,8 @@ def _board() -> Any:
         def all(self) -> dict:
             return dict(self.texts)
 
-    return Board.options(name=BOARD, get_if_exists=True, lifetime="detached", namespace="sharpfast").remote()
+    return Board.options(  # type: ignore[attr-defined]
+        name=BOARD, get_if_exists=True, lifetime="detached", namespace="sharpfast").remote()
 
 
 def merge_metrics(texts: dict) -> str:
