@@ -4,6 +4,8 @@ sharpness of the learned density (Jeon, Kim and No, ICML 2025), with fused kerne
 Importing sharpfast imports no torch (`sharpfast --help` answers at once): every name below is
 loaded on first use, and diffusers only when a pipeline function is used.
 """
+from typing import Any
+
 try:  # the one version source is pyproject.toml; the installed metadata carries it
     from importlib.metadata import PackageNotFoundError as _NotFound
     from importlib.metadata import version as _version
@@ -40,7 +42,7 @@ _SUBMODULES = (
 )  # sharpfast.zoo.load(...) works after a plain `import sharpfast`
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         import importlib
 

@@ -13,6 +13,7 @@ the original processors are restored afterwards, also on error.
 from __future__ import annotations
 
 import contextlib
+from typing import Any, Optional
 
 import torch
 
@@ -20,9 +21,10 @@ from .errors import UnsupportedPipeline, UsageError
 
 
 class _Recorder:
-    def __init__(self):
-        self.sums = None  # (batch,) sum over layers of the mean entropy
-        self.token_sums = None  # (batch, tokens) sum over layers of the mean attention per token
+    def __init__(self) -> None:
+        self.sums: Optional[torch.Tensor] = None  # (batch,) sum over layers of the mean entropy
+        # (batch, tokens) sum over layers of the mean attention per token
+        self.token_sums: Optional[torch.Tensor] = None
         self.layers = 0
 
     def add(self, ent: torch.Tensor, per_token: torch.Tensor) -> None:
@@ -49,11 +51,12 @@ class EntropyProcessor:
     """Attention as softmax(q k^T / sqrt(d)) v, written out so the probabilities exist; records the
     entropy over keys (tokens) per batch row, averaged over heads and queries."""
 
-    def __init__(self, recorder: _Recorder):
+    def __init__(self, recorder: _Recorder) -> None:
         self.recorder = recorder
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
-                 **kwargs):
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None, *args: Any,
+                 **kwargs: Any) -> Any:
         """The layer's attention with its per-position entropy recorded."""
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -67,7 +70,8 @@ class EntropyProcessor:
         return _finish(attn, torch.bmm(probs, v), residual, ndim, hidden_shape)
 
 
-def _qkv(attn, hidden_states, encoder_hidden_states, attention_mask):
+def _qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor],
+         attention_mask: Optional[torch.Tensor]) -> tuple:
     """(q, k, v as (batch * heads, length, d), the prepared mask, batch) as diffusers' AttnProcessor
     computes them."""
     if hidden_states.ndim == 4:
@@ -86,7 +90,7 @@ def _qkv(attn, hidden_states, encoder_hidden_states, attention_mask):
     return q, k, v, attention_mask, batch
 
 
-def _finish(attn, out, residual, ndim, hidden_shape):
+def _finish(attn: Any, out, residual, ndim, hidden_shape) -> Any:
     out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(out)))
     if ndim == 4:
         out = out.transpose(-1, -2).reshape(hidden_shape)
@@ -101,11 +105,12 @@ class LogitEditProcessor:
     returns them edited (the rows' indices into the batch given); the other rows come from the
     layer's own processor, bit for bit (`rows` None: every row is edited)."""
 
-    def __init__(self, base, edit, rows=None):
+    def __init__(self, base, edit, rows: Any = None) -> None:
         self.base, self.edit, self.rows = base, edit, rows
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
-                 **kwargs):
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None, *args: Any,
+                 **kwargs: Any) -> Any:
         """The layer's attention with the edit applied to the chosen rows' logits."""
         plain = None
         if self.rows is not None:
@@ -135,7 +140,7 @@ class LogitEditProcessor:
 
 
 @contextlib.contextmanager
-def edit_cross_attention(unet, edit, rows=None):
+def edit_cross_attention(unet: Any, edit, rows: Any = None):
     """Inside the block every cross-attention layer (attn2) of the UNet runs LogitEditProcessor
     with `edit` on `rows` of its batch; the processors are restored afterwards, also on error."""
     _require_unet(unet, "edits a UNet's cross-attention")
@@ -151,7 +156,7 @@ def edit_cross_attention(unet, edit, rows=None):
         unet.set_attn_processor(saved)
 
 
-def _require_unet(unet, what: str):
+def _require_unet(unet: Any, what: str) -> None:
     if not type(unet).__name__.startswith("UNet"):
         from .errors import UnsupportedPipeline
 
@@ -160,7 +165,7 @@ def _require_unet(unet, what: str):
 
 
 @contextlib.contextmanager
-def record_cross_attention(unet):
+def record_cross_attention(unet: Any):
     """Record the cross-attention entropy of the UNet calls inside the block (see module doc)."""
     _require_unet(unet, "metric reads a UNet's cross-attention maps (attn_entropy)")
     saved = unet.attn_processors

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+from torch import Tensor
 
 from . import ops
 from .adapters import Conditioning, ScoreModel, eps_to_score, math_attention, sigma_of
@@ -48,12 +49,13 @@ class EstimatorOptions:
     probe_h: Optional[float] = None
 
 
-def default_fd_step(dtype) -> float:
+def default_fd_step(dtype: Any) -> float:
     """The default finite-difference step for a denoiser of this dtype."""
     return DEFAULT_FD_STEP.get(dtype, 0.05)
 
 
-def fd_sharpness(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, eps_u, eps_c, h, check=None, wen=None):
+def fd_sharpness(model: ScoreModel, x: Tensor, t: Any, alpha_bar: float, cond: Conditioning, eps_u, eps_c, h: Any,
+                 check=None, wen=None) -> torch.Tensor:
     """||H_Δ s_Δ|| per row by one finite difference along s_Δ (one extra CFG call); differentiable
     in x (sharpfast.ops support autograd), so SAIL minimizes exactly what detection measures.
 
@@ -80,8 +82,8 @@ class ScoreJacobian:
     a whole batch of vectors): J v ~ (s(x + h v/||v||) - s(x)) ||v|| / h.
     """
 
-    def __init__(self, model: ScoreModel, x, t, alpha_bar, cond: Conditioning, branch="delta", mode="jvp", h=None,
-                 eps0=None, shared=None):
+    def __init__(self, model: ScoreModel, x: Tensor, t: Any, alpha_bar: float, cond: Conditioning,
+                 branch: str = "delta", mode: str = "jvp", h: Any = None, eps0=None, shared=None) -> None:
         if branch not in BRANCHES:
             raise BadArgument(f"branch must be one of {BRANCHES}, got {branch!r}")
         if mode not in MODES:
@@ -124,10 +126,10 @@ class ScoreJacobian:
             out.append(op)
         return tuple(out)
 
-    def _branch(self, su, sc):
+    def _branch(self, su, sc) -> Any:
         return {"cond": sc, "null": su, "delta": sc - su}[self.branch]
 
-    def _score(self, z, model, cond, repeats=1):
+    def _score(self, z, model: Any, cond: Any, repeats: int = 1) -> Any:
         u, c = model.eps(z, self.t, self.alpha_bar, cond, repeats=repeats)
         return self._branch(eps_to_score(u, self.alpha_bar), eps_to_score(c, self.alpha_bar))
 
@@ -147,7 +149,7 @@ class ScoreJacobian:
         hp = float(probe_h) if probe_h is not None else self.h / D ** 0.5
         key = (num_probes, hp, seed)
 
-        def scores_at(probes):
+        def scores_at(probes) -> Any:
             if key not in self._shared:
                 u, c = self.model.eps(probes, self.t, self.alpha_bar, self.cond, repeats=num_probes)
                 if self.check is not None:
@@ -157,7 +159,7 @@ class ScoreJacobian:
 
         return ops.hutchinson_trace(scores_at, self.x, num_probes, hp, seed, y0=self.base())
 
-    def _exact_call(self, fn):
+    def _exact_call(self, fn: Callable) -> Any:
         # torch.func's transforms work under no_grad (no graph is kept for the weights)
         with torch.no_grad(), math_attention(self._unet):
             return fn(lambda z: self._score(z, self._exact, self.cond))
@@ -188,7 +190,7 @@ class ScoreJacobian:
         v = v.to(self.x.device, torch.float32)
         return self._exact_call(lambda f: torch.func.vjp(f, self.x)[1](v)[0])
 
-    def to_scipy(self):
+    def to_scipy(self) -> Any:
         """The operator as a scipy.sparse.linalg.LinearOperator on flat float64 vectors (one
         image: x of batch 1), for ARPACK and the rest of SciPy; rmatvec too in mode "jvp"."""
         return _to_scipy(self, self.x.shape, self.x.device, self.mode == "jvp")
@@ -201,23 +203,23 @@ class ScoreJacobian:
 class SymmetrizedJacobian:
     """(J + J^T) / 2 of a ScoreJacobian: real eigenvalues, the same quadratic form as J."""
 
-    def __init__(self, jac: ScoreJacobian):
+    def __init__(self, jac: ScoreJacobian) -> None:
         self.jac = jac
 
-    def matvec(self, v):
+    def matvec(self, v: Any) -> Any:
         """((J + J^T) / 2) v per image; v has x's shape."""
         return 0.5 * (self.jac.matvec(v) + self.jac.rmatvec(v))
 
-    def rmatvec(self, v):
+    def rmatvec(self, v: Any) -> Any:
         """The same as matvec: the operator is symmetric."""
         return self.matvec(v)
 
-    def to_scipy(self):
+    def to_scipy(self) -> Any:
         """As ScoreJacobian.to_scipy (symmetric: rmatvec = matvec)."""
         return _to_scipy(self, self.jac.x.shape, self.jac.x.device, True)
 
 
-def _to_scipy(op, shape, device, with_rmatvec: bool):
+def _to_scipy(op, shape: tuple, device: Any, with_rmatvec: bool) -> Any:
     import numpy as np
     from scipy.sparse.linalg import LinearOperator
 
@@ -225,8 +227,8 @@ def _to_scipy(op, shape, device, with_rmatvec: bool):
         raise BadArgument(f"to_scipy takes the operator of one image (x of batch 1), got batch {shape[0]}")
     D = int(torch.Size(shape).numel())
 
-    def wrap(fn):
-        def apply(v):
+    def wrap(fn: Callable) -> Any:
+        def apply(v: Any) -> torch.Tensor:
             tangent = torch.as_tensor(np.asarray(v, dtype=np.float32).reshape(shape), device=device)
             return fn(tangent).detach().double().cpu().numpy().reshape(-1)
         return apply
@@ -235,7 +237,7 @@ def _to_scipy(op, shape, device, with_rmatvec: bool):
                           dtype=np.float64)
 
 
-def hutchinson_trace(op, shape, num_probes: int = 8, seed: int = 0, probe_h=None) -> torch.Tensor:
+def hutchinson_trace(op, shape: tuple, num_probes: int = 8, seed: int = 0, probe_h=None) -> torch.Tensor:
     """tr(op) per image, (1/K) sum_k v_k^T op v_k over K Rademacher probes (the signs of
     sharpfast.ops for `seed`, the same for every image).
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,7 @@ DEMO_METHODS = ("none", "wen_embedding", "sail", "transition", "sail+transition"
 DEMO_PROMPTS = 6
 
 
-def _mitigation_grid(pipe, recs, device, out_dir, say, progress) -> None:
+def _mitigation_grid(pipe: Any, recs: list, device: Any, out_dir: str, say, progress: bool) -> None:
     """A few memorized prompts from the same noise under each demo method: copies and fidelity
     printed, OUT/before_after.png written (each cell's similarity to the training image under it,
     copies framed red, near copies at similarity >= 0.8 orange)."""
@@ -64,7 +65,7 @@ def _mitigation_grid(pipe, recs, device, out_dir, say, progress) -> None:
                "(red frame: a copy, orange: similarity >= 0.8)", notes=cells)
 
 
-def _detection(pipe, recs, progress, say):
+def _detection(pipe: Any, recs: list, progress: bool, say) -> tuple:
     """Scores of the evaluation prompts with the noise `sharpfast eval detect` draws for them (seed
     42 + each prompt's id), so the table is the README's; prints it and returns (scores, curves)."""
     import sharpfast

@@ -11,9 +11,10 @@ schedulers and steps > 1, whose noise comes from the generator). The pipeline is
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+from torch import Tensor
 
 from . import validate
 from .adapters import adapt
@@ -24,7 +25,7 @@ from .scores import HVP_MODES, METRICS, step_metrics
 from .settings import BATCH_SIZE, Settings
 
 
-def _check_args(prompts, metrics, steps, num_inference_steps, batch_size, hvp):
+def _check_args(prompts: list, metrics: Any, steps: int, num_inference_steps: int, batch_size: int, hvp: str) -> tuple:
     prompts = validate.prompts(prompts, "prompts")
     metrics = validate.metrics(metrics, METRICS)
     for name, v in (("steps", steps), ("batch_size", batch_size)):
@@ -36,7 +37,8 @@ def _check_args(prompts, metrics, steps, num_inference_steps, batch_size, hvp):
     return prompts, tuple(dict.fromkeys(metrics))
 
 
-def _initial_latents(model, latents, generator, count, height, width, sched0):
+def _initial_latents(model: Any, latents: Optional[Tensor], generator: Any, count, height: int, width: int,
+                     sched0: Any) -> Any:
     """x_T as pipe.prepare_latents makes it: drawn (or the given noise, checked), times init_noise_sigma."""
     validate.generators(generator, count)
     if latents is None:
@@ -46,7 +48,8 @@ def _initial_latents(model, latents, generator, count, height, width, sched0):
     return latents * sched0.init_noise_sigma
 
 
-def _along_trajectory(model, lat, cond, sched0, steps, metrics, guidance_scale, batch, n, estimator, extra) -> dict:
+def _along_trajectory(model: Any, lat, cond: Any, sched0: Any, steps: int, metrics: Any, guidance_scale: float,
+                      batch: Any, n: int, estimator, extra) -> dict:
     """Each metric averaged over the first `steps` sampling steps of one batch (the real CFG
     trajectory, on a fresh copy of the scheduler: multistep / sigma-indexed state)."""
     sched = copy.deepcopy(sched0)
@@ -63,8 +66,8 @@ def _along_trajectory(model, lat, cond, sched0, steps, metrics, guidance_scale, 
     return {m: total[m] / steps for m in metrics}
 
 
-def _score_batches(model, prompts, latents, n, metrics, steps, sched0, st, estimator, generator, batch_size,
-                   progress):
+def _score_batches(model: Any, prompts: list, latents: Tensor, n: int, metrics: Any, steps: int, sched0: Any, st: Any,
+                   estimator, generator: Any, batch_size: int, progress: bool) -> tuple:
     """(per-image values {metric: (prompts, n)}, the prompts' warnings), a batch at a time."""
     from .progress import bar as progress_bar
 
@@ -86,10 +89,12 @@ def _score_batches(model, prompts, latents, n, metrics, steps, sched0, st, estim
     return per_image, warnings
 
 
-def detect(pipe, prompts, *, metrics=("wen", "sharpness"), num_images_per_prompt: int = 1, steps: int = 1,
-           num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None, generator=None,
-           latents=None, batch_size: int = BATCH_SIZE, hvp: str = "fd", progress: bool = True, height=None,
-           width=None, num_probes: int = 8, fd_step=None, probe_seed: int = 0, probe_step=None) -> DetectionResult:
+def detect(pipe: Any, prompts: list, *, metrics: Any = ("wen", "sharpness"), num_images_per_prompt: int = 1,
+           steps: int = 1, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+           generator: Optional[Any] = None, latents: Optional[Tensor] = None, batch_size: int = BATCH_SIZE,
+           hvp: str = "fd", progress: bool = True, height: Optional[int] = None, width: Optional[int] = None,
+           num_probes: int = 8, fd_step: Optional[float] = None, probe_seed: int = 0,
+           probe_step=None) -> DetectionResult:
     """Memorization scores of `prompts` on any supported pipeline (SD 1.x / 2.x, SDXL, SD3, Flux),
     on the real CFG trajectory of the first `steps` sampling steps (see this module's docstring).
 

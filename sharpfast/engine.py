@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
-from typing import Optional
+from typing import Any, Literal, Optional
 
 from .errors import WriteFailed
 
@@ -70,7 +70,7 @@ class CommitLog:
         path: the log's file (created with its folder if missing; a torn tail is cut off).
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         _, self.chunks, self.good = read_log(path)
@@ -111,15 +111,15 @@ class CommitLog:
             os.close(self.fd)
             self.fd = None
 
-    def __enter__(self):
+    def __enter__(self) -> CommitLog:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         self.close()
         return False
 
 
-def score_batch(model, prompts: list, noise_ids: list, *, n: int, seed: int, **detect_kwargs):
+def score_batch(model: Any, prompts: list, noise_ids: list, *, n: int, seed: int, **detect_kwargs: Any) -> Any:
     """sharpfast.detect of prompts whose noise comes from seed + noise id (n images each).
 
     Args:
@@ -141,8 +141,8 @@ def score_batch(model, prompts: list, noise_ids: list, *, n: int, seed: int, **d
                   **detect_kwargs)
 
 
-def run(model, log: CommitLog, todo: Iterable, *, prompt_of: Callable, noise_id_of: Callable, n: int, seed: int,
-        batch_size: int, record: Callable, bar=None, **detect_kwargs) -> list:
+def run(model: Any, log: CommitLog, todo: Iterable, *, prompt_of: Callable, noise_id_of: Callable, n: int, seed: int,
+        batch_size: int, record: Callable, bar=None, **detect_kwargs: Any) -> list:
     """Score the ids in `todo` a batch at a time, committing each batch to `log`.
 
     Args:

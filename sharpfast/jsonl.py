@@ -30,7 +30,7 @@ def read(path: str, key: str = "id") -> dict:
     return out
 
 
-def append(f, records) -> None:
+def append(f, records: list) -> None:
     """Write records to an open file and force them to disk."""
     for rec in records:
         f.write(json.dumps(rec) + "\n")

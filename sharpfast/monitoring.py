@@ -40,7 +40,7 @@ def score_buckets(threshold: float) -> tuple:
 class Histogram:
     """Cumulative-bucket histogram as Prometheus defines it (upper bounds, +Inf implied)."""
 
-    def __init__(self, bounds):
+    def __init__(self, bounds) -> None:
         self.bounds = tuple(float(b) for b in bounds)
         self.counts = [0] * (len(self.bounds) + 1)
         self.sum = 0.0
@@ -65,7 +65,7 @@ class GuardStats:
 
     COUNTERS = ("calls", "prompts", "images", "flagged", "mitigated", "unmitigated", "errors")
 
-    def __init__(self, name: str, metric: str, threshold=None):
+    def __init__(self, name: str, metric: str, threshold: Any = None) -> None:
         """threshold: the buckets' centre; None (threshold="auto", not resolved yet): set from the
         first recorded request's threshold."""
         self.name, self.metric = name, metric
@@ -76,8 +76,8 @@ class GuardStats:
                       "added_latency_seconds": Histogram(LATENCY_BUCKETS),
                       "request_latency_seconds": Histogram(LATENCY_BUCKETS)}
 
-    def record(self, *, scores, flagged, mitigated, images: int, sail_steps, added_s: float,
-               request_s: float, threshold=None) -> None:
+    def record(self, *, scores: Any, flagged, mitigated, images: int, sail_steps, added_s: float,
+               request_s: float, threshold: Any = None) -> None:
         """mitigated: per prompt, whether its mitigation ran and passed its check (flagged prompts
         that are not are counted as unmitigated); threshold: the request's (sets the score buckets
         of a guard made with threshold="auto", once)."""
@@ -146,7 +146,7 @@ class GuardStats:
                     hist.add_metric(values, [(_le(b), c) for b, c in h["buckets"]], sum_value=h["sum"])
                     yield hist
 
-            def describe(self):  # names known without a scrape: duplicate registrations fail at once
+            def describe(self) -> list:  # names known without a scrape: duplicate registrations fail at once
                 return list(self.collect())
 
         return _Collector()
@@ -159,7 +159,7 @@ def _le(bound: float) -> str:
 class ServerMetrics:
     """The server's own Prometheus series (beside the guard's): HTTP status, batch sizes, queue wait."""
 
-    def __init__(self, guard: Any):
+    def __init__(self, guard: Any) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry()

@@ -8,16 +8,17 @@ prints a plain line at most every 30 s instead of rewriting itself with escape c
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 
-def config(pipe) -> dict:
+def config(pipe: Any) -> dict:
     """The tqdm options of `pipe.set_progress_bar_config(...)` (those a bar of ours can take)."""
     cfg = dict(getattr(pipe, "_progress_bar_config", None) or {})
     return {k: v for k, v in cfg.items() if k not in ("desc", "total", "unit", "initial")}
 
 
-def bar(pipe, *, total: Optional[int], desc: str, unit: str = "prompt", enabled: bool = True, initial: int = 0):
+def bar(pipe: Any, *, total: Optional[int], desc: str, unit: str = "prompt", enabled: bool = True,
+        initial: int = 0) -> Any:
     """A tqdm bar for work on `pipe` (None for no pipeline): off unless `enabled` and the
     pipeline's bar config allows it."""
     from tqdm.auto import tqdm

@@ -21,7 +21,7 @@ class DetectionResult:
         """The metrics scored."""
         return list(self.scores)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.prompts)
 
     def to_records(self) -> list[dict]:
@@ -35,6 +35,6 @@ class DetectionResult:
             records.append(rec)
         return records
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         means = ", ".join(f"{m}: mean {float(torch.as_tensor(v).mean()):.4g}" for m, v in self.scores.items())
         return f"DetectionResult({len(self)} prompts; {means})"

@@ -1,12 +1,14 @@
 """Detection quality (ROC AUC, TPR at low FPR) and threshold calibration, via scikit-learn."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .errors import BadArgument
 
 
-def _array(x, name):
+def _array(x: Any, name: str) -> np.ndarray:
     a = np.asarray(x.cpu() if hasattr(x, "cpu") else x, dtype=np.float64).reshape(-1)
     if a.size == 0:
         raise BadArgument(f"{name} is empty")
@@ -15,7 +17,7 @@ def _array(x, name):
     return a
 
 
-def evaluate(scores, labels) -> dict:
+def evaluate(scores: Any, labels: Any) -> dict:
     """ROC of `scores` (higher = memorized) against `labels` (1 / True = memorized).
 
     Returns auc, tpr_at_1pct_fpr, tpr_at_3pct_fpr (the largest TPR whose FPR does not exceed it)
@@ -33,7 +35,7 @@ def evaluate(scores, labels) -> dict:
         raise BadArgument("labels hold one class only: an ROC needs memorized and non-memorized prompts")
     fpr, tpr, thr = roc_curve(y, s)
 
-    def tpr_at(limit):
+    def tpr_at(limit: float) -> float:
         return float(tpr[fpr <= limit + 1e-12].max())
 
     return {"auc": float(roc_auc_score(y, s)), "tpr_at_1pct_fpr": tpr_at(0.01), "tpr_at_3pct_fpr": tpr_at(0.03),
@@ -63,13 +65,15 @@ class CombinedDetector:
     metric that can be negative (anisotropy, attn_entropy) is standardized as it is.
     """
 
-    def __init__(self, metrics):
+    def __init__(self, metrics: Any) -> None:
         self.metrics = tuple(metrics)
         if len(self.metrics) < 1:
             raise BadArgument("CombinedDetector needs at least one metric")
-        self.center, self.scale, self.log = {}, {}, {}
+        self.center: dict[str, float] = {}
+        self.scale: dict[str, float] = {}
+        self.log: dict[str, bool] = {}
 
-    def _values(self, scores, m, fitting=False):
+    def _values(self, scores: Any, m, fitting: bool = False) -> Any:
         v = _array(scores[m], f"scores[{m!r}]")
         if fitting:
             self.log[m] = bool((v > 0).all())

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ class _Procs:
     """rank / world size / barrier: accelerate's PartialState when launched with several
     processes, a single process otherwise."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.rank, self.world, self.device, self._state = 0, 1, None, None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
@@ -49,14 +49,14 @@ class _Procs:
             if cpu:  # share the cores instead of oversubscribing them
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // self._state.num_processes))
 
-    def barrier(self):
+    def barrier(self) -> None:
         if self._state is not None:
             self._state.wait_for_everyone()
 
 
 # ---- shards -----------------------------------------------------------------------------
 
-def _read_shards(out_dir: str):
+def _read_shards(out_dir: str) -> tuple:
     recs, chunks = [], set()
     for p in sorted(glob.glob(os.path.join(out_dir, "shards", "rank-*.jsonl"))):
         r, c, _ = engine.read_log(p)
@@ -72,7 +72,7 @@ def _shard(out_dir: str, rank: int) -> engine.CommitLog:
 
 # ---- metadata ---------------------------------------------------------------------------
 
-def _check_meta(out_dir: str, meta: dict, overwrite: bool, procs: _Procs):
+def _check_meta(out_dir: str, meta: dict, overwrite: bool, procs: _Procs) -> None:
     path = os.path.join(out_dir, META)
     if procs.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
@@ -112,7 +112,8 @@ def _count_rows(path: str) -> Optional[int]:
 
 # ---- the scan ---------------------------------------------------------------------------
 
-def _threshold(model, meta, calibrate_on, fpr, procs, out_dir, score_kw, progress):
+def _threshold(model: Any, meta: dict, calibrate_on: Any, fpr: float, procs: Any, out_dir: str, score_kw: dict,
+               progress: bool) -> Any:
     """Rank 0 calibrates (on known-normal prompts, or threshold="auto": the model's calibration)
     and writes the threshold and its source to scan.json; the other ranks read it."""
     if calibrate_on is None and meta["threshold"] != "auto":
@@ -145,7 +146,8 @@ def _threshold(model, meta, calibrate_on, fpr, procs, out_dir, score_kw, progres
         return json.load(f)["threshold"]
 
 
-def _score(model, prompts, rows, *, metrics, n, seed, batch_size, num_inference_steps, guidance_scale):
+def _score(model: Any, prompts: list, rows: Any, *, metrics: Any, n: int, seed: int, batch_size: int,
+           num_inference_steps: int, guidance_scale: float) -> dict:
     out: dict = {m: [] for m in metrics}
     for s in range(0, len(prompts), batch_size):
         res = engine.score_batch(model, prompts[s:s + batch_size], rows[s:s + batch_size], n=n, seed=seed,
@@ -156,7 +158,7 @@ def _score(model, prompts, rows, *, metrics, n, seed, batch_size, num_inference_
     return out
 
 
-def _check_flagging(metrics, flag_metric, threshold, calibrate_on):
+def _check_flagging(metrics: Any, flag_metric: Optional[str], threshold: Any, calibrate_on: Any) -> tuple:
     """(metrics, flag metric, threshold) checked: the flag metric among the metrics, one threshold source."""
     from .scores import METRICS
 
@@ -173,8 +175,8 @@ def _check_flagging(metrics, flag_metric, threshold, calibrate_on):
     return metrics, flag_metric, threshold
 
 
-def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), num_images_per_prompt: int = 1,
-         batch_size: int = settings.BATCH_SIZE, threshold="auto", calibrate_on: Optional[str] = None,
+def scan(pipe: Any, prompts: str, out_dir: str, *, metrics: Any = ("wen", "sharpness"), num_images_per_prompt: int = 1,
+         batch_size: int = settings.BATCH_SIZE, threshold: str = "auto", calibrate_on: Optional[str] = None,
          fpr: float = settings.FPR, flag_metric: Optional[str] = None, column: Optional[str] = None,
          id_field: Optional[str] = None, seed: int = settings.SEED, num_inference_steps: Optional[int] = None,
          guidance_scale: Optional[float] = None, model_name: Optional[str] = None, overwrite: bool = False,
@@ -230,7 +232,7 @@ def scan(pipe, prompts: str, out_dir: str, *, metrics=("wen", "sharpness"), num_
     return summary
 
 
-def _chunk_records(model, rows, threshold, flag_metric, score_kw) -> list:
+def _chunk_records(model: Any, rows: Any, threshold: Any, flag_metric: Optional[str], score_kw: dict) -> list:
     """The records of one chunk: scores and flag per usable row, the reason per skipped one."""
     good = [r for r in rows if r.prompt is not None]
     scores = _score(model, [r.prompt for r in good], [r.index for r in good], **score_kw) if good else {}
@@ -247,8 +249,8 @@ def _chunk_records(model, rows, threshold, flag_metric, score_kw) -> list:
     return recs
 
 
-def _scan_chunks(model, prompts, out_dir, procs, column, id_field, batch_size, threshold, flag_metric, score_kw,
-                 progress) -> None:
+def _scan_chunks(model: Any, prompts: str, out_dir: str, procs: Any, column: Optional[str], id_field: Optional[str],
+                 batch_size: int, threshold: Any, flag_metric: Optional[str], score_kw: dict, progress: bool) -> None:
     """This rank's chunks that no run has committed yet, each committed to its shard."""
     from .progress import bar as progress_bar
 
@@ -266,7 +268,8 @@ def _scan_chunks(model, prompts, out_dir, procs, column, id_field, batch_size, t
         bar.close()
 
 
-def _merge(out_dir, metrics, flag_metric, threshold, top, source=None):
+def _merge(out_dir: str, metrics: Any, flag_metric: Optional[str], threshold: Any, top,
+           source: Optional[str] = None) -> dict:
     recs, _ = _read_shards(out_dir)
     recs = sorted({r["row"]: r for r in recs}.values(), key=lambda r: r["row"])
     for r in recs:  # the flags of this run's threshold: a resumed scan's shards may hold another's
@@ -310,7 +313,7 @@ def _write_atomic(path: str, text: str) -> None:
                                  f"shards: free space and rerun to merge them") from err
 
 
-def _histogram(recs, metrics, threshold, flag_metric, path):
+def _histogram(recs: list, metrics: Any, threshold: Any, flag_metric: Optional[str], path: str) -> None:
     """One panel per metric: the scanned prompts' scores, the flag threshold and how many lie above
     it. Counts on a linear axis; a log axis (from 1, never below a prompt) only when the tallest bar
     is over 50 times the median bar, so that a long tail of a few prompts stays visible."""

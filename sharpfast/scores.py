@@ -35,8 +35,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from . import catalog, ops
 from .adapters import Conditioning, ScoreModel, eps_per_pred, sigma_of, to_eps
@@ -47,7 +49,7 @@ HVP_MODES = catalog.HVP_MODES
 DEFAULT_ESTIMATOR = EstimatorOptions()  # frozen: a shared default is safe
 
 
-def check_finite(pred: torch.Tensor, rows_per_prompt: int, prompts, what: str):
+def check_finite(pred: torch.Tensor, rows_per_prompt: int, prompts: list, what: str) -> None:
     """NonFiniteOutput naming the prompt (prompts None: the image's row) of the first row with NaN/inf."""
     bad = ~torch.isfinite(pred.reshape(pred.shape[0], -1)).all(dim=1)
     if bool(bad.any()):
@@ -81,8 +83,9 @@ class Step:
     results (SAIL's loop, in the one sync of its step).
     """
 
-    def __init__(self, model: ScoreModel, x, t, alpha_bar, cond: Conditioning, pred_u, pred_c, *, names=None, n=1,
-                 guidance_scale=1.0, estimator: EstimatorOptions = DEFAULT_ESTIMATOR, checks=True, schedule=None):
+    def __init__(self, model: ScoreModel, x: Tensor, t: Any, alpha_bar: float, cond: Conditioning, pred_u: torch.Tensor,
+                 pred_c: torch.Tensor, *, names: Any = None, n: int = 1, guidance_scale: float = 1.0,
+                 estimator: EstimatorOptions = DEFAULT_ESTIMATOR, checks: bool = True, schedule: Any = None) -> None:
         self.model, self.x, self.t, self.alpha_bar, self.cond = model, x, t, alpha_bar, cond
         self.pred_u, self.pred_c = pred_u, pred_c
         self.names, self.n, self.guidance_scale, self.hvp = names, n, guidance_scale, estimator.hvp
@@ -95,18 +98,18 @@ class Step:
         )
         self._cache: dict = {}
 
-    def _cached(self, key, make):
+    def _cached(self, key: Any, make: Callable[[], Any]) -> Any:
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
 
-    def check(self, tensor, what: str) -> None:
+    def check(self, tensor: torch.Tensor, what: str) -> None:
         """Raise NonFiniteOutput naming the first prompt whose rows of tensor hold NaN/inf."""
         if self.checks:
             check_finite(tensor, self.n, self.names, what)
 
     @property
-    def guided(self):
+    def guided(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The CFG-guided prediction (UNet parameterization) and ||pred_c - pred_u||, one fused op.
         A guidance-distilled model (Flux) is guided by its embedded scale: its prediction is pred_c."""
         if self.model.distilled:
@@ -115,21 +118,21 @@ class Step:
         return self._cached("cfg", lambda: ops.cfg_combine(self.pred_u, self.pred_c, self.guidance_scale))
 
     @property
-    def wen(self):
+    def wen(self) -> torch.Tensor:
         """||eps_Δ|| = |d eps / d pred| ||pred_c - pred_u|| (same x: the x terms cancel)."""
         return abs(eps_per_pred(self.model.prediction_type, self.alpha_bar)) * self.guided[1].float()
 
     @property
-    def eps(self):
+    def eps(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps_u, eps_c) in fp32."""
         pt = self.model.prediction_type
         return self._cached("eps", lambda: (to_eps(self.pred_u, self.x, self.alpha_bar, pt),
                                             to_eps(self.pred_c, self.x, self.alpha_bar, pt)))
 
-    def traces(self):
+    def traces(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(tr H(x, c), tr H(x, null)) by Hutchinson over num_probes probes: one UNet call on a
         num_probes-times batch, shared by trace and trace_delta."""
-        def make():
+        def make() -> tuple:
             xf = self.x.float()
             hp = self.probe_h if self.probe_h is not None else probe_step(self.h, xf[0].numel())
             jc = ScoreJacobian(self.model, xf, self.t, self.alpha_bar, self.cond, branch="cond", mode="fd", h=self.h,
@@ -142,9 +145,9 @@ class Step:
         return self._cached("traces", make)
 
 
-    def at_low_noise(self, from_end: int):
+    def at_low_noise(self, from_end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps_null, eps_cond) at x, at the from_end-th timestep from the schedule's end: one CFG call."""
-        def make():
+        def make() -> tuple:
             if self.schedule is None:
                 raise BadArgument("this metric evaluates x at the schedule's low-noise timesteps: Step(schedule=...)")
             t_lo, ab_lo = self.model.low_noise(self.schedule, from_end)
@@ -153,27 +156,27 @@ class Step:
             return u, c
         return self._cached(("low", from_end), make)
 
-    def channel_wen(self):
+    def channel_wen(self) -> torch.Tensor:
         """||n(eps_c) - n(eps_null)|| at this step, each channel's spatial map scaled to unit norm (0 extra calls)."""
-        def make():
+        def make() -> torch.Tensor:
             eps_u, eps_c = (self.model.channels_first(e) for e in self.eps)
             N, C = eps_u.shape[:2]
             unit = lambda e: e.reshape(N, C, -1) / e.reshape(N, C, -1).norm(dim=2, keepdim=True).clamp_min(1e-12)  # noqa: E731
             return (unit(eps_c) - unit(eps_u)).reshape(N, -1).norm(dim=1)
         return self._cached("channel_wen", make)
 
-    def aniso_align(self):
+    def aniso_align(self) -> torch.Tensor:
         """cos(eps_null, eps_c - eps_null) over channels per pixel, averaged, at the low-noise
         timestep (one CFG call)."""
-        def make():
+        def make() -> torch.Tensor:
             u, c = (self.model.channels_first(e) for e in self.at_low_noise(3))
             cos = torch.nn.functional.cosine_similarity(u, c - u, dim=1, eps=1e-12)  # (N, h, w): over channels
             return cos.reshape(len(cos), -1).mean(dim=1)
         return self._cached("aniso_align", make)
 
-    def attention_entropy(self):
+    def attention_entropy(self) -> torch.Tensor:
         """Mean cross-attention entropy of the conditional branch at x: one UNet call on N rows."""
-        def make():
+        def make() -> torch.Tensor:
             from .attention import record_cross_attention
 
             with record_cross_attention(self.model.unet) as rec:
@@ -200,21 +203,21 @@ class Metric:
 REGISTRY: dict[str, Metric] = {}
 
 
-def register(name: str, cost: str):
+def register(name: str, cost: str) -> Callable:
     """Decorator: register fn(step) -> (N,) tensor as metric `name` (higher = more memorized)."""
-    def deco(fn):
+    def deco(fn: Callable) -> Callable:
         REGISTRY[name] = Metric(name, cost, fn)
         return fn
     return deco
 
 
 @register("wen", "0 extra UNet calls")
-def _wen(step: Step):
+def _wen(step: Step) -> torch.Tensor:
     return step.wen
 
 
 @register("sharpness", "1 extra CFG call (hvp='fd'); a forward-mode JVP in fp32 (hvp='jvp')")
-def _sharpness(step: Step):
+def _sharpness(step: Step) -> torch.Tensor:
     eps_u, eps_c = step.eps
     xf = step.x.float()
     if step.hvp == "fd":
@@ -226,54 +229,55 @@ def _sharpness(step: Step):
 
 
 @register("trace", "1 extra call on a num_probes-times batch (shared with trace_delta)")
-def _trace(step: Step):
+def _trace(step: Step) -> torch.Tensor:
     return -step.traces()[0]
 
 
 @register("trace_delta", "1 extra call on a num_probes-times batch (shared with trace)")
-def _trace_delta(step: Step):
+def _trace_delta(step: Step) -> torch.Tensor:
     tr_c, tr_u = step.traces()
     return -(tr_c - tr_u)
 
 
 @register("score_norm", "0 extra UNet calls")
-def _score_norm(step: Step):
+def _score_norm(step: Step) -> torch.Tensor:
     eps_c = step.eps[1]
     return eps_c.reshape(len(eps_c), -1).pow(2).sum(dim=1) / step.sigma ** 2
 
 
 @register("channel_wen", "0 extra UNet calls")
-def _channel_wen(step: Step):
+def _channel_wen(step: Step) -> torch.Tensor:
     return step.channel_wen()
 
 
 @register("aniso_align", "1 extra CFG call (at the low-noise timestep; shared with anisotropy)")
-def _aniso_align(step: Step):
+def _aniso_align(step: Step) -> torch.Tensor:
     return step.aniso_align()
 
 
 @register("anisotropy", "1 extra CFG call (at the low-noise timestep)")
-def _anisotropy(step: Step):
+def _anisotropy(step: Step) -> torch.Tensor:
     g1, g2 = ANISOTROPY_WEIGHTS[step.model.prediction_type]
     return g1 * step.wen.float() + g2 * step.aniso_align()
 
 
 @register("wen_low", "1 extra CFG call (at the schedule's last, lowest-noise timestep)")
-def _wen_low(step: Step):
+def _wen_low(step: Step) -> torch.Tensor:
     u, c = step.at_low_noise(1)
     return (c - u).reshape(len(c), -1).norm(dim=1)
 
 
 @register("attn_entropy", "1 extra UNet call on the conditional rows (attention recorded)")
-def _attn_entropy(step: Step):
+def _attn_entropy(step: Step) -> torch.Tensor:
     return -step.attention_entropy()
 
 
 METRICS = tuple(REGISTRY)
 
 
-def step_metrics(model: ScoreModel, x, t, alpha_bar, cond: Conditioning, metrics, guidance_scale, *, prompts, n,
-                 estimator: EstimatorOptions = DEFAULT_ESTIMATOR, schedule=None):
+def step_metrics(model: ScoreModel, x: Tensor, t: Any, alpha_bar: float, cond: Conditioning, metrics: Any,
+                 guidance_scale: float, *, prompts: list, n: int, estimator: EstimatorOptions = DEFAULT_ESTIMATOR,
+                 schedule: Any = None) -> tuple:
     """Metrics at latents x (N rows) from one CFG call, and the guided prediction for the sampler.
 
     Returns ({metric: (N,) float32}, guided prediction in the UNet's parameterization).

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -13,7 +15,7 @@ SHAPE = (8, 4, 64, 64)  # SD 1.5 latents
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
-def _cases(dtype, device):
+def _cases(dtype: Any, device: Any) -> dict:
     g = torch.Generator().manual_seed(int(time.time()))
     r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     u, c, x, u1 = (r(*SHAPE) for _ in range(4))
@@ -27,13 +29,13 @@ def _cases(dtype, device):
     }
 
 
-def _rel_err(a, b):
+def _rel_err(a, b) -> Any:
     a = a if isinstance(a, tuple) else (a,)
     b = b if isinstance(b, tuple) else (b,)
     return max(((p.double() - q.double()).abs().max() / (q.double().abs().max() + 1e-12)).item() for p, q in zip(a, b))
 
 
-def _time(fn, device, reps=10):
+def _time(fn: Callable, device: Any, reps: int = 10) -> Any:
     fn()
     samples = []
     for _ in range(reps):

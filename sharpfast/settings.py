@@ -11,7 +11,7 @@ command line both read them). This module imports no torch: `sharpfast --help` r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from . import validate
 
@@ -46,7 +46,7 @@ class Settings:
     num_images_per_prompt: int = 1
 
     @classmethod
-    def resolve(cls, pipe, *, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+    def resolve(cls, pipe: Any, *, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                 height: Optional[int] = None, width: Optional[int] = None,
                 num_images_per_prompt: Optional[int] = None, needs_cfg: bool = False) -> Settings:
         """The settings of a call on `pipe`, each None replaced by the pipeline's own default.

@@ -2,10 +2,11 @@
 over the ScoreJacobian operator of sharpfast.curvature."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from . import validate
 from .adapters import ScoreModel
@@ -16,9 +17,10 @@ from .settings import Settings
 CONDITIONS = ("cond", "null")
 
 
-def hessian_spectrum(pipe, prompt: str, k: int = 6, *, conditions=CONDITIONS, which: str = "LM",
-                     symmetric: bool = False, num_inference_steps: Optional[int] = None, generator=None, latents=None,
-                     height=None, width=None, tol: float = 1e-6, maxiter=None) -> dict:
+def hessian_spectrum(pipe: Any, prompt: str, k: int = 6, *, conditions=CONDITIONS, which: str = "LM",
+                     symmetric: bool = False, num_inference_steps: Optional[int] = None,
+                     generator: Optional[Any] = None, latents: Optional[Tensor] = None, height: Optional[int] = None,
+                     width: Optional[int] = None, tol: float = 1e-6, maxiter=None) -> dict:
     """k eigenvalues of H(x, c) and H(x, null) = d s / d x at the first sampling step, by ARPACK
     over the exact `ScoreJacobian` operator (forward-mode AD, fp32, math attention).
 

@@ -9,6 +9,8 @@ tokenizer a character-level unigram model built with `tokenizers`, so nothing is
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .errors import BadArgument
@@ -26,7 +28,7 @@ def _byte_chars() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def tiny_tokenizer(max_length: int = 77):
+def tiny_tokenizer(max_length: int = 77) -> Any:
     """A CLIP tokenizer with a character-level vocabulary (516 tokens, no merges)."""
     from transformers import CLIPTokenizer
 
@@ -39,7 +41,7 @@ def tiny_tokenizer(max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def word_tokenizer(words, max_length: int = 77):
+def word_tokenizer(words, max_length: int = 77) -> Any:
     """The character-level tokenizer plus one token for each of `words` (lower case, no spaces).
 
     BPE merges join each word's characters left to right, so a listed word is a single token and
@@ -69,7 +71,7 @@ def word_tokenizer(words, max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def text_encoder(hidden: int, projection: int | None, seed: int, vocab_size: int):
+def text_encoder(hidden: int, projection: int | None, seed: int, vocab_size: int) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -80,7 +82,7 @@ def text_encoder(hidden: int, projection: int | None, seed: int, vocab_size: int
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 
 
-def _vae(seed: int):
+def _vae(seed: int) -> Any:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -90,7 +92,7 @@ def _vae(seed: int):
                          sample_size=32).eval()
 
 
-def t5_tokenizer(max_length: int = 64):
+def t5_tokenizer(max_length: int = 64) -> Any:
     """A T5 tokenizer (fast) with a character-level unigram vocabulary: <pad>, </s>, <unk>, the
     word-start marker, and every printable ASCII character alone and word-initial."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -106,7 +108,7 @@ def t5_tokenizer(max_length: int = 64):
                            model_max_length=max_length, extra_ids=0)
 
 
-def _t5_encoder(vocab_size: int, d: int, seed: int):
+def _t5_encoder(vocab_size: int, d: int, seed: int) -> Any:
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -116,7 +118,7 @@ def _t5_encoder(vocab_size: int, d: int, seed: int):
     return T5EncoderModel(cfg).eval()
 
 
-def _flow_vae(seed: int):
+def _flow_vae(seed: int) -> Any:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -126,7 +128,7 @@ def _flow_vae(seed: int):
                          use_quant_conv=False, use_post_quant_conv=False).eval()
 
 
-def tiny_flow_pipeline(kind: str = "sd3", seed: int = 0, sample_size: int = 8, max_sequence_length: int = 16):
+def tiny_flow_pipeline(kind: str = "sd3", seed: int = 0, sample_size: int = 8, max_sequence_length: int = 16) -> Any:
     """A random-weight flow-matching pipeline: kind "sd3" (StableDiffusion3Pipeline: SD3Transformer2DModel,
     FlowMatchEulerDiscreteScheduler with shift 3, two CLIP encoders with projection and a T5) or
     "flux" (FluxPipeline: FluxTransformer2DModel with guidance embedding, a CLIP encoder and a T5).
@@ -172,7 +174,7 @@ def tiny_flow_pipeline(kind: str = "sd3", seed: int = 0, sample_size: int = 8, m
     return pipe
 
 
-def tiny_pipeline(kind: str = "sd1", seed: int = 0, sample_size: int = 8, scheduler: str = "ddim"):
+def tiny_pipeline(kind: str = "sd1", seed: int = 0, sample_size: int = 8, scheduler: str = "ddim") -> Any:
     """A random-weight pipeline: kind "sd1" (epsilon), "sd2" (v-prediction) or "sdxl"; "sd3" and
     "flux" give tiny_flow_pipeline(kind).
 
@@ -227,7 +229,8 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0, sample_size: int = 8, schedu
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def sd15_sized_pipeline(seed: int = 0, dtype=torch.float32, device="cpu", sample_size: int = 64):
+def sd15_sized_pipeline(seed: int = 0, dtype: Any = torch.float32, device: str = "cpu",
+                        sample_size: int = 64) -> Any:
     """A StableDiffusionPipeline whose UNet has Stable Diffusion 1.5's architecture (860M
     parameters, random weights), for timings. The text encoder (hidden size 768, as SD 1.5's)
     and the VAE (downsampling by 8) are small random stand-ins. sample_size: the default latent

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 from .errors import BadArgument
 
 
-def prompts(value, name: str = "prompt") -> list[str]:
+def prompts(value: Any, name: str = "prompt") -> list[str]:
     """A str or a non-empty sequence of str, none of them empty or blank."""
     if not isinstance(value, (str, list, tuple)):  # a dict or a set would iterate into its keys
         raise BadArgument(f"{name} must be a str or a list of str, got {type(value).__name__}")
@@ -27,14 +31,14 @@ def prompts(value, name: str = "prompt") -> list[str]:
     return items
 
 
-def integer(value, name: str, minimum: int = 1) -> int:
+def integer(value: Any, name: str, minimum: int = 1) -> int:
     """An int >= minimum (bool refused)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise BadArgument(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
 
-def finite(value, name: str, *, above=None, allow_inf: bool = False) -> float:
+def finite(value: Any, name: str, *, above=None, allow_inf: bool = False) -> float:
     """A real number that is not NaN (nor inf unless allow_inf), and > above when given."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise BadArgument(f"{name} must be a number, got {value!r}")
@@ -46,12 +50,12 @@ def finite(value, name: str, *, above=None, allow_inf: bool = False) -> float:
     return v
 
 
-def guidance_scale(value, *, needs_cfg: bool) -> float:
+def guidance_scale(value: Any, *, needs_cfg: bool) -> float:
     """CFG scale: finite; > 1 where the classifier-free batch [null; cond] is needed (sail, guard)."""
     return finite(value, "guidance_scale", above=1 if needs_cfg else None)
 
 
-def generators(generator, count: int):
+def generators(generator: Any, count: int) -> Any:
     """A generator, None, or a list of exactly `count` generators (one per image)."""
     torch_generator(generator)
     if isinstance(generator, list) and len(generator) != count:
@@ -60,7 +64,7 @@ def generators(generator, count: int):
     return generator
 
 
-def latents(value, shape: tuple, size=None, device=None):
+def latents(value: Any, shape: tuple, size: Any = None, device: Any = None) -> Optional[torch.Tensor]:
     """None, or a floating tensor of exactly `shape` without NaN/inf (on `device` when given).
 
     Args:
@@ -93,7 +97,7 @@ def latents(value, shape: tuple, size=None, device=None):
     return value
 
 
-def torch_generator(value):
+def torch_generator(value: Any) -> Any:
     """None, a torch.Generator, or a list of them (an int seed is refused with the fix)."""
     import torch
 
@@ -105,7 +109,7 @@ def torch_generator(value):
     return value
 
 
-def metrics(value, known) -> tuple:
+def metrics(value: Any, known) -> tuple:
     """A metric name or a non-empty sequence of them, each one of `known` (duplicates dropped).
 
     Raises:

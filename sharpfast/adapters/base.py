@@ -7,10 +7,12 @@ import contextlib
 import copy
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
+from torch import Tensor
 
 from ..errors import BadArgument, UnsupportedPipeline
 from .parameterizations import PREDICTION_TYPES, Parameterization, parameterization
@@ -22,7 +24,7 @@ _SIGMA_SPACE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "He
                 "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
 
 @contextlib.contextmanager
-def math_attention(unet):
+def math_attention(unet: Any):
     """Classic (math) attention for forward-mode AD (the exact JVP paths): a UNet's processors are
     swapped for AttnProcessor and restored; a transformer (SD3, Flux) keeps its processors and runs
     scaled_dot_product_attention on its math backend, which forward-mode AD goes through."""
@@ -54,22 +56,22 @@ class Conditioning:
     null_added: Optional[dict] = None
     warnings: list = field(default_factory=list)  # per prompt: list of str
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.cond.shape[0]
 
-    def to(self, dtype) -> Conditioning:
+    def to(self, dtype: Any) -> Conditioning:
         """The same embeddings in another floating dtype (time ids and other tensors alike)."""
         cast = lambda d: None if d is None else {k: v.to(dtype) for k, v in d.items()}  # noqa: E731
         return replace(self, cond=self.cond.to(dtype), null=self.null.to(dtype), cond_added=cast(self.cond_added),
                        null_added=cast(self.null_added))
 
-    def rows(self, idx) -> Conditioning:
+    def rows(self, idx: Any) -> Conditioning:
         """The embeddings of rows idx."""
         pick = lambda d: None if d is None else {k: v[idx] for k, v in d.items()}  # noqa: E731
         return replace(self, cond=self.cond[idx], null=self.null[idx], cond_added=pick(self.cond_added),
                        null_added=pick(self.null_added))
 
-    def cfg_batch(self, repeats: int = 1):
+    def cfg_batch(self, repeats: int = 1) -> tuple:
         """(encoder_hidden_states, added_cond_kwargs) of the batch [null; cond], each part repeated."""
         hidden = torch.cat([self.null.repeat(repeats, 1, 1), self.cond.repeat(repeats, 1, 1)])
         added = None
@@ -79,7 +81,7 @@ class Conditioning:
         return hidden, added
 
 
-def pipeline_defaults(pipe) -> dict:
+def pipeline_defaults(pipe: Any) -> dict:
     """num_inference_steps and guidance_scale as the pipeline's own __call__ defaults them (SD 50 /
     7.5, SD3 28 / 7.0, Flux 28 / 3.5): what a request that names neither gets."""
     import inspect
@@ -116,17 +118,17 @@ def adapter_families() -> dict:
     return {cls.family: cls.capabilities for cls in _ADAPTERS.values()}
 
 
-def adapt(pipe, max_sequence_length=None) -> ScoreModel:
+def adapt(pipe: Any, max_sequence_length: Optional[int] = None) -> ScoreModel:
     """The pipeline's adapter (an adapter given is returned as it is)."""
     return pipe if isinstance(pipe, ScoreModel) else ScoreModel(pipe, max_sequence_length)
 
 
-def family(pipe) -> str:
+def family(pipe: Any) -> str:
     """"sd", "sdxl", "sd3" or "flux" (UnsupportedPipeline for anything else)."""
     return adapter_class(pipe).family
 
 
-def denoiser(pipe):
+def denoiser(pipe: Any) -> Any:
     """The pipeline's denoising network: pipe.unet, or pipe.transformer for SD3 / Flux."""
     return getattr(pipe, adapter_class(pipe).network)
 
@@ -177,7 +179,7 @@ class ScoreModel:
     # "embeddings_only"; derived from the flags above when a subclass is defined
     capabilities: frozenset = frozenset()
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.capabilities = frozenset(name for name, has in (("cfg", not cls.distilled),
                                                             ("cross_attention", cls.cross_attention),
@@ -185,13 +187,13 @@ class ScoreModel:
         if cls.pipeline_class:
             _ADAPTERS[cls.pipeline_class] = cls
 
-    def __new__(cls, pipe=None, *args, **kwargs):
+    def __new__(cls, pipe: Optional[Any] = None, *args: Any, **kwargs: Any) -> ScoreModel:
         """ScoreModel(pipe) is the adapter of the pipeline's family."""
         if cls is ScoreModel:
             cls = adapter_class(pipe)
         return super().__new__(cls)
 
-    def __init__(self, pipe, max_sequence_length=None):
+    def __init__(self, pipe: Any, max_sequence_length: Optional[int] = None) -> None:
         self.pipe = pipe
         self.unet = getattr(pipe, self.network)  # the denoising network: a UNet, or a transformer
         self.prediction_type = self._prediction_type(pipe)
@@ -202,20 +204,21 @@ class ScoreModel:
         self.unet_config = self.unet.config
         self._null: dict = {}  # batch shape -> the null embeddings the pipeline computed
 
-    def _prediction_type(self, pipe) -> str:
+    def _prediction_type(self, pipe: Any) -> str:
         pt = pipe.scheduler.config.get("prediction_type", "epsilon")
         if pt not in PREDICTION_TYPES or pt == "flow":
             raise UnsupportedPipeline(f"unsupported scheduler prediction_type {pt!r}; expected one of "
                                       f"{PREDICTION_TYPES[:3]}")
         return pt
 
-    def _place(self):
+    def _place(self) -> None:
         # read once: diffusers' ModelMixin.device / .dtype walk the parameters on every access,
         # which costs milliseconds per call on a per-prompt path (an adapter lives for one call)
         self.device, self.dtype = self.unet.device, self.unet.dtype
 
     # -- what each family implements ------------------------------------------------------
-    def encode(self, prompts: list, n: int, height: int, width: int, guidance_scale=None) -> Conditioning:
+    def encode(self, prompts: list, n: int, height: int, width: int,
+               guidance_scale: Optional[float] = None) -> Conditioning:
         """Embeddings as the pipeline computes them for CFG (null = the empty prompt), n images per
         prompt. The null embeddings depend only on the batch shape: encoded once per shape and
         adapter (same call, same batch, so the same bits) and reused. guidance_scale: Flux's
@@ -226,11 +229,11 @@ class ScoreModel:
         """(height, width) in pixels when a call names neither."""
         raise NotImplementedError
 
-    def call(self, x, t, hidden, added):
+    def call(self, x: Tensor, t: Any, hidden: torch.Tensor, added: Optional[dict]) -> torch.Tensor:
         """One call of the denoising network on rows x with these embeddings (its own signature)."""
         raise NotImplementedError
 
-    def read_call(self, args, kwargs):
+    def read_call(self, args: Any, kwargs: Any) -> tuple:
         """The inverse of `call`, for a forward hook on the network: (x, t, hidden, added) of the
         call the pipeline made (t a scalar on the scheduler's scale)."""
         raise NotImplementedError
@@ -244,7 +247,7 @@ class ScoreModel:
         """Latents as (N, C, h, w)."""
         return x
 
-    def noise(self, count: int, height: int, width: int, generator=None) -> torch.Tensor:
+    def noise(self, count: int, height: int, width: int, generator: Optional[Any] = None) -> torch.Tensor:
         """Unit Gaussian noise drawn exactly as pipe.prepare_latents draws it (same generator, same
         order): what `pipe(latents=...)` takes, before the scheduler's init_noise_sigma."""
         from diffusers.utils.torch_utils import randn_tensor
@@ -252,7 +255,8 @@ class ScoreModel:
         return randn_tensor((count, *self.latent_shape(height, width)), generator=generator, device=self.device,
                             dtype=self.dtype)
 
-    def split_capture(self, sample, t, pred, hidden, added, prompts: list, n: int, size: tuple):
+    def split_capture(self, sample: torch.Tensor, t: Any, pred: torch.Tensor, hidden: torch.Tensor, added,
+                      prompts: list, n: int, size: tuple) -> tuple:
         """A captured CFG call [null; cond] (read_call's parts and its output) as
         (x, cond, pred_null, pred_cond) of its N images."""
         split = lambda d, i: None if d is None else {k: v.chunk(2)[i] for k, v in d.items()}  # noqa: E731
@@ -261,18 +265,19 @@ class ScoreModel:
         return sample.chunk(2)[1], cond, u, c
 
     # -- the same for every family ----------------------------------------------------------
-    def noise_for_ids(self, ids, n: int, height: int, width: int, seed: int) -> torch.Tensor:
+    def noise_for_ids(self, ids: Any, n: int, height: int, width: int, seed: int) -> torch.Tensor:
         """The batch jobs' noise (scan, `sharpfast detect`, eval detect, the demo): prompt `id` draws
         its n images from a CPU generator seeded with seed + id, so a prompt's scores depend on its
         id alone, not on its batch, the process count or a restart. On the UNet's device."""
         gens = [torch.Generator("cpu").manual_seed(seed + int(i)) for i in ids]
         return torch.cat([self.noise(n, height, width, g) for g in gens]).to(self.device)
 
-    def initial_latents(self, sched, count: int, height: int, width: int, generator=None) -> torch.Tensor:
+    def initial_latents(self, sched: Any, count: int, height: int, width: int,
+                        generator: Optional[Any] = None) -> torch.Tensor:
         """x_T as the pipeline starts from it: noise(...) * init_noise_sigma."""
         return self.noise(count, height, width, generator) * sched.init_noise_sigma
 
-    def scheduler(self, num_inference_steps: int, height=None, width=None):
+    def scheduler(self, num_inference_steps: int, height: Optional[int] = None, width: Optional[int] = None) -> Any:
         """A private copy of the pipeline's scheduler with its timesteps set as the pipeline sets
         them (height / width matter to Flux's shift only)."""
         sched = copy.deepcopy(self.pipe.scheduler)
@@ -309,7 +314,7 @@ class ScoreModel:
             lo, hi = (mid, hi) if self.steps_fit(mid) else (lo, mid)
         return lo
 
-    def alpha_bar(self, sched, t) -> float:
+    def alpha_bar(self, sched: Any, t: Any) -> float:
         """alpha_bar of the VP latent the UNet sees at t (call after sched.scale_model_input)."""
         if type(sched).__name__ in _SIGMA_SPACE:
             index = sched.step_index
@@ -318,20 +323,20 @@ class ScoreModel:
             return self.alpha_bar_at(sched, index)
         return float(sched.alphas_cumprod[int(t)])
 
-    def alpha_bar_at(self, sched, index: int) -> float:
+    def alpha_bar_at(self, sched: Any, index: int) -> float:
         """alpha_bar at the index-th timestep of a scheduler whose timesteps are set."""
         if type(sched).__name__ in _SIGMA_SPACE:
             sigma = float(sched.sigmas[index])
             return 1.0 / (1.0 + sigma * sigma)
         return float(sched.alphas_cumprod[int(sched.timesteps[index])])
 
-    def low_noise(self, sched, from_end: int = 3):
+    def low_noise(self, sched: Any, from_end: int = 3) -> tuple:
         """(t, alpha_bar) of a low-noise timestep of the schedule: the from_end-th from its end
         (the anisotropy detector's alignment term; the third-to-last, as its authors' code)."""
         k = max(0, len(sched.timesteps) - from_end)
         return sched.timesteps[k], self.alpha_bar_at(sched, k)
 
-    def fp32_unet(self):
+    def fp32_unet(self) -> Any:
         """The UNet in fp32 for exact derivatives: the pipeline's own when it is fp32, else a copy
         made once per adapter (the pipeline's UNet is never cast)."""
         if self.dtype == torch.float32:
@@ -340,14 +345,14 @@ class ScoreModel:
             self._fp32_unet = copy.deepcopy(self.unet).float()
         return self._fp32_unet
 
-    def with_unet(self, unet) -> ScoreModel:
+    def with_unet(self, unet: Any) -> ScoreModel:
         """The same adapter calling another UNet (an fp32 copy for the exact JVP, say)."""
         other = copy.copy(self)
         other.unet = unet
         other._place()
         return other
 
-    def predict(self, x: torch.Tensor, t, cond: Conditioning, repeats: int = 1):
+    def predict(self, x: torch.Tensor, t: Any, cond: Conditioning, repeats: int = 1) -> tuple[torch.Tensor, ...]:
         """Raw predictions (null, cond) at x (R*N rows, R = repeats of the N images) in ONE UNet call."""
         hidden, added = cond.cfg_batch(repeats)
         xx = torch.cat([x, x]).to(self.dtype)
@@ -355,20 +360,20 @@ class ScoreModel:
         self.stats["unet_rows"] += xx.shape[0]
         return self.call(xx, t, hidden, added).chunk(2)
 
-    def predict_branch(self, x: torch.Tensor, t, cond: Conditioning, branch: str = "cond"):
+    def predict_branch(self, x: torch.Tensor, t: Any, cond: Conditioning, branch: str = "cond") -> torch.Tensor:
         """One branch alone at x (N rows, one call on N rows): "cond" or "null"."""
         self.stats["unet_calls"] += 1
         self.stats["unet_rows"] += x.shape[0]
         hidden, added = (cond.cond, cond.cond_added) if branch == "cond" else (cond.null, cond.null_added)
         return self.call(x.to(self.dtype), t, hidden, added)
 
-    def eps(self, x, t, alpha_bar, cond: Conditioning, repeats: int = 1):
+    def eps(self, x: Tensor, t: Any, alpha_bar: float, cond: Conditioning, repeats: int = 1) -> tuple:
         """(eps_null, eps_cond) in fp32."""
         u, c = self.predict(x, t, cond, repeats)
         p = self.parameterization
         return p.to_eps(u, x, alpha_bar), p.to_eps(c, x, alpha_bar)
 
-    def _encode_prompt(self, *args, **kwargs):
+    def _encode_prompt(self, *args: Any, **kwargs: Any) -> Any:
         """pipe.encode_prompt without diffusers' truncation warning: sharpfast reports truncation per
         prompt itself (Conditioning.warnings), and diffusers' message, made on the whole batch,
         lists the padding of its shorter prompts (`<|endoftext|>`) as if they had been cut."""
@@ -396,13 +401,13 @@ class ScoreModel:
                 break
         return out
 
-    def _cached_null(self, key, compute):
+    def _cached_null(self, key: Any, compute: Callable[[], Any]) -> Any:
         """The null embeddings of a batch shape: `compute()` once per shape and adapter."""
         if key not in self._null:
             self._null[key] = compute()
         return self._null[key]
 
 
-def scalar_timestep(t):
+def scalar_timestep(t: Any) -> Any:
     """A timestep as one value (a per-row tensor's first element)."""
     return t.reshape(-1)[0] if torch.is_tensor(t) and t.dim() else t

@@ -3,8 +3,10 @@ velocity presented at unit noise, sharpfast.adapters' module doc)."""
 from __future__ import annotations
 
 import copy
+from typing import Any, Optional
 
 import torch
+from torch import Tensor
 from typing_extensions import override
 
 from .base import Conditioning, ScoreModel, scalar_timestep
@@ -15,14 +17,14 @@ class _FlowModel(ScoreModel):
 
     network, flow = "transformer", True
 
-    def _prediction_type(self, pipe) -> str:
+    def _prediction_type(self, pipe: Any) -> str:
         return "flow"
 
     def default_size(self) -> tuple:
         size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
         return size, size
 
-    def scheduler(self, num_inference_steps: int, height=None, width=None):
+    def scheduler(self, num_inference_steps: int, height: Optional[int] = None, width: Optional[int] = None) -> Any:
         """As the base, then init_noise_sigma 1 and an identity scale_model_input, so the samplers'
         code is the same for every family."""
         sched = self._set_timesteps(copy.deepcopy(self.pipe.scheduler), num_inference_steps, height, width)
@@ -30,15 +32,16 @@ class _FlowModel(ScoreModel):
         sched.scale_model_input = lambda sample, timestep=None: sample
         return sched
 
-    def _set_timesteps(self, sched, num_inference_steps, height, width):
+    def _set_timesteps(self, sched: Any, num_inference_steps: int, height: Optional[int],
+                       width: Optional[int]) -> Any:
         sched.set_timesteps(num_inference_steps, device=self.device)
         return sched
 
-    def alpha_bar(self, sched, t) -> float:
+    def alpha_bar(self, sched: Any, t: Any) -> float:
         """0: the velocity is presented at unit noise (module doc)."""
         return 0.0
 
-    def alpha_bar_at(self, sched, index: int) -> float:
+    def alpha_bar_at(self, sched: Any, index: int) -> float:
         return 0.0
 
 
@@ -48,7 +51,8 @@ class StableDiffusion3Model(_FlowModel):
     pipeline_class, family, max_sequence_length = "StableDiffusion3Pipeline", "sd3", 256
 
     @override
-    def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
+    def encode(self, prompts: list, n: int, height: int, width: int,
+               guidance_scale: Optional[float] = None) -> Conditioning:
         warnings = [self.truncation(prompt) for prompt in prompts]
         key = (len(prompts), n, height, width)
         fresh = key not in self._null
@@ -60,13 +64,13 @@ class StableDiffusion3Model(_FlowModel):
         return Conditioning(cond, null, {"pooled_projections": pooled}, {"pooled_projections": null_pooled}, warnings)
 
     @override
-    def call(self, x, t, hidden, added):
+    def call(self, x: Tensor, t: Any, hidden: torch.Tensor, added) -> torch.Tensor:
         tt = torch.as_tensor(t, device=self.device).reshape(-1)[:1].expand(len(x))
         return self.unet(hidden_states=x, timestep=tt.to(x.dtype), encoder_hidden_states=hidden,
                          pooled_projections=added["pooled_projections"], return_dict=False)[0]
 
     @override
-    def read_call(self, args, kwargs):
+    def read_call(self, args: Any, kwargs: Any) -> tuple:
         added = {"pooled_projections": kwargs["pooled_projections"]}
         return kwargs["hidden_states"], scalar_timestep(kwargs["timestep"]), kwargs["encoder_hidden_states"], added
 
@@ -77,13 +81,14 @@ class FluxModel(_FlowModel):
 
     pipeline_class, family, distilled, max_sequence_length = "FluxPipeline", "flux", True, 512
 
-    def __init__(self, pipe, max_sequence_length=None):
+    def __init__(self, pipe: Any, max_sequence_length: Optional[int] = None) -> None:
         super().__init__(pipe, max_sequence_length)
         self.txt_ids = None  # the text tokens' position ids
         self.grid: dict = {}  # packed length -> (h, w) of the latent before packing
 
     @override
-    def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
+    def encode(self, prompts: list, n: int, height: int, width: int,
+               guidance_scale: Optional[float] = None) -> Conditioning:
         warnings = [self.truncation(prompt) for prompt in prompts]
         with torch.no_grad():
             cond, pooled, txt_ids = self._encode_prompt(prompts, None, device=self.device,
@@ -98,9 +103,9 @@ class FluxModel(_FlowModel):
             ca["guidance"], na["guidance"] = g, g
         return Conditioning(cond, null, ca, na, warnings)
 
-    def null_branch(self, count: int, n: int, key=None):
+    def null_branch(self, count: int, n: int, key: Any = None) -> Any:
         """The empty prompt's (embeddings, pooled), encoded once per batch shape."""
-        def compute():
+        def compute() -> tuple:
             with torch.no_grad():
                 null, null_pooled, _ = self._encode_prompt([""] * count, None, device=self.device,
                                                                num_images_per_prompt=n,
@@ -125,7 +130,7 @@ class FluxModel(_FlowModel):
         c = x.shape[2] // 4
         return x.view(len(x), h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(len(x), c, h, w)
 
-    def noise(self, count: int, height: int, width: int, generator=None) -> torch.Tensor:
+    def noise(self, count: int, height: int, width: int, generator: Optional[Any] = None) -> torch.Tensor:
         """Drawn as (C, h, w), then packed as the pipeline packs it."""
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -135,7 +140,8 @@ class FluxModel(_FlowModel):
         z = randn_tensor((count, c, h, w), generator=generator, device=self.device, dtype=self.dtype)
         return z.view(count, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(count, -1, 4 * c)
 
-    def _set_timesteps(self, sched, num_inference_steps, height, width):
+    def _set_timesteps(self, sched: Any, num_inference_steps: int, height: Optional[int],
+                       width: Optional[int]) -> Any:
         """As FluxPipeline: sigmas 1 .. 1/n, shifted by the image's sequence length."""
         import numpy as np
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -152,7 +158,7 @@ class FluxModel(_FlowModel):
         return sched
 
     @override
-    def call(self, x, t, hidden, added):
+    def call(self, x: Tensor, t: Any, hidden: torch.Tensor, added) -> torch.Tensor:
         tt = torch.as_tensor(t, device=self.device).reshape(-1)[:1].expand(len(x))
         h, w = self.grid[x.shape[1]]  # the transformer takes t / 1000 and position ids
         img_ids = self.pipe._prepare_latent_image_ids(len(x), h // 2, w // 2, self.device, x.dtype)
@@ -164,14 +170,15 @@ class FluxModel(_FlowModel):
                          txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
 
     @override
-    def read_call(self, args, kwargs):
+    def read_call(self, args: Any, kwargs: Any) -> tuple:
         added = {"pooled_projections": kwargs["pooled_projections"]}
         if kwargs.get("guidance") is not None:  # the embedded guidance, per row
             added["guidance"] = kwargs["guidance"]
         t = kwargs["timestep"] * 1000  # the transformer takes t / 1000
         return kwargs["hidden_states"], scalar_timestep(t), kwargs["encoder_hidden_states"], added
 
-    def split_capture(self, sample, t, pred, hidden, added, prompts, n, size):
+    def split_capture(self, sample: torch.Tensor, t: Any, pred: torch.Tensor, hidden: torch.Tensor, added,
+                      prompts: list, n: int, size: Any) -> tuple:
         """The call holds the conditional branch only (its embeddings are the capture's); the null
         branch, the empty prompt, costs one call on the N rows."""
         self.latent_shape(*size)  # the packed latents' grid, for the position ids

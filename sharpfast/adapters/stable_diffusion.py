@@ -1,7 +1,10 @@
 """Stable Diffusion 1.x / 2.x and SDXL: a UNet with cross-attention on CLIP embeddings."""
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
+from torch import Tensor
 from typing_extensions import override
 
 from .base import Conditioning, ScoreModel, scalar_timestep
@@ -13,7 +16,8 @@ class StableDiffusionModel(ScoreModel):
     pipeline_class, family, embeddings_only, cross_attention = "StableDiffusionPipeline", "sd", True, True
 
     @override
-    def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
+    def encode(self, prompts: list, n: int, height: int, width: int,
+               guidance_scale: Optional[float] = None) -> Conditioning:
         warnings = [self.truncation(prompt) for prompt in prompts]
         key = (len(prompts), n, height, width)
         fresh = key not in self._null
@@ -27,12 +31,12 @@ class StableDiffusionModel(ScoreModel):
         return size, size
 
     @override
-    def call(self, x, t, hidden, added):
+    def call(self, x: Tensor, t: Any, hidden: torch.Tensor, added) -> Any:
         tt = torch.as_tensor(t, device=self.device)
         return self.unet(x, tt, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
 
     @override
-    def read_call(self, args, kwargs):
+    def read_call(self, args: Any, kwargs: Any) -> tuple:
         sample = args[0] if args else kwargs["sample"]
         t = args[1] if len(args) > 1 else kwargs["timestep"]
         return sample, scalar_timestep(t), kwargs["encoder_hidden_states"], kwargs.get("added_cond_kwargs")
@@ -44,7 +48,8 @@ class StableDiffusionXLModel(StableDiffusionModel):
     pipeline_class, family, embeddings_only = "StableDiffusionXLPipeline", "sdxl", False
 
     @override
-    def encode(self, prompts, n, height, width, guidance_scale=None) -> Conditioning:
+    def encode(self, prompts: list, n: int, height: int, width: int,
+               guidance_scale: Optional[float] = None) -> Conditioning:
         p, warnings = self.pipe, [self.truncation(prompt) for prompt in prompts]
         key = (len(prompts), n, height, width)
         fresh = key not in self._null

@@ -3,25 +3,26 @@ elements of every parameter, hashed), so a calibration is never used for other w
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 
 _SAMPLE = 16  # weight elements read per parameter for the fingerprint
 
 
-def model_name(pipe) -> str:
+def model_name(pipe: Any) -> str:
     """How messages name the model: its directory, else its pipeline class."""
     return str(getattr(pipe, "name_or_path", "") or type(pipe).__name__)
 
 
 # ---- the weights' fingerprint ----------------------------------------------------------------
 
-def _modules(pipe):
+def _modules(pipe: Any) -> list:
     names = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
     return [(n, getattr(pipe, n)) for n in names if isinstance(getattr(pipe, n, None), torch.nn.Module)]
 
 
-def weights_fingerprint(pipe) -> dict:
+def weights_fingerprint(pipe: Any) -> dict:
     """{"fingerprint": exact hash, "structure": hash of names/shapes, "dtype", "sample": [floats]}.
 
     Cheap: names and shapes of every parameter of the denoiser and text encoders, plus the sum of

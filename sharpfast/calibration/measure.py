@@ -7,7 +7,7 @@ import hashlib
 import logging
 import os
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -48,7 +48,7 @@ def builtin_kind() -> str:
     return kind
 
 
-def _prompt_set(prompts) -> tuple:
+def _prompt_set(prompts: Any) -> tuple:
     """(prompts, their source) of calibrate_model's `prompts` argument."""
     if prompts is None or isinstance(prompts, str) and prompts in ("full", "quick"):
         kind = prompts or "full"
@@ -56,7 +56,7 @@ def _prompt_set(prompts) -> tuple:
     return validate.prompts(prompts, "prompts"), "given prompts"
 
 
-def _scores(pipe, prompts, metrics, st, seed, batch_size, progress) -> tuple:
+def _scores(pipe: Any, prompts: list, metrics: Any, st: Any, seed: int, batch_size: int, progress: bool) -> tuple:
     """detect's scores of the calibration prompts a batch at a time, under a bar named for the
     model, with the time the rest will take logged after the first batch; (scores, UNet calls, rows)."""
 
@@ -88,7 +88,7 @@ def _scores(pipe, prompts, metrics, st, seed, batch_size, progress) -> tuple:
     return {m: torch.cat(v) for m, v in parts.items()}, calls, rows
 
 
-def _record(pipe, prompts, source, st, fpr, seed, calls, rows) -> dict:
+def _record(pipe: Any, prompts: list, source: str, st: Any, fpr: float, seed: int, calls, rows: Any) -> dict:
     """What a calibration records besides its values: version, weights, settings, prompts, cost."""
     from .. import __version__
 
@@ -101,9 +101,9 @@ def _record(pipe, prompts, source, st, fpr, seed, calls, rows) -> dict:
             "unet_calls": calls, "unet_rows": rows}
 
 
-def calibrate_model(pipe, prompts=None, *, num_images_per_prompt: int = 1, fpr: float = FPR,
+def calibrate_model(pipe: Any, prompts: Any = None, *, num_images_per_prompt: int = 1, fpr: float = FPR,
                     num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None, seed: int = 0,
-                    metrics=CALIBRATED_METRICS, batch_size: int = BATCH_SIZE, progress: bool = True,
+                    metrics: Any = CALIBRATED_METRICS, batch_size: int = BATCH_SIZE, progress: bool = True,
                     height: Optional[int] = None, width: Optional[int] = None) -> dict:
     """Thresholds at false-positive rate `fpr` and SAIL's target from prompts that are not
     memorized, at the first sampling step with these settings (image size included: the scores

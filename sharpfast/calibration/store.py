@@ -11,7 +11,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from ..errors import OutputMismatch
 from ..settings import BATCH_SIZE, FPR, Settings
@@ -45,7 +45,7 @@ def save(cal: dict, path: str) -> str:
     return path
 
 
-def load(path: str, pipe=None) -> dict:
+def load(path: str, pipe: Optional[Any] = None) -> dict:
     """A calibration file; with `pipe`, refused (OutputMismatch) if it was made for other weights."""
     with open(path, encoding="utf-8") as f:
         cal = json.load(f)
@@ -59,12 +59,12 @@ def load(path: str, pipe=None) -> dict:
 
 # ---- threshold="auto" --------------------------------------------------------------------------
 
-def _beside(pipe):
+def _beside(pipe: Any) -> Any:
     root = getattr(pipe, "name_or_path", None) or getattr(pipe, "config", {}).get("_name_or_path")
     return os.path.join(str(root), CALIBRATION_FILE) if root else None
 
 
-def shipped_threshold(pipe, metric: str = "sharpness", key: str = "threshold") -> float | None:
+def shipped_threshold(pipe: Any, metric: str = "sharpness", key: str = "threshold") -> float | None:
     """The level in calibration.json beside the model, if any (no lookup in the cache, no
     calibrating): key "threshold" is the detection threshold of `metric`, "target" SAIL's."""
     f = _beside(pipe)
@@ -91,7 +91,7 @@ def cache_dir() -> str:
     return os.path.join(root, "calibration")
 
 
-def cache_path(fingerprint: dict, **settings) -> str:
+def cache_path(fingerprint: dict, **settings: Any) -> str:
     """Where the per-user cache keeps the calibration of these weights at these settings."""
     s: dict = {k: settings.get(k) for k in DEFAULTS}
     s["guidance_scale"] = float(s["guidance_scale"])
@@ -106,7 +106,7 @@ _LOCKS: dict = {}
 _LOCKS_GUARD = threading.Lock()
 
 
-def _settings(pipe, **kw) -> dict:
+def _settings(pipe: Any, **kw: Any) -> dict:
     """The calibration settings of a call: DEFAULTS, steps and guidance from the pipeline."""
     st = Settings.resolve(pipe, num_inference_steps=kw.get("num_inference_steps"),
                           guidance_scale=kw.get("guidance_scale"), height=kw.get("height"), width=kw.get("width"))
@@ -118,7 +118,7 @@ def _settings(pipe, **kw) -> dict:
     return s
 
 
-def _value(cal, metric: str, key: str) -> Optional[float]:
+def _value(cal: dict, metric: str, key: str) -> Optional[float]:
     """The calibrated value, or None where the file does not hold a valid one (not a JSON object,
     a missing entry, a value that is not a finite number: NaN would flag nothing, -inf everything)."""
     entry = cal.get(metric) if isinstance(cal, dict) else None
@@ -128,7 +128,7 @@ def _value(cal, metric: str, key: str) -> Optional[float]:
     return float(v)
 
 
-def _problem(cal, metric: str, key: str) -> Optional[str]:
+def _problem(cal: dict, metric: str, key: str) -> Optional[str]:
     """Why a calibration file cannot be used for `metric`/`key` (None: it can)."""
     if not isinstance(cal, dict):
         return f"it holds a JSON {type(cal).__name__}, not an object"
@@ -157,7 +157,7 @@ def _matches(cal: dict, metric: str, key: str, settings: dict, check_settings: b
     return all(rec.get(k) == settings[k] for k in keys if k in rec)
 
 
-def _read_json(path: str):
+def _read_json(path: str) -> Any:
     """A JSON file's content, or None with a warning naming the file when it cannot be read."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -167,7 +167,7 @@ def _read_json(path: str):
         return None
 
 
-def _from_beside(pipe, fp, metric, key, s) -> Optional[Resolved]:
+def _from_beside(pipe: Any, fp: dict, metric: str, key: Any, s: Any) -> Optional[Resolved]:
     beside = _beside(pipe)
     if not beside or not os.path.isfile(beside):
         return None
@@ -188,7 +188,7 @@ def _from_beside(pipe, fp, metric, key, s) -> Optional[Resolved]:
     return None
 
 
-def _cached(path: str, pipe, metric: str, key: str):
+def _cached(path: str, pipe: Any, metric: str, key: str) -> Any:
     """The cached calibration at `path`, or None (with a warning naming the file: it is then
     recomputed and overwritten) when it does not parse as valid thresholds or is for other weights."""
     cal = _read_json(path)
@@ -222,8 +222,8 @@ def _prune(folder: str) -> None:
         pass
 
 
-def resolve(pipe, metric: str = "sharpness", key: str = "threshold", *, calibrate: bool = True, progress: bool = True,
-            **settings) -> Resolved:
+def resolve(pipe: Any, metric: str = "sharpness", key: str = "threshold", *, calibrate: bool = True,
+            progress: bool = True, **settings: Any) -> Resolved:
     """The value of `key` ("threshold" or "target") of `metric` for this model, from the first of:
     calibration.json beside the model, the per-user cache, a calibration made now on the built-in
     prompts (then cached). settings: num_images_per_prompt, num_inference_steps, guidance_scale,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 from .. import validate
 from . import options
@@ -13,7 +14,7 @@ class CalibrateCommand:
     name = "calibrate"
 
     @staticmethod
-    def register(sub) -> None:
+    def register(sub: Any) -> None:
         p = sub.add_parser("calibrate", help="thresholds at a false-positive rate and SAIL's target for a model",
                            description="Score prompts that are not memorized (--prompts, a .txt file, one a line; "
                                        "default: the built-in generic captions) at the first sampling step and "
@@ -25,7 +26,7 @@ class CalibrateCommand:
                     "--num-inference-steps", "--guidance-scale", "--batch-size", "--quiet", "--device", "--dtype")
 
     @staticmethod
-    def run(args) -> int:
+    def run(args: Any) -> int:
         from .. import calibration
 
         prompts: list | str = ([q for q in read_lines(args.prompts, "--prompts") if q.strip()] if args.prompts

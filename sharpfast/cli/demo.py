@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from . import options
 from .common import device_dtype
@@ -11,7 +12,7 @@ class DemoCommand:
     name = "demo"
 
     @staticmethod
-    def register(sub) -> None:
+    def register(sub: Any) -> None:
         demo = sub.add_parser(
             "demo",
             help="detection and mitigation on the bundled digits model (a few minutes on CPU)",
@@ -22,7 +23,7 @@ class DemoCommand:
         options.add(demo, "demo", "--out", "--device", "--quiet")
 
     @staticmethod
-    def run(args) -> int:
+    def run(args: Any) -> int:
         from ..demo import run
 
         device, _ = device_dtype(args.device, "auto")

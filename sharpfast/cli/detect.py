@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from .. import engine, validate
 from ..errors import BadArgument, OutputMismatch
@@ -14,7 +15,7 @@ class DetectCommand:
     name = "detect"
 
     @staticmethod
-    def register(sub) -> None:
+    def register(sub: Any) -> None:
         d = sub.add_parser("detect", help="score prompts for memorization on a local diffusers model",
                            description="Score every prompt of a file for memorization and append one JSON line "
                                        "per prompt to --out. Restarting the same command skips prompts already "
@@ -24,7 +25,7 @@ class DetectCommand:
                     "--dtype", "--out", "--overwrite", "--quiet")
 
     @staticmethod
-    def run(args) -> int:
+    def run(args: Any) -> int:
         from ..adapters import ScoreModel
         from ..progress import bar as progress_bar
         from ..scores import METRICS
@@ -58,8 +59,8 @@ class DetectCommand:
         if todo:  # else nothing to score: no model to load
             model = ScoreModel(load_model(args.model, device, dtype))
 
-            def record(i, res, k):  # the id is the prompt's line number: its noise is seed + id
-                rec = {"id": i, **res.to_records()[k], "settings": settings}
+            def record(i: int, res, k: int) -> Any:  # the id is the prompt's line number: its noise is seed + id
+                rec={"id": i, **res.to_records()[k], "settings": settings}
                 return rec if labels is None else {**rec, "label": labels[i]}
 
             with engine.CommitLog(args.out) as log, \
@@ -73,7 +74,7 @@ class DetectCommand:
         return 0
 
 
-def _read_inputs(args):
+def _read_inputs(args: Any) -> tuple:
     """(rows (id, prompt), labels {id: 0/1} or None) of --prompts / --labels."""
     from ..prompt_sources import read_prompts
 
@@ -90,7 +91,7 @@ def _read_inputs(args):
         raise BadArgument(f"--labels must hold one 0/1 per line of {args.prompts} ({len(raw)} labels)") from None
 
 
-def print_table(path: str, metrics, total: int):
+def print_table(path: str, metrics: Any, total: int) -> None:
     from ..roc import evaluate
 
     rows = [r for r in engine.read(path).values() if "label" in r]

@@ -1,6 +1,8 @@
 """`sharpfast eval detect|mitigate`: the evaluation harness (tables, JSON, figures; resumable)."""
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import BadArgument
 from . import options
 from .common import check_output_dir, device_dtype, load_model
@@ -48,7 +50,7 @@ class EvalCommand:
     name = "eval"
 
     @staticmethod
-    def register(sub) -> None:
+    def register(sub: Any) -> None:
         e = sub.add_parser("eval", help="evaluation harness: detection (Table 1) and mitigation quality",
                            description="The evaluation harness: `eval detect` (AUC / TPR per detector), `eval "
                                        "mitigate` (copies, similarity, fidelity per mitigation), `eval guard` (the "
@@ -59,14 +61,14 @@ class EvalCommand:
         _guard_parser(esub)
 
     @staticmethod
-    def run(args) -> int:
+    def run(args: Any) -> int:
         check_output_dir(args.out)
         device, dtype = device_dtype(args.device, args.dtype)
         run = {"detect": _run_detect, "guard": _run_guard, "mitigate": _run_mitigate}[args.eval_command]
         return run(args, device, dtype)
 
 
-def _knob(value):
+def _knob(value: Any) -> Any:
     """A setting from the command line: a number when it reads as one, else the string."""
     try:
         return float(value)
@@ -74,7 +76,7 @@ def _knob(value):
         return value
 
 
-def _run_detect(args, device, dtype) -> int:
+def _run_detect(args: Any, device: Any, dtype: Any) -> int:
     from .. import zoo
     from ..harness import detect_eval
     from ..harness.prompt_sets import bundled_records, read_prompt_file, records_from_files
@@ -104,7 +106,7 @@ def _run_detect(args, device, dtype) -> int:
     return 0
 
 
-def _memorized_half(args, what: str) -> list:
+def _memorized_half(args: Any, what: str) -> list:
     from .. import zoo
     from ..harness import mitigate_eval
 
@@ -114,7 +116,7 @@ def _memorized_half(args, what: str) -> list:
     return mitigate_eval.halves(zoo.prompts(args.model, "memorized"))[args.half][:args.limit]
 
 
-def _run_guard(args, device, dtype) -> int:
+def _run_guard(args: Any, device: Any, dtype: Any) -> int:
     from .. import zoo
     from ..harness import guard_eval
 
@@ -131,7 +133,7 @@ def _run_guard(args, device, dtype) -> int:
     return 0
 
 
-def _run_mitigate(args, device, dtype) -> int:
+def _run_mitigate(args: Any, device: Any, dtype: Any) -> int:
     from .. import zoo
     from ..harness import mitigate_eval
 

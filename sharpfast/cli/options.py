@@ -27,7 +27,7 @@ def csv(text: str, kind=str) -> list:
     return vals
 
 
-def ints(text):
+def ints(text: str) -> Any:
     """A comma-separated list of integers (argparse type)."""
     try:
         return csv(text, int)
@@ -35,7 +35,7 @@ def ints(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def parse_threshold(text: str, what: str = "--threshold"):
+def parse_threshold(text: str, what: str = "--threshold") -> Any:
     """'auto' (the model's calibration), 'none' (no flags) or a non-NaN number (inf: never flag)."""
     import math
 
@@ -204,7 +204,7 @@ def spec(command: str, flag: str) -> Option:
     return replace(base, **own)
 
 
-def add(parser, command: str, *flags: str) -> None:
+def add(parser: Any, command: str, *flags: str) -> None:
     """Add `flags` to `parser` as the table defines them for `command`."""
     for flag in flags:
         parser.add_argument(flag, **spec(command, flag).kwargs())

@@ -1,6 +1,8 @@
 """`sharpfast sail`: generate with SAIL-optimized initial noise, plain and SAIL side by side."""
 from __future__ import annotations
 
+from typing import Any
+
 from .. import validate
 from ..errors import BadArgument
 from . import options
@@ -12,14 +14,14 @@ class SailCommand:
     name = "sail"
 
     @staticmethod
-    def register(sub) -> None:
+    def register(sub: Any) -> None:
         g = sub.add_parser("sail", help="generate with SAIL-optimized initial noise (memorization mitigation)",
                            description="Generate images for a prompt with SAIL and save them as one PNG grid.")
         options.add(g, "sail", "--model", "--prompt", "--n", "--seed", "--threshold", "--candidates", "--max-steps",
                     "--num-inference-steps", "--guidance-scale", "--device", "--dtype", "--out", "--quiet")
 
     @staticmethod
-    def run(args) -> int:
+    def run(args: Any) -> int:
         import torch
 
         import sharpfast

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from .. import validate
 from ..errors import BadArgument
@@ -14,7 +15,7 @@ class ScanCommand:
     name = "scan"
 
     @staticmethod
-    def register(sub) -> None:
+    def register(sub: Any) -> None:
         s = sub.add_parser("scan", help="audit a prompt corpus for memorized prompts (resumable, multi-process)",
                            description="Stream a prompt file, score every prompt and write shard files to --out, "
                                        "resumable at batch granularity (rerun the same command after a kill). Under "
@@ -25,7 +26,7 @@ class ScanCommand:
                     "--seed", "--num-inference-steps", "--guidance-scale", "--overwrite", "--quiet")
 
     @staticmethod
-    def run(args) -> int:
+    def run(args: Any) -> int:
         import sharpfast
 
         from ..prompt_sources import check_source

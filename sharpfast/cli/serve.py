@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from ..errors import BadArgument
 from . import options
@@ -13,7 +14,7 @@ class ServeCommand:
     name = "serve"
 
     @staticmethod
-    def register(sub) -> None:
+    def register(sub: Any) -> None:
         p = sub.add_parser("serve", help="serve a guarded pipeline over HTTP (POST /generate, /metrics, /health)",
                            description="Start an HTTP server (FastAPI + uvicorn) for a pipeline wrapped by "
                                        "sharpfast.guard: POST /generate returns PNG images (base64) with the "
@@ -27,7 +28,7 @@ class ServeCommand:
                     "--graceful-timeout", "--device", "--dtype")
 
     @staticmethod
-    def run(args) -> int:
+    def run(args: Any) -> int:
         from .. import validate
         from ..errors import MissingDependency
         from ..server.app import create_app, require
@@ -75,7 +76,7 @@ class ServeCommand:
         return 0
 
 
-def _serve_on_ray(args, threshold, own, extra, key) -> int:
+def _serve_on_ray(args: Any, threshold: Any, own, extra, key: Any) -> int:
     """`--engine ray`: the deployment of sharpfast.server.ray_serve on Ray Serve, until SIGTERM / Ctrl-C."""
     import signal
     import threading
@@ -113,7 +114,7 @@ def _serve_on_ray(args, threshold, own, extra, key) -> int:
     return 0
 
 
-def _limits(pipe, args, key):
+def _limits(pipe: Any, args: Any, key: Any) -> Any:
     from .. import validate
     from ..adapters import ScoreModel
     from ..server.protocol import Limits
@@ -124,7 +125,7 @@ def _limits(pipe, args, key):
                             header_timeout=args.header_timeout, api_key=key)
 
 
-def _log_to_stderr():
+def _log_to_stderr() -> None:
     import logging
 
     handler = logging.StreamHandler(sys.stderr)
@@ -133,7 +134,7 @@ def _log_to_stderr():
     logging.getLogger("sharpfast.server").setLevel(logging.INFO)
 
 
-def _listen(host: str, port: int):
+def _listen(host: str, port: int) -> tuple:
     """A bound socket and the address it listens on (the chosen port with --port 0)."""
     import socket
 

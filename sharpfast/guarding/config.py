@@ -3,7 +3,7 @@ defaults (chosen on the digits model: docs/guard.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from .. import mitigations, settings, validate
 from ..errors import BadArgument
@@ -32,7 +32,7 @@ class GuardConfig:
     calibrate_new: bool = True  # False: a request at a setting not calibrated before is refused (NotCalibrated)
 
     @classmethod
-    def build(cls, model, metric, threshold, mitigation, setting, sail_kwargs, name,
+    def build(cls, model: Any, metric: str, threshold: Any, mitigation: Any, setting: Any, sail_kwargs, name: str,
               calibrate_new: bool = True) -> GuardConfig:
         """The checked configuration (BadArgument / UnsupportedPipeline naming what is wrong)."""
         if metric not in GUARD_METRICS:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -49,7 +49,7 @@ class RequestState:
         """Images of the request: prompts x num_images_per_prompt."""
         return len(self.prompts) * self.n
 
-    def note_finite(self, pred) -> None:
+    def note_finite(self, pred: torch.Tensor) -> None:
         """Note which images' rows of a call hold NaN/inf (kept on the device)."""
         rows = pred.shape[0]
         if rows % self.images:
@@ -64,7 +64,7 @@ class RequestState:
             raise NonFiniteOutput(f"the denoiser returned NaN/inf during the guarded generation of prompt "
                                   f"{self.prompts[i]!r}")
 
-    def capture_call(self, args, kwargs, pred, scheduler) -> None:
+    def capture_call(self, args: Any, kwargs: Any, pred: torch.Tensor, scheduler) -> None:
         """Keep the first denoiser call (read back by the adapter) and alpha_bar now: Euler-type
         schedulers read it from their step index, which moves on."""
         sample, t, hidden, added = self.model.read_call(args, kwargs)
@@ -91,7 +91,7 @@ class RequestState:
             raise NonFiniteOutput(f"the {metric} score of prompt {self.prompts[int(bad.nonzero()[0])]!r} is not finite")
         return {"scores": scores, "flagged": scores > self.threshold}
 
-    def report(self, metric: str, mitigation) -> list:
+    def report(self, metric: str, mitigation: Any) -> list:
         """The per-prompt report the guard attaches to the output."""
         d = self.decision
         assert d is not None, "report() before decide()"
@@ -109,18 +109,18 @@ class RequestState:
         call["callback_on_step_end_tensor_inputs"] = list(dict.fromkeys([*(inputs or ["latents"]), "latents"]))
         return call
 
-    def watch_callback(self):
+    def watch_callback(self) -> Callable[..., dict]:
         """A step callback that watches the latents for NaN/inf (the sampler's own arithmetic, a
         huge guidance), then runs the user's."""
-        def watch(pipe, i, t, cb_kwargs):
+        def watch(pipe: Any, i: int, t: Any, cb_kwargs: dict) -> dict:
             self.note_finite(cb_kwargs["latents"].detach())
             return self.user_cb(pipe, i, t, cb_kwargs) if self.user_cb is not None else {}
         return watch
 
-    def step_callback(self, metric: str, stop_if_flagged: bool):
+    def step_callback(self, metric: str, stop_if_flagged: bool) -> Callable[..., dict]:
         """watch_callback, plus the decision at the first step (outside the denoiser's hook): a
         request with a flagged prompt stops there (FlaggedAtFirstStep) when it is to be mitigated."""
-        def on_step_end(pipe, i, t, cb_kwargs):
+        def on_step_end(pipe: Any, i: int, t: Any, cb_kwargs: dict) -> dict:
             self.note_finite(cb_kwargs["latents"].detach())  # once per step, also before a FlaggedAtFirstStep
             if self.decision is None:
                 self.decision = self.decide(metric)
@@ -129,7 +129,7 @@ class RequestState:
             return self.user_cb(pipe, i, t, cb_kwargs) if self.user_cb is not None else {}
         return on_step_end
 
-    def context(self, pipe, noise, generator, metric: str):
+    def context(self, pipe: Any, noise, generator: Any, metric: str) -> mitigations.Context:
         """The mitigation context of the flagged rows."""
         assert self.decision is not None, "context() before decide()"
         flagged = self.decision["flagged"].nonzero().view(-1).tolist()
@@ -139,7 +139,7 @@ class RequestState:
                                    guard={"metric": metric, "threshold": self.threshold})
 
 
-def new_request(pipe, thresholds: Thresholds, prompt, kwargs) -> RequestState:
+def new_request(pipe: Any, thresholds: Thresholds, prompt: Any, kwargs: Any) -> RequestState:
     """The request's state, every argument checked before the pipeline runs."""
     model = ScoreModel(pipe, kwargs.get("max_sequence_length"))  # per request: the pipeline may have moved
     if "prompt_embeds" in kwargs:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Optional
+from typing import Any, Optional
 
 from .. import validate
 from ..errors import NotCalibrated
@@ -18,20 +18,22 @@ class Thresholds:
     sharpfast.calibration). With calibrate_new=False only settings resolved before (calibrate())
     are served: another raises NotCalibrated instead of calibrating inside a request."""
 
-    def __init__(self, pipe, metric: str, given, defaults: dict, default_size: tuple, calibrate_new: bool = True):
+    def __init__(self, pipe: Any, metric: str, given, defaults: dict, default_size: tuple,
+                 calibrate_new: bool = True) -> None:
         self.pipe, self.metric, self.given, self.defaults = pipe, metric, given, defaults
         self.default_size, self.calibrate_new = tuple(default_size), calibrate_new
         self.sources: dict = {}
         self._table: dict = {}
         self._lock = threading.Lock()
 
-    def key(self, steps=None, guidance=None, size=None) -> tuple:
+    def key(self, steps: Optional[int] = None, guidance=None, size: Any = None) -> tuple:
         """The table key of a request setting, the defaults filled in."""
         h, w = size or self.default_size
         return (int(steps or self.defaults["num_inference_steps"]),
                 float(self.defaults["guidance_scale"] if guidance is None else guidance), int(h), int(w))
 
-    def at(self, steps=None, guidance=None, size=None, *, allow_new: Optional[bool] = None) -> float:
+    def at(self, steps: Optional[int] = None, guidance=None, size: Any = None, *,
+           allow_new: Optional[bool] = None) -> float:
         """The threshold at a setting (resolved on first use where allowed)."""
         if self.given != "auto":
             return float(self.given)
@@ -50,14 +52,14 @@ class Thresholds:
                 log.info("sharpfast.guard: %s > %.4g at %s (%s)", self.metric, value, describe(key), found.source)
             return self._table[key]
 
-    def source(self, steps=None, guidance=None, size=None) -> str:
+    def source(self, steps: Optional[int] = None, guidance=None, size: Any = None) -> str:
         """Where the threshold at a setting came from."""
         if self.given != "auto":
             return "given"
         self.at(steps, guidance, size)
         return self.sources[self.key(steps, guidance, size)]
 
-    def size(self, height, width) -> tuple:
+    def size(self, height: Optional[int], width: Optional[int]) -> tuple:
         """(height, width) checked, the model's default filling a None."""
         dh, dw = self.default_size
         return (validate.integer(height or dh, "height"), validate.integer(width or dw, "width"))

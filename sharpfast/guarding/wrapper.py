@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -51,7 +51,7 @@ _PIPE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PIPE_LOCKS_GUARD = threading.Lock()
 
 
-def pipeline_lock(pipe) -> threading.RLock:
+def pipeline_lock(pipe: Any) -> threading.RLock:
     """The one lock of a pipeline object, shared by every guard on it."""
     with _PIPE_LOCKS_GUARD:
         lock = _PIPE_LOCKS.get(pipe)
@@ -65,7 +65,7 @@ class CaptureHook(DenoiserHook):
     """The guard's hook on the denoiser: in a guarded request (its state on this thread), capture
     the first call and watch every call for NaN/inf; it never changes an output."""
 
-    def __init__(self, guard: Guard):
+    def __init__(self, guard: Guard) -> None:
         self.guard = guard
 
     def post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -81,7 +81,7 @@ class CaptureHook(DenoiserHook):
 class Guard:
     """A stock pipeline wrapped for serving; see sharpfast.guard."""
 
-    def __init__(self, pipe, config: GuardConfig):
+    def __init__(self, pipe: Any, config: GuardConfig) -> None:
         self.pipe, self.config = pipe, config
         self.metric, self.mitigation, self.method, self.setting = (config.metric, config.mitigation, config.method,
                                                                    config.setting)
@@ -104,7 +104,8 @@ class Guard:
         """Where that threshold came from ("given", a calibration file, the cache, calibrated now)."""
         return self._thresholds.source()
 
-    def calibrate(self, num_inference_steps=None, guidance_scale=None, height=None, width=None) -> float:
+    def calibrate(self, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                  height: Optional[int] = None, width: Optional[int] = None) -> float:
         """Resolve the threshold at these request settings now (default: the pipeline's own), so
         that no request waits for it; with calibrate_new=False, the settings the guard serves.
 
@@ -123,7 +124,7 @@ class Guard:
         """Whether the guard's hook is on the denoiser (False after remove())."""
         return self._capture is not None
 
-    def __call__(self, prompt, **kwargs):
+    def __call__(self, prompt: Any, **kwargs: Any) -> Any:
         """pipe(prompt, **kwargs) with `.memorization`: the per-prompt report (see sharpfast.guard)."""
         start = time.perf_counter()
         try:
@@ -142,7 +143,7 @@ class Guard:
         """A snapshot of the counters and histograms (see sharpfast.monitoring)."""
         return self._stats.snapshot()
 
-    def register_prometheus(self, registry=None):
+    def register_prometheus(self, registry=None) -> Any:
         """Export the stats through prometheus_client (into `registry`, default its global one);
         returns the collector (registry.unregister(it) takes it off)."""
         if registry is None:
@@ -151,7 +152,7 @@ class Guard:
         registry.register(collector)
         return collector
 
-    def _call(self, prompt, kwargs):
+    def _call(self, prompt: Any, kwargs: Any) -> tuple:
         if self._capture is None:
             raise UsageError("this guard was removed; create a new one with sharpfast.guard(pipe)")
         req = new_request(self.pipe, self._thresholds, prompt, kwargs)
@@ -183,16 +184,17 @@ class Guard:
             HookRegistry.of(denoiser(self.pipe)).remove(self._capture)
             self._capture = None
 
-    def __enter__(self):
+    def __enter__(self) -> Guard:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         self.remove()
         return False
 
 
-def guard(pipe, *, metric: str = DEFAULT_METRIC, threshold="auto", mitigation: Optional[str] = DEFAULT_MITIGATION,
-          setting=None, sail_kwargs=None, name: str = "default", calibrate_new: bool = True) -> Guard:
+def guard(pipe: Any, *, metric: str = DEFAULT_METRIC, threshold: str = "auto",
+          mitigation: Optional[str] = DEFAULT_MITIGATION, setting: Any = None, sail_kwargs=None, name: str = "default",
+          calibrate_new: bool = True) -> Guard:
     """Wrap a stock pipeline for serving.
 
     guard(pipe)(prompt, **pipe_kwargs) returns pipe's own output with `.memorization`: per prompt

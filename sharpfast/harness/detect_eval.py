@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any, Optional
 
 import numpy as np
 
@@ -18,8 +19,8 @@ from ..errors import BadArgument
 from ..roc import evaluate
 
 
-def _score_config(pipe, prompts, noise_ids, n, steps, metrics, path, seed, batch_size, hvp, num_inference_steps,
-                  guidance_scale, progress):
+def _score_config(pipe: Any, prompts: list, noise_ids, n: int, steps: int, metrics: Any, path: str, seed: int,
+                  batch_size: int, hvp: str, num_inference_steps: int, guidance_scale: float, progress: bool) -> dict:
     from ..adapters import ScoreModel, denoiser
     from ..progress import bar as progress_bar
 
@@ -34,7 +35,7 @@ def _score_config(pipe, prompts, noise_ids, n, steps, metrics, path, seed, batch
     if not todo:
         return done
 
-    def record(i, res, k):
+    def record(i: int, res, k: int) -> dict:
         return {"id": i, "prompt": prompts[i], **{m: float(res.scores[m][k]) for m in metrics}, "settings": settings,
                 "noise_id": noise_ids[i]}
 
@@ -47,13 +48,14 @@ def _score_config(pipe, prompts, noise_ids, n, steps, metrics, path, seed, batch
     return done
 
 
-def _auc_row(scores_pos, scores_neg):
+def _auc_row(scores_pos, scores_neg) -> Any:
     e = evaluate(np.concatenate([scores_pos, scores_neg]),
                  np.concatenate([np.ones(len(scores_pos)), np.zeros(len(scores_neg))]))
     return e
 
 
-def _cost(pipe, prompts, metrics, n, steps, batch_size, hvp, num_inference_steps, guidance_scale, seed):
+def _cost(pipe: Any, prompts: list, metrics: Any, n: int, steps: int, batch_size: int, hvp: str,
+          num_inference_steps: int, guidance_scale: float, seed: int) -> dict:
     """UNet calls per batch and seconds per prompt of `metrics` computed alone (one timed batch
     after one warm-up batch of the same prompts)."""
     import time
@@ -80,7 +82,7 @@ DEFAULT_COMBINED = (("wen", "wen_low"), ("wen", "sharpness"), ("wen", "channel_w
 class PromptSets:
     """The prompt sets indexed once: every distinct prompt, its noise id, and the groups scored."""
 
-    def __init__(self, sets: dict):
+    def __init__(self, sets: dict) -> None:
         ev = sets["eval"]
         if not any(r["memorized"] for r in ev) or all(r["memorized"] for r in ev):
             raise BadArgument("the evaluation set needs memorized and non-memorized prompts")
@@ -101,11 +103,11 @@ class PromptSets:
         self.narrow = [self.index[r["prompt"]] for r in sets.get("narrow", [])]
         self.template = list(sets.get("template", []))  # scenes: template memorization, apart
 
-    def ids(self, recs) -> list:
+    def ids(self, recs: list) -> list:
         return [self.index[r["prompt"]] for r in recs]
 
 
-def _metric_rows(report, ix: PromptSets, scores, m, n, s, cost, panel):
+def _metric_rows(report: dict, ix: PromptSets, scores: Any, m, n: int, s: Any, cost, panel) -> None:
     """One metric of one (n, steps): its table row and ROC, per duplication level, against the narrow set."""
     val = lambda ids: np.array([scores[i][m] for i in ids])  # noqa: E731
     e = _auc_row(val(ix.mem), val(ix.non))
@@ -129,7 +131,7 @@ def _metric_rows(report, ix: PromptSets, scores, m, n, s, cost, panel):
                                    "auc": e["auc"], "tpr_at_1pct_fpr": e["tpr_at_1pct_fpr"]})
 
 
-def _combined_row(report, ix: PromptSets, scores, combo, n, s, cost, panel):
+def _combined_row(report: dict, ix: PromptSets, scores: Any, combo, n: int, s: Any, cost, panel) -> None:
     """A CombinedDetector fitted on the calibration prompts only, scored on the evaluation set."""
     from ..roc import CombinedDetector
 
@@ -144,9 +146,10 @@ def _combined_row(report, ix: PromptSets, scores, combo, n, s, cost, panel):
     panel[det.name] = (np.array(e["roc"]["fpr"]), np.array(e["roc"]["tpr"]), e["auc"])
 
 
-def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "sharpness"), out_dir="sharpfast-eval",
-        seed=42, batch_size=16, hvp="fd", num_inference_steps=None, guidance_scale=None, progress=True,
-        combined=DEFAULT_COMBINED, costs=True) -> dict:
+def run(pipe: Any, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics: Any = ("wen", "sharpness"),
+        out_dir: str = "sharpfast-eval", seed: int = 42, batch_size: int = 16, hvp: str = "fd",
+        num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None, progress: bool = True,
+        combined=DEFAULT_COMBINED, costs: bool = True) -> dict:
     """sets: {"eval": records with prompt and memorized, optional "duplicated_low" / "narrow" /
     "template" (scored against the non-memorized set on its own) / "calibration" (normal prompts
     kept apart: the combined detectors are fitted on them only)}.
@@ -172,7 +175,7 @@ def run(pipe, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics=("wen", "shar
                                    num_inference_steps, guidance_scale, progress)
             panel = curves.setdefault(f"steps={s}, n={n}", {})
 
-            def cost(ms, n=n, s=s):
+            def cost(ms, n: int = n, s: Any = s) -> Any:
                 if not costs:
                     return {"unet_calls": None, "seconds_per_prompt": None}
                 return _cost(pipe, eval_prompts, ms, n, s, batch_size, hvp, num_inference_steps, guidance_scale, seed)

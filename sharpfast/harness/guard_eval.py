@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -23,7 +25,7 @@ from .. import jsonl
 CUT = 0.8
 
 
-def _judge(images, records, judge):
+def _judge(images: Any, records: list, judge: Any) -> dict:
     idx, _ = judge.nearest(images)
     target = torch.tensor([r["train_index"] for r in records])
     _, sim = judge.copy_stats(images, target)
@@ -31,9 +33,10 @@ def _judge(images, records, judge):
             "fidelity": judge.fidelity(images, records).tolist()}
 
 
-def run(pipe, records: list[dict], judge, *, seeds=(0, 1), metric=None, mitigation="auto",
-        setting=None, out_dir="sharpfast-eval", batch_prompts=8, num_inference_steps=None, guidance_scale=None,
-        progress=True) -> dict:
+def run(pipe: Any, records: list[dict], judge: Any, *, seeds: Any = (0, 1), metric: Optional[str] = None,
+        mitigation: Optional[str] = "auto", setting: Any = None, out_dir: str = "sharpfast-eval",
+        batch_prompts: int = 8, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+        progress: bool = True) -> dict:
     """records: memorized prompts (prompt, train_index and what `judge`, sharpfast.zoo.judge,
     reads fidelity from). Returns the summary."""
 
@@ -75,13 +78,13 @@ def run(pipe, records: list[dict], judge, *, seeds=(0, 1), metric=None, mitigati
     return summary
 
 
-def _batch_rows(pipe, g, chunk, judge, kw, key, guard_first: bool) -> list:
+def _batch_rows(pipe: Any, g: Any, chunk, judge: Any, kw, key: Any, guard_first: bool) -> list:
     """One batch generated plainly and through the guard from the same generators (in alternating
     order across batches), both judged: a row per (prompt, seed)."""
     caps = [r["prompt"] for r, _ in chunk]
     secs = {}
 
-    def timed(name, call):
+    def timed(name: str, call: Callable) -> Any:
         t = time.perf_counter()
         out = call(caps, generator=[torch.Generator().manual_seed(s) for _, s in chunk], **kw)
         secs[name] = time.perf_counter() - t

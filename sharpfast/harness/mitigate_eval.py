@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .. import engine
 from ..errors import BadArgument
@@ -29,7 +30,7 @@ from ..mitigations import REGISTRY
 CUTS = (0.8, 0.85, 0.9)
 
 
-def _judged_run(pipe, method, setting, prompts, latents, gen_kwargs):
+def _judged_run(pipe: Any, method: str, setting: Any, prompts: list, latents: Tensor, gen_kwargs) -> tuple:
     """(images in [-1, 1], CFG calls per image, seconds) of one registered mitigation."""
     from ..mitigations import mitigate
 
@@ -44,11 +45,11 @@ def halves(records: list[dict]) -> dict:
     return {"A": records[0::2], "B": records[1::2], "all": records}
 
 
-def _key(method, setting, prompt, settings=""):
+def _key(method: str, setting: Any, prompt: Any, settings: str = "") -> Any:
     return json.dumps([method, setting, prompt, settings])
 
 
-def _judge(r, im, judge, seeds, calls, per_image_s) -> dict:
+def _judge(r, im, judge: Any, seeds: Any, calls, per_image_s) -> dict:
     """The judged record of one prompt's images (copies, similarity, nearest, fidelity, cost)."""
     copies, sim = judge.copy_stats(im, r["train_index"])
     idx, _ = judge.nearest(im)
@@ -62,14 +63,14 @@ def _judge(r, im, judge, seeds, calls, per_image_s) -> dict:
 class _Job:
     """One evaluation's generation: the same `seeds` noises for every prompt, judged by `judge`."""
 
-    def __init__(self, pipe, judge, seeds, gen_kwargs):
+    def __init__(self, pipe: Any, judge: Any, seeds: Any, gen_kwargs) -> None:
         from ..adapters import ScoreModel
 
         self.pipe, self.judge, self.seeds, self.gen_kwargs = pipe, judge, seeds, gen_kwargs
         self.model = ScoreModel(pipe)
         self.h, self.w = self.model.default_size()
 
-    def images(self, method, setting, chunk):
+    def images(self, method: str, setting: Any, chunk) -> tuple:
         """(images (prompts, seeds, *image), CFG calls per image, seconds per image) of one method."""
         m = self.model
         lat = torch.cat([m.noise(1, self.h, self.w, torch.Generator("cpu").manual_seed(s))
@@ -79,16 +80,17 @@ class _Job:
         shape = self.judge.references.shape[1:]
         return imgs.cpu().view(len(chunk), len(self.seeds), *shape), calls, secs / lat.shape[0]
 
-    def records(self, method, setting, chunk, settings) -> list:
+    def records(self, method: str, setting: Any, chunk, settings: Any) -> list:
         images, calls, per_image_s = self.images(method, setting, chunk)
         return [{"key": _key(method, setting, r["prompt"], settings), "method": method, "setting": setting,
                  "settings": settings, **_judge(r, im, self.judge, self.seeds, calls, per_image_s)}
                 for r, im in zip(chunk, images)]
 
 
-def run(pipe, records: list[dict], judge, *, methods=("none", "random_tokens", "wen_embedding"),
-        seeds=(0, 1, 2, 3, 4), sweep=False, out_dir="sharpfast-eval", batch_prompts=8, num_inference_steps=None,
-        guidance_scale=None, progress=True, grid_prompts=6, settings=None) -> dict:
+def run(pipe: Any, records: list[dict], judge: Any, *, methods: Any = ("none", "random_tokens", "wen_embedding"),
+        seeds: Any = (0, 1, 2, 3, 4), sweep: bool = False, out_dir: str = "sharpfast-eval", batch_prompts: int = 8,
+        num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None, progress: bool = True,
+        grid_prompts: int = 6, settings: Any = None) -> dict:
     """records: memorized prompts with prompt, train_index and what `judge` reads fidelity from
     (sharpfast.zoo.judge); settings: {method: setting} in place of a method's registry default
     (without --sweep).
@@ -137,7 +139,7 @@ def run(pipe, records: list[dict], judge, *, methods=("none", "random_tokens", "
     return {"summary": summary}
 
 
-def _write_json(path, obj):
+def _write_json(path: str, obj) -> None:
     """Write obj as JSON through a temporary file and a rename: a reader never sees half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -145,7 +147,7 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
-def summarize(done: dict, jobs, prompts, settings="") -> list[dict]:
+def summarize(done: dict, jobs, prompts: list, settings: str = "") -> list[dict]:
     rows = []
     for method, setting in jobs:
         keys = [_key(method, setting, p, settings) for p in prompts]
@@ -187,7 +189,7 @@ def format_summary(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _figures(summary, shown, judge, methods, grid, out_dir, sweep, sims):
+def _figures(summary, shown, judge: Any, methods: Any, grid, out_dir: str, sweep, sims) -> None:
     from .plots import image_grid, similarity_histogram, tradeoff_figure
 
     if shown:

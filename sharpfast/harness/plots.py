@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 
-def pyplot():
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +124,7 @@ def similarity_histogram(sims: dict, cuts, path: str) -> str:
     return path
 
 
-def _pareto(pts):
+def _pareto(pts) -> list:
     """The points no other point beats on both axes (higher fidelity, fewer copies), by fidelity."""
     keep = [p for p in pts if not any((q[0] >= p[0] and q[1] < p[1]) or (q[0] > p[0] and q[1] <= p[1]) for q in pts)]
     return sorted(keep, key=lambda p: p[0])
@@ -164,7 +166,7 @@ def tradeoff_figure(series: dict, path: str, title: str = "", chosen=None, fidel
     return path
 
 
-def _draw_tradeoff(ax, series, chosen, fidelity_floor, label, legend):
+def _draw_tradeoff(ax: Any, series, chosen, fidelity_floor, label: Callable, legend) -> None:
     """One panel of tradeoff_figure; label(point) says whether a point's setting is written here."""
     colors = pyplot().get_cmap("tab10").colors
     k = 0

@@ -14,9 +14,9 @@ from .. import validate
 from .base import Context, Plan, prompt_lengths, register
 
 
-def rescale_edit(c1: float, lengths: torch.Tensor, images: int, rows_all: torch.Tensor):
+def rescale_edit(c1: float, lengths: torch.Tensor, images: int, rows_all: torch.Tensor) -> Any:
     """Ren et al.'s logits: BOS x c1 on the conditional rows, tokens past the prompt masked on both."""
-    def edit(scores, rows):
+    def edit(scores: Any, rows: Any) -> torch.Tensor:
         # rows index the CFG batch [null (images); cond (images)]; each belongs to image rows % images
         img = rows % images
         keep = torch.arange(scores.shape[-1], device=scores.device)[None, :] < lengths.to(scores.device)[img][:, None]
@@ -42,7 +42,7 @@ def _attention_rescale(ctx: Context, setting: Any) -> Plan:
     edit = rescale_edit(c1, lengths, ctx.images, batch_rows)
     calls = [0]
 
-    def counted(scores, r):
+    def counted(scores: Any, r) -> Any:
         calls[0] += 1
         return edit(scores, r)
     return Plan(hooks=[edit_cross_attention(ctx.model.unet, counted, batch_rows)],

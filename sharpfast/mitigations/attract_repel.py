@@ -46,7 +46,7 @@ def attenuated_positions(attention: torch.Tensor, lengths, z: float) -> list:
 
 
 
-def _attract_repel_rule(ctx: Context, positions: list, attenuation: float, repel: float):
+def _attract_repel_rule(ctx: Context, positions: list, attenuation: float, repel: float) -> Any:
     """The guidance rule of attract_repel: one extra call on the mitigated conditional rows with the
     picked positions' logits + log(attenuation), then u + g (a - u) + repel (a - c)."""
     from ..attention import edit_cross_attention
@@ -58,8 +58,8 @@ def _attract_repel_rule(ctx: Context, positions: list, attenuation: float, repel
         mask[r, pos] = 1.0
     log_att = math.log(attenuation)
 
-    def edit(scores, sub):  # the extra call's batch: row i is image rows_all[i]
-        m = mask.to(scores.device)[rows_all.to(scores.device)[sub]][:, None, None, : scores.shape[-1]]
+    def edit(scores: Any, sub: Any) -> torch.Tensor:  # the extra call's batch: row i is image rows_all[i]
+        m=mask.to(scores.device)[rows_all.to(scores.device)[sub]][:, None, None, : scores.shape[-1]]
         return scores + m.to(scores.dtype) * log_att
 
     def rule(hook: GuidanceHook, u: torch.Tensor, c: torch.Tensor, call: DenoiserCall,

@@ -98,7 +98,7 @@ class Mitigation:
         """The registered model families that have what this method needs."""
         return tuple(f for f, caps in adapter_families().items() if set(self.needs) <= caps)
 
-    def supports(self, model) -> bool:
+    def supports(self, model: Any) -> bool:
         """Whether the model's family (its adapter) has what this method needs."""
         return set(self.needs) <= model.capabilities
 
@@ -109,7 +109,7 @@ REGISTRY: dict[str, Mitigation] = {}
 def register(name: str, *, cost: str, knob: str, default: object, sweep: tuple, needs: tuple = (), kind: str,
              guard_plan: Optional[GuardPlan] = None) -> Callable:
     """Decorator: register plan(ctx, setting) as mitigation `name` in REGISTRY."""
-    def deco(fn):
+    def deco(fn: Callable) -> Callable:
         REGISTRY[name] = Mitigation(name, cost, knob, default, tuple(sweep), tuple(needs), fn, kind, guard_plan)
         return fn
     return deco
@@ -122,7 +122,7 @@ def get(name: str) -> Mitigation:
     return REGISTRY[name]
 
 
-def check_family(m: Mitigation, model) -> None:
+def check_family(m: Mitigation, model: Any) -> None:
     """UnsupportedPipeline unless the model's family has what m needs (the message says why)."""
     missing = [need for need in m.needs if need not in model.capabilities]
     if missing:
@@ -136,7 +136,7 @@ def per_row(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *[1] * (like.dim() - 1))
 
 
-def prompt_lengths(pipe, prompts: list, n: int) -> list:
+def prompt_lengths(pipe: Any, prompts: list, n: int) -> list:
     """Tokens of each image's prompt as the pipeline's tokenizer makes them (BOS and EOS included,
     truncated to its maximum length)."""
     tok = pipe.tokenizer

@@ -37,7 +37,7 @@ class HookRegistry:
     _all: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
     _all_lock = threading.Lock()
 
-    def __init__(self, net: torch.nn.Module):
+    def __init__(self, net: torch.nn.Module) -> None:
         self.net = net
         self.hooks: tuple[DenoiserHook, ...] = ()
         self._lock = threading.Lock()
@@ -106,7 +106,7 @@ def with_prediction(output: Any, pred: torch.Tensor) -> Any:
 class CallCounter(DenoiserHook):
     """Rows through the network while installed (the calls of other hooks included)."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any) -> None:
         self.model, self.rows = model, 0
 
     def pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -141,7 +141,8 @@ class GuidanceHook(DenoiserHook):
     keeps the call as it was); the other rows are returned bit for bit. One hook per generation;
     its per-call state is `state` (the rule's own typed object)."""
 
-    def __init__(self, model: Any, guidance_scale: float, rows: list, images: int, rule: Rule, state: Any = None):
+    def __init__(self, model: Any, guidance_scale: float, rows: list, images: int, rule: Rule,
+                 state: Any = None) -> None:
         self.model, self.net, self.g, self.rule = model, model.unet, float(guidance_scale), rule
         self.rows = torch.as_tensor(rows, dtype=torch.long)
         self.images = images

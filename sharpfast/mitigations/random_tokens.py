@@ -13,7 +13,7 @@ from .base import Context, Plan, register
 from .grammar import number
 
 
-def _vocab_words(tokenizer) -> list[str]:
+def _vocab_words(tokenizer: Any) -> list[str]:
     special = set(tokenizer.all_special_tokens)
     words = set()
     for tok, idx in tokenizer.get_vocab().items():
@@ -27,7 +27,7 @@ def _vocab_words(tokenizer) -> list[str]:
     return sorted(words)
 
 
-def random_tokens(pipe, prompts, num_tokens: int = 4, generator: torch.Generator | None = None) -> list[str]:
+def random_tokens(pipe: Any, prompts: list, num_tokens: int = 4, generator: torch.Generator | None = None) -> list[str]:
     """Each prompt with `num_tokens` random vocabulary tokens appended (space separated)."""
     if isinstance(prompts, str):
         prompts = [prompts]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from torch import Tensor
 
 from .. import validate
 from ..errors import BadArgument
@@ -25,8 +26,9 @@ def run_plan(pipe: Any, prompts: list, plan: Plan, call_kwargs: dict) -> Any:
         return pipe(plan.prompts if plan.prompts is not None else prompts, **kw)
 
 
-def mitigate(pipe, prompt, method: str = "transition", setting=None, *, num_images_per_prompt: int = 1,
-             generator=None, latents=None, return_info: bool = False, **pipe_kwargs):
+def mitigate(pipe: Any, prompt: Any, method: str = "transition", setting: Any = None, *, num_images_per_prompt: int = 1,
+             generator: Optional[Any] = None, latents: Optional[Tensor] = None, return_info: bool = False,
+             **pipe_kwargs: Any) -> Any:
     """Generate with one registered mitigation (see sharpfast.mitigations.REGISTRY).
 
     Args:

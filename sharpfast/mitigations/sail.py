@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any, Optional
 
 import torch
+from torch import Tensor
 
 from .. import ops, validate
 from ..adapters import ScoreModel, pipeline_defaults
@@ -52,7 +54,8 @@ REFERENCE = dict(alpha_sd1=0.05, alpha_sd2=0.01, threshold=8.2, threshold_numel=
 DEFAULTS = SAIL_DEFAULTS
 
 
-def _check(prompts, n, guidance_scale, lr, max_steps, candidates, needs_cfg=True):
+def _check(prompts: list, n: int, guidance_scale: float, lr: float, max_steps: int, candidates: int,
+           needs_cfg: bool = True) -> list:
     prompts = validate.prompts(prompts, "prompt")
     validate.guidance_scale(guidance_scale, needs_cfg=needs_cfg)
     validate.integer(n, "num_images_per_prompt")
@@ -65,11 +68,12 @@ def _check(prompts, n, guidance_scale, lr, max_steps, candidates, needs_cfg=True
 class _Objective:
     """Loss and acceptance statistic of a batch of candidate latents (rows of cond)."""
 
-    def __init__(self, model, t, ab, objective, alpha, h, stop_metric=None, schedule=None):
+    def __init__(self, model: Any, t: Any, ab: float, objective: str, alpha: float, h: Any, stop_metric=None,
+                 schedule: Any = None) -> None:
         self.model, self.t, self.ab, self.objective, self.alpha, self.h = model, t, ab, objective, alpha, h
         self.stop_metric, self.schedule = stop_metric, schedule
 
-    def __call__(self, x, cond, names=None):
+    def __call__(self, x: Tensor, cond: Any, names: Any = None) -> tuple:
         """(loss per row, statistic compared with the threshold per row); x fp32. The statistic is
         the loss's own sharpness, or the registry metric `stop_metric` on the same step (the
         serving guard's: SAIL then stops where the guard would no longer flag)."""
@@ -97,18 +101,18 @@ class _RowNames:
     """The prompt of each row of a shrinking candidate batch, looked up only for an error message
     (no host sync on the hot path)."""
 
-    def __init__(self, names, rows):
+    def __init__(self, names: Any, rows: Any) -> None:
         self.names, self.rows = names, rows
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> Any:
         k = int(self.rows[i])
         return self.names[k] if self.names else f"image {k}"
 
 
-def _per_row(v, x):
+def _per_row(v: Any, x: Tensor) -> torch.Tensor:
     return v.view(-1, *[1] * (x.dim() - 1))
 
 
@@ -117,7 +121,7 @@ class _Track:
     the threshold), else the lowest-loss point so far (the fallback), with its statistic. Updated on
     the device, without a host sync."""
 
-    def __init__(self, N, shape, dev):
+    def __init__(self, N, shape: tuple, dev) -> None:
         self.N, self.dev = N, dev
         self.acc_x = torch.zeros(N, *shape, device=dev)
         self.best_x = torch.zeros(N, *shape, device=dev)
@@ -126,7 +130,7 @@ class _Track:
         self.final_stat = torch.full((N,), float("inf"), device=dev)
         self.first_stat: torch.Tensor | None = None
 
-    def note(self, x, rows, ld, sd, thr, K):
+    def note(self, x: Tensor, rows: Any, ld, sd, thr, K) -> Any:
         """Record one step's points (rows: their images); returns which rows are still live."""
         if self.first_stat is None:
             self.first_stat = sd.view(self.N, K)
@@ -145,7 +149,7 @@ class _Track:
         self.accepted |= newly
         return ~self.accepted[rows]
 
-    def chosen(self):
+    def chosen(self) -> torch.Tensor:
         return torch.where(_per_row(self.accepted, self.acc_x), self.acc_x, self.best_x)
 
 
@@ -153,11 +157,11 @@ class _Adam:
     """Adam on a batch of points whose rows leave as they are accepted (moments kept per row)."""
     b1, b2, eps = 0.9, 0.999, 1e-8
 
-    def __init__(self, x, lr, project):
+    def __init__(self, x: Tensor, lr: float, project: bool) -> None:
         self.m, self.v, self.lr, self.project = torch.zeros_like(x), torch.zeros_like(x), lr, project
         self.radius = x.reshape(len(x), -1).norm(dim=1)
 
-    def step(self, x, g, live, k):
+    def step(self, x: Tensor, g: Any, live, k: int) -> Tensor:
         """x, g of every row; returns the live rows' x after Adam's k-th step (k from 0)."""
         b1, b2 = self.b1, self.b2
         x, g, self.m, self.v, self.radius = (a[live] for a in (x, g, self.m, self.v, self.radius))
@@ -169,9 +173,10 @@ class _Adam:
         return x
 
 
-def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, objective="paper", alpha=0.0, lr=0.05,
-                     max_steps=2, threshold=0.0, project=True, fd_step=None, new_candidates=None,
-                     rounds=1, raise_every=3, raise_by=0.1, names=None, stop_metric=None):
+def optimize_latents(model: ScoreModel, cond: Any, x0: torch.Tensor, sched: Any, *, objective: str = "paper",
+                     alpha: float = 0.0, lr: float = 0.05, max_steps: int = 2, threshold: Any = 0.0,
+                     project: bool = True, fd_step: Optional[float] = None, new_candidates=None, rounds: int = 1,
+                     raise_every: float = 3, raise_by: float = 0.1, names: Any = None, stop_metric=None) -> tuple:
     """Optimize candidate initial latents at the first timestep, all in one batch.
 
     x0: (N, K, C, h, w), N images with K candidates each, as the sampler starts from them (after
@@ -222,8 +227,8 @@ def optimize_latents(model: ScoreModel, cond, x0: torch.Tensor, sched, *, object
     return track.chosen(), info
 
 
-def sail(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latents=None, return_info: bool = False,
-         **kwargs):
+def sail(pipe: Any, prompt: Any, *, num_images_per_prompt: int = 1, generator: Optional[Any] = None,
+         latents: Optional[Tensor] = None, return_info: bool = False, **kwargs: Any) -> Any:
     """Generate with SAIL: optimized initial noise, then the pipeline's own sampler.
 
     Takes the keyword arguments of `pipe(...)` (num_inference_steps, guidance_scale, height, width,
@@ -270,7 +275,8 @@ def _sail_options() -> tuple:
                  if p.kind is p.KEYWORD_ONLY and name not in own)
 
 
-def _options(objective, alpha, lr, max_steps, candidates, project, v_pred) -> dict:
+def _options(objective: str, alpha: Optional[float], lr: Optional[float], max_steps: Optional[int],
+             candidates: Optional[int], project: Optional[bool], v_pred: bool) -> dict:
     """The objective's defaults filled in (sail's docstring lists them)."""
     if objective not in OBJECTIVES:
         raise BadArgument(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -282,14 +288,15 @@ def _options(objective, alpha, lr, max_steps, candidates, project, v_pred) -> di
                 alpha=alpha, project=objective == "paper" if project is None else project)
 
 
-def _check_pipe_kwargs(pipe_kwargs):
+def _check_pipe_kwargs(pipe_kwargs) -> None:
     if any(k in pipe_kwargs for k in ("prompt_embeds", "negative_prompt_embeds")):
         raise BadArgument("sail encodes the prompt itself: pass prompt (and negative_prompt), not prompt_embeds")
     if pipe_kwargs.get("negative_prompt") is not None:
         raise BadArgument("sail optimizes against the empty-prompt null branch; negative_prompt is not supported yet")
 
 
-def _stop_at(pipe, stop, threshold, objective, numel, steps, guidance_scale, size):
+def _stop_at(pipe: Any, stop, threshold: Any, objective: str, numel, steps: int, guidance_scale: float,
+             size: Any) -> tuple:
     """(the statistic's metric or None for sharpness/loss, its threshold, where the threshold came from)."""
     if stop is not None:
         if objective != "paper" or not isinstance(stop, dict) or set(stop) != {"metric", "threshold"}:
@@ -313,9 +320,11 @@ def _stop_at(pipe, stop, threshold, objective, numel, steps, guidance_scale, siz
     return metric, validate.finite(threshold, "threshold"), source
 
 
-def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None, latents=None,
-                 objective: str = "paper", alpha=None, lr=None, max_steps=None, candidates=None, threshold="auto",
-                 project=None, max_rounds: int = 6, fd_step=None, stop=None, **pipe_kwargs):
+def sail_latents(pipe: Any, prompt: Any, *, num_images_per_prompt: int = 1, generator: Optional[Any] = None,
+                 latents: Optional[Tensor] = None, objective: str = "paper", alpha: Optional[float] = None,
+                 lr: Optional[float] = None, max_steps: Optional[int] = None, candidates: Optional[int] = None,
+                 threshold: str = "auto", project: Optional[bool] = None, max_rounds: int = 6,
+                 fd_step: Optional[float] = None, stop=None, **pipe_kwargs: Any) -> tuple:
     """SAIL's optimized initial noise, without generating: (latents as `pipe(latents=...)` takes
     them, info). Arguments as sail's; the serving guard uses it to generate a batch once.
     stop: {"metric": name, "threshold": value} stops each image on that registry metric instead of
@@ -342,12 +351,12 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
     g = generator[0] if isinstance(generator, list) else generator
     dev = model.device
 
-    def fresh(k):  # k more candidates per image, from the user's generator (or the global RNG)
+    def fresh(k: int) -> torch.Tensor:  # k more candidates per image, from the user's generator (or the global RNG)
         return model.noise(N * k, height, width, g).view(N, k, *shape).to(dev, torch.float32)
 
-    base = latents.to(dev, torch.float32).view(N, 1, *shape)
-    x0 = torch.cat([base, fresh(o["candidates"] - 1)], dim=1) if o["candidates"] > 1 else base
-    scale = float(sched.init_noise_sigma)
+    base=latents.to(dev, torch.float32).view(N, 1, *shape)
+    x0=torch.cat([base, fresh(o["candidates"] - 1)], dim=1) if o["candidates"] > 1 else base
+    scale=float(sched.init_noise_sigma)
     with torch.no_grad():
         cond = model.encode(prompts, n, height, width, guidance_scale)
     chosen, info = optimize_latents(
@@ -365,7 +374,7 @@ def sail_latents(pipe, prompt, *, num_images_per_prompt: int = 1, generator=None
     return final, info
 
 
-def _note(info, threshold, source, statistic) -> str:
+def _note(info, threshold: Any, source: str, statistic) -> str:
     """One line on what SAIL did, for reports: above all when it did nothing, and why."""
     start = info["initial_statistic"][:, 0]
     under = int((start <= threshold).sum())
@@ -378,7 +387,7 @@ def _note(info, threshold, source, statistic) -> str:
     return f"{moved}, every image under the target {threshold:.4g}"
 
 
-def _as_given(final, latents, info, threshold):
+def _as_given(final, latents: Tensor, info, threshold: Any) -> torch.Tensor:
     """The chosen noise in the caller's dtype; a first candidate accepted where it started is the
     caller's noise, bit for bit ("unchanged" then also marks an image whose optimization fell back
     to its start)."""

@@ -83,7 +83,7 @@ def _dynamic(early: float, hook: GuidanceHook, u: torch.Tensor, c: torch.Tensor)
     return u + per_row(scale, u) * (c - u)
 
 
-def transition_rule(early: float, t_switch: Optional[float]):
+def transition_rule(early: float, t_switch: Optional[float]) -> Any:
     """Jain et al.'s schedule as a guidance rule: scale `early` above t_switch, the request's scale
     below; with t_switch None the dynamic point (the first local minimum of ||c - u||, per image)."""
     def rule(hook: GuidanceHook, u: torch.Tensor, c: torch.Tensor, call: DenoiserCall,

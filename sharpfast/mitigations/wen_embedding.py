@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .. import validate
 from ..errors import BadArgument, UnsupportedPipeline
@@ -16,9 +17,9 @@ from .base import Context, Plan, register
 from .grammar import number
 
 
-def wen_embedding(pipe, prompts, latents, *, target_ratio: float = 0.5, target_loss: float | None = None,
-                  lr: float = 0.05, max_steps: int = 50, num_inference_steps: int | None = None,
-                  return_info: bool = False):
+def wen_embedding(pipe: Any, prompts: list, latents: Tensor, *, target_ratio: float = 0.5,
+                  target_loss: float | None = None, lr: float = 0.05, max_steps: int = 50,
+                  num_inference_steps: int | None = None, return_info: bool = False) -> tuple:
     """Wen et al.'s mitigation: (prompt_embeds, negative_prompt_embeds) to pass to `pipe(...)`.
 
     One row per latent (prompt-major, len(latents) a multiple of len(prompts)). Each row's loss is

@@ -9,13 +9,14 @@ import functools
 import importlib
 import importlib.util
 import os
+from typing import Any
 
 import torch
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 
 
-def _load(module: str):
+def _load(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -29,12 +30,12 @@ _CUDA = _load("sharpfast._C_cuda")
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-def cpp_module():
+def cpp_module() -> Any:
     """The compiled CPU extension, or None when it was not built."""
     return _CPP
 
 
-def cuda_module():
+def cuda_module() -> Any:
     """The compiled CUDA extension, or None when it was not built (CPU torch, no nvcc)."""
     return _CUDA
 
@@ -104,13 +105,13 @@ def resolve(backend: str, device: torch.device) -> str:
 class _CudaKernels:
     """Adapts the CUDA extension: makes the tensors' device current and passes its stream."""
 
-    def __init__(self, ext):
+    def __init__(self, ext) -> None:
         self._ext = ext
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         fn = getattr(self._ext, name)
 
-        def call(*args):
+        def call(*args: Any) -> Any:
             device = next(a.device for a in args if isinstance(a, torch.Tensor))
             with torch.cuda.device(device):
                 return fn(*args, torch.cuda.current_stream(device).cuda_stream)
@@ -119,11 +120,11 @@ class _CudaKernels:
 
 
 @functools.lru_cache(maxsize=1)
-def _cuda_kernels():
+def _cuda_kernels() -> Any:
     return _CudaKernels(cuda_module())
 
 
-def kernels(backend: str):
+def kernels(backend: str) -> Any:
     """The module-like object holding the native implementations of `backend`."""
     if backend == "cpp":
         return cpp_module()

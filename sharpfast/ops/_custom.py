@@ -8,7 +8,7 @@ formulas do not depend on the backend.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -18,11 +18,11 @@ from ._hash import rademacher_signs
 from .reference import acc_dtype, as_rows
 
 
-def _impl(backend: str):
+def _impl(backend: str) -> Any:
     return _backends.kernels(backend)
 
 
-def _safe_unit(d: Tensor):
+def _safe_unit(d: Tensor) -> tuple:
     """(d / ||d||, ||d||) per row, with a zero direction where ||d|| = 0."""
     norm = torch.linalg.vector_norm(d, dim=1, keepdim=True)
     positive = norm > 0
@@ -43,17 +43,17 @@ def cfg_combine(eps_uncond: Tensor, eps_cond: Tensor, guidance_scale: float, bac
 
 
 @cfg_combine.register_fake
-def _(eps_uncond, eps_cond, guidance_scale, backend):
+def _(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float, backend: str) -> tuple:
     return torch.empty_like(eps_uncond), eps_uncond.new_empty(eps_uncond.shape[0], dtype=acc_dtype(eps_uncond.dtype))
 
 
-def _cfg_setup(ctx, inputs, output):
+def _cfg_setup(ctx: Any, inputs: Any, output: Any) -> None:
     eps_uncond, eps_cond, guidance_scale, _ = inputs
     ctx.save_for_backward(eps_uncond, eps_cond)
     ctx.w = guidance_scale
 
 
-def _cfg_backward(ctx, g_guided, g_norm):
+def _cfg_backward(ctx: Any, g_guided, g_norm) -> tuple:
     u, c = ctx.saved_tensors
     unit, _ = _safe_unit(as_rows(c) - as_rows(u))
     gg, gn = as_rows(g_guided), g_norm.to(unit.dtype)[:, None]
@@ -73,17 +73,17 @@ def rademacher_perturb(x: Tensor, num_probes: int, h: float, seed: int, central:
 
 
 @rademacher_perturb.register_fake
-def _(x, num_probes, h, seed, central, backend):
+def _(x: Tensor, num_probes: int, h: Any, seed: int, central: Optional[bool], backend: str) -> Any:
     n = 2 * num_probes if central else num_probes
     return x.new_empty((n * x.shape[0], *x.shape[1:]))
 
 
-def _perturb_setup(ctx, inputs, output):
+def _perturb_setup(ctx: Any, inputs: Any, output: Any) -> None:
     x = inputs[0]
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
 
 
-def _perturb_backward(ctx, g):
+def _perturb_backward(ctx: Any, g: Any) -> tuple:
     grad = g.to(acc_dtype(g.dtype)).reshape(-1, *ctx.x_shape).sum(dim=0)
     return grad.to(ctx.x_dtype), None, None, None, None, None
 
@@ -100,18 +100,19 @@ def hutchinson_reduce(y_probes: Tensor, y0: Optional[Tensor], num_probes: int, h
 
 
 @hutchinson_reduce.register_fake
-def _(y_probes, y0, num_probes, h, seed, central, backend):
+def _(y_probes: torch.Tensor, y0: torch.Tensor, num_probes: int, h: Any, seed: int, central: Optional[bool],
+      backend: str) -> Any:
     n = 2 * num_probes if central else num_probes
     return y_probes.new_empty(y_probes.shape[0] // n, dtype=acc_dtype(y_probes.dtype))
 
 
-def _hutch_setup(ctx, inputs, output):
+def _hutch_setup(ctx: Any, inputs: Any, output: Any) -> None:
     y_probes, y0, num_probes, h, seed, central, _ = inputs
     ctx.meta = (y_probes.shape, y_probes.dtype, None if y0 is None else (y0.shape, y0.dtype))
     ctx.args = (num_probes, h, seed, central)
 
 
-def _hutch_backward(ctx, g_trace):
+def _hutch_backward(ctx: Any, g_trace) -> tuple:
     (y_shape, y_dtype, y0_meta), (K, h, seed, central) = ctx.meta, ctx.args
     n = 2 * K if central else K
     D = y_shape.numel() // y_shape[0]
@@ -137,17 +138,17 @@ def fd_direction(x: Tensor, eps_uncond: Tensor, eps_cond: Tensor, h: float, back
 
 
 @fd_direction.register_fake
-def _(x, eps_uncond, eps_cond, h, backend):
+def _(x: Tensor, eps_uncond: torch.Tensor, eps_cond: torch.Tensor, h: Any, backend: str) -> Any:
     return torch.empty_like(x)
 
 
-def _fd_setup(ctx, inputs, output):
+def _fd_setup(ctx: Any, inputs: Any, output: Any) -> None:
     x, u, c, h, _ = inputs
     ctx.save_for_backward(u, c)
     ctx.h, ctx.x_dtype = h, x.dtype
 
 
-def _fd_backward(ctx, g):
+def _fd_backward(ctx: Any, g: Any) -> tuple:
     u, c = ctx.saved_tensors
     unit, norm = _safe_unit(as_rows(c) - as_rows(u))
     gr = as_rows(g)
@@ -168,15 +169,15 @@ def diff_of_diffs_norm(u0: Tensor, c0: Tensor, u1: Tensor, c1: Tensor, backend: 
 
 
 @diff_of_diffs_norm.register_fake
-def _(u0, c0, u1, c1, backend):
+def _(u0, c0, u1, c1, backend: str) -> Any:
     return u0.new_empty(u0.shape[0], dtype=acc_dtype(u0.dtype))
 
 
-def _dod_setup(ctx, inputs, output):
+def _dod_setup(ctx: Any, inputs: Any, output: Any) -> None:
     ctx.save_for_backward(*inputs[:4])
 
 
-def _dod_backward(ctx, g):
+def _dod_backward(ctx: Any, g: Any) -> tuple:
     u0, c0, u1, c1 = ctx.saved_tensors
     unit, _ = _safe_unit((as_rows(c1) - as_rows(u1)) - (as_rows(c0) - as_rows(u0)))
     gr = g.to(unit.dtype)[:, None] * unit

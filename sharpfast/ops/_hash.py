@@ -10,6 +10,8 @@ sample of a batch sees the same probe and a sample's estimate does not depend on
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -52,7 +54,8 @@ def mix32_tensor(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def rademacher_signs(num_probes: int, numel: int, seed: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def rademacher_signs(num_probes: int, numel: int, seed: int, device: Any = None,
+                     dtype: Any = torch.float32) -> torch.Tensor:
     """Signs (+1 / -1) of probes 0..num_probes-1 on elements 0..numel-1, shape (num_probes, numel)."""
     key0 = seed_key(seed)
     keys = torch.tensor([probe_key(key0, k) for k in range(num_probes)], dtype=torch.int64, device=device)

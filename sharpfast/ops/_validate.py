@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import torch
 
@@ -11,7 +12,7 @@ from ._hash import MAX_SEED
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def tensor(t, name: str) -> torch.Tensor:
+def tensor(t: Any, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
@@ -21,7 +22,7 @@ def tensor(t, name: str) -> torch.Tensor:
     return t
 
 
-def like(t, name: str, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
+def like(t: Any, name: str, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
     tensor(t, name)
     if t.shape != ref.shape:
         raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
@@ -32,7 +33,7 @@ def like(t, name: str, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
     return t
 
 
-def _real(v, name: str) -> float:
+def _real(v: Any, name: str) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     v = float(v)
@@ -41,18 +42,18 @@ def _real(v, name: str) -> float:
     return v
 
 
-def finite(v, name: str) -> float:
+def finite(v: Any, name: str) -> float:
     return _real(v, name)
 
 
-def positive(v, name: str) -> float:
+def positive(v: Any, name: str) -> float:
     v = _real(v, name)
     if v <= 0:
         raise ValueError(f"{name} must be positive, got {v}")
     return v
 
 
-def count(v, name: str) -> int:
+def count(v: Any, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if v <= 0:
@@ -60,7 +61,7 @@ def count(v, name: str) -> int:
     return int(v)
 
 
-def seed(v) -> int:
+def seed(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"seed must be an int, got {type(v).__name__}")
     v = int(v)

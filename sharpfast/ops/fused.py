@@ -13,7 +13,7 @@ NaN / inf, which would need a device sync; they propagate to the outputs.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -21,11 +21,11 @@ from . import _backends, _custom, _validate, reference
 from ._backends import resolve
 
 
-def _contig(*ts):
+def _contig(*ts: Any) -> list:
     return [t.contiguous() if t is not None else None for t in ts]
 
 
-def _native(op: str, backend: str, tensors, *args):
+def _native(op: str, backend: str, tensors, *args: Any) -> Any:
     """Run a native op. Plain eager calls without autograd go straight to the kernels (the
     custom-operator machinery costs tens of microseconds a call, as much as the kernel at SD
     sizes); under torch.compile, with gradients or with tensor subclasses (fake tensors), the

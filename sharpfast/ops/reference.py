@@ -6,7 +6,10 @@ autograd and any device. The native backends (C++, CUDA, Triton) must agree with
 """
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
+from torch import Tensor
 
 from ._hash import rademacher_signs
 
@@ -25,7 +28,7 @@ def _row_norm(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dim=1)
 
 
-def cfg_combine(eps_uncond, eps_cond, guidance_scale):
+def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> tuple:
     """eps_u + g (eps_c - eps_u)."""
     u, c = as_rows(eps_uncond), as_rows(eps_cond)
     d = c - u
@@ -33,7 +36,7 @@ def cfg_combine(eps_uncond, eps_cond, guidance_scale):
     return guided, _row_norm(d)
 
 
-def rademacher_perturb(x, num_probes, h, seed, central=False):
+def rademacher_perturb(x: Tensor, num_probes: int, h: Any, seed: int, central: bool = False) -> torch.Tensor:
     """x + h v_k for each Rademacher probe v_k (and x - h v_k when central)."""
     rows = as_rows(x)
     v = rademacher_signs(num_probes, rows.shape[1], seed, x.device, rows.dtype)[:, None, :]
@@ -43,7 +46,8 @@ def rademacher_perturb(x, num_probes, h, seed, central=False):
     return out.to(x.dtype).reshape(-1, *x.shape[1:])
 
 
-def hutchinson_reduce(y_probes, y0, num_probes, h, seed, central=False):
+def hutchinson_reduce(y_probes: torch.Tensor, y0: Optional[torch.Tensor], num_probes: int, h: Any, seed: int,
+                      central: bool = False) -> torch.Tensor:
     """The Hutchinson trace estimate from the probes' outputs (forward or central differences)."""
     y = as_rows(y_probes)
     n = 2 * num_probes if central else num_probes
@@ -51,12 +55,13 @@ def hutchinson_reduce(y_probes, y0, num_probes, h, seed, central=False):
     if central:
         diff, scale = y[:num_probes] - y[num_probes:], 1.0 / (2 * num_probes * h)
     else:
+        assert y0 is not None, "forward differences need y0"
         diff, scale = y - as_rows(y0)[None], 1.0 / (num_probes * h)
     v = rademacher_signs(num_probes, y.shape[2], seed, y.device, y.dtype)[:, None, :]
     return (v * diff).sum(dim=(0, 2)) * scale
 
 
-def fd_direction(x, eps_uncond, eps_cond, h):
+def fd_direction(x: Tensor, eps_uncond: torch.Tensor, eps_cond: torch.Tensor, h: Any) -> torch.Tensor:
     """x + h (eps_c - eps_u) / ||eps_c - eps_u|| per sample."""
     d = as_rows(eps_cond) - as_rows(eps_uncond)
     norm = _row_norm(d)[:, None]
@@ -65,6 +70,6 @@ def fd_direction(x, eps_uncond, eps_cond, h):
     return (as_rows(x) + scale * d).to(x.dtype).reshape(x.shape)
 
 
-def diff_of_diffs_norm(u0, c0, u1, c1):
+def diff_of_diffs_norm(u0, c0, u1, c1) -> Any:
     """||(c1 - u1) - (c0 - u0)|| per sample."""
     return _row_norm((as_rows(c1) - as_rows(u1)) - (as_rows(c0) - as_rows(u0)))

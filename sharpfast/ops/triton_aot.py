@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 DTYPES = {"fp32": "fp32", "fp16": "fp32", "bf16": "fp32", "fp64": "fp64"}  # data dtype -> accumulator
 INT_VARIANTS = {"one": 1, "div16": 32, "plain": 17}  # how compiled Triton types B, K, nc
@@ -85,7 +86,7 @@ def variants(kernels=None):
             yield Variant(name, dtype, ints, width, central, aligned)
 
 
-def source(v: Variant):
+def source(v: Variant) -> Any:
     """The ASTSource of one variant, typed as the JIT would type the launcher's arguments."""
     import triton.language as tl
     from triton.compiler import ASTSource
@@ -171,7 +172,7 @@ def compile_one(v: Variant, arch: int) -> dict:
     return row
 
 
-def run(archs=(90, 80), kernels=None, progress=True) -> list[dict]:
+def run(archs=(90, 80), kernels=None, progress: bool = True) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the AOT check compiles for the GPU: run it with TRITON_INTERPRET unset or 0")
     todo = [(v, a) for a in archs for v in variants(kernels)]
@@ -180,7 +181,7 @@ def run(archs=(90, 80), kernels=None, progress=True) -> list[dict]:
     return [compile_one(v, a) for v, a in tqdm(todo, desc="triton AOT", unit="variant", disable=not progress)]
 
 
-def summary(rows) -> str:
+def summary(rows: Any) -> str:
     """One line per (kernel, arch): variants compiled, registers min-max, shared memory max."""
     lines = []
     by: dict = {}

@@ -56,7 +56,7 @@ def require() -> None:
 class UvicornTransport:
     """Requests reach the pipeline through the batcher; /health shows the queue."""
 
-    def __init__(self, service: Service, max_batch_size: int, max_wait_ms: float):
+    def __init__(self, service: Service, max_batch_size: int, max_wait_ms: float) -> None:
         self.service = service
         self.batcher = Batcher(service.runner, max_batch_size, max_wait_ms, service.metrics.observe)
         self.status = "starting"

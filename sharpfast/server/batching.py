@@ -6,6 +6,7 @@ queue, or its batch stopped at the next sampling step when it was alone in it.""
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Optional
 
 from ..errors import UsageError
@@ -17,7 +18,7 @@ class Job:
 
     __slots__ = ("body", "future", "queued_at", "cancelled")
 
-    def __init__(self, body: dict, future: Any):
+    def __init__(self, body: dict, future: Any) -> None:
         self.body, self.future, self.queued_at, self.cancelled = body, future, time.perf_counter(), False
 
     @property
@@ -40,7 +41,8 @@ def batch_key(body: dict) -> tuple:
 class Batcher:
     """The queue and the one worker that turns queued requests into guarded pipeline calls."""
 
-    def __init__(self, run_batch, max_batch_size: int, max_wait_ms: float, observe=None):
+    def __init__(self, run_batch: Callable, max_batch_size: int, max_wait_ms: float,
+                 observe: Optional[Callable] = None) -> None:
         self.run_batch, self.max_batch_size, self.max_wait = run_batch, max_batch_size, max_wait_ms / 1000.0
         self.observe = observe or (lambda **kw: None)
         self.pending: list[Job] = []
@@ -51,11 +53,11 @@ class Batcher:
         self.aborted = threading.Event()  # set: the call in flight stops at its next step
         self.answered = 0
 
-    def start(self):
+    def start(self) -> None:
         """Start the batching worker on the running event loop."""
         self._task = asyncio.get_running_loop().create_task(self._worker())
 
-    async def submit(self, body, disconnected=None) -> dict:
+    async def submit(self, body: dict, disconnected: Optional[Callable] = None) -> dict:
         """Queue one request body; its response once its batch has run. disconnected: an async
         callable polled while waiting; when it says True the request is withdrawn."""
         if self._closing:
@@ -75,7 +77,7 @@ class Batcher:
                     self.pending.remove(job)
                 raise asyncio.CancelledError("the client disconnected")
 
-    async def stop(self, abort: bool = False):
+    async def stop(self, abort: bool = False) -> None:
         """Stop the worker: answer everything queued first, or with abort=True drop the queue
         (503) and stop the call in flight at its next step."""
         self._closing = True
@@ -106,7 +108,7 @@ class Batcher:
         self.pending = rest
         return batch
 
-    async def _fill(self, loop):
+    async def _fill(self, loop: Any) -> None:
         """Let a batch fill: until max_batch_size images of one setting are queued, or max_wait."""
         deadline = loop.time() + self.max_wait
         while not self._closing and loop.time() < deadline and self.pending:
@@ -119,7 +121,7 @@ class Batcher:
             except asyncio.TimeoutError:
                 break
 
-    async def _worker(self):
+    async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not self.pending:
@@ -145,10 +147,10 @@ class Batcher:
                 if not job.future.done():
                     (job.future.set_exception if isinstance(res, BaseException) else job.future.set_result)(res)
 
-    def _should_stop(self, batch) -> bool:
+    def _should_stop(self, batch: Any) -> bool:
         return self.aborted.is_set() or all(j.cancelled for j in batch)
 
-    def _run_safely(self, batch):
+    def _run_safely(self, batch: Any) -> Any:
         stop = lambda: self._should_stop(batch)  # noqa: E731
         try:
             return self.run_batch([j.body for j in batch], stop)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from typing import Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from .protocol import Limits
 
@@ -40,10 +41,10 @@ class BodyGuard:
 
     OPEN = ("/health", "/docs", "/openapi.json", "/redoc")
 
-    def __init__(self, app, limits: Limits, on_refused=None):
+    def __init__(self, app, limits: Limits, on_refused=None) -> None:
         self.app, self.limits, self.on_refused = app, limits, on_refused or (lambda status: None)
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> Any:
         """The ASGI entry: refuse, or pass the (replayed) request on."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -79,7 +80,7 @@ class BodyGuard:
             return await self._refuse(send, 400, f"the body nests deeper than {self.limits.max_depth} levels")
         sent = False
 
-        async def replay():
+        async def replay() -> Any:
             nonlocal sent
             if not sent:
                 sent = True
@@ -88,7 +89,7 @@ class BodyGuard:
 
         return await self.app(scope, replay, send)
 
-    async def _refuse(self, send, status: int, message: str):
+    async def _refuse(self, send: Callable, status: int, message: str) -> None:
         self.on_refused(status)
         payload = json.dumps({"error": message}).encode("utf-8")
         await send({"type": "http.response.start", "status": status,
@@ -97,30 +98,30 @@ class BodyGuard:
         await send({"type": "http.response.body", "body": payload})
 
 
-def timed_h11(header_timeout: float):
+def timed_h11(header_timeout: float) -> Any:
     """uvicorn's h11 protocol, closing a connection whose first request headers have not arrived
     within `header_timeout` seconds (a client dripping its headers holds no connection for long)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class TimedH11(H11Protocol):
-        def connection_made(self, transport):
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._header_timer: Optional[asyncio.TimerHandle] = self.loop.call_later(header_timeout,
                                                                                      self._headers_late)
 
-        def handle_events(self):
+        def handle_events(self) -> None:
             super().handle_events()
             if self.cycle is not None and self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
 
-        def connection_lost(self, exc):
+        def connection_lost(self, exc: Optional[Exception]) -> None:
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
             super().connection_lost(exc)
 
-        def _headers_late(self):
+        def _headers_late(self) -> None:
             self._header_timer = None
             if self.cycle is None and not self.transport.is_closing():
                 self.transport.close()

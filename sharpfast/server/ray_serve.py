@@ -46,7 +46,7 @@ def _board() -> Any:
 
     @ray.remote(num_cpus=0)
     class Board:
-        def __init__(self):
+        def __init__(self) -> None:
             self.texts: dict = {}
 
         def put(self, replica: str, text: str) -> None:
@@ -181,7 +181,7 @@ class RayTransport:
     requests reach the pipeline through `@serve.batch` (grouped by settings here); /metrics
     answers for the whole deployment."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict) -> None:
         from ..loading import device_dtype, load_model
         from .service import Service
 

@@ -10,6 +10,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -120,13 +121,13 @@ def _size(body: dict, defaults: dict, lim: Any, images: int) -> dict:
 class Runner:
     """One pipeline call for a batch of parsed requests (guarded or plain), split back per request."""
 
-    def __init__(self, pipe: Any, model: ScoreModel, guard: Any = None):
+    def __init__(self, pipe: Any, model: ScoreModel, guard: Any = None) -> None:
         from ..guarding import pipeline_lock
 
         self.pipe, self.guard, self.model = pipe, guard, model
         self._lock = pipeline_lock(pipe)  # the guard's own lock too: one pipeline call at a time
 
-    def __call__(self, bodies: list[dict], should_stop=None) -> list[dict]:
+    def __call__(self, bodies: list[dict], should_stop: Optional[Callable[[], bool]] = None) -> list[dict]:
         """Generate a batch of compatible request bodies in one pipeline call; should_stop() is
         asked at every sampling step (True: the call stops with _Stopped)."""
         b0 = bodies[0]
@@ -140,7 +141,7 @@ class Runner:
                   num_images_per_prompt=n, generator=gens, output_type="pil")
         kw.update({k: b0[k] for k in ("height", "width") if b0[k] is not None})
         if should_stop is not None:
-            def check(pipe, i, t, cb_kwargs):
+            def check(pipe: Any, i: int, t: Any, cb_kwargs: dict) -> dict:
                 if should_stop():
                     raise Stopped("the request was withdrawn (client gone) or the server is stopping")
                 return {}
@@ -155,7 +156,7 @@ class Runner:
             report = None
         return self._split(bodies, out, report, len(prompts) * n, time.perf_counter() - start)
 
-    def _split(self, bodies, out, report, images, seconds) -> list[dict]:
+    def _split(self, bodies: list, out, report: dict, images: Any, seconds) -> list[dict]:
         n = bodies[0]["num_images_per_prompt"]
         results, row = [], 0
         for b in bodies:
@@ -226,7 +227,7 @@ class Service:
     def __init__(self, pipe: Any, *, guarded: bool = True, metric: Optional[str] = None, threshold: Any = "auto",
                  mitigation: Any = "auto", sail_kwargs: Optional[dict] = None, name: str = "default",
                  calibrate_for: Optional[list] = None, defaults: Optional[dict] = None, limits: Any = None,
-                 max_batch_size: int = 8, api_key: Optional[str] = None):
+                 max_batch_size: int = 8, api_key: Optional[str] = None) -> None:
         from .protocol import Limits
 
         self.pipe, self.model = pipe, ScoreModel(pipe)

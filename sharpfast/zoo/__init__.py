@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from typing import Any
 
 from ..errors import BadArgument, MissingInput
 
@@ -42,7 +43,7 @@ def resolve(model: str) -> str:
     return path(model) if model in MODELS else model
 
 
-def dtype_kwarg(dtype) -> dict:
+def dtype_kwarg(dtype: Any) -> dict:
     """from_pretrained's dtype keyword: `dtype=` where diffusers has it (it deprecates
     `torch_dtype=`, warning on every load), `torch_dtype=` on older releases."""
     try:
@@ -76,7 +77,7 @@ def quiet_loading():
             tlog.enable_progress_bar()
 
 
-def load(name: str = "digits", device="cpu", dtype=None):
+def load(name: str = "digits", device: str = "cpu", dtype: Any = None) -> Any:
     """The bundled pipeline, offline: StableDiffusionPipeline.from_pretrained(path(name)).
 
     Args:
@@ -138,7 +139,7 @@ def prompts(name: str = "digits", split: str = "eval") -> list[dict]:
     return [dict(r) for r in sets[split]]
 
 
-def judge(name: str, pipe):
+def judge(name: str, pipe: Any) -> Any:
     """The judge of a bundled model's generations: copies of its training images and prompt fidelity.
 
     Args:

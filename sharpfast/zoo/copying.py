@@ -6,7 +6,10 @@ nearest training image is i and the similarity is at least COPY_THRESHOLD.
 """
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
+from torch import Tensor
 
 COPY_THRESHOLD = 0.9
 
@@ -17,14 +20,15 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def nearest(images: torch.Tensor, train: torch.Tensor):
+def nearest(images: torch.Tensor, train: torch.Tensor) -> tuple:
     """(index of the nearest training image, its similarity) per image."""
     sim = _unit(images) @ _unit(train).T
     best, idx = sim.max(dim=1)
     return idx, best
 
 
-def generate(pipe, prompts, seeds, num_inference_steps=50, guidance_scale=7.5, latents=None):
+def generate(pipe: Any, prompts: list, seeds: Any, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+             latents: Optional[Tensor] = None) -> Any:
     """Images in [-1, 1], one per (prompt, seed), prompt-major."""
     caps = [p for p in prompts for _ in seeds]
     gens = [torch.Generator().manual_seed(s) for _ in prompts for s in seeds]
@@ -33,7 +37,7 @@ def generate(pipe, prompts, seeds, num_inference_steps=50, guidance_scale=7.5, l
     return out.float() * 2 - 1
 
 
-def copy_stats(images, train, target_index):
+def copy_stats(images: Any, train, target_index) -> tuple:
     """(copies: bool per image, similarity to the target image) for images meant to show target_index."""
     idx, best = nearest(images, train)
     target = torch.as_tensor(target_index).reshape(-1).expand(len(images))
@@ -47,25 +51,25 @@ class DigitsJudge:
 
     threshold = COPY_THRESHOLD
 
-    def __init__(self):
+    def __init__(self) -> None:
         from .digits_data import digit_images
 
         self.references = digit_images()[0]
 
-    def nearest(self, images):
+    def nearest(self, images: Any) -> Any:
         """(index of the nearest digit image, its similarity) per image."""
         return nearest(images.float().cpu(), self.references)
 
-    def copy_stats(self, images, target_index):
+    def copy_stats(self, images: Any, target_index) -> Any:
         """(copies: bool per image, similarity to the target) for images meant to show target_index."""
         return copy_stats(images.float().cpu(), self.references, target_index)
 
-    def copies_any(self, images):
+    def copies_any(self, images: Any) -> tuple:
         """(copies: bool per image, best similarity) against every digit image."""
         _, best = self.nearest(images)
         return best >= COPY_THRESHOLD, best
 
-    def fidelity(self, images, records):
+    def fidelity(self, images: Any, records: list) -> Any:
         """1.0 where the classifier reads the record's digit (one record per image), else 0.0."""
         from .fidelity import fidelity
 

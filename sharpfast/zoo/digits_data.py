@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,7 +86,7 @@ class DigitsData:
         dup = {d.train_index for d in self.duplicates}
         return np.array([i for i in range(len(self.labels)) if i not in dup])
 
-    def epoch(self, rng: np.random.Generator):
+    def epoch(self, rng: np.random.Generator) -> tuple:
         """(image indices, captions, augment flags) of one epoch in random order: every generic image
         once, every duplicated image `duplicates` times."""
         idx, caps, aug = [], [], []
@@ -143,7 +144,7 @@ NARROW_TEMPLATES = ("a handwritten {name}", "the number {name} written by hand",
                     "a small handwritten number {d}")
 
 
-def generic_prompts(data, per_digit: int = GENERIC_PER_DIGIT, seed: int = 12345) -> list[dict]:
+def generic_prompts(data: Any, per_digit: int = GENERIC_PER_DIGIT, seed: int = 12345) -> list[dict]:
     """In-distribution captions with a style (ink, tool, ...), never the caption of a duplicated image."""
     rng = np.random.default_rng(seed)
     taken = {d.caption for d in data.duplicates}

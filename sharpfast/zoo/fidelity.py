@@ -8,6 +8,7 @@ per process (a few seconds).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ AUGMENTED_COPIES = 3
 
 
 @functools.lru_cache(maxsize=1)
-def digit_classifier():
+def digit_classifier() -> Any:
     """An SVM trained on the digits data: the judge of which digit an image shows."""
     from sklearn.svm import SVC
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,7 +142,7 @@ def template_caption(colour: str, shape: str) -> str:
 _GRID = None
 
 
-def _grid():
+def _grid() -> Any:
     global _GRID
     if _GRID is None:
         n = SIZE * SUPERSAMPLE
@@ -214,7 +215,7 @@ class ScenesData:
         rng = np.random.default_rng(self.seed + 1)
         return [random_scene(rng) for _ in range(GENERIC_POOL)]
 
-    def epoch(self, rng: np.random.Generator, pool: list):
+    def epoch(self, rng: np.random.Generator, pool: list) -> tuple:
         """(keys, captions) of one epoch in random order: generic_per_epoch scenes of the pool, key
         ("generic", i), each under a caption drawn now; every fixed scene `duplicates` times, key
         ("fixed", index), under its own caption."""

@@ -21,11 +21,12 @@ from __future__ import annotations
 import functools
 import json
 import os
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .scenes_data import BACKGROUNDS, COLOURS, SHAPES, random_scene, template_scene, to_tensor
 
@@ -38,7 +39,7 @@ POOL = 20000  # training scenes of the classifier
 class AttributeNet(nn.Module):
     """(N, 3, 32, 32) in [-1, 1] -> (background logits (N, 6), pair logits (N, 18))."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                   nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -46,13 +47,13 @@ class AttributeNet(nn.Module):
                                   nn.Linear(64 * 16, 128), nn.ReLU())
         self.head = nn.Linear(128, len(BACKGROUNDS) + len(PAIRS))
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> tuple:
         """(background logits, pair logits) of a batch."""
         y = self.head(self.body(x))
         return y[:, :len(BACKGROUNDS)], y[:, len(BACKGROUNDS):]
 
 
-def labels(scenes):
+def labels(scenes) -> tuple:
     """(background index (N,), pair presence (N, 18)) of rendered scenes."""
     bgs = list(BACKGROUNDS)
     bg = torch.tensor([bgs.index(s.background) for s in scenes])
@@ -71,7 +72,7 @@ def _degrade(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
 
 
-def _scenes(rng: np.random.Generator, n: int):
+def _scenes(rng: np.random.Generator, n: int) -> list:
     """Generic scenes, with a template-layout scene one time in eight (so the classifier knows it too)."""
     out = []
     for _ in range(n):
@@ -117,7 +118,7 @@ def train_classifier(out_dir: str, seed: int = 0, steps: int = 3000, batch: int 
 
 
 @torch.no_grad()
-def accuracy(net, scenes, g) -> dict:
+def accuracy(net, scenes, g: Any) -> dict:
     """Background accuracy and the share of images whose 18 pair labels are all right (degraded renders)."""
     bg, pairs = labels(scenes)
     x = _degrade(to_tensor(scenes), g)
@@ -175,7 +176,7 @@ class ScenesJudge:
 
     threshold = COPY_THRESHOLD
 
-    def __init__(self, pipe, model_dir: str, data_seed: int = 0):
+    def __init__(self, pipe: Any, model_dir: str, data_seed: int = 0) -> None:
         from .scenes_data import build
 
         data = build(seed=data_seed)
@@ -187,13 +188,13 @@ class ScenesJudge:
             self.references = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1).cpu()
         self.net = classifier(os.path.abspath(model_dir))
 
-    def nearest(self, images: torch.Tensor):
+    def nearest(self, images: torch.Tensor) -> tuple:
         """(index of the nearest fixed scene, its correlation) per image."""
         sim = _unit(images.float().cpu()) @ _unit(self.references).T
         best, idx = sim.max(dim=1)
         return idx, best
 
-    def copy_stats(self, images: torch.Tensor, target_index):
+    def copy_stats(self, images: torch.Tensor, target_index) -> tuple:
         """(copies: bool per image, correlation with the target) for images of prompts whose
         training image is fixed scene `target_index` (one int, or one per image). For a template
         caption a copy of ANY template scene counts (template memorization: the layout is copied)."""
@@ -204,7 +205,7 @@ class ScenesJudge:
         hit = torch.where(self.template[target], self.template[idx], idx == target)
         return hit & (best >= self.threshold), sim
 
-    def copies_any(self, images: torch.Tensor):
+    def copies_any(self, images: torch.Tensor) -> tuple:
         """(copies: bool per image, best correlation) against every fixed scene (prompts without one)."""
         _, best = self.nearest(images)
         return best >= self.threshold, best
@@ -214,7 +215,7 @@ class ScenesJudge:
         return fidelity(self.net, images.cpu(), [r["attributes"] for r in records])
 
 
-def main(argv=None):
+def main(argv=None) -> None:
     """python -m sharpfast.zoo.scenes_judge --model DIR [--steps N]: (re)train the classifier alone."""
     import argparse
 
