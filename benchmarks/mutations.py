@@ -1,6 +1,6 @@
-"""Plant each bug the one-engine issue listed (and one per detector of issue 15), run the tests
-meant to guard against it, and report
-which test catches it (the suite must fail for every one). Restores every file afterwards.
+"""Plant each bug the design issues listed (and one per detector of issue 15), run the tests
+meant to guard against it, and report which test catches it (the suite must fail for every
+one). Restores every file afterwards.
 
     python benchmarks/mutations.py            # about 12 minutes on 2 cores
     python benchmarks/mutations.py server cli # only the mutations whose names contain these
@@ -15,6 +15,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MUTATIONS = [
+    # the third design step (issue 31): the hook registry, the setting grammar, the adapter's step
+    # limit, the serving core's one mapping
+    ("hooks: a later hook's output dropped", "sharpfast/mitigations/hooks.py", "                output = new\n",
+     "                pass\n", ["tests/test_mitigations.py::test_static_transition_is_jain_et_al"]),
+    ("grammar: keys in any order", "sharpfast/mitigations/grammar.py", "or order.index(key) <= last or",
+     "or order.index(key) < -1 or", ["tests/test_mitigations.py::test_one_setting_grammar_for_every_method"]),
+    ("adapter: the step limit one past what the scheduler lays out", "sharpfast/adapters/base.py",
+     "            lo, hi = (mid, hi) if self.steps_fit(mid) else (lo, mid)\n        return lo\n",
+     "            lo, hi = (mid, hi) if self.steps_fit(mid) else (lo, mid)\n        return hi\n",
+     ["tests/test_server_limits.py::test_the_step_limit_is_what_the_scheduler_can_take"]),
+    ("ray transport: its own error mapping", "sharpfast/server/ray_serve.py",
+     "        if isinstance(result, BaseException):\n            raise result",
+     "        if isinstance(result, BaseException):\n            raise RuntimeError(str(result))",
+     ["tests/test_transports.py"]),
+    ("service: a 500 echoes the model's exception", "sharpfast/server/service.py",
+     'message = f"internal error (incident {incident}; the server\'s log has the details)"',
+     'message = f"{type(err).__name__}: {err} (incident {incident})"', ["tests/test_transports.py"]),
     # the scenes model's judge (issue 22)
     ("scenes judge: a template caption's copy must be its own scene", "sharpfast/zoo/scenes_judge.py",
      "hit = torch.where(self.template[target], self.template[idx], idx == target)", "hit = idx == target",
@@ -30,18 +47,18 @@ MUTATIONS = [
      "                pending.append(rec)\n    return recs + pending, chunks, good\n", ["tests/test_engine.py"]),
     ("hutchinson: a sibling operator keeps its parent's branch", "sharpfast/curvature.py",
      "op.branch, op._s0 = b, None", "op.branch, op._s0 = self.branch, None", ["tests/test_reference.py"]),
-    ("guard: flux timestep read back unscaled", "sharpfast/adapters/", "t = kwargs[\"timestep\"] * 1000",
+    ("guard: flux timestep read back unscaled", "sharpfast/adapters/flow.py", "t = kwargs[\"timestep\"] * 1000",
      "t = kwargs[\"timestep\"]", ["tests/test_flow.py"]),
     (
         "v-prediction conversion sign",
-        "sharpfast/adapters/",
-        "return a * pred + s * x",
-        "return a * pred - s * x",
+        "sharpfast/adapters/parameterizations.py",
+        "return a * pred.float() + s * x.float()",
+        "return a * pred.float() - s * x.float()",
         ["tests/test_reference.py"],
     ),
     (
         "score sign",
-        "sharpfast/adapters/",
+        "sharpfast/adapters/parameterizations.py",
         "return -eps / sigma_of(alpha_bar)",
         "return eps / sigma_of(alpha_bar)",
         ["tests/test_reference.py"],
@@ -69,7 +86,7 @@ MUTATIONS = [
     ),
     (
         "per-prompt noise seed + i -> seed",
-        "sharpfast/adapters/",
+        "sharpfast/adapters/base.py",
         "manual_seed(seed + int(i))",
         "manual_seed(seed)",
         [
@@ -79,7 +96,7 @@ MUTATIONS = [
     ),
     (
         "Euler alpha_bar 1/(1+sigma)",
-        "sharpfast/adapters/",
+        "sharpfast/adapters/base.py",
         "return 1.0 / (1.0 + sigma * sigma)",
         "return 1.0 / (1.0 + sigma)",
         ["tests/test_reference.py::test_euler_and_ddim_agree_on_alpha_bar_at_equal_t"],
@@ -130,49 +147,49 @@ MUTATIONS = [
     ),
     (
         "transition: the early scale above the switch applied below it",
-        "sharpfast/mitigations/",
-        "if t <= t_switch:",
-        "if t > t_switch:",
+        "sharpfast/mitigations/transition.py",
+        "if float(call.timestep) <= t_switch:",
+        "if float(call.timestep) > t_switch:",
         ["tests/test_mitigations.py::test_static_transition_is_jain_et_al"],
     ),
     (
         "dynamic transition at a fall, not at the rise after a minimum",
-        "sharpfast/mitigations/",
-        'turn = (d > st["prev"]) & (st["prev2"] > st["prev"]) & (st["prev"] >= 0)',
-        'turn = (d < st["prev"]) & (st["prev2"] > st["prev"]) & (st["prev"] >= 0)',
+        "sharpfast/mitigations/transition.py",
+        "turn = (d > st.prev) & (st.prev2 > st.prev) & (st.prev >= 0)",
+        "turn = (d < st.prev) & (st.prev2 > st.prev) & (st.prev >= 0)",
         ["tests/test_mitigations.py::test_dynamic_transition_is_the_first_local_minimum"],
     ),
     (
         "attention_rescale scales the null branch too",
-        "sharpfast/mitigations/",
+        "sharpfast/mitigations/attention_rescale.py",
         "cond = (rows >= images)",
         "cond = (rows >= 0)",
         ["tests/test_mitigations.py::test_attention_rescale_is_ren_et_al"],
     ),
     (
         "attract_repel repels with the wrong sign",
-        "sharpfast/mitigations/",
+        "sharpfast/mitigations/attract_repel.py",
         "return u + hook.g * (a - u) + repel * (a - c)",
         "return u + hook.g * (a - u) - repel * (a - c)",
         ["tests/test_mitigations.py::test_attract_repel_guidance_and_positions"],
     ),
     (
         "guard: mitigated whatever the check",
-        "sharpfast/mitigations/",
+        "sharpfast/guarding/regenerate.py",
         "                ok = under\n",
         "                ok = True\n",
         ["tests/test_guard.py::test_mitigated_is_earned"],
     ),
     # serving past one process and the first hour (issues 21, 23)
-    ("calibration: one threshold for every image size", "sharpfast/calibration.py",
+    ("calibration: one threshold for every image size", "sharpfast/calibration/store.py",
      '"seed": 0, "height": None, "width": None}', '"seed": 0}',
      ["tests/test_calibration_files.py::test_the_size_is_part_of_the_setting"]),
-    ("calibration: a NaN threshold in a file accepted", "sharpfast/calibration.py",
+    ("calibration: a NaN threshold in a file accepted", "sharpfast/calibration/store.py",
      "not isinstance(v, (int, float)) or not math.isfinite(v):", "not isinstance(v, (int, float)):",
      ["tests/test_calibration_files.py"]),
-    ("server: a deeply nested body reaches the parser", "sharpfast/server_api.py",
+    ("server: a deeply nested body reaches the parser", "sharpfast/server/middleware.py",
      "if not depth_ok(body, self.limits.max_depth):", "if False:", ["tests/test_server_limits.py"]),
-    ("server: any API key accepted", "sharpfast/server_api.py",
+    ("server: any API key accepted", "sharpfast/server/middleware.py",
      "            if not hmac.compare_digest(", "            if False and not hmac.compare_digest(",
      ["tests/test_server_limits.py::test_the_api_key"]),
     ("cli: --batch-size default off the shared table", "sharpfast/cli/options.py",

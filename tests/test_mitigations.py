@@ -8,7 +8,7 @@ from pipeline_state import assert_same, snapshot
 
 import sharpfast
 from sharpfast.errors import BadArgument, UnsupportedPipeline
-from sharpfast.mitigations import REGISTRY, mitigate
+from sharpfast.mitigations import REGISTRY, Context, mitigate
 from sharpfast.mitigations.attract_repel import attenuated_positions
 from sharpfast.testing import tiny_pipeline
 
@@ -214,3 +214,34 @@ def test_public_api():
                              "attract_repel", "sail+transition", "sail_guard"}
     for m in REGISTRY.values():
         assert m.cost and m.knob and m.families and m.default in m.sweep, m.name
+
+
+def test_one_setting_grammar_for_every_method():
+    """The three short setting strings are one grammar (<key><number> pairs in a declared order,
+    bare words); what it refuses names the method and an example."""
+    from sharpfast.mitigations.attract_repel import attract_repel_setting
+    from sharpfast.mitigations.noise import sail_setting
+    from sharpfast.mitigations.transition import transition_setting
+
+    assert sail_setting("k1s3lr0.7") == {"candidates": 1, "max_steps": 3, "lr": 0.7}
+    assert sail_setting("k2s4a3e-5") == {"candidates": 2, "max_steps": 4, "alpha": 3e-5, "project": False}
+    assert transition_setting("s0t500") == (0.0, 500.0) and transition_setting("s-2t650") == (-2.0, 650.0)
+    assert transition_setting("dyn") == (1.0, None) and transition_setting("s-1dyn") == (-1.0, None)
+    assert transition_setting("t450") == (0.0, 450.0)
+    assert attract_repel_setting("r1") == (1.0, 0.1, 2.0) and attract_repel_setting("r0.5a0.01z3") == (0.5, 0.01, 3.0)
+    refused = ((sail_setting, "s3k1", "SAIL"), (sail_setting, "k1", "SAIL"), (sail_setting, "k1.5s3", "SAIL"),
+               (sail_setting, "k1s3k1", "SAIL"), (transition_setting, "t500s0", "transition"),
+               (transition_setting, "s0", "transition"), (transition_setting, "s0t500dyn", "transition"),
+               (attract_repel_setting, "a0.1", "attract_repel"), (attract_repel_setting, "r1x2", "attract_repel"),
+               (transition_setting, "zz9", "transition"))
+    for fn, bad, name in refused:
+        with pytest.raises(BadArgument, match=name):
+            fn(bad)
+
+
+@pytest.mark.parametrize("method,bad", [("random_tokens", "zz9"), ("random_tokens", -1), ("wen_embedding", "zz9"),
+                                        ("wen_embedding", float("nan"))])
+def test_a_bad_one_number_setting_is_a_sharpfast_error(method, bad):
+    ctx = Context(None, None, ["p"], 1, torch.zeros(1, 4, 2, 2), 16, 16, 2, 7.5)
+    with pytest.raises(BadArgument, match="setting"):
+        REGISTRY[method].plan(ctx, bad)

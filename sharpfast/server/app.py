@@ -33,6 +33,7 @@ pipeline call in flight at its next step, so the process ends whatever was asked
 """
 # (no `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time)
 import logging
+from collections.abc import Callable
 from typing import Any, Optional
 
 from .. import validate
@@ -58,8 +59,12 @@ class UvicornTransport:
 
     def __init__(self, service: Service, max_batch_size: int, max_wait_ms: float) -> None:
         self.service = service
-        self.batcher = Batcher(service.runner, max_batch_size, max_wait_ms, service.metrics.observe)
+        self.batcher = Batcher(self.run, max_batch_size, max_wait_ms, service.metrics.observe)
         self.status = "starting"
+
+    def run(self, bodies: list, should_stop: Optional[Callable[[], bool]] = None) -> list:
+        """One pipeline call for a batch (in the batcher's worker thread): the service's runner."""
+        return self.service.runner(bodies, should_stop)
 
     async def submit(self, body: dict, request: Any) -> dict:
         """Queue the body for a batch; its answer (withdrawn when the client disconnects)."""
