@@ -73,7 +73,50 @@ def fd_sharpness(model: ScoreModel, x: Tensor, t: Any, alpha_bar: float, cond: C
     return dod * wen / (sig * sig * h)
 
 
-class ScoreJacobian:
+class CurvatureOperator:
+    """The one interface of sharpfast's curvature operators (curvlinops' linear-operator view): a
+    per-image linear map on latents of `shape` (N, ...), applied to one vector (matvec), to K
+    vectors per image at once (matmat: K matvecs unless an operator does better), transposed
+    (rmatvec, where it has one), as a SciPy LinearOperator for ARPACK, and its trace by Hutchinson
+    (trace: an operator may override it with a cheaper estimator of the same quantity)."""
+
+    shape: tuple
+    device: Any
+    has_rmatvec: bool = False
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """op v per image; v has the operator's shape."""
+        raise NotImplementedError
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """op V for K vectors per image: V (K, N, ...) -> (K, N, ...)."""
+        return torch.stack([self.matvec(v) for v in V])
+
+    def rmatvec(self, v: torch.Tensor) -> torch.Tensor:
+        """op^T v per image."""
+        raise BadArgument(f"{type(self).__name__} has no transpose here")
+
+    def to_scipy(self) -> Any:
+        """The operator as a scipy.sparse.linalg.LinearOperator on flat float64 vectors (one image:
+        an operator of batch 1), for ARPACK and the rest of SciPy."""
+        return _to_scipy(self, self.shape, self.device, self.has_rmatvec)
+
+    def trace(self, num_probes: int = 8, seed: int = 0, probe_h: Optional[float] = None) -> torch.Tensor:
+        """tr(op) per image, (1/K) sum_k v_k^T op v_k over K Rademacher probes (the signs of
+        sharpfast.ops for `seed`, the same for every image): the one Hutchinson estimator; probe_h
+        is for operators whose estimate moves along the probes (the finite difference's step).
+
+        Returns:
+            (N,) trace estimates.
+        """
+        shape = self.shape
+        N, D = shape[0], int(torch.Size(shape[1:]).numel())
+        signs = ops.rademacher_signs(num_probes, D, seed).view(num_probes, 1, *shape[1:]).expand(num_probes, *shape)
+        jv = self.matmat(signs.contiguous())
+        return (signs.to(jv) * jv).flatten(2).sum(dim=2).mean(dim=0).view(N)
+
+
+class ScoreJacobian(CurvatureOperator):
     """J = d s_branch / d x at x (N images; image i's block only: J acts per image), branch
     "cond" (s(x, c)), "null" (s(x, null)) or "delta" (s_Δ = s(x, c) - s(x, null)).
 
@@ -98,6 +141,7 @@ class ScoreJacobian:
         )
         self.h = h if h is not None else default_fd_step(model.dtype)
         self.N = x.shape[0]
+        self.shape, self.device, self.has_rmatvec = tuple(x.shape), x.device, mode == "jvp"
         if mode == "jvp":
             self._unet = model.fp32_unet()
             self._exact = model.with_unet(self._unet)
@@ -139,12 +183,13 @@ class ScoreJacobian:
             self._s0 = self._score(self.x, self.model, self.cond)
         return self._s0
 
-    def fused_trace(self, num_probes: int, seed: int, probe_h=None) -> torch.Tensor:
-        """tr J per image by Hutchinson over the fused ops (sharpfast.ops.hutchinson_trace): the
-        probe points x + probe_h v_k (Rademacher v_k of `seed`; probe_h default h / sqrt(D), so a
-        probe moves x by h) in ONE denoiser call for all K probes, shared with sibling branches."""
+    def trace(self, num_probes: int = 8, seed: int = 0, probe_h: Optional[float] = None) -> torch.Tensor:
+        """tr J per image by Hutchinson. Mode "fd": over the fused ops (sharpfast.ops.hutchinson_trace),
+        the probe points x + probe_h v_k (Rademacher v_k of `seed`; probe_h default h / sqrt(D), so a
+        probe moves x by h) in ONE denoiser call for all K probes, shared with sibling branches;
+        mode "jvp": the base estimator over exact products."""
         if self.mode != "fd":
-            raise BadArgument("fused_trace is the finite-difference estimator: mode='fd'")
+            return super().trace(num_probes, seed, probe_h)
         D = self.x[0].numel()
         hp = float(probe_h) if probe_h is not None else self.h / D ** 0.5
         key = (num_probes, hp, seed)
@@ -190,21 +235,18 @@ class ScoreJacobian:
         v = v.to(self.x.device, torch.float32)
         return self._exact_call(lambda f: torch.func.vjp(f, self.x)[1](v)[0])
 
-    def to_scipy(self) -> Any:
-        """The operator as a scipy.sparse.linalg.LinearOperator on flat float64 vectors (one
-        image: x of batch 1), for ARPACK and the rest of SciPy; rmatvec too in mode "jvp"."""
-        return _to_scipy(self, self.x.shape, self.x.device, self.mode == "jvp")
-
     def symmetrized(self) -> SymmetrizedJacobian:
         """(J + J^T) / 2 as an operator (real eigenvalues; the same quadratic form)."""
         return SymmetrizedJacobian(self)
 
 
-class SymmetrizedJacobian:
+class SymmetrizedJacobian(CurvatureOperator):
     """(J + J^T) / 2 of a ScoreJacobian: real eigenvalues, the same quadratic form as J."""
 
+    has_rmatvec = True
+
     def __init__(self, jac: ScoreJacobian) -> None:
-        self.jac = jac
+        self.jac, self.shape, self.device = jac, jac.shape, jac.device
 
     def matvec(self, v: Any) -> Any:
         """((J + J^T) / 2) v per image; v has x's shape."""
@@ -213,10 +255,6 @@ class SymmetrizedJacobian:
     def rmatvec(self, v: Any) -> Any:
         """The same as matvec: the operator is symmetric."""
         return self.matvec(v)
-
-    def to_scipy(self) -> Any:
-        """As ScoreJacobian.to_scipy (symmetric: rmatvec = matvec)."""
-        return _to_scipy(self, self.jac.x.shape, self.jac.x.device, True)
 
 
 def _to_scipy(op, shape: tuple, device: Any, with_rmatvec: bool) -> Any:
@@ -235,35 +273,3 @@ def _to_scipy(op, shape: tuple, device: Any, with_rmatvec: bool) -> Any:
 
     return LinearOperator((D, D), matvec=wrap(op.matvec), rmatvec=wrap(op.rmatvec) if with_rmatvec else None,
                           dtype=np.float64)
-
-
-def hutchinson_trace(op, shape: tuple, num_probes: int = 8, seed: int = 0, probe_h=None) -> torch.Tensor:
-    """tr(op) per image, (1/K) sum_k v_k^T op v_k over K Rademacher probes (the signs of
-    sharpfast.ops for `seed`, the same for every image).
-
-    The one Hutchinson estimator of sharpfast: a finite-difference ScoreJacobian runs it on the
-    fused ops (`op.fused_trace`: one denoiser call for all probes, shared by the branches of one
-    point; probe_h its step per element); any other operator with `matmat` (K, N, ...) gets one
-    call of it, else K matvecs.
-
-    Args:
-        op: a linear operator per image (ScoreJacobian, SymmetrizedJacobian, or any object with
-            matmat or matvec).
-        shape: (N, ...) of the vectors it acts on.
-        num_probes: K.
-        seed: the probes' seed.
-        probe_h: the fd operator's step per probe element (default h / sqrt(D)).
-
-    Returns:
-        (N,) trace estimates.
-    """
-    if getattr(op, "mode", None) == "fd" and hasattr(op, "fused_trace"):
-        return op.fused_trace(num_probes, seed, probe_h)
-    N, D = shape[0], int(torch.Size(shape[1:]).numel())
-    signs = ops.rademacher_signs(num_probes, D, seed).view(num_probes, 1, *shape[1:]).expand(num_probes, *shape)
-    signs = signs.contiguous()
-    if hasattr(op, "matmat"):
-        jv = op.matmat(signs)
-    else:
-        jv = torch.stack([op.matvec(v) for v in signs])
-    return (signs.to(jv) * jv).flatten(2).sum(dim=2).mean(dim=0).view(N)

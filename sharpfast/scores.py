@@ -42,7 +42,7 @@ from torch import Tensor
 
 from . import catalog, ops
 from .adapters import Conditioning, ScoreModel, eps_per_pred, sigma_of, to_eps
-from .curvature import EstimatorOptions, ScoreJacobian, default_fd_step, fd_sharpness, hutchinson_trace
+from .curvature import EstimatorOptions, ScoreJacobian, default_fd_step, fd_sharpness
 from .errors import BadArgument, NonFiniteOutput
 
 HVP_MODES = catalog.HVP_MODES
@@ -139,9 +139,7 @@ class Step:
                                eps0=self.eps)
             jc.check = self.check
             (ju,) = jc.siblings("null")
-            shape = tuple(xf.shape)
-            return (hutchinson_trace(jc, shape, self.num_probes, self.probe_seed, hp),
-                    hutchinson_trace(ju, shape, self.num_probes, self.probe_seed, hp))
+            return jc.trace(self.num_probes, self.probe_seed, hp), ju.trace(self.num_probes, self.probe_seed, hp)
         return self._cached("traces", make)
 
 

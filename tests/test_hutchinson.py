@@ -79,3 +79,21 @@ def test_fn_with_wrong_output_shape_is_rejected():
         ops.hutchinson_trace(lambda z: z[:1], torch.randn(2, 3), 2, 0.1)
     with pytest.raises(TypeError, match="callable"):
         ops.hutchinson_trace(None, torch.randn(2, 3), 2, 0.1)
+
+
+def test_any_curvature_operator_gets_the_one_estimator():
+    """A new operator is a CurvatureOperator with a matvec: the Hutchinson trace, matmat and the
+    SciPy view come with it (Rademacher probes make a diagonal operator's trace exact)."""
+    from sharpfast.curvature import CurvatureOperator
+
+    class Diagonal(CurvatureOperator):
+        def __init__(self, d):
+            self.d, self.shape, self.device = d, tuple(d.shape), d.device
+
+        def matvec(self, v):
+            return self.d * v
+
+    d = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(Diagonal(d).trace(num_probes=2, seed=1), d.flatten(1).sum(dim=1))
+    one = Diagonal(d[:1]).to_scipy()
+    assert one.shape == (10, 10)

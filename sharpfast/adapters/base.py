@@ -293,6 +293,17 @@ class ScoreModel:
                               f"fewer steps")
         return sched
 
+    def resolve(self, *, needs_cfg: bool = False, **call_kwargs: Any) -> Any:
+        """The one place a call's settings are resolved: num_inference_steps, guidance_scale,
+        height, width and num_images_per_prompt of `pipe(**call_kwargs)`, each missing or None one
+        the pipeline's own default, each checked (sharpfast.settings.Settings; other keywords are
+        ignored). needs_cfg: the call needs the classifier-free batch (guidance > 1 unless the model
+        is guidance-distilled)."""
+        from ..settings import Settings
+
+        names = ("num_inference_steps", "guidance_scale", "height", "width", "num_images_per_prompt")
+        return Settings.resolve(self, needs_cfg=needs_cfg, **{k: call_kwargs.get(k) for k in names})
+
     def steps_fit(self, num_inference_steps: int) -> bool:
         """Whether the scheduler lays out this many steps inside its training timesteps (at the
         default image size: only a flow model's shift depends on it)."""

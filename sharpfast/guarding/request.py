@@ -145,15 +145,11 @@ def new_request(pipe: Any, thresholds: Thresholds, prompt: Any, kwargs: Any) -> 
     if "prompt_embeds" in kwargs:
         raise BadArgument("sharpfast.guard scores text prompts: pass prompt, not prompt_embeds")
     prompts = validate.prompts(prompt, "prompt")
-    guidance = kwargs.get("guidance_scale", thresholds.defaults["guidance_scale"])
-    guidance = validate.guidance_scale(guidance, needs_cfg=not model.distilled)
-    n = kwargs.get("num_images_per_prompt")
-    n = 1 if n is None else validate.integer(n, "num_images_per_prompt")
+    st = model.resolve(needs_cfg=True, **kwargs)
+    guidance, n, steps = st.guidance_scale, st.num_images_per_prompt, st.num_inference_steps
+    size = (st.height, st.width)
     validate.generators(kwargs.get("generator"), len(prompts) * n)
-    dh, dw = model.default_size()
-    size = (kwargs.get("height") or dh, kwargs.get("width") or dw)
     validate.latents(kwargs.get("latents"), (len(prompts) * n, *model.latent_shape(*size)), size)
-    steps = int(kwargs.get("num_inference_steps") or thresholds.defaults["num_inference_steps"])
     threshold = thresholds.at(steps, guidance, size)
     return RequestState(model, prompts, n, size, threshold, guidance, steps,
                     threshold_source=thresholds.source(steps, guidance, size))

@@ -81,12 +81,12 @@ class CaptureHook(DenoiserHook):
 class Guard:
     """A stock pipeline wrapped for serving; see sharpfast.guard."""
 
-    def __init__(self, pipe: Any, config: GuardConfig) -> None:
+    def __init__(self, pipe: Any, config: GuardConfig, model: Optional[ScoreModel] = None) -> None:
         self.pipe, self.config = pipe, config
         self.metric, self.mitigation, self.method, self.setting = (config.metric, config.mitigation, config.method,
                                                                    config.setting)
         self._thresholds = Thresholds(pipe, config.metric, config.threshold, pipeline_defaults(pipe),
-                                       ScoreModel(pipe).default_size(), config.calibrate_new)
+                                       (model or ScoreModel(pipe)).default_size(), config.calibrate_new)
         self._local = threading.local()  # per-request state: one per thread
         self._stats = GuardStats(config.name, config.metric, None if config.threshold == "auto" else config.threshold)
         self._lock = pipeline_lock(pipe)
@@ -233,4 +233,4 @@ def guard(pipe: Any, *, metric: str = DEFAULT_METRIC, threshold: str = "auto",
     """
     model = ScoreModel(pipe)  # raises UnsupportedPipeline now, not at the first request
     return Guard(pipe, GuardConfig.build(model, metric, threshold, mitigation, setting, sail_kwargs, name,
-                                         calibrate_new))
+                                         calibrate_new), model)

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .. import jsonl
+from .. import engine
 
 CUT = 0.8
 
@@ -50,7 +50,7 @@ def run(pipe: Any, records: list[dict], judge: Any, *, seeds: Any = (0, 1), metr
     config = {"metric": metric or DEFAULT_METRIC, "mitigation": mitigation, "setting": setting,
               "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seeds": list(seeds)}
     key = lambda r, s: json.dumps([config, r["prompt"], s], sort_keys=True)  # noqa: E731
-    done = jsonl.read(path, key="key")
+    done = engine.read(path, key="key")
     jobs = [(r, s) for r in records for s in seeds]
     todo = [(r, s) for r, s in jobs if key(r, s) not in done]
     kw = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type="pt")
@@ -61,14 +61,14 @@ def run(pipe: Any, records: list[dict], judge: Any, *, seeds: Any = (0, 1), metr
     # the guard calibrates (if it must) before the first timed request
     used: dict = {}
     with guard(pipe, metric=config["metric"], mitigation=mitigation, setting=setting, name="eval") as g, \
-            open(path, "a", encoding="utf-8") as f:
+            engine.CommitLog(path) as log:
         used.update(mitigation=g.mitigation, setting=g.setting,
                     threshold=g.calibrate(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale))
         step = batch_prompts * len(seeds)
         for b, start in enumerate(range(0, len(todo), step)):
             chunk = todo[start:start + step]
             rows = _batch_rows(pipe, g, chunk, judge, kw, key, guard_first=bool(b % 2))
-            jsonl.append(f, rows)
+            log.commit(log.next_chunk(), rows)
             done.update({x["key"]: x for x in rows})
             bar.update(len(chunk))
     bar.close()

@@ -31,9 +31,11 @@ def sail_plan(ctx: Context, options: dict, stop: Optional[dict] = None) -> Plan:
                              latents=ctx.latents[rows], generator=sub_gens, stop=stop, **options, **kw)
     mixed = ctx.latents.clone()
     mixed[rows] = opt.to(mixed)
-    return Plan({"latents": mixed}, info={"sail": info, "unet_calls_before": info["unet_calls_optimization"],
-                                          "noise_statistic": info["final_statistic"],
-                                          "optimizer_steps": info["adam_steps"]})
+    # what the guard checks of a noise method: the new noise's statistic per image, the optimizer's steps
+    names = (("final_statistic", "noise_statistic"), ("adam_steps", "optimizer_steps"))
+    checked = {new: info[old] for old, new in names if old in info}
+    return Plan({"latents": mixed},
+                info={"sail": info, "unet_calls_before": info["unet_calls_optimization"], **checked})
 
 
 def sail_setting(setting: Any) -> dict:

@@ -79,16 +79,10 @@ def mitigate(pipe: Any, prompt: Any, method: str = "transition", setting: Any = 
 
 def _context(pipe: Any, model: Any, m: Mitigation, prompts: list, n: int, generator: Any, latents: Any,
              pipe_kwargs: dict) -> Context:
-    """The call's Context: its settings (the pipeline's defaults filled in) and initial noise."""
-    from ..adapters import pipeline_defaults
-
-    defaults = pipeline_defaults(pipe)
-    steps = pipe_kwargs.get("num_inference_steps") or defaults["num_inference_steps"]
-    guidance = pipe_kwargs.get("guidance_scale", defaults["guidance_scale"])
-    validate.guidance_scale(guidance, needs_cfg=m.kind != "none" and not model.distilled)
+    """The call's Context: its settings (resolved by the adapter) and initial noise."""
+    st = model.resolve(needs_cfg=m.kind != "none", **pipe_kwargs)
+    steps, guidance, height, width = st.num_inference_steps, st.guidance_scale, st.height, st.width
     validate.generators(generator, len(prompts) * n)
-    dh, dw = model.default_size()
-    height, width = pipe_kwargs.get("height") or dh, pipe_kwargs.get("width") or dw
     shape = (len(prompts) * n, *model.latent_shape(height, width))
     if latents is None:  # the draw pipe(...) would make; the call then gets it as latents=
         latents = model.noise(shape[0], height, width, generator)

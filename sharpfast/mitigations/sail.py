@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .. import ops, validate
-from ..adapters import ScoreModel, pipeline_defaults
+from ..adapters import ScoreModel
 from ..curvature import EstimatorOptions, default_fd_step
 from ..errors import BadArgument, NonFiniteOutput
 from ..scores import REGISTRY, Step
@@ -260,7 +260,7 @@ def sail(pipe: Any, prompt: Any, *, num_images_per_prompt: int = 1, generator: O
     out = pipe(prompts, num_images_per_prompt=num_images_per_prompt, generator=generator, latents=final, **kwargs)
     if not return_info:
         return out
-    steps = kwargs.get("num_inference_steps", pipeline_defaults(pipe)["num_inference_steps"])
+    steps = ScoreModel(pipe).resolve(**kwargs).num_inference_steps
     info.update(unet_calls=info["unet_calls_optimization"] + steps,
                 seconds=time.perf_counter() - start)
     return out, info
@@ -330,16 +330,13 @@ def sail_latents(pipe: Any, prompt: Any, *, num_images_per_prompt: int = 1, gene
     stop: {"metric": name, "threshold": value} stops each image on that registry metric instead of
     the sharpness target (the guard's own metric and threshold; objective="paper" only)."""
     n = num_images_per_prompt
-    defaults = pipeline_defaults(pipe)
-    guidance_scale = pipe_kwargs.get("guidance_scale", defaults["guidance_scale"])
     model = ScoreModel(pipe, pipe_kwargs.get("max_sequence_length"))
+    st = model.resolve(**pipe_kwargs)
+    guidance_scale, height, width, steps = st.guidance_scale, st.height, st.width, st.num_inference_steps
     o = _options(objective, alpha, lr, max_steps, candidates, project, model.prediction_type == "v_prediction")
     prompts = _check(prompt, n, guidance_scale, o["lr"], o["max_steps"], o["candidates"], needs_cfg=not model.distilled)
     _check_pipe_kwargs(pipe_kwargs)
-    dh, dw = model.default_size()
-    height, width = pipe_kwargs.get("height") or dh, pipe_kwargs.get("width") or dw
     N, shape = len(prompts) * n, model.latent_shape(height, width)
-    steps = pipe_kwargs.get("num_inference_steps", defaults["num_inference_steps"])
     stop_metric, threshold, source = _stop_at(pipe, stop, threshold, objective, math.prod(shape), steps, guidance_scale,
                                               (height, width))
     sched = model.scheduler(steps, height, width)
