@@ -22,7 +22,7 @@ from .curvature import EstimatorOptions
 from .errors import BadArgument
 from .results import DetectionResult
 from .scores import HVP_MODES, METRICS, step_metrics
-from .settings import BATCH_SIZE, Settings
+from .settings import BATCH_SIZE
 
 
 def _check_args(prompts: list, metrics: Any, steps: int, num_inference_steps: int, batch_size: int, hvp: str) -> tuple:
@@ -132,7 +132,7 @@ def detect(pipe: Any, prompts: list, *, metrics: Any = ("wen", "sharpness"), num
         NonFiniteOutput: the model returned NaN/inf for a prompt.
     """
     model = adapt(pipe)
-    st = Settings.resolve(model, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+    st = model.resolve(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                           height=height, width=width, num_images_per_prompt=num_images_per_prompt)
     prompts, metrics = _check_args(prompts, metrics, steps, st.num_inference_steps, batch_size, hvp)
     validate.torch_generator(generator)

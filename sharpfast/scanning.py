@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 from . import engine, settings, validate
-from .adapters import ScoreModel, denoiser
+from .adapters import ScoreModel, adapt, denoiser
 from .errors import BadArgument, OutputMismatch, WriteFailed
 from .prompt_sources import check_source, file_digest, iter_chunks, iter_rows
-from .settings import Settings
 
 META = "scan.json"
 
@@ -198,7 +197,7 @@ def scan(pipe: Any, prompts: str, out_dir: str, *, metrics: Any = ("wen", "sharp
     n = num_images_per_prompt
     check_source(prompts)
     metrics, flag_metric, threshold = _check_flagging(metrics, flag_metric, threshold, calibrate_on)
-    st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+    st = adapt(pipe).resolve(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                           num_images_per_prompt=n)  # a setting not given is the pipeline's own
     num_inference_steps, guidance_scale = st.num_inference_steps, st.guidance_scale
     validate.integer(batch_size, "batch_size")

@@ -12,7 +12,6 @@ from . import validate
 from .adapters import ScoreModel
 from .curvature import ScoreJacobian
 from .errors import BadArgument
-from .settings import Settings
 
 CONDITIONS = ("cond", "null")
 
@@ -40,7 +39,7 @@ def hessian_spectrum(pipe: Any, prompt: str, k: int = 6, *, conditions=CONDITION
         if c not in CONDITIONS:
             raise BadArgument(f"conditions must be among {CONDITIONS}, got {c!r}")
     model = ScoreModel(pipe)
-    st = Settings.resolve(model, num_inference_steps=num_inference_steps, height=height, width=width)
+    st = model.resolve(num_inference_steps=num_inference_steps, height=height, width=width)
     height, width = st.height, st.width
     sched = model.scheduler(st.num_inference_steps)
     if latents is None:

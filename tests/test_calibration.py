@@ -79,7 +79,8 @@ def test_fingerprint_tells_weights_apart_but_not_precision():
     assert not calibration.same_weights(fa, calibration.weights_fingerprint(b))
 
 
-def test_auto_calibrates_once_caches_and_refuses_other_weights(cache, caplog):
+def test_auto_calibrates_once_caches_and_refuses_other_weights(cache, caplog, monkeypatch):
+    monkeypatch.setenv("SHARPFAST_CALIBRATION", "full")  # the full built-in set (the suite's default is quick)
     pipe = tiny_pipeline("sd1")
     with caplog.at_level("WARNING", logger="sharpfast.calibration"):
         first = calibration.resolve(pipe, "wen", num_inference_steps=10, progress=False)
@@ -156,12 +157,13 @@ def test_sail_guard_and_scan_with_no_setup(kind, cache, tmp_path, monkeypatch):
     assert summary["flagged"] in (0, 1, 2)
 
 
-def test_calibrate_command_writes_what_auto_then_uses(cache, tmp_path, capsys):
+def test_calibrate_command_writes_what_auto_then_uses(cache, tmp_path, capsys, monkeypatch):
     """`sharpfast calibrate --prompts F --out FILE`: the thresholds of those prompts, the weights'
     fingerprint; without --out it goes to the cache, where threshold="auto" finds it; bad
     arguments are one error line before any model is loaded."""
     from sharpfast.cli import main
 
+    monkeypatch.setenv("SHARPFAST_CALIBRATION", "full")  # "auto" as a deployment runs it (quick is cached apart)
     prompts = tmp_path / "normal.txt"
     prompts.write_text("\n".join(f"a photo of the digit {d} drawn in ink, style {i}" for d in range(10)
                                  for i in range(3)) + "\n")

@@ -24,6 +24,7 @@ KEY = "k" * 24
 
 @pytest.fixture(scope="module")
 def client():
+    before = os.environ.get("SHARPFAST_CALIBRATION")
     os.environ["SHARPFAST_CALIBRATION"] = "quick"  # 64 captions per served setting: a test, not a deployment
     pipe = zoo.load("digits")
     pipe.set_progress_bar_config(disable=True)
@@ -33,7 +34,10 @@ def client():
     limits = Limits.for_model((16, 16), 8, ScoreModel(pipe), api_key=KEY)
     app = create_app(pipe, defaults={"num_inference_steps": 2}, calibrate_for=[{"height": 32, "width": 32}],
                      limits=limits)
-    del os.environ["SHARPFAST_CALIBRATION"]
+    if before is None:  # as it was: later tests in this worker see the suite's setting
+        del os.environ["SHARPFAST_CALIBRATION"]
+    else:
+        os.environ["SHARPFAST_CALIBRATION"] = before
     with TestClient(app) as c:
         c.headers["Authorization"] = f"Bearer {KEY}"
         yield c
@@ -218,6 +222,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation():
 
     from sharpfast.server.protocol import Limits
 
+    before = os.environ.get("SHARPFAST_CALIBRATION")
     os.environ["SHARPFAST_CALIBRATION"] = "quick"
     try:
         pipe = zoo.load("digits")
@@ -225,7 +230,10 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation():
         app = create_app(pipe, defaults={"num_inference_steps": 2}, max_wait_ms=0,
                          limits=Limits.for_model((16, 16), 2, max_steps=3))
     finally:
-        del os.environ["SHARPFAST_CALIBRATION"]
+        if before is None:  # as it was: later tests in this worker see the suite's setting
+            del os.environ["SHARPFAST_CALIBRATION"]
+        else:
+            os.environ["SHARPFAST_CALIBRATION"] = before
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import (
         content_type_conformance,

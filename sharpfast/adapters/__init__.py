@@ -27,8 +27,13 @@ rescalings: score_norm becomes ||v_c||^2 and trace -tr ∇v_c (the paper's diffe
 terms that do not depend on the prompt at sigma = 1: ||x||^2 and -D).
 
 Layout: parameterizations.py (eps, v, sample, flow), base.py (Conditioning, ScoreModel and the
-family registry), stable_diffusion.py (SD, SDXL), flow.py (SD3, Flux).
+family registry), stable_diffusion.py (SD, SDXL), flow.py (SD3, Flux). A new family is a
+ScoreModel subclass in a module here: every module of the package is imported, and defining the
+class registers it.
 """
+import importlib
+import pkgutil
+
 from .base import (
     SUPPORTED_PIPELINES,
     Conditioning,
@@ -42,6 +47,7 @@ from .base import (
     pipeline_defaults,
     scalar_timestep,
 )
+from .call_settings import Settings
 from .flow import FluxModel, StableDiffusion3Model
 from .parameterizations import (
     PARAMETERIZATIONS,
@@ -59,4 +65,7 @@ __all__ = ["SUPPORTED_PIPELINES", "Conditioning", "ScoreModel", "adapt", "adapte
            "denoiser", "family", "math_attention", "pipeline_defaults", "scalar_timestep", "FluxModel",
            "StableDiffusion3Model", "PARAMETERIZATIONS", "PREDICTION_TYPES", "Parameterization", "eps_per_pred",
            "eps_to_score", "parameterization", "sigma_of", "to_eps", "StableDiffusionModel",
-           "StableDiffusionXLModel"]
+           "StableDiffusionXLModel", "Settings"]
+
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):  # the family modules register their classes
+    importlib.import_module(f"{__name__}.{_mod}")

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import BadArgument, UnsupportedPipeline
+from .call_settings import Settings, pipeline_defaults  # noqa: F401  (pipeline_defaults: re-exported)
 from .parameterizations import PREDICTION_TYPES, Parameterization, parameterization
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
@@ -79,19 +80,6 @@ class Conditioning:
             rep = lambda v: v.repeat(repeats, *[1] * (v.dim() - 1))  # noqa: E731
             added = {k: torch.cat([rep(self.null_added[k]), rep(self.cond_added[k])]) for k in self.cond_added}
         return hidden, added
-
-
-def pipeline_defaults(pipe: Any) -> dict:
-    """num_inference_steps and guidance_scale as the pipeline's own __call__ defaults them (SD 50 /
-    7.5, SD3 28 / 7.0, Flux 28 / 3.5): what a request that names neither gets."""
-    import inspect
-
-    params = inspect.signature(type(pipe).__call__).parameters
-    out = {}
-    for name, fallback in (("num_inference_steps", 50), ("guidance_scale", 7.5)):
-        d = params[name].default if name in params else inspect.Parameter.empty
-        out[name] = fallback if d is inspect.Parameter.empty or d is None else d
-    return out
 
 
 # ---- the adapters: one class per model family ------------------------------------------
@@ -296,11 +284,9 @@ class ScoreModel:
     def resolve(self, *, needs_cfg: bool = False, **call_kwargs: Any) -> Any:
         """The one place a call's settings are resolved: num_inference_steps, guidance_scale,
         height, width and num_images_per_prompt of `pipe(**call_kwargs)`, each missing or None one
-        the pipeline's own default, each checked (sharpfast.settings.Settings; other keywords are
+        the pipeline's own default, each checked (sharpfast.adapters.Settings; other keywords are
         ignored). needs_cfg: the call needs the classifier-free batch (guidance > 1 unless the model
         is guidance-distilled)."""
-        from ..settings import Settings
-
         names = ("num_inference_steps", "guidance_scale", "height", "width", "num_images_per_prompt")
         return Settings.resolve(self, needs_cfg=needs_cfg, **{k: call_kwargs.get(k) for k in names})
 

@@ -12,8 +12,9 @@ from typing import Any, Optional
 import torch
 
 from .. import validate
+from ..adapters import adapt
 from ..errors import BadArgument
-from ..settings import BATCH_SIZE, FPR, Settings
+from ..settings import BATCH_SIZE, FPR
 from .fingerprint import model_name, weights_fingerprint
 
 log = logging.getLogger("sharpfast.calibration")
@@ -142,7 +143,7 @@ def calibrate_model(pipe: Any, prompts: Any = None, *, num_images_per_prompt: in
     if not fpr < 1:
         raise BadArgument(f"fpr must be in (0, 1), got {fpr}")
     metrics = list(validate.metrics(metrics, METRICS))
-    st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+    st = adapt(pipe).resolve(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                           num_images_per_prompt=num_images_per_prompt, height=height, width=width)
     validate.integer(batch_size, "batch_size")
     scores, calls, rows = _scores(pipe, prompts, metrics, st, seed, batch_size, progress)

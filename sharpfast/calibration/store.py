@@ -13,8 +13,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..adapters import adapt
 from ..errors import OutputMismatch
-from ..settings import BATCH_SIZE, FPR, Settings
+from ..settings import BATCH_SIZE, FPR
 from .fingerprint import model_name, same_weights, weights_fingerprint
 from .measure import CALIBRATED_METRICS, QUICK, builtin_kind, calibrate_model, generic_prompts
 
@@ -108,7 +109,7 @@ _LOCKS_GUARD = threading.Lock()
 
 def _settings(pipe: Any, **kw: Any) -> dict:
     """The calibration settings of a call: DEFAULTS, steps and guidance from the pipeline."""
-    st = Settings.resolve(pipe, num_inference_steps=kw.get("num_inference_steps"),
+    st = adapt(pipe).resolve(num_inference_steps=kw.get("num_inference_steps"),
                           guidance_scale=kw.get("guidance_scale"), height=kw.get("height"), width=kw.get("width"))
     s = {**DEFAULTS, **{k: v for k, v in kw.items() if v is not None}}
     s["num_inference_steps"], s["guidance_scale"] = st.num_inference_steps, float(st.guidance_scale)

@@ -154,10 +154,10 @@ def run(pipe: Any, sets: dict, *, ns=(1, 4), steps_list=(1, 5), metrics: Any = (
     "template" (scored against the non-memorized set on its own) / "calibration" (normal prompts
     kept apart: the combined detectors are fitted on them only)}.
     combined: metric tuples whose CombinedDetector is reported (those whose metrics are all scored)."""
-    from ..settings import Settings
+    from ..adapters import adapt
     from .plots import roc_figure
 
-    st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    st = adapt(pipe).resolve(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     num_inference_steps, guidance_scale = st.num_inference_steps, st.guidance_scale
     ix = PromptSets(sets)
     os.makedirs(out_dir, exist_ok=True)

@@ -40,10 +40,10 @@ def run(pipe: Any, records: list[dict], judge: Any, *, seeds: Any = (0, 1), metr
     """records: memorized prompts (prompt, train_index and what `judge`, sharpfast.zoo.judge,
     reads fidelity from). Returns the summary."""
 
+    from ..adapters import adapt
     from ..guarding import DEFAULT_METRIC, guard
-    from ..settings import Settings
 
-    st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    st = adapt(pipe).resolve(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     num_inference_steps, guidance_scale = st.num_inference_steps, st.guidance_scale
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "guard.jsonl")

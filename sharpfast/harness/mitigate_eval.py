@@ -98,11 +98,10 @@ def run(pipe: Any, records: list[dict], judge: Any, *, methods: Any = ("none", "
     Rows are committed to `OUT/mitigate.jsonl` (a sharpfast.engine commit log) a batch at a time,
     each keyed by method, setting, prompt and a fingerprint of the seeds, steps, guidance and
     dtype: a rerun into the same folder with other settings generates anew, never reuses."""
-    from ..adapters import denoiser
+    from ..adapters import adapt, denoiser
     from ..progress import bar as progress_bar
-    from ..settings import Settings
 
-    st = Settings.resolve(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    st = adapt(pipe).resolve(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     num_inference_steps, guidance_scale = st.num_inference_steps, st.guidance_scale
     for m in methods:
         if m not in REGISTRY:

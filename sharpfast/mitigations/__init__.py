@@ -13,23 +13,24 @@ The methods (each written from its paper; where public code exists its definitio
 is noted in its module): none; the SAIL family (sail.py: the algorithm; noise.py: sail,
 sail_alpha, sail_reference, sail_guard, sail+transition); random_tokens (Somepalli et al.);
 wen_embedding (Wen et al.); transition (Jain et al.); attention_rescale (Ren et al.);
-attract_repel (from GUARD's abstract). Adding a method: a module here that calls `register`, its
-import below and its name in sharpfast.catalog.MITIGATIONS (the order the CLI lists them in).
+attract_repel (from GUARD's abstract). Adding a method: a module here that calls `register`
+(every module of the package is imported) and its name in sharpfast.catalog.MITIGATIONS (the
+order the CLI lists them in; a test holds the two equal).
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from .. import catalog
-from . import (  # noqa: F401  (each registers its methods)
-    attention_rescale,
-    attract_repel,
-    noise,
-    none,
-    random_tokens,
-    transition,
-    wen_embedding,
-)
 from .base import GUARD_METRIC, NEEDS_WHY, REGISTRY, Context, Mitigation, Plan, check_family, get, register
 from .run import mitigate, run_plan
+
+# every module of this package but the framework's own is a method module: importing it registers it
+_FRAMEWORK = {"base", "grammar", "hooks", "run", "sail"}
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _mod not in _FRAMEWORK:
+        importlib.import_module(f"{__name__}.{_mod}")
 
 # the catalog's order (sharpfast --help lists them so); a method not in it comes last
 for _name in sorted(REGISTRY, key=lambda n: catalog.MITIGATIONS.index(n) if n in catalog.MITIGATIONS else 99):

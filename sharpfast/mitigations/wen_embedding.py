@@ -29,10 +29,9 @@ def wen_embedding(pipe: Any, prompts: list, latents: Tensor, *, target_ratio: fl
     the pipeline's own.
     """
     from ..adapters import ScoreModel
-    from ..settings import Settings
 
     model = ScoreModel(pipe)
-    num_inference_steps = Settings.resolve(model, num_inference_steps=num_inference_steps).num_inference_steps
+    num_inference_steps = model.resolve(num_inference_steps=num_inference_steps).num_inference_steps
     if not model.embeddings_only:
         raise UnsupportedPipeline(f"wen_embedding optimizes the text embeddings of models conditioned on them alone "
                                   f"(StableDiffusionPipeline, SD 1.x / 2.x); {model.family}'s pooled / added inputs "
