@@ -245,3 +245,23 @@ def test_a_bad_one_number_setting_is_a_sharpfast_error(method, bad):
     ctx = Context(None, None, ["p"], 1, torch.zeros(1, 4, 2, 2), 16, 16, 2, 7.5)
     with pytest.raises(BadArgument, match="setting"):
         REGISTRY[method].plan(ctx, bad)
+
+
+def test_every_method_with_a_knob_has_a_typed_config():
+    """Each registered method declares a frozen config with its defaults; its default and every
+    sweep setting read into it (the short strings parsed once, at the edge)."""
+    import dataclasses
+
+    from sharpfast.mitigations.base import MethodConfig
+
+    for name, m in REGISTRY.items():
+        if name == "none":
+            assert m.config is None
+            continue
+        assert m.config is not None and issubclass(m.config, MethodConfig), name
+        assert dataclasses.is_dataclass(m.config) and m.config.__dataclass_params__.frozen, name
+        for setting in (m.default, *m.sweep):
+            cfg = m.config.from_setting(setting)
+            assert isinstance(cfg, m.config) and m.config.from_setting(cfg) is cfg, (name, setting)
+        with pytest.raises(BadArgument):
+            m.config.from_setting("zz9")

@@ -6,12 +6,14 @@ included). UNets only. Zero extra UNet calls (the edited layers compute attentio
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .. import validate
-from .base import Context, Plan, prompt_lengths, register
+from .base import Context, MethodConfig, Plan, prompt_lengths, register
+from .grammar import number
 
 
 def rescale_edit(c1: float, lengths: torch.Tensor, images: int, rows_all: torch.Tensor) -> Any:
@@ -28,14 +30,28 @@ def rescale_edit(c1: float, lengths: torch.Tensor, images: int, rows_all: torch.
 
 
 
+@dataclass(frozen=True)
+class AttentionRescaleConfig(MethodConfig):
+    """Ren et al.'s knob: the factor c1 on the BOS logit of the conditional branch."""
+
+    c1: float = 1.25
+
+    @classmethod
+    def from_setting(cls, setting: Any) -> AttentionRescaleConfig:
+        """A number (or its text) or a config."""
+        if isinstance(setting, cls):
+            return setting
+        return cls(validate.finite(number(setting, "attention_rescale's setting (c1)"), "c1", above=0))
+
+
 @register("attention_rescale", cost="0 (the cross-attention layers of the mitigated rows computed explicitly)",
           knob="c1, the factor on the BOS logit (summary tokens masked)", default=1.25,
           sweep=(1.1, 1.25, 1.5, 2.0, 3.0),
-          needs=("cfg", "cross_attention"), kind="trajectory")
+          needs=("cfg", "cross_attention"), kind="trajectory", config=AttentionRescaleConfig)
 def _attention_rescale(ctx: Context, setting: Any) -> Plan:
     from ..attention import edit_cross_attention
 
-    c1 = validate.finite(setting, "c1", above=0)
+    c1 = AttentionRescaleConfig.from_setting(setting).c1
     rows = torch.as_tensor(ctx.row_list(), dtype=torch.long)
     lengths = torch.tensor(prompt_lengths(ctx.pipe, ctx.prompts, ctx.n))
     batch_rows = torch.cat([rows, rows + ctx.images]).to(ctx.model.device)

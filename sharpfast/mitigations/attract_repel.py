@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .. import validate
-from .base import Context, Plan, prompt_lengths, register
+from .base import Context, MethodConfig, Plan, prompt_lengths, register
 from .grammar import parse
 from .hooks import DenoiserCall, GuidanceHook
 
@@ -79,18 +79,35 @@ def _attract_repel_rule(ctx: Context, positions: list, attenuation: float, repel
     return rule
 
 
+@dataclass(frozen=True)
+class AttractRepelConfig(MethodConfig):
+    """The repel scale, the attenuation of the picked positions' attention and the test's z."""
+
+    repel: float = 1.0
+    attenuation: float = 0.1
+    z: float = 2.0
+
+    @classmethod
+    def from_setting(cls, setting: Any) -> AttractRepelConfig:
+        """"r1", "r1a0.1", "r1a0.1z2", a (repel, attenuation, z) tuple or a config."""
+        if isinstance(setting, cls):
+            return setting
+        if isinstance(setting, tuple):
+            return cls(*(float(v) for v in setting))
+        got = parse(setting, {"r": float, "a": float, "z": float}, required=("r",),
+                    name="attract_repel", example="r1 (repel 1), r1a0.1 (attenuation 0.1) or r1a0.1z2 (z 2)")
+        return cls(got["r"], got.get("a", 0.1), got.get("z", 2.0))
+
+
 def attract_repel_setting(setting: Any) -> tuple:
-    """(repel, attenuation, z): "r1", "r1a0.1", "r1a0.1z2"; a tuple is taken as it is."""
-    if isinstance(setting, tuple):
-        return tuple(float(v) for v in setting)
-    got = parse(setting, {"r": float, "a": float, "z": float}, required=("r",),
-                name="attract_repel", example="r1 (repel 1), r1a0.1 (attenuation 0.1) or r1a0.1z2 (z 2)")
-    return got["r"], got.get("a", 0.1), got.get("z", 2.0)
+    """(repel, attenuation, z) of an attract_repel setting."""
+    cfg = AttractRepelConfig.from_setting(setting)
+    return cfg.repel, cfg.attenuation, cfg.z
 
 
 @register("attract_repel", cost="0.5 CFG call per step (the attenuated conditional prediction) + 0.5 at step 1",
           knob="repel scale r (attenuation a, test z)", default="r1", sweep=("r0", "r0.5", "r1", "r2", "r1a0.01"),
-          needs=("cfg", "cross_attention"), kind="trajectory")
+          needs=("cfg", "cross_attention"), kind="trajectory", config=AttractRepelConfig)
 def _attract_repel(ctx: Context, setting: Any) -> Plan:
     from ..attention import record_cross_attention
 

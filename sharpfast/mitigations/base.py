@@ -75,6 +75,19 @@ GuardPlan = Callable[[Context, Any, dict, dict], Plan]
 
 
 @dataclass(frozen=True)
+class MethodConfig:
+    """A method's knobs, typed, frozen, with their defaults. `from_setting` reads what a caller
+    gives: the config itself, the method's short setting string (the one grammar of
+    sharpfast.mitigations.grammar, as the CLI and the harness's sweeps write it) or its main knob
+    as a number; a plan works on the config only."""
+
+    @classmethod
+    def from_setting(cls, setting: Any) -> Any:
+        """The config of a setting (BadArgument naming the method and an example)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
 class Mitigation:
     """A registered mitigation: its declared cost (extra UNet calls and backwards per image), its
     main knob (name, default, sweep), what it needs of a model family (adapter capabilities:
@@ -92,6 +105,7 @@ class Mitigation:
     plan: Callable[[Context, Any], Plan]
     kind: str
     guard_plan: Optional[GuardPlan] = None
+    config: Optional[type] = None  # its MethodConfig (None: no knob)
 
     @property
     def families(self) -> tuple:
@@ -107,10 +121,10 @@ REGISTRY: dict[str, Mitigation] = {}
 
 
 def register(name: str, *, cost: str, knob: str, default: object, sweep: tuple, needs: tuple = (), kind: str,
-             guard_plan: Optional[GuardPlan] = None) -> Callable:
+             guard_plan: Optional[GuardPlan] = None, config: Optional[type] = None) -> Callable:
     """Decorator: register plan(ctx, setting) as mitigation `name` in REGISTRY."""
     def deco(fn: Callable) -> Callable:
-        REGISTRY[name] = Mitigation(name, cost, knob, default, tuple(sweep), tuple(needs), fn, kind, guard_plan)
+        REGISTRY[name] = Mitigation(name, cost, knob, default, tuple(sweep), tuple(needs), fn, kind, guard_plan, config)
         return fn
     return deco
 

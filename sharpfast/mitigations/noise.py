@@ -5,13 +5,14 @@ threshold) and `sail+transition` (SAIL's noise, then the transition schedule). E
 method the serving guard may run (guard_plan: it stops on the guard's metric)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from .. import validate
 from ..errors import BadArgument
-from .base import GUARD_METRIC, Context, Plan, register
-from .grammar import parse
-from .transition import transition_plan
+from .base import GUARD_METRIC, Context, MethodConfig, Plan, register
+from .grammar import number, parse
+from .transition import TransitionConfig, transition_plan
 
 
 def sail_plan(ctx: Context, options: dict, stop: Optional[dict] = None) -> Plan:
@@ -38,22 +39,61 @@ def sail_plan(ctx: Context, options: dict, stop: Optional[dict] = None) -> Plan:
                 info={"sail": info, "unet_calls_before": info["unet_calls_optimization"], **checked})
 
 
+@dataclass(frozen=True)
+class SailConfig(MethodConfig):
+    """SAIL's knobs: candidates k, Adam steps s, lr (None: sail's default) and, instead of the
+    projection onto the Gaussian shell, the paper's alpha ||x||^2 term (None: the projection)."""
+
+    candidates: int = 1
+    max_steps: int = 3
+    lr: Optional[float] = None
+    alpha: Optional[float] = None
+
+    @classmethod
+    def from_setting(cls, setting: Any) -> SailConfig:
+        """"k1s3lr0.7" (lr optional), "k1s3lr0.7a3e-5" (alpha); a dict of the fields; a config."""
+        if isinstance(setting, cls):
+            return setting
+        if isinstance(setting, dict):
+            unknown = set(setting) - {"candidates", "max_steps", "lr", "alpha"}
+            if unknown:
+                raise BadArgument(f"a SAIL setting's fields are candidates, max_steps, lr and alpha; got "
+                                  f"{sorted(unknown)}")
+            return cls(**setting)
+        got = parse(setting, {"k": int, "s": int, "lr": float, "a": float}, required=("k", "s"),
+                    name="SAIL",
+                    example="k1s3lr0.7 (1 candidate, 3 Adam steps, lr 0.7; lr optional) or k1s3lr0.7a1e-4 (alpha "
+                            "||x||^2 instead of the projection)")
+        return cls(got["k"], got["s"], got.get("lr"), got.get("a"))
+
+    def options(self) -> dict:
+        """sail_latents' keywords."""
+        out: dict = {"candidates": self.candidates, "max_steps": self.max_steps}
+        if self.lr is not None:
+            out["lr"] = self.lr
+        if self.alpha is not None:
+            out.update(alpha=self.alpha, project=False)
+        return out
+
+
 def sail_setting(setting: Any) -> dict:
-    """"k1s3lr0.7" -> 1 candidate, 3 Adam steps, lr 0.7 (lr optional: sail's default); a trailing
-    "a3e-5" puts the paper's alpha ||x||^2 term (alpha 3e-5) in place of the projection onto the
-    Gaussian shell. A dict is taken as sail's keywords."""
-    if isinstance(setting, dict):
-        return dict(setting)
-    got = parse(setting, {"k": int, "s": int, "lr": float, "a": float}, required=("k", "s"),
-                name="SAIL",
-                example="k1s3lr0.7 (1 candidate, 3 Adam steps, lr 0.7; lr optional) or k1s3lr0.7a1e-4 (alpha "
-                        "||x||^2 instead of the projection)")
-    out: dict = {"candidates": got["k"], "max_steps": got["s"]}
-    if "lr" in got:
-        out["lr"] = got["lr"]
-    if "a" in got:
-        out.update(alpha=got["a"], project=False)
-    return out
+    """sail_latents' keywords of a SAIL setting ("k1s3lr0.7", a dict of SailConfig's fields, a config)."""
+    return SailConfig.from_setting(setting).options()
+
+
+@dataclass(frozen=True)
+class SailGuardConfig(MethodConfig):
+    """sail_guard's knob: stop once the guard's metric is under margin x its threshold."""
+
+    margin: float = 1.0
+
+    @classmethod
+    def from_setting(cls, setting: Any) -> SailGuardConfig:
+        """A number (or its text), None (the default) or a config."""
+        if isinstance(setting, cls):
+            return setting
+        name = "sail_guard's setting (margin)"
+        return cls(validate.finite(1.0 if setting is None else number(setting, name), name, above=0))
 
 
 def _stop_on_guard(ctx: Context, setting: Any, sail_kwargs: dict, stop: dict) -> Plan:
@@ -69,21 +109,22 @@ def _guard_default(ctx: Context, setting: Any, sail_kwargs: dict, stop: dict) ->
 @register("sail", cost="2 CFG calls per evaluation, (s + 1) evaluations and s backwards at most (s Adam steps)",
           knob="candidates k, Adam steps s, lr (default k1 s3 lr 0.7)", default="k1s3",
           sweep=("k4s2lr0.05", "k1s1", "k1s2", "k1s3lr0.3", "k1s3lr0.5", "k1s3", "k1s3lr1"),
-          kind="noise", guard_plan=_guard_default)
+          kind="noise", guard_plan=_guard_default, config=SailConfig)
 def _sail(ctx: Context, setting: Any) -> Plan:
     return sail_plan(ctx, sail_setting(setting))
 
 
 @register("sail_alpha", cost="as sail", knob="alpha of the paper's norm term (k1 s3 lr 0.7, no projection)",
           default="k1s3a3e-5", sweep=("k1s3a0", "k1s3a1e-5", "k1s3a3e-5", "k1s3a1e-4", "k1s3a3e-4"),
-          kind="noise", guard_plan=_stop_on_guard)
+          kind="noise", guard_plan=_stop_on_guard, config=SailConfig)
 def _sail_alpha(ctx: Context, setting: Any) -> Plan:
     return sail_plan(ctx, sail_setting(setting))
 
 
 @register("sail_reference", cost="3 CFG calls per Adam step x k candidates (their loss), 10 steps",
           knob="the authors' loss, no early exit; lr (default 0.05)", default="k8s10",
-          sweep=("k8s10", "k8s10lr0.1", "k8s10lr0.3", "k8s10lr0.7", "k8s10lr1"), kind="noise")
+          sweep=("k8s10", "k8s10lr0.1", "k8s10lr0.3", "k8s10lr0.7", "k8s10lr1"), kind="noise",
+          config=SailConfig)
 def _sail_reference(ctx: Context, setting: Any) -> Plan:
     # every candidate through all steps (no early exit, one round): what bench_sail times as the reference loop
     kw = {"lr": 0.05, **sail_setting(setting)}
@@ -99,7 +140,7 @@ def _guard_stop(ctx: Context, margin: float) -> Optional[dict]:
 
 
 def _margin(setting: Any) -> float:
-    return validate.finite(1.0 if setting is None else setting, "margin", above=0)
+    return SailGuardConfig.from_setting(setting).margin
 
 
 def _sail_guard_in_guard(ctx: Context, setting: Any, sail_kwargs: dict, stop: dict) -> Plan:
@@ -109,7 +150,8 @@ def _sail_guard_in_guard(ctx: Context, setting: Any, sail_kwargs: dict, stop: di
 
 @register("sail_guard", cost="as sail (+ the guard metric's own calls per evaluation)",
           knob="margin: stop once the guard's metric is under margin x its threshold (k1 s3 lr 0.7)",
-          default=1.0, sweep=(1.0, 0.8, 0.6, 0.4), kind="noise", guard_plan=_sail_guard_in_guard)
+          default=1.0, sweep=(1.0, 0.8, 0.6, 0.4), kind="noise", guard_plan=_sail_guard_in_guard,
+          config=SailGuardConfig)
 def _sail_guard(ctx: Context, setting: Any) -> Plan:
     margin = _margin(setting)
     stop = _guard_stop(ctx, margin)
@@ -129,6 +171,6 @@ def _sail_transition_in_guard(ctx: Context, setting: Any, sail_kwargs: dict, sto
 
 @register("sail+transition", cost="as sail, then 0", knob="transition setting (SAIL k1 s3 lr 0.7)",
           default="s0t500", sweep=("s0t700", "s0t600", "s0t500", "s0t400", "s-2t650"), needs=("cfg",),
-          kind="noise+trajectory", guard_plan=_sail_transition_in_guard)
+          kind="noise+trajectory", guard_plan=_sail_transition_in_guard, config=TransitionConfig)
 def _sail_transition(ctx: Context, setting: Any) -> Plan:
     return sail_plan(ctx, {}).merge(transition_plan(ctx, setting))

@@ -3,13 +3,14 @@ appended (space separated). Changes whole prompts; zero extra UNet calls."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .. import validate
 from ..errors import BadArgument
-from .base import Context, Plan, register
+from .base import Context, MethodConfig, Plan, register
 from .grammar import number
 
 
@@ -43,12 +44,26 @@ def random_tokens(pipe: Any, prompts: list, num_tokens: int = 4, generator: torc
 
 
 
+@dataclass(frozen=True)
+class RandomTokensConfig(MethodConfig):
+    """Somepalli et al.'s knob: the random tokens appended."""
+
+    tokens: int = 4
+
+    @classmethod
+    def from_setting(cls, setting: Any) -> RandomTokensConfig:
+        """A count (or its text) or a config."""
+        if isinstance(setting, cls):
+            return setting
+        name = "random_tokens' setting (tokens added)"
+        return cls(validate.integer(number(setting, name, int), name, minimum=0))
+
+
 @register("random_tokens", cost="0", knob="tokens added", default=4, sweep=(1, 2, 4, 8, 16),
-          kind="prompt")
+          kind="prompt", config=RandomTokensConfig)
 def _random_tokens(ctx: Context, setting: Any) -> Plan:
     if ctx.rows is not None:
         raise BadArgument("random_tokens changes whole prompts; it cannot mitigate single rows")
-    name = "random_tokens' setting (tokens added)"
-    tokens = validate.integer(number(setting, name, int), name, minimum=0)
+    tokens = RandomTokensConfig.from_setting(setting).tokens
     g = torch.Generator().manual_seed(1234)
     return Plan(prompts=random_tokens(ctx.pipe, ctx.prompts, tokens, g))

@@ -16,17 +16,33 @@ from typing import Any, Optional, Union
 import torch
 
 from ..errors import BadArgument
-from .base import Context, Plan, per_row, register
+from .base import Context, MethodConfig, Plan, per_row, register
 from .grammar import parse
 from .hooks import DenoiserCall, GuidanceHook
 
 
 @dataclass(frozen=True)
-class TransitionConfig:
+class TransitionConfig(MethodConfig):
     """The early guidance scale and the transition timestep (None: the dynamic point)."""
 
     early: float = 0.0
     t_switch: Optional[float] = 500.0
+
+    @classmethod
+    def from_setting(cls, setting: Any) -> TransitionConfig:
+        """"s0t500", "s-2t650", "dyn", "s-1dyn", an (early, t_switch) tuple or a config."""
+        if isinstance(setting, cls):
+            return setting
+        if isinstance(setting, tuple):
+            return cls(float(setting[0]), None if setting[1] is None else float(setting[1]))
+        got = parse(setting, {"s": float, "t": int}, words=("dyn",), one_of=("t", "dyn"),
+                    name="transition",
+                    example="s0t500 (scale 0 above t = 500), s-2t650 (opposite guidance -2 above 650) or dyn / "
+                            "s-1dyn (the dynamic transition point)")
+        if "t" in got and "dyn" in got:
+            raise BadArgument(f"a transition setting has a timestep (s0t500) or dyn (s-1dyn), not both: {setting!r}")
+        early = got.get("s", 1.0 if "dyn" in got else 0.0)
+        return cls(float(early), float(got["t"]) if "t" in got else None)
 
 
 @dataclass
@@ -41,20 +57,9 @@ class TransitionState:
 
 
 def transition_setting(setting: Any) -> tuple:
-    """(early scale, transition timestep or None for the dynamic point): "s0t500", "s-2t650", "dyn",
-    "s-1dyn"; a tuple is taken as it is."""
-    if isinstance(setting, TransitionConfig):
-        return setting.early, setting.t_switch
-    if isinstance(setting, tuple):
-        return float(setting[0]), (None if setting[1] is None else float(setting[1]))
-    got = parse(setting, {"s": float, "t": int}, words=("dyn",), one_of=("t", "dyn"),
-                name="transition",
-                example="s0t500 (scale 0 above t = 500), s-2t650 (opposite guidance -2 above 650) or dyn / "
-                        "s-1dyn (the dynamic transition point)")
-    if "t" in got and "dyn" in got:
-        raise BadArgument(f"a transition setting has a timestep (s0t500) or dyn (s-1dyn), not both: {setting!r}")
-    early = got.get("s", 1.0 if "dyn" in got else 0.0)
-    return float(early), (float(got["t"]) if "t" in got else None)
+    """(early scale, transition timestep or None for the dynamic point) of a transition setting."""
+    cfg = TransitionConfig.from_setting(setting)
+    return cfg.early, cfg.t_switch
 
 
 def _static(early: float, t_switch: float, hook: GuidanceHook, u: torch.Tensor, c: torch.Tensor,
@@ -110,6 +115,6 @@ def transition_plan(ctx: Context, setting: Any) -> Plan:
 @register("transition", cost="0", knob="early scale s above the transition timestep t (dyn: dynamic point)",
           default="s0t500", sweep=("s0t700", "s0t600", "s0t500", "s0t450", "s0t400", "s0t300", "s-2t650", "s-2t800",
                                    "s-1t600", "s-1t500", "dyn", "s-2dyn"),
-          needs=("cfg",), kind="trajectory")
+          needs=("cfg",), kind="trajectory", config=TransitionConfig)
 def _transition(ctx: Context, setting: Any) -> Plan:
     return transition_plan(ctx, setting)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import validate
 from ..errors import BadArgument, UnsupportedPipeline
-from .base import Context, Plan, register
+from .base import Context, MethodConfig, Plan, register
 from .grammar import number
 
 
@@ -74,6 +74,21 @@ def wen_embedding(pipe: Any, prompts: list, latents: Tensor, *, target_ratio: fl
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class WenEmbeddingConfig(MethodConfig):
+    """Wen et al.'s knob: each image stops once ||eps_Δ|| is under this share of its initial value."""
+
+    target_ratio: float = 0.5
+
+    @classmethod
+    def from_setting(cls, setting: Any) -> WenEmbeddingConfig:
+        """A number (or its text) or a config."""
+        if isinstance(setting, cls):
+            return setting
+        name = "wen_embedding's setting (target / initial ||eps_Δ||)"
+        return cls(validate.finite(number(setting, name), name, above=0))
+
+
 @register(
     "wen_embedding",
     cost="1 CFG call + 1 backward per AdamW step (at most 50), then the sampler",
@@ -82,12 +97,12 @@ def wen_embedding(pipe: Any, prompts: list, latents: Tensor, *, target_ratio: fl
     sweep=(0.9, 0.7, 0.5, 0.3, 0.15),
     needs=("cfg", "embeddings_only"),
     kind="prompt",
+    config=WenEmbeddingConfig,
 )
 def _wen_embedding(ctx: Context, setting: Any) -> Plan:
     if ctx.rows is not None:
         raise BadArgument("wen_embedding changes whole prompts; it cannot mitigate single rows")
-    name = "wen_embedding's setting (target / initial ||eps_Δ||)"
-    ratio = validate.finite(number(setting, name), name, above=0)
+    ratio = WenEmbeddingConfig.from_setting(setting).target_ratio
     emb, null, info = wen_embedding(ctx.pipe, ctx.prompts, ctx.latents, target_ratio=ratio,
                                     num_inference_steps=ctx.num_inference_steps, return_info=True)
     return Plan({"prompt_embeds": emb, "negative_prompt_embeds": null}, info={"unet_calls_before": info["unet_calls"]},
