@@ -13,6 +13,7 @@ the original processors are restored afterwards, also on error.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import torch
@@ -139,24 +140,32 @@ class LogitEditProcessor:
         return plain
 
 
-@contextlib.contextmanager
-def edit_cross_attention(unet: Any, edit, rows: Any = None):
-    """Inside the block every cross-attention layer (attn2) of the UNet runs LogitEditProcessor
-    with `edit` on `rows` of its batch; the processors are restored afterwards, also on error."""
-    _require_unet(unet, "edits a UNet's cross-attention")
-    saved = unet.attn_processors
+def editing_processors(saved: dict, edit: Callable, rows: Any = None) -> dict:
+    """The processors of a UNet with each cross-attention layer's (attn2) wrapped in a
+    LogitEditProcessor applying `edit` on `rows` of its batch (UnsupportedPipeline: no attn2)."""
     procs = {name: (LogitEditProcessor(proc, edit, rows) if name.endswith("attn2.processor") else proc)
              for name, proc in saved.items()}
     if not any(isinstance(p, LogitEditProcessor) for p in procs.values()):
         raise UnsupportedPipeline("this UNet has no cross-attention layers (attn2)")
-    unet.set_attn_processor(procs)
+    return procs
+
+
+@contextlib.contextmanager
+def edit_cross_attention(unet: Any, edit: Callable, rows: Any = None) -> Iterator[None]:
+    """Inside the block every cross-attention layer (attn2) of the UNet runs LogitEditProcessor
+    with `edit` on `rows` of its batch; the processors are restored afterwards, also on error (a
+    rule's own extra call; the pipeline's calls are edited by mitigations.hooks.AttentionEdit)."""
+    require_cross_attention(unet, "edits a UNet's cross-attention")
+    saved = unet.attn_processors
+    unet.set_attn_processor(editing_processors(saved, edit, rows))
     try:
         yield
     finally:
         unet.set_attn_processor(saved)
 
 
-def _require_unet(unet: Any, what: str) -> None:
+def require_cross_attention(unet: Any, what: str) -> None:
+    """UnsupportedPipeline unless the network is a UNet (with cross-attention layers)."""
     if not type(unet).__name__.startswith("UNet"):
         from .errors import UnsupportedPipeline
 
@@ -167,7 +176,7 @@ def _require_unet(unet: Any, what: str) -> None:
 @contextlib.contextmanager
 def record_cross_attention(unet: Any):
     """Record the cross-attention entropy of the UNet calls inside the block (see module doc)."""
-    _require_unet(unet, "metric reads a UNet's cross-attention maps (attn_entropy)")
+    require_cross_attention(unet, "metric reads a UNet's cross-attention maps (attn_entropy)")
     saved = unet.attn_processors
     rec = _Recorder()
     procs = {name: (EntropyProcessor(rec) if name.endswith("attn2.processor") else proc)

@@ -14,6 +14,7 @@ import torch
 from .. import validate
 from .base import Context, MethodConfig, Plan, prompt_lengths, register
 from .grammar import number
+from .hooks import AttentionEdit
 
 
 def rescale_edit(c1: float, lengths: torch.Tensor, images: int, rows_all: torch.Tensor) -> Any:
@@ -49,17 +50,10 @@ class AttentionRescaleConfig(MethodConfig):
           sweep=(1.1, 1.25, 1.5, 2.0, 3.0),
           needs=("cfg", "cross_attention"), kind="trajectory", config=AttentionRescaleConfig)
 def _attention_rescale(ctx: Context, setting: Any) -> Plan:
-    from ..attention import edit_cross_attention
-
     c1 = AttentionRescaleConfig.from_setting(setting).c1
     rows = torch.as_tensor(ctx.row_list(), dtype=torch.long)
     lengths = torch.tensor(prompt_lengths(ctx.pipe, ctx.prompts, ctx.n))
     batch_rows = torch.cat([rows, rows + ctx.images]).to(ctx.model.device)
-    edit = rescale_edit(c1, lengths, ctx.images, batch_rows)
-    calls = [0]
-
-    def counted(scores: Any, r) -> Any:
-        calls[0] += 1
-        return edit(scores, r)
-    return Plan(hooks=[edit_cross_attention(ctx.model.unet, counted, batch_rows)],
-                info={"prompt_lengths": lengths.tolist(), "applied": lambda: [calls[0] > 0] * len(rows)})
+    hook = AttentionEdit(ctx.model.unet, rescale_edit(c1, lengths, ctx.images, batch_rows), batch_rows)
+    return Plan(hooks=[hook.installed()],
+                info={"prompt_lengths": lengths.tolist(), "applied": lambda: [hook.calls > 0] * len(rows)})

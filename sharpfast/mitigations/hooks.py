@@ -1,7 +1,7 @@
 """One hook registry over the denoising network, in the style of diffusers' `hooks/`: a hook is
 a DenoiserHook (pre_forward sees a call's arguments, post_forward its output and may replace
 it), and every sharpfast hook on one network (the serving guard's capture, guidance rules, call
-counting) runs in install order through ONE torch pre-hook and ONE forward hook, registered
+counting, cross-attention edits) runs in install order through ONE torch pre-hook and ONE forward hook, registered
 while at least one sharpfast hook is installed and removed with the last one (the network is
 left as it was). A hook keeps its per-call state on a typed object of its own; every hook reads
 the call through the adapter's `read_call`.
@@ -176,3 +176,43 @@ class GuidanceHook(DenoiserHook):
         """Context manager: the hook installed on the network for one pipeline call."""
         with HookRegistry.of(self.net).installed(self):
             yield self
+
+
+class AttentionEdit(DenoiserHook):
+    """Cross-attention edited on every call of the network while installed: before a call, each
+    cross-attention layer (attn2) gets a processor that applies `edit(scores, rows)` to the
+    logits of `rows` of its batch (sharpfast.attention.LogitEditProcessor); after it, the layers'
+    own processors are back. `calls` counts the edited calls."""
+
+    def __init__(self, unet: Any, edit: Callable, rows: Optional[torch.Tensor] = None):
+        from ..attention import require_cross_attention
+
+        require_cross_attention(unet, "edits a UNet's cross-attention")
+        self.unet, self.edit, self.rows = unet, edit, rows
+        self.calls = 0
+        self._saved: list = []  # a stack: a rule's own call may come inside an edited one
+
+    def pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Put the editing processors on the attn2 layers."""
+        from ..attention import editing_processors
+
+        saved = self.unet.attn_processors
+        self._saved.append(saved)
+        self.unet.set_attn_processor(editing_processors(saved, self.edit, self.rows))
+        self.calls += 1
+
+    def post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Give the layers their own processors back."""
+        if self._saved:
+            self.unet.set_attn_processor(self._saved.pop())
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[AttentionEdit]:
+        """Context manager: the edit installed on the network for one pipeline call (the layers'
+        own processors back on exit, also on error)."""
+        try:
+            with HookRegistry.of(self.unet).installed(self):
+                yield self
+        finally:
+            while self._saved:
+                self.unet.set_attn_processor(self._saved.pop())

@@ -41,39 +41,39 @@ def sail_plan(ctx: Context, options: dict, stop: Optional[dict] = None) -> Plan:
 
 @dataclass(frozen=True)
 class SailConfig(MethodConfig):
-    """SAIL's knobs: candidates k, Adam steps s, lr (None: sail's default) and, instead of the
-    projection onto the Gaussian shell, the paper's alpha ||x||^2 term (None: the projection)."""
+    """SAIL's knobs: candidates k, Adam steps s, lr (each None: sail's default for its objective,
+    sharpfast.settings.SAIL_DEFAULTS), instead of the projection onto the Gaussian shell the
+    paper's alpha ||x||^2 term (None: the projection), and any other keyword of sail_latents."""
 
-    candidates: int = 1
-    max_steps: int = 3
+    candidates: Optional[int] = None
+    max_steps: Optional[int] = None
     lr: Optional[float] = None
     alpha: Optional[float] = None
+    project: Optional[bool] = None  # the projection onto the Gaussian shell (the grammar: off with alpha)
+    extra: tuple = ()  # (name, value) pairs of sail_latents' other keywords
 
     @classmethod
     def from_setting(cls, setting: Any) -> SailConfig:
-        """"k1s3lr0.7" (lr optional), "k1s3lr0.7a3e-5" (alpha); a dict of the fields; a config."""
+        """"k1s3lr0.7" (lr optional), "k1s3lr0.7a3e-5" (alpha); a dict of sail_latents' keywords; a
+        config."""
         if isinstance(setting, cls):
             return setting
         if isinstance(setting, dict):
-            unknown = set(setting) - {"candidates", "max_steps", "lr", "alpha"}
-            if unknown:
-                raise BadArgument(f"a SAIL setting's fields are candidates, max_steps, lr and alpha; got "
-                                  f"{sorted(unknown)}")
-            return cls(**setting)
+            own = ("candidates", "max_steps", "lr", "alpha", "project")
+            return cls(**{k: setting.get(k) for k in own},
+                       extra=tuple((k, v) for k, v in setting.items() if k not in own))
         got = parse(setting, {"k": int, "s": int, "lr": float, "a": float}, required=("k", "s"),
                     name="SAIL",
                     example="k1s3lr0.7 (1 candidate, 3 Adam steps, lr 0.7; lr optional) or k1s3lr0.7a1e-4 (alpha "
                             "||x||^2 instead of the projection)")
-        return cls(got["k"], got["s"], got.get("lr"), got.get("a"))
+        return cls(got["k"], got["s"], got.get("lr"), got.get("a"), False if "a" in got else None)
 
     def options(self) -> dict:
         """sail_latents' keywords."""
-        out: dict = {"candidates": self.candidates, "max_steps": self.max_steps}
-        if self.lr is not None:
-            out["lr"] = self.lr
-        if self.alpha is not None:
-            out.update(alpha=self.alpha, project=False)
-        return out
+        out: dict = {k: v for k, v in (("candidates", self.candidates), ("max_steps", self.max_steps),
+                                       ("lr", self.lr), ("alpha", self.alpha), ("project", self.project))
+                     if v is not None}
+        return {**out, **dict(self.extra)}
 
 
 def sail_setting(setting: Any) -> dict:
