@@ -10,9 +10,51 @@ import torch
 from torch import Tensor
 
 from .. import validate
-from ..errors import BadArgument
+from ..errors import NonFiniteOutput
 from .base import Context, Mitigation, Plan, check_family, get
-from .hooks import CallCounter
+from .hooks import CallCounter, DenoiserHook, HookRegistry, prediction_of
+
+
+class FiniteWatch(DenoiserHook):
+    """NaN / inf anywhere in a mitigated generation: in a denoiser call (this hook) or in the
+    latents of a step (a step callback chained before the user's own); noted on the device, no
+    host sync per step, checked once after the call."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.bad: Optional[torch.Tensor] = None
+
+    def note(self, t: torch.Tensor) -> None:
+        """Note whether a tensor holds a non-finite value."""
+        ok = torch.isfinite(t.detach()).all()
+        self.bad = ~ok if self.bad is None else self.bad | ~ok
+
+    def post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Watch the call's prediction."""
+        self.note(prediction_of(output))
+
+    def chain(self, call: dict) -> dict:
+        """The call with a step callback that watches the latents, then runs the user's own."""
+        user_cb = call.pop("callback_on_step_end", None)
+        inputs = call.pop("callback_on_step_end_tensor_inputs", None) or getattr(user_cb, "tensor_inputs", None)
+
+        def watch(pipe: Any, i: int, t: Any, cb_kwargs: dict) -> dict:
+            self.note(cb_kwargs["latents"])
+            return user_cb(pipe, i, t, cb_kwargs) if user_cb is not None else {}
+        return {**call, "callback_on_step_end": watch,
+                "callback_on_step_end_tensor_inputs": list(dict.fromkeys([*(inputs or ["latents"]), "latents"]))}
+
+    def check(self, out: Any, method: str) -> None:
+        """NonFiniteOutput when anything was NaN / inf, the output's own tensors included."""
+        images = out[0] if isinstance(out, tuple) else getattr(out, "images", None)
+        if isinstance(images, torch.Tensor):
+            self.note(images)
+        elif images is not None and hasattr(images, "dtype") and hasattr(images, "shape"):  # numpy
+            self.note(torch.as_tensor(images))
+        if self.bad is not None and bool(self.bad):
+            raise NonFiniteOutput(f"NaN/inf in the generation mitigated by {method!r} (a denoiser call, a step's "
+                                  f"latents or the images): a huge guidance_scale or the model's own overflow; "
+                                  f"nothing is returned")
 
 
 def run_plan(pipe: Any, prompts: list, plan: Plan, call_kwargs: dict) -> Any:
@@ -52,7 +94,9 @@ def mitigate(pipe: Any, prompt: Any, method: str = "transition", setting: Any = 
     Raises:
         BadArgument: an unknown method or a bad setting or argument.
         UnsupportedPipeline: the method is not defined for this model family.
-        NonFiniteOutput: the model returned NaN/inf while the method optimized.
+        NonFiniteOutput: the model or the sampler produced NaN/inf (while the method optimized,
+            in a denoiser call or in the latents of a step; a huge guidance_scale, say): never
+            an output of non-finite images.
     """
     from ..adapters import ScoreModel
 
@@ -65,10 +109,12 @@ def mitigate(pipe: Any, prompt: Any, method: str = "transition", setting: Any = 
     ctx = _context(pipe, model, m, prompts, n, generator, latents, pipe_kwargs)
     setting = m.default if setting is None else setting
     plan = m.plan(ctx, setting)
-    calls = CallCounter(model)
-    with calls.counting():
-        out = run_plan(pipe, prompts, plan, {**pipe_kwargs, "num_images_per_prompt": n, "generator": generator,
-                                             "latents": plan.kwargs.get("latents", ctx.latents)})
+    calls, watch = CallCounter(model), FiniteWatch(model)
+    call = watch.chain({**pipe_kwargs, "num_images_per_prompt": n, "generator": generator,
+                        "latents": plan.kwargs.get("latents", ctx.latents)})
+    with calls.counting(), HookRegistry.of(model.unet).installed(watch):
+        out = run_plan(pipe, prompts, plan, call)
+    watch.check(out, method)
     if not return_info:
         return out
     info = {"method": method, "setting": setting, "seconds": time.perf_counter() - start,
@@ -86,8 +132,9 @@ def _context(pipe: Any, model: Any, m: Mitigation, prompts: list, n: int, genera
     shape = (len(prompts) * n, *model.latent_shape(height, width))
     if latents is None:  # the draw pipe(...) would make; the call then gets it as latents=
         latents = model.noise(shape[0], height, width, generator)
-    elif not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
-        raise BadArgument(f"latents must be a tensor of shape {shape}, got "
-                          f"{tuple(getattr(latents, 'shape', ())) or type(latents).__name__}")
-    return Context(pipe, model, prompts, n, latents.to(model.device), height, width, steps, guidance, generator)
+    else:  # the guard's and detect's one check: shape, floating point, finite
+        validate.latents(latents, shape, (height, width))
+    # on the denoiser's device and dtype (float64 latents on an fp32 pipeline would fail inside it)
+    return Context(pipe, model, prompts, n, latents.to(model.device, model.dtype), height, width, steps, guidance,
+                   generator)
 
