@@ -134,6 +134,10 @@ def test_the_api_key(client):
     wrong = {"Authorization": "Bearer " + "x" * 24}
     assert client.post("/generate", json={"prompt": NORMAL}, headers=wrong).status_code == 401
     assert client.get("/metrics").status_code == 200
+    for scheme in ("bearer", "BEARER", "BeArEr"):  # the scheme's case is free (RFC 7235); the key's is not
+        assert client.get("/metrics", headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+    for bad in (f"Bearer  {KEY}", f"Bearer {KEY.upper()}", f"Bearer{KEY}", KEY, f"Basic {KEY}", f"Bearer {KEY[:-1]}"):
+        assert client.get("/metrics", headers={"Authorization": bad}).status_code == 401, bad
 
 
 def test_the_schema_declares_the_request_and_the_errors(client):

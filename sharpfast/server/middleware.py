@@ -51,8 +51,9 @@ class BodyGuard:
         headers = dict(scope.get("headers") or [])
         if self.limits.api_key is not None and scope.get("path") not in self.OPEN:
             given = headers.get(b"authorization", b"").decode("latin-1")
-            want = f"Bearer {self.limits.api_key}"
-            if not hmac.compare_digest(given.encode("utf-8"), want.encode("utf-8")):
+            scheme, _, token = given.partition(" ")  # the scheme is case-insensitive (RFC 7235), the key is not
+            ok = hmac.compare_digest(token.encode("utf-8"), self.limits.api_key.encode("utf-8"))
+            if scheme.lower() != "bearer" or not ok:
                 return await self._refuse(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
         if scope.get("method") != "POST":
             return await self.app(scope, receive, send)
