@@ -11,9 +11,7 @@ from typing import Any
 
 import torch
 
-from .. import validate
 from .base import Context, MethodConfig, Plan, prompt_lengths, register
-from .grammar import number
 from .hooks import AttentionEdit
 
 
@@ -30,7 +28,6 @@ def rescale_edit(c1: float, lengths: torch.Tensor, images: int, rows_all: torch.
     return edit
 
 
-
 @dataclass(frozen=True)
 class AttentionRescaleConfig(MethodConfig):
     """Ren et al.'s knob: the factor c1 on the BOS logit of the conditional branch."""
@@ -40,9 +37,7 @@ class AttentionRescaleConfig(MethodConfig):
     @classmethod
     def from_setting(cls, setting: Any) -> AttentionRescaleConfig:
         """A number (or its text) or a config."""
-        if isinstance(setting, cls):
-            return setting
-        return cls(validate.finite(number(setting, "attention_rescale's setting (c1)"), "c1", above=0))
+        return cls.from_number(setting, "attention_rescale's setting (c1)")
 
 
 @register("attention_rescale", cost="0 (the cross-attention layers of the mitigated rows computed explicitly)",

@@ -10,9 +10,10 @@ from typing import Any, Optional
 
 import torch
 
-from .. import settings
+from .. import settings, validate
 from ..adapters import adapter_families
 from ..errors import BadArgument, UnsupportedPipeline
+from .grammar import number
 
 # the serving guard's default metric (sail_guard outside a guard stops on it too)
 GUARD_METRIC = settings.GUARD_METRIC
@@ -85,6 +86,17 @@ class MethodConfig:
     def from_setting(cls, setting: Any) -> Any:
         """The config of a setting (BadArgument naming the method and an example)."""
         raise NotImplementedError
+
+    @classmethod
+    def from_number(cls, setting: Any, name: str, *, minimum: Optional[int] = None) -> Any:
+        """The config of a one-number method: the config itself, or the number (or its text),
+        checked: an int >= minimum when a minimum is given, else a finite number > 0."""
+        if isinstance(setting, cls):
+            return setting
+        make: Callable[[Any], Any] = cls  # a one-field subclass
+        if minimum is not None:
+            return make(validate.integer(number(setting, name, int), name, minimum=minimum))
+        return make(validate.finite(number(setting, name), name, above=0))
 
 
 @dataclass(frozen=True)

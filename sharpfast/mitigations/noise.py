@@ -8,10 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .. import validate
 from ..errors import BadArgument
 from .base import GUARD_METRIC, Context, MethodConfig, Plan, register
-from .grammar import number, parse
+from .grammar import parse
 from .transition import TransitionConfig, transition_plan
 
 
@@ -90,10 +89,7 @@ class SailGuardConfig(MethodConfig):
     @classmethod
     def from_setting(cls, setting: Any) -> SailGuardConfig:
         """A number (or its text), None (the default) or a config."""
-        if isinstance(setting, cls):
-            return setting
-        name = "sail_guard's setting (margin)"
-        return cls(validate.finite(1.0 if setting is None else number(setting, name), name, above=0))
+        return cls.from_number(1.0 if setting is None else setting, "sail_guard's setting (margin)")
 
 
 def _stop_on_guard(ctx: Context, setting: Any, sail_kwargs: dict, stop: dict) -> Plan:

@@ -8,10 +8,8 @@ from typing import Any
 
 import torch
 
-from .. import validate
 from ..errors import BadArgument
 from .base import Context, MethodConfig, Plan, register
-from .grammar import number
 
 
 def _vocab_words(tokenizer: Any) -> list[str]:
@@ -53,10 +51,7 @@ class RandomTokensConfig(MethodConfig):
     @classmethod
     def from_setting(cls, setting: Any) -> RandomTokensConfig:
         """A count (or its text) or a config."""
-        if isinstance(setting, cls):
-            return setting
-        name = "random_tokens' setting (tokens added)"
-        return cls(validate.integer(number(setting, name, int), name, minimum=0))
+        return cls.from_number(setting, "random_tokens' setting (tokens added)", minimum=0)
 
 
 @register("random_tokens", cost="0", knob="tokens added", default=4, sweep=(1, 2, 4, 8, 16),

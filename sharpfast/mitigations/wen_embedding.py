@@ -14,7 +14,6 @@ from torch import Tensor
 from .. import validate
 from ..errors import BadArgument, UnsupportedPipeline
 from .base import Context, MethodConfig, Plan, register
-from .grammar import number
 
 
 def wen_embedding(pipe: Any, prompts: list, latents: Tensor, *, target_ratio: float = 0.5,
@@ -83,10 +82,7 @@ class WenEmbeddingConfig(MethodConfig):
     @classmethod
     def from_setting(cls, setting: Any) -> WenEmbeddingConfig:
         """A number (or its text) or a config."""
-        if isinstance(setting, cls):
-            return setting
-        name = "wen_embedding's setting (target / initial ||eps_Δ||)"
-        return cls(validate.finite(number(setting, name), name, above=0))
+        return cls.from_number(setting, "wen_embedding's setting (target / initial ||eps_Δ||)")
 
 
 @register(
