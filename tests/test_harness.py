@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -194,6 +195,20 @@ def test_sail_cli_writes_a_grid(tmp_path, capsys):
                  "--max-steps", "1", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "UNet calls" in text and out.stat().st_size > 1000
+
+
+def test_sail_cli_writes_colour_images_in_colour(tmp_path):
+    """`sharpfast sail --out` on the RGB scenes model draws what the pipeline made (it averaged the
+    channels into grey)."""
+    from PIL import Image
+
+    prompt = zoo.prompts("scenes", "memorized")[0]["prompt"]
+    out = tmp_path / "sail.png"
+    assert main(["sail", "--model", "scenes", "--prompt", prompt, "--n", "1", "--num-inference-steps", "4",
+                 "--max-steps", "1", "--out", str(out), "--quiet"]) == 0
+    px = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+    spread = px.max(axis=2) - px.min(axis=2)  # 0 everywhere in a grey drawing (its text is black)
+    assert (spread > 40).mean() > 0.01, "the scenes images were drawn grey"
 
 
 def test_eval_detect_on_files_scores_as_detect_and_scan_do(tmp_path, capsys):

@@ -55,7 +55,8 @@ class SailCommand:
         extra = {k: v for k, v in (("candidates", args.candidates), ("max_steps", args.max_steps)) if v is not None}
         out, info = sharpfast.sail(pipe, args.prompt, generator=torch.Generator().manual_seed(args.seed),
                                    threshold=threshold, return_info=True, **extra, **kw)
-        to_img = lambda x: (x.float().mean(0) * 2 - 1).cpu().numpy()  # noqa: E731  (grey view of any channel count)
+        def to_img(x: torch.Tensor) -> Any:  # what the pipeline made: RGB as RGB, one channel as grey, in [-1, 1]
+            return (x.float() * 2 - 1).cpu().numpy() if x.shape[0] == 3 else (x.float()[0] * 2 - 1).cpu().numpy()
         image_grid([[to_img(x) for x in plain], [to_img(x) for x in out.images]], ["plain", "SAIL"],
                    [f"seed {args.seed}, image {i}" for i in range(args.n)], args.out, args.prompt[:80])
         print(f"SAIL: {int(info['accepted'].sum())}/{args.n} images under the threshold {info['threshold']:.4g}, "
