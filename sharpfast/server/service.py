@@ -7,6 +7,8 @@ through it, so the same failure gets the same status and body on either."""
 import base64
 import io
 import logging
+import os
+import re
 import secrets
 import time
 import uuid
@@ -32,6 +34,15 @@ def png_base64(image: Any) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?[\\/][^\s()]*")
+
+
+def public_source(source: str) -> str:
+    """Where a threshold came from, as a client may read it: each file path cut to its file name
+    (shipped calibration.json, a cache file, calibrated now), never the server's file system."""
+    return _PATH.sub(lambda m: os.path.basename(m.group(0).rstrip("/\\")) or m.group(0), source)
 
 
 def error_status(err: BaseException) -> int:
@@ -166,8 +177,9 @@ class Runner:
                 "request_id": b["request_id"], "seed": b["seed"],
                 "images": [{"prompt": b["prompts"][i // n][:200], "png_base64": png_base64(im),
                             "warnings": warn[i // n]} for i, im in enumerate(out.images[row * n:(row + k) * n])],
-                "memorization": None if report is None else [{**r, "prompt": r["prompt"][:200]}
-                                                            for r in report[row:row + k]],
+                "memorization": None if report is None else [
+                    {**r, "prompt": r["prompt"][:200], "threshold_source": public_source(r["threshold_source"])}
+                    for r in report[row:row + k]],
                 "batch_images": images, "batch_requests": len(bodies), "seconds": seconds})
             row += k
         return results
