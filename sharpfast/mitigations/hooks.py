@@ -179,10 +179,11 @@ class GuidanceHook(DenoiserHook):
 
 
 class AttentionEdit(DenoiserHook):
-    """Cross-attention edited on every call of the network while installed: before a call, each
-    cross-attention layer (attn2) gets a processor that applies `edit(scores, rows)` to the
-    logits of `rows` of its batch (sharpfast.attention.LogitEditProcessor); after it, the layers'
-    own processors are back. `calls` counts the edited calls."""
+    """Cross-attention edited on the calls of the network while installed: at the first call each
+    cross-attention layer (attn2) gets a processor that applies `edit(scores, rows)` to the logits
+    of `rows` of its batch (sharpfast.attention.LogitEditProcessor), kept until the hook is
+    uninstalled, when the layers' own processors are back (swapped once per generation, not per
+    step). `calls` counts the edited calls."""
 
     def __init__(self, unet: Any, edit: Callable, rows: Optional[torch.Tensor] = None):
         from ..attention import require_cross_attention
@@ -190,21 +191,16 @@ class AttentionEdit(DenoiserHook):
         require_cross_attention(unet, "edits a UNet's cross-attention")
         self.unet, self.edit, self.rows = unet, edit, rows
         self.calls = 0
-        self._saved: list = []  # a stack: a rule's own call may come inside an edited one
+        self._saved: Optional[dict] = None
 
     def pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        """Put the editing processors on the attn2 layers."""
+        """Put the editing processors on the attn2 layers (once)."""
         from ..attention import editing_processors
 
-        saved = self.unet.attn_processors
-        self._saved.append(saved)
-        self.unet.set_attn_processor(editing_processors(saved, self.edit, self.rows))
+        if self._saved is None:
+            self._saved = self.unet.attn_processors
+            self.unet.set_attn_processor(editing_processors(self._saved, self.edit, self.rows))
         self.calls += 1
-
-    def post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """Give the layers their own processors back."""
-        if self._saved:
-            self.unet.set_attn_processor(self._saved.pop())
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[AttentionEdit]:
@@ -214,5 +210,6 @@ class AttentionEdit(DenoiserHook):
             with HookRegistry.of(self.unet).installed(self):
                 yield self
         finally:
-            while self._saved:
-                self.unet.set_attn_processor(self._saved.pop())
+            if self._saved is not None:
+                self.unet.set_attn_processor(self._saved)
+                self._saved = None
