@@ -167,11 +167,11 @@ MUTATIONS = [
         ["tests/test_mitigations.py::test_attention_rescale_is_ren_et_al"],
     ),
     (
-        "attract_repel repels with the wrong sign",
-        "sharpfast/mitigations/attract_repel.py",
-        "return u + hook.g * (a - u) + repel * (a - c)",
-        "return u + hook.g * (a - u) - repel * (a - c)",
-        ["tests/test_mitigations.py::test_attract_repel_guidance_and_positions"],
+        "zhao_guard attracts the memorized prediction instead of repelling it",
+        "sharpfast/mitigations/zhao_guard.py",
+        "return u.float() + scale * v_a - repel * v_c",
+        "return u.float() + scale * v_a + repel * v_c",
+        ["tests/test_zhao_guard.py::test_guard_matches_its_authors_definition_in_float64"],
     ),
     (
         "guard: mitigated whatever the check",

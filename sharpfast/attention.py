@@ -1,6 +1,6 @@
 """Cross-attention of a UNet call written out: recorded for the attention-entropy detector (Ren
 et al., ECCV 2024: memorized prompts concentrate the cross-attention on a few tokens) and edited
-for the attention mitigations (sharpfast.mitigations: attention_rescale, attract_repel).
+for the attention mitigations (sharpfast.mitigations: attention_rescale, zhao_guard).
 
     with record_cross_attention(unet) as rec:
         unet(x, t, encoder_hidden_states=...)
@@ -140,10 +140,14 @@ class LogitEditProcessor:
         return plain
 
 
-def editing_processors(saved: dict, edit: Callable, rows: Any = None) -> dict:
+def editing_processors(saved: dict, edit: Callable, rows: Any = None,
+                       layers: Optional[Callable[[str], bool]] = None) -> dict:
     """The processors of a UNet with each cross-attention layer's (attn2) wrapped in a
-    LogitEditProcessor applying `edit` on `rows` of its batch (UnsupportedPipeline: no attn2)."""
-    procs = {name: (LogitEditProcessor(proc, edit, rows) if name.endswith("attn2.processor") else proc)
+    LogitEditProcessor applying `edit` on `rows` of its batch (`layers`: which of them, by the
+    processor's name, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor";
+    UnsupportedPipeline: no such layer)."""
+    procs = {name: (LogitEditProcessor(proc, edit, rows)
+                    if name.endswith("attn2.processor") and (layers is None or layers(name)) else proc)
              for name, proc in saved.items()}
     if not any(isinstance(p, LogitEditProcessor) for p in procs.values()):
         raise UnsupportedPipeline("this UNet has no cross-attention layers (attn2)")
@@ -151,13 +155,14 @@ def editing_processors(saved: dict, edit: Callable, rows: Any = None) -> dict:
 
 
 @contextlib.contextmanager
-def edit_cross_attention(unet: Any, edit: Callable, rows: Any = None) -> Iterator[None]:
+def edit_cross_attention(unet: Any, edit: Callable, rows: Any = None,
+                         layers: Optional[Callable[[str], bool]] = None) -> Iterator[None]:
     """Inside the block every cross-attention layer (attn2) of the UNet runs LogitEditProcessor
     with `edit` on `rows` of its batch; the processors are restored afterwards, also on error (a
     rule's own extra call; the pipeline's calls are edited by mitigations.hooks.AttentionEdit)."""
     require_cross_attention(unet, "edits a UNet's cross-attention")
     saved = unet.attn_processors
-    unet.set_attn_processor(editing_processors(saved, edit, rows))
+    unet.set_attn_processor(editing_processors(saved, edit, rows, layers))
     try:
         yield
     finally:

@@ -401,7 +401,7 @@ def test_guard_calibrate_returns_the_threshold_of_a_setting(tmp_path, monkeypatc
     calibration.store._MEMO.clear()
 
 
-@pytest.mark.parametrize("mitigation", ["transition", "attention_rescale", "attract_repel", "sail_guard"])
+@pytest.mark.parametrize("mitigation", ["transition", "attention_rescale", "zhao_guard", "sail_guard"])
 def test_every_guard_mitigation_changes_only_the_flagged_rows(mitigation):
     """A mixed request: the flagged prompt's images change, the others are pipe(...)'s bit for bit
     (hooks and attention edits act on the flagged rows only), and the report states its check."""

@@ -10,7 +10,6 @@ from pipeline_state import assert_same, snapshot
 import sharpfast
 from sharpfast.errors import BadArgument, UnsupportedPipeline
 from sharpfast.mitigations import REGISTRY, Context, mitigate
-from sharpfast.mitigations.attract_repel import attenuated_positions
 from sharpfast.testing import tiny_pipeline
 
 PROMPTS = ["a red house by the sea", "two dogs"]
@@ -147,40 +146,10 @@ def test_attention_rescale_is_ren_et_al(sd1):
             torch.testing.assert_close(got[r].double(), o, rtol=1e-4, atol=1e-5)
 
 
-def test_attract_repel_guidance_and_positions(sd1):
-    # the per-prompt test, by hand: positions 1..L-1 above median + z * 1.4826 MAD, at least the top one
-    a = torch.tensor([[0.5, 0.02, 0.03, 0.02, 0.30, 0.025, 0.0, 0.0]])
-    assert attenuated_positions(a, [6], z=2.0) == [[4]]
-    flat = torch.tensor([[0.5, 0.1, 0.1, 0.1, 0.1]])
-    assert attenuated_positions(flat, [5], z=2.0) == [[1]], "no outlier: the largest position alone"
-    # with attenuation 1 (no edit) the attenuated prediction is the conditional one, so repel 0 gives
-    # plain CFG (up to the explicit attention's rounding) and repel r adds nothing either
-    plain = sd1(PROMPTS, generator=gen(), num_inference_steps=STEPS, output_type="pt").images
-    same = mitigate(sd1, PROMPTS, "attract_repel", (1.0, 1.0, 2.0), generator=gen(), num_inference_steps=STEPS,
-                    output_type="pt").images
-    torch.testing.assert_close(same, plain, rtol=0, atol=2e-4)
-    raw = _Raw(sd1)
-    try:
-        out, info = mitigate(sd1, PROMPTS, "attract_repel", (1.0, 0.1, 2.0), generator=gen(), num_inference_steps=4,
-                             output_type="pt", return_info=True)
-    finally:
-        raw.close()
-    # raw holds the test's call at x_T (the 2 conditional rows), then per step the CFG call and the
-    # attenuated call on the 2 conditional rows
-    assert len(raw.raw) == 1 + 4 * 2 and info["unet_calls_per_image"] == pytest.approx(4 + 4 * 0.5 + 0.5)
-    assert all(len(p) >= 1 for p in info["attenuated_positions"])
-    g = 7.5
-    for k, guided in enumerate(raw.guided):
-        u, c = raw.raw[1 + 2 * k]
-        a = torch.cat(raw.raw[2 + 2 * k])  # the extra call's output: 2 rows, chunked in halves by the hook
-        want = u + g * (a - u) + 1.0 * (a - c)
-        torch.testing.assert_close(guided, want, rtol=0, atol=float((u.abs() + g * a.abs()).max()) * 1e-5)
-
-
 def test_errors_and_families():
     pipe = tiny_pipeline("flux")
     pipe.set_progress_bar_config(disable=True)
-    for name in ("transition", "attention_rescale", "attract_repel"):
+    for name in ("transition", "attention_rescale", "zhao_guard"):
         with pytest.raises(UnsupportedPipeline, match=name):
             mitigate(pipe, "a cat", name, num_inference_steps=2)
     sd3 = tiny_pipeline("sd3")
@@ -212,7 +181,7 @@ def test_transition_on_sd3_and_sdxl_runs_and_changes_the_output():
 def test_public_api():
     assert sharpfast.mitigate is mitigate
     assert set(REGISTRY) >= {"sail", "wen_embedding", "random_tokens", "transition", "attention_rescale",
-                             "attract_repel", "sail+transition", "sail_guard"}
+                             "zhao_guard", "sail+transition", "sail_guard"}
     for m in REGISTRY.values():
         assert m.cost and m.knob and m.families and m.default in m.sweep, m.name
 
@@ -220,20 +189,21 @@ def test_public_api():
 def test_one_setting_grammar_for_every_method():
     """The three short setting strings are one grammar (<key><number> pairs in a declared order,
     bare words); what it refuses names the method and an example."""
-    from sharpfast.mitigations.attract_repel import attract_repel_setting
     from sharpfast.mitigations.noise import sail_setting
     from sharpfast.mitigations.transition import transition_setting
+    from sharpfast.mitigations.zhao_guard import ZhaoGuardConfig
 
     assert sail_setting("k1s3lr0.7") == {"candidates": 1, "max_steps": 3, "lr": 0.7}
     assert sail_setting("k2s4a3e-5") == {"candidates": 2, "max_steps": 4, "alpha": 3e-5, "project": False}
     assert transition_setting("s0t500") == (0.0, 500.0) and transition_setting("s-2t650") == (-2.0, 650.0)
     assert transition_setting("dyn") == (1.0, None) and transition_setting("s-1dyn") == (-1.0, None)
     assert transition_setting("t450") == (0.0, 450.0)
-    assert attract_repel_setting("r1") == (1.0, 0.1, 2.0) and attract_repel_setting("r0.5a0.01z3") == (0.5, 0.01, 3.0)
+    assert ZhaoGuardConfig.from_setting("r0.5a0.01t3") == ZhaoGuardConfig(0.5, 0.01, 3.0)
     refused = ((sail_setting, "s3k1", "SAIL"), (sail_setting, "k1", "SAIL"), (sail_setting, "k1.5s3", "SAIL"),
                (sail_setting, "k1s3k1", "SAIL"), (transition_setting, "t500s0", "transition"),
                (transition_setting, "s0", "transition"), (transition_setting, "s0t500dyn", "transition"),
-               (attract_repel_setting, "a0.1", "attract_repel"), (attract_repel_setting, "r1x2", "attract_repel"),
+               (ZhaoGuardConfig.from_setting, "a0.1", "zhao_guard"),
+               (ZhaoGuardConfig.from_setting, "r1x2", "zhao_guard"),
                (transition_setting, "zz9", "transition"))
     for fn, bad, name in refused:
         with pytest.raises(BadArgument, match=name):

@@ -202,7 +202,7 @@ def guard(pipe: Any, *, metric: str = DEFAULT_METRIC, threshold: str = "auto",
     `mitigated: True` only when the mitigation ran on it and passed the check the report states:
     for noise methods (sail, sail_guard, sail+transition) the guard's own metric at the new initial
     noise is under the guard's threshold (SAIL stops on that metric and threshold); for trajectory
-    methods (transition, attention_rescale, attract_repel) the method was applied to its images.
+    methods (transition, attention_rescale, zhao_guard) the method was applied to its images.
     Otherwise `mitigated: False` and `check` says why; both are counted in `guarded.stats`.
 
     Args:

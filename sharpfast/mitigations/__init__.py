@@ -7,13 +7,13 @@ what the pipeline call must get (other initial latents, prompts or embeddings) a
 runs under (sharpfast.mitigations.hooks: a guidance rule on the denoiser's output; edited
 cross-attention). `mitigate` and the serving guard both run a plan around the user's own
 `pipe(...)` call; the pipeline is left as it was (hooks and processors removed, also on error).
-A setting string ("s0t500", "k1s3lr0.7", "r1a0.1z2") is read by the one grammar of grammar.py.
+A setting string ("s0t500", "k1s3lr0.7", "r2a0.3t0.1") is read by the one grammar of grammar.py.
 
 The methods (each written from its paper; where public code exists its definition was read and
 is noted in its module): none; the SAIL family (sail.py: the algorithm; noise.py: sail,
 sail_alpha, sail_reference, sail_guard, sail+transition); random_tokens (Somepalli et al.);
 wen_embedding (Wen et al.); transition (Jain et al.); attention_rescale (Ren et al.);
-attract_repel (from GUARD's abstract). Adding a method: a module here that calls `register`
+zhao_guard (GUARD, as its authors' code runs it). Adding a method: a module here that calls `register`
 (every module of the package is imported) and its name in sharpfast.catalog.MITIGATIONS (the
 order the CLI lists them in; a test holds the two equal).
 """

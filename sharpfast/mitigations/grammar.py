@@ -1,7 +1,7 @@
 """The one grammar of the methods' short setting strings, parsed at the edge (the CLI, the
 harness's sweeps, a string given to `mitigate`): a run of <key><number> pairs in a declared
 order, plus declared bare words, e.g. "k1s3lr0.7" (SAIL), "s0t500" / "s-1dyn" (transition),
-"r1a0.1z2" (attract_repel)."""
+"r2a0.3t0.1" (zhao_guard)."""
 from __future__ import annotations
 
 import re

@@ -76,7 +76,7 @@ def mitigate(pipe: Any, prompt: Any, method: str = "transition", setting: Any = 
     Args:
         pipe: a supported diffusers pipeline (left as it was).
         prompt: a prompt or a list of prompts.
-        method: a registry name ("sail", "transition", "attention_rescale", "attract_repel",
+        method: a registry name ("sail", "transition", "attention_rescale", "zhao_guard",
             "sail+transition", "wen_embedding", "random_tokens", ...).
         setting: the method's main knob (default: the registry's default; see each method's
             `knob`), e.g. "s0t500" for transition, 1.25 for attention_rescale.
