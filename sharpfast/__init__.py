@@ -24,6 +24,7 @@ _LAZY = {
     "sail": ("mitigations.sail", "sail"),
     "mitigate": ("mitigations", "mitigate"),
     "guard": ("guarding", "guard"),
+    "Policy": ("guarding", "Policy"),
     "scan": ("scanning", "scan"),
 }
 

@@ -14,6 +14,9 @@ from __future__ import annotations
 BATCH_SIZE = 8  # prompts per denoiser call (detect, scan, calibrate, eval)
 SEED = 42  # the prompt on line i draws its initial noise from SEED + i (detect, scan, eval; sail's generator)
 FPR = 0.01  # false-positive rate of calibrated thresholds
+# the shares of normal captions a calibration records a cut at (calibration.json "<metric>": {"gate_0.3": ...}),
+# the gates and tiers a guard policy may use (sharpfast.guarding.policy)
+GATES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
 SAIL_DEFAULTS = {"paper": dict(candidates=1, max_steps=3, lr=0.7),
                  "reference": dict(candidates=8, max_steps=10, lr=0.05)}  # SAIL's knobs per objective
 GUARD_METRIC = "wen_low"  # the guard's default metric (why: docs/guard.md)

@@ -67,11 +67,13 @@ def calibration_from(pipe, prompts: list[str], source: str, fpr: float = 0.01) -
     (normal captions kept apart from every evaluation set; per image: n=1, step 1, DDIM 50, CFG
     7.5, seed 7) and SAIL's target (the sharpness under which only 10% of those images are)."""
     import sharpfast
+    from sharpfast.calibration.measure import gate_cuts
 
     res = sharpfast.detect(pipe, prompts, metrics=SHIPPED_METRICS, batch_size=50,
                            generator=torch.Generator().manual_seed(7), progress=True)
     cal = {m: {"threshold": sharpfast.calibrate(res.scores[m], fpr=fpr), "fpr": fpr, "prompts": len(prompts),
-               "num_images_per_prompt": 1, "steps": 1, "num_inference_steps": 50, "dtype": "float32"}
+               "num_images_per_prompt": 1, "steps": 1, "num_inference_steps": 50, "dtype": "float32",
+               **gate_cuts(res.scores[m])}
            for m in SHIPPED_METRICS}
     # SAIL's stopping level: as flat as the flattest 10% of normal prompts' images
     cal["sharpness"]["target"] = sharpfast.calibrate(res.scores["sharpness"], fpr=SAIL_TARGET_ABOVE)
@@ -147,15 +149,30 @@ def measure_args(doc: str, name: str, argv=None):
     p.add_argument("--model", required=True, help=f"the trained {name} model directory; prompts.json goes there")
     p.add_argument("--seeds", type=int, default=10, help="generations per prompt (default 10)")
     p.add_argument("--seed", type=int, default=0, help="the data seed the model was trained with (default 0)")
+    p.add_argument("--calibration-only", action="store_true",
+                   help="rewrite calibration.json only (the model and its prompts.json unchanged)")
     a = p.parse_args(argv)
     pipe = StableDiffusionPipeline.from_pretrained(a.model, local_files_only=True, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     return a, pipe
 
 
+def write_calibration(model: str, cal: dict) -> None:
+    """calibration.json into the model directory (and printed)."""
+    with open(os.path.join(model, "calibration.json"), "w", encoding="utf-8") as f:
+        json.dump(cal, f, indent=1)
+    print(json.dumps({k: v for k, v in cal.items() if k != "weights"}, indent=1))
+
+
 def main(argv=None):
     a, pipe = measure_args(__doc__, "digits", argv)
     data = build(seed=a.seed)
+    if a.calibration_only:
+        with open(os.path.join(a.model, "prompts.json"), encoding="utf-8") as f:
+            splits = json.load(f)["splits"]
+        write_calibration(a.model, calibrate(pipe, data, {r["prompt"] for k in ("non_memorized", "narrow")
+                                                          for r in splits[k]}))
+        return
     seeds = list(range(MEASURE_SEED0, MEASURE_SEED0 + a.seeds))
     dups = [dict(prompt=d.caption, memorized=None, digit=d.digit, train_index=d.train_index, duplicates=d.duplicates)
             for d in data.duplicates]
@@ -176,9 +193,7 @@ def main(argv=None):
         json.dump(doc, f, indent=1)
     print(json.dumps(summary, indent=1))
     cal = calibrate(pipe, data, {r["prompt"] for r in generic + narrow})
-    with open(os.path.join(a.model, "calibration.json"), "w", encoding="utf-8") as f:
-        json.dump(cal, f, indent=1)
-    print(json.dumps(cal, indent=1))
+    write_calibration(a.model, cal)
     with open(os.path.join(a.model, "README.md"), "w", encoding="utf-8") as f:
         f.write(model_card(a.model, doc, cal))
 

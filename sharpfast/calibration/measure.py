@@ -14,7 +14,7 @@ import torch
 from .. import validate
 from ..adapters import adapt
 from ..errors import BadArgument
-from ..settings import BATCH_SIZE, FPR
+from ..settings import BATCH_SIZE, FPR, GATES
 from .fingerprint import model_name, weights_fingerprint
 
 log = logging.getLogger("sharpfast.calibration")
@@ -102,6 +102,14 @@ def _record(pipe: Any, prompts: list, source: str, st: Any, fpr: float, seed: in
             "unet_calls": calls, "unet_rows": rows}
 
 
+def gate_cuts(scores: Any) -> dict:
+    """{"gate_<share>": the score above which that share of these normal prompts lies} for every
+    share of settings.GATES (a guard policy's gate and tiers read them)."""
+    from ..roc import calibrate
+
+    return {f"gate_{g:g}": calibrate(scores, fpr=g) for g in GATES}
+
+
 def calibrate_model(pipe: Any, prompts: Any = None, *, num_images_per_prompt: int = 1, fpr: float = FPR,
                     num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None, seed: int = 0,
                     metrics: Any = CALIBRATED_METRICS, batch_size: int = BATCH_SIZE, progress: bool = True,
@@ -156,7 +164,7 @@ def calibrate_model(pipe: Any, prompts: Any = None, *, num_images_per_prompt: in
             raise NonFiniteOutput(f"calibration: the {m} score of a normal prompt is not finite")
         cal[m] = {"threshold": calibrate(s, fpr=fpr), "fpr": fpr, "prompts": len(prompts),
                   "num_images_per_prompt": st.num_images_per_prompt, "steps": 1,
-                  "num_inference_steps": st.num_inference_steps, "median": float(s.median())}
+                  "num_inference_steps": st.num_inference_steps, "median": float(s.median()), **gate_cuts(s)}
     if "sharpness" in cal:
         cal["sharpness"]["target"] = calibrate(scores["sharpness"], fpr=TARGET_ABOVE)
         cal["sharpness"]["target_above"] = TARGET_ABOVE

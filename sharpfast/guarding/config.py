@@ -8,6 +8,8 @@ from typing import Any, Optional
 from .. import mitigations, settings, validate
 from ..errors import BadArgument
 from ..scores import REGISTRY
+from ..settings import FPR
+from .policy import ALWAYS, DEFAULT_POLICY, Policy
 
 GUARD_METRICS = tuple(REGISTRY)  # costs: REGISTRY[name].cost (wen and score_norm: no extra UNet call)
 # chosen on the tuning half of the digits model's memorized prompts (docs/mitigation.md; the
@@ -30,11 +32,20 @@ class GuardConfig:
     sail_kwargs: dict
     name: str
     calibrate_new: bool = True  # False: a request at a setting not calibrated before is refused (NotCalibrated)
+    policy: Policy = DEFAULT_POLICY
+
+    @property
+    def upfront(self) -> bool:
+        """Whether the mitigation is planned before the generation: every prompt is mitigated
+        with one setting by a trajectory method (no first step to restart)."""
+        return (self.method is not None and self.policy.always and not self.policy.tiers
+                and self.method.kind == "trajectory")
 
     @classmethod
     def build(cls, model: Any, metric: str, threshold: Any, mitigation: Any, setting: Any, sail_kwargs, name: str,
-              calibrate_new: bool = True) -> GuardConfig:
+              calibrate_new: bool = True, policy: Any = None) -> GuardConfig:
         """The checked configuration (BadArgument / UnsupportedPipeline naming what is wrong)."""
+        policy = DEFAULT_POLICY if policy is None else Policy.of(policy)
         if metric not in GUARD_METRICS:
             raise BadArgument(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
         if mitigation == "auto":
@@ -53,5 +64,16 @@ class GuardConfig:
                               "threshold (mitigation='sail_guard', setting=margin stops under margin x threshold)")
         if threshold != "auto":  # +inf is allowed (score only, never flag); NaN would silently flag nothing
             threshold = validate.finite(threshold, "threshold", allow_inf=True)
-        return cls(metric, threshold, mitigation, method, setting, sail_kwargs, str(name), bool(calibrate_new))
+            if policy.gate not in (FPR, ALWAYS):
+                raise BadArgument(f"a given threshold is the gate: drop it, or the policy's gate ({policy.gate:g})")
+        if policy.tiers:
+            if method is None or method.kind != "trajectory":
+                raise BadArgument(f"a policy's tiers set a trajectory method's strength per prompt; the guard's "
+                                  f"mitigation is {mitigation!r}")
+            read: Any = getattr(method.config, "from_setting", None)
+            for _, st in policy.tiers:
+                if read is not None:
+                    read(st)  # a bad tier setting is refused now, not in a request
+        return cls(metric, threshold, mitigation, method, setting, sail_kwargs, str(name), bool(calibrate_new),
+                   policy)
 

@@ -69,7 +69,7 @@ def _checker(m: Mitigation, ctx: Context, plan: Plan, metric: str, thr: float) -
 
 
 def regenerate(m: Mitigation, ctx: Context, setting: Any, sail_kwargs: dict, call_kwargs: dict,
-               on_planned: Optional[Callable[[], float]] = None) -> tuple:
+               on_planned: Optional[Callable[[], float]] = None, groups: Optional[list] = None) -> tuple:
     """The guard's second pass: m planned on the flagged rows of ctx (the others as they were), then
     ONE generation of the whole batch from ctx.latents, so the unflagged rows come out exactly as
     pipe(...) makes them.
@@ -81,18 +81,27 @@ def regenerate(m: Mitigation, ctx: Context, setting: Any, sail_kwargs: dict, cal
         sail_kwargs: SAIL's extra keywords, as the guard was given them.
         call_kwargs: the pipeline call's keyword arguments (callbacks included).
         on_planned: called after planning; its return value is stored as info["_planning_s"].
+        groups: (Context, setting) pairs on disjoint rows instead of (ctx, setting): one setting
+            per group (a policy's tiers), their plans run together in the one generation
+            (trajectory methods: each rewrites its own rows).
 
     Returns:
         (the pipeline's output, per prompt (mitigated, check), the plan's info).
     """
     inner = generator_states(ctx.generator)
-    plan, checker = guard_plan(m, ctx, setting, sail_kwargs)
+    parts = [guard_plan(m, c, st, sail_kwargs) for c, st in (groups or [(ctx, setting)])]
     restore_generators(ctx.generator, inner)  # SAIL's extra candidates must not move the request's generators
+    plan = parts[0][0]
+    for p, _ in parts[1:]:
+        plan = plan.merge(p)
     info = dict(plan.info)
     if on_planned is not None:
         info["_planning_s"] = on_planned()
     out = run_plan(ctx.pipe, ctx.prompts, plan, dict(call_kwargs, latents=plan.kwargs.get("latents", ctx.latents)))
-    return out, checker(), info
+    checks = [check() for _, check in parts]
+    # each group's checker reports its own prompts; the others read "not flagged"
+    merged = [next((c[i] for c in checks if c[i][1] != "not flagged"), checks[0][i]) for i in range(len(ctx.prompts))]
+    return out, merged, info
 
 
 def regenerate_flagged(pipe: Any, config: GuardConfig, req: RequestState, call: dict, states: Optional[list]) -> Any:
@@ -104,11 +113,32 @@ def regenerate_flagged(pipe: Any, config: GuardConfig, req: RequestState, call: 
     if noise is None:  # the draw prepare_latents made, which also advances the generators as it did
         noise = req.model.noise(req.images, *req.size, gens)
     start = time.perf_counter()
-    ctx = req.context(pipe, noise.to(req.model.device), gens, config.metric)
+    noise = noise.to(req.model.device)
+    ctx = req.context(pipe, noise, gens, config.metric)
+    assert req.decision is not None, "regenerating before the decision"
+    flagged = req.decision["flagged"].nonzero().view(-1).tolist()
+    by_setting: dict = {}
+    for i in flagged:
+        by_setting.setdefault(repr(req.decision["settings"][i]), (req.decision["settings"][i], []))[1].append(i)
+    groups = [(req.context(pipe, noise, gens, config.metric, prompts=idx), st) for st, idx in by_setting.values()]
     out, req.reports, info = regenerate(config.method, ctx, config.setting, config.sail_kwargs,
                                         dict(call, callback_on_step_end=req.watch_callback()),
-                                        on_planned=lambda: time.perf_counter() - start)
+                                        on_planned=lambda: time.perf_counter() - start,
+                                        groups=groups if len(groups) > 1 else [(ctx, groups[0][1])])
     req.added_s += info.pop("_planning_s", 0.0)
     req.sail_steps = info.get("optimizer_steps")
     return out
 
+
+
+def mitigate_all(pipe: Any, config: GuardConfig, req: RequestState, call: dict) -> Any:
+    """A policy that mitigates every prompt with one trajectory setting: the plan on every row
+    from the first step (nothing to decide first, no step restarted); the report's decision is
+    still made at the first step (the score is reported)."""
+    assert config.method is not None, "mitigating needs a mitigation"
+    ctx = req.context(pipe, call.get("latents"), call.get("generator"), config.metric,
+                      prompts=list(range(len(req.prompts))))
+    plan, checker = guard_plan(config.method, ctx, config.setting, config.sail_kwargs)
+    out = run_plan(pipe, req.prompts, plan, call)
+    req.reports = checker()
+    return out

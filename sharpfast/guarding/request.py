@@ -14,6 +14,8 @@ from .. import mitigations, validate
 from ..adapters import ScoreModel
 from ..errors import BadArgument, NonFiniteOutput, UsageError
 from ..scores import REGISTRY, Step
+from ..settings import FPR
+from .policy import DEFAULT_POLICY, Policy
 from .thresholds import Thresholds
 
 
@@ -43,6 +45,9 @@ class RequestState:
     decision: Optional[dict] = None
     reports: Optional[list] = None  # per prompt: (mitigated, check) of the mitigation
     sail_steps: Optional[int] = None
+    policy: Policy = DEFAULT_POLICY
+    cuts: Optional[dict] = None  # {share of normal captions: the score cut there} the policy reads
+    setting: Any = None  # the guard's own setting of its mitigation (a tier may raise it)
 
     @property
     def images(self) -> int:
@@ -89,7 +94,12 @@ class RequestState:
         bad = ~torch.isfinite(scores)
         if bool(bad.any()):  # finite predictions, yet no finite score (an overflow in the metric)
             raise NonFiniteOutput(f"the {metric} score of prompt {self.prompts[int(bad.nonzero()[0])]!r} is not finite")
-        return {"scores": scores, "flagged": scores > self.threshold}
+        cuts = dict(self.cuts or {})
+        if not self.policy.always:
+            cuts[float(self.policy.gate)] = self.threshold
+        picks = [self.policy.decide(float(v), cuts, self.setting) for v in scores.tolist()]
+        return {"scores": scores, "flagged": torch.tensor([m for m, _, _ in picks], dtype=torch.bool),
+                "settings": [st for _, st, _ in picks], "why": [w for _, _, w in picks]}
 
     def report(self, metric: str, mitigation: Any) -> list:
         """The per-prompt report the guard attaches to the output."""
@@ -99,8 +109,11 @@ class RequestState:
                                    for f in d["flagged"].tolist()]
         return [{"prompt": p, "score": float(s), "metric": metric, "threshold": self.threshold,
                  "threshold_source": self.threshold_source, "flagged": bool(f),
-                 "mitigated": bool(f) and m, "mitigation": mitigation if f else None, "check": c}
-                for p, s, f, (m, c) in zip(self.prompts, d["scores"], d["flagged"], reports)]
+                 "mitigated": bool(f) and m, "mitigation": mitigation if f else None,
+                 "setting": st if f and mitigation is not None else None, "policy": self.policy.text(),
+                 "decision": why, "check": c}
+                for p, s, f, (m, c), st, why in zip(self.prompts, d["scores"], d["flagged"], reports, d["settings"],
+                                                    d["why"])]
 
     def take_callback(self, call: dict) -> dict:
         """Take the user's step callback out of the call (it is chained after the guard's own)."""
@@ -129,18 +142,22 @@ class RequestState:
             return self.user_cb(pipe, i, t, cb_kwargs) if self.user_cb is not None else {}
         return on_step_end
 
-    def context(self, pipe: Any, noise, generator: Any, metric: str) -> mitigations.Context:
-        """The mitigation context of the flagged rows."""
-        assert self.decision is not None, "context() before decide()"
-        flagged = self.decision["flagged"].nonzero().view(-1).tolist()
-        rows = [i * self.n + j for i in flagged for j in range(self.n)]
+    def context(self, pipe: Any, noise, generator: Any, metric: str,
+                prompts: Optional[list] = None) -> mitigations.Context:
+        """The mitigation context of the flagged rows (or of those of `prompts`, indices)."""
+        if prompts is None:
+            assert self.decision is not None, "context() before decide()"
+            prompts = self.decision["flagged"].nonzero().view(-1).tolist()
+        rows = [i * self.n + j for i in prompts for j in range(self.n)]
         return mitigations.Context(pipe, self.model, self.prompts, self.n, noise, self.size[0], self.size[1],
                                    self.steps, self.guidance, generator, rows=rows,
                                    guard={"metric": metric, "threshold": self.threshold})
 
 
-def new_request(pipe: Any, thresholds: Thresholds, prompt: Any, kwargs: Any) -> RequestState:
-    """The request's state, every argument checked before the pipeline runs."""
+def new_request(pipe: Any, thresholds: Thresholds, prompt: Any, kwargs: Any, policy: Policy = DEFAULT_POLICY,
+                setting: Any = None) -> RequestState:
+    """The request's state, every argument checked before the pipeline runs (the policy's cuts
+    at the request's settings resolved too)."""
     model = ScoreModel(pipe, kwargs.get("max_sequence_length"))  # per request: the pipeline may have moved
     if "prompt_embeds" in kwargs:
         raise BadArgument("sharpfast.guard scores text prompts: pass prompt, not prompt_embeds")
@@ -150,7 +167,12 @@ def new_request(pipe: Any, thresholds: Thresholds, prompt: Any, kwargs: Any) -> 
     size = (st.height, st.width)
     validate.generators(kwargs.get("generator"), len(prompts) * n)
     validate.latents(kwargs.get("latents"), (len(prompts) * n, *model.latent_shape(*size)), size)
-    threshold = thresholds.at(steps, guidance, size)
-    return RequestState(model, prompts, n, size, threshold, guidance, steps,
-                    threshold_source=thresholds.source(steps, guidance, size))
+    gate = None if policy.always or policy.gate == FPR else float(policy.gate)
+    threshold = thresholds.at(steps, guidance, size, share=gate)
+    cuts = {share: thresholds.at(steps, guidance, size, share=share) for share, _ in policy.tiers}
+    source = thresholds.source(steps, guidance, size)
+    if gate is not None:
+        source = f"the cut of {gate:g} of normal captions; {source}"
+    return RequestState(model, prompts, n, size, threshold, guidance, steps, threshold_source=source,
+                        policy=policy, cuts=cuts, setting=setting)
 

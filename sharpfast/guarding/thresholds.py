@@ -33,31 +33,35 @@ class Thresholds:
                 float(self.defaults["guidance_scale"] if guidance is None else guidance), int(h), int(w))
 
     def at(self, steps: Optional[int] = None, guidance=None, size: Any = None, *,
-           allow_new: Optional[bool] = None) -> float:
-        """The threshold at a setting (resolved on first use where allowed)."""
-        if self.given != "auto":
+           allow_new: Optional[bool] = None, share: Optional[float] = None) -> float:
+        """The threshold at a setting (resolved on first use where allowed): the cut above which
+        `share` of the model's normal captions lie (None: the calibrated false-positive rate)."""
+        if self.given != "auto" and share is None:
             return float(self.given)
         key = self.key(steps, guidance, size)
+        cal_key = "threshold" if share is None else f"gate_{share:g}"
         with self._lock:
-            if key not in self._table:
+            if (*key, cal_key) not in self._table:
                 if not (self.calibrate_new if allow_new is None else allow_new):
                     raise NotCalibrated(f"no calibrated threshold at {describe(key)}; this guard serves "
-                                        f"{', '.join(describe(k) for k in self._table) or 'no setting yet'}")
+                                        f"{', '.join(describe(k) for k in self.settings_locked()) or 'no setting yet'}")
                 from ..calibration import resolve
 
-                found = resolve(self.pipe, self.metric, "threshold", num_inference_steps=key[0], guidance_scale=key[1],
+                found = resolve(self.pipe, self.metric, cal_key, num_inference_steps=key[0], guidance_scale=key[1],
                                 height=key[2], width=key[3])
                 value = validate.finite(found.value, f"the calibrated threshold ({found.source})", allow_inf=True)
-                self._table[key], self.sources[key] = value, f"{found.source} ({describe(key)})"
-                log.info("sharpfast.guard: %s > %.4g at %s (%s)", self.metric, value, describe(key), found.source)
-            return self._table[key]
+                self._table[(*key, cal_key)] = value
+                self.sources[(*key, cal_key)] = f"{found.source} ({describe(key)})"
+                log.info("sharpfast.guard: %s %s %.4g at %s (%s)", self.metric, cal_key, value, describe(key),
+                         found.source)
+            return self._table[(*key, cal_key)]
 
     def source(self, steps: Optional[int] = None, guidance=None, size: Any = None) -> str:
         """Where the threshold at a setting came from."""
         if self.given != "auto":
             return "given"
         self.at(steps, guidance, size)
-        return self.sources[self.key(steps, guidance, size)]
+        return self.sources[(*self.key(steps, guidance, size), "threshold")]
 
     def size(self, height: Optional[int], width: Optional[int]) -> tuple:
         """(height, width) checked, the model's default filling a None."""
@@ -67,7 +71,11 @@ class Thresholds:
     def settings(self) -> list:
         """The (steps, guidance, height, width) resolved so far."""
         with self._lock:
-            return list(self._table)
+            return self.settings_locked()
+
+    def settings_locked(self) -> list:
+        """settings() with the lock held by the caller."""
+        return list(dict.fromkeys(k[:4] for k in self._table))
 
 
 def describe(key: tuple) -> str:

@@ -36,7 +36,7 @@ from ..errors import UsageError
 from ..mitigations.hooks import DenoiserHook, HookRegistry, prediction_of
 from ..monitoring import GuardStats
 from .config import DEFAULT_METRIC, DEFAULT_MITIGATION, GuardConfig
-from .regenerate import generator_states, regenerate_flagged
+from .regenerate import generator_states, mitigate_all, regenerate_flagged
 from .request import FlaggedAtFirstStep, new_request
 from .thresholds import Thresholds
 
@@ -155,9 +155,11 @@ class Guard:
     def _call(self, prompt: Any, kwargs: Any) -> tuple:
         if self._capture is None:
             raise UsageError("this guard was removed; create a new one with sharpfast.guard(pipe)")
-        req = new_request(self.pipe, self._thresholds, prompt, kwargs)
+        req = new_request(self.pipe, self._thresholds, prompt, kwargs, self.config.policy, self.setting)
         call = req.take_callback(dict(kwargs))
-        call["callback_on_step_end"] = req.step_callback(self.metric, stop_if_flagged=self.method is not None)
+        upfront = self.config.upfront
+        call["callback_on_step_end"] = req.step_callback(self.metric,
+                                                         stop_if_flagged=self.method is not None and not upfront)
         self._local.request = req
         try:
             with self._lock:
@@ -165,7 +167,8 @@ class Guard:
                     call["latents"] = req.model.noise(req.images, *req.size)  # the global RNG's draw, reusable
                 states = generator_states(call.get("generator"))
                 try:
-                    out = self.pipe(req.prompts, **call)
+                    out = (mitigate_all(self.pipe, self.config, req, call) if upfront
+                           else self.pipe(req.prompts, **call))
                 except FlaggedAtFirstStep:
                     out = regenerate_flagged(self.pipe, self.config, req, call, states)
             req.check_finite()
@@ -194,7 +197,7 @@ class Guard:
 
 def guard(pipe: Any, *, metric: str = DEFAULT_METRIC, threshold: str = "auto",
           mitigation: Optional[str] = DEFAULT_MITIGATION, setting: Any = None, sail_kwargs=None, name: str = "default",
-          calibrate_new: bool = True) -> Guard:
+          calibrate_new: bool = True, policy: Any = None) -> Guard:
     """Wrap a stock pipeline for serving.
 
     guard(pipe)(prompt, **pipe_kwargs) returns pipe's own output with `.memorization`: per prompt
@@ -222,6 +225,11 @@ def guard(pipe: Any, *, metric: str = DEFAULT_METRIC, threshold: str = "auto",
             it (default); False serves only the settings resolved by `guarded.calibrate(...)`
             before, and refuses others with NotCalibrated (a server's request never waits for a
             calibration).
+        policy: which prompts are mitigated and how strongly (sharpfast.guarding.Policy, or its
+            text): a gate as the share of the model's normal captions mitigated ("0.3": the cut
+            above which 30% of them score, from the model's calibration), "always", and tiers
+            that raise the setting further above it ("0.3,0.01:s0t300"). Default: the gate at
+            the calibrated false-positive rate (1%). Each report says the decision and why.
 
     Returns:
         A Guard: call it as the pipeline; `.stats`, `.register_prometheus()`, `.remove()`.
@@ -233,4 +241,4 @@ def guard(pipe: Any, *, metric: str = DEFAULT_METRIC, threshold: str = "auto",
     """
     model = ScoreModel(pipe)  # raises UnsupportedPipeline now, not at the first request
     return Guard(pipe, GuardConfig.build(model, metric, threshold, mitigation, setting, sail_kwargs, name,
-                                         calibrate_new), model)
+                                         calibrate_new, policy), model)

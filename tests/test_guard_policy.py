@@ -1,0 +1,93 @@
+"""The guard's policy: a gate as a share of the model's normal captions (its cut read from the
+calibration), "always", and tiers that raise the strength per prompt; each image's report says
+what was decided and why; the outputs are those of `mitigate` with the decided setting."""
+import json
+
+import pytest
+import torch
+
+import sharpfast
+from sharpfast.errors import BadArgument
+from sharpfast.guarding import Policy
+from sharpfast.mitigations.hooks import CallCounter
+from sharpfast.testing import tiny_pipeline
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    p = sharpfast.zoo.load("digits")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_policy_text_and_errors():
+    assert Policy.parse("0.3,0.01:s0t300") == Policy(0.3, ((0.01, "s0t300"),))
+    assert Policy.parse("always").always and Policy.parse("always").text() == "always"
+    assert Policy.parse("0.5,0.01:s0t300,0.1:s0t400").tiers == ((0.1, "s0t400"), (0.01, "s0t300"))
+    for bad in ("0.25", "", "0.3,0.01", "0.3,0.5:s0t300", "nan", "-1", "0.3,x:s0t300"):
+        with pytest.raises(BadArgument):
+            Policy.parse(bad)
+    with pytest.raises(BadArgument):
+        Policy(True)
+
+
+def test_decide_by_hand():
+    cuts = {0.3: 1.0, 0.01: 2.0}
+    p = Policy(0.3, ((0.01, "strong"),))
+    assert p.decide(0.5, cuts, "base")[:2] == (False, "base")
+    assert p.decide(1.5, cuts, "base")[:2] == (True, "base")
+    assert p.decide(2.5, cuts, "base")[:2] == (True, "strong")
+    assert p.decide(1.0, cuts, "base")[0] is False, "flagged is score > cut"
+    assert Policy("always").decide(-1e9, {}, "base")[:2] == (True, "base")
+
+
+def test_gate_reads_the_calibrated_cut_and_tiers_set_the_strength(digits):
+    cal = json.load(open(sharpfast.zoo.path("digits") + "/calibration.json"))["wen_low"]
+    mem = [r["prompt"] for r in sharpfast.zoo.prompts("digits", "memorized")[:2]]
+    normal = [r["prompt"] for r in sharpfast.zoo.prompts("digits", "non_memorized")[:2]]
+    prompts = mem + normal
+    kw = dict(num_inference_steps=50, output_type="pt")
+    with sharpfast.guard(digits, policy="0.3,0.01:s0t300") as g:
+        out = g(prompts, generator=[gen(i) for i in range(4)], **kw)
+    reps = out.memorization
+    assert all(r["threshold"] == cal["gate_0.3"] and r["policy"] == "0.3,0.01:s0t300" for r in reps)
+    for i, r in enumerate(reps):
+        assert r["flagged"] == (r["score"] > cal["gate_0.3"]), r
+        strong = r["score"] > cal["gate_0.01"]
+        assert r["setting"] == (("s0t300" if strong else "s0t450") if r["flagged"] else None), r
+        assert ("0.01 cut" in r["decision"]) == (strong and r["flagged"]), r["decision"]
+        # the image is mitigate()'s with the decided setting, or plain pipe(...)'s
+        if r["flagged"]:
+            want = sharpfast.mitigate(digits, prompts[i], "transition", r["setting"], generator=gen(i), **kw).images
+        else:
+            want = digits(prompts[i], generator=gen(i), **kw).images
+        torch.testing.assert_close(out.images[i:i + 1], want, rtol=0, atol=1e-5)
+    assert any(r["setting"] == "s0t300" for r in reps) and any(not r["flagged"] for r in reps), \
+        "the test needs both a strong tier and an unflagged prompt"
+
+
+def test_always_mitigates_every_prompt_without_restarting_a_step():
+    p = tiny_pipeline("sd1")
+    p.set_progress_bar_config(disable=True)
+    prompts = ["a red house by the sea", "two dogs"]
+    kw = dict(num_inference_steps=5, output_type="pt")
+    want = sharpfast.mitigate(p, prompts, "transition", "s0t500", generator=gen(), **kw).images
+    with sharpfast.guard(p, metric="wen", threshold=float("inf"), setting="s0t500", policy="always") as g:
+        with CallCounter(sharpfast.adapters.adapt(p)).counting() as count:
+            out = g(prompts, generator=gen(), **kw)
+    assert all(r["flagged"] and r["mitigated"] and r["decision"] == "policy always" for r in out.memorization)
+    torch.testing.assert_close(out.images, want, rtol=0, atol=1e-6)
+    assert count.rows == 5 * 2 * len(prompts), "one generation, no step restarted, wen costs no call"
+
+
+def test_tiers_need_a_trajectory_method_and_valid_settings(digits):
+    with pytest.raises(BadArgument, match="tiers"):
+        sharpfast.guard(digits, mitigation="sail_guard", policy="0.3,0.01:1.0")
+    with pytest.raises(BadArgument, match="transition"):
+        sharpfast.guard(digits, policy="0.3,0.01:zz9")
+    with pytest.raises(BadArgument, match="gate"):
+        sharpfast.guard(digits, threshold=0.5, policy="0.3")
