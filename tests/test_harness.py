@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import sharpfast
 from sharpfast import zoo
 from sharpfast.cli import main
 
@@ -241,16 +242,34 @@ def test_eval_guard_reports_both_sides_and_resumes(tmp_path, capsys):
     assert main(args) == 0
     doc = json.loads((tmp_path / "guard.json").read_text())
     lines = [json.loads(line) for line in (tmp_path / "guard.jsonl").read_text().splitlines()]
-    rows = [r for r in lines if "_commit" not in r]  # the one result format: a commit log of batches
-    assert len(rows) == 4 and doc["used"]["mitigation"] == "transition"
+    every = [r for r in lines if "_commit" not in r]  # the one result format: a commit log of batches
+    rows = [r for r in every if r["memorized"]]
+    normal = [r for r in every if not r["memorized"]]
+    assert len(rows) == 4 and len(normal) == 8 and doc["used"]["mitigation"] == "transition"
     s = doc["summary"]
     for side in ("plain", "guard"):
         near = [r[side]["similarity"] >= 0.8 for r in rows]
         copies = [r[side]["similarity"] >= 0.8 and r[side]["nearest_is_target"] for r in rows]
         assert s[side]["near_at_0.8"] == pytest.approx(sum(near) / 4)
         assert s[side]["copies_at_0.8"] == pytest.approx(sum(copies) / 4)
+        assert s["normal"][side]["fidelity"] == pytest.approx(sum(r[side]["fidelity"] for r in normal) / 8)
     assert s["flagged"] == pytest.approx(sum(r["flagged"] for r in rows) / 4)
+    assert s["normal"]["mitigated"] == pytest.approx(sum(r["mitigated"] for r in normal) / 8)
+    assert {r["prompt"] for r in normal} <= {r["prompt"] for r in sharpfast.zoo.prompts("digits", "non_memorized")}
     assert all(r["mitigated"] == r["flagged"] for r in rows), "transition is applied to every flagged prompt"
-    assert s["time_ratio"] > 0 and "guarded / plain time" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert s["time_ratio"] > 0 and "guarded / plain time" in out and "normal prompts: mitigated" in out
     assert main(args) == 0
     assert (tmp_path / "guard.jsonl").read_text().splitlines() == [json.dumps(r) for r in lines], "a rerun resumes"
+
+
+def test_eval_guard_policy_frontier(tmp_path):
+    """Several --policy: one resumable run each and the frontier; 'always' mitigates every prompt."""
+    args = ["eval", "guard", "--model", "digits", "--limit", "1", "--seeds", "1", "--num-inference-steps", "6",
+            "--policy", "0.3", "--policy", "always", "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0
+    points = json.loads((tmp_path / "guard_frontier.json").read_text())
+    assert [p["policy"] for p in points] == ["0.3", "always"]
+    always = points[1]["summary"]
+    assert always["mitigated"] == 1.0 and always["normal"]["mitigated"] == 1.0
+    assert (tmp_path / "guard_frontier.png").stat().st_size > 10_000

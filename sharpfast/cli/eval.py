@@ -36,14 +36,16 @@ def _guard_parser(esub) -> None:
     """eval guard: the guard as served against plain pipe(...)."""
     gd = esub.add_parser(
         "guard",
-        help="memorized prompts through sharpfast.guard(pipe) against plain pipe(...)",
-        description="Generate each memorized prompt of the half once per seed plainly and once "
-        "through sharpfast.guard(pipe) (its defaults unless given), from the same "
-        "generators in the same run; report copies, near copies at 0.8, fidelity, "
-        "flagged / mitigated shares and the guarded / plain time. Writes OUT/guard.json "
-        "(resumable).",
+        help="memorized and normal prompts through sharpfast.guard(pipe) against plain pipe(...)",
+        description="Generate each memorized and each normal prompt of the half once per seed plainly and "
+        "once through sharpfast.guard(pipe) (its defaults unless given), from the same "
+        "generators in the same run; report, for the memorized prompts, copies, near copies at 0.8 and "
+        "fidelity, for the normal ones the share mitigated and their fidelity, and for both the "
+        "guarded / plain time. Writes OUT/guard.json (resumable); with several --policy, one run each "
+        "and the policy frontier OUT/guard_frontier.png.",
     )
-    options.add(gd, "eval guard", *_COMMON, "--half", "--seeds", "--metric", "--mitigation", "--setting", "--limit")
+    options.add(gd, "eval guard", *_COMMON, "--half", "--seeds", "--metric", "--mitigation", "--setting", "--limit",
+                "--policy", "--no-normal")
 
 
 class EvalCommand:
@@ -118,16 +120,26 @@ def _memorized_half(args: Any, what: str) -> list:
 
 def _run_guard(args: Any, device: Any, dtype: Any) -> int:
     from .. import zoo
-    from ..harness import guard_eval
+    from ..guarding import Policy
+    from ..harness import guard_eval, mitigate_eval
 
     records = _memorized_half(args, "guard")
+    normal = [] if args.no_normal else mitigate_eval.halves(zoo.prompts(args.model, "non_memorized"))[args.half]
+    policies: list = [Policy.of(p) for p in args.policy or []] or [None]  # checked before loading the model
     pipe = load_model(args.model, device, dtype)
-    summary = guard_eval.run(pipe, records, zoo.judge(args.model, pipe), seeds=tuple(range(args.seeds)),
-                             metric=args.metric,
-                             mitigation=None if args.mitigation == "none" else args.mitigation,
-                             setting=None if args.setting is None else _knob(args.setting), out_dir=args.out,
-                             batch_prompts=args.batch_size, num_inference_steps=args.num_inference_steps,
-                             guidance_scale=args.guidance_scale, progress=not args.quiet)
+    kw = dict(seeds=tuple(range(args.seeds)), metric=args.metric,
+              mitigation=None if args.mitigation == "none" else args.mitigation,
+              setting=None if args.setting is None else _knob(args.setting), batch_prompts=args.batch_size,
+              num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+              progress=not args.quiet, normal=normal[:None if args.limit is None else 2 * args.limit])
+    judge = zoo.judge(args.model, pipe)
+    if len(policies) > 1:
+        points = guard_eval.frontier(pipe, records, judge, policies, out_dir=args.out, model=args.model, **kw)
+        for p in points:
+            print(f"policy {p['policy']}:\n{guard_eval.format_summary(p['summary'])}\n")
+        print(f"wrote {args.out}/guard_frontier.json and {args.out}/guard_frontier.png")
+        return 0
+    summary = guard_eval.run(pipe, records, judge, out_dir=args.out, policy=policies[0], **kw)
     print(guard_eval.format_summary(summary))
     print(f"\nwrote {args.out}/guard.json")
     return 0
