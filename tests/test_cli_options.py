@@ -123,3 +123,16 @@ def test_serve_takes_the_shared_name(old):
     serve = dict(commands())["serve"]
     assert old not in {a.option_strings[0] for a in options_of(serve)}
     assert "--num-inference-steps" in {a.option_strings[0] for a in options_of(serve)}
+
+
+def test_help_says_what_each_option_is_where_it_is_used():
+    """Issue 33, item 11: sail's --threshold is SAIL's target (not a flag), its --seed the generator's;
+    --mitigation says what auto is; --seed speaks of rows, not lines only."""
+    from sharpfast import settings
+
+    helps = {(name, a.option_strings[0]): a.help for name, p in commands() for a in options_of(p)}
+    assert "target" in helps[("sail", "--threshold")] and "flag" not in helps[("sail", "--threshold")]
+    assert "generator" in helps[("sail", "--seed")]
+    assert "row i" in helps[("scan", "--seed")]
+    method, setting = settings.GUARD_MITIGATIONS[0]
+    assert f"{method} {setting}" in helps[("serve", "--mitigation")]

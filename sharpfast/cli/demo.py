@@ -15,7 +15,7 @@ class DemoCommand:
     def register(sub: Any) -> None:
         demo = sub.add_parser(
             "demo",
-            help="detection and mitigation on the bundled digits model (a few minutes on CPU)",
+            help="detection and mitigation on the bundled digits model (about half a minute on a 2-core CPU)",
             description="Load the bundled digits pipeline, score its prompt sets, print the AUC / "
             "TPR table, mitigate a few memorized prompts and write OUT/roc.png, "
             "OUT/before_after.png and OUT/results.jsonl.",

@@ -81,11 +81,15 @@ _METRICS = ", ".join(catalog.METRICS)
 OPTIONS: dict[str, Option] = {
     "--model": Option("'digits' or 'scenes' (the bundled models) or a local diffusers model directory "
                       "(safetensors, loaded offline)", required=True, metavar="DIR|digits|scenes"),
-    "--metrics": Option(f"comma list of metrics: {_METRICS} (default wen,sharpness)", default=["wen", "sharpness"],
+    "--metrics": Option(f"comma list of metrics: {_METRICS} (default {','.join(settings.DEFAULT_METRICS)})",
+                        default=list(settings.DEFAULT_METRICS),
                         type=csv),
     "--metric": Option(f"the guard's metric, one of {_METRICS} (default {settings.GUARD_METRIC})",
                        default=settings.GUARD_METRIC, choices=catalog.METRICS),
-    "--mitigation": Option(f"the guard's mitigation: auto (default), none, or one of {', '.join(catalog.MITIGATIONS)}",
+    "--mitigation": Option("the guard's mitigation: auto (default: "
+                           + " where the model family has it, else ".join(f"{m} {st}" for m, st in
+                                                                           settings.GUARD_MITIGATIONS)
+                           + f"), none (report only), or one of {', '.join(catalog.MITIGATIONS)}",
                            default="auto", choices=("auto", *catalog.MITIGATIONS)),
     "--n": Option("images per prompt, averaged (default 1)", default=1, type=int),
     "--steps": Option("first sampling steps averaged (default 1)", default=1, type=int),
@@ -95,8 +99,8 @@ OPTIONS: dict[str, Option] = {
                            type=int),
     "--hvp": Option("Hessian-vector product of sharpness: fd (finite difference, default) or jvp (exact)",
                     default="fd", choices=catalog.HVP_MODES),
-    "--seed": Option(f"the prompt on line i draws its noise from seed + i (sail: the generator's seed) "
-                     f"(default {settings.SEED})", default=settings.SEED, type=int),
+    "--seed": Option(f"the prompt in row i of the file (a line of .txt, a record of .jsonl or .parquet, from 0) "
+                     f"draws its noise from seed + i (default {settings.SEED})", default=settings.SEED, type=int),
     "--threshold": Option("flag above this score: a number, 'auto' (default: the model's calibration at these "
                           "settings, beside the model, cached, or made once on the built-in captions) or 'none'",
                           default="auto"),
@@ -117,7 +121,8 @@ OPTIONS: dict[str, Option] = {
                            type=int),
     "--max-steps": Option(f"Adam steps at most (default {settings.SAIL_DEFAULTS['paper']['max_steps']})", type=int),
     "--calibrate-on": Option("file of known-normal prompts: threshold at --fpr of their scores"),
-    "--flag-metric": Option("metric the flag uses (default: the last of --metrics)"),
+    "--flag-metric": Option(f"metric the flag uses (default: {settings.GUARD_METRIC}, the guard's detector, when among "
+                            f"--metrics, else the last of them)"),
     "--column": Option("prompt field / column (default: prompt, else caption)"),
     "--id-field": Option("field / column holding a stable prompt id (default: the row number)"),
     "--memorized": Option("memorized prompts (.txt, one a line, or .jsonl with 'prompt'; or a shipped set: "
@@ -183,6 +188,7 @@ COMMAND_DEFAULTS: dict[tuple, dict] = {
                                      "generic captions; SHARPFAST_CALIBRATION=quick: 64 of them, a first try)"),
     # a grid of images for one prompt, not a score averaged over images
     ("sail", "--n"): dict(default=4, help="images in the grid (default 4)"),
+
     # the evaluation sweeps a list of settings
     ("eval detect", "--n"): dict(default=[1, 4], type=ints, help="images per prompt, comma list (default 1,4)"),
     ("eval detect", "--steps"): dict(default=[1, 5], type=ints, help="first sampling steps averaged, comma list "
@@ -195,18 +201,26 @@ COMMAND_DEFAULTS: dict[tuple, dict] = {
     ("eval guard", "--half"): dict(default="B", help="memorized prompts at odd positions (B, default: held out from "
                                    "the choice of the guard's defaults), even positions (A) or all"),
 }
+# (command, flag) -> its help where the same concept (same default) reads differently there
+HELP_OF: dict[tuple, str] = {
+    # SAIL's own numbers: its generator and its stopping target, not a file row's seed or a flag
+    ("sail", "--seed"): f"the generator's seed (default {settings.SEED})",
+    ("sail", "--threshold"): "SAIL's target: an image's noise is optimized until its sharpness is under it; a "
+                             "number or 'auto' (default: the model's calibrated target, the sharpness only the "
+                             "flattest 10%% of normal prompts' images reach)",
+}
 OVERRIDABLE = {"--out", "--prompts", "--n", "--steps", "--metrics", "--seeds", "--half"}
 
 
 def spec(command: str, flag: str) -> Option:
     """The option `flag` as `command` has it (OPTIONS with the command's exception, if any)."""
-    base = OPTIONS[flag]
-    own = COMMAND_DEFAULTS.get((command, flag)) or COMMAND_DEFAULTS.get((command.split()[0], flag))
-    if not own:
-        return base
     from dataclasses import replace
 
-    return replace(base, **own)
+    base = OPTIONS[flag]
+    if (command, flag) in HELP_OF:
+        base = replace(base, help=HELP_OF[(command, flag)])
+    own = COMMAND_DEFAULTS.get((command, flag)) or COMMAND_DEFAULTS.get((command.split()[0], flag))
+    return replace(base, **own) if own else base
 
 
 def add(parser: Any, command: str, *flags: str) -> None:

@@ -71,9 +71,10 @@ class ScanCommand:
             progress=not args.quiet,
         )
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{summary['rows']} rows: {summary['scored']} scored, {summary['skipped']} skipped "
-                  f"{summary['skipped_by_reason'] or ''}, {summary['flagged']} flagged "
-                  + (f"({summary['flag_metric']} > {summary['threshold']:.4g}; threshold from "
+            why = summary["skipped_by_reason"]
+            print(f"{summary['rows']} rows: {summary['scored']} scored, {summary['skipped']} skipped"
+                  + (f" {why}" if why else "") + f", {summary['flagged']} flagged "
+                  + (f"({summary['flag_metric']} > {summary['threshold']:.4g}; threshold: "
                      f"{summary['threshold_source']})" if summary["threshold"] is not None else "(no threshold)"))
             for r in summary["top_flagged"]:
                 print(f"  {r[summary['flag_metric']]:10.4f}  #{r['id']}  {r['prompt'][:100]}")
