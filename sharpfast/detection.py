@@ -22,7 +22,7 @@ from .curvature import EstimatorOptions
 from .errors import BadArgument
 from .results import DetectionResult
 from .scores import HVP_MODES, METRICS, step_metrics
-from .settings import BATCH_SIZE
+from .settings import BATCH_SIZE, DEFAULT_METRICS
 
 
 def _check_args(prompts: list, metrics: Any, steps: int, num_inference_steps: int, batch_size: int, hvp: str) -> tuple:
@@ -89,7 +89,7 @@ def _score_batches(model: Any, prompts: list, latents: Tensor, n: int, metrics: 
     return per_image, warnings
 
 
-def detect(pipe: Any, prompts: list, *, metrics: Any = ("wen", "sharpness"), num_images_per_prompt: int = 1,
+def detect(pipe: Any, prompts: list, *, metrics: Any = DEFAULT_METRICS, num_images_per_prompt: int = 1,
            steps: int = 1, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
            generator: Optional[Any] = None, latents: Optional[Tensor] = None, batch_size: int = BATCH_SIZE,
            hvp: str = "fd", progress: bool = True, height: Optional[int] = None, width: Optional[int] = None,
@@ -102,7 +102,8 @@ def detect(pipe: Any, prompts: list, *, metrics: Any = ("wen", "sharpness"), num
         pipe: a supported diffusers pipeline, or its `sharpfast.adapters.ScoreModel` to share one
             across many calls on equal batches (it keeps the null prompt's embeddings).
         prompts: a prompt or a list of prompts (none empty).
-        metrics: registry names (sharpfast.scores.METRICS).
+        metrics: registry names (sharpfast.scores.METRICS); default wen, sharpness and the guard's
+            detector (sharpfast.settings.DEFAULT_METRICS).
         num_images_per_prompt: images per prompt (the scores are their mean).
         steps: first sampling steps averaged.
         num_inference_steps: the schedule's steps (default: the pipeline's own, sharpfast.settings).

@@ -162,7 +162,7 @@ def _check_flagging(metrics: Any, flag_metric: Optional[str], threshold: Any, ca
     from .scores import METRICS
 
     metrics = list(validate.metrics(metrics, METRICS))
-    flag_metric = flag_metric or metrics[-1]
+    flag_metric = flag_metric or (settings.GUARD_METRIC if settings.GUARD_METRIC in metrics else metrics[-1])
     if flag_metric not in metrics:
         raise BadArgument(f"flag_metric {flag_metric!r} is not among the metrics {metrics}")
     if calibrate_on is not None:
@@ -174,8 +174,9 @@ def _check_flagging(metrics: Any, flag_metric: Optional[str], threshold: Any, ca
     return metrics, flag_metric, threshold
 
 
-def scan(pipe: Any, prompts: str, out_dir: str, *, metrics: Any = ("wen", "sharpness"), num_images_per_prompt: int = 1,
-         batch_size: int = settings.BATCH_SIZE, threshold: str = "auto", calibrate_on: Optional[str] = None,
+def scan(pipe: Any, prompts: str, out_dir: str, *, metrics: Any = settings.DEFAULT_METRICS,
+         num_images_per_prompt: int = 1, batch_size: int = settings.BATCH_SIZE, threshold: str = "auto",
+         calibrate_on: Optional[str] = None,
          fpr: float = settings.FPR, flag_metric: Optional[str] = None, column: Optional[str] = None,
          id_field: Optional[str] = None, seed: int = settings.SEED, num_inference_steps: Optional[int] = None,
          guidance_scale: Optional[float] = None, model_name: Optional[str] = None, overwrite: bool = False,
@@ -183,7 +184,8 @@ def scan(pipe: Any, prompts: str, out_dir: str, *, metrics: Any = ("wen", "sharp
     """Scan the prompt file `prompts` (.txt, .jsonl, .parquet) and write OUT as described above.
 
     Returns the summary (on every rank; rank 0 wrote it). A prompt is flagged when its score of
-    flag_metric (default the last of metrics) is above the threshold: threshold="auto" (default)
+    flag_metric (default: the guard's detector, settings.GUARD_METRIC, when among the metrics, else the
+    last of them) is above the threshold: threshold="auto" (default)
     takes the model's calibration at the scan's settings (sharpfast.calibration: beside the model,
     the per-user cache, or calibrated once on the built-in generic captions), a number is used as
     given, None flags nothing; calibrate_on=FILE calibrates on those known-normal prompts at fpr.

@@ -19,7 +19,9 @@ FPR = 0.01  # false-positive rate of calibrated thresholds
 GATES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
 SAIL_DEFAULTS = {"paper": dict(candidates=1, max_steps=3, lr=0.7),
                  "reference": dict(candidates=8, max_steps=10, lr=0.05)}  # SAIL's knobs per objective
-GUARD_METRIC = "wen_low"  # the guard's default metric (why: docs/guard.md)
+GUARD_METRIC = "wen_low"  # THE default detector: the guard decides on it, scan flags on it (why: docs/guard.md)
+# what detect and scan score by default: the two the paper defines, and the detector the flags use
+DEFAULT_METRICS = ("wen", "sharpness", GUARD_METRIC)
 # the guard's mitigation="auto": the first (method, setting) the model family has. transition s0t450 (no
 # guidance above t = 450): the fewest copies at fidelity >= 0.95 with no extra UNet call on half A of
 # the digits memorized prompts (docs/mitigation.md); else SAIL stopping on the guard's metric (Flux)

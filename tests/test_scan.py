@@ -242,3 +242,21 @@ def test_full_disk_mid_write_and_during_the_merge(pipe, tmp_path, monkeypatch):
     monkeypatch.setattr(scanning.os, "replace", real_replace)
     s = sharpfast.scan(pipe, src, out, metrics=("wen",), batch_size=3, num_inference_steps=10, progress=False)
     assert s["scored"] == 9 and [r["row"] for r in results(out)] == list(range(9))
+
+
+def test_scan_flags_on_the_guards_detector_by_default(tmp_path):
+    """Issue 33, item 1: scan's defaults flag on the detector the guard decides on (one place:
+    settings.GUARD_METRIC), so a corpus audit finds what the guard would: on the bundled digits
+    model, the guard's 1% threshold and the calibrated cut agree, prompt by prompt."""
+    from sharpfast import settings
+
+    pipe = sharpfast.zoo.load("digits")
+    pipe.set_progress_bar_config(disable=True)
+    mem = [r["prompt"] for r in sharpfast.zoo.prompts("digits", "memorized")[:6]]
+    src = tmp_path / "p.txt"
+    src.write_text("\n".join(mem) + "\n")
+    summary = sharpfast.scan(pipe, str(src), str(tmp_path / "out"), progress=False)
+    assert settings.GUARD_METRIC in settings.DEFAULT_METRICS
+    assert summary["flag_metric"] == settings.GUARD_METRIC
+    with sharpfast.guard(pipe) as g:
+        assert summary["threshold"] == pytest.approx(g.threshold)
