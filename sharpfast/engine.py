@@ -54,6 +54,27 @@ def read_log(path: str) -> tuple:
     return recs, chunks, good
 
 
+def write_atomic(path: str, text: str, kept: str = "") -> None:
+    """path holds the old contents or the new, never a part (a temporary file beside it, then a
+    rename); a failure leaves no temporary file and raises WriteFailed naming what is `kept`."""
+    from .errors import WriteFailed
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise WriteFailed(err.errno, f"writing {path} failed ({err.strerror})" + (f"; {kept}" if kept else "")) \
+            from err
+
+
 def read(path: str, key: str = "id") -> dict:
     """{record[key]: record} of the committed records of a commit log (later ones win)."""
     return {r[key]: r for r in read_log(path)[0] if isinstance(r, dict) and key in r}

@@ -24,7 +24,7 @@ import torch
 
 from . import engine, settings, validate
 from .adapters import ScoreModel, adapt, denoiser
-from .errors import BadArgument, OutputMismatch, WriteFailed
+from .errors import BadArgument, OutputMismatch
 from .prompt_sources import check_source, file_digest, iter_chunks, iter_rows
 
 META = "scan.json"
@@ -296,22 +296,9 @@ def _merge(out_dir: str, metrics: Any, flag_metric: Optional[str], threshold: An
 
 
 def _write_atomic(path: str, text: str) -> None:
-    """path holds the old contents or the new, never a part: a full disk leaves no .tmp behind and
-    raises an error that says the shards are intact."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise WriteFailed(err.errno, f"writing {path} failed ({err.strerror}); every scored chunk is kept in the "
-                                 f"shards: free space and rerun to merge them") from err
+    """engine.write_atomic, saying the shards are intact."""
+    engine.write_atomic(path, text, kept="every scored chunk is kept in the shards: free space and rerun to merge "
+                                         "them")
 
 
 def _histogram(recs: list, metrics: Any, threshold: Any, flag_metric: Optional[str], path: str) -> None:

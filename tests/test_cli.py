@@ -31,32 +31,50 @@ def args(model_dir, tmp_path, out, *extra):
 
 
 def read(out):
-    """The committed records of a result file (a commit log, see sharpfast.engine), in order."""
+    """The committed records of a commit log (see sharpfast.engine), in order."""
     from sharpfast import engine
 
     return engine.read_log(str(out))[0]
 
 
+def rows_of(out):
+    """The rows of a results file: plain JSON lines, one per prompt."""
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
 def test_detect_writes_one_line_per_prompt_and_resumes(model_dir, tmp_path, capsys):
     out = tmp_path / "r.jsonl"
+    log = tmp_path / "r.jsonl.log"
     assert main(args(model_dir, tmp_path, out, "--labels", write(tmp_path / "l.txt", LABELS))) == 0
-    recs = read(out)
-    assert [r["id"] for r in recs] == list(range(5))
+    recs = rows_of(out)  # one row per prompt, nothing else: pandas reads 5 rows
+    assert [r["id"] for r in recs] == list(range(5)) and all("_commit" not in r for r in recs)
     assert [r["prompt"] for r in recs] == PROMPTS and [r["label"] for r in recs] == LABELS
-    assert "AUC" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "AUC" in printed and f"wrote 5 rows (one per prompt) to {out}; 5 scored now" in printed
     full = {r["id"]: r for r in recs}
-    # a run killed in its second batch (batches of 2: two records and a commit line each), one
-    # record of it on disk and the next torn: the rerun completes without duplicates
-    lines = out.read_text().splitlines()
+    # a run killed in its second batch (batches of 2: two records and a commit line each in the
+    # log), one record of it on disk and the next torn: the rerun completes without duplicates
+    lines = log.read_text().splitlines()
     assert json.loads(lines[2]) == {"_commit": 0}
-    out.write_text("\n".join(lines[:4]) + "\n" + lines[4][:15], encoding="utf-8")
-    assert [r["id"] for r in read(out)] == [0, 1], "only the committed batch counts"
+    log.write_text("\n".join(lines[:4]) + "\n" + lines[4][:15], encoding="utf-8")
+    assert [r["id"] for r in read(log)] == [0, 1], "only the committed batch counts"
     assert main(args(model_dir, tmp_path, out)) == 0
-    again = read(out)[2:]
+    again = read(log)[2:]
     ids = [0, 1] + [r["id"] for r in again]
     assert sorted(ids) == list(range(5)) and len(ids) == 5
     for r in again:  # same noise per prompt id: the same scores as the uninterrupted run
         assert r["wen"] == pytest.approx(full[r["id"]]["wen"], rel=1e-5)
+    assert [r["id"] for r in rows_of(out)] == list(range(5)), "the results file is rewritten whole"
+    assert "2 resumed" in capsys.readouterr().out
+
+
+def test_detect_adopts_a_results_file_of_the_commit_log_format(model_dir, tmp_path):
+    """An --out written by an earlier version (its own commit log) is resumed, not rescored."""
+    out = tmp_path / "r.jsonl"
+    assert main(args(model_dir, tmp_path, out)) == 0
+    (tmp_path / "r.jsonl.log").replace(out)  # the earlier layout: the log was the results file
+    assert main(args(model_dir, tmp_path, out)) == 0
+    assert len(rows_of(out)) == 5 and len(read(tmp_path / "r.jsonl.log")) == 5
 
 
 def fails(capsys, argv, message):
@@ -91,7 +109,7 @@ def test_detect_errors(model_dir, tmp_path, capsys):
 def test_detect_rerun_with_other_input_is_refused_never_stale(model_dir, tmp_path, capsys):
     out = tmp_path / "r.jsonl"
     assert main(args(model_dir, tmp_path, out)) == 0
-    first = read(out)
+    first = rows_of(out)
     # other settings on the same prompts are refused
     fails(capsys, args(model_dir, tmp_path, out, "--seed", "7"), "other prompts or settings")
     # the same path, edited: a resume would return the old prompts' records
@@ -99,9 +117,9 @@ def test_detect_rerun_with_other_input_is_refused_never_stale(model_dir, tmp_pat
     base = ["detect", "--model", str(model_dir), "--device", "cpu", "--dtype", "fp32", "--out", str(out),
             "--prompts", write(tmp_path / "p.txt", edited)]
     fails(capsys, base, "holds 3 records of other prompts or settings")  # ids 1 (edited), 3 and 4 (gone)
-    assert read(out) == first  # nothing was lost
+    assert rows_of(out) == first  # nothing was lost
     assert main(base + ["--overwrite"]) == 0
-    recs = read(out)
+    recs = rows_of(out)
     assert [r["prompt"] for r in recs] == edited and [r["id"] for r in recs] == [0, 1, 2]
     assert recs[0]["wen"] == pytest.approx(first[0]["wen"], rel=1e-6)  # same prompt, same line: same score
 
@@ -119,7 +137,7 @@ def test_detect_ids_are_line_numbers_and_noise_is_seed_plus_id(model_dir, tmp_pa
     out = tmp_path / "r.jsonl"
     assert main(["detect", "--model", str(model_dir), "--prompts", write(tmp_path / "b.txt", lines), "--out",
                  str(out), "--batch-size", "2", "--seed", "5", "--quiet"]) == 0
-    recs = read(out)
+    recs = rows_of(out)
     assert [(r["id"], r["prompt"]) for r in recs] == [(0, "a cat"), (3, "a dog"), (4, "an apple")]
     pipe = StableDiffusionPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -165,7 +183,7 @@ def test_detect_takes_the_bundled_model_and_auto_device(tmp_path):
     out = tmp_path / "r.jsonl"
     assert main(["detect", "--model", "digits", "--prompts", write(tmp_path / "p.txt", ["a handwritten seven"]),
                  "--out", str(out), "--num-inference-steps", "10", "--quiet"]) == 0
-    assert read(out)[0]["prompt"] == "a handwritten seven"
+    assert rows_of(out)[0]["prompt"] == "a handwritten seven"
 
 
 def test_full_disk_and_read_only_output_are_one_line_errors(model_dir, tmp_path, capsys, monkeypatch):
@@ -189,9 +207,9 @@ def test_full_disk_and_read_only_output_are_one_line_errors(model_dir, tmp_path,
     monkeypatch.setattr(engine.os, "pwrite", full_on_second)
     fails(capsys, args(model_dir, tmp_path, out), "No space left on device")
     monkeypatch.setattr(engine.os, "pwrite", real)
-    assert len(read(out)) == 2  # the first batch is kept
+    assert len(read(tmp_path / "r.jsonl.log")) == 2  # the first batch is kept in the log
     assert main(args(model_dir, tmp_path, out)) == 0
-    assert sorted(r["id"] for r in read(out)) == list(range(5))
+    assert sorted(r["id"] for r in rows_of(out)) == list(range(5))
     import tempfile
 
     def read_only(*a, **k):

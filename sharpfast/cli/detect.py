@@ -1,6 +1,7 @@
 """`sharpfast detect`: score every prompt of a file, one JSON line each, resumable."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
@@ -18,8 +19,10 @@ class DetectCommand:
     def register(sub: Any) -> None:
         d = sub.add_parser("detect", help="score prompts for memorization on a local diffusers model",
                            description="Score every prompt of a file for memorization and append one JSON line "
-                                       "per prompt to --out. Restarting the same command skips prompts already "
-                                       "written; an --out of other prompts or settings is refused.")
+                                       "per prompt to --out (its commit log, what a rerun resumes "
+                                       "from, is OUT.log beside it). "
+                                       "Restarting the same command skips prompts already scored; an --out of other "
+                                       "prompts or settings is refused.")
         options.add(d, "detect", "--model", "--prompts", "--labels", "--metrics", "--n", "--steps",
                     "--num-inference-steps", "--guidance-scale", "--batch-size", "--hvp", "--seed", "--device",
                     "--dtype", "--out", "--overwrite", "--quiet")
@@ -45,13 +48,16 @@ class DetectCommand:
                                            seed=args.seed, num_inference_steps=args.num_inference_steps,
                                            guidance_scale=args.guidance_scale, hvp=args.hvp, dtype=dtype))
         prompt_of = dict(rows)
-        done = engine.read(args.out)
+        log_path = commit_log_of(args.out)
+        done = engine.read(log_path)
         stale = [i for i, r in done.items() if prompt_of.get(i) != r.get("prompt") or r.get("settings") != settings]
         if stale and not args.overwrite:
             raise OutputMismatch(f"{args.out} holds {len(stale)} records of other prompts or settings (first: id "
                                  f"{stale[0]}); use another --out, or --overwrite to start it afresh")
         if stale:
-            os.remove(args.out)
+            for path in (log_path, args.out):
+                if os.path.exists(path):
+                    os.remove(path)
             done = {}
         todo = [i for i, _ in rows if i not in done]
         if done:
@@ -63,14 +69,19 @@ class DetectCommand:
                 rec={"id": i, **res.to_records()[k], "settings": settings}
                 return rec if labels is None else {**rec, "label": labels[i]}
 
-            with engine.CommitLog(args.out) as log, \
+            with engine.CommitLog(log_path) as log, \
                     progress_bar(None, total=len(todo), desc="sharpfast detect", enabled=not args.quiet) as bar:
                 engine.run(model, log, todo, prompt_of=prompt_of.__getitem__, noise_id_of=int, n=args.n,
                            seed=args.seed, batch_size=args.batch_size, record=record, bar=bar, metrics=metrics,
                            steps=args.steps, num_inference_steps=args.num_inference_steps,
                            guidance_scale=args.guidance_scale, hvp=args.hvp)
+        final = engine.read(log_path)
+        recs = [final[i] for i, _ in rows if i in final]
+        engine.write_atomic(args.out, "".join(json.dumps(r) + "\n" for r in recs),
+                            kept=f"every scored prompt is kept in {log_path}: free space and rerun")
+        print(summary_line(args.out, recs, metrics, scored_now=len(todo), log_path=log_path))
         if labels is not None:
-            print_table(args.out, metrics, len(rows))
+            print_table(recs, metrics, len(rows))
         return 0
 
 
@@ -91,10 +102,28 @@ def _read_inputs(args: Any) -> tuple:
         raise BadArgument(f"--labels must hold one 0/1 per line of {args.prompts} ({len(raw)} labels)") from None
 
 
-def print_table(path: str, metrics: Any, total: int) -> None:
+def commit_log_of(out: str) -> str:
+    """The commit log beside a results file (what a rerun resumes from); a results file of an
+    earlier version, which was its own commit log, becomes the log."""
+    log = out + ".log"
+    if not os.path.exists(log) and os.path.exists(out) and engine.read(out):
+        os.replace(out, log)
+    return log
+
+
+def summary_line(out: str, recs: list, metrics: Any, scored_now: int, log_path: str) -> str:
+    """What detect prints: where the rows went, how many were scored now, each metric's median."""
+    import statistics
+
+    medians = ", ".join(f"{m} {statistics.median(r[m] for r in recs):.4g}" for m in metrics if recs)
+    return (f"sharpfast detect: wrote {len(recs)} rows (one per prompt) to {out}; {scored_now} scored now, "
+            f"{len(recs) - scored_now} resumed from {log_path}" + (f"; medians: {medians}" if medians else ""))
+
+
+def print_table(recs: list, metrics: Any, total: int) -> None:
     from ..roc import evaluate
 
-    rows = [r for r in engine.read(path).values() if "label" in r]
+    rows = [r for r in recs if "label" in r]
     print(f"\n{len(rows)} of {total} prompts scored")
     print(f"{'metric':12s} {'AUC':>6s} {'TPR@1%FPR':>10s} {'TPR@3%FPR':>10s}")
     for m in metrics:
