@@ -47,6 +47,21 @@ def test_unflagged_noise_is_kept_bit_for_bit(pipe):
     assert info["unet_calls_optimization"] == 2, "one evaluation (x and x') of all candidates, then stop"
 
 
+def test_sail_that_changes_nothing_says_so_without_return_info(pipe, caplog):
+    """Issue 33, item 7: a plain call whose every noise is already under the target returns
+    pipe(...)'s output; a warning says so (and why), while a call that moved the noise does not warn."""
+    with caplog.at_level("INFO", logger="sharpfast.sail"):
+        sharpfast.sail(pipe, PROMPTS, generator=gen(), threshold=1e30, **KW)
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "changed nothing" in warned[0].getMessage()
+    assert "already under" in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sharpfast.sail"):
+        sharpfast.sail(pipe, PROMPTS, generator=gen(), threshold=0.0, max_steps=1, **KW)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("optimized" in r.getMessage() for r in caplog.records)
+
+
 def test_accepted_candidates_leave_the_batch():
     pipe = tiny_pipeline("sd1")
     pipe.set_progress_bar_config(disable=True)

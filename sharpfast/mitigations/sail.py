@@ -32,6 +32,7 @@ objective="reference": the authors' code loss ||eps_Δ(x + eps_Δ/||eps_Δ||)|| 
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any, Optional
@@ -52,6 +53,8 @@ REFERENCE = dict(alpha_sd1=0.05, alpha_sd2=0.01, threshold=8.2, threshold_numel=
 # paper: measured on the digits model (docs/mitigation.md): the paper's lr 0.05 hardly moves x_T
 # there (copies 0.867 -> 0.863), steps of 0.5-1 on the shell do
 DEFAULTS = SAIL_DEFAULTS
+
+log = logging.getLogger("sharpfast.sail")
 
 
 def _check(prompts: list, n: int, guidance_scale: float, lr: float, max_steps: int, candidates: int,
@@ -257,6 +260,10 @@ def sail(pipe: Any, prompt: Any, *, num_images_per_prompt: int = 1, generator: O
     final, info = sail_latents(pipe, prompt, num_images_per_prompt=num_images_per_prompt, generator=generator,
                                latents=latents, **opts, **kwargs)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if bool(info["unchanged"].all()):  # said without return_info too: the output is plain pipe(...)'s
+        log.warning("sharpfast.sail changed nothing: %s", info["note"])
+    else:
+        log.info("sharpfast.sail: %s", info["note"])
     out = pipe(prompts, num_images_per_prompt=num_images_per_prompt, generator=generator, latents=final, **kwargs)
     if not return_info:
         return out
