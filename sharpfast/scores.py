@@ -191,30 +191,39 @@ ANISOTROPY_WEIGHTS = {"epsilon": (1.0, 2.0), "v_prediction": (1.0, 0.1), "sample
 
 @dataclass(frozen=True)
 class Metric:
-    """A registered metric: its name, its cost beyond the step's own CFG call, its function."""
+    """A registered metric: its name, its cost beyond the step's own CFG call, its function, and
+    the range its scores can take (a threshold outside it is a corrupt one: it would flag every
+    prompt or none)."""
 
     name: str
     cost: str
     fn: Callable[[Step], torch.Tensor]
+    low: float = -math.inf
+    high: float = math.inf
+
+    def in_range(self, value: float) -> bool:
+        """Whether a score (or a threshold) of this metric can be `value`."""
+        return self.low <= value <= self.high
 
 
 REGISTRY: dict[str, Metric] = {}
 
 
-def register(name: str, cost: str) -> Callable:
-    """Decorator: register fn(step) -> (N,) tensor as metric `name` (higher = more memorized)."""
+def register(name: str, cost: str, low: float = -math.inf, high: float = math.inf) -> Callable:
+    """Decorator: register fn(step) -> (N,) tensor as metric `name` (higher = more memorized),
+    whose scores lie in [low, high]."""
     def deco(fn: Callable) -> Callable:
-        REGISTRY[name] = Metric(name, cost, fn)
+        REGISTRY[name] = Metric(name, cost, fn, low, high)
         return fn
     return deco
 
 
-@register("wen", "0 extra UNet calls")
+@register("wen", "0 extra UNet calls", low=0.0)
 def _wen(step: Step) -> torch.Tensor:
     return step.wen
 
 
-@register("sharpness", "1 extra CFG call (hvp='fd'); a forward-mode JVP in fp32 (hvp='jvp')")
+@register("sharpness", "1 extra CFG call (hvp='fd'); a forward-mode JVP in fp32 (hvp='jvp')", low=0.0)
 def _sharpness(step: Step) -> torch.Tensor:
     eps_u, eps_c = step.eps
     xf = step.x.float()
@@ -237,13 +246,13 @@ def _trace_delta(step: Step) -> torch.Tensor:
     return -(tr_c - tr_u)
 
 
-@register("score_norm", "0 extra UNet calls")
+@register("score_norm", "0 extra UNet calls", low=0.0)
 def _score_norm(step: Step) -> torch.Tensor:
     eps_c = step.eps[1]
     return eps_c.reshape(len(eps_c), -1).pow(2).sum(dim=1) / step.sigma ** 2
 
 
-@register("channel_wen", "0 extra UNet calls")
+@register("channel_wen", "0 extra UNet calls", low=0.0)
 def _channel_wen(step: Step) -> torch.Tensor:
     return step.channel_wen()
 
@@ -259,13 +268,13 @@ def _anisotropy(step: Step) -> torch.Tensor:
     return g1 * step.wen.float() + g2 * step.aniso_align()
 
 
-@register("wen_low", "1 extra CFG call (at the schedule's last, lowest-noise timestep)")
+@register("wen_low", "1 extra CFG call (at the schedule's last, lowest-noise timestep)", low=0.0)
 def _wen_low(step: Step) -> torch.Tensor:
     u, c = step.at_low_noise(1)
     return (c - u).reshape(len(c), -1).norm(dim=1)
 
 
-@register("attn_entropy", "1 extra UNet call on the conditional rows (attention recorded)")
+@register("attn_entropy", "1 extra UNet call on the conditional rows (attention recorded)", high=0.0)
 def _attn_entropy(step: Step) -> torch.Tensor:
     return -step.attention_entropy()
 

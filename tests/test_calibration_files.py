@@ -30,6 +30,8 @@ def cache(tmp_path, monkeypatch):
 BAD = [
     ("nan", lambda cal: cal["wen"].update(threshold=float("nan"))),
     ("-inf", lambda cal: cal["wen"].update(threshold=float("-inf"))),
+    # a norm's threshold cannot be negative: -5 would flag every prompt (issue 33, item 20)
+    ("negative", lambda cal: cal["wen"].update(threshold=-5.0)),
     ("text", lambda cal: cal["wen"].update(threshold="abc")),
     ("list", lambda cal: cal.clear() or cal.update(_list=True)),
     ("weights", lambda cal: cal.update(weights="x")),

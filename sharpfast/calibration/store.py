@@ -121,10 +121,15 @@ def _settings(pipe: Any, **kw: Any) -> dict:
 
 def _value(cal: dict, metric: str, key: str) -> Optional[float]:
     """The calibrated value, or None where the file does not hold a valid one (not a JSON object,
-    a missing entry, a value that is not a finite number: NaN would flag nothing, -inf everything)."""
+    a missing entry, a value that is not a finite number: NaN would flag nothing, -inf everything;
+    a value the metric's scores cannot take, such as a negative norm: it too flags everything)."""
+    from ..scores import REGISTRY
+
     entry = cal.get(metric) if isinstance(cal, dict) else None
     v = entry.get(key) if isinstance(entry, dict) else None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    if metric in REGISTRY and not REGISTRY[metric].in_range(float(v)):
         return None
     return float(v)
 
@@ -139,8 +144,17 @@ def _problem(cal: dict, metric: str, key: str) -> Optional[str]:
         return "its 'settings' is not an object"
     if metric in cal and key in (cal[metric] if isinstance(cal[metric], dict) else {}) \
             and _value(cal, metric, key) is None:
-        return f"its {metric} {key} is {cal[metric][key]!r}, not a finite number"
+        m = _metric_range(metric)
+        return (f"its {metric} {key} is {cal[metric][key]!r}, not a finite number" + (f" in [{m[0]:g}, {m[1]:g}], the "
+                f"range of {metric}'s scores" if m else ""))
     return None
+
+
+def _metric_range(metric: str) -> Optional[tuple]:
+    from ..scores import REGISTRY
+
+    m = REGISTRY.get(metric)
+    return None if m is None else (m.low, m.high)
 
 
 def _matches(cal: dict, metric: str, key: str, settings: dict, check_settings: bool, default_size=None) -> bool:
