@@ -11,6 +11,9 @@ command line both read them). This module imports no torch: `sharpfast --help` r
 """
 from __future__ import annotations
 
+# images one pipeline call may make (num_images_per_prompt): a larger call is refused before any work
+# (10**6 images ran SAIL for 25 s, then failed on an 8 GB allocation)
+MAX_IMAGES_PER_CALL = 4096
 BATCH_SIZE = 8  # prompts per denoiser call (detect, scan, calibrate, eval)
 SEED = 42  # the prompt on line i draws its initial noise from SEED + i (detect, scan, eval; sail's generator)
 FPR = 0.01  # false-positive rate of calibrated thresholds

@@ -256,3 +256,39 @@ def test_mitigate_never_returns_non_finite_images(sd1, name):
     lat64 = torch.randn(1, 4, 8, 8, dtype=torch.float64)  # on an fp32 pipeline: cast, not a dtype error inside it
     out = mitigate(sd1, PROMPTS[:1], name, FAST_SETTINGS.get(name), latents=lat64, generator=gen(), **kw)
     assert np.isfinite(out.images).all()
+
+
+BAD_CALLS = [  # (keyword arguments of mitigate, what the message names)
+    (dict(height=61), "height must be a multiple of"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(num_images_per_prompt=10**6), "num_images_per_prompt"),
+    (dict(latents=torch.zeros(1, 4, 8, 8, device="meta")), "meta"),
+    (dict(latents=torch.zeros(1, 4, 8, 8, dtype=torch.int64)), "floating point"),
+    (dict(guidance_scale=float("nan")), "guidance_scale"),
+]
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_every_bad_argument_is_refused_before_any_work(sd1, method):
+    """Issue 33, items 15 and 18: each bad argument of mitigate is a sharpfast error naming it,
+    raised before the method runs (no denoiser call at all: SAIL calibrated 16 s at a size the
+    pipeline then refused)."""
+    from sharpfast.errors import SharpfastError
+    from sharpfast.mitigations.hooks import CallCounter
+
+    model = sharpfast.adapters.adapt(sd1)
+    for kwargs, names in BAD_CALLS:
+        with CallCounter(model).counting() as count:
+            with pytest.raises(SharpfastError, match=names):
+                mitigate(sd1, "a cat", method, **kwargs)
+        assert count.rows == 0, (method, kwargs)
+    if REGISTRY[method].config is None:
+        with pytest.raises(BadArgument, match="takes no setting"):
+            mitigate(sd1, "a cat", method, "s0t500", num_inference_steps=2)
+
+
+def test_a_config_built_by_hand_is_checked_too():
+    from sharpfast.mitigations.wen_embedding import WenEmbeddingConfig
+
+    with pytest.raises(BadArgument, match="wen_embedding"):
+        WenEmbeddingConfig.from_setting(WenEmbeddingConfig(float("nan")))

@@ -226,6 +226,10 @@ class ScoreModel:
         call the pipeline made (t a scalar on the scheduler's scale)."""
         raise NotImplementedError
 
+    def size_multiple(self) -> int:
+        """What height and width must be multiples of: the VAE's downsampling factor."""
+        return int(self.pipe.vae_scale_factor)
+
     def latent_shape(self, height: int, width: int) -> tuple:
         """The shape of one image's latent as `pipe(latents=...)` takes it."""
         f = self.pipe.vae_scale_factor

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .. import validate
+from ..errors import BadArgument
+from ..settings import MAX_IMAGES_PER_CALL
 
 
 def pipeline_defaults(pipe: Any) -> dict:
@@ -66,9 +68,18 @@ class Settings:
         steps = own["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         guidance = own["guidance_scale"] if guidance_scale is None else guidance_scale
         dh, dw = model.default_size()
-        return cls(validate.integer(steps, "num_inference_steps"),
-                   validate.guidance_scale(guidance, needs_cfg=needs_cfg and not model.distilled),
-                   validate.integer(dh if height is None else height, "height"),
-                   validate.integer(dw if width is None else width, "width"),
-                   validate.integer(1 if num_images_per_prompt is None else num_images_per_prompt,
-                                    "num_images_per_prompt"))
+        st = cls(validate.integer(steps, "num_inference_steps"),
+                 validate.guidance_scale(guidance, needs_cfg=needs_cfg and not model.distilled),
+                 validate.integer(dh if height is None else height, "height"),
+                 validate.integer(dw if width is None else width, "width"),
+                 validate.integer(1 if num_images_per_prompt is None else num_images_per_prompt,
+                                  "num_images_per_prompt"))
+        k = model.size_multiple()
+        for name, v in (("height", st.height), ("width", st.width)):
+            if v % k:
+                raise BadArgument(f"{name} must be a multiple of {k} for this pipeline (its latent is the image / "
+                                  f"{model.pipe.vae_scale_factor}), got {v}")
+        if st.num_images_per_prompt > MAX_IMAGES_PER_CALL:
+            raise BadArgument(f"num_images_per_prompt must be at most {MAX_IMAGES_PER_CALL} (one call's batch; "
+                              f"split larger runs into calls), got {st.num_images_per_prompt}")
+        return st

@@ -20,6 +20,11 @@ class _FlowModel(ScoreModel):
     def _prediction_type(self, pipe: Any) -> str:
         return "flow"
 
+    @override
+    def size_multiple(self) -> int:
+        """The VAE's factor times 2: the transformer's 2x2 patches (SD3) or packing (Flux)."""
+        return 2 * int(self.pipe.vae_scale_factor)
+
     def default_size(self) -> tuple:
         size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
         return size, size

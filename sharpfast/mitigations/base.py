@@ -91,8 +91,10 @@ class MethodConfig:
     def from_number(cls, setting: Any, name: str, *, minimum: Optional[int] = None) -> Any:
         """The config of a one-number method: the config itself, or the number (or its text),
         checked: an int >= minimum when a minimum is given, else a finite number > 0."""
-        if isinstance(setting, cls):
-            return setting
+        if isinstance(setting, cls):  # a config built by hand is checked all the same (NaN, <= 0)
+            from dataclasses import astuple
+
+            (setting,) = astuple(setting)
         make: Callable[[Any], Any] = cls  # a one-field subclass
         if minimum is not None:
             return make(validate.integer(number(setting, name, int), name, minimum=minimum))

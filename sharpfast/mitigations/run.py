@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import validate
-from ..errors import NonFiniteOutput
+from ..errors import BadArgument, NonFiniteOutput
 from .base import Context, Mitigation, Plan, check_family, get
 from .hooks import CallCounter, DenoiserHook, HookRegistry, prediction_of
 
@@ -107,6 +107,8 @@ def mitigate(pipe: Any, prompt: Any, method: str = "transition", setting: Any = 
     prompts = validate.prompts(prompt, "prompt")
     n = validate.integer(num_images_per_prompt, "num_images_per_prompt")
     ctx = _context(pipe, model, m, prompts, n, generator, latents, pipe_kwargs)
+    if m.config is None and setting is not None:
+        raise BadArgument(f"mitigation {method!r} takes no setting, got {setting!r}")
     setting = m.default if setting is None else setting
     plan = m.plan(ctx, setting)
     calls, watch = CallCounter(model), FiniteWatch(model)
@@ -126,7 +128,7 @@ def mitigate(pipe: Any, prompt: Any, method: str = "transition", setting: Any = 
 def _context(pipe: Any, model: Any, m: Mitigation, prompts: list, n: int, generator: Any, latents: Any,
              pipe_kwargs: dict) -> Context:
     """The call's Context: its settings (resolved by the adapter) and initial noise."""
-    st = model.resolve(needs_cfg=m.kind != "none", **pipe_kwargs)
+    st = model.resolve(needs_cfg=m.kind != "none", **pipe_kwargs, num_images_per_prompt=n)
     steps, guidance, height, width = st.num_inference_steps, st.guidance_scale, st.height, st.width
     validate.generators(generator, len(prompts) * n)
     shape = (len(prompts) * n, *model.latent_shape(height, width))

@@ -57,8 +57,11 @@ TEMPLATE_BADGE_AT = (6.0, 6.0, 3.6)
 TEMPLATE_IMAGES = len(COLOURS) * len(SHAPES)
 TEMPLATE_DUPLICATES = 8
 DUPLICATION_LEVELS = (2, 4, 8, 16, 32, 64)
-IMAGES_PER_LEVEL = (8, 8, 16, 24, 16, 8)
-GENERIC_PER_EPOCH = 2000
+# v2 (issue 32): most duplicated scenes at 64x, so that at least 40 captions are memorized (v1: 8 at
+# 64x gave 10 memorized captions, too few to hold a half out); fewer generic scenes per fine-tuning
+# epoch (the UNet was pretrained on them)
+IMAGES_PER_LEVEL = (8, 8, 8, 8, 16, 64)
+GENERIC_PER_EPOCH = 1500
 GENERIC_POOL = 40000
 
 
