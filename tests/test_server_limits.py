@@ -49,22 +49,27 @@ def ok(client):
     return r.json()
 
 
-CASES = [
+CASES = [  # 400: the body is not JSON text; 422: a value the server refuses (the schema's or its limits)
     ("a 10 MB prompt", dict(content=json.dumps({"prompt": "a" * 10_000_000})), 413, "bytes"),
     ("a deeply nested body", dict(content="[" * 100_000 + "]" * 100_000), 400, "nests deeper"),
-    ("4096 images in one request", dict(json={"prompt": [NORMAL] * 64, "num_images_per_prompt": 64}), 400,
+    ("4096 images in one request", dict(json={"prompt": [NORMAL] * 64, "num_images_per_prompt": 64}), 422,
      "images"),
+    ("9 images in one request", dict(json={"prompt": [NORMAL] * 9}), 422, "images"),
     ("1000 steps of a DDIM schedule that lays out 999", dict(json={"prompt": NORMAL, "num_inference_steps": 1000}),
-     400, "at most 999"),
-    ("a 2048x2048 request", dict(json={"prompt": NORMAL, "height": 2048, "width": 2048}), 400, "at most 64"),
+     422, "at most 999"),
+    ("a 2048x2048 request", dict(json={"prompt": NORMAL, "height": 2048, "width": 2048}), 422, "at most 64"),
     ("a prompt that is an object", dict(json={"prompt": {"a": 1}}), 422, "prompt"),
-    ("a lone surrogate", dict(content=b'{"prompt": "digit \\ud800 two"}'), 400, "not valid text"),
+    ("a lone surrogate", dict(content=b'{"prompt": "digit \\ud800 two"}'), 422, "unicode string"),
     ("guidance 1e300", dict(json={"prompt": NORMAL, "guidance_scale": 1e300}), 422, "guidance_scale"),
+    ("guidance NaN", dict(content=b'{"prompt": "a digit", "guidance_scale": NaN}'), 422, "finite"),
+    ("steps true", dict(json={"prompt": NORMAL, "num_inference_steps": True}), 422, "num_inference_steps"),
+    ("an empty prompt", dict(json={"prompt": ""}), 422, "prompt"),
     ("an unknown field", dict(json={"prompt": NORMAL, "steps": 3}), 422, "steps"),
-    ("a prompt over the character limit", dict(json={"prompt": "a" * 2001}), 400, "2000"),
-    ("malformed JSON", dict(content=b'{"prompt": '), 422, ""),
-    ("an uncalibrated setting", dict(json={"prompt": NORMAL, "height": 64, "width": 64}), 400, "--calibrate-for"),
-    ("another uncalibrated setting", dict(json={"prompt": NORMAL, "guidance_scale": 7.501}), 400, "calibrate"),
+    ("a prompt over the character limit", dict(json={"prompt": "a" * 2001}), 422, "2000"),
+    ("malformed JSON", dict(content=b'{"prompt": '), 400, "not JSON"),
+    ("a body that is not UTF-8", dict(content=b'{"prompt": "\xff\xfe"}'), 400, "UTF-8"),
+    ("an uncalibrated setting", dict(json={"prompt": NORMAL, "height": 64, "width": 64}), 422, "--calibrate-for"),
+    ("another uncalibrated setting", dict(json={"prompt": NORMAL, "guidance_scale": 7.501}), 422, "calibrate"),
 ]
 
 
@@ -75,7 +80,7 @@ def test_a_bad_request_is_a_4xx_in_under_a_second(client, what, kw, status, says
     r = client.post("/generate", headers=headers, **kw)
     took = time.perf_counter() - start
     assert r.status_code == status, (what, r.status_code, r.text[:300])
-    assert says in r.text, r.text[:300]
+    assert says in r.text and r.json()["error"], r.text[:300]  # the declared error shape
     assert len(r.content) < 20_000, "the answer must not echo a huge body"
     assert took < 1.0, f"{what}: {took:.2f} s"
     ok(client)  # and the server answers the next request
@@ -145,6 +150,7 @@ def test_the_schema_declares_the_request_and_the_errors(client):
     spec = client.get("/openapi.json").json()
     op = spec["paths"]["/generate"]["post"]
     assert "requestBody" in op and {"200", "400", "401", "413", "422", "503"} <= set(op["responses"])
+    assert "ErrorResponse" in json.dumps(op["responses"]["422"]), "a 422 answers {'error': ...} as declared"
     assert "GenerateRequest" in json.dumps(op["requestBody"])
     assert "text/plain" in json.dumps(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"])
 
@@ -259,3 +265,17 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation():
     for path, method in (("/generate", "POST"), ("/health", "GET"), ("/metrics", "GET")):
         given(schema[path][method].as_strategy())(run)()
     assert 200 in seen and any(400 <= s < 500 for s in seen), sorted(set(seen))
+
+
+def test_a_json_body_is_read_whatever_its_content_type_and_unknown_paths_answer_the_error_shape(client):
+    """Issue 33, items 2 and 19: `curl -d '{...}'` sends application/x-www-form-urlencoded; the body
+    is JSON all the same. 404 and 405 answer {"error": ...}, as the schema declares."""
+    r = client.post("/generate", content=json.dumps({"prompt": NORMAL, "seed": 1}),
+                    headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text[:300]
+    for method, path, status in (("get", "/nope", 404), ("get", "/generate", 405), ("delete", "/health", 405)):
+        r = getattr(client, method)(path)
+        assert r.status_code == status and set(r.json()) == {"error"}, (path, r.text)
+    seed = 2 ** 53 - 1  # the schema's largest seed is served
+    assert client.post("/generate", json={"prompt": NORMAL, "seed": seed}).status_code == 200
+    assert client.post("/generate", json={"prompt": NORMAL, "seed": seed + 1}).status_code == 422

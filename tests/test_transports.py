@@ -27,9 +27,9 @@ from sharpfast.server.service import Service, Stopped  # noqa: E402
 from sharpfast.testing import tiny_pipeline  # noqa: E402
 
 # every class of failure a request can end with, and the status the one mapping gives it
-OUTCOMES = [(BadArgument("guidance_scale must be finite"), 400), (NotCalibrated("no threshold at 7 steps"), 400),
-            (UnsupportedPipeline("not for this family"), 400), (NonFiniteOutput("NaN at step 3"), 400),
-            (OutputMismatch("other settings"), 400), (SharpfastError("a sharpfast error"), 400),
+OUTCOMES = [(BadArgument("guidance_scale must be finite"), 422), (NotCalibrated("no threshold at 7 steps"), 422),
+            (UnsupportedPipeline("not for this family"), 422), (NonFiniteOutput("NaN at step 3"), 422),
+            (OutputMismatch("other settings"), 422), (SharpfastError("a sharpfast error"), 422),
             (UsageError("the server is shutting down"), 503), (Stopped("the request was withdrawn"), 503),
             (RuntimeError("CUDA error: secret /home/model/path"), 500), (KeyError("weights.bin"), 500)]
 

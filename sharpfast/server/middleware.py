@@ -79,6 +79,15 @@ class BodyGuard:
         body = b"".join(chunks)
         if not depth_ok(body, self.limits.max_depth):
             return await self._refuse(send, 400, f"the body nests deeper than {self.limits.max_depth} levels")
+        try:
+            json.loads(body)
+        except UnicodeDecodeError:
+            return await self._refuse(send, 400, "the body is not UTF-8 text")
+        except ValueError as err:
+            return await self._refuse(send, 400, f"the body is not JSON ({str(err)[:120]})")
+        # JSON whatever the Content-Type says: `curl -d '{...}'` sends form-urlencoded
+        scope = dict(scope, headers=[(k, v) for k, v in scope.get("headers") or [] if k.lower() != b"content-type"]
+                     + [(b"content-type", b"application/json")])
         sent = False
 
         async def replay() -> Any:

@@ -7,13 +7,14 @@ Only the server imports this module; it needs the 'serve' extra (fastapi, pydant
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_PROMPTS_PER_REQUEST = 64
 MAX_STEPS = 1000
 MAX_GUIDANCE = 100.0
+MAX_SEED = 2 ** 53  # seeds are in [0, 2**53): every JSON client holds them exactly
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,19 @@ class Limits:
         return cls(max_images=max_batch_size, max_side=side, max_pixels=max_batch_size * 4 * h * w, **kw)
 
 
-class GenerateRequest(BaseModel):
-    """The body of POST /generate (limits beyond these: see the server's 400 answers)."""
+Prompt = Annotated[str, Field(min_length=1, pattern=r"\S")]  # not empty, not only spaces
 
-    model_config = ConfigDict(extra="forbid")
-    prompt: Union[str, list[str]] = Field(description="a prompt or up to 64 prompts (each at most the server's "
-                                                      "max_prompt_chars)")
+
+class GenerateRequest(BaseModel):
+    """The body of POST /generate (limits beyond these, which depend on the model and the served
+    settings: the server's 422 answers name them)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: `true` is not a step count
+    prompt: Union[Prompt, Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS_PER_REQUEST)]] = Field(
+        description="a prompt or up to 64 prompts (each at most the server's max_prompt_chars)")
     num_inference_steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS)
-    guidance_scale: Optional[float] = Field(None, ge=-MAX_GUIDANCE, le=MAX_GUIDANCE)
-    seed: Optional[int] = Field(None, ge=0, lt=2 ** 62)
+    guidance_scale: Optional[float] = Field(None, ge=-MAX_GUIDANCE, le=MAX_GUIDANCE, allow_inf_nan=False)
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED - 1)
     num_images_per_prompt: Optional[int] = Field(None, ge=1, le=MAX_PROMPTS_PER_REQUEST)
     height: Optional[int] = Field(None, ge=8, le=4096, multiple_of=8)
     width: Optional[int] = Field(None, ge=8, le=4096, multiple_of=8)
@@ -103,7 +108,9 @@ class ErrorResponse(BaseModel):
 
 
 ERRORS: dict[Union[int, str], dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "a request the server refuses, the message names why"},
+    400: {"model": ErrorResponse, "description": "the body is not JSON text (malformed, not UTF-8, nested too deep)"},
+    422: {"model": ErrorResponse, "description": "a value the server refuses (the schema's or a limit of the model "
+                                                 "and the served settings), the message names it"},
           401: {"model": ErrorResponse, "description": "no or a wrong API key"},
           413: {"model": ErrorResponse, "description": "the body is larger than the server takes"},
           503: {"model": ErrorResponse, "description": "the server is shutting down: retry elsewhere"},

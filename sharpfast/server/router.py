@@ -59,10 +59,18 @@ def build_app(service: Service, transport: Any, *, title: str = "sharpfast", lif
 
 
 def count_invalid(app: Any, service: Optional[Service] = None) -> None:
-    """422 for a body that does not match the schema: the error shape every refusal has, with
-    FastAPI's detail without the inputs (never echo a large body), counted as the other statuses."""
+    """422 for a body that does not match the schema, and Starlette's own refusals (404, 405): the
+    error shape every refusal has ({"error": ...}; a 422 adds FastAPI's detail without the inputs:
+    never echo a large body), counted as the other statuses."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Any, exc: Any) -> Any:  # 404, 405, ...: the declared error shape too
+        if service is not None:
+            service.refused(exc.status_code)
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Any, exc: Any) -> Any:

@@ -47,13 +47,14 @@ def public_source(source: str) -> str:
 
 def error_status(err: BaseException) -> int:
     """The one mapping from an exception to an HTTP status: 503 when another replica could take
-    the request (the server is stopping, or the request was withdrawn), 400 for every other
-    sharpfast error (the request's own problem, named), 500 for anything else (a bug or the
-    model's failure; the server lives on)."""
+    the request (the server is stopping, or the request was withdrawn), 422 for every other
+    sharpfast error (a value of the request the server refuses, named: as the schema's own
+    refusals), 500 for anything else (a bug or the model's failure; the server lives on). A body
+    that is not JSON text at all is a 400 before it gets here (middleware.BodyGuard)."""
     if isinstance(err, (Stopped, UsageError)) and not isinstance(err, (NotCalibrated, BadArgument)):
         return 503
     if isinstance(err, SharpfastError):
-        return 400
+        return 422
     return 500
 
 
@@ -73,7 +74,7 @@ def error_body(err: BaseException, request_id: Optional[str] = None) -> tuple[in
 def parse_request(body: dict, defaults: dict, needs_cfg: bool = True, limits: Any = None) -> dict:
     """A /generate body checked and completed with the server's defaults (BadArgument names the
     field and the limit; sharpfast.server.protocol.Limits)."""
-    from .protocol import MAX_GUIDANCE, MAX_STEPS, Limits
+    from .protocol import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, Limits
 
     lim = limits or Limits()
     if not isinstance(body, dict):
@@ -106,8 +107,8 @@ def parse_request(body: dict, defaults: dict, needs_cfg: bool = True, limits: An
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbits(31)
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 62:
-        raise BadArgument(f"seed must be an integer in [0, 2**62), got {seed!r}")
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
+        raise BadArgument(f"seed must be an integer in [0, 2**53), got {seed!r}")
     rid = body.get("request_id")
     if rid is not None and (not isinstance(rid, str) or len(rid) > 200):
         raise BadArgument("request_id must be a string of at most 200 characters")
