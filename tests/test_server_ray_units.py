@@ -39,3 +39,35 @@ def test_metrics_of_replicas_merge_into_one_exposition():
     totals = {s.labels["replica"]: s.value for s in fams["sharpfast_calls"].samples if s.name.endswith("_total")}
     assert totals == {"a:1": 3.0, "b:2": 5.0}
     assert merged.count("# TYPE sharpfast_calls_total counter") == 1
+
+
+def test_serve_on_ray_with_port_0_prints_the_port_it_binds(monkeypatch, capsys):
+    """Issue 33, item 3: --port 0 picks a free port and prints it (it printed ':0'), and without
+    --ray-address a new local cluster is started (address 'local'), never a previous session's.
+    Ray is replaced by a recorder: what matters is what sharpfast asks of it."""
+    import argparse
+    import sys
+    import types
+
+    from sharpfast.cli import serve as serve_cli
+
+    calls = {}
+    fake_ray = types.ModuleType("ray")
+    fake_ray.init = lambda **kw: calls.setdefault("init", kw)
+    fake_ray.shutdown = lambda: None
+    fake_serve = types.ModuleType("ray.serve")
+    fake_serve.start = lambda **kw: calls.setdefault("start", kw)
+    fake_serve.run = lambda *a, **kw: None
+    fake_serve.shutdown = lambda: None
+    fake_ray.serve = fake_serve
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    monkeypatch.setitem(sys.modules, "ray.serve", fake_serve)
+    monkeypatch.setattr("sharpfast.server.ray_serve.ray_app", lambda *a, **kw: None)
+    monkeypatch.setattr("threading.Event.wait", lambda self, *a: True)
+    args = argparse.Namespace(replicas=1, gpus_per_replica=0.0, ray_address=None, host="127.0.0.1", port=0,
+                              model="digits", device="cpu", dtype="fp32", metric="wen_low", mitigation="auto",
+                              max_batch_size=4, max_wait_ms=10.0, no_guard=False)
+    assert serve_cli._serve_on_ray(args, "auto", {}, [], None) == 0
+    port = calls["start"]["http_options"]["port"]
+    assert calls["init"]["address"] == "local" and port > 0
+    assert f"listening on http://127.0.0.1:{port}" in capsys.readouterr().err

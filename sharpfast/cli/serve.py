@@ -94,8 +94,11 @@ def _serve_on_ray(args: Any, threshold: Any, own, extra, key: Any) -> int:
         import torch
 
         gpus = 1.0 if torch.cuda.is_available() else 0.0
-    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    port = args.port or _free_port(args.host)  # --port 0: the port is chosen here, so it can be printed
+    # without --ray-address a new local cluster ("local"), never one a previous session left running
+    # (whose Serve app would keep its own http_options)
+    ray.init(address=args.ray_address or "local", include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": port})
     serve.run(ray_app(args.model, device=args.device, dtype=args.dtype, num_replicas=replicas, num_gpus=gpus,
                       metric=args.metric, threshold=threshold,
                       mitigation=None if args.mitigation == "none" else args.mitigation,
@@ -103,7 +106,7 @@ def _serve_on_ray(args: Any, threshold: Any, own, extra, key: Any) -> int:
                       calibrate_for=extra, guarded=not args.no_guard, api_key=key),
               name="sharpfast", route_prefix="/")
     print(f"sharpfast serve: {args.model} on Ray Serve, {replicas} replica(s) ({gpus:g} GPU each); listening on "
-          f"http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+          f"http://{args.host}:{port}", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -132,6 +135,15 @@ def _log_to_stderr() -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger("sharpfast.server").addHandler(handler)
     logging.getLogger("sharpfast.server").setLevel(logging.INFO)
+
+
+def _free_port(host: str) -> int:
+    """A port free on `host` now (the OS's choice for port 0)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def _listen(host: str, port: int) -> tuple:
