@@ -15,8 +15,9 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from sharpfast import zoo  # noqa: E402
-from sharpfast.server import create_app
+from sharpfast.server import create_app  # noqa: E402
 from sharpfast.server.batching import Batcher  # noqa: E402
+from sharpfast.testing import tiny_pipeline  # noqa: E402
 
 NORMAL = zoo.prompts("digits", "non_memorized")[0]["prompt"]
 KEY = "k" * 24
@@ -144,6 +145,25 @@ def test_the_api_key(client):
         assert client.get("/metrics", headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
     for bad in (f"Bearer  {KEY}", f"Bearer {KEY.upper()}", f"Bearer{KEY}", KEY, f"Basic {KEY}", f"Bearer {KEY[:-1]}"):
         assert client.get("/metrics", headers={"Authorization": bad}).status_code == 401, bad
+    # issue 33, items 14 and 21: with a key, the docs are off by default (their scripts come from a
+    # CDN) and the schema is behind the key; --docs on serves them, open
+    assert client.get("/docs", headers=none).status_code == 401 and client.get("/docs").status_code == 404
+    assert client.get("/openapi.json", headers=none).status_code == 401
+    assert client.get("/openapi.json").status_code == 200
+
+
+def test_docs_on_with_a_key_are_open_and_off_without_one_are_gone():
+    from sharpfast.adapters import ScoreModel
+    from sharpfast.server import create_app
+    from sharpfast.server.protocol import Limits
+
+    pipe = tiny_pipeline("sd1")
+    for docs, key, want in ((True, KEY, 200), (False, None, 404), (None, None, 200)):
+        limits = Limits.for_model((16, 16), 8, ScoreModel(pipe), api_key=key, docs=docs)
+        app = create_app(pipe, guarded=False, limits=limits)
+        with TestClient(app) as c:
+            assert c.get("/docs").status_code == want and c.get("/redoc").status_code == want, (docs, key)
+            assert c.get("/openapi.json").status_code == 200
 
 
 def test_the_schema_declares_the_request_and_the_errors(client):

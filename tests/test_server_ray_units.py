@@ -66,7 +66,7 @@ def test_serve_on_ray_with_port_0_prints_the_port_it_binds(monkeypatch, capsys):
     monkeypatch.setattr("threading.Event.wait", lambda self, *a: True)
     args = argparse.Namespace(replicas=1, gpus_per_replica=0.0, ray_address=None, host="127.0.0.1", port=0,
                               model="digits", device="cpu", dtype="fp32", metric="wen_low", mitigation="auto",
-                              max_batch_size=4, max_wait_ms=10.0, no_guard=False)
+                              max_batch_size=4, max_wait_ms=10.0, no_guard=False, docs="auto")
     assert serve_cli._serve_on_ray(args, "auto", {}, [], None) == 0
     port = calls["start"]["http_options"]["port"]
     assert calls["init"]["address"] == "local" and port > 0

@@ -166,6 +166,10 @@ OPTIONS: dict[str, Option] = {
                                  "CUDA GPU, else 0)", type=float),
     "--api-key-file": Option("a file holding the API key that /generate and /metrics require as 'Authorization: "
                              "Bearer <key>' (/health stays open); put TLS in front (see docs/serving.md)"),
+    "--docs": Option("serve /docs and /redoc, open without the API key (their scripts load from a public CDN: an "
+                     "offline browser sees a blank page): auto (default: on without --api-key-file, off with it), "
+                     "on or off; /openapi.json is always served, behind the key unless the docs are on",
+                     default="auto", choices=("auto", "on", "off")),
     "--max-prompt-chars": Option("characters per prompt at most (default 2000)", default=2000, type=int),
     "--header-timeout": Option("seconds a client may take to send its request headers (default 10)", default=10.0,
                                type=float),

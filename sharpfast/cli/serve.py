@@ -24,7 +24,7 @@ class ServeCommand:
         options.add(p, "serve", "--model", "--host", "--port", "--metric", "--mitigation", "--threshold", "--no-guard",
                     "--max-batch-size", "--max-wait-ms", "--num-inference-steps", "--guidance-scale",
                     "--calibrate-for", "--engine", "--replicas", "--ray-address",
-                    "--gpus-per-replica", "--api-key-file", "--max-prompt-chars", "--header-timeout",
+                    "--gpus-per-replica", "--api-key-file", "--docs", "--max-prompt-chars", "--header-timeout",
                     "--graceful-timeout", "--device", "--dtype")
 
     @staticmethod
@@ -103,7 +103,7 @@ def _serve_on_ray(args: Any, threshold: Any, own, extra, key: Any) -> int:
                       metric=args.metric, threshold=threshold,
                       mitigation=None if args.mitigation == "none" else args.mitigation,
                       max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, defaults=own,
-                      calibrate_for=extra, guarded=not args.no_guard, api_key=key),
+                      calibrate_for=extra, guarded=not args.no_guard, api_key=key, docs=_docs(args)),
               name="sharpfast", route_prefix="/")
     print(f"sharpfast serve: {args.model} on Ray Serve, {replicas} replica(s) ({gpus:g} GPU each); listening on "
           f"http://{args.host}:{port}", file=sys.stderr, flush=True)
@@ -125,7 +125,12 @@ def _limits(pipe: Any, args: Any, key: Any) -> Any:
     model = ScoreModel(pipe)
     return Limits.for_model(model.default_size(), validate.integer(args.max_batch_size, "--max-batch-size"), model,
                             max_prompt_chars=validate.integer(args.max_prompt_chars, "--max-prompt-chars"),
-                            header_timeout=args.header_timeout, api_key=key)
+                            header_timeout=args.header_timeout, api_key=key, docs=_docs(args))
+
+
+def _docs(args: Any) -> Any:
+    """--docs as Limits.docs: None (auto), True or False."""
+    return {"auto": None, "on": True, "off": False}[args.docs]
 
 
 def _log_to_stderr() -> None:

@@ -35,11 +35,10 @@ def depth_ok(body: bytes, limit: int) -> bool:
 
 
 class BodyGuard:
-    """ASGI middleware in front of the app: the API key (for every path but /health and the
-    docs), then for POST bodies the size (Content-Length and the bytes actually sent) and the
-    nesting depth, before any JSON parser sees them."""
-
-    OPEN = ("/health", "/docs", "/openapi.json", "/redoc")
+    """ASGI middleware in front of the app: the API key (for every path but Limits.open_paths():
+    /health, and the docs when the operator serves them), then for POST bodies the size
+    (Content-Length and the bytes actually sent), the nesting depth and whether it is JSON at
+    all, before the app's JSON parser sees them."""
 
     def __init__(self, app, limits: Limits, on_refused=None) -> None:
         self.app, self.limits, self.on_refused = app, limits, on_refused or (lambda status: None)
@@ -49,7 +48,7 @@ class BodyGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.limits.api_key is not None and scope.get("path") not in self.OPEN:
+        if self.limits.api_key is not None and scope.get("path") not in self.limits.open_paths():
             given = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = given.partition(" ")  # the scheme is case-insensitive (RFC 7235), the key is not
             ok = hmac.compare_digest(token.encode("utf-8"), self.limits.api_key.encode("utf-8"))

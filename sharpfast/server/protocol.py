@@ -33,6 +33,9 @@ class Limits:
         header_timeout: seconds a connection may take to send its request headers.
         max_steps: num_inference_steps at most.
         api_key: the key /generate and /metrics require as `Authorization: Bearer <key>`, or None.
+        docs: serve /docs and /redoc, open to all (Swagger UI and ReDoc load their scripts from a
+            public CDN); None: only when there is no api_key. /openapi.json is always served,
+            behind the key unless the docs are on; /health is always open (probes).
     """
 
     max_body_bytes: int = 1 << 20
@@ -45,6 +48,17 @@ class Limits:
     header_timeout: float = 10.0
     api_key: Optional[str] = None
     max_steps: int = MAX_STEPS
+    docs: Optional[bool] = None
+
+    @property
+    def serves_docs(self) -> bool:
+        """Whether /docs and /redoc are served (and, with /openapi.json, open without the key)."""
+        return self.api_key is None if self.docs is None else bool(self.docs)
+
+    def open_paths(self) -> tuple:
+        """The paths open without the API key."""
+        return ("/health",) + (("/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")
+                               if self.serves_docs else ())
 
     @classmethod
     def for_model(cls, default_size: tuple, max_batch_size: int, model: Any = None, **kw: Any) -> Limits:

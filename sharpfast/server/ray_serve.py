@@ -103,7 +103,7 @@ def ray_app(model: str, *, device: str = "auto", dtype: str = "auto", num_replic
             num_cpus: float = 1, metric: Optional[str] = None, threshold: Any = "auto", mitigation: Any = "auto",
             max_batch_size: int = 8, max_wait_ms: float = 10.0, defaults: Optional[dict] = None,
             calibrate_for: Optional[list] = None, limits: Any = None, guarded: bool = True,
-            api_key: Optional[str] = None) -> Any:
+            api_key: Optional[str] = None, docs: Optional[bool] = None) -> Any:
     """A Ray Serve application of the guarded pipeline (`serve.run(ray_app(...))`).
 
     Args:
@@ -123,6 +123,7 @@ def ray_app(model: str, *, device: str = "auto", dtype: str = "auto", num_replic
         limits: a sharpfast.server.protocol.Limits (default: scaled to the model).
         guarded: False serves the plain pipeline.
         api_key: the key /generate and /metrics require (`Authorization: Bearer <key>`), or None.
+        docs: serve /docs and /redoc, open (None: only without api_key; Limits.docs).
 
     Returns:
         The bound Ray Serve application.
@@ -140,7 +141,7 @@ def ray_app(model: str, *, device: str = "auto", dtype: str = "auto", num_replic
         raise BadArgument("num_gpus and num_cpus must be >= 0")
     cfg = dict(model=model, device=device, dtype=dtype, metric=metric, threshold=threshold, mitigation=mitigation,
                max_batch_size=max_batch_size, defaults=dict(defaults or {}), calibrate_for=list(calibrate_for or []),
-               limits=limits, guarded=guarded, api_key=api_key)
+               limits=limits, guarded=guarded, api_key=api_key, docs=docs)
     return _deployment(cfg, num_replicas, num_gpus, num_cpus, max_batch_size, max_wait_ms).bind()
 
 
@@ -189,7 +190,8 @@ class RayTransport:
         self.service = Service(load_model(cfg["model"], device, dtype), guarded=cfg["guarded"], metric=cfg["metric"],
                                threshold=cfg["threshold"], mitigation=cfg["mitigation"], name=cfg["model"],
                                calibrate_for=cfg["calibrate_for"], defaults=cfg["defaults"], limits=cfg["limits"],
-                               max_batch_size=cfg["max_batch_size"], api_key=cfg.get("api_key"))
+                               max_batch_size=cfg["max_batch_size"], api_key=cfg.get("api_key"),
+                               docs=cfg.get("docs"))
         self.max_images = cfg["max_batch_size"]
         self.name = f"{os.uname().nodename}:{os.getpid()}"
         self.started = time.time()

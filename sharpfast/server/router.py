@@ -49,8 +49,9 @@ def build_app(service: Service, transport: Any, *, title: str = "sharpfast", lif
     """The FastAPI app both transports serve (uvicorn runs it; Ray Serve's ingress takes it)."""
     from fastapi import FastAPI
 
+    docs = service.limits.serves_docs
     app = FastAPI(title=title, description="text-to-image generation guarded against memorization",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
     app.include_router(build_router(service, transport))
     count_invalid(app, service)
     app.add_middleware(BodyGuard, limits=service.limits, on_refused=service.refused)

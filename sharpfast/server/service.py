@@ -235,12 +235,13 @@ class Service:
         limits: a sharpfast.server.protocol.Limits (default: Limits.for_model).
         max_batch_size: images per pipeline call at most.
         api_key: the key the default limits require (ignored when limits are given).
+        docs: whether the default limits serve /docs (None: only without api_key; Limits.docs).
     """
 
     def __init__(self, pipe: Any, *, guarded: bool = True, metric: Optional[str] = None, threshold: Any = "auto",
                  mitigation: Any = "auto", sail_kwargs: Optional[dict] = None, name: str = "default",
                  calibrate_for: Optional[list] = None, defaults: Optional[dict] = None, limits: Any = None,
-                 max_batch_size: int = 8, api_key: Optional[str] = None) -> None:
+                 max_batch_size: int = 8, api_key: Optional[str] = None, docs: Optional[bool] = None) -> None:
         from .protocol import Limits
 
         self.pipe, self.model = pipe, ScoreModel(pipe)
@@ -248,7 +249,8 @@ class Service:
         h, w = self.model.default_size()
         self.defaults = {**pipeline_defaults(pipe), "num_images_per_prompt": 1, "height": h, "width": w,
                          **(defaults or {})}
-        self.limits = limits or Limits.for_model((h, w), self.max_batch_size, self.model, api_key=api_key)
+        self.limits = limits or Limits.for_model((h, w), self.max_batch_size, self.model, api_key=api_key,
+                                                 docs=docs)
         self.needs_cfg = not self.model.distilled  # Flux: any finite guidance
         self.guard = build_guard(pipe, guarded, metric, threshold, mitigation, sail_kwargs, name, calibrate_for,
                                  self.defaults)
