@@ -25,6 +25,10 @@ def load_model(model: str, device: str, dtype: str) -> Any:
     """'digits' or 'scenes' (the bundled models) or a local diffusers model directory, safetensors only, offline,
     its progress bar off (the commands show their own)."""
     import torch
+
+    from .quiet import quiet_image_processor_notice
+
+    quiet_image_processor_notice()
     from diffusers import DiffusionPipeline
 
     from . import zoo

@@ -137,3 +137,15 @@ def test_shipped_calibration_is_used_by_sail_and_guard(model):
     with sharpfast.guard(pipe) as g:  # the guard's default metric, calibrated beside the model
         assert g.threshold == cal[DEFAULT_METRIC]["threshold"] and g.metric == DEFAULT_METRIC
         assert g.threshold_source.split(" (")[0].endswith("calibration.json") and f"{side}x{side}" in g.threshold_source
+
+
+def test_loading_a_bundled_pipeline_prints_no_image_processor_notice():
+    """Issue 33, item 8: transformers' 'requires torchvision ... falling back' line (the bundled
+    pipelines have no image processor) does not precede a script's own output."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import sharpfast; sharpfast.zoo.load('digits')"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "requires torchvision" not in out.stderr

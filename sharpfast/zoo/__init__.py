@@ -93,6 +93,10 @@ def load(name: str = "digits", device: str = "cpu", dtype: Any = None) -> Any:
         MissingInput: its weights are missing from the installed package.
     """
     import torch
+
+    from ..quiet import quiet_image_processor_notice
+
+    quiet_image_processor_notice()
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(path(name), **dtype_kwarg(dtype or torch.float32),
