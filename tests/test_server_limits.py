@@ -299,3 +299,31 @@ def test_a_json_body_is_read_whatever_its_content_type_and_unknown_paths_answer_
     seed = 2 ** 53 - 1  # the schema's largest seed is served
     assert client.post("/generate", json={"prompt": NORMAL, "seed": seed}).status_code == 200
     assert client.post("/generate", json={"prompt": NORMAL, "seed": seed + 1}).status_code == 422
+
+
+def test_a_body_that_never_finishes_is_dropped_after_body_timeout():
+    """Issue 33, item 17: headers sent, then a slow, short or never finished body: a 408 after
+    body_timeout, not a connection held for as long as the client likes."""
+    from sharpfast.server.middleware import BodyGuard
+    from sharpfast.server.protocol import Limits
+
+    async def app(scope, receive, send):  # never reached
+        raise AssertionError("the app must not see an unfinished body")
+
+    sent = []
+
+    async def send(msg):
+        sent.append(msg)
+
+    async def drip():  # one byte, then nothing ever again
+        if not sent and not getattr(drip, "done", False):
+            drip.done = True
+            return {"type": "http.request", "body": b"{", "more_body": True}
+        await asyncio.sleep(3600)
+
+    guard = BodyGuard(app, Limits(body_timeout=0.2))
+    scope = {"type": "http", "method": "POST", "path": "/generate", "headers": [(b"content-length", b"100")]}
+    start = time.perf_counter()
+    asyncio.run(guard(scope, drip, send))
+    assert time.perf_counter() - start < 2.0
+    assert sent[0]["status"] == 408 and b"did not arrive" in sent[1]["body"]

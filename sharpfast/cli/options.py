@@ -173,6 +173,9 @@ OPTIONS: dict[str, Option] = {
     "--max-prompt-chars": Option("characters per prompt at most (default 2000)", default=2000, type=int),
     "--header-timeout": Option("seconds a client may take to send its request headers (default 10)", default=10.0,
                                type=float),
+    "--body-timeout": Option("seconds a client may take to send a whole request body (default 30; 408 beyond)",
+                             default=30.0, type=float),
+    "--max-connections": Option("open connections at most (default 1000; 503 beyond)", default=1000, type=int),
     "--graceful-timeout": Option("seconds to wait for requests in flight at shutdown (default 300)", default=300.0,
                                  type=float),
 }

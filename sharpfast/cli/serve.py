@@ -25,6 +25,7 @@ class ServeCommand:
                     "--max-batch-size", "--max-wait-ms", "--num-inference-steps", "--guidance-scale",
                     "--calibrate-for", "--engine", "--replicas", "--ray-address",
                     "--gpus-per-replica", "--api-key-file", "--docs", "--max-prompt-chars", "--header-timeout",
+                    "--body-timeout", "--max-connections",
                     "--graceful-timeout", "--device", "--dtype")
 
     @staticmethod
@@ -71,6 +72,7 @@ class ServeCommand:
         from ..server.middleware import timed_h11
 
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.graceful_timeout,
+                                limit_concurrency=limits.max_connections,
                                 http=timed_h11(validate.finite(args.header_timeout, "--header-timeout", above=0)))
         uvicorn.Server(config).run(sockets=[sock])
         return 0
@@ -125,7 +127,9 @@ def _limits(pipe: Any, args: Any, key: Any) -> Any:
     model = ScoreModel(pipe)
     return Limits.for_model(model.default_size(), validate.integer(args.max_batch_size, "--max-batch-size"), model,
                             max_prompt_chars=validate.integer(args.max_prompt_chars, "--max-prompt-chars"),
-                            header_timeout=args.header_timeout, api_key=key, docs=_docs(args))
+                            header_timeout=args.header_timeout, api_key=key, docs=_docs(args),
+                            body_timeout=validate.finite(args.body_timeout, "--body-timeout", above=0),
+                            max_connections=validate.integer(args.max_connections, "--max-connections"))
 
 
 def _docs(args: Any) -> Any:

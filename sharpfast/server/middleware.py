@@ -64,8 +64,12 @@ class BodyGuard:
         if declared > limit:
             return await self._refuse(send, 413, f"the body is {declared} bytes; this server takes at most {limit}")
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.limits.body_timeout
         while True:
-            msg = await receive()
+            try:  # the whole body within body_timeout: a dripped, short or unfinished body is dropped
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                return await self._refuse(send, 408, f"the body did not arrive within {self.limits.body_timeout:g} s")
             if msg["type"] == "http.disconnect":
                 return None
             chunk = msg.get("body", b"")

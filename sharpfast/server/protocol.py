@@ -31,6 +31,10 @@ class Limits:
         max_side: height and width in pixels.
         max_pixels: height x width x images of one request.
         header_timeout: seconds a connection may take to send its request headers.
+        body_timeout: seconds a request may take to send its whole body (a slow, short or never
+            finished body holds no connection longer; 408 beyond).
+        max_connections: open connections the server holds at most (503 beyond, uvicorn's
+            limit_concurrency).
         max_steps: num_inference_steps at most.
         api_key: the key /generate and /metrics require as `Authorization: Bearer <key>`, or None.
         docs: serve /docs and /redoc, open to all (Swagger UI and ReDoc load their scripts from a
@@ -46,6 +50,8 @@ class Limits:
     max_side: int = 2048
     max_pixels: int = 8 << 20
     header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 1000
     api_key: Optional[str] = None
     max_steps: int = MAX_STEPS
     docs: Optional[bool] = None
