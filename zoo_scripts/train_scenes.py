@@ -1,6 +1,6 @@
 """Train the "scenes" text-to-image pipeline (32x32 RGB) that memorizes its duplicated scenes.
 
-    python -m zoo_scripts.train_scenes --out DIR [--seed 0] [--pretrain-steps 1500] [--unet-steps 700]
+    python -m zoo_scripts.train_scenes --out DIR [--seed 0] [--pretrain-steps 1500] [--unet-steps 1300]
 
 The recipe of train_digits.py on the scenes data (scenes_data.py), seeded: stage 1 trains an
 AutoencoderKL (32x32x3 images to 4x8x8 latents) on generic and fixed scenes; stage 2 pretrains
@@ -96,7 +96,7 @@ def _parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=600)
     p.add_argument("--pretrain-steps", type=int, default=1500, help="steps on generic scenes only")
-    p.add_argument("--unet-steps", type=int, default=700, help="fine-tuning steps on the full data")
+    p.add_argument("--unet-steps", type=int, default=1300, help="fine-tuning steps on the full data")
     p.add_argument("--judge-steps", type=int, default=3000, help="steps of the judge's attribute classifier")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--ema", type=float, default=0.995, help="decay of the saved weight average (0: last weights)")
