@@ -6,6 +6,8 @@ Rows, each timed round-robin against plain `pipe(...)` with the same prompts and
     unflagged   guard(defaults, threshold inf): scoring only             target <= 1.05
     flagged     guard(defaults, every prompt flagged): decide at step 1,
                 the default mitigation, one generation                   target <= 1.10
+    always      guard(policy="always"): the mitigation planned before the
+                generation on every prompt, none restarted              target <= 1.05
     sail        guard(mitigation="sail_guard", every prompt flagged)     (reported)
 
 on the bundled digits model (4 memorized prompts, 50 DDIM steps) and on the SD 1.5-sized random
@@ -27,10 +29,10 @@ from bench_detect import interleaved_times  # the benchmarks' timing helpers (sa
 
 import sharpfast
 
-TARGETS = {"unflagged": 1.05, "flagged": 1.10}
+TARGETS = {"unflagged": 1.05, "flagged": 1.10, "always": 1.05}
 
 
-def setup(model: str):
+def setup(model: str, sd15_steps: int = 10):
     if model == "digits":
         pipe = sharpfast.zoo.load("digits")
         prompts = [r["prompt"] for r in sharpfast.zoo.prompts("digits", "memorized")[:4]]
@@ -40,13 +42,13 @@ def setup(model: str):
 
         pipe = sd15_sized_pipeline(sample_size=16)
         prompts = ["a photo of a cat", "an oil painting of a harbour"]
-        steps = 10
+        steps = sd15_steps
     pipe.set_progress_bar_config(disable=True)
     return pipe, prompts, steps
 
 
-def measure(model: str, reps: int = 5) -> dict:
-    pipe, prompts, steps = setup(model)
+def measure(model: str, reps: int = 5, sd15_steps: int = 10, warmup: bool = True, rows: tuple = ()) -> dict:
+    pipe, prompts, steps = setup(model, sd15_steps)
     kw = dict(num_inference_steps=steps, output_type="latent")
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(len(prompts))]  # noqa: E731
     probe = sharpfast.guard(pipe, threshold=-1e30, name="flagged")
@@ -55,8 +57,9 @@ def measure(model: str, reps: int = 5) -> dict:
 
     def run(kind):
         def fn():
-            g = sharpfast.guard(pipe, threshold=float("inf") if kind == "unflagged" else -1e30,
-                                mitigation="sail_guard" if kind == "sail" else "auto", name=kind)
+            g = sharpfast.guard(pipe, threshold=float("inf") if kind in ("unflagged", "always") else -1e30,
+                                mitigation="sail_guard" if kind == "sail" else "auto", name=kind,
+                                policy="always" if kind == "always" else None)
             try:
                 out = g(prompts, generator=gens(), **kw)
             finally:
@@ -65,13 +68,16 @@ def measure(model: str, reps: int = 5) -> dict:
         return fn
 
     fns = {"plain": lambda: pipe(prompts, generator=gens(), **kw), "unflagged": run("unflagged"),
-           "flagged": run("flagged")}
+           "flagged": run("flagged"), "always": run("always")}
     if model == "digits":
         fns["sail"] = run("sail")
-    secs = interleaved_times(fns, reps)
+    if rows:
+        fns = {k: f for k, f in fns.items() if k == "plain" or k in rows}
+    secs = interleaved_times(fns, reps, warmup=warmup)
     med = statistics.median
     rows = {k: {"seconds": med(v), "vs_plain": med(a / b for a, b in zip(v, secs["plain"]))} for k, v in secs.items()}
-    rows["flagged"]["mitigation"] = used
+    if "flagged" in rows:
+        rows["flagged"]["mitigation"] = used
     return rows
 
 
@@ -95,6 +101,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=("digits", "sd15", "both"), default="both")
     ap.add_argument("--reps", type=int, default=0, help="rounds (default 5 digits, 2 sd15)")
+    ap.add_argument("--sd15-steps", type=int, default=10, help="sampler steps on the SD 1.5-sized UNet (default 10; "
+                    "50 as served: about 10 minutes a round of the three rows on 2 cores)")
+    ap.add_argument("--no-warmup", action="store_true", help="no warm-up call per row (the first round is timed)")
+    ap.add_argument("--rows", default="", help="comma list of the rows to time beside plain (default: all)")
     a = ap.parse_args()
     for m in (("digits", "sd15") if a.model == "both" else (a.model,)):
-        print(report(m, measure(m, a.reps or (5 if m == "digits" else 2))), flush=True)
+        rows = measure(m, a.reps or (5 if m == "digits" else 2), a.sd15_steps, warmup=not a.no_warmup,
+                       rows=tuple(r for r in a.rows.split(",") if r))
+        print(report(m, rows), flush=True)

@@ -29,3 +29,8 @@ DEFAULT_METRICS = ("wen", "sharpness", GUARD_METRIC)
 # guidance above t = 450): the fewest copies at fidelity >= 0.95 with no extra UNet call on half A of
 # the digits memorized prompts (docs/mitigation.md); else SAIL stopping on the guard's metric (Flux)
 GUARD_MITIGATIONS = (("transition", "s0t450"), ("sail_guard", 1.0))
+# the guard's default policy: "auto" = the policy calibrated for the model (calibration.json's "policy": the
+# gate and tiers chosen on its tuning half within POLICY_BUDGET, zoo_scripts/choose_policy.py), else the gate at FPR
+GUARD_POLICY = "auto"
+# what a calibrated policy may cost, guarded / plain fidelity of the model's normal and memorized prompts
+POLICY_BUDGET = {"normal_fidelity": 0.97, "memorized_fidelity": 0.95}

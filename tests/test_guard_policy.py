@@ -91,3 +91,43 @@ def test_tiers_need_a_trajectory_method_and_valid_settings(digits):
         sharpfast.guard(digits, policy="0.3,0.01:zz9")
     with pytest.raises(BadArgument, match="gate"):
         sharpfast.guard(digits, threshold=0.5, policy="0.3")
+
+
+def test_auto_reads_the_policy_calibrated_for_these_weights(tmp_path):
+    """policy="auto" (the default) is the policy calibration.json holds for the model's weights;
+    a file of other weights, or none, gives the default gate."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    src = sharpfast.zoo.path("digits")
+    dst = tmp_path / "digits"
+    shutil.copytree(src, dst)
+    cal = json.loads((dst / "calibration.json").read_text())
+    cal["policy"] = {"policy": "0.3,0.01:s0t300", "chosen_on": "a test"}
+    (dst / "calibration.json").write_text(json.dumps(cal))
+    pipe = StableDiffusionPipeline.from_pretrained(str(dst), local_files_only=True)
+    with sharpfast.guard(pipe) as g:
+        assert g.config.policy == Policy.parse("0.3,0.01:s0t300") and "a test" in g.config.policy_source
+    with sharpfast.guard(pipe, policy="0.1") as g:
+        assert g.config.policy == Policy(0.1) and g.config.policy_source == "given"
+    with sharpfast.guard(pipe, threshold=0.5) as g:  # a number is the gate itself
+        assert g.config.policy == Policy(0.01)
+    cal["weights"]["fingerprint"] = "0" * 16  # a policy calibrated for other weights is not used
+    (dst / "calibration.json").write_text(json.dumps(cal))
+    with sharpfast.guard(StableDiffusionPipeline.from_pretrained(str(dst), local_files_only=True)) as g:
+        assert g.config.policy == Policy(0.01) and "no policy calibrated" in g.config.policy_source
+
+
+def test_choose_policy_keeps_to_the_budget():
+    from zoo_scripts.choose_policy import choose
+
+    def point(policy, copies, mem, normal):
+        return {"policy": policy, "summary": {"guard": {"copies_at_0.8": copies}, "fidelity_ratio": mem,
+                                              "normal": {"fidelity_ratio": normal}}}
+
+    budget = {"normal_fidelity": 0.97, "memorized_fidelity": 0.95}
+    pts = [point("0.01", 0.4, 0.99, 1.0), point("0.3", 0.2, 0.99, 0.96), point("0.1", 0.3, 0.96, 0.98),
+           point("always", 0.3, 0.97, 0.99)]
+    assert choose(pts, budget)["policy"] == "0.1", "fewest copies inside the budget; a tie to the smaller gate"
+    assert choose([point("0.3", 0.2, 0.9, 1.0)], budget) is None

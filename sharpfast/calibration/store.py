@@ -76,6 +76,21 @@ def shipped_threshold(pipe: Any, metric: str = "sharpness", key: str = "threshol
     return float(cal[metric][key]) if key in cal.get(metric, {}) else None
 
 
+def shipped_policy(pipe: Any) -> Optional[dict]:
+    """The guard policy calibration.json beside the model holds for these weights ({"policy":
+    text, ...}), or None (no file, no policy, other weights, not readable)."""
+    f = _beside(pipe)
+    if not f or not os.path.isfile(f):
+        return None
+    cal = _read_json(f)
+    entry = cal.get("policy") if isinstance(cal, dict) else None
+    if not isinstance(entry, dict) or not isinstance(entry.get("policy"), str):
+        return None
+    if isinstance(cal.get("weights"), dict) and not same_weights(cal["weights"], weights_fingerprint(pipe)):
+        return None
+    return entry
+
+
 @dataclass(frozen=True)
 class Resolved:
     """A resolved calibration value and where it came from."""

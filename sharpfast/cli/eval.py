@@ -134,7 +134,8 @@ def _run_guard(args: Any, device: Any, dtype: Any) -> int:
               progress=not args.quiet, normal=normal[:None if args.limit is None else 2 * args.limit])
     judge = zoo.judge(args.model, pipe)
     if len(policies) > 1:
-        points = guard_eval.frontier(pipe, records, judge, policies, out_dir=args.out, model=args.model, **kw)
+        points = guard_eval.frontier(pipe, records, judge, policies, out_dir=args.out, model=args.model,
+                                     half=f"half {args.half}" if args.half != "all" else "all prompts", **kw)
         for p in points:
             print(f"policy {p['policy']}:\n{guard_eval.format_summary(p['summary'])}\n")
         print(f"wrote {args.out}/guard_frontier.json and {args.out}/guard_frontier.png")

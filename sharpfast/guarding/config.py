@@ -8,8 +8,8 @@ from typing import Any, Optional
 from .. import mitigations, settings, validate
 from ..errors import BadArgument
 from ..scores import REGISTRY
-from ..settings import FPR
-from .policy import ALWAYS, DEFAULT_POLICY, Policy
+from ..settings import FPR, GUARD_POLICY
+from .policy import ALWAYS, DEFAULT_POLICY, Policy, auto_policy
 
 GUARD_METRICS = tuple(REGISTRY)  # costs: REGISTRY[name].cost (wen and score_norm: no extra UNet call)
 # chosen on the tuning half of the digits model's memorized prompts (docs/mitigation.md; the
@@ -33,6 +33,7 @@ class GuardConfig:
     name: str
     calibrate_new: bool = True  # False: a request at a setting not calibrated before is refused (NotCalibrated)
     policy: Policy = DEFAULT_POLICY
+    policy_source: str = "given"
 
     @property
     def upfront(self) -> bool:
@@ -45,7 +46,12 @@ class GuardConfig:
     def build(cls, model: Any, metric: str, threshold: Any, mitigation: Any, setting: Any, sail_kwargs, name: str,
               calibrate_new: bool = True, policy: Any = None) -> GuardConfig:
         """The checked configuration (BadArgument / UnsupportedPipeline naming what is wrong)."""
-        policy = DEFAULT_POLICY if policy is None else Policy.of(policy)
+        if policy is None:  # a threshold given as a number is the gate itself (flag above it)
+            policy = GUARD_POLICY if threshold == "auto" else Policy(FPR)
+        policy_source = "given"
+        if policy == "auto":
+            policy, policy_source = auto_policy(model.pipe)
+        policy = Policy.of(policy)
         if metric not in GUARD_METRICS:
             raise BadArgument(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
         if mitigation == "auto":
@@ -66,6 +72,8 @@ class GuardConfig:
             threshold = validate.finite(threshold, "threshold", allow_inf=True)
             if policy.gate not in (FPR, ALWAYS):
                 raise BadArgument(f"a given threshold is the gate: drop it, or the policy's gate ({policy.gate:g})")
+        if policy.tiers and policy_source != "given" and (method is None or method.kind != "trajectory"):
+            policy = Policy(policy.gate)  # a calibrated policy's tiers set a trajectory method's strength only
         if policy.tiers:
             if method is None or method.kind != "trajectory":
                 raise BadArgument(f"a policy's tiers set a trajectory method's strength per prompt; the guard's "
@@ -75,5 +83,5 @@ class GuardConfig:
                 if read is not None:
                     read(st)  # a bad tier setting is refused now, not in a request
         return cls(metric, threshold, mitigation, method, setting, sail_kwargs, str(name), bool(calibrate_new),
-                   policy)
+                   policy, policy_source)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from ..errors import BadArgument
-from ..settings import GATES
+from ..settings import FPR, GATES
 
 ALWAYS = "always"
 
@@ -121,4 +121,15 @@ class Policy:
         return mitigate, setting, why
 
 
-DEFAULT_POLICY = Policy()
+DEFAULT_POLICY = Policy(FPR)  # the gate at the calibrated false-positive rate: "auto" without a calibrated policy
+
+
+def auto_policy(pipe: Any) -> tuple:
+    """(policy, where it came from) for policy="auto": the policy calibrated for this model
+    (calibration.json beside it, for these weights), else DEFAULT_POLICY."""
+    from ..calibration.store import shipped_policy
+
+    found = shipped_policy(pipe)
+    if found is None:
+        return DEFAULT_POLICY, f"the default gate ({FPR:g} of normal captions; no policy calibrated for the model)"
+    return Policy.parse(found["policy"]), f"calibrated for the model ({found.get('chosen_on', 'calibration.json')})"

@@ -92,7 +92,8 @@ class Guard:
         self._lock = pipeline_lock(pipe)
         self._capture: Optional[CaptureHook] = CaptureHook(self)
         HookRegistry.of(denoiser(pipe)).add(self._capture)
-        log.info("sharpfast.guard: %s > %s, mitigation %s", config.metric, config.threshold, config.mitigation)
+        log.info("sharpfast.guard: %s > %s, mitigation %s, policy %s (%s)", config.metric, config.threshold,
+                 config.mitigation, config.policy.text(), config.policy_source)
 
     @property
     def threshold(self) -> float:

@@ -170,7 +170,7 @@ def format_summary(summary: dict) -> str:
 
 
 def frontier(pipe: Any, records: list[dict], judge: Any, policies: Sequence[Any], *, out_dir: str,
-             model: str = "", **kw: Any) -> list:
+             model: str = "", half: str = "", **kw: Any) -> list:
     """run() once per policy (each in out_dir/policy-<text>/, each resuming), then the policy
     frontier: guard_frontier.json and guard_frontier.png (copies on memorized prompts, fidelity
     ratios, against the policy's gate)."""
@@ -185,5 +185,5 @@ def frontier(pipe: Any, records: list[dict], judge: Any, policies: Sequence[Any]
         points.append({"policy": text, "summary": s})
     with open(os.path.join(out_dir, "guard_frontier.json"), "w", encoding="utf-8") as fh:
         json.dump(points, fh, indent=1)
-    policy_frontier(points, os.path.join(out_dir, "guard_frontier.png"), model)
+    policy_frontier(points, os.path.join(out_dir, "guard_frontier.png"), model, half)
     return points

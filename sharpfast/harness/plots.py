@@ -198,11 +198,12 @@ def _draw_tradeoff(ax: Any, series, chosen, fidelity_floor, label: Callable, leg
     del legend
 
 
-def policy_frontier(points: list, path: str, model: str = "") -> str:
+def policy_frontier(points: list, path: str, model: str = "", half: str = "") -> str:
     """The guard's policies on one model: left, the share of memorized prompts' outputs that copy
     their training image (plain pipe(...) dashed, the 20% target dotted); right, the guarded /
     plain fidelity of memorized and normal prompts (targets 0.95 and 0.97 dotted); x: the share
-    of the model's normal captions the policy's gate sends to the mitigation ("always": 1)."""
+    of the model's normal captions the policy's gate sends to the mitigation ("always": 1).
+    Gate-only policies are joined by lines; policies with tiers are single labelled markers."""
     plt = pyplot()
 
     def x_of(text: str) -> float:
@@ -210,31 +211,37 @@ def policy_frontier(points: list, path: str, model: str = "") -> str:
         return 1.0 if gate == "always" else float(gate)
 
     pts = sorted(points, key=lambda p: (x_of(p["policy"]), p["policy"]))
-    xs = [x_of(p["policy"]) for p in pts]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4))
-    mem = [p["summary"] for p in pts]
-    a.plot(xs, [s["guard"]["copies_at_0.8"] for s in mem], "o-", color="tab:red", label="guarded")
-    a.axhline(float(np.mean([s["plain"]["copies_at_0.8"] for s in mem])), color="grey", ls="--",
+    gates = [p for p in pts if "," not in p["policy"]]
+    tiered = [p for p in pts if "," in p["policy"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12.5, 4.6))
+    xs = [x_of(p["policy"]) for p in gates]
+    a.plot(xs, [p["summary"]["guard"]["copies_at_0.8"] for p in gates], "o-", color="tab:red",
+           label="guarded, gate only")
+    a.axhline(float(np.mean([p["summary"]["plain"]["copies_at_0.8"] for p in pts])), color="grey", ls="--",
               label="plain pipe(...)")
     a.axhline(0.2, color="black", ls=":", lw=0.8, label="target 20%")
-    a.set_ylabel("memorized prompts: outputs that copy\n(nearest training image is theirs, similarity >= 0.8)")
-    b.plot(xs, [s["fidelity_ratio"] for s in mem], "o-", color="tab:red", label="memorized prompts")
-    if all("normal" in s for s in mem):
-        b.plot(xs, [s["normal"]["fidelity_ratio"] for s in mem], "s-", color="tab:blue", label="normal prompts")
-    b.axhline(0.95, color="tab:red", ls=":", lw=0.8)
-    b.axhline(0.97, color="tab:blue", ls=":", lw=0.8)
-    b.set_ylabel("fidelity, guarded / plain")
+    a.set_ylabel("memorized prompts: share of outputs that copy\n(nearest training image is theirs, sim. >= 0.8)")
+    b.plot(xs, [p["summary"]["fidelity_ratio"] for p in gates], "o-", color="tab:red", label="memorized prompts")
+    b.plot(xs, [p["summary"]["normal"]["fidelity_ratio"] for p in gates], "s-", color="tab:blue",
+           label="normal prompts")
+    for k, p in enumerate(tiered):  # a stronger setting above a stricter cut: one marker each, named
+        x, s = x_of(p["policy"]), p["summary"]
+        mark = "^v<>Dp"[k % 6]
+        a.scatter([x], [s["guard"]["copies_at_0.8"]], marker=mark, color="tab:purple", zorder=3,
+                  label=f"gate + tiers: {p['policy']}")
+        b.scatter([x], [s["fidelity_ratio"]], marker=mark, color="tab:red", zorder=3)
+        b.scatter([x], [s["normal"]["fidelity_ratio"]], marker=mark, color="tab:blue", zorder=3)
+    b.axhline(0.95, color="tab:red", ls=":", lw=0.8, label="memorized target 0.95")
+    b.axhline(0.97, color="tab:blue", ls=":", lw=0.8, label="normal target 0.97")
+    b.set_ylabel("fidelity, guarded / plain (same seeds)")
     for ax in (a, b):
         ax.set_xscale("log")
-        ax.set_xlabel("share of normal captions mitigated by the gate (1 = always)")
-        ax.legend(fontsize=8, loc="best")
+        ax.set_xlabel("share of the model's normal captions the gate mitigates (1 = always)")
+        ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
-    for x, p, s in zip(xs, pts, mem):
-        if len(p["policy"]) > len(p["policy"].split(",")[0]):  # a policy with tiers: name it
-            a.annotate(p["policy"], (x, s["guard"]["copies_at_0.8"]), fontsize=7, xytext=(4, 4),
-                       textcoords="offset points")
-    fig.suptitle(f"sharpfast.guard policies on the {model} model (held-out prompts)" if model else
-                 "sharpfast.guard policies")
+    where = f", {half}" if half else ""
+    fig.suptitle(f"sharpfast.guard policies on the {model} model{where} (transition s0t450; tiers: a stronger "
+                 f"setting above a stricter cut)" if model else "sharpfast.guard policies")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
