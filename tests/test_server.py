@@ -220,3 +220,34 @@ def test_sigterm_ends_the_process_within_the_graceful_timeout_whatever_is_in_fli
     print(f"SIGTERM to exit: {took:.1f} s")
     assert took < 15, f"exit took {took:.1f} s\n{log.read()}"
     assert rc in (0, -signal.SIGTERM), rc
+
+
+def test_every_curl_line_of_the_docs_runs_as_written(tmp_path):
+    """Issue 33, item 2: each `curl` line of README.md and docs/*.md, as written (its port swapped
+    for the test server's), answers 2xx against a started `sharpfast serve` (the first one sent a
+    form-urlencoded body and got a 422)."""
+    import glob
+    import re
+    import shutil
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    lines = []
+    for path in [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]:
+        for line in open(path, encoding="utf-8"):
+            if line.lstrip().startswith("curl "):
+                lines.append((os.path.basename(path), line.split("  #")[0].strip()))
+    assert len(lines) >= 3, lines
+    proc, url, log = _start_server(tmp_path)
+    port = url.rsplit(":", 1)[1]
+    try:
+        for page, cmd in lines:
+            cmd = re.sub(r"localhost:8000|127\.0\.0\.1:8000", f"127.0.0.1:{port}", cmd)
+            cmd = cmd.replace("curl ", "curl -w '\\n%{http_code}' ", 1)
+            out = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=120)
+            status = out.stdout.strip().rsplit("\n", 1)[-1]
+            assert out.returncode == 0 and status.startswith("2"), (page, cmd, status, out.stdout[-300:])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
