@@ -91,7 +91,7 @@ def latents(value: Any, shape: tuple, size: Any = None, device: Any = None) -> O
     if not value.is_floating_point():
         raise BadArgument(f"latents must be floating point, got {value.dtype}")
     if value.device.type == "meta":
-        raise BadArgument("latents are on the meta device (no values): pass a real tensor")
+        raise BadArgument("latents are on meta, a device without values: pass a real tensor")
     if device is not None and value.device != device:
         raise BadArgument(f"latents are on {value.device} but the pipeline's denoiser is on {device}")
     if not bool(torch.isfinite(value).all()):

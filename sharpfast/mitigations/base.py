@@ -94,7 +94,8 @@ class MethodConfig:
         if isinstance(setting, cls):  # a config built by hand is checked all the same (NaN, <= 0)
             from dataclasses import astuple
 
-            (setting,) = astuple(setting)
+            cls.from_number(astuple(setting)[0], name, minimum=minimum)
+            return setting
         make: Callable[[Any], Any] = cls  # a one-field subclass
         if minimum is not None:
             return make(validate.integer(number(setting, name, int), name, minimum=minimum))
