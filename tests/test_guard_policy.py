@@ -79,7 +79,9 @@ def test_always_mitigates_every_prompt_without_restarting_a_step():
     with sharpfast.guard(p, metric="wen", threshold=float("inf"), setting="s0t500", policy="always") as g:
         with CallCounter(sharpfast.adapters.adapt(p)).counting() as count:
             out = g(prompts, generator=gen(), **kw)
-    assert all(r["flagged"] and r["mitigated"] and r["decision"] == "policy always" for r in out.memorization)
+    # every prompt selected and mitigated; none flagged: flagged is the detector's verdict at the stated threshold
+    assert all(r["selected"] and r["mitigated"] and r["decision"] == "policy always" and not r["flagged"]
+               for r in out.memorization)
     torch.testing.assert_close(out.images, want, rtol=0, atol=1e-6)
     assert count.rows == 5 * 2 * len(prompts), "one generation, no step restarted, wen costs no call"
 

@@ -17,11 +17,7 @@ import json
 import os
 
 from sharpfast import settings, zoo
-
-
-def gate_of(text: str) -> float:
-    gate = text.split(",")[0]
-    return 1.0 if gate == "always" else float(gate)
+from sharpfast.guarding import Policy
 
 
 def choose(points: list, budget: dict) -> dict | None:
@@ -31,7 +27,8 @@ def choose(points: list, budget: dict) -> dict | None:
           and p["summary"]["fidelity_ratio"] >= budget["memorized_fidelity"]]
     if not ok:
         return None
-    return min(ok, key=lambda p: (p["summary"]["guard"]["copies_at_0.8"], gate_of(p["policy"]), len(p["policy"])))
+    return min(ok, key=lambda p: (p["summary"]["guard"]["copies_at_0.8"], Policy.parse(p["policy"]).share,
+                                  len(p["policy"])))
 
 
 def main(argv=None) -> None:

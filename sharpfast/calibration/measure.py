@@ -102,12 +102,17 @@ def _record(pipe: Any, prompts: list, source: str, st: Any, fpr: float, seed: in
             "unet_calls": calls, "unet_rows": rows}
 
 
+def gate_key(share: float) -> str:
+    """The calibration key of the cut above which `share` of the normal captions lie ("gate_0.3")."""
+    return f"gate_{share:g}"
+
+
 def gate_cuts(scores: Any) -> dict:
     """{"gate_<share>": the score above which that share of these normal prompts lies} for every
     share of settings.GATES (a guard policy's gate and tiers read them)."""
     from ..roc import calibrate
 
-    return {f"gate_{g:g}": calibrate(scores, fpr=g) for g in GATES}
+    return {gate_key(g): calibrate(scores, fpr=g) for g in GATES}
 
 
 def calibrate_model(pipe: Any, prompts: Any = None, *, num_images_per_prompt: int = 1, fpr: float = FPR,

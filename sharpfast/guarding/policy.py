@@ -22,11 +22,6 @@ from ..settings import FPR, GATES
 ALWAYS = "always"
 
 
-def gate_key(share: float) -> str:
-    """The calibration key of the cut at a share of normal captions."""
-    return f"gate_{share:g}"
-
-
 def _share(value: Any, what: str) -> float:
     try:
         v = float(value)
@@ -89,6 +84,11 @@ class Policy:
                 raise BadArgument(f"a policy tier is share:setting (e.g. 0.01:s0t300), got {p!r} in {text!r}")
             tiers.append((share, setting))
         return cls(parts[0] if parts[0] == ALWAYS else parts[0], tuple(tiers))
+
+    @property
+    def share(self) -> float:
+        """The share of normal captions the gate sends to the mitigation (1.0 for always)."""
+        return 1.0 if self.always else float(self.gate)
 
     @property
     def always(self) -> bool:

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from ..errors import BadArgument
 from ..mitigations import REGISTRY, Context, Mitigation, Plan, run_plan
 from .config import GuardConfig
-from .request import RequestState
+from .request import NOT_SELECTED, RequestState
 
 
 def generator_states(gens: Any) -> Optional[list]:
@@ -49,7 +49,7 @@ def _checker(m: Mitigation, ctx: Context, plan: Plan, metric: str, thr: float) -
     applied_name = plan.info.get("rule", m.name)  # the rule a combined method applied
 
     def checker() -> list:
-        out = [(False, "not flagged")] * len(ctx.prompts)
+        out = [(False, NOT_SELECTED)] * len(ctx.prompts)
         applied = plan.info.get("applied")
         done = applied() if applied is not None else None
         for k, p in enumerate(sorted({r // n for r in rows})):
@@ -99,8 +99,8 @@ def regenerate(m: Mitigation, ctx: Context, setting: Any, sail_kwargs: dict, cal
         info["_planning_s"] = on_planned()
     out = run_plan(ctx.pipe, ctx.prompts, plan, dict(call_kwargs, latents=plan.kwargs.get("latents", ctx.latents)))
     checks = [check() for _, check in parts]
-    # each group's checker reports its own prompts; the others read "not flagged"
-    merged = [next((c[i] for c in checks if c[i][1] != "not flagged"), checks[0][i]) for i in range(len(ctx.prompts))]
+    # each group's checker reports its own prompts; the others read NOT_SELECTED
+    merged = [next((c[i] for c in checks if c[i][1] != NOT_SELECTED), checks[0][i]) for i in range(len(ctx.prompts))]
     return out, merged, info
 
 
@@ -116,7 +116,7 @@ def regenerate_flagged(pipe: Any, config: GuardConfig, req: RequestState, call: 
     noise = noise.to(req.model.device)
     ctx = req.context(pipe, noise, gens, config.metric)
     assert req.decision is not None, "regenerating before the decision"
-    flagged = req.decision["flagged"].nonzero().view(-1).tolist()
+    flagged = req.decision["selected"].nonzero().view(-1).tolist()
     by_setting: dict = {}
     for i in flagged:
         by_setting.setdefault(repr(req.decision["settings"][i]), (req.decision["settings"][i], []))[1].append(i)

@@ -18,6 +18,8 @@ from ..settings import FPR
 from .policy import DEFAULT_POLICY, Policy
 from .thresholds import Thresholds
 
+NOT_SELECTED = "not selected by the policy"  # the check of a prompt the policy left alone
+
 
 class FlaggedAtFirstStep(Exception):
     """Raised from the step callback: the request holds a flagged prompt; stop after step 1."""
@@ -98,22 +100,25 @@ class RequestState:
         if not self.policy.always:
             cuts[float(self.policy.gate)] = self.threshold
         picks = [self.policy.decide(float(v), cuts, self.setting) for v in scores.tolist()]
-        return {"scores": scores, "flagged": torch.tensor([m for m, _, _ in picks], dtype=torch.bool),
+        # flagged: the detector's verdict at the threshold the report states; selected: the policy's
+        # choice (the same under a gate; under "always" every prompt is selected, not every one flagged)
+        return {"scores": scores, "flagged": scores > self.threshold,
+                "selected": torch.tensor([m for m, _, _ in picks], dtype=torch.bool),
                 "settings": [st for _, st, _ in picks], "why": [w for _, _, w in picks]}
 
     def report(self, metric: str, mitigation: Any) -> list:
         """The per-prompt report the guard attaches to the output."""
         d = self.decision
         assert d is not None, "report() before decide()"
-        reports = self.reports or [(False, "not flagged" if not f else "report only (mitigation=None)")
-                                   for f in d["flagged"].tolist()]
+        reports = self.reports or [(False, NOT_SELECTED if not f else "report only (mitigation=None)")
+                                   for f in d["selected"].tolist()]
         return [{"prompt": p, "score": float(s), "metric": metric, "threshold": self.threshold,
                  "threshold_source": self.threshold_source, "flagged": bool(f),
-                 "mitigated": bool(f) and m, "mitigation": mitigation if f else None,
-                 "setting": st if f and mitigation is not None else None, "policy": self.policy.text(),
+                 "selected": bool(sel), "mitigated": bool(sel) and m, "mitigation": mitigation if sel else None,
+                 "setting": st if sel and mitigation is not None else None, "policy": self.policy.text(),
                  "decision": why, "check": c}
-                for p, s, f, (m, c), st, why in zip(self.prompts, d["scores"], d["flagged"], reports, d["settings"],
-                                                    d["why"])]
+                for p, s, f, sel, (m, c), st, why in zip(self.prompts, d["scores"], d["flagged"], d["selected"],
+                                                         reports, d["settings"], d["why"])]
 
     def take_callback(self, call: dict) -> dict:
         """Take the user's step callback out of the call (it is chained after the guard's own)."""
@@ -137,7 +142,7 @@ class RequestState:
             self.note_finite(cb_kwargs["latents"].detach())  # once per step, also before a FlaggedAtFirstStep
             if self.decision is None:
                 self.decision = self.decide(metric)
-                if stop_if_flagged and bool(self.decision["flagged"].any()):
+                if stop_if_flagged and bool(self.decision["selected"].any()):
                     raise FlaggedAtFirstStep()
             return self.user_cb(pipe, i, t, cb_kwargs) if self.user_cb is not None else {}
         return on_step_end
@@ -147,7 +152,7 @@ class RequestState:
         """The mitigation context of the flagged rows (or of those of `prompts`, indices)."""
         if prompts is None:
             assert self.decision is not None, "context() before decide()"
-            prompts = self.decision["flagged"].nonzero().view(-1).tolist()
+            prompts = self.decision["selected"].nonzero().view(-1).tolist()
         rows = [i * self.n + j for i in prompts for j in range(self.n)]
         return mitigations.Context(pipe, self.model, self.prompts, self.n, noise, self.size[0], self.size[1],
                                    self.steps, self.guidance, generator, rows=rows,

@@ -39,7 +39,9 @@ class Thresholds:
         if self.given != "auto" and share is None:
             return float(self.given)
         key = self.key(steps, guidance, size)
-        cal_key = "threshold" if share is None else f"gate_{share:g}"
+        from ..calibration.measure import gate_key
+
+        cal_key = "threshold" if share is None else gate_key(share)
         with self._lock:
             if (*key, cal_key) not in self._table:
                 if not (self.calibrate_new if allow_new is None else allow_new):

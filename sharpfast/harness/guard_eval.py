@@ -117,7 +117,8 @@ def _batch_rows(pipe: Any, g: Any, chunk, judge: Any, kw, key: Any, guard_first:
         rep = go.memorization[i]
         rows.append({"key": key(r, s), "prompt": r["prompt"], "seed": s, "memorized": r["memorized"],
                      "plain": {k: v[i] for k, v in jp.items()}, "guard": {k: v[i] for k, v in jg.items()},
-                     "flagged": rep["flagged"], "mitigated": rep["mitigated"], "check": rep["check"],
+                     "flagged": rep["flagged"], "selected": rep["selected"], "mitigated": rep["mitigated"],
+                     "check": rep["check"],
                      "setting": rep.get("setting"), "score": rep["score"], "seconds_plain": secs["plain"] / len(chunk),
                      "seconds_guard": secs["guard"] / len(chunk)})
     return rows

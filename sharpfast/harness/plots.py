@@ -206,9 +206,10 @@ def policy_frontier(points: list, path: str, model: str = "", half: str = "") ->
     Gate-only policies are joined by lines; policies with tiers are single labelled markers."""
     plt = pyplot()
 
+    from ..guarding.policy import Policy
+
     def x_of(text: str) -> float:
-        gate = text.split(",")[0]
-        return 1.0 if gate == "always" else float(gate)
+        return Policy.parse(text).share
 
     pts = sorted(points, key=lambda p: (x_of(p["policy"]), p["policy"]))
     gates = [p for p in pts if "," not in p["policy"]]
