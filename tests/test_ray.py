@@ -35,9 +35,10 @@ def deployment(tmp_path_factory):
     from ray import serve
 
     from sharpfast.server import ray_app
+    from sharpfast.server.ray_serve import start_local_ray
 
     os.environ["SHARPFAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "SHARPFAST_CACHE": os.environ["SHARPFAST_CACHE"],
                                        "SHARPFAST_CALIBRATION": os.environ.get("SHARPFAST_CALIBRATION", "full")}})
     port = _free_port()
@@ -60,6 +61,30 @@ def _replicas(url, tries=40) -> set:
         if len(pids) == 2:
             break
     return pids
+
+
+def test_every_ray_listener_is_on_loopback(deployment):
+    """Issue 33, item 12: a Ray cluster reachable from the network runs code. With the cluster
+    sharpfast starts (start_local_ray, as `sharpfast serve --engine ray` does), every socket that
+    this process and its descendants (GCS, raylet, agents, the controller, the proxy and both
+    replicas with their gRPC servers) listen on is loopback; before, about 15 listened on every
+    interface. Listed with psutil, independently of the library's own listing."""
+    psutil = pytest.importorskip("psutil")
+    assert len(_replicas(deployment)) == 2  # both replicas up, so their servers are listed too
+    root = psutil.Process()
+    listening = []
+    for p in [root] + root.children(recursive=True):
+        try:
+            listening += [(c.laddr.ip, c.laddr.port, p.name()) for c in p.net_connections(kind="tcp")
+                          if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            continue
+    names = {n for _, _, n in listening}
+    assert len(listening) >= 8 and any("raylet" in n for n in names) and any("Repli" in n for n in names), listening
+    wide = [(a, port, n) for a, port, n in listening
+            if not (a.startswith("127.") or a in ("::1", "localhost") or a.startswith("::ffff:127."))]
+    assert not wide, f"Ray listens beyond loopback: {wide}"
+    assert os.environ.get("RAY_AUTH_MODE") == "token"
 
 
 def test_a_killed_replica_is_replaced_and_no_request_is_lost(deployment):

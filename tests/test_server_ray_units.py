@@ -63,6 +63,10 @@ def test_serve_on_ray_with_port_0_prints_the_port_it_binds(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", fake_ray)
     monkeypatch.setitem(sys.modules, "ray.serve", fake_serve)
     monkeypatch.setattr("sharpfast.server.ray_serve.ray_app", lambda *a, **kw: None)
+    # a new local cluster: start_local_ray (its loopback binding is tested on a real cluster, test_ray.py)
+    monkeypatch.setattr("sharpfast.server.ray_serve.start_local_ray", lambda **kw: calls.setdefault(
+        "init", {"address": "local", **kw}))
+    monkeypatch.setattr("sharpfast.server.ray_serve.ray_listeners", lambda pid=None: [("127.0.0.1", 1, "raylet")])
     monkeypatch.setattr("threading.Event.wait", lambda self, *a: True)
     args = argparse.Namespace(replicas=1, gpus_per_replica=0.0, ray_address=None, host="127.0.0.1", port=0,
                               model="digits", device="cpu", dtype="fp32", metric="wen_low", mitigation="auto",

@@ -1,6 +1,7 @@
 """`sharpfast serve`: the guarded pipeline behind HTTP (FastAPI + uvicorn; see sharpfast.server)."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -84,7 +85,7 @@ def _serve_on_ray(args: Any, threshold: Any, own, extra, key: Any) -> int:
     import threading
 
     from .. import validate
-    from ..server.ray_serve import ray_app, require
+    from ..server.ray_serve import is_loopback, ray_app, ray_listeners, require, start_local_ray
 
     require()
     import ray
@@ -99,7 +100,10 @@ def _serve_on_ray(args: Any, threshold: Any, own, extra, key: Any) -> int:
     port = args.port or _free_port(args.host)  # --port 0: the port is chosen here, so it can be printed
     # without --ray-address a new local cluster ("local"), never one a previous session left running
     # (whose Serve app would keep its own http_options)
-    ray.init(address=args.ray_address or "local", include_dashboard=False, log_to_driver=False)
+    if args.ray_address:  # a cluster the operator runs and secures (docs/serving.md)
+        ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+    else:  # every Ray listener on loopback, token authentication on
+        start_local_ray(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": args.host, "port": port})
     serve.run(ray_app(args.model, device=args.device, dtype=args.dtype, num_replicas=replicas, num_gpus=gpus,
                       metric=args.metric, threshold=threshold,
@@ -109,6 +113,13 @@ def _serve_on_ray(args: Any, threshold: Any, own, extra, key: Any) -> int:
               name="sharpfast", route_prefix="/")
     print(f"sharpfast serve: {args.model} on Ray Serve, {replicas} replica(s) ({gpus:g} GPU each); listening on "
           f"http://{args.host}:{port}", file=sys.stderr, flush=True)
+    if not args.ray_address:
+        own = [(a, p) for a, p, _ in ray_listeners() if p != port]
+        wide = sorted({f"{a}:{p}" for a, p in own if not is_loopback(a)})
+        print(f"sharpfast serve: Ray's own {len(own)} ports listen on loopback only; token authentication "
+              f"{'on' if os.environ.get('RAY_AUTH_MODE', '').lower() == 'token' else 'OFF'}" if not wide else
+              f"sharpfast serve: WARNING: Ray listens beyond loopback on {', '.join(wide)}: firewall these ports",
+              file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -40,6 +40,107 @@ def require() -> None:
         raise MissingDependency(f"the Ray deployment needs the 'ray' extra: pip install 'sharpfast[ray]' ({e})") from e
 
 
+def start_local_ray(**init_kwargs: Any) -> None:
+    """Starts a new single-machine Ray cluster whose own listeners are on loopback only.
+
+    Ray binds its servers (GCS, raylet, workers, agents) to the node's address, which it takes
+    from the machine's network interface even when asked for 127.0.0.1; a Ray cluster reachable
+    from the network runs code. Here the node's address is loopback (Ray's own switch for
+    single-machine clusters, `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`) and token authentication is
+    on (Ray's default for a new local cluster: `RAY_AUTH_MODE` unset becomes `token`; a
+    warning when the environment turned it off). Replicas bind their inter-deployment gRPC server there too (see
+    `_replica_grpc_on_node_address`). Only the Serve proxy listens where `http_options` say.
+
+    Args:
+        **init_kwargs: passed to `ray.init` (not `address`: the cluster is always new).
+
+    Raises:
+        MissingDependency: ray[serve] is not installed.
+    """
+    require()
+    import warnings
+
+    import ray
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # (read at import: the module may be loaded already)
+    mode = os.environ.get("RAY_AUTH_MODE")  # unset: Ray turns it on for a new local cluster (sets it to "token")
+    if mode is not None and mode.lower() != "token":
+        warnings.warn(f"RAY_AUTH_MODE={mode}: the local Ray cluster runs without token authentication "
+                      "(any local user can submit code to it)", stacklevel=2)
+    ray.init(address="local", **init_kwargs)
+
+
+def _replica_grpc_on_node_address() -> None:
+    """Binds this replica's inter-deployment gRPC server to the node's address when that is loopback.
+
+    Ray Serve binds it to `[::]` (every interface) whatever the node's address; on a node whose
+    address is loopback (a cluster from start_local_ray) nothing outside the machine could use it,
+    so it listens on loopback instead. Elsewhere nothing changes (a cluster sharpfast joins is the
+    operator's to secure: docs/serving.md).
+    """
+    import ipaddress
+
+    import ray
+
+    try:
+        from ray.serve._private import replica as ray_replica
+    except ImportError:  # another Ray layout: nothing to pin (the socket test says so)
+        return
+    ip = ray.util.get_node_ip_address()
+    original = getattr(ray_replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "sharpfast_pinned", False) or not ipaddress.ip_address(ip).is_loopback:
+        return
+
+    def bind(server: Any, address: str) -> Any:
+        host, _, port = address.rpartition(":")
+        return original(server, f"{ip}:{port}" if host in ("[::]", "0.0.0.0", "") else address)
+
+    bind.sharpfast_pinned = True  # type: ignore[attr-defined]
+    ray_replica.add_port_to_grpc_server = bind
+
+
+def ray_listeners(pid: Optional[int] = None) -> list:
+    """The TCP sockets listening in process `pid` (default: this one) and its descendants.
+
+    Args:
+        pid: the root process (the one that started Ray).
+
+    Returns:
+        Sorted (address, port, process name) tuples; [] when psutil is not installed.
+    """
+    try:
+        import psutil
+    except ImportError:
+        return []
+    root = psutil.Process(pid or os.getpid())
+    procs = [root] + root.children(recursive=True)
+    found = set()
+    for p in procs:
+        try:
+            conns = p.net_connections(kind="tcp") if hasattr(p, "net_connections") else p.connections(kind="tcp")
+            name = p.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN:
+                found.add((str(c.laddr.ip), int(c.laddr.port), name))
+    return sorted(found)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a listening address is loopback only (127.0.0.0/8, ::1, ::ffff:127.x)."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return address == "localhost"
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool((mapped or ip).is_loopback)
+
+
 def _board() -> Any:
     """The named actor that holds every replica's latest Prometheus text (created on first use)."""
     import ray
@@ -157,6 +258,7 @@ def _deployment(cfg: dict, num_replicas: int, num_gpus: float, num_cpus: float, 
     @serve.ingress()
     class SharpfastReplica:
         def __init__(self) -> None:
+            _replica_grpc_on_node_address()  # before Serve starts that server (after this constructor)
             self.replica = RayTransport(cfg)
 
         def __serve_build_asgi_app__(self) -> Any:
