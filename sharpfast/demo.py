@@ -29,7 +29,7 @@ def _mitigation_grid(pipe: Any, recs: list, device: Any, out_dir: str, say, prog
     from .harness.plots import image_grid
     from .mitigations import REGISTRY, mitigate
     from .progress import bar
-    from .zoo.copying import COPY_THRESHOLD, copy_stats
+    from .zoo.copying import COPY_CUT, LABEL_CUT, copy_stats
     from .zoo.digits_data import digit_images
     from .zoo.fidelity import fidelity
 
@@ -39,8 +39,8 @@ def _mitigation_grid(pipe: Any, recs: list, device: Any, out_dir: str, say, prog
     h, w = model.default_size()
     lat = model.noise_for_ids(range(len(shown)), 1, h, w, seed=0)
     say(f"\nmitigation of {len(shown)} memorized prompts from the same noise (copy = its nearest training image is "
-        f"the memorized one at similarity >= {COPY_THRESHOLD}):")
-    table = [f"{'method':16s} {'copies':>7s} {'similarity':>10s} {'right digit':>11s}"]
+        f"the memorized one at similarity >= {COPY_CUT}; at >= {LABEL_CUT} beside it):")
+    table = [f"{'method':16s} {'copies':>7s} {f'@{LABEL_CUT}':>7s} {'similarity':>10s} {'right digit':>11s}"]
     cols, notes = {}, {}
     with bar(None, total=len(DEMO_METHODS), desc="mitigating", unit="method", enabled=progress) as b:
         for m in DEMO_METHODS:
@@ -50,10 +50,12 @@ def _mitigation_grid(pipe: Any, recs: list, device: Any, out_dir: str, say, prog
             stats = [copy_stats(im[None], train, r["train_index"]) for im, r in zip(imgs, shown)]
             copies = [bool(c[0]) for c, _ in stats]
             sims = [float(v[0]) for _, v in stats]
+            strict = sum(bool(c) and v >= LABEL_CUT for c, v in zip(copies, sims))
             fid = fidelity(imgs, [r["digit"] for r in shown])
             cols[m] = imgs
-            notes[m] = [(v, "copy" if c else "near" if v >= 0.8 else None) for c, v in zip(copies, sims)]
-            table.append(f"{m:16s} {sum(copies):4d}/{len(shown):<2d} {np.mean(sims):10.3f} "
+            notes[m] = [(v, "copy" if c else "near" if v >= COPY_CUT else None) for c, v in zip(copies, sims)]
+            table.append(f"{m:16s} {sum(copies):4d}/{len(shown):<2d} {strict:4d}/{len(shown):<2d} "
+                         f"{np.mean(sims):10.3f} "
                          f"{int(fid.sum()):8d}/{len(shown):<2d}")
             b.update(1)
     say("\n".join(table))
@@ -61,8 +63,11 @@ def _mitigation_grid(pipe: Any, recs: list, device: Any, out_dir: str, say, prog
     cells = [[(None, None)] + [notes[m][k] for m in DEMO_METHODS] for k in range(len(shown))]
     image_grid(rows, [r["prompt"] for r in shown], ["training image", *DEMO_METHODS],
                os.path.join(out_dir, "before_after.png"),
-               "same prompt, same initial noise; under each output its similarity to the training image "
-               "(red frame: a copy, orange: similarity >= 0.8)", notes=cells)
+               f"same prompt, same initial noise; under each output its similarity to the training image "
+               f"(red frame: a copy: that training image is the nearest, similarity >= {COPY_CUT}; orange: "
+               f"similarity >= {COPY_CUT} but another training image is nearer)", notes=cells,
+               caption="similarity: Pearson correlation of the 16x16 pixels with the prompt's training image "
+                       "(1: the same image up to brightness and contrast)")
 
 
 def _detection(pipe: Any, recs: list, progress: bool, say) -> tuple:

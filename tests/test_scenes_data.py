@@ -98,7 +98,7 @@ def test_judge_finds_a_copy_and_only_that_copy(judge):
     i, j = data.duplicates[5].index, data.duplicates[9].index
     noisy = (x[[i, i]] + 0.05 * torch.randn(2, *x.shape[1:], generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
     copies, sim = judge.copy_stats(noisy, i)
-    assert copies.all() and (sim > judge.threshold).all()  # a copy by the judge's own cut (0.9)
+    assert copies.all() and (sim > judge.threshold).all()  # a copy by the judge's own cut (COPY_CUT)
     copies, sim = judge.copy_stats(noisy, j)        # the right image, the wrong caption's target
     assert not copies.any()
     # a template caption counts a copy of ANY template scene; a verbatim caption does not

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from sharpfast.calibration import TARGET_ABOVE as SAIL_TARGET_ABOVE  # one home: sharpfast.calibration
-from sharpfast.zoo.copying import COPY_THRESHOLD, copy_stats, generate, nearest
+from sharpfast.zoo.copying import LABEL_CUT, copy_stats, generate, nearest
 from sharpfast.zoo.digits_data import NAMES, build, calibration_prompts, generic_prompts, narrow_prompts  # noqa: F401
 
 MEASURE_SEED0 = 1000
@@ -35,10 +35,10 @@ def measure(pipe, records: list[dict], train: torch.Tensor, seeds, batch_prompts
         imgs = generate(pipe, [r["prompt"] for r in chunk], seeds).view(len(chunk), len(seeds), 1, *train.shape[2:])
         for r, im in zip(chunk, imgs):
             if r["train_index"] is not None:
-                copies, sim = copy_stats(im, train, r["train_index"])
+                copies, sim = copy_stats(im, train, r["train_index"], LABEL_CUT)  # the labels' cut
             else:
                 _, sim = nearest(im, train)
-                copies = sim >= COPY_THRESHOLD
+                copies = sim >= LABEL_CUT
             r["copy_rate"] = round(float(copies.double().mean()), 4)
             r["mean_similarity"] = round(float(sim.mean()), 4)
         bar.update(len(chunk))
@@ -185,7 +185,7 @@ def main(argv=None):
     summary = {"duplicated_by_level": summarize(dups),
                **{k: {"prompts": len(v), "copy_rate": round(float(np.mean([r["copy_rate"] for r in v])), 4)}
                   for k, v in splits.items() if v}}
-    doc = {"model": "digits", "data_seed": a.seed, "seeds": seeds, "copy_threshold": COPY_THRESHOLD,
+    doc = {"model": "digits", "data_seed": a.seed, "seeds": seeds, "copy_threshold": LABEL_CUT,
            "sampler": {"scheduler": "DDIM", "num_inference_steps": 50, "guidance_scale": 7.5},
            "memorized_rule": "duplicated caption that copies its own training image on >= 50% of seeds",
            "summary": summary, "splits": splits}

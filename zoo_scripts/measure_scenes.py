@@ -18,9 +18,9 @@ import os
 
 import numpy as np
 
-from sharpfast.zoo.copying import generate
+from sharpfast.zoo.copying import LABEL_CUT, generate
 from sharpfast.zoo.scenes_data import COLOURS, SHAPES, SIZES, build, caption, random_scene
-from sharpfast.zoo.scenes_judge import COPY_THRESHOLD, ScenesJudge
+from sharpfast.zoo.scenes_judge import ScenesJudge
 from zoo_scripts.measure_digits import MEASURE_SEED0, calibration_from, measure_args
 
 NON_MEMORIZED = 100
@@ -65,9 +65,9 @@ def measure(pipe, judge: ScenesJudge, records: list[dict], seeds, batch_prompts:
         imgs = imgs.view(len(chunk), len(seeds), *imgs.shape[1:])
         for r, im in zip(chunk, imgs):
             if r["train_index"] is not None:
-                copies, sim = judge.copy_stats(im, r["train_index"])
+                copies, sim = judge.copy_stats(im, r["train_index"], LABEL_CUT)  # the labels' cut
             else:
-                copies, sim = judge.copies_any(im)
+                copies, sim = judge.copies_any(im, LABEL_CUT)
             r["copy_rate"] = round(float(copies.double().mean()), 4)
             r["mean_similarity"] = round(float(sim.mean()), 4)
             r["fidelity"] = round(float(judge.fidelity(im, [r] * len(im)).mean()), 4)
@@ -141,7 +141,7 @@ def main(argv=None):
     levels = sorted({r["duplicates"] for r in dups})
     summary = {"duplicated_by_level": {f"{lv}x": _stats([r for r in dups if r["duplicates"] == lv]) for lv in levels},
                **{k: _stats(v) for k, v in splits.items() if v and k != "calibration"}}
-    doc = {"model": "scenes", "data_seed": a.seed, "seeds": seeds, "copy_threshold": COPY_THRESHOLD,
+    doc = {"model": "scenes", "data_seed": a.seed, "seeds": seeds, "copy_threshold": LABEL_CUT,
            "sampler": {"scheduler": "DDIM", "num_inference_steps": 50, "guidance_scale": 7.5},
            "memorized_rule": "duplicated caption that copies its own training scene on >= 50% of seeds",
            "summary": summary, "splits": splits}

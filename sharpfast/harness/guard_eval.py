@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from .. import engine
-
-CUT = 0.8
+from ..zoo.copying import COPY_CUT as CUT
+from ..zoo.copying import LABEL_CUT
 
 
 def _judge(images: Any, records: list, judge: Any) -> dict:
@@ -134,7 +134,8 @@ def _side_summary(rows: list[dict]) -> dict:
             hit = np.array([r[side]["nearest_is_target"] for r in rows], dtype=bool)
             out[side].update({"copies_at_0.8": float((hit & (sim >= CUT)).mean()),
                               "near_at_0.8": float((sim >= CUT).mean()),
-                              "copies_at_0.9": float((hit & (sim >= 0.9)).mean()), "similarity": float(sim.mean())})
+                              "copies_at_0.9": float((hit & (sim >= LABEL_CUT)).mean()),
+                              "similarity": float(sim.mean())})
     out["fidelity_ratio"] = out["guard"]["fidelity"] / max(out["plain"]["fidelity"], 1e-12)
     out["time_ratio"] = sum(r["seconds_guard"] for r in rows) / sum(r["seconds_plain"] for r in rows)
     return out

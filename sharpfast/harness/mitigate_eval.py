@@ -3,9 +3,9 @@
 For each method and setting, every memorized prompt is generated from the same `seeds` initial
 noises (drawn exactly as the pipeline draws them) and each output is judged by
 - copy: its nearest training image is the prompt's memorized image, with similarity at least
-  COPY_THRESHOLD (Pearson correlation of the pixels, sharpfast.zoo.copying: the stand-in for SSCD);
-  reported at the cuts CUTS too (0.8, 0.85, 0.9): outputs at 0.85-0.88 still look like the
-  training image to a person, so one cut alone flatters a method;
+  COPY_CUT, 0.8 (Pearson correlation of the pixels, sharpfast.zoo.copying: the one definition, the
+  stand-in for SSCD); reported at the cuts CUTS too (0.8, 0.85, 0.9): outputs at 0.85-0.88 still
+  look like the training image to a person, so the strict cut alone flatters a method;
 - similarity: its Pearson correlation with the memorized image (lower is better);
 - fidelity: a scikit-learn digit classifier calls it the prompted digit (the stand-in for CLIP score).
 Rows go to `OUT/mitigate.jsonl` one (method, setting, prompt) at a time, so a killed run resumes;
@@ -26,8 +26,9 @@ from torch import Tensor
 from .. import engine
 from ..errors import BadArgument
 from ..mitigations import REGISTRY
+from ..zoo.copying import COPY_CUT, LABEL_CUT
 
-CUTS = (0.8, 0.85, 0.9)
+CUTS = (COPY_CUT, 0.85, LABEL_CUT)
 
 
 def _judged_run(pipe: Any, method: str, setting: Any, prompts: list, latents: Tensor, gen_kwargs) -> tuple:
@@ -201,19 +202,21 @@ def _figures(summary, shown, judge: Any, methods: Any, grid, out_dir: str, sweep
                 copies, sim = judge.copy_stats(img, r["train_index"])
                 cells.append(img[0].numpy())
                 marks.append((float(sim[0]), "copy" if bool(copies[0]) else
-                              ("near" if float(sim[0]) >= min(CUTS) else None)))
+                              ("near" if float(sim[0]) >= COPY_CUT else None)))
             rows.append(cells)
             notes.append(marks)
         image_grid(rows, [r["prompt"] for r in shown], ["training image", *methods],
                    os.path.join(out_dir, "mitigate_grid.png"),
-                   f"first seed of each method (default setting); similarity to the training image under each "
-                   f"cell; red frame: copy (nearest, >= {judge.threshold}), orange: >= {min(CUTS)}", notes=notes)
+                   f"first seed of each method (default setting); under each cell its similarity to the "
+                   f"training image; red frame: a copy (that image is the nearest, similarity >= {COPY_CUT}); "
+                   f"orange: similarity >= {COPY_CUT} but another training image is nearer", notes=notes,
+                   caption=getattr(judge, "similarity_note", ""))
     if any(sims.values()):
         similarity_histogram({m: np.concatenate([np.asarray(v) for v in vs]) for m, vs in sims.items() if vs}, CUTS,
                              os.path.join(out_dir, "similarity_hist.png"))
     if sweep:
         series: dict = {}
         for r in summary:
-            series.setdefault(r["method"], []).append((r["fidelity"], r["copy_rate_at"]["0.8"], r["setting"],
+            series.setdefault(r["method"], []).append((r["fidelity"], r["copy_rate_at"][str(COPY_CUT)], r["setting"],
                                                        r["unet_calls_per_image"]))
         tradeoff_figure(series, os.path.join(out_dir, "tradeoff.png"))

@@ -17,37 +17,88 @@ def pyplot() -> Any:
     return plt
 
 
+_NUM = r"(-?\d*\.?\d+(?:e-?\d+)?)"
+
+
+def setting_label(method: str, setting: Any) -> str:
+    """A method's setting in words for a figure ("s0t450" -> "CFG 0 above t=450"); the code itself
+    when it is not one of the known grammars."""
+    import re
+
+    if setting is None:
+        return "default"
+    text = str(setting)
+    keys = dict(re.findall(r"([a-z]+)" + _NUM, text))
+    if method in ("transition", "sail+transition") and "t" in keys:
+        return f"CFG {keys.get('s', '0')} above t={keys['t']}"
+    if method in ("transition", "sail+transition") and "dyn" in text:
+        return f"CFG {keys.get('s', '0')} until the dynamic point"
+    if method == "sail_alpha" and "a" in keys:
+        return f"alpha {keys['a']}"
+    if method in ("sail", "sail_reference") and "k" in keys:
+        lr = keys.get("lr", "0.05" if method == "sail_reference" else "0.7")
+        return f"{keys['k']} start{'s' if keys['k'] != '1' else ''}, {keys.get('s', '?')} steps, lr {lr}"
+    if method == "zhao_guard" and "r" in keys:
+        return f"r {keys['r']}, alpha {keys.get('a', '0.3')}"
+    if method == "random_tokens":
+        return f"{text} tokens"
+    if method == "wen_embedding":
+        return f"to {text} of its ||eps_delta||"
+    if method == "attention_rescale":
+        return f"BOS x{text}"
+    if method == "sail_guard":
+        return f"margin {text}"
+    return text
+
+
+def _style_of(labels: list) -> dict:
+    """One colour and line style per curve label, the same in every panel: single metrics get
+    the ten distinct tab10 colours in order, combined detectors black / grey with their own dashes."""
+    plt = pyplot()
+    colors = plt.get_cmap("tab10").colors
+    dashes = [(0, (5, 2)), (0, (2, 1.5)), (0, (6, 2, 1.5, 2)), (0, (1, 1))]
+    style, k, c = {}, 0, 0
+    for label in labels:
+        if label.startswith("combined"):
+            style[label] = dict(color="black" if c % 2 == 0 else "dimgrey", ls=dashes[(c // 2) % len(dashes)], lw=1.8)
+            c += 1
+        else:
+            style[label] = dict(color=colors[k % len(colors)], ls="-" if k < len(colors) else ":", lw=1.5)
+            k += 1
+    return style
+
+
 def roc_figure(curves: dict, path: str, title: str = "") -> str:
     """curves: {panel title: {label: (fpr, tpr, auc)}}; one panel per key, log-scaled FPR axis.
-    Each panel's legend (sorted by AUC) sits beside it, so no curve is hidden; combined detectors
-    are dashed, and past 10 curves the colours come from a 20-colour map."""
+    Every curve keeps one colour and line style in every panel (single metrics: ten distinct
+    colours; combined detectors: black / grey dashes), and each panel's legend beside it lists
+    the curves in the same order (with that panel's AUC), so panels read side by side."""
     plt = pyplot()
     k = len(curves)
     cols = min(k, 2)
     rows = math.ceil(k / cols)
-    many = max(len(lines) for lines in curves.values()) > 10
-    colors = plt.get_cmap("tab20" if many else "tab10").colors
+    order = list(dict.fromkeys(label for lines in curves.values() for label in lines))
+    order = sorted(order, key=lambda lab: lab.startswith("combined"))  # (stable: single metrics first)
+    style = _style_of(order)
     fig, axes = plt.subplots(rows, cols, figsize=(8.6 * cols, 4.2 * rows), squeeze=False)
-    order = list(dict.fromkeys(label for lines in curves.values() for label in lines))  # one colour per label
     for ax, (panel, lines) in zip(axes.flat, curves.items()):
-        for label, (fpr, tpr, auc) in sorted(lines.items(), key=lambda kv: -kv[1][2]):
-            ax.plot(np.maximum(fpr, 1e-3), tpr, label=f"{label} (AUC {auc:.3f})",
-                    color=colors[order.index(label) % len(colors)],
-                    ls="--" if label.startswith("combined") else "-", lw=1.4)
+        for label in (lab for lab in order if lab in lines):
+            fpr, tpr, auc = lines[label]
+            ax.plot(np.maximum(fpr, 1e-3), tpr, label=f"{label} (AUC {auc:.3f})", **style[label])
         ax.axvline(0.01, color="grey", lw=0.7, ls=":")
         ax.set_xscale("log")
         ax.set_xlim(1e-3, 1)
         ax.set_ylim(0, 1.02)
-        ax.set_xlabel("false positive rate (log scale; dotted: 1%)", fontsize=9)
-        ax.set_ylabel("true positive rate", fontsize=9)
+        ax.set_xlabel("false positive rate: share of normal prompts flagged (log scale; dotted: 1%)", fontsize=9)
+        ax.set_ylabel("true positive rate: share of\nmemorized prompts flagged", fontsize=9)
         ax.set_title(panel, fontsize=10)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3, which="both", lw=0.5)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     for ax in list(axes.flat)[k:]:
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=11)
+    fig.suptitle((title + "\n" if title else "") + "each detector scores a prompt from its first sampling steps "
+                 "(steps: how many, n: initial noises per prompt); upper left is better", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -55,11 +106,12 @@ def roc_figure(curves: dict, path: str, title: str = "") -> str:
 
 
 def image_grid(rows: list[list], row_labels: list[str], col_labels: list[str], path: str, title: str = "",
-               notes=None) -> str:
+               notes=None, caption: str = "") -> str:
     """A grid of single-channel images in [-1, 1] (rows x columns; None leaves a cell blank).
 
     notes[r][c] = (similarity or None, mark): the similarity is printed under the cell, mark
-    "copy" frames it red, "near" orange. Row labels are wrapped, never cut."""
+    "copy" frames it red, "near" orange. Row labels are wrapped, never cut; `caption` is printed
+    under the grid (what the numbers measure, what they miss)."""
     import textwrap
 
     plt = pyplot()
@@ -94,7 +146,10 @@ def image_grid(rows: list[list], row_labels: list[str], col_labels: list[str], p
         axes[r][0].set_ylabel(wrapped[r], fontsize=7, rotation=0, ha="right", va="center")
     if title:
         fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=9)
-    fig.tight_layout()
+    lines = textwrap.wrap(caption, int(14 * fig.get_figwidth())) if caption else []
+    if lines:
+        fig.text(0.01, 0.005, "\n".join(lines), fontsize=7, va="bottom", ha="left")
+    fig.tight_layout(rect=(0, (0.13 * len(lines) + 0.08) / fig.get_figheight() if lines else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -116,7 +171,8 @@ def similarity_histogram(sims: dict, cuts, path: str) -> str:
         ax.set_ylabel("outputs", fontsize=8)
         ax.set_title(f"{method}: {len(v)} outputs, mean similarity {np.mean(v):.3f}", fontsize=9)
         ax.tick_params(labelsize=8)
-    axes[-1, 0].set_xlabel("Pearson similarity to the memorized training image (dashed: the copy cuts)")
+    axes[-1, 0].set_xlabel(f"similarity to the memorized training image (dashed: {min(cuts)}, the copy cut, and "
+                           f"{', '.join(str(c) for c in sorted(cuts)[1:])} beside it)")
     fig.suptitle("similarity of mitigated outputs to the memorized image", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -159,7 +215,7 @@ def tradeoff_figure(series: dict, path: str, title: str = "", chosen=None, fidel
                           fontsize=9)
     fig.suptitle(title or "mitigation frontier (lower right is better)", fontsize=10)
     fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, loc="lower center",
-               ncol=min(4, len(series) + 1), frameon=False)
+               ncol=min(3, len(series) + 1), frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -167,35 +223,59 @@ def tradeoff_figure(series: dict, path: str, title: str = "", chosen=None, fidel
 
 
 def _draw_tradeoff(ax: Any, series, chosen, fidelity_floor, label: Callable, legend) -> None:
-    """One panel of tradeoff_figure; label(point) says whether a point's setting is written here."""
+    """One panel of tradeoff_figure; label(point) says whether a point's setting is written here.
+    Settings are written in words (setting_label) beside their points, each label placed where it
+    overlaps no label placed before it (or left out: the legend and the dot remain)."""
     colors = pyplot().get_cmap("tab10").colors
     k = 0
+    wanted = []
     for method, pts in series.items():
         calls = np.mean([p[3] for p in pts]) if pts and len(pts[0]) > 3 and pts[0][3] is not None else None
-        name = method if calls is None else f"{method} ({calls:.0f} calls/img)"
+        name = method if calls is None else f"{method} ({calls:.0f} CFG calls per image)"
         if method == "none":
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="*", markersize=18, color="black", mec="white",
-                    mew=1.0, linestyle="none", label=name, zorder=12)
+                    mew=1.0, linestyle="none", label="no mitigation" + name[4:], zorder=12)
             continue
         color = colors[k % len(colors)]
         k += 1
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, color=color, linestyle="none", alpha=0.5)
         front = _pareto(pts)
         ax.plot([p[0] for p in front], [p[1] for p in front], marker="o", ms=5, lw=1.5, color=color, label=name)
-        for j, p in enumerate(front):
-            if p[2] is not None and label(p):
-                ax.annotate(str(p[2]), (p[0], p[1]), fontsize=7, color=color, xytext=(-6, 6 if j % 2 else -11),
-                            textcoords="offset points", ha="right")
+        wanted += [(p, setting_label(method, p[2]), color) for p in front if p[2] is not None and label(p)]
         if chosen and chosen[0] == method:
             for p in pts:
                 if str(p[2]) == str(chosen[1]):
                     ax.plot([p[0]], [p[1]], marker="o", ms=15, mfc="none", mec="black", mew=1.5, zorder=11,
-                            linestyle="none", label=f"chosen: {method} {chosen[1]}")
+                            linestyle="none", label=f"chosen: {method}, {setting_label(method, chosen[1])}")
     if fidelity_floor is not None:
         ax.axvline(fidelity_floor, color="grey", ls=":", lw=1)
         ax.annotate(f"fidelity {fidelity_floor}", (fidelity_floor, 0.98), xycoords=("data", "axes fraction"),
                     fontsize=7, color="grey", ha="right", xytext=(-3, 0), textcoords="offset points")
+    _place_labels(ax, wanted)
     del legend
+
+
+def _place_labels(ax: Any, wanted: list) -> None:
+    """Writes each (point, text, colour) beside its point at the first of eight offsets whose box
+    overlaps no label already placed and no other point; a label with no free place is left out."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    dots = [ax.transData.transform((p[0], p[1])) for p, _, _ in wanted]
+    placed: list = []
+    offsets = [(6, 4), (6, -12), (-6, 4), (-6, -12), (8, -4), (-8, -4), (0, 10), (0, -16)]
+    for p, text, color in wanted:
+        for dx, dy in offsets:
+            a = ax.annotate(text, (p[0], p[1]), xytext=(dx, dy), textcoords="offset points", fontsize=7,
+                            color=color, ha="left" if dx >= 0 else "right")
+            box = a.get_window_extent(renderer).expanded(1.05, 1.15)
+            hits_dot = any(box.contains(x, y) for (x, y) in dots)
+            inside = ax.get_window_extent(renderer).contains(box.x0, box.y0) and \
+                ax.get_window_extent(renderer).contains(box.x1, box.y1)
+            if inside and not hits_dot and not any(box.overlaps(b) for b in placed):
+                placed.append(box)
+                break
+            a.remove()
 
 
 def policy_frontier(points: list, path: str, model: str = "", half: str = "") -> str:
@@ -225,11 +305,17 @@ def policy_frontier(points: list, path: str, model: str = "", half: str = "") ->
     b.plot(xs, [p["summary"]["fidelity_ratio"] for p in gates], "o-", color="tab:red", label="memorized prompts")
     b.plot(xs, [p["summary"]["normal"]["fidelity_ratio"] for p in gates], "s-", color="tab:blue",
            label="normal prompts")
+    def words(text: str) -> str:  # "always,0.01:s0t300" -> "always; above the 1% cut: CFG 0 above t=300"
+        pol = Policy.parse(text)
+        gate = "every prompt" if pol.gate == "always" else f"top {float(pol.gate):.0%} gate"
+        return "; ".join([gate] + [f"above the {share:.0%} cut: {setting_label('transition', setting)}"
+                                   for share, setting in pol.tiers])
+
     for k, p in enumerate(tiered):  # a stronger setting above a stricter cut: one marker each, named
         x, s = x_of(p["policy"]), p["summary"]
         mark = "^v<>Dp"[k % 6]
         a.scatter([x], [s["guard"]["copies_at_0.8"]], marker=mark, color="tab:purple", zorder=3,
-                  label=f"gate + tiers: {p['policy']}")
+                  label=words(p["policy"]))
         b.scatter([x], [s["fidelity_ratio"]], marker=mark, color="tab:red", zorder=3)
         b.scatter([x], [s["normal"]["fidelity_ratio"]], marker=mark, color="tab:blue", zorder=3)
     b.axhline(0.95, color="tab:red", ls=":", lw=0.8, label="memorized target 0.95")
@@ -241,8 +327,9 @@ def policy_frontier(points: list, path: str, model: str = "", half: str = "") ->
         ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
     where = f", {half}" if half else ""
-    fig.suptitle(f"sharpfast.guard policies on the {model} model{where} (transition s0t450; tiers: a stronger "
-                 f"setting above a stricter cut)" if model else "sharpfast.guard policies")
+    fig.suptitle(f"sharpfast.guard policies on the {model} model{where}: the gate mitigates prompts scoring above "
+                 f"that share of normal captions with the transition (CFG 0 above t=450); purple markers add a "
+                 f"stronger setting above a stricter cut" if model else "sharpfast.guard policies", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

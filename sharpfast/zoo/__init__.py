@@ -152,8 +152,9 @@ def judge(name: str, pipe: Any) -> Any:
 
     Returns:
         An object with `references` (the training images copies are judged against),
-        `threshold`, `nearest(images)`, `copy_stats(images, train_index)` (one index or one per
-        image), `copies_any(images)` and `fidelity(images, records)` (one record per image);
+        `threshold` (the copy cut), `similarity_note` (what its similarity measures),
+        `nearest(images)`, `copy_stats(images, train_index)` (one index or one per image),
+        `copies_any(images)` and `fidelity(images, records)` (one record per image);
         images (N, C, H, W) in [-1, 1].
 
     Raises:

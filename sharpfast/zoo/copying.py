@@ -2,7 +2,12 @@
 
 Similarity is the Pearson correlation of the 16x16 pixels (cosine of the mean-centred images),
 1 for a copy up to brightness and contrast. A generation copies duplicated image i when its
-nearest training image is i and the similarity is at least COPY_THRESHOLD.
+nearest training image is i and the similarity is at least COPY_CUT.
+
+The one definition of a copy (docs/method.md, "Copies"), for both bundled models: the cut is
+COPY_CUT (0.8) in every table, figure and the demo; LABEL_CUT (0.9) is reported beside it where
+outputs sit between the two, and is the cut that labelled the bundled prompts memorized (copied
+on at least half of the seeds, zoo_scripts/measure_*.py).
 """
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-COPY_THRESHOLD = 0.9
+COPY_CUT = 0.8   # a copy: nearest training image is the prompt's own at similarity >= this
+LABEL_CUT = 0.9  # the stricter cut reported beside it, and the one the prompt labels were measured at
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -37,19 +43,22 @@ def generate(pipe: Any, prompts: list, seeds: Any, num_inference_steps: int = 50
     return out.float() * 2 - 1
 
 
-def copy_stats(images: Any, train, target_index) -> tuple:
-    """(copies: bool per image, similarity to the target image) for images meant to show target_index."""
+def copy_stats(images: Any, train, target_index, cut: float = COPY_CUT) -> tuple:
+    """(copies: bool per image, similarity to the target image) for images meant to show target_index;
+    a copy: the nearest training image is the target at similarity >= cut."""
     idx, best = nearest(images, train)
     target = torch.as_tensor(target_index).reshape(-1).expand(len(images))
     sim_target = (_unit(images) * _unit(train[target])).sum(dim=1)
-    return (idx == target) & (best >= COPY_THRESHOLD), sim_target
+    return (idx == target) & (best >= cut), sim_target
 
 
 class DigitsJudge:
     """The digits model's judge (the interface of sharpfast.zoo.judge): copies against the 1797
     digits by Pearson similarity, fidelity by the digit classifier (fidelity.py)."""
 
-    threshold = COPY_THRESHOLD
+    threshold = COPY_CUT
+    similarity_note = ("similarity: Pearson correlation of the 16x16 pixels with the prompt's training image "
+                       "(1: the same image up to brightness and contrast)")
 
     def __init__(self) -> None:
         from .digits_data import digit_images
@@ -60,14 +69,14 @@ class DigitsJudge:
         """(index of the nearest digit image, its similarity) per image."""
         return nearest(images.float().cpu(), self.references)
 
-    def copy_stats(self, images: Any, target_index) -> Any:
+    def copy_stats(self, images: Any, target_index, cut: float = COPY_CUT) -> Any:
         """(copies: bool per image, similarity to the target) for images meant to show target_index."""
-        return copy_stats(images.float().cpu(), self.references, target_index)
+        return copy_stats(images.float().cpu(), self.references, target_index, cut)
 
-    def copies_any(self, images: Any) -> tuple:
+    def copies_any(self, images: Any, cut: float = COPY_CUT) -> tuple:
         """(copies: bool per image, best similarity) against every digit image."""
         _, best = self.nearest(images)
-        return best >= COPY_THRESHOLD, best
+        return best >= cut, best
 
     def fidelity(self, images: Any, records: list) -> Any:
         """1.0 where the classifier reads the record's digit (one record per image), else 0.0."""

@@ -2,7 +2,8 @@
 
 Copies. A generation copies fixed training image i (a duplicated or template scene) when its
 nearest fixed image, by the correlation of the RGB pixels with each colour channel centred on its
-own mean, is i and the correlation is at least COPY_THRESHOLD. (Centring all channels together,
+own mean, is i and the correlation is at least COPY_CUT (copying.py: the
+one definition). (Centring all channels together,
 as the digits judge does with its one channel, lets the colour of a uniform background alone
 correlate two teal scenes at 0.95 whatever their objects; centred per channel a background
 contributes nothing and the objects decide.) The references are the fixed scenes passed through the model's own VAE
@@ -28,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .copying import COPY_CUT
 from .scenes_data import BACKGROUNDS, COLOURS, SHAPES, random_scene, template_scene, to_tensor
 
-COPY_THRESHOLD = 0.9
 PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 WEIGHTS = "attributes.safetensors"
 POOL = 20000  # training scenes of the classifier
@@ -174,7 +175,11 @@ class ScenesJudge:
         data_seed: the seed the model was trained with (regenerates the fixed scenes).
     """
 
-    threshold = COPY_THRESHOLD
+    threshold = COPY_CUT
+    similarity_note = ("similarity: correlation of the RGB pixels (each colour channel centred) with the caption's "
+                       "training scene as the model's VAE reconstructs it. It compares pixels in place: the same "
+                       "objects drawn elsewhere score near 0 although the picture looks alike, so read a low number "
+                       "with the image above it")
 
     def __init__(self, pipe: Any, model_dir: str, data_seed: int = 0) -> None:
         from .scenes_data import build
@@ -194,7 +199,7 @@ class ScenesJudge:
         best, idx = sim.max(dim=1)
         return idx, best
 
-    def copy_stats(self, images: torch.Tensor, target_index) -> tuple:
+    def copy_stats(self, images: torch.Tensor, target_index, cut: float = COPY_CUT) -> tuple:
         """(copies: bool per image, correlation with the target) for images of prompts whose
         training image is fixed scene `target_index` (one int, or one per image). For a template
         caption a copy of ANY template scene counts (template memorization: the layout is copied)."""
@@ -203,12 +208,12 @@ class ScenesJudge:
         target = torch.as_tensor(target_index).reshape(-1).expand(len(images))
         sim = (_unit(images) * _unit(self.references[target])).sum(dim=1)
         hit = torch.where(self.template[target], self.template[idx], idx == target)
-        return hit & (best >= self.threshold), sim
+        return hit & (best >= cut), sim
 
-    def copies_any(self, images: torch.Tensor) -> tuple:
+    def copies_any(self, images: torch.Tensor, cut: float = COPY_CUT) -> tuple:
         """(copies: bool per image, best correlation) against every fixed scene (prompts without one)."""
         _, best = self.nearest(images)
-        return best >= self.threshold, best
+        return best >= cut, best
 
     def fidelity(self, images: torch.Tensor, records: list) -> np.ndarray:
         """Per image, the share of its record's "attributes" the classifier sees (one record per image)."""
