@@ -5,6 +5,7 @@ import asyncio
 import base64
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,6 +178,9 @@ def test_server_process_shuts_down_gracefully_with_requests_in_flight(tmp_path):
     assert [r.status_code for r in responses] == [200] * 6, text
     assert sorted(r.json()["request_id"] for r in responses) == [str(i) for i in range(6)]
     assert "stopped gracefully after answering 6 requests" in text, text
+    # issue 33, item 11: at the signal the log says what is held (it said "0 in flight" after the wait)
+    held = re.search(r"SIGTERM: (\d+) request\(s\) held \((\d+) queued, (\d+) in the pipeline call\)", text)
+    assert held and int(held.group(1)) >= 4 and int(held.group(1)) == int(held.group(2)) + int(held.group(3)), text
     assert rc in (0, -signal.SIGTERM), rc
 
 

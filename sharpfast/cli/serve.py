@@ -75,8 +75,34 @@ class ServeCommand:
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.graceful_timeout,
                                 limit_concurrency=limits.max_connections,
                                 http=timed_h11(validate.finite(args.header_timeout, "--header-timeout", above=0)))
-        uvicorn.Server(config).run(sockets=[sock])
+        _server_class()(config, app.state.batcher, args.graceful_timeout).run(sockets=[sock])
         return 0
+
+
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server that says, when the signal comes, what it holds and how long it waits
+        (the lifespan's own line comes only after the graceful wait, when the held requests are done)."""
+
+        def __init__(self, config: Any, batcher: Any, graceful: Any) -> None:
+            super().__init__(config)
+            self.batcher, self.graceful = batcher, graceful
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:
+                import logging
+                import signal
+
+                b = self.batcher
+                logging.getLogger("sharpfast.server").info(
+                    "sharpfast server: %s: %d request(s) held (%d queued, %d in the pipeline call); answering them, "
+                    "up to %s", signal.Signals(sig).name, len(b.pending) + b.in_flight, len(b.pending), b.in_flight,
+                    "no limit" if self.graceful is None else f"{self.graceful:g} s")
+            super().handle_exit(sig, frame)
+
+    return Server
 
 
 def _serve_on_ray(args: Any, threshold: Any, own, extra, key: Any) -> int:

@@ -251,17 +251,17 @@ def _draw_tradeoff(ax: Any, series, chosen, fidelity_floor, label: Callable, leg
         ax.axvline(fidelity_floor, color="grey", ls=":", lw=1)
         ax.annotate(f"fidelity {fidelity_floor}", (fidelity_floor, 0.98), xycoords=("data", "axes fraction"),
                     fontsize=7, color="grey", ha="right", xytext=(-3, 0), textcoords="offset points")
-    _place_labels(ax, wanted)
+    _place_labels(ax, wanted, [p for pts in series.values() for p in pts])
     del legend
 
 
-def _place_labels(ax: Any, wanted: list) -> None:
+def _place_labels(ax: Any, wanted: list, points: list) -> None:
     """Writes each (point, text, colour) beside its point at the first of eight offsets whose box
-    overlaps no label already placed and no other point; a label with no free place is left out."""
+    overlaps no label already placed and none of `points`; a label with no free place is left out."""
     fig = ax.figure
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    dots = [ax.transData.transform((p[0], p[1])) for p, _, _ in wanted]
+    dots = [ax.transData.transform((p[0], p[1])) for p in points]
     placed: list = []
     offsets = [(6, 4), (6, -12), (-6, 4), (-6, -12), (8, -4), (-8, -4), (0, 10), (0, -16)]
     for p, text, color in wanted:

@@ -91,8 +91,8 @@ class UvicornTransport:
                 yield
             finally:
                 self.status = "draining"
-                log.info("sharpfast server: shutting down, %d requests queued, %d in flight",
-                         len(self.batcher.pending), self.batcher.in_flight)
+                log.info("sharpfast server: after the graceful wait: %d request(s) still queued, %d in the pipeline "
+                         "call: stopping them", len(self.batcher.pending), self.batcher.in_flight)
                 await self.batcher.stop(abort=True)
                 if self.service.guard is not None:
                     self.service.guard.remove()  # the pipeline as it was
