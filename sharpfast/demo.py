@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .settings import DEFAULT_METRICS, GUARD_METRIC
+
 DEMO_METHODS = ("none", "wen_embedding", "sail", "transition", "sail+transition")
 DEMO_PROMPTS = 6
 
@@ -84,12 +86,12 @@ def _detection(pipe: Any, recs: list, progress: bool, say) -> tuple:
     ids = [ix.noise_ids[ix.index[r["prompt"]]] for r in recs]
     h, w = model.default_size()
     lat = model.noise_for_ids(ids, 1, h, w, seed=42)
-    res = sharpfast.detect(model, [r["prompt"] for r in recs], metrics=("wen", "sharpness"), latents=lat,
+    res = sharpfast.detect(model, [r["prompt"] for r in recs], metrics=DEFAULT_METRICS, latents=lat,
                            batch_size=16, progress=progress)
     labels = np.array([r["memorized"] for r in recs], dtype=int)
     say(f"\n{'metric':10s} {'AUC':>6s} {'TPR@1%FPR':>10s}   (step 1, n=1; the README's table)")
     curves = {}
-    for m in ("wen", "sharpness"):
+    for m in DEFAULT_METRICS:
         e = sharpfast.evaluate(res.scores[m], labels)
         curves[m] = (np.array(e["roc"]["fpr"]), np.array(e["roc"]["tpr"]), e["auc"])
         say(f"{m:10s} {e['auc']:6.3f} {e['tpr_at_1pct_fpr']:10.3f}")
@@ -111,9 +113,9 @@ def run(out_dir: str = "sharpfast-demo", device: str = "cpu", progress: bool = T
     say(f"digits model: {len(recs)} prompts ({sum(r['memorized'] for r in recs)} memorized), device {device}")
     res, labels, curves = _detection(pipe, recs, progress, say)
     roc_figure({"digits model, step 1, n=1": curves}, os.path.join(out_dir, "roc.png"))
-    thr = shipped_threshold(pipe, "sharpness")  # 1% FPR on generic captions kept apart
-    flagged = res.scores["sharpness"] > thr
-    say(f"shipped threshold (sharpness, 1% FPR on held-out generic captions): {thr:.4g}; flagged "
+    thr = shipped_threshold(pipe, GUARD_METRIC)  # 1% FPR on generic captions kept apart
+    flagged = res.scores[GUARD_METRIC] > thr
+    say(f"the guard's threshold ({GUARD_METRIC}, 1% FPR on held-out generic captions): {thr:.4g}; flagged "
         f"{int(flagged[labels == 1].sum())}/{int(labels.sum())} memorized, "
         f"{int(flagged[labels == 0].sum())}/{int((labels == 0).sum())} non-memorized")
     say("(TPR@1%FPR above puts the cut at 1% of THESE normal prompts, chosen on the set it is scored on; the "
