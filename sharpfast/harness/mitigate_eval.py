@@ -135,7 +135,7 @@ def run(pipe: Any, records: list[dict], judge: Any, *, methods: Any = ("none", "
     grid = {m: job.images(m, default[m], shown)[0][:, 0] for m in methods} if shown else {}
     sims = {m: [done[_key(m, default[m], p, fp)]["similarity"] for p in (r["prompt"] for r in records)
                 if _key(m, default[m], p, fp) in done] for m in methods}
-    _figures(summary, shown, judge, methods, grid, out_dir, sweep, sims)
+    _figures(summary, shown, judge, methods, grid, out_dir, sweep, sims, default)
     return {"summary": summary}
 
 
@@ -189,8 +189,10 @@ def format_summary(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _figures(summary, shown, judge: Any, methods: Any, grid, out_dir: str, sweep, sims) -> None:
-    from .plots import image_grid, similarity_histogram, tradeoff_figure
+def _figures(summary, shown, judge: Any, methods: Any, grid, out_dir: str, sweep, sims, default: dict) -> None:
+    from .plots import image_grid, setting_label, similarity_histogram, tradeoff_figure
+
+    named = {m: m if m == "none" else f"{m}\n{setting_label(m, default[m])}" for m in methods}
 
     if shown:
         rows, notes = [], []
@@ -205,14 +207,15 @@ def _figures(summary, shown, judge: Any, methods: Any, grid, out_dir: str, sweep
                               ("near" if float(sim[0]) >= COPY_CUT else None)))
             rows.append(cells)
             notes.append(marks)
-        image_grid(rows, [r["prompt"] for r in shown], ["training image", *methods],
+        image_grid(rows, [r["prompt"] for r in shown], ["training image", *(named[m] for m in methods)],
                    os.path.join(out_dir, "mitigate_grid.png"),
                    f"first seed of each method (default setting); under each cell its similarity to the "
                    f"training image; red frame: a copy (that image is the nearest, similarity >= {COPY_CUT}); "
                    f"orange: similarity >= {COPY_CUT} but another training image is nearer", notes=notes,
                    caption=getattr(judge, "similarity_note", ""))
     if any(sims.values()):
-        similarity_histogram({m: np.concatenate([np.asarray(v) for v in vs]) for m, vs in sims.items() if vs}, CUTS,
+        similarity_histogram({named[m].replace("\n", ", "): np.concatenate([np.asarray(v) for v in vs])
+                              for m, vs in sims.items() if vs}, CUTS,
                              os.path.join(out_dir, "similarity_hist.png"))
     if sweep:
         series: dict = {}

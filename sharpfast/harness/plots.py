@@ -199,18 +199,18 @@ def tradeoff_figure(series: dict, path: str, title: str = "", chosen=None, fidel
     panels = 2 if zoom is not None else 1
     fig, axes = plt.subplots(1, panels, figsize=(10 + 4 * (panels - 1), 5.8), squeeze=False,
                              gridspec_kw={"width_ratios": [3, 2][:panels]})
+    if zoom is not None:  # (the limits first: labels are placed inside them)
+        z = axes[0][1]
+        ys = [p[1] for pts in series.values() for p in pts if p[0] >= zoom]
+        z.set_xlim(zoom - (1.0 - zoom) * 0.04, 1.0 + (1.0 - zoom) * 0.08)
+        z.set_ylim(min(ys) - 0.04, max(ys) + 0.04)
+        axes[0][0].axvspan(zoom, 1.0, color="grey", alpha=0.08)
     for i, ax in enumerate(axes[0]):
         _draw_tradeoff(ax, series, chosen, fidelity_floor,
                        label=lambda p, i=i: zoom is None or (p[0] >= zoom) == (i == 1), legend=i == 0)
         ax.set_xlabel("prompt fidelity (share of outputs the digit classifier reads as the prompted digit)"
                       if i == 0 else "the same, fidelity >= " + str(zoom), fontsize=9)
         ax.grid(alpha=0.3, lw=0.5)
-    if zoom is not None:
-        z = axes[0][1]
-        ys = [p[1] for pts in series.values() for p in pts if p[0] >= zoom]
-        z.set_xlim(zoom, 1.0 + (1.0 - zoom) * 0.08)
-        z.set_ylim(min(ys) - 0.04, max(ys) + 0.04)
-        axes[0][0].axvspan(zoom, 1.0, color="grey", alpha=0.08)
     axes[0][0].set_ylabel(f"copies: nearest training image is the memorized one, similarity >= {copy_cut}",
                           fontsize=9)
     fig.suptitle(title or "mitigation frontier (lower right is better)", fontsize=10)
