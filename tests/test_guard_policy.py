@@ -133,3 +133,31 @@ def test_choose_policy_keeps_to_the_budget():
            point("always", 0.3, 0.97, 0.99)]
     assert choose(pts, budget)["policy"] == "0.1", "fewest copies inside the budget; a tie to the smaller gate"
     assert choose([point("0.3", 0.2, 0.9, 1.0)], budget) is None
+
+
+@pytest.mark.parametrize("tier, online", [("s0t200", True), ("s-1t600", False)])
+def test_always_with_tiers_switches_online_after_the_first_step(digits, tier, online):
+    """Issue 32, item 2: under "always" with a tier, every row starts on the guard's setting and
+    the rows above the tier's cut switch to it after the first step's decision, in ONE generation,
+    when both settings give the first step the same guidance (transition's same_step: s0t450 and
+    s0t200 both run it at scale 0); each image equals mitigate()'s with the prompt's decided
+    setting. A tier whose first step differs (s-1t600: opposite guidance from the start) restarts
+    the request instead, with the same images. Calls counted: one generation, or one restarted step."""
+    mem = [r["prompt"] for r in sharpfast.zoo.prompts("digits", "memorized")[:2]]
+    normal = [r["prompt"] for r in sharpfast.zoo.prompts("digits", "non_memorized")[:2]]
+    prompts = mem + normal
+    kw = dict(num_inference_steps=20, output_type="pt")
+    policy = f"always,0.01:{tier}"
+    with sharpfast.guard(digits, metric="wen", policy=policy) as g:
+        g.calibrate(num_inference_steps=20)  # (its cuts at 20 steps: not counted below)
+        with CallCounter(sharpfast.adapters.adapt(digits)).counting() as count:
+            out = g(prompts, generator=[gen(i) for i in range(4)], **kw)
+    reps = out.memorization
+    settings = [r["setting"] for r in reps]
+    assert tier in settings and "s0t450" in settings, f"the test needs both settings: {reps}"
+    assert all(r["selected"] and r["mitigated"] for r in reps), reps
+    for i, r in enumerate(reps):
+        want = sharpfast.mitigate(digits, prompts[i], "transition", r["setting"], generator=gen(i), **kw).images
+        torch.testing.assert_close(out.images[i:i + 1], want, rtol=0, atol=1e-5)
+    one_generation = 20 * 2 * len(prompts)
+    assert count.rows == (one_generation if online else one_generation + 2 * len(prompts)), count.rows

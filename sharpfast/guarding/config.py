@@ -37,10 +37,11 @@ class GuardConfig:
 
     @property
     def upfront(self) -> bool:
-        """Whether the mitigation is planned before the generation: every prompt is mitigated
-        with one setting by a trajectory method (no first step to restart)."""
-        return (self.method is not None and self.policy.always and not self.policy.tiers
-                and self.method.kind == "trajectory")
+        """Whether the mitigation is planned before the generation: every prompt is mitigated by a
+        trajectory method, with one setting, or with tiers the method can switch to after the first
+        step (its same_step: the tiers' rows change setting from step 2, no step restarted)."""
+        return (self.method is not None and self.policy.always and self.method.kind == "trajectory"
+                and (not self.policy.tiers or self.method.same_step is not None))
 
     @classmethod
     def build(cls, model: Any, metric: str, threshold: Any, mitigation: Any, setting: Any, sail_kwargs, name: str,

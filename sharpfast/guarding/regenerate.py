@@ -8,10 +8,12 @@ import time
 from collections.abc import Callable
 from typing import Any, Optional
 
+import torch
+
 from ..errors import BadArgument
 from ..mitigations import REGISTRY, Context, Mitigation, Plan, run_plan
 from .config import GuardConfig
-from .request import NOT_SELECTED, RequestState
+from .request import NOT_SELECTED, FlaggedAtFirstStep, RequestState
 
 
 def generator_states(gens: Any) -> Optional[list]:
@@ -132,13 +134,55 @@ def regenerate_flagged(pipe: Any, config: GuardConfig, req: RequestState, call: 
 
 
 def mitigate_all(pipe: Any, config: GuardConfig, req: RequestState, call: dict) -> Any:
-    """A policy that mitigates every prompt with one trajectory setting: the plan on every row
-    from the first step (nothing to decide first, no step restarted); the report's decision is
-    still made at the first step (the score is reported)."""
-    assert config.method is not None, "mitigating needs a mitigation"
-    ctx = req.context(pipe, call.get("latents"), call.get("generator"), config.metric,
-                      prompts=list(range(len(req.prompts))))
-    plan, checker = guard_plan(config.method, ctx, config.setting, config.sail_kwargs)
-    out = run_plan(pipe, req.prompts, plan, call)
-    req.reports = checker()
+    """A policy that mitigates every prompt by a trajectory method: the plan on every row from the
+    first step (nothing to decide first, no step restarted); the report's decision is still made
+    at the first step (the score is reported). With tiers, every row starts on the guard's setting
+    and, at the first step's decision, the rows of prompts above a tier's cut switch to its
+    setting for the steps after it: the online switch. The method's same_step says that the
+    first step was the same under both settings, so the images are those of a generation planned
+    with the tier from the start; where it was not, FlaggedAtFirstStep restarts the request the
+    usual way (regenerate_flagged)."""
+    m = config.method
+    assert m is not None, "mitigating needs a mitigation"
+    every = list(range(len(req.prompts)))
+    ctx = req.context(pipe, call.get("latents"), call.get("generator"), config.metric, prompts=every)
+    base = config.setting if config.setting is not None else m.default
+    if not config.policy.tiers:
+        plan, checker = guard_plan(m, ctx, base, config.sail_kwargs)
+        out = run_plan(pipe, req.prompts, plan, call)
+        req.reports = checker()
+        return out
+    assert m.same_step is not None, "tiers online need the method's same_step"
+    settings = [base] + [st for _, st in config.policy.tiers if repr(st) != repr(base)]
+    plans = {repr(st): guard_plan(m, ctx, st, config.sail_kwargs)[0] for st in settings}
+    hooks = {k: p.info["guidance_hook"] for k, p in plans.items()}
+    for k, h in hooks.items():  # every row on the guard's setting until the decision
+        if k != repr(base):
+            h.rows = h.rows[:0]
+
+    def switch(decision: dict, t: float) -> None:
+        chosen = [st if st is not None else base for st in decision["settings"]]
+        if not all(m.same_step(base, st, t) for st in chosen):
+            raise FlaggedAtFirstStep()  # the first step differed: restart with each plan from the start
+        for k, h in hooks.items():
+            h.rows = torch.tensor([i * req.n + j for i, st in enumerate(chosen) if repr(st) == k
+                                   for j in range(req.n)], dtype=torch.long)
+
+    req.on_decision = switch
+    merged = plans[repr(base)]
+    for k, p in plans.items():
+        if k != repr(base):
+            merged = merged.merge(p)
+    out = run_plan(pipe, req.prompts, merged, call)
+    assert req.decision is not None, "the generation ended before its first step's decision"
+    groups: dict = {}
+    for i, st in enumerate(req.decision["settings"]):
+        groups.setdefault(repr(st if st is not None else base), []).append(i)
+    reports: list = [None] * len(req.prompts)
+    for k, idx in groups.items():
+        g = req.context(pipe, call.get("latents"), call.get("generator"), config.metric, prompts=idx)
+        for i, r in enumerate(_checker(m, g, plans[k], config.metric, float(req.threshold))()):
+            if i in idx:
+                reports[i] = r
+    req.reports = reports
     return out

@@ -50,6 +50,7 @@ class RequestState:
     policy: Policy = DEFAULT_POLICY
     cuts: Optional[dict] = None  # {share of normal captions: the score cut there} the policy reads
     setting: Any = None  # the guard's own setting of its mitigation (a tier may raise it)
+    on_decision: Optional[Callable[[dict, float], None]] = None  # called with the decision and step 1's t
 
     @property
     def images(self) -> int:
@@ -144,6 +145,8 @@ class RequestState:
                 self.decision = self.decide(metric)
                 if stop_if_flagged and bool(self.decision["selected"].any()):
                     raise FlaggedAtFirstStep()
+                if self.on_decision is not None:  # an online switch (mitigate_all with tiers); it may
+                    self.on_decision(self.decision, float(t))  # raise FlaggedAtFirstStep itself
             return self.user_cb(pipe, i, t, cb_kwargs) if self.user_cb is not None else {}
         return on_step_end
 

@@ -121,6 +121,10 @@ class Mitigation:
     kind: str
     guard_plan: Optional[GuardPlan] = None
     config: Optional[type] = None  # its MethodConfig (None: no knob)
+    # same_step(a, b, t): whether settings a and b act alike on a step at timestep t (a trajectory
+    # method whose plan exposes info["guidance_hook"]: the guard may switch a row's setting after
+    # that step instead of restarting the generation; None: it cannot)
+    same_step: Optional[Callable[[Any, Any, float], bool]] = None
 
     @property
     def families(self) -> tuple:
@@ -136,10 +140,12 @@ REGISTRY: dict[str, Mitigation] = {}
 
 
 def register(name: str, *, cost: str, knob: str, default: object, sweep: tuple, needs: tuple = (), kind: str,
-             guard_plan: Optional[GuardPlan] = None, config: Optional[type] = None) -> Callable:
+             guard_plan: Optional[GuardPlan] = None, config: Optional[type] = None,
+             same_step: Optional[Callable[[Any, Any, float], bool]] = None) -> Callable:
     """Decorator: register plan(ctx, setting) as mitigation `name` in REGISTRY."""
     def deco(fn: Callable) -> Callable:
-        REGISTRY[name] = Mitigation(name, cost, knob, default, tuple(sweep), tuple(needs), fn, kind, guard_plan, config)
+        REGISTRY[name] = Mitigation(name, cost, knob, default, tuple(sweep), tuple(needs), fn, kind, guard_plan, config,
+                                    same_step)
         return fn
     return deco
 

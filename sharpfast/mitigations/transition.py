@@ -109,12 +109,23 @@ def transition_plan(ctx: Context, setting: Any) -> Plan:
     def applied() -> list:
         steps = hook.state.early_steps
         return (steps > 0).tolist() if torch.is_tensor(steps) else [steps > 0] * len(hook.rows)
-    return Plan(hooks=[hook.installed()], info={"applied": applied, "rule": "transition"})
+    return Plan(hooks=[hook.installed()], info={"applied": applied, "rule": "transition", "guidance_hook": hook})
+
+
+def same_step(a: Any, b: Any, t: float) -> bool:
+    """Whether transition settings a and b give a step at timestep t the same guidance: both static,
+    and both at their early scale there (the same scale) or both past their transition point.
+    (The dynamic point depends on the trajectory: never.)"""
+    (ea, ta), (eb, tb) = transition_setting(a), transition_setting(b)
+    if ta is None or tb is None:
+        return False
+    early_a, early_b = float(t) > ta, float(t) > tb
+    return early_a == early_b and (not early_a or ea == eb)
 
 
 @register("transition", cost="0", knob="early scale s above the transition timestep t (dyn: dynamic point)",
           default="s0t500", sweep=("s0t700", "s0t600", "s0t500", "s0t450", "s0t400", "s0t300", "s-2t650", "s-2t800",
                                    "s-1t600", "s-1t500", "dyn", "s-2dyn"),
-          needs=("cfg",), kind="trajectory", config=TransitionConfig)
+          needs=("cfg",), kind="trajectory", config=TransitionConfig, same_step=same_step)
 def _transition(ctx: Context, setting: Any) -> Plan:
     return transition_plan(ctx, setting)
