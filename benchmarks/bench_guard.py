@@ -8,6 +8,9 @@ Rows, each timed round-robin against plain `pipe(...)` with the same prompts and
                 the default mitigation, one generation                   target <= 1.10
     always      guard(policy="always"): the mitigation planned before the
                 generation on every prompt, none restarted              target <= 1.05
+    tiered      guard(policy="always,0.01:s0t200", scenes' calibrated policy): every
+                prompt mitigated, the tier decided at step 1 and switched
+                online (no step restarted); wen_low's scoring call      target <= 1.05
     sail        guard(mitigation="sail_guard", every prompt flagged)     (reported)
 
 on the bundled digits model (4 memorized prompts, 50 DDIM steps) and on the SD 1.5-sized random
@@ -29,7 +32,17 @@ from bench_detect import interleaved_times  # the benchmarks' timing helpers (sa
 
 import sharpfast
 
-TARGETS = {"unflagged": 1.05, "flagged": 1.10, "always": 1.05}
+TARGETS = {"unflagged": 1.05, "flagged": 1.10, "always": 1.05, "tiered": 1.05}
+TIERED = "always,0.01:s0t200"
+
+
+def _guard(pipe, kind: str, name: str):
+    """The guard of one row (see the module's table)."""
+    if kind == "tiered":
+        return sharpfast.guard(pipe, policy=TIERED, name=name)
+    return sharpfast.guard(pipe, threshold=float("inf") if kind in ("unflagged", "always") else -1e30,
+                           mitigation="sail_guard" if kind == "sail" else "auto", name=name,
+                           policy="always" if kind == "always" else None)
 
 
 def setup(model: str, sd15_steps: int = 10):
@@ -57,9 +70,7 @@ def measure(model: str, reps: int = 5, sd15_steps: int = 10, warmup: bool = True
 
     def run(kind):
         def fn():
-            g = sharpfast.guard(pipe, threshold=float("inf") if kind in ("unflagged", "always") else -1e30,
-                                mitigation="sail_guard" if kind == "sail" else "auto", name=kind,
-                                policy="always" if kind == "always" else None)
+            g = _guard(pipe, kind, kind)
             try:
                 out = g(prompts, generator=gens(), **kw)
             finally:
@@ -68,7 +79,7 @@ def measure(model: str, reps: int = 5, sd15_steps: int = 10, warmup: bool = True
         return fn
 
     fns = {"plain": lambda: pipe(prompts, generator=gens(), **kw), "unflagged": run("unflagged"),
-           "flagged": run("flagged"), "always": run("always")}
+           "flagged": run("flagged"), "always": run("always"), "tiered": run("tiered")}
     if model == "digits":
         fns["sail"] = run("sail")
     if rows:
@@ -77,9 +88,9 @@ def measure(model: str, reps: int = 5, sd15_steps: int = 10, warmup: bool = True
         short = dict(kw, num_inference_steps=2)
         pipe(prompts, generator=gens(), **short)
         for kind in [k for k in fns if k != "plain"]:
-            g = sharpfast.guard(pipe, threshold=float("inf") if kind in ("unflagged", "always") else -1e30,
-                                name="warm", policy="always" if kind == "always" else None)
+            g = _guard(pipe, kind, "warm")
             try:
+                g.calibrate(num_inference_steps=steps)  # (the tiers' cuts: resolved before any timing)
                 g(prompts, generator=gens(), **short)
             finally:
                 g.remove()
