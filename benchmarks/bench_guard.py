@@ -46,9 +46,9 @@ def _guard(pipe, kind: str, name: str):
 
 
 def setup(model: str, sd15_steps: int = 10):
-    if model == "digits":
-        pipe = sharpfast.zoo.load("digits")
-        prompts = [r["prompt"] for r in sharpfast.zoo.prompts("digits", "memorized")[:4]]
+    if model in ("digits", "scenes"):
+        pipe = sharpfast.zoo.load(model)
+        prompts = [r["prompt"] for r in sharpfast.zoo.prompts(model, "memorized")[:4]]
         steps = 50
     else:
         from sharpfast.testing import sd15_sized_pipeline
@@ -120,14 +120,15 @@ def test_guard_flagged_path(benchmark):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=("digits", "sd15", "both"), default="both")
-    ap.add_argument("--reps", type=int, default=0, help="rounds (default 5 digits, 2 sd15)")
+    ap.add_argument("--model", choices=("digits", "scenes", "sd15", "both"), default="both",
+                    help="both: digits and sd15; scenes: the second bundled model (its policy is the tiered row)")
+    ap.add_argument("--reps", type=int, default=0, help="rounds (default 5; 2 for sd15)")
     ap.add_argument("--sd15-steps", type=int, default=10, help="sampler steps on the SD 1.5-sized UNet (default 10; "
                     "50 as served: about 10 minutes a round of the three rows on 2 cores)")
     ap.add_argument("--no-warmup", action="store_true", help="no warm-up call per row (the first round is timed)")
     ap.add_argument("--rows", default="", help="comma list of the rows to time beside plain (default: all)")
     a = ap.parse_args()
     for m in (("digits", "sd15") if a.model == "both" else (a.model,)):
-        rows = measure(m, a.reps or (5 if m == "digits" else 2), a.sd15_steps, warmup=not a.no_warmup,
+        rows = measure(m, a.reps or (2 if m == "sd15" else 5), a.sd15_steps, warmup=not a.no_warmup,
                        rows=tuple(r for r in a.rows.split(",") if r))
         print(report(m, rows), flush=True)

@@ -24,6 +24,7 @@ def kept(monkeypatch):
 @pytest.mark.parametrize("method, setting, words", [
     ("transition", "s0t450", "CFG 0 above t=450"),
     ("transition", "s-1t500", "CFG -1 above t=500"),
+    ("sail+transition", "s0t500", "SAIL, then CFG 0 above t=500"),
     ("sail", "k1s3lr0.7", "1 start, 3 steps, lr 0.7"),
     ("sail", "k4s2lr0.05", "4 starts, 2 steps, lr 0.05"),
     ("sail_alpha", "k1s3a1e-5", "alpha 1e-5"),

@@ -29,10 +29,11 @@ def setting_label(method: str, setting: Any) -> str:
         return "default"
     text = str(setting)
     keys = dict(re.findall(r"([a-z]+)" + _NUM, text))
+    then = "SAIL, then " if method == "sail+transition" else ""
     if method in ("transition", "sail+transition") and "t" in keys:
-        return f"CFG {keys.get('s', '0')} above t={keys['t']}"
+        return f"{then}CFG {keys.get('s', '0')} above t={keys['t']}"
     if method in ("transition", "sail+transition") and "dyn" in text:
-        return f"CFG {keys.get('s', '0')} until the dynamic point"
+        return f"{then}CFG {keys.get('s', '0')} until the dynamic point"
     if method == "sail_alpha" and "a" in keys:
         return f"alpha {keys['a']}"
     if method in ("sail", "sail_reference") and "k" in keys:
