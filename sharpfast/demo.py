@@ -112,7 +112,8 @@ def run(out_dir: str = "sharpfast-demo", device: str = "cpu", progress: bool = T
     recs = zoo.prompts("digits", "eval")
     say(f"digits model: {len(recs)} prompts ({sum(r['memorized'] for r in recs)} memorized), device {device}")
     res, labels, curves = _detection(pipe, recs, progress, say)
-    roc_figure({"digits model, step 1, n=1": curves}, os.path.join(out_dir, "roc.png"))
+    roc_figure({"digits model, step 1, n=1": curves}, os.path.join(out_dir, "roc.png"),
+               f"digits model: {int(labels.sum())} memorized vs {int((labels == 0).sum())} normal prompts")
     thr = shipped_threshold(pipe, GUARD_METRIC)  # 1% FPR on generic captions kept apart
     flagged = res.scores[GUARD_METRIC] > thr
     say(f"the guard's threshold ({GUARD_METRIC}, 1% FPR on held-out generic captions): {thr:.4g}; flagged "

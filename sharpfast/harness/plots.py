@@ -98,8 +98,12 @@ def roc_figure(curves: dict, path: str, title: str = "") -> str:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     for ax in list(axes.flat)[k:]:
         ax.axis("off")
-    fig.suptitle((title + "\n" if title else "") + "each detector scores a prompt from its first sampling steps "
-                 "(steps: how many, n: initial noises per prompt); upper left is better", fontsize=11)
+    import textwrap
+
+    note = ("each detector scores a prompt from its first sampling steps (steps: how many, n: initial noises per "
+            "prompt); upper left is better")
+    width = int(11 * fig.get_figwidth())  # characters that fit the figure's width at this size
+    fig.suptitle("\n".join(textwrap.wrap(title, width) + textwrap.wrap(note, width)), fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
