@@ -152,7 +152,8 @@ def mitigate_all(pipe: Any, config: GuardConfig, req: RequestState, call: dict) 
         out = run_plan(pipe, req.prompts, plan, call)
         req.reports = checker()
         return out
-    assert m.same_step is not None, "tiers online need the method's same_step"
+    same_step = m.same_step
+    assert same_step is not None, "tiers online need the method's same_step"
     settings = [base] + [st for _, st in config.policy.tiers if repr(st) != repr(base)]
     plans = {repr(st): guard_plan(m, ctx, st, config.sail_kwargs)[0] for st in settings}
     hooks = {k: p.info["guidance_hook"] for k, p in plans.items()}
@@ -162,7 +163,7 @@ def mitigate_all(pipe: Any, config: GuardConfig, req: RequestState, call: dict) 
 
     def switch(decision: dict, t: float) -> None:
         chosen = [st if st is not None else base for st in decision["settings"]]
-        if not all(m.same_step(base, st, t) for st in chosen):
+        if not all(same_step(base, st, t) for st in chosen):
             raise FlaggedAtFirstStep()  # the first step differed: restart with each plan from the start
         for k, h in hooks.items():
             h.rows = torch.tensor([i * req.n + j for i, st in enumerate(chosen) if repr(st) == k
