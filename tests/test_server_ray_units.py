@@ -75,3 +75,21 @@ def test_serve_on_ray_with_port_0_prints_the_port_it_binds(monkeypatch, capsys):
     port = calls["start"]["http_options"]["port"]
     assert calls["init"]["address"] == "local" and port > 0
     assert f"listening on http://127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_the_existing_serve_app_notice_is_dropped_and_nothing_else():
+    """Issue 33, item 3: after serve.start(http_options=...), serve.run logs "Connecting to existing
+    Serve app ... New http_options will not be applied" although they were; the CLI drops that
+    record only."""
+    import logging
+
+    from sharpfast.server.ray_serve import ExistingAppNotice
+
+    def rec(msg):
+        return logging.LogRecord("ray.serve", logging.INFO, __file__, 1, msg, None, None)
+
+    f = ExistingAppNotice()
+    assert not f.filter(rec('Connecting to existing Serve app in namespace "serve". New http_options/'
+                            'controller_options will not be applied.'))
+    assert f.filter(rec("Application 'sharpfast' is ready at http://127.0.0.1:8000/."))
+    assert f.filter(rec("Connecting to the cluster"))

@@ -111,7 +111,7 @@ def _serve_on_ray(args: Any, threshold: Any, own, extra, key: Any) -> int:
     import threading
 
     from .. import validate
-    from ..server.ray_serve import is_loopback, ray_app, ray_listeners, require, start_local_ray
+    from ..server.ray_serve import ExistingAppNotice, is_loopback, ray_app, ray_listeners, require, start_local_ray
 
     require()
     import ray
@@ -131,6 +131,9 @@ def _serve_on_ray(args: Any, threshold: Any, own, extra, key: Any) -> int:
     else:  # every Ray listener on loopback, token authentication on
         start_local_ray(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": args.host, "port": port})
+    import logging
+
+    logging.getLogger("ray.serve").addFilter(ExistingAppNotice())  # (its options were applied: see the class)
     serve.run(ray_app(args.model, device=args.device, dtype=args.dtype, num_replicas=replicas, num_gpus=gpus,
                       metric=args.metric, threshold=threshold,
                       mitigation=None if args.mitigation == "none" else args.mitigation,

@@ -72,6 +72,17 @@ def start_local_ray(**init_kwargs: Any) -> None:
     ray.init(address="local", **init_kwargs)
 
 
+class ExistingAppNotice:
+    """A logging filter for Ray Serve's "Connecting to existing Serve app ... New http_options will
+    not be applied": `serve.run` says it whenever `serve.start` came first, as it does in
+    `sharpfast serve --engine ray`, where the options it names were applied (the proxy listens on
+    the printed port); an operator reads it as its port being ignored. Every other record passes."""
+
+    def filter(self, record: Any) -> bool:
+        """False for that notice only."""
+        return not str(record.getMessage()).startswith("Connecting to existing Serve app")
+
+
 def _replica_grpc_on_node_address() -> None:
     """Binds this replica's inter-deployment gRPC server to the node's address when that is loopback.
 
