@@ -92,12 +92,12 @@ def test_eval_mitigate_runs_every_baseline(tmp_path, capsys, model):
     for r in summary:
         assert r["prompts"] == 2 and 0 <= r["copy_rate"] <= 1 and 0 <= r["fidelity"] <= 1
         # copies at each cut, recomputed here from the records: nearest is the memorized image and
-        # similarity >= cut; the 0.9 cut is the copy_rate itself
+        # similarity >= cut; the copy_rate itself is at the one cut, 0.8 (zoo.copying.COPY_CUT)
         mine = [x for x in recs if x["method"] == r["method"]]
         for cut in (0.8, 0.85, 0.9):
             hits = [t and s >= cut for x in mine for t, s in zip(x["nearest_is_target"], x["similarity"])]
             assert r["copy_rate_at"][str(cut)] == pytest.approx(sum(hits) / len(hits))
-        assert r["copy_rate_at"]["0.9"] == pytest.approx(r["copy_rate"])
+        assert r["copy_rate_at"]["0.8"] == pytest.approx(r["copy_rate"])
         assert r["copy_rate_at"]["0.8"] >= r["copy_rate_at"]["0.85"] >= r["copy_rate_at"]["0.9"]
         near = [s >= 0.8 for x in mine for s in x["similarity"]]  # own image at >= 0.8, whichever is nearest
         assert r["near_rate_at"]["0.8"] == pytest.approx(sum(near) / len(near))
