@@ -312,7 +312,7 @@ def policy_frontier(points: list, path: str, model: str = "", half: str = "") ->
            label="normal prompts")
     def words(text: str) -> str:  # "always,0.01:s0t300" -> "always; above the 1% cut: CFG 0 above t=300"
         pol = Policy.parse(text)
-        gate = "every prompt" if pol.gate == "always" else f"top {float(pol.gate):.0%} gate"
+        gate = "every prompt" if pol.gate == "always" else f"gate at {float(pol.gate):.0%} of normal captions"
         return "; ".join([gate] + [f"above the {share:.0%} cut: {setting_label('transition', setting)}"
                                    for share, setting in pol.tiers])
 
@@ -332,9 +332,12 @@ def policy_frontier(points: list, path: str, model: str = "", half: str = "") ->
         ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
     where = f", {half}" if half else ""
-    fig.suptitle(f"sharpfast.guard policies on the {model} model{where}: the gate mitigates prompts scoring above "
-                 f"that share of normal captions with the transition (CFG 0 above t=450); purple markers add a "
-                 f"stronger setting above a stricter cut" if model else "sharpfast.guard policies", fontsize=10)
+    import textwrap
+
+    title = (f"sharpfast.guard policies on the {model} model{where}: the gate mitigates prompts scoring above "
+             f"that share of normal captions with the transition (CFG 0 above t=450); purple markers add a "
+             f"stronger setting above a stricter cut") if model else "sharpfast.guard policies"
+    fig.suptitle("\n".join(textwrap.wrap(title, int(11 * fig.get_figwidth()))), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
