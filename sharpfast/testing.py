@@ -206,8 +206,8 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0, sample_size: int = 8, schedu
     sched_cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "pndm": PNDMScheduler,
                  "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
                  "dpm": DPMSolverMultistepScheduler}[scheduler]
-    if scheduler in ("ddim",):
-        sched_cfg.update(clip_sample=False, set_alpha_to_one=False)
+    if scheduler in ("ddim", "ddpm"):  # SD's own configs (diffusers warns when clip_sample is left unset)
+        sched_cfg.update(clip_sample=False, **({"set_alpha_to_one": False} if scheduler == "ddim" else {}))
     sched = sched_cls(**sched_cfg)
     if kind == "sdxl":
         torch.manual_seed(seed)
