@@ -142,8 +142,11 @@ def _serve_on_ray(args: Any, threshold: Any, own, extra, key: Any) -> int:
               name="sharpfast", route_prefix="/")
     print(f"sharpfast serve: {args.model} on Ray Serve, {replicas} replica(s) ({gpus:g} GPU each); listening on "
           f"http://{args.host}:{port}", file=sys.stderr, flush=True)
-    if not args.ray_address:
-        own = [(a, p) for a, p, _ in ray_listeners() if p != port]
+    own = [(a, p) for a, p, _ in ray_listeners() if p != port] if not args.ray_address else None
+    if own == []:  # (psutil missing: nothing listed, so nothing to claim)
+        print("sharpfast serve: Ray's listeners not checked (pip install psutil to list them)", file=sys.stderr,
+              flush=True)
+    elif own:
         wide = sorted({f"{a}:{p}" for a, p in own if not is_loopback(a)})
         print(f"sharpfast serve: Ray's own {len(own)} ports listen on loopback only; token authentication "
               f"{'on' if os.environ.get('RAY_AUTH_MODE', '').lower() == 'token' else 'OFF'}" if not wide else

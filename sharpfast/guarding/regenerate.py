@@ -100,10 +100,13 @@ def regenerate(m: Mitigation, ctx: Context, setting: Any, sail_kwargs: dict, cal
     if on_planned is not None:
         info["_planning_s"] = on_planned()
     out = run_plan(ctx.pipe, ctx.prompts, plan, dict(call_kwargs, latents=plan.kwargs.get("latents", ctx.latents)))
-    checks = [check() for _, check in parts]
-    # each group's checker reports its own prompts; the others read NOT_SELECTED
-    merged = [next((c[i] for c in checks if c[i][1] != NOT_SELECTED), checks[0][i]) for i in range(len(ctx.prompts))]
-    return out, merged, info
+    return out, _merged([check() for _, check in parts]), info
+
+
+def _merged(checks: list) -> list:
+    """Per prompt, the check of the group that holds it: each group's checker reports its own
+    prompts and NOT_SELECTED for the others."""
+    return [next((c[i] for c in checks if c[i][1] != NOT_SELECTED), checks[0][i]) for i in range(len(checks[0]))]
 
 
 def regenerate_flagged(pipe: Any, config: GuardConfig, req: RequestState, call: dict, states: Optional[list]) -> Any:
@@ -179,11 +182,7 @@ def mitigate_all(pipe: Any, config: GuardConfig, req: RequestState, call: dict) 
     groups: dict = {}
     for i, st in enumerate(req.decision["settings"]):
         groups.setdefault(repr(st if st is not None else base), []).append(i)
-    reports: list = [None] * len(req.prompts)
-    for k, idx in groups.items():
-        g = req.context(pipe, call.get("latents"), call.get("generator"), config.metric, prompts=idx)
-        for i, r in enumerate(_checker(m, g, plans[k], config.metric, float(req.threshold))()):
-            if i in idx:
-                reports[i] = r
-    req.reports = reports
+    req.reports = _merged([_checker(m, req.context(pipe, call.get("latents"), call.get("generator"), config.metric,
+                                                   prompts=idx), plans[k], config.metric, float(req.threshold))()
+                           for k, idx in groups.items()])
     return out
