@@ -28,7 +28,11 @@ def test_policy_text_and_errors():
     assert Policy.parse("0.3,0.01:s0t300") == Policy(0.3, ((0.01, "s0t300"),))
     assert Policy.parse("always").always and Policy.parse("always").text() == "always"
     assert Policy.parse("0.5,0.01:s0t300,0.1:s0t400").tiers == ((0.1, "s0t400"), (0.01, "s0t300"))
-    for bad in ("0.25", "", "0.3,0.01", "0.3,0.5:s0t300", "nan", "-1", "0.3,x:s0t300"):
+    gated = Policy.parse("0.05:s1t0,0.01:s0t300")  # the gate with its own setting
+    assert gated == Policy(0.05, ((0.01, "s0t300"),), "s1t0") and gated.text() == "0.05:s1t0,0.01:s0t300"
+    assert Policy.parse("always:s1t0").always and Policy.parse("always:s1t0").setting == "s1t0"
+    for bad in ("0.25", "", "0.3,0.01", "0.3,0.5:s0t300", "nan", "-1", "0.3,x:s0t300", "0.01:", ":s1t0",
+                "0.01: ,0.01:s0t300"):
         with pytest.raises(BadArgument):
             Policy.parse(bad)
     with pytest.raises(BadArgument):
@@ -43,22 +47,27 @@ def test_decide_by_hand():
     assert p.decide(2.5, cuts, "base")[:2] == (True, "strong")
     assert p.decide(1.0, cuts, "base")[0] is False, "flagged is score > cut"
     assert Policy("always").decide(-1e9, {}, "base")[:2] == (True, "base")
+    gated = Policy(0.3, ((0.01, "strong"),), "gate")  # the gate's own setting replaces the guard's
+    assert gated.decide(1.5, cuts, "base")[:2] == (True, "gate")
+    assert gated.decide(2.5, cuts, "base")[:2] == (True, "strong")
+    assert gated.decide(0.5, cuts, "base")[0] is False
 
 
-def test_gate_reads_the_calibrated_cut_and_tiers_set_the_strength(digits):
+@pytest.mark.parametrize("policy, base", [("0.3,0.01:s0t300", "s0t450"), ("0.3:s1t500g0.5,0.01:s0t300", "s1t500g0.5")])
+def test_gate_reads_the_calibrated_cut_and_tiers_set_the_strength(digits, policy, base):
     cal = json.load(open(sharpfast.zoo.path("digits") + "/calibration.json"))["wen_low"]
     mem = [r["prompt"] for r in sharpfast.zoo.prompts("digits", "memorized")[:2]]
     normal = [r["prompt"] for r in sharpfast.zoo.prompts("digits", "non_memorized")[:2]]
     prompts = mem + normal
     kw = dict(num_inference_steps=50, output_type="pt")
-    with sharpfast.guard(digits, policy="0.3,0.01:s0t300") as g:
+    with sharpfast.guard(digits, policy=policy) as g:
         out = g(prompts, generator=[gen(i) for i in range(4)], **kw)
     reps = out.memorization
-    assert all(r["threshold"] == cal["gate_0.3"] and r["policy"] == "0.3,0.01:s0t300" for r in reps)
+    assert all(r["threshold"] == cal["gate_0.3"] and r["policy"] == policy for r in reps)
     for i, r in enumerate(reps):
         assert r["flagged"] == (r["score"] > cal["gate_0.3"]), r
         strong = r["score"] > cal["gate_0.01"]
-        assert r["setting"] == (("s0t300" if strong else "s0t450") if r["flagged"] else None), r
+        assert r["setting"] == (("s0t300" if strong else base) if r["flagged"] else None), r
         assert ("0.01 cut" in r["decision"]) == (strong and r["flagged"]), r["decision"]
         # the image is mitigate()'s with the decided setting, or plain pipe(...)'s
         if r["flagged"]:
@@ -68,6 +77,7 @@ def test_gate_reads_the_calibrated_cut_and_tiers_set_the_strength(digits):
         torch.testing.assert_close(out.images[i:i + 1], want, rtol=0, atol=1e-5)
     assert any(r["setting"] == "s0t300" for r in reps) and any(not r["flagged"] for r in reps), \
         "the test needs both a strong tier and an unflagged prompt"
+    assert any(r["setting"] == base for r in reps), "the test needs a prompt at the gate's setting"
 
 
 def test_always_mitigates_every_prompt_without_restarting_a_step():
@@ -93,6 +103,12 @@ def test_tiers_need_a_trajectory_method_and_valid_settings(digits):
         sharpfast.guard(digits, policy="0.3,0.01:zz9")
     with pytest.raises(BadArgument, match="gate"):
         sharpfast.guard(digits, threshold=0.5, policy="0.3")
+    with pytest.raises(BadArgument, match="disagree"):
+        sharpfast.guard(digits, setting="s0t450", policy="0.3:s1t0")
+    with pytest.raises(BadArgument, match="transition"):
+        sharpfast.guard(digits, policy="0.3:zz9")
+    with pytest.raises(BadArgument, match="no mitigation"):
+        sharpfast.guard(digits, mitigation=None, policy="0.3:s1t0")
 
 
 def test_auto_reads_the_policy_calibrated_for_these_weights(tmp_path):
@@ -115,6 +131,17 @@ def test_auto_reads_the_policy_calibrated_for_these_weights(tmp_path):
         assert g.config.policy == Policy(0.1) and g.config.policy_source == "given"
     with sharpfast.guard(pipe, threshold=0.5) as g:  # a number is the gate itself
         assert g.config.policy == Policy(0.01)
+    # a calibrated gate setting: the guard's setting; one asked for replaces it (tiers kept); another
+    # method keeps the gate alone (the calibrated settings are transition's)
+    cal["policy"] = {"policy": "0.3:s1t0,0.01:s0t300", "chosen_on": "a test"}
+    (dst / "calibration.json").write_text(json.dumps(cal))
+    pipe = StableDiffusionPipeline.from_pretrained(str(dst), local_files_only=True)
+    with sharpfast.guard(pipe) as g:
+        assert g.config.setting == "s1t0" and g.config.policy == Policy.parse("0.3:s1t0,0.01:s0t300")
+    with sharpfast.guard(pipe, setting="s0t500") as g:
+        assert g.config.setting == "s0t500" and g.config.policy == Policy.parse("0.3,0.01:s0t300")
+    with sharpfast.guard(pipe, mitigation="attention_rescale") as g:
+        assert g.config.policy == Policy(0.3) and g.config.setting == 1.25
     cal["weights"]["fingerprint"] = "0" * 16  # a policy calibrated for other weights is not used
     (dst / "calibration.json").write_text(json.dumps(cal))
     with sharpfast.guard(StableDiffusionPipeline.from_pretrained(str(dst), local_files_only=True)) as g:

@@ -82,17 +82,21 @@ def _guided_check(raw, scale_of, g, rows=None):
         assert torch.allclose(guided, want, atol=float(scale) * 1e-5, rtol=0), f"call {k}"
 
 
-@pytest.mark.parametrize("early,t_switch", [(0.0, 500.0), (-2.0, 650.0)])
-def test_static_transition_is_jain_et_al(sd1, early, t_switch):
+@pytest.mark.parametrize("setting,early,t_switch,late", [((0.0, 500.0), 0.0, 500.0, None),
+                                                         ("s-2t650", -2.0, 650.0, None),
+                                                         ("s0t600g1", 0.0, 600.0, 1.0),
+                                                         ("s0.9t300g0.5", 0.9, 300.0, 0.5)])
+def test_static_transition_is_jain_et_al(sd1, setting, early, t_switch, late):
     g = 7.5
     raw = _Raw(sd1)
     try:
-        mitigate(sd1, PROMPTS, "transition", (early, t_switch), generator=gen(), num_inference_steps=10,
+        mitigate(sd1, PROMPTS, "transition", setting, generator=gen(), num_inference_steps=10,
                  guidance_scale=g, output_type="pt")
     finally:
         raw.close()
     assert any(t > t_switch for t in raw.t) and any(t <= t_switch for t in raw.t)
-    _guided_check(raw, lambda k, r: torch.full((2,), early if r.t[k] > t_switch else g, dtype=torch.float64), g)
+    after = g if late is None else late
+    _guided_check(raw, lambda k, r: torch.full((2,), early if r.t[k] > t_switch else after, dtype=torch.float64), g)
 
 
 def test_dynamic_transition_is_the_first_local_minimum(sd1):
@@ -197,14 +201,21 @@ def test_one_setting_grammar_for_every_method():
     assert sail_setting("k2s4a3e-5") == {"candidates": 2, "max_steps": 4, "alpha": 3e-5, "project": False}
     assert transition_setting("s0t500") == (0.0, 500.0) and transition_setting("s-2t650") == (-2.0, 650.0)
     assert transition_setting("dyn") == (1.0, None) and transition_setting("s-1dyn") == (-1.0, None)
-    assert transition_setting("t450") == (0.0, 450.0)
+    assert transition_setting("t450") == (0.0, 450.0) and transition_setting("s0t600g1") == (0.0, 600.0)
+    from sharpfast.mitigations.transition import same_step, transition_late
+    assert transition_late("s0t600g1") == 1.0 and transition_late("s0t600") is None
+    # the scale at t: early above the point, then g (None: the request's)
+    assert same_step("s1t0", "s1t500g1", 700) and same_step("s1t0", "s1t500g1", 300)
+    assert not same_step("s0t450", "s0t600g1", 300) and same_step("s0t450", "s0t600", 300)
+    assert not same_step("s0t450", "s1t0", 900)
     assert ZhaoGuardConfig.from_setting("r0.5a0.01t3") == ZhaoGuardConfig(0.5, 0.01, 3.0)
     refused = ((sail_setting, "s3k1", "SAIL"), (sail_setting, "k1", "SAIL"), (sail_setting, "k1.5s3", "SAIL"),
                (sail_setting, "k1s3k1", "SAIL"), (transition_setting, "t500s0", "transition"),
                (transition_setting, "s0", "transition"), (transition_setting, "s0t500dyn", "transition"),
                (ZhaoGuardConfig.from_setting, "a0.1", "zhao_guard"),
                (ZhaoGuardConfig.from_setting, "r1x2", "zhao_guard"),
-               (transition_setting, "zz9", "transition"))
+               (transition_setting, "zz9", "transition"), (transition_setting, "s0t500g", "transition"),
+               (transition_setting, "g1t500", "transition"), (transition_setting, "s0t500gnan", "transition"))
     for fn, bad, name in refused:
         with pytest.raises(BadArgument, match=name):
             fn(bad)

@@ -1,8 +1,9 @@
 """GUARD (`zhao_guard`) against its authors' definition (SPEC "GUARD", read from their
 `dual_guidance_call`), written out here: a DDIM sampler in float64 with a cross-attention
 processor of its own, three branches per step, their orthogonalization and their cosine-decayed
-repulsion. The product (float32, batched through the hook registry) may differ from the float64
-run by at most twice what the same reference loses in float32."""
+repulsion; and their attenuation alone (`attenuate`: normal CFG on the attenuated prompt). The
+product (float32, batched through the hook registry) may differ from the float64 run by at most
+twice what the same reference loses in float32."""
 import copy
 import math
 
@@ -11,6 +12,7 @@ import torch
 
 from sharpfast.errors import BadArgument, UnsupportedPipeline
 from sharpfast.mitigations import mitigate
+from sharpfast.mitigations.attenuate import AttenuateConfig
 from sharpfast.mitigations.zhao_guard import ZhaoGuardConfig, spike_edit
 from sharpfast.testing import tiny_pipeline
 
@@ -40,12 +42,13 @@ class SpikeAttention:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def reference(pipe, prompts, latents, r, alpha, tau, dtype):
-    """Final latents of GUARD's sampler, every tensor in `dtype`."""
+def reference(pipe, prompts, latents, r, alpha, tau, dtype, alone=False, every_layer=False):
+    """Final latents of GUARD's sampler, every tensor in `dtype` (alone: their attenuation alone,
+    u + s (a - u) with no repulsion and no orthogonalization)."""
     unet = copy.deepcopy(pipe.unet).to(dtype)
     plain = dict(unet.attn_processors)
     spiked = {name: (SpikeAttention(alpha, tau) if name.endswith("attn2.processor")
-                     and (name.startswith("down_blocks") or name.startswith("mid_block")) else p)
+                     and (every_layer or name.startswith("down_blocks") or name.startswith("mid_block")) else p)
               for name, p in plain.items()}
     cond, null = pipe.encode_prompt(prompts, "cpu", 1, True)
     cond, null = cond.to(dtype), null.to(dtype)
@@ -61,6 +64,9 @@ def reference(pipe, prompts, latents, r, alpha, tau, dtype):
             c = unet(xin, t, encoder_hidden_states=cond).sample
             unet.set_attn_processor(dict(spiked))
             a = unet(xin, t, encoder_hidden_states=cond).sample
+            if alone:
+                x = sched.step(u + s * (a - u), t, x).prev_sample
+                continue
             va, vc = a - u, c - u
             out = []
             for j in range(len(x)):                                     # their orthogonalization, per image
@@ -119,3 +125,32 @@ def test_settings_and_families():
     flux = tiny_pipeline("flux")
     with pytest.raises(UnsupportedPipeline, match="zhao_guard"):
         mitigate(flux, "a cat", "zhao_guard", num_inference_steps=2)
+
+
+@pytest.mark.parametrize("setting", ["a0.3t0.01", "a0t0.5", "a0.5t-0.3all"])
+def test_attenuation_alone_matches_its_authors_definition_in_float64(sd1, setting):
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    g = torch.Generator().manual_seed(seed)
+    prompts = ["a red house by the sea", "two dogs on a beach at night"]
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    cfg = AttenuateConfig.from_setting(setting)
+    got, info = mitigate(sd1, prompts, "attenuate", setting, latents=latents.clone(), num_inference_steps=STEPS,
+                         output_type="latent", return_info=True)
+    got = got.images.double()
+    assert info["unet_calls_per_image"] == STEPS, "no extra network call"
+    kw = dict(alone=True, every_layer=cfg.every_layer)
+    want = reference(sd1, prompts, latents, 0.0, cfg.alpha, cfg.tau, torch.float64, **kw)
+    own = (reference(sd1, prompts, latents, 0.0, cfg.alpha, cfg.tau, torch.float32, **kw).double()
+           - want).abs().max().item()
+    plain = sd1(prompts, latents=latents.clone(), num_inference_steps=STEPS, output_type="latent").images.double()
+    err = (got - want).abs().max().item()
+    assert err <= 2 * own + 1e-6, f"seed {seed}: {err} vs the reference's own float32 error {own}"
+    assert (plain - want).abs().max().item() > 100 * max(err, 1e-6), f"seed {seed}: the attenuation changed nothing"
+
+
+def test_attenuate_settings():
+    assert AttenuateConfig.from_setting("a0.3") == AttenuateConfig(0.3, 0.01, False)
+    assert AttenuateConfig.from_setting("a0t1all") == AttenuateConfig(0.0, 1.0, True)
+    for bad in ("t0.1", "a-1", "a0.3x", (float("inf"), 0.1), "alla0.3"):
+        with pytest.raises(BadArgument, match="attenuate"):
+            AttenuateConfig.from_setting(bad)

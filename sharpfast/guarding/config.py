@@ -53,6 +53,7 @@ class GuardConfig:
         if policy == "auto":
             policy, policy_source = auto_policy(model.pipe)
         policy = Policy.of(policy)
+        asked_setting = setting
         if metric not in GUARD_METRICS:
             raise BadArgument(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
         if mitigation == "auto":
@@ -73,8 +74,23 @@ class GuardConfig:
             threshold = validate.finite(threshold, "threshold", allow_inf=True)
             if policy.gate not in (FPR, ALWAYS):
                 raise BadArgument(f"a given threshold is the gate: drop it, or the policy's gate ({policy.gate:g})")
-        if policy.tiers and policy_source != "given" and (method is None or method.kind != "trajectory"):
-            policy = Policy(policy.gate)  # a calibrated policy's tiers set a trajectory method's strength only
+        if policy_source != "given":
+            # a calibrated policy's settings are the auto mitigation's, chosen for it: another method keeps
+            # only its gate, a setting asked for replaces the gate's own
+            if mitigation != AUTO_MITIGATION[0][0]:
+                policy = Policy(policy.gate)
+            elif asked_setting is not None:
+                policy = Policy(policy.gate, policy.tiers)
+        if policy.setting is not None:
+            if method is None:
+                raise BadArgument(f"the policy {policy.text()!r} names a setting; the guard has no mitigation")
+            if asked_setting is not None and str(asked_setting) != str(policy.setting):
+                raise BadArgument(f"the policy's gate setting ({policy.setting}) and setting={asked_setting!r} "
+                                  f"disagree: give one")
+            read_gate: Any = getattr(method.config, "from_setting", None)
+            if read_gate is not None:
+                read_gate(policy.setting)
+            setting = policy.setting
         if policy.tiers:
             if method is None or method.kind != "trajectory":
                 raise BadArgument(f"a policy's tiers set a trajectory method's strength per prompt; the guard's "

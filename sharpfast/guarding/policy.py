@@ -10,6 +10,7 @@ in shares of normal captions, so one policy reads the same on every model and me
     Policy("always")                           # every prompt, no detector in the decision
     Policy(0.3, tiers=((0.01, "s0t300"),))     # 30% of normal mitigated; above the 1% cut, stronger
     Policy.parse("0.3,0.01:s0t300")            # the same, as the CLI writes it
+    Policy.parse("0.01:s1t500g0.5")            # the 1% gate with its own setting
 """
 from __future__ import annotations
 
@@ -42,11 +43,13 @@ class Policy:
         gate: the share of the model's normal captions mitigated (one of GATES), or "always".
         tiers: (share, setting) pairs, each share smaller than the gate: a prompt scoring above
             the cut of a tier's share gets its setting (the smallest share passed wins); the
-            other mitigated prompts get the guard's setting.
+            other mitigated prompts get the gate's setting.
+        setting: the gate's own setting of the guard's method (None: the guard's setting).
     """
 
     gate: Union[float, str] = 0.01
     tiers: tuple = ()
+    setting: Any = None
 
     def __post_init__(self) -> None:
         if self.gate != ALWAYS:
@@ -61,6 +64,9 @@ class Policy:
                                   f"setting is for prompts further above the gate")
             tiers.append((share, t[1]))
         object.__setattr__(self, "tiers", tuple(sorted(tiers, key=lambda t: -t[0])))
+        if self.setting is not None and not str(self.setting).strip():
+            raise BadArgument("a policy's gate setting is a setting of the guard's method (e.g. 0.01:s1t500g0.5), "
+                              "got an empty one")
 
     @classmethod
     def of(cls, value: Any) -> Policy:
@@ -73,17 +79,20 @@ class Policy:
 
     @classmethod
     def parse(cls, text: str) -> Policy:
-        """"0.01", "always", "0.3,0.01:s0t300" (gate, then share:setting tiers)."""
+        """"0.01", "always", "0.3,0.01:s0t300" (gate, then share:setting tiers), "0.01:s1t0" (the
+        gate with its own setting)."""
         parts = [p.strip() for p in str(text).split(",")]
-        if not parts[0]:
-            raise BadArgument(f"a policy is a gate (e.g. 0.01, always), then share:setting tiers, got {text!r}")
+        gate, sep, gate_setting = parts[0].partition(":")
+        if not gate or (sep and not gate_setting):
+            raise BadArgument(f"a policy is a gate (e.g. 0.01, always, 0.01:s1t0 with its own setting), then "
+                              f"share:setting tiers, got {text!r}")
         tiers = []
         for p in parts[1:]:
             share, sep, setting = p.partition(":")
             if not sep or not setting:
                 raise BadArgument(f"a policy tier is share:setting (e.g. 0.01:s0t300), got {p!r} in {text!r}")
             tiers.append((share, setting))
-        return cls(parts[0] if parts[0] == ALWAYS else parts[0], tuple(tiers))
+        return cls(gate, tuple(tiers), gate_setting or None)
 
     @property
     def share(self) -> float:
@@ -102,10 +111,13 @@ class Policy:
     def text(self) -> str:
         """The policy as parse reads it."""
         gate = ALWAYS if self.always else f"{self.gate:g}"
+        if self.setting is not None:
+            gate += f":{self.setting}"
         return ",".join([gate] + [f"{s:g}:{st}" for s, st in self.tiers])
 
     def decide(self, score: float, cuts: dict, default_setting: Any) -> tuple:
-        """(mitigate, setting, why) of one prompt's score; cuts: {share: threshold}."""
+        """(mitigate, setting, why) of one prompt's score; cuts: {share: threshold};
+        default_setting: the guard's, for a gate without its own."""
         if self.always:
             mitigate, why = True, "policy always"
         else:
@@ -113,7 +125,7 @@ class Policy:
             mitigate = score > cut
             why = (f"score {score:.4g} {'>' if mitigate else '<='} {cut:.4g}, the cut of {self.gate:g} of normal "
                    f"captions")
-        setting = default_setting
+        setting = default_setting if self.setting is None else self.setting
         for share, tier_setting in self.tiers:  # largest share first: the smallest passed wins
             if mitigate and score > cuts[share]:
                 setting = tier_setting

@@ -183,13 +183,14 @@ class AttentionEdit(DenoiserHook):
     cross-attention layer (attn2) gets a processor that applies `edit(scores, rows)` to the logits
     of `rows` of its batch (sharpfast.attention.LogitEditProcessor), kept until the hook is
     uninstalled, when the layers' own processors are back (swapped once per generation, not per
-    step). `calls` counts the edited calls."""
+    step). `layers(name)` picks the layers edited (default: all). `calls` counts the edited calls."""
 
-    def __init__(self, unet: Any, edit: Callable, rows: Optional[torch.Tensor] = None):
+    def __init__(self, unet: Any, edit: Callable, rows: Optional[torch.Tensor] = None,
+                 layers: Optional[Callable[[str], bool]] = None):
         from ..attention import require_cross_attention
 
         require_cross_attention(unet, "edits a UNet's cross-attention")
-        self.unet, self.edit, self.rows = unet, edit, rows
+        self.unet, self.edit, self.rows, self.layers = unet, edit, rows, layers
         self.calls = 0
         self._saved: Optional[dict] = None
 
@@ -199,7 +200,7 @@ class AttentionEdit(DenoiserHook):
 
         if self._saved is None:
             self._saved = self.unet.attn_processors
-            self.unet.set_attn_processor(editing_processors(self._saved, self.edit, self.rows))
+            self.unet.set_attn_processor(editing_processors(self._saved, self.edit, self.rows, self.layers))
         self.calls += 1
 
     @contextlib.contextmanager

@@ -6,7 +6,9 @@ with -2). Dynamic (setting "dyn"): guidance 1 (the conditional prediction) until
 minimum of ||eps_c - eps_null|| along the trajectory, per image: the step where the norm rises
 again after falling is the first guided one (their dtp script). Their opposite-guidance dynamic
 script finds the point in a full pre-pass; here the same online rule is used with `early` < 0.
-Zero extra UNet calls.
+An optional third knob `g` sets the scale after the transition point in place of the request's
+("s0t600g1": no guidance above t = 600, then the conditional prediction alone; "s1t0": scale 1
+at every step, i.e. no CFG amplification). Zero extra UNet calls.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .. import validate
 from ..errors import BadArgument
 from .base import Context, MethodConfig, Plan, per_row, register
 from .grammar import parse
@@ -23,26 +26,38 @@ from .hooks import DenoiserCall, GuidanceHook
 
 @dataclass(frozen=True)
 class TransitionConfig(MethodConfig):
-    """The early guidance scale and the transition timestep (None: the dynamic point)."""
+    """The early guidance scale, the transition timestep (None: the dynamic point) and the scale
+    after it (None: the request's own)."""
 
     early: float = 0.0
     t_switch: Optional[float] = 500.0
+    late: Optional[float] = None
 
     @classmethod
     def from_setting(cls, setting: Any) -> TransitionConfig:
-        """"s0t500", "s-2t650", "dyn", "s-1dyn", an (early, t_switch) tuple or a config."""
+        """"s0t500", "s-2t650", "s0t600g1", "dyn", "s-1dyn", an (early, t_switch[, late]) tuple
+        or a config."""
         if isinstance(setting, cls):
-            return setting
-        if isinstance(setting, tuple):
-            return cls(float(setting[0]), None if setting[1] is None else float(setting[1]))
-        got = parse(setting, {"s": float, "t": int}, words=("dyn",), one_of=("t", "dyn"),
-                    name="transition",
-                    example="s0t500 (scale 0 above t = 500), s-2t650 (opposite guidance -2 above 650) or dyn / "
-                            "s-1dyn (the dynamic transition point)")
-        if "t" in got and "dyn" in got:
-            raise BadArgument(f"a transition setting has a timestep (s0t500) or dyn (s-1dyn), not both: {setting!r}")
-        early = got.get("s", 1.0 if "dyn" in got else 0.0)
-        return cls(float(early), float(got["t"]) if "t" in got else None)
+            cfg = setting
+        elif isinstance(setting, tuple):
+            late = setting[2] if len(setting) > 2 else None
+            cfg = cls(float(setting[0]), None if setting[1] is None else float(setting[1]),
+                      None if late is None else float(late))
+        else:
+            got = parse(setting, {"s": float, "t": int, "g": float}, words=("dyn",), one_of=("t", "dyn"),
+                        name="transition",
+                        example="s0t500 (scale 0 above t = 500), s-2t650 (opposite guidance -2 above 650), "
+                                "s0t600g1 (then scale 1, not the request's) or dyn / s-1dyn (the dynamic "
+                                "transition point)")
+            if "t" in got and "dyn" in got:
+                raise BadArgument(f"a transition setting has a timestep (s0t500) or dyn (s-1dyn), not both: "
+                                  f"{setting!r}")
+            early = got.get("s", 1.0 if "dyn" in got else 0.0)
+            cfg = cls(float(early), float(got["t"]) if "t" in got else None, got.get("g"))
+        validate.finite(cfg.early, "transition's early scale s")
+        if cfg.late is not None:
+            validate.finite(cfg.late, "transition's scale g after the transition point")
+        return cfg
 
 
 @dataclass
@@ -62,15 +77,20 @@ def transition_setting(setting: Any) -> tuple:
     return cfg.early, cfg.t_switch
 
 
-def _static(early: float, t_switch: float, hook: GuidanceHook, u: torch.Tensor, c: torch.Tensor,
-            call: DenoiserCall) -> Optional[torch.Tensor]:
+def transition_late(setting: Any) -> Optional[float]:
+    """The scale after the transition point of a setting (None: the request's own)."""
+    return TransitionConfig.from_setting(setting).late
+
+
+def _static(early: float, t_switch: float, late: Optional[float], hook: GuidanceHook, u: torch.Tensor,
+            c: torch.Tensor, call: DenoiserCall) -> Optional[torch.Tensor]:
     if float(call.timestep) <= t_switch:
-        return None
+        return None if late is None else u + late * (c - u)
     hook.state.early_steps += 1
     return u + early * (c - u)
 
 
-def _dynamic(early: float, hook: GuidanceHook, u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def _dynamic(early: float, late: Optional[float], hook: GuidanceHook, u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     st: TransitionState = hook.state
     d = (c - u).reshape(len(c), -1).norm(dim=1)
     if st.prev is None:  # per image: the norms of the last two steps, on the device (no host sync)
@@ -84,27 +104,28 @@ def _dynamic(early: float, hook: GuidanceHook, u: torch.Tensor, c: torch.Tensor)
     st.prev2, st.prev = st.prev, d
     sw = st.switched
     st.early_steps = st.early_steps + (~sw).float()
-    scale = torch.where(sw, torch.full_like(d, hook.g), torch.full_like(d, early))
+    scale = torch.where(sw, torch.full_like(d, hook.g if late is None else late), torch.full_like(d, early))
     return u + per_row(scale, u) * (c - u)
 
 
-def transition_rule(early: float, t_switch: Optional[float]) -> Any:
-    """Jain et al.'s schedule as a guidance rule: scale `early` above t_switch, the request's scale
-    below; with t_switch None the dynamic point (the first local minimum of ||c - u||, per image)."""
+def transition_rule(early: float, t_switch: Optional[float], late: Optional[float] = None) -> Any:
+    """Jain et al.'s schedule as a guidance rule: scale `early` above t_switch, `late` (None: the
+    request's scale) below; with t_switch None the dynamic point (the first local minimum of
+    ||c - u||, per image)."""
     def rule(hook: GuidanceHook, u: torch.Tensor, c: torch.Tensor, call: DenoiserCall,
              rows: torch.Tensor) -> Optional[torch.Tensor]:
         if t_switch is not None:
-            return _static(early, t_switch, hook, u, c, call)
-        return _dynamic(early, hook, u, c)
+            return _static(early, t_switch, late, hook, u, c, call)
+        return _dynamic(early, late, hook, u, c)
     return rule
 
 
 def transition_plan(ctx: Context, setting: Any) -> Plan:
     """The transition schedule on ctx's rows (a guidance hook; info "applied": per row, whether at
     least one step ran at the early scale)."""
-    early, t_switch = transition_setting(setting)
-    hook = GuidanceHook(ctx.model, ctx.guidance_scale, ctx.row_list(), ctx.images, transition_rule(early, t_switch),
-                        TransitionState())
+    cfg = TransitionConfig.from_setting(setting)
+    hook = GuidanceHook(ctx.model, ctx.guidance_scale, ctx.row_list(), ctx.images,
+                        transition_rule(cfg.early, cfg.t_switch, cfg.late), TransitionState())
 
     def applied() -> list:
         steps = hook.state.early_steps
@@ -113,14 +134,16 @@ def transition_plan(ctx: Context, setting: Any) -> Plan:
 
 
 def same_step(a: Any, b: Any, t: float) -> bool:
-    """Whether transition settings a and b give a step at timestep t the same guidance: both static,
-    and both at their early scale there (the same scale) or both past their transition point.
-    (The dynamic point depends on the trajectory: never.)"""
-    (ea, ta), (eb, tb) = transition_setting(a), transition_setting(b)
-    if ta is None or tb is None:
+    """Whether transition settings a and b give a step at timestep t the same guidance: both static
+    and the same scale there (each its early scale above its transition point, else its scale
+    after it, None standing for the request's). (The dynamic point depends on the trajectory:
+    never.)"""
+    ca, cb = TransitionConfig.from_setting(a), TransitionConfig.from_setting(b)
+    if ca.t_switch is None or cb.t_switch is None:
         return False
-    early_a, early_b = float(t) > ta, float(t) > tb
-    return early_a == early_b and (not early_a or ea == eb)
+    scale_a = ca.early if float(t) > ca.t_switch else ca.late
+    scale_b = cb.early if float(t) > cb.t_switch else cb.late
+    return scale_a == scale_b
 
 
 @register("transition", cost="0", knob="early scale s above the transition timestep t (dyn: dynamic point)",
