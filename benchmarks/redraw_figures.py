@@ -7,7 +7,10 @@ without rerunning them:
   --model digits --half A --seeds 2 --sweep --method none,transition,attention_rescale,sail,
   sail+transition,sail_guard`: the summary rows of its mitigate.json);
 - docs/digits_tradeoff.png: benchmarks/results/digits_sail_sweep_halfA.json (the same with
-  --method none,sail,wen_embedding,random_tokens,sail_alpha).
+  --method none,sail,wen_embedding,random_tokens,sail_alpha);
+- docs/digits_guard_strength.png: benchmarks/results/digits_guard_frontier_halfA.json (`sharpfast
+  eval guard --model digits --half A --seeds 4 --policy 0.01 --policy 0.01:s1t0 ...`: the guard at
+  the 1% gate with each setting, its guard_frontier.json), the calibrated policy ringed.
 Copies at the one cut (sharpfast.zoo.copying.COPY_CUT); methods no longer in the registry are left out.
 """
 import json
@@ -32,6 +35,21 @@ def series_of(rows: list) -> dict:
     return out
 
 
+def guard_series(points: list) -> dict:
+    """The guard's settings at one gate as a tradeoff series: memorized fidelity (guarded / plain)
+    and copies per policy, plain pipe(...) as "none"."""
+    from sharpfast.guarding import Policy
+    from sharpfast.settings import GUARD_MITIGATIONS
+
+    base = dict(GUARD_MITIGATIONS)["transition"]
+    out: dict = {"none": [(1.0, points[0]["summary"]["plain"]["copies_at_0.8"], None, 50.0)]}
+    for p in points:
+        setting = Policy.parse(p["policy"]).setting or base
+        out.setdefault("transition", []).append((p["summary"]["fidelity_ratio"], p["summary"]["guard"]["copies_at_0.8"],
+                                                 setting, 50.0))
+    return out
+
+
 def main(argv=None) -> int:
     out_dir = (argv or sys.argv[1:] or [os.path.join(ROOT, "docs")])[0]
     figures = [("digits_frontier_halfA.json", "digits_frontier.png", ("transition", "s0t450"), None,
@@ -49,6 +67,22 @@ def main(argv=None) -> int:
             rows = json.load(f)
         out = os.path.join(out_dir, png)
         tradeoff_figure(series_of(rows), out, title, chosen=chosen, fidelity_floor=0.95, zoom=zoom)
+        print(f"wrote {out}")
+    path = os.path.join(RESULTS, "digits_guard_frontier_halfA.json")
+    if os.path.exists(path):
+        from sharpfast import zoo
+        from sharpfast.guarding import Policy
+
+        with open(path, encoding="utf-8") as f:
+            points = json.load(f)
+        with open(os.path.join(zoo.path("digits"), "calibration.json"), encoding="utf-8") as f:
+            chosen = Policy.parse(json.load(f)["policy"]["policy"]).setting
+        out = os.path.join(out_dir, "digits_guard_strength.png")
+        tradeoff_figure(guard_series(points), out,
+                        "digits model, half A (26 memorized prompts x 4 seeds) through sharpfast.guard at the 1% gate, "
+                        "one point per setting of the gate (x: memorized prompts' fidelity, guarded / plain); the "
+                        "calibrated policy ringed, the 0.95 budget dotted", chosen=("transition", chosen),
+                        fidelity_floor=0.95)
         print(f"wrote {out}")
     return 0
 

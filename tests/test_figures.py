@@ -24,6 +24,10 @@ def kept(monkeypatch):
 @pytest.mark.parametrize("method, setting, words", [
     ("transition", "s0t450", "CFG 0 above t=450"),
     ("transition", "s-1t500", "CFG -1 above t=500"),
+    ("transition", "s1t500g0.5", "CFG 1 above t=500, then 0.5"),
+    ("transition", "s0.9t0", "CFG 0.9 throughout"),
+    ("attenuate", "a0.3t0.01", "spikes x0.3, z > 0.01"),
+    ("attenuate", "a0t1all", "spikes x0, z > 1, every layer"),
     ("sail+transition", "s0t500", "SAIL, then CFG 0 above t=500"),
     ("sail", "k1s3lr0.7", "1 start, 3 steps, lr 0.7"),
     ("sail", "k4s2lr0.05", "4 starts, 2 steps, lr 0.05"),

@@ -142,6 +142,8 @@ def test_auto_reads_the_policy_calibrated_for_these_weights(tmp_path):
         assert g.config.setting == "s0t500" and g.config.policy == Policy.parse("0.3,0.01:s0t300")
     with sharpfast.guard(pipe, mitigation="attention_rescale") as g:
         assert g.config.policy == Policy(0.3) and g.config.setting == 1.25
+    with sharpfast.guard(pipe, threshold=0.5) as g:  # the number is the gate; the gate's calibrated setting stays
+        assert g.config.policy == Policy(0.01, (), "s1t0") and g.config.setting == "s1t0"
     cal["weights"]["fingerprint"] = "0" * 16  # a policy calibrated for other weights is not used
     (dst / "calibration.json").write_text(json.dumps(cal))
     with sharpfast.guard(StableDiffusionPipeline.from_pretrained(str(dst), local_files_only=True)) as g:

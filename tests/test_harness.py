@@ -266,10 +266,10 @@ def test_eval_guard_reports_both_sides_and_resumes(tmp_path, capsys):
 def test_eval_guard_policy_frontier(tmp_path):
     """Several --policy: one resumable run each and the frontier; 'always' mitigates every prompt."""
     args = ["eval", "guard", "--model", "digits", "--limit", "1", "--seeds", "1", "--num-inference-steps", "6",
-            "--policy", "0.3", "--policy", "always", "--out", str(tmp_path), "--quiet"]
+            "--policy", "0.3", "--policy", "always", "--policy", "0.3:s1t0", "--out", str(tmp_path), "--quiet"]
     assert main(args) == 0
     points = json.loads((tmp_path / "guard_frontier.json").read_text())
-    assert [p["policy"] for p in points] == ["0.3", "always"]
+    assert [p["policy"] for p in points] == ["0.3", "always", "0.3:s1t0"]
     always = points[1]["summary"]
     assert always["mitigated"] == 1.0 and always["normal"]["mitigated"] == 1.0
     assert (tmp_path / "guard_frontier.png").stat().st_size > 10_000

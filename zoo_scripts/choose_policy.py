@@ -1,6 +1,6 @@
 """Choose a bundled model's guard policy on its tuning half and store it in calibration.json.
 
-    sharpfast eval guard --model M --half A --seeds 2 --policy 0.01 --policy 0.3 ... --out DIR
+    sharpfast eval guard --model M --half A --seeds 4 --policy 0.01 --policy 0.01:s1t0 ... --out DIR
     python -m zoo_scripts.choose_policy --model M --frontier DIR/guard_frontier.json
 
 The rule (settings.POLICY_BUDGET): among the policies whose guarded / plain fidelity is at least
@@ -45,7 +45,9 @@ def main(argv=None) -> None:
     cal.pop("policy", None)
     if best is not None:
         s = best["summary"]
-        cal["policy"] = {"policy": best["policy"], "chosen_on": "half A (memorized and normal prompts), 2 seeds",
+        cal["policy"] = {"policy": best["policy"],
+                         "chosen_on": f"half A (memorized and normal prompts), {s['images']} memorized and "
+                                      f"{s['normal']['images']} normal images",
                          "rule": "fewest copies@0.8 of memorized outputs with guarded/plain fidelity >= "
                                  f"{settings.POLICY_BUDGET['normal_fidelity']} (normal) and "
                                  f"{settings.POLICY_BUDGET['memorized_fidelity']} (memorized)",

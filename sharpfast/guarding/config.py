@@ -47,9 +47,15 @@ class GuardConfig:
     def build(cls, model: Any, metric: str, threshold: Any, mitigation: Any, setting: Any, sail_kwargs, name: str,
               calibrate_new: bool = True, policy: Any = None) -> GuardConfig:
         """The checked configuration (BadArgument / UnsupportedPipeline naming what is wrong)."""
-        if policy is None:  # a threshold given as a number is the gate itself (flag above it)
-            policy = GUARD_POLICY if threshold == "auto" else Policy(FPR)
         policy_source = "given"
+        if policy is None and threshold != "auto":
+            # a threshold given as a number is the gate itself (flag above it); the calibrated
+            # policy's own setting for its gate, if any, stays
+            calibrated, source = auto_policy(model.pipe)
+            policy = Policy(FPR, (), calibrated.setting)
+            policy_source = source if calibrated.setting is not None else "given"
+        elif policy is None:
+            policy = GUARD_POLICY
         if policy == "auto":
             policy, policy_source = auto_policy(model.pipe)
         policy = Policy.of(policy)

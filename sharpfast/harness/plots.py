@@ -31,7 +31,9 @@ def setting_label(method: str, setting: Any) -> str:
     keys = dict(re.findall(r"([a-z]+)" + _NUM, text))
     then = "SAIL, then " if method == "sail+transition" else ""
     if method in ("transition", "sail+transition") and "t" in keys:
-        return f"{then}CFG {keys.get('s', '0')} above t={keys['t']}"
+        if keys["t"] == "0":
+            return f"{then}CFG {keys.get('s', '0')} throughout" + (f", {keys['g']} at t=0" if "g" in keys else "")
+        return f"{then}CFG {keys.get('s', '0')} above t={keys['t']}" + (f", then {keys['g']}" if "g" in keys else "")
     if method in ("transition", "sail+transition") and "dyn" in text:
         return f"{then}CFG {keys.get('s', '0')} until the dynamic point"
     if method == "sail_alpha" and "a" in keys:
@@ -39,6 +41,9 @@ def setting_label(method: str, setting: Any) -> str:
     if method in ("sail", "sail_reference") and "k" in keys:
         lr = keys.get("lr", "0.05" if method == "sail_reference" else "0.7")
         return f"{keys['k']} start{'s' if keys['k'] != '1' else ''}, {keys.get('s', '?')} steps, lr {lr}"
+    if method == "attenuate" and "a" in keys:
+        return f"spikes x{keys['a']}" + (f", z > {keys['t']}" if "t" in keys else "") + (
+            ", every layer" if text.endswith("all") else "")
     if method == "zhao_guard" and "r" in keys:
         return f"r {keys['r']}, alpha {keys.get('a', '0.3')}"
     if method == "random_tokens":
@@ -218,7 +223,10 @@ def tradeoff_figure(series: dict, path: str, title: str = "", chosen=None, fidel
         ax.grid(alpha=0.3, lw=0.5)
     axes[0][0].set_ylabel(f"copies: nearest training image is the memorized one, similarity >= {copy_cut}",
                           fontsize=9)
-    fig.suptitle(title or "mitigation frontier (lower right is better)", fontsize=10)
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap(title or "mitigation frontier (lower right is better)",
+                                         int(11 * fig.get_figwidth()))), fontsize=10)
     fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, loc="lower center",
                ncol=min(3, len(series) + 1), frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
@@ -288,7 +296,8 @@ def policy_frontier(points: list, path: str, model: str = "", half: str = "") ->
     their training image (plain pipe(...) dashed, the 20% target dotted); right, the guarded /
     plain fidelity of memorized and normal prompts (targets 0.95 and 0.97 dotted); x: the share
     of the model's normal captions the policy's gate sends to the mitigation ("always": 1).
-    Gate-only policies are joined by lines; policies with tiers are single labelled markers."""
+    Gate-only policies at the guard's setting are joined by lines; policies with a setting of
+    their own or tiers are single labelled markers."""
     plt = pyplot()
 
     from ..guarding.policy import Policy
@@ -297,8 +306,8 @@ def policy_frontier(points: list, path: str, model: str = "", half: str = "") ->
         return Policy.parse(text).share
 
     pts = sorted(points, key=lambda p: (x_of(p["policy"]), p["policy"]))
-    gates = [p for p in pts if "," not in p["policy"]]
-    tiered = [p for p in pts if "," in p["policy"]]
+    gates = [p for p in pts if not (Policy.parse(p["policy"]).tiers or Policy.parse(p["policy"]).setting)]
+    tiered = [p for p in pts if p not in gates]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12.5, 4.6))
     xs = [x_of(p["policy"]) for p in gates]
     a.plot(xs, [p["summary"]["guard"]["copies_at_0.8"] for p in gates], "o-", color="tab:red",
@@ -310,9 +319,11 @@ def policy_frontier(points: list, path: str, model: str = "", half: str = "") ->
     b.plot(xs, [p["summary"]["fidelity_ratio"] for p in gates], "o-", color="tab:red", label="memorized prompts")
     b.plot(xs, [p["summary"]["normal"]["fidelity_ratio"] for p in gates], "s-", color="tab:blue",
            label="normal prompts")
-    def words(text: str) -> str:  # "always,0.01:s0t300" -> "always; above the 1% cut: CFG 0 above t=300"
+    def words(text: str) -> str:  # "always,0.01:s0t300" -> "every prompt; above the 1% cut: CFG 0 above t=300"
         pol = Policy.parse(text)
         gate = "every prompt" if pol.gate == "always" else f"gate at {float(pol.gate):.0%} of normal captions"
+        if pol.setting is not None:
+            gate += f": {setting_label('transition', pol.setting)}"
         return "; ".join([gate] + [f"above the {share:.0%} cut: {setting_label('transition', setting)}"
                                    for share, setting in pol.tiers])
 
@@ -335,8 +346,8 @@ def policy_frontier(points: list, path: str, model: str = "", half: str = "") ->
     import textwrap
 
     title = (f"sharpfast.guard policies on the {model} model{where}: the gate mitigates prompts scoring above "
-             f"that share of normal captions with the transition (CFG 0 above t=450); purple markers add a "
-             f"stronger setting above a stricter cut") if model else "sharpfast.guard policies"
+             f"that share of normal captions with the transition (CFG 0 above t=450); purple markers name "
+             f"their own setting, or a stronger one above a stricter cut") if model else "sharpfast.guard policies"
     fig.suptitle("\n".join(textwrap.wrap(title, int(11 * fig.get_figwidth()))), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

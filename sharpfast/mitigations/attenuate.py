@@ -46,7 +46,10 @@ class AttenuateConfig(MethodConfig):
         if isinstance(setting, cls):
             cfg = setting
         elif isinstance(setting, tuple):
-            cfg = cls(*(float(v) for v in setting[:2]), *(bool(v) for v in setting[2:3]))
+            if not 1 <= len(setting) <= 3:
+                raise BadArgument(f"an attenuate setting tuple is (alpha[, tau[, every_layer]]), got {setting!r}")
+            cfg = cls(float(setting[0]), float(setting[1]) if len(setting) > 1 else cls.tau,
+                      bool(setting[2]) if len(setting) > 2 else False)
         else:
             got = parse(setting, {"a": float, "t": float}, words=("all",), required=("a",), name="attenuate",
                         example="a0.3 (attenuation 0.3), a0.3t0.01 (spike cut 0.01) or a0.3t0.01all "
