@@ -47,18 +47,7 @@ class GuardConfig:
     def build(cls, model: Any, metric: str, threshold: Any, mitigation: Any, setting: Any, sail_kwargs, name: str,
               calibrate_new: bool = True, policy: Any = None) -> GuardConfig:
         """The checked configuration (BadArgument / UnsupportedPipeline naming what is wrong)."""
-        policy_source = "given"
-        if policy is None and threshold != "auto":
-            # a threshold given as a number is the gate itself (flag above it); the calibrated
-            # policy's own setting for its gate, if any, stays
-            calibrated, source = auto_policy(model.pipe)
-            policy = Policy(FPR, (), calibrated.setting)
-            policy_source = source if calibrated.setting is not None else "given"
-        elif policy is None:
-            policy = GUARD_POLICY
-        if policy == "auto":
-            policy, policy_source = auto_policy(model.pipe)
-        policy = Policy.of(policy)
+        policy, policy_source = _policy_of(model, threshold, policy)
         asked_setting = setting
         if metric not in GUARD_METRICS:
             raise BadArgument(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
@@ -81,12 +70,7 @@ class GuardConfig:
             if policy.gate not in (FPR, ALWAYS):
                 raise BadArgument(f"a given threshold is the gate: drop it, or the policy's gate ({policy.gate:g})")
         if policy_source != "given":
-            # a calibrated policy's settings are the auto mitigation's, chosen for it: another method keeps
-            # only its gate, a setting asked for replaces the gate's own
-            if mitigation != AUTO_MITIGATION[0][0]:
-                policy = Policy(policy.gate)
-            elif asked_setting is not None:
-                policy = Policy(policy.gate, policy.tiers)
+            policy = _calibrated_for(policy, mitigation, asked_setting)
         if policy.setting is not None:
             if method is None:
                 raise BadArgument(f"the policy {policy.text()!r} names a setting; the guard has no mitigation")
@@ -108,3 +92,27 @@ class GuardConfig:
         return cls(metric, threshold, mitigation, method, setting, sail_kwargs, str(name), bool(calibrate_new),
                    policy, policy_source)
 
+
+
+def _policy_of(model: Any, threshold: Any, policy: Any) -> tuple:
+    """(Policy, where it came from) of the guard's arguments: a threshold given as a number is the
+    gate itself (flag above it), keeping the calibrated policy's own setting for its gate, if any;
+    "auto" (the default) the policy calibrated for the model."""
+    if policy is None and threshold != "auto":
+        calibrated, source = auto_policy(model.pipe)
+        return Policy(FPR, (), calibrated.setting), (source if calibrated.setting is not None else "given")
+    if policy is None:
+        policy = GUARD_POLICY
+    if policy == "auto":
+        return auto_policy(model.pipe)
+    return Policy.of(policy), "given"
+
+
+def _calibrated_for(policy: Policy, mitigation: Any, asked_setting: Any) -> Policy:
+    """A calibrated policy's settings are the auto mitigation's, chosen for it: another method
+    keeps only its gate, a setting asked for replaces the gate's own."""
+    if mitigation != AUTO_MITIGATION[0][0]:
+        return Policy(policy.gate)
+    if asked_setting is not None:
+        return Policy(policy.gate, policy.tiers)
+    return policy

@@ -291,6 +291,18 @@ def _place_labels(ax: Any, wanted: list, points: list) -> None:
             a.remove()
 
 
+def policy_words(text: str) -> str:
+    """A policy in words: "always,0.01:s0t300" -> "every prompt; above the 1% cut: CFG 0 above t=300"."""
+    from ..guarding.policy import Policy
+
+    pol = Policy.parse(text)
+    gate = "every prompt" if pol.gate == "always" else f"gate at {float(pol.gate):.0%} of normal captions"
+    if pol.setting is not None:
+        gate += f": {setting_label('transition', pol.setting)}"
+    return "; ".join([gate] + [f"above the {share:.0%} cut: {setting_label('transition', setting)}"
+                               for share, setting in pol.tiers])
+
+
 def policy_frontier(points: list, path: str, model: str = "", half: str = "") -> str:
     """The guard's policies on one model: left, the share of memorized prompts' outputs that copy
     their training image (plain pipe(...) dashed, the 20% target dotted); right, the guarded /
@@ -319,19 +331,11 @@ def policy_frontier(points: list, path: str, model: str = "", half: str = "") ->
     b.plot(xs, [p["summary"]["fidelity_ratio"] for p in gates], "o-", color="tab:red", label="memorized prompts")
     b.plot(xs, [p["summary"]["normal"]["fidelity_ratio"] for p in gates], "s-", color="tab:blue",
            label="normal prompts")
-    def words(text: str) -> str:  # "always,0.01:s0t300" -> "every prompt; above the 1% cut: CFG 0 above t=300"
-        pol = Policy.parse(text)
-        gate = "every prompt" if pol.gate == "always" else f"gate at {float(pol.gate):.0%} of normal captions"
-        if pol.setting is not None:
-            gate += f": {setting_label('transition', pol.setting)}"
-        return "; ".join([gate] + [f"above the {share:.0%} cut: {setting_label('transition', setting)}"
-                                   for share, setting in pol.tiers])
-
     for k, p in enumerate(tiered):  # a stronger setting above a stricter cut: one marker each, named
         x, s = x_of(p["policy"]), p["summary"]
         mark = "^v<>Dp"[k % 6]
         a.scatter([x], [s["guard"]["copies_at_0.8"]], marker=mark, color="tab:purple", zorder=3,
-                  label=words(p["policy"]))
+                  label=policy_words(p["policy"]))
         b.scatter([x], [s["fidelity_ratio"]], marker=mark, color="tab:red", zorder=3)
         b.scatter([x], [s["normal"]["fidelity_ratio"]], marker=mark, color="tab:blue", zorder=3)
     b.axhline(0.95, color="tab:red", ls=":", lw=0.8, label="memorized target 0.95")
