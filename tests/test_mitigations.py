@@ -202,8 +202,9 @@ def test_one_setting_grammar_for_every_method():
     assert transition_setting("s0t500") == (0.0, 500.0) and transition_setting("s-2t650") == (-2.0, 650.0)
     assert transition_setting("dyn") == (1.0, None) and transition_setting("s-1dyn") == (-1.0, None)
     assert transition_setting("t450") == (0.0, 450.0) and transition_setting("s0t600g1") == (0.0, 600.0)
-    from sharpfast.mitigations.transition import same_step, transition_late
-    assert transition_late("s0t600g1") == 1.0 and transition_late("s0t600") is None
+    from sharpfast.mitigations.transition import TransitionConfig, same_step
+    late = lambda st: TransitionConfig.from_setting(st).late  # noqa: E731
+    assert late("s0t600g1") == 1.0 and late("s0t600") is None
     # the scale at t: early above the point, then g (None: the request's)
     assert same_step("s1t0", "s1t500g1", 700) and same_step("s1t0", "s1t500g1", 300)
     assert not same_step("s0t450", "s0t600g1", 300) and same_step("s0t450", "s0t600", 300)

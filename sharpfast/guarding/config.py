@@ -77,18 +77,14 @@ class GuardConfig:
             if asked_setting is not None and str(asked_setting) != str(policy.setting):
                 raise BadArgument(f"the policy's gate setting ({policy.setting}) and setting={asked_setting!r} "
                                   f"disagree: give one")
-            read_gate: Any = getattr(method.config, "from_setting", None)
-            if read_gate is not None:
-                read_gate(policy.setting)
             setting = policy.setting
-        if policy.tiers:
-            if method is None or method.kind != "trajectory":
-                raise BadArgument(f"a policy's tiers set a trajectory method's strength per prompt; the guard's "
-                                  f"mitigation is {mitigation!r}")
-            read: Any = getattr(method.config, "from_setting", None)
-            for _, st in policy.tiers:
-                if read is not None:
-                    read(st)  # a bad tier setting is refused now, not in a request
+        if policy.tiers and (method is None or method.kind != "trajectory"):
+            raise BadArgument(f"a policy's tiers set a trajectory method's strength per prompt; the guard's "
+                              f"mitigation is {mitigation!r}")
+        read: Any = getattr(getattr(method, "config", None), "from_setting", None)
+        for st in ([policy.setting] if policy.setting is not None else []) + [st for _, st in policy.tiers]:
+            if read is not None:
+                read(st)  # a bad gate or tier setting is refused now, not in a request
         return cls(metric, threshold, mitigation, method, setting, sail_kwargs, str(name), bool(calibrate_new),
                    policy, policy_source)
 

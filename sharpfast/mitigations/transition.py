@@ -77,11 +77,6 @@ def transition_setting(setting: Any) -> tuple:
     return cfg.early, cfg.t_switch
 
 
-def transition_late(setting: Any) -> Optional[float]:
-    """The scale after the transition point of a setting (None: the request's own)."""
-    return TransitionConfig.from_setting(setting).late
-
-
 def _static(early: float, t_switch: float, late: Optional[float], hook: GuidanceHook, u: torch.Tensor,
             c: torch.Tensor, call: DenoiserCall) -> Optional[torch.Tensor]:
     if float(call.timestep) <= t_switch:
