@@ -39,6 +39,16 @@ def test_settings_are_written_in_words(method, setting, words):
     assert plots.setting_label(method, setting) == words
 
 
+@pytest.mark.parametrize("policy, words", [
+    ("0.01", "gate at 1% of normal captions"),
+    ("always,0.01:s0t200", "every prompt; above the 1% cut: CFG 0 above t=200"),
+    ("0.01:s1.25t0,x3:s1t500g0.5", "gate at 1% of normal captions: CFG 1.25 throughout; above 3x the gate's margin: "
+                                   "CFG 1 above t=500, then 0.5"),
+])
+def test_policies_are_written_in_words(policy, words):
+    assert plots.policy_words(policy) == words
+
+
 def test_roc_curves_keep_colour_style_and_order_in_every_panel(tmp_path, kept):
     rng = np.random.default_rng(0)
     labels = [f"m{i}" for i in range(10)] + ["combined(m0 + m1)", "combined(m0 + m2)", "combined(m1 + m2)"]

@@ -9,6 +9,7 @@ import torch
 import sharpfast
 from sharpfast.errors import BadArgument
 from sharpfast.guarding import Policy
+from sharpfast.guarding.policy import Multiple
 from sharpfast.mitigations.hooks import CallCounter
 from sharpfast.testing import tiny_pipeline
 
@@ -39,6 +40,29 @@ def test_policy_text_and_errors():
         Policy(True)
 
 
+def test_multiple_tiers_text_and_errors():
+    p = Policy.parse("0.01:s1.25t0,x3:s1t500g0.5,x2:s1t0")
+    assert p.tiers == ((Multiple(2.0), "s1t0"), (Multiple(3.0), "s1t500g0.5")), "weakest first"
+    assert p.text() == "0.01:s1.25t0,x2:s1t0,x3:s1t500g0.5" and Policy.parse(p.text()) == p
+    assert p.shares() == [0.01, 0.5], "a multiple needs the gate's cut and the median's"
+    for bad in ("always,x3:s1t0", "0.5,x3:s1t0", "0.7,x2:s1t0", "0.01,x1:s1t0", "0.01,x0.5:s1t0", "0.01,xnan:s1t0",
+                "0.01,xinf:s1t0", "0.01,x:s1t0", "0.01,x-3:s1t0", "0.3,0.01:s1t0,x3:s1t0", "0.01,x3"):
+        with pytest.raises(BadArgument):
+            Policy.parse(bad)
+
+
+def test_multiple_tier_decides_by_the_gate_margin_over_the_median():
+    cuts = {0.01: 0.5, 0.5: 0.3}  # margin 0.2: x2 cuts at 0.7, x3 at 0.9
+    p = Policy.parse("0.01:gate,x2:mid,x3:far")
+    assert p.decide(0.45, cuts, "base")[:2] == (False, "gate")
+    assert p.decide(0.6, cuts, "base")[:2] == (True, "gate")
+    assert p.decide(0.8, cuts, "base")[:2] == (True, "mid")
+    assert p.decide(0.95, cuts, "base")[:2] == (True, "far")
+    assert p.decide(0.9, cuts, "base")[1] == "mid", "above is score > cut"
+    assert "x3" in p.decide(0.95, cuts, "base")[2] and "0.9" in p.decide(0.95, cuts, "base")[2]
+    assert Policy.parse("0.01,x2:mid").decide(0.8, cuts, "base")[:2] == (True, "mid")
+
+
 def test_decide_by_hand():
     cuts = {0.3: 1.0, 0.01: 2.0}
     p = Policy(0.3, ((0.01, "strong"),))
@@ -53,7 +77,8 @@ def test_decide_by_hand():
     assert gated.decide(0.5, cuts, "base")[0] is False
 
 
-@pytest.mark.parametrize("policy, base", [("0.3,0.01:s0t300", "s0t450"), ("0.3:s1t500g0.5,0.01:s0t300", "s1t500g0.5")])
+@pytest.mark.parametrize("policy, base", [("0.3,0.01:s0t300", "s0t450"), ("0.3:s1t500g0.5,0.01:s0t300", "s1t500g0.5"),
+                                          ("0.3:s1t0,x2:s0t300", "s1t0")])
 def test_gate_reads_the_calibrated_cut_and_tiers_set_the_strength(digits, policy, base):
     cal = json.load(open(sharpfast.zoo.path("digits") + "/calibration.json"))["wen_low"]
     mem = [r["prompt"] for r in sharpfast.zoo.prompts("digits", "memorized")[:2]]
@@ -64,11 +89,14 @@ def test_gate_reads_the_calibrated_cut_and_tiers_set_the_strength(digits, policy
         out = g(prompts, generator=[gen(i) for i in range(4)], **kw)
     reps = out.memorization
     assert all(r["threshold"] == cal["gate_0.3"] and r["policy"] == policy for r in reps)
+    # the strong tier's cut, from the calibration by hand: the 1% cut, or the median plus twice
+    # the gate's margin over it
+    strong_cut = cal["gate_0.01"] if "x2" not in policy else cal["gate_0.5"] + 2 * (cal["gate_0.3"] - cal["gate_0.5"])
     for i, r in enumerate(reps):
         assert r["flagged"] == (r["score"] > cal["gate_0.3"]), r
-        strong = r["score"] > cal["gate_0.01"]
+        strong = r["score"] > strong_cut
         assert r["setting"] == (("s0t300" if strong else base) if r["flagged"] else None), r
-        assert ("0.01 cut" in r["decision"]) == (strong and r["flagged"]), r["decision"]
+        assert ("0.01 cut" in r["decision"] or "x2" in r["decision"]) == (strong and r["flagged"]), r["decision"]
         # the image is mitigate()'s with the decided setting, or plain pipe(...)'s
         if r["flagged"]:
             want = sharpfast.mitigate(digits, prompts[i], "transition", r["setting"], generator=gen(i), **kw).images

@@ -229,7 +229,8 @@ def guard(pipe: Any, *, metric: str = DEFAULT_METRIC, threshold: str = "auto",
         policy: which prompts are mitigated and how strongly (sharpfast.guarding.Policy, or its
             text): a gate as the share of the model's normal captions mitigated ("0.3": the cut
             above which 30% of them score, from the model's calibration), "always", and tiers
-            that raise the setting further above it ("0.3,0.01:s0t300"). Default: the gate at
+            that raise the setting further above it ("0.3,0.01:s0t300"; "0.01:s1.25t0,x3:s1t500g0.5":
+            above 3 times the gate's margin over the normal captions' median). Default: the gate at
             the calibrated false-positive rate (1%). Each report says the decision and why.
 
     Returns:

@@ -299,8 +299,14 @@ def policy_words(text: str) -> str:
     gate = "every prompt" if pol.gate == "always" else f"gate at {float(pol.gate):.0%} of normal captions"
     if pol.setting is not None:
         gate += f": {setting_label('transition', pol.setting)}"
-    return "; ".join([gate] + [f"above the {share:.0%} cut: {setting_label('transition', setting)}"
-                               for share, setting in pol.tiers])
+    return "; ".join([gate] + [f"above {_tier_words(key)}: {setting_label('transition', setting)}"
+                               for key, setting in pol.tiers])
+
+
+def _tier_words(key: Any) -> str:
+    from ..guarding.policy import Multiple
+
+    return f"{key.m:g}x the gate's margin" if isinstance(key, Multiple) else f"the {key:.0%} cut"
 
 
 def policy_frontier(points: list, path: str, model: str = "", half: str = "") -> str:
