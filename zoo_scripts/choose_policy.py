@@ -1,7 +1,7 @@
 """Choose a bundled model's guard policy on its tuning half and store it in calibration.json.
 
     sharpfast eval guard --model M --half A --seeds 4 --policy 0.01 --policy 0.01:s1t0 ... --out DIR
-    python -m zoo_scripts.choose_policy --model M --frontier DIR/guard_frontier.json
+    python -m zoo_scripts.choose_policy --model M --frontier DIR/guard_frontier.json [DIR2/guard_frontier.json ...]
 
 The rule (settings.POLICY_BUDGET): among the policies whose guarded / plain fidelity is at least
 the budget on the half's normal prompts and on its memorized prompts, the one with the fewest
@@ -34,10 +34,17 @@ def choose(points: list, budget: dict) -> dict | None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, choices=zoo.MODELS)
-    ap.add_argument("--frontier", required=True, help="guard_frontier.json of `sharpfast eval guard --half A`")
+    ap.add_argument("--frontier", required=True, nargs="+",
+                    help="guard_frontier.json of `sharpfast eval guard --half A` (several: their policies together; "
+                         "the same seeds and half)")
     a = ap.parse_args(argv)
-    with open(a.frontier, encoding="utf-8") as f:
-        points = json.load(f)
+    points: list = []
+    for path in a.frontier:
+        with open(path, encoding="utf-8") as f:
+            points += [p for p in json.load(f) if p["policy"] not in {q["policy"] for q in points}]
+    if len({(p["summary"]["images"], p["summary"].get("normal", {}).get("images")) for p in points}) > 1:
+        raise SystemExit("the frontiers were judged on different images (another half or seed count): compare "
+                         "policies on the same ones")
     best = choose(points, settings.POLICY_BUDGET)
     path = os.path.join(zoo.path(a.model), "calibration.json")
     with open(path, encoding="utf-8") as f:

@@ -145,8 +145,8 @@ OPTIONS: dict[str, Option] = {
     "--policy": Option("the guard's policy: a gate as the share of the model's normal captions mitigated (0.01, "
                        "0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7) or always, then share:setting tiers, e.g. "
                        "0.3,0.01:s0t300, or xM:setting tiers (M times the gate's margin over the normal captions' "
-                       "median), e.g. 0.01:s1.25t0,x3:s1t500g0.5 (default: the 1%% gate); given more than once: the policy frontier "
-                       "(OUT/guard_frontier.png)", extra={"action": "append"}),
+                       "median), e.g. 0.01:s1.25t0,x3:s1t500g0.5 (default: the 1%% gate); given more than once: "
+                       "the policy frontier (OUT/guard_frontier.png)", extra={"action": "append"}),
     "--no-normal": Option("judge the memorized prompts only (default: the half's normal prompts too)", flag=True),
     "--host": Option("address to bind (default 127.0.0.1: this machine only)", default="127.0.0.1"),
     "--port": Option("port (default 8000; 0 picks a free one, printed at start)", default=8000, type=int),
