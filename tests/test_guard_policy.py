@@ -218,3 +218,43 @@ def test_always_with_tiers_switches_online_after_the_first_step(digits, tier, on
         torch.testing.assert_close(out.images[i:i + 1], want, rtol=0, atol=1e-5)
     one_generation = 20 * 2 * len(prompts)
     assert count.rows == (one_generation if online else one_generation + 2 * len(prompts)), count.rows
+
+
+def test_calibrated_tiers_under_concurrent_requests(digits):
+    """The digits model's calibrated policy (a gate with its own setting and a multiple tier)
+    from 6 threads at once: every report and image equals the sequential call's, and each image
+    is mitigate()'s with its reported setting (or plain pipe(...)'s when unflagged)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    kw = dict(num_inference_steps=50, output_type="pt")
+    mem = [r["prompt"] for r in sharpfast.zoo.prompts("digits", "memorized")[:12]]
+    with sharpfast.guard(digits, mitigation=None) as probe:  # scores only: pick prompts on each side of the tier
+        reps = probe(mem, generator=[gen(i) for i in range(len(mem))], **kw).memorization
+    with sharpfast.guard(digits) as g:
+        (tier, tier_setting), = g.config.policy.tiers
+        cal = json.load(open(sharpfast.zoo.path("digits") + "/calibration.json"))["wen_low"]
+        cut = cal["gate_0.5"] + tier.m * (cal["gate_0.01"] - cal["gate_0.5"])  # the tier's cut, by hand
+        strong = [(p, i) for i, (p, r) in enumerate(zip(mem, reps)) if r["score"] > cut][:2]
+        gated = [(p, i) for i, (p, r) in enumerate(zip(mem, reps)) if g.threshold < r["score"] <= cut][:2]
+        normal = [(r["prompt"], 100 + i) for i, r in enumerate(sharpfast.zoo.prompts("digits", "non_memorized")[:2])]
+        jobs = strong + gated + normal
+        assert len(strong) == 2 and len(gated) == 2, "the test needs prompts on both sides of the tier's cut"
+
+        def run(job):
+            out = g([job[0]], generator=gen(job[1]), **kw)
+            return out.memorization[0], out.images
+
+        sequential = [run(j) for j in jobs]
+        with ThreadPoolExecutor(len(jobs)) as ex:
+            together = list(ex.map(run, jobs))
+    settings = [r["setting"] for r, _ in sequential]
+    assert settings[:4] == [tier_setting] * 2 + [g.config.policy.setting] * 2, settings
+    assert None in settings[4:], "the test needs an unflagged prompt"
+    for (p, seed), (a, ia), (b, ib) in zip(jobs, together, sequential):
+        assert a == b
+        assert torch.equal(ia, ib), a["prompt"]
+        if a["flagged"]:
+            want = sharpfast.mitigate(digits, p, "transition", a["setting"], generator=gen(seed), **kw).images
+        else:
+            want = digits(p, generator=gen(seed), **kw).images
+        torch.testing.assert_close(ia, want, rtol=0, atol=1e-5)
