@@ -258,3 +258,14 @@ def test_calibrated_tiers_under_concurrent_requests(digits):
         else:
             want = digits(p, generator=gen(seed), **kw).images
         torch.testing.assert_close(ia, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["always,0.01:s0t200", "0.3", "0.01:s1.25t0,x3:s1t500g0.5"])
+def test_calibrate_resolves_every_cut_the_policy_reads(digits, policy):
+    """A guard that serves only what it calibrated (calibrate_new=False: the server's) resolves in
+    calibrate() the cuts of its policy's gate and tiers too, so that a request at that setting is
+    served, not refused as uncalibrated (a tiered policy's first request was refused)."""
+    with sharpfast.guard(digits, policy=policy, calibrate_new=False) as g:
+        g.calibrate(num_inference_steps=10)
+        out = g(["a handwritten zero"], generator=gen(1), num_inference_steps=10, output_type="pt")
+    assert out.memorization[0]["policy"] == policy

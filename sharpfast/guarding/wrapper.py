@@ -107,13 +107,16 @@ class Guard:
 
     def calibrate(self, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                   height: Optional[int] = None, width: Optional[int] = None) -> float:
-        """Resolve the threshold at these request settings now (default: the pipeline's own), so
-        that no request waits for it; with calibrate_new=False, the settings the guard serves.
+        """Resolve the threshold at these request settings now (default: the pipeline's own), and
+        every cut the policy reads there (its gate's, its tiers', the median for a multiple tier),
+        so that no request waits for them; with calibrate_new=False, the settings the guard serves.
 
         Returns:
             The threshold the guard flags above at those settings.
         """
         size = None if height is None and width is None else self._thresholds.size(height, width)
+        for share in self.config.policy.shares():
+            self._thresholds.at(num_inference_steps, guidance_scale, size, allow_new=True, share=share)
         return self._thresholds.at(num_inference_steps, guidance_scale, size, allow_new=True)
 
     def served_settings(self) -> list:
