@@ -10,7 +10,9 @@ without rerunning them:
   --method none,sail,wen_embedding,random_tokens,sail_alpha);
 - docs/digits_guard_strength.png: benchmarks/results/digits_guard_frontier_halfA.json (`sharpfast
   eval guard --model digits --half A --seeds 4 --policy 0.01 --policy 0.01:s1t0 ...`: the guard at
-  the 1% gate with each setting, its guard_frontier.json), the calibrated policy ringed.
+  the 1% gate with each setting, its guard_frontier.json) and digits_guard_tiers_halfA.json (the
+  same with per-prompt tiers, `--policy 0.01:s1.25t0,x3:s1t500g0.5 ...`), the calibrated policy
+  ringed.
 Copies at the one cut (sharpfast.zoo.copying.COPY_CUT); methods no longer in the registry are left out.
 """
 import json
@@ -44,10 +46,14 @@ def guard_series(points: list) -> dict:
     base = dict(GUARD_MITIGATIONS)["transition"]
     out: dict = {"none": [(1.0, points[0]["summary"]["plain"]["copies_at_0.8"], None, 50.0)]}
     for p in points:
-        setting = Policy.parse(p["policy"]).setting or base
-        out.setdefault("transition", []).append((p["summary"]["fidelity_ratio"], p["summary"]["guard"]["copies_at_0.8"],
-                                                 setting, 50.0))
+        pol = Policy.parse(p["policy"])
+        method, setting = (TIERS, pol.text()) if pol.tiers else ("transition", pol.setting or base)
+        out.setdefault(method, []).append((p["summary"]["fidelity_ratio"], p["summary"]["guard"]["copies_at_0.8"],
+                                           setting, 50.0))
     return out
+
+
+TIERS = "transition, per-prompt tiers"  # the series of the tiered policies (labelled by their text)
 
 
 def main(argv=None) -> int:
@@ -73,20 +79,25 @@ def main(argv=None) -> int:
         from sharpfast import zoo
         from sharpfast.guarding import Policy
 
-        with open(path, encoding="utf-8") as f:
-            points = json.load(f)
+        points = []
+        for name in ("digits_guard_frontier_halfA.json", "digits_guard_tiers_halfA.json"):
+            if os.path.exists(os.path.join(RESULTS, name)):
+                with open(os.path.join(RESULTS, name), encoding="utf-8") as f:
+                    points += json.load(f)
         with open(os.path.join(zoo.path("digits"), "calibration.json"), encoding="utf-8") as f:
-            chosen = Policy.parse(json.load(f)["policy"]["policy"]).setting
+            pol = Policy.parse(json.load(f)["policy"]["policy"])
+        chosen = (TIERS, pol.text()) if pol.tiers else ("transition", pol.setting)
         out = os.path.join(out_dir, "digits_guard_strength.png")
         normal = [p["summary"]["normal"] for p in points]
         fid = sorted({round(n["fidelity_ratio"], 3) for n in normal})
         mitigated = sorted({round(n["mitigated"], 3) for n in normal})
         tradeoff_figure(guard_series(points), out,
                         "digits model, half A (26 memorized prompts x 4 seeds) through sharpfast.guard at the 1% gate, "
-                        "one point per setting of the gate (x: memorized prompts' fidelity, guarded / plain); the "
+                        "one point per setting of the gate, or per policy with a stronger setting above a multiple "
+                        "of the gate's margin (x: memorized prompts' fidelity, guarded / plain); the "
                         "calibrated policy ringed, the 0.95 budget dotted. Normal prompts (50 x 4, "
                         f"{'/'.join(f'{m:.1%}' for m in mitigated)} mitigated): fidelity guarded / plain "
-                        f"{'-'.join(f'{f:.3f}' for f in fid)} at every setting", chosen=("transition", chosen),
+                        f"{'-'.join(f'{f:.3f}' for f in fid)} at every setting", chosen=chosen,
                         fidelity_floor=0.95)
         print(f"wrote {out}")
     return 0
