@@ -45,6 +45,10 @@ def test_multiple_tiers_text_and_errors():
     assert p.tiers == ((Multiple(2.0), "s1t0"), (Multiple(3.0), "s1t500g0.5")), "weakest first"
     assert p.text() == "0.01:s1.25t0,x2:s1t0,x3:s1t500g0.5" and Policy.parse(p.text()) == p
     assert p.shares() == [0.01, 0.5], "a multiple needs the gate's cut and the median's"
+    # what a request reads from the calibration besides the threshold (the 1% gate's cut is it)
+    assert p.calibrated_shares() == [0.5] and Policy(0.01).calibrated_shares() == []
+    assert Policy.parse("always,0.01:s0t200").calibrated_shares() == [0.01]
+    assert Policy.parse("0.3,0.01:s0t300").calibrated_shares() == [0.3, 0.01]
     for bad in ("always,x3:s1t0", "0.5,x3:s1t0", "0.7,x2:s1t0", "0.01,x1:s1t0", "0.01,x0.5:s1t0", "0.01,xnan:s1t0",
                 "0.01,xinf:s1t0", "0.01,x:s1t0", "0.01,x-3:s1t0", "0.3,0.01:s1t0,x3:s1t0", "0.01,x3"):
         with pytest.raises(BadArgument):

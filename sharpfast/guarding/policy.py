@@ -166,6 +166,13 @@ class Policy:
         median = [MEDIAN] if len(tiers) < len(self.tiers) else []
         return ([] if self.always else [float(self.gate)]) + tiers + median
 
+    def calibrated_shares(self) -> list:
+        """The shares whose cuts a request reads from the calibration besides the threshold: the
+        gate's (unless it is the calibrated false-positive rate: the threshold itself) and those
+        of shares()[1:] (the tiers', the median's)."""
+        gate = [] if self.always or float(self.gate) == FPR else [float(self.gate)]
+        return gate + self.shares()[0 if self.always else 1:]
+
     def text(self) -> str:
         """The policy as parse reads it."""
         gate = ALWAYS if self.always else f"{self.gate:g}"

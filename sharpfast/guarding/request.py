@@ -178,7 +178,7 @@ def new_request(pipe: Any, thresholds: Thresholds, prompt: Any, kwargs: Any, pol
     gate = None if policy.always or policy.gate == FPR else float(policy.gate)
     threshold = thresholds.at(steps, guidance, size, share=gate)
     cuts = {share: thresholds.at(steps, guidance, size, share=share)
-            for share in policy.shares()[0 if policy.always else 1:]}  # the gate's own: the threshold
+            for share in policy.calibrated_shares() if share != gate}  # the gate's own: the threshold
     source = thresholds.source(steps, guidance, size)
     if gate is not None:
         source = f"the cut of {gate:g} of normal captions; {source}"

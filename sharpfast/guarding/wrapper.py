@@ -115,7 +115,7 @@ class Guard:
             The threshold the guard flags above at those settings.
         """
         size = None if height is None and width is None else self._thresholds.size(height, width)
-        for share in self.config.policy.shares():
+        for share in self.config.policy.calibrated_shares():
             self._thresholds.at(num_inference_steps, guidance_scale, size, allow_new=True, share=share)
         return self._thresholds.at(num_inference_steps, guidance_scale, size, allow_new=True)
 
