@@ -15,6 +15,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MUTATIONS = [
+    # issue 32, per-prompt strength: a multiple tier's cut, and the cuts a served guard calibrates
+    ("policy: a multiple tier measured from zero, not the normal captions' median", "sharpfast/guarding/policy.py",
+     "return med + self.m * (cuts[gate] - med)", "return self.m * cuts[gate]",
+     ["tests/test_guard_policy.py::test_multiple_tier_decides_by_the_gate_margin_over_the_median"]),
+    ("policy: calibrate() resolves the threshold only", "sharpfast/guarding/wrapper.py",
+     "        for share in self.config.policy.calibrated_shares():\n", "        for share in []:\n",
+     ["tests/test_guard_policy.py::test_calibrate_resolves_every_cut_the_policy_reads"]),
     # the third design step (issue 31): the hook registry, the setting grammar, the adapter's step
     # limit, the serving core's one mapping
     ("hooks: a later hook's output dropped", "sharpfast/mitigations/hooks.py", "                output = new\n",
