@@ -65,6 +65,8 @@ def test_multiple_tier_decides_by_the_gate_margin_over_the_median():
     assert p.decide(0.9, cuts, "base")[1] == "mid", "above is score > cut"
     assert "x3" in p.decide(0.95, cuts, "base")[2] and "0.9" in p.decide(0.95, cuts, "base")[2]
     assert Policy.parse("0.01,x2:mid").decide(0.8, cuts, "base")[:2] == (True, "mid")
+    with pytest.raises(BadArgument, match="not above"):  # a threshold given under the median: no margin
+        p.decide(0.8, {0.01: 0.2, 0.5: 0.3}, "base")
 
 
 def test_decide_by_hand():

@@ -59,8 +59,12 @@ class Multiple:
         return f"x{self.m:g}"
 
     def cut(self, cuts: dict, gate: float) -> float:
-        """The score cut, from the gate's cut and the median's (cuts: {share: cut})."""
+        """The score cut, from the gate's cut and the median's (cuts: {share: cut}); BadArgument
+        when the gate's cut is not above the median (a threshold given below it: no margin)."""
         med = cuts[MEDIAN]
+        if not cuts[gate] > med:
+            raise BadArgument(f"a multiple tier ({self.text()}) is a multiple of the gate's margin over the normal "
+                              f"captions' median score ({med:.4g}); the gate's cut {cuts[gate]:.4g} is not above it")
         return med + self.m * (cuts[gate] - med)
 
     @classmethod
