@@ -193,7 +193,7 @@ MUTATIONS = [
      ["tests/test_calibration_files.py::test_the_size_is_part_of_the_setting"]),
     ("calibration: a NaN threshold in a file accepted", "sharpfast/calibration/store.py",
      "not isinstance(v, (int, float)) or not math.isfinite(v):", "not isinstance(v, (int, float)):",
-     ["tests/test_calibration_files.py"]),
+     ["tests/test_calibration_files.py::test_a_threshold_that_is_not_finite_is_not_read"]),
     ("server: a deeply nested body reaches the parser", "sharpfast/server/middleware.py",
      "if not depth_ok(body, self.limits.max_depth):", "if False:", ["tests/test_server_limits.py"]),
     ("server: any API key accepted", "sharpfast/server/middleware.py",

@@ -100,3 +100,12 @@ def test_the_memo_and_the_cache_are_bounded(cache, monkeypatch):
         os.utime(f, (time.time() + i, time.time() + i))
     calibration.store._prune(str(folder))
     assert sorted(p.name for p in folder.iterdir()) == ["f3.json", "f4.json", "f5.json", "f6.json"]
+
+
+@pytest.mark.parametrize("metric", ["trace", "trace_delta", "wen"])
+@pytest.mark.parametrize("value", [float("nan"), float("-inf"), float("inf")])
+def test_a_threshold_that_is_not_finite_is_not_read(metric, value):
+    """Not a finite number: never a threshold, whatever the metric's range (trace's is the whole
+    line, so its range check alone lets -inf, which flags every prompt, through)."""
+    assert calibration.store._value({metric: {"threshold": value}}, metric, "threshold") is None
+    assert calibration.store._value({metric: {"threshold": 0.5}}, metric, "threshold") == 0.5
