@@ -93,6 +93,7 @@ def test_gate_reads_the_calibrated_cut_and_tiers_set_the_strength(digits, policy
     kw = dict(num_inference_steps=50, output_type="pt")
     with sharpfast.guard(digits, policy=policy) as g:
         out = g(prompts, generator=[gen(i) for i in range(4)], **kw)
+        assert g.threshold == g.calibrate() == cal["gate_0.3"], "the guard's threshold is its gate's cut"
     reps = out.memorization
     assert all(r["threshold"] == cal["gate_0.3"] and r["policy"] == policy for r in reps)
     # the strong tier's cut, from the calibration by hand: the 1% cut, or the median plus twice

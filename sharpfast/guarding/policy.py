@@ -170,11 +170,16 @@ class Policy:
         median = [MEDIAN] if len(tiers) < len(self.tiers) else []
         return ([] if self.always else [float(self.gate)]) + tiers + median
 
+    @property
+    def threshold_share(self) -> Union[float, None]:
+        """The share whose cut is the guard's threshold (flagged: score above it): the gate's, or
+        None for the calibrated threshold itself (a gate at the false-positive rate, "always")."""
+        return None if self.always or float(self.gate) == FPR else float(self.gate)
+
     def calibrated_shares(self) -> list:
-        """The shares whose cuts a request reads from the calibration besides the threshold: the
-        gate's (unless it is the calibrated false-positive rate: the threshold itself) and those
-        of shares()[1:] (the tiers', the median's)."""
-        gate = [] if self.always or float(self.gate) == FPR else [float(self.gate)]
+        """The shares whose cuts a request reads from the calibration besides the calibrated
+        threshold: threshold_share's, if any, and those of shares()[1:] (the tiers', the median's)."""
+        gate = [] if self.threshold_share is None else [self.threshold_share]
         return gate + self.shares()[0 if self.always else 1:]
 
     def text(self) -> str:

@@ -14,7 +14,6 @@ from .. import mitigations, validate
 from ..adapters import ScoreModel
 from ..errors import BadArgument, NonFiniteOutput, UsageError
 from ..scores import REGISTRY, Step
-from ..settings import FPR
 from .policy import DEFAULT_POLICY, Policy
 from .thresholds import Thresholds
 
@@ -175,11 +174,11 @@ def new_request(pipe: Any, thresholds: Thresholds, prompt: Any, kwargs: Any, pol
     size = (st.height, st.width)
     validate.generators(kwargs.get("generator"), len(prompts) * n)
     validate.latents(kwargs.get("latents"), (len(prompts) * n, *model.latent_shape(*size)), size)
-    gate = None if policy.always or policy.gate == FPR else float(policy.gate)
+    gate = policy.threshold_share
     threshold = thresholds.at(steps, guidance, size, share=gate)
     cuts = {share: thresholds.at(steps, guidance, size, share=share)
             for share in policy.calibrated_shares() if share != gate}  # the gate's own: the threshold
-    source = thresholds.source(steps, guidance, size)
+    source = thresholds.source(steps, guidance, size, share=gate)
     if gate is not None:
         source = f"the cut of {gate:g} of normal captions; {source}"
     return RequestState(model, prompts, n, size, threshold, guidance, steps, threshold_source=source,

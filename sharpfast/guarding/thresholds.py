@@ -58,12 +58,15 @@ class Thresholds:
                          found.source)
             return self._table[(*key, cal_key)]
 
-    def source(self, steps: Optional[int] = None, guidance=None, size: Any = None) -> str:
-        """Where the threshold at a setting came from."""
-        if self.given != "auto":
+    def source(self, steps: Optional[int] = None, guidance=None, size: Any = None, *,
+               share: Optional[float] = None) -> str:
+        """Where the threshold (or the cut of `share`, as `at` reads it) at a setting came from."""
+        if self.given != "auto" and share is None:
             return "given"
-        self.at(steps, guidance, size)
-        return self.sources[(*self.key(steps, guidance, size), "threshold")]
+        from ..calibration.measure import gate_key
+
+        self.at(steps, guidance, size, share=share)
+        return self.sources[(*self.key(steps, guidance, size), "threshold" if share is None else gate_key(share))]
 
     def size(self, height: Optional[int], width: Optional[int]) -> tuple:
         """(height, width) checked, the model's default filling a None."""

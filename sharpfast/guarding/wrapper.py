@@ -97,13 +97,14 @@ class Guard:
 
     @property
     def threshold(self) -> float:
-        """The threshold at the pipeline's default settings (threshold="auto": calibrated on first use)."""
-        return self._thresholds.at()
+        """The threshold at the pipeline's default settings (threshold="auto": calibrated on first
+        use): the policy's gate's cut, the one requests flag above."""
+        return self._thresholds.at(share=self.config.policy.threshold_share)
 
     @property
     def threshold_source(self) -> str:
         """Where that threshold came from ("given", a calibration file, the cache, calibrated now)."""
-        return self._thresholds.source()
+        return self._thresholds.source(share=self.config.policy.threshold_share)
 
     def calibrate(self, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                   height: Optional[int] = None, width: Optional[int] = None) -> float:
@@ -117,7 +118,8 @@ class Guard:
         size = None if height is None and width is None else self._thresholds.size(height, width)
         for share in self.config.policy.calibrated_shares():
             self._thresholds.at(num_inference_steps, guidance_scale, size, allow_new=True, share=share)
-        return self._thresholds.at(num_inference_steps, guidance_scale, size, allow_new=True)
+        return self._thresholds.at(num_inference_steps, guidance_scale, size, allow_new=True,
+                                   share=self.config.policy.threshold_share)
 
     def served_settings(self) -> list:
         """The (num_inference_steps, guidance_scale, height, width) the guard has thresholds for."""
