@@ -241,7 +241,8 @@ def _draw_tradeoff(ax: Any, series, chosen, fidelity_floor, label: Callable, leg
     overlaps no label placed before it (or left out: the legend and the dot remain)."""
     colors = pyplot().get_cmap("tab10").colors
     k = 0
-    wanted = []
+    wanted: list = []
+    rings: list = []
     for method, pts in series.items():
         calls = np.mean([p[3] for p in pts]) if pts and len(pts[0]) > 3 and pts[0][3] is not None else None
         name = method if calls is None else f"{method} ({calls:.0f} CFG calls per image)"
@@ -258,23 +259,27 @@ def _draw_tradeoff(ax: Any, series, chosen, fidelity_floor, label: Callable, leg
         if chosen and chosen[0] == method:
             for p in pts:
                 if str(p[2]) == str(chosen[1]):
+                    rings.append(p)
                     ax.plot([p[0]], [p[1]], marker="o", ms=15, mfc="none", mec="black", mew=1.5, zorder=11,
                             linestyle="none", label=f"chosen: {method}, {setting_label(method, chosen[1])}")
     if fidelity_floor is not None:
         ax.axvline(fidelity_floor, color="grey", ls=":", lw=1)
         ax.annotate(f"fidelity {fidelity_floor}", (fidelity_floor, 0.98), xycoords=("data", "axes fraction"),
                     fontsize=7, color="grey", ha="right", xytext=(-3, 0), textcoords="offset points")
-    _place_labels(ax, wanted, [p for pts in series.values() for p in pts])
+    _place_labels(ax, wanted, [p for pts in series.values() for p in pts], rings)
     del legend
 
 
-def _place_labels(ax: Any, wanted: list, points: list) -> None:
+def _place_labels(ax: Any, wanted: list, points: list, rings: list = ()) -> None:
     """Writes each (point, text, colour) beside its point at the first of eight offsets whose box
-    overlaps no label already placed and none of `points`; a label with no free place is left out."""
+    overlaps no label already placed, none of `points` (a dot's radius around each) and none of
+    the `rings` (the chosen point's circle); a label with no free place is left out."""
     fig = ax.figure
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    dots = [ax.transData.transform((p[0], p[1])) for p in points]
+    px = fig.dpi / 72  # pixels per point: the markers' sizes are in points
+    dots = [(ax.transData.transform((p[0], p[1])), 3 * px) for p in points]
+    dots += [(ax.transData.transform((p[0], p[1])), 8 * px) for p in rings]  # the ring: ms 15
     placed: list = []
     offsets = [(6, 4), (6, -12), (-6, 4), (-6, -12), (8, -4), (-8, -4), (0, 10), (0, -16)]
     for p, text, color in wanted:
@@ -282,7 +287,7 @@ def _place_labels(ax: Any, wanted: list, points: list) -> None:
             a = ax.annotate(text, (p[0], p[1]), xytext=(dx, dy), textcoords="offset points", fontsize=7,
                             color=color, ha="left" if dx >= 0 else "right")
             box = a.get_window_extent(renderer).expanded(1.05, 1.15)
-            hits_dot = any(box.contains(x, y) for (x, y) in dots)
+            hits_dot = any(box.padded(r).contains(x, y) for (x, y), r in dots)
             inside = ax.get_window_extent(renderer).contains(box.x0, box.y0) and \
                 ax.get_window_extent(renderer).contains(box.x1, box.y1)
             if inside and not hits_dot and not any(box.overlaps(b) for b in placed):
