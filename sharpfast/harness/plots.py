@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -270,7 +270,7 @@ def _draw_tradeoff(ax: Any, series, chosen, fidelity_floor, label: Callable, leg
     del legend
 
 
-def _place_labels(ax: Any, wanted: list, points: list, rings: list = ()) -> None:
+def _place_labels(ax: Any, wanted: list, points: list, rings: Sequence = ()) -> None:
     """Writes each (point, text, colour) beside its point at the first of eight offsets whose box
     overlaps no label already placed, none of `points` (a dot's radius around each) and none of
     the `rings` (the chosen point's circle); a label with no free place is left out."""
