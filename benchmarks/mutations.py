@@ -20,7 +20,7 @@ MUTATIONS = [
      "return med + self.m * (cuts[gate] - med)", "return self.m * cuts[gate]",
      ["tests/test_guard_policy.py::test_multiple_tier_decides_by_the_gate_margin_over_the_median"]),
     ("policy: calibrate() resolves the threshold only", "sharpfast/guarding/wrapper.py",
-     "        for share in self.config.policy.calibrated_shares():\n", "        for share in []:\n",
+     "for share in [*self.config.policy.calibrated_shares(), ", "for share in [*[], ",
      ["tests/test_guard_policy.py::test_calibrate_resolves_every_cut_the_policy_reads"]),
     # the third design step (issue 31): the hook registry, the setting grammar, the adapter's step
     # limit, the serving core's one mapping

@@ -97,8 +97,7 @@ class Guard:
 
     @property
     def threshold(self) -> float:
-        """The threshold at the pipeline's default settings (threshold="auto": calibrated on first
-        use): the policy's gate's cut, the one requests flag above."""
+        """The policy's gate cut (requests flag above it) at the default settings, calibrated on first use."""
         return self._thresholds.at(share=self.config.policy.threshold_share)
 
     @property
@@ -108,18 +107,17 @@ class Guard:
 
     def calibrate(self, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                   height: Optional[int] = None, width: Optional[int] = None) -> float:
-        """Resolve the threshold at these request settings now (default: the pipeline's own), and
-        every cut the policy reads there (its gate's, its tiers', the median for a multiple tier),
-        so that no request waits for them; with calibrate_new=False, the settings the guard serves.
+        """Resolve the threshold and every cut the policy reads (tiers, the median of a multiple
+        tier) at these request settings now (default: the pipeline's), so no request waits for
+        them; with calibrate_new=False, the settings the guard serves.
 
         Returns:
             The threshold the guard flags above at those settings.
         """
         size = None if height is None and width is None else self._thresholds.size(height, width)
-        for share in self.config.policy.calibrated_shares():
-            self._thresholds.at(num_inference_steps, guidance_scale, size, allow_new=True, share=share)
-        return self._thresholds.at(num_inference_steps, guidance_scale, size, allow_new=True,
-                                   share=self.config.policy.threshold_share)
+        for share in [*self.config.policy.calibrated_shares(), self.config.policy.threshold_share]:  # threshold last
+            value = self._thresholds.at(num_inference_steps, guidance_scale, size, allow_new=True, share=share)
+        return value
 
     def served_settings(self) -> list:
         """The (num_inference_steps, guidance_scale, height, width) the guard has thresholds for."""
