@@ -15,6 +15,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MUTATIONS = [
+    # issue 32, the digits decode scale: a trained pipeline must record the scale its UNet learned at
+    ("zoo: train_digits sets the latent scale as an attribute only", "zoo_scripts/train_digits.py",
+     "    vae.register_to_config(scaling_factor=sf)\n", "    vae.config.scaling_factor = sf\n",
+     ["tests/test_digits_data.py::test_training_script_runs_a_few_steps_and_saves_a_pipeline"]),
     # issue 32, per-prompt strength: a multiple tier's cut, and the cuts a served guard calibrates
     ("policy: a multiple tier measured from zero, not the normal captions' median", "sharpfast/guarding/policy.py",
      "return med + self.m * (cuts[gate] - med)", "return self.m * cuts[gate]",

@@ -59,6 +59,11 @@ def test_training_script_runs_a_few_steps_and_saves_a_pipeline(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     data = build()
+    # the saved pipeline decodes at the latent scale its UNet was trained at: one over the spread
+    # of the VAE's latent means of the digit images (not diffusers' default 0.18215)
+    with torch.no_grad():
+        spread = torch.cat([pipe.vae.encode(x).latent_dist.mean for x in data.images.split(512)]).std().item()
+    assert abs(pipe.vae.config.scaling_factor * spread - 1) < 1e-4
     imgs = generate(pipe, [data.duplicates[0].caption], seeds=[0, 1], num_inference_steps=3)
     assert imgs.shape == (2, 1, 16, 16) and imgs.min() >= -1 and imgs.max() <= 1
     copies, sim = copy_stats(imgs, data.images, data.duplicates[0].train_index)
@@ -125,3 +130,17 @@ def test_one_copy_definition_with_its_cut():
     assert copying.copy_stats(img, train, 2)[0].all()
     assert not copying.copy_stats(img, train, 2, copying.LABEL_CUT)[0].any()
     assert not copying.copy_stats(img, train, 3)[0].any()  # the wrong target is never a copy
+
+
+def test_the_shipped_digits_pipeline_decodes_at_the_scale_it_was_trained_at():
+    """The shipped digits VAE config once kept diffusers' default 0.18215 while the UNet was trained
+    on latents scaled by one over their spread (about 0.725), so every image was decoded about 4x
+    too large (docs/zoo.md). The config now holds the trained scale."""
+    from diffusers import AutoencoderKL
+
+    from sharpfast import zoo
+
+    vae = AutoencoderKL.from_pretrained(zoo.path("digits"), subfolder="vae", local_files_only=True)
+    with torch.no_grad():
+        spread = torch.cat([vae.encode(x).latent_dist.mean for x in build().images.split(512)]).std().item()
+    assert abs(vae.config.scaling_factor * spread - 1) < 1e-4, (vae.config.scaling_factor, 1 / spread)

@@ -133,10 +133,10 @@ def train_unet(vae, unet, te, tok, batches, steps, batch, seed, log, lr=1e-3, ch
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     with torch.no_grad():
         sf = 1.0 / torch.cat([vae.encode(x).latent_dist.mean for x in batches.images.split(4096)]).std().item()
-    # (an attribute only: save_pretrained writes the config's frozen dict, so the saved digits VAE
-    # keeps 0.18215; its pipeline decodes at that scale, as every digits number was measured.
-    # train_scenes registers the scale it trained at; docs/zoo.md)
-    vae.config.scaling_factor = sf
+    # registered, so that save_pretrained writes it and the pipeline decodes at the scale the UNet
+    # was trained at (the first shipped model set it as an attribute only, and its config kept
+    # diffusers' 0.18215: it decoded about 4x too large; docs/zoo.md)
+    vae.register_to_config(scaling_factor=sf)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     for step in range(steps):
