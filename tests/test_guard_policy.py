@@ -228,16 +228,17 @@ def test_always_with_tiers_switches_online_after_the_first_step(digits, tier, on
 
 
 def test_calibrated_tiers_under_concurrent_requests(digits):
-    """The digits model's calibrated policy (a gate with its own setting and a multiple tier)
-    from 6 threads at once: every report and image equals the sequential call's, and each image
-    is mitigate()'s with its reported setting (or plain pipe(...)'s when unflagged)."""
+    """A policy with a gate of its own setting and a multiple tier (the digits model's calibrated
+    policy before the decode fix) from 6 threads at once: every report and image equals the
+    sequential call's, and each image is mitigate()'s with its reported setting (or plain
+    pipe(...)'s when unflagged)."""
     from concurrent.futures import ThreadPoolExecutor
 
     kw = dict(num_inference_steps=50, output_type="pt")
     mem = [r["prompt"] for r in sharpfast.zoo.prompts("digits", "memorized")[:12]]
     with sharpfast.guard(digits, mitigation=None) as probe:  # scores only: pick prompts on each side of the tier
         reps = probe(mem, generator=[gen(i) for i in range(len(mem))], **kw).memorization
-    with sharpfast.guard(digits) as g:
+    with sharpfast.guard(digits, policy="0.01:s1.25t0,x3:s1t500g0.5") as g:
         (tier, tier_setting), = g.config.policy.tiers
         cal = json.load(open(sharpfast.zoo.path("digits") + "/calibration.json"))["wen_low"]
         cut = cal["gate_0.5"] + tier.m * (cal["gate_0.01"] - cal["gate_0.5"])  # the tier's cut, by hand
