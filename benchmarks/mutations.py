@@ -19,6 +19,13 @@ MUTATIONS = [
     ("zoo: train_digits sets the latent scale as an attribute only", "zoo_scripts/train_digits.py",
      "    vae.register_to_config(scaling_factor=sf)\n", "    vae.config.scaling_factor = sf\n",
      ["tests/test_digits_data.py::test_training_script_runs_a_few_steps_and_saves_a_pipeline"]),
+    # issue 32, "always": the score is the model's, not the mitigated model's
+    ("guard: the metric's own calls go through the mitigation's hooks", "sharpfast/guarding/request.py",
+     "with torch.no_grad(), registry.unedited():", "with torch.no_grad():",
+     ["tests/test_guard_policy.py::test_always_scores_the_model_not_the_mitigated_model"]),
+    ("guard: an attention-edited first step scored as captured", "sharpfast/guarding/request.py",
+     "        edited = registry.edits_inside()\n", "        edited = False\n",
+     ["tests/test_guard_policy.py::test_always_scores_the_model_not_the_mitigated_model"]),
     # issue 32, per-prompt strength: a multiple tier's cut, and the cuts a served guard calibrates
     ("policy: a multiple tier measured from zero, not the normal captions' median", "sharpfast/guarding/policy.py",
      "return med + self.m * (cuts[gate] - med)", "return self.m * cuts[gate]",

@@ -277,3 +277,29 @@ def test_calibrate_resolves_every_cut_the_policy_reads(digits, policy):
         g.calibrate(num_inference_steps=10)
         out = g(["a handwritten zero"], generator=gen(1), num_inference_steps=10, output_type="pt")
     assert out.memorization[0]["policy"] == policy
+
+
+@pytest.mark.parametrize("metric", ["wen_low", "sharpness"])
+@pytest.mark.parametrize("policy,mitigation", [("always:s1t0", "auto"), ("always:s1t500g0.5", "auto"),
+                                               ("always", "attenuate"), ("always", "attention_rescale")])
+def test_always_scores_the_model_not_the_mitigated_model(digits, metric, policy, mitigation):
+    """Under "always" the mitigation's hooks are on from the first step; the score must still be
+    the model's, the one a plain first step gives (a score-only guard), and the network's own
+    attention processors are back afterwards. wen_low's low-noise call and sharpness's second call
+    went through the guidance rule (under s1t500g0.5 a memorized caption scored 0.04 for 0.60 and
+    no memorized prompt was flagged), and an attention edit changed the captured step itself."""
+    kw = dict(num_inference_steps=10, output_type="pt")
+    prompts = [sharpfast.zoo.prompts("digits", "memorized")[0]["prompt"], "a handwritten seven"]
+    own = {k: type(v) for k, v in digits.unet.attn_processors.items()}
+    with sharpfast.guard(digits, metric=metric, mitigation=None) as ref:
+        want = [r["score"] for r in ref(prompts, generator=gen(3), **kw).memorization]
+    with sharpfast.guard(digits, metric=metric, mitigation=mitigation, policy=policy) as g:
+        out = g(prompts, generator=gen(3), **kw)
+    got = out.memorization
+    assert all(r["mitigated"] for r in got), got
+    assert [r["score"] for r in got] == pytest.approx(want, rel=1e-4), (want, got)
+    assert {k: type(v) for k, v in digits.unet.attn_processors.items()} == own
+    # the mitigation still ran on every step (the edits stood aside for the score only)
+    want_images = sharpfast.mitigate(digits, prompts, got[0]["mitigation"], got[0]["setting"], generator=gen(3),
+                                     **kw).images
+    torch.testing.assert_close(out.images, want_images, rtol=0, atol=1e-5)

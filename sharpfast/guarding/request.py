@@ -13,6 +13,7 @@ import torch
 from .. import mitigations, validate
 from ..adapters import ScoreModel
 from ..errors import BadArgument, NonFiniteOutput, UsageError
+from ..mitigations.hooks import HookRegistry
 from ..scores import REGISTRY, Step
 from .policy import DEFAULT_POLICY, Policy
 from .thresholds import Thresholds
@@ -87,10 +88,20 @@ class RequestState:
         start = time.perf_counter()
         sample, t, pred, hidden, added = self.capture
         x, cond, u, c = self.model.split_capture(sample, t, pred, hidden, added, self.prompts, self.n, self.size)
-        step = Step(self.model, x, t, self.alpha_bar, cond, u, c, names=self.prompts, n=self.n, schedule=self.schedule)
-        step.check(u, "null branch at the first step")  # NaN > threshold is False: it would pass unflagged
-        step.check(c, "conditional branch at the first step")
-        with torch.no_grad():
+        # under "always" the mitigation's hooks are on from the first step: the score must read the
+        # model, not the mitigated model. Hooks that edit outputs run after the capture (it saw the
+        # model's own), and stand aside for the metric's own calls (wen_low's low-noise call,
+        # sharpness's second); a method that edits the layers (attention) made the captured call
+        # itself, so the first step is predicted again, unedited (one extra CFG call, only then).
+        registry = HookRegistry.of(self.model.unet)
+        edited = registry.edits_inside()
+        with torch.no_grad(), registry.unedited():
+            if edited:
+                u, c = self.model.predict(x, t, cond)
+            step = Step(self.model, x, t, self.alpha_bar, cond, u, c, names=self.prompts, n=self.n,
+                        schedule=self.schedule)
+            step.check(u, "null branch at the first step")  # NaN > threshold is False: it would pass unflagged
+            step.check(c, "conditional branch at the first step")
             scores = REGISTRY[metric].fn(step).float().view(len(self.prompts), self.n).mean(dim=1).cpu()
         self.added_s += time.perf_counter() - start
         bad = ~torch.isfinite(scores)

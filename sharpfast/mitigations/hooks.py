@@ -30,6 +30,18 @@ class DenoiserHook:
         """Called after each forward: a new output replaces the network's, None keeps it."""
         return None
 
+    @contextlib.contextmanager
+    def standing_aside(self) -> Iterator[None]:
+        """Context manager: in the block this hook leaves the network's calls as they are (a hook
+        that only observes already does; one that edits outputs or layers overrides this)."""
+        yield
+
+    @property
+    def edits_inside(self) -> bool:
+        """Whether the network's calls now run through layers this hook edited (so that a hook that
+        observes a call sees the edited output, not the network's own)."""
+        return False
+
 
 class HookRegistry:
     """The sharpfast hooks of one network, run in install order (one registry per network)."""
@@ -77,6 +89,20 @@ class HookRegistry:
             yield hook
         finally:
             self.remove(hook)
+
+    @contextlib.contextmanager
+    def unedited(self) -> Iterator[None]:
+        """Context manager: the network's calls in the block are its own. Every installed hook that
+        edits stands aside (a guard scoring a request whose mitigation is already on: its extra
+        calls must see the model, not the mitigated model); observers still see the calls."""
+        with contextlib.ExitStack() as stack:
+            for h in self.hooks:
+                stack.enter_context(h.standing_aside())
+            yield
+
+    def edits_inside(self) -> bool:
+        """Whether an installed hook now edits the network's layers (see DenoiserHook.edits_inside)."""
+        return any(h.edits_inside for h in self.hooks)
 
     def _pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         for h in self.hooks:
@@ -172,6 +198,15 @@ class GuidanceHook(DenoiserHook):
         return with_prediction(output, new)
 
     @contextlib.contextmanager
+    def standing_aside(self) -> Iterator[None]:
+        """Context manager: the rule leaves the calls in the block as they are."""
+        was, self.inside = self.inside, True
+        try:
+            yield
+        finally:
+            self.inside = was
+
+    @contextlib.contextmanager
     def installed(self) -> Iterator[GuidanceHook]:
         """Context manager: the hook installed on the network for one pipeline call."""
         with HookRegistry.of(self.net).installed(self):
@@ -193,15 +228,39 @@ class AttentionEdit(DenoiserHook):
         self.unet, self.edit, self.rows, self.layers = unet, edit, rows, layers
         self.calls = 0
         self._saved: Optional[dict] = None
+        self._aside = False
 
     def pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Put the editing processors on the attn2 layers (once)."""
         from ..attention import editing_processors
 
+        if self._aside:
+            return
         if self._saved is None:
             self._saved = self.unet.attn_processors
             self.unet.set_attn_processor(editing_processors(self._saved, self.edit, self.rows, self.layers))
         self.calls += 1
+
+    @property
+    def edits_inside(self) -> bool:
+        """Whether the editing processors are on the layers now."""
+        return self._saved is not None and not self._aside
+
+    @contextlib.contextmanager
+    def standing_aside(self) -> Iterator[None]:
+        """Context manager: the layers' own processors for the calls in the block (the editing ones
+        back after it)."""
+        own = self._saved
+        editing = self.unet.attn_processors if own is not None else None
+        if own is not None:  # (set_attn_processor empties the dict it is given: a copy)
+            self.unet.set_attn_processor(dict(own))
+        self._aside = True
+        try:
+            yield
+        finally:
+            self._aside = False
+            if editing is not None:
+                self.unet.set_attn_processor(editing)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[AttentionEdit]:
