@@ -13,10 +13,8 @@ import json
 
 import numpy as np
 import torch
-from identifier_oracle import base_caption
+from identifier_oracle import base_caption, digits_half
 
-from sharpfast import zoo
-from sharpfast.harness import mitigate_eval
 from sharpfast.zoo.digits_data import build
 
 OLD_SCALE = 0.18215
@@ -27,14 +25,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--half", default="A", choices=("A", "B"))
     ap.add_argument("--seeds", type=int, default=2)
     a = ap.parse_args(argv)
-    pipe = zoo.load("digits")
-    pipe.set_progress_bar_config(disable=True)
-    judge = zoo.judge("digits", pipe)
+    pipe, judge, memorized, normal = digits_half(a.half)
     with torch.no_grad():
         trained = 1.0 / torch.cat([pipe.vae.encode(x).latent_dist.mean for x in build().images.split(512)]).std().item()
     seeds = list(range(a.seeds))
-    sets = {"memorized": mitigate_eval.halves(zoo.prompts("digits", "memorized"))[a.half],
-            "normal": mitigate_eval.halves(zoo.prompts("digits", "non_memorized"))[a.half]}
+    sets = {"memorized": memorized, "normal": normal}
     out: dict = {"half": a.half, "seeds": a.seeds, "trained_scale": trained, "rows": []}
     for name, recs in sets.items():
         variants = {"plain": [r["prompt"] for r in recs]}

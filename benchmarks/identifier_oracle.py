@@ -47,16 +47,22 @@ def judged(pipe, judge, records: list, captions: list, seeds: list) -> tuple:
     return np.array(copies), np.array(fid)
 
 
+def digits_half(half: str) -> tuple:
+    """(pipe, judge, memorized records, normal records) of the digits model's half A or B."""
+    pipe = zoo.load("digits")
+    pipe.set_progress_bar_config(disable=True)
+    judge = zoo.judge("digits", pipe)
+    recs = mitigate_eval.halves(zoo.prompts("digits", "memorized"))[half]
+    normal = mitigate_eval.halves(zoo.prompts("digits", "non_memorized"))[half]
+    return pipe, judge, recs, normal
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--half", default="B", choices=("A", "B"))
     ap.add_argument("--seeds", type=int, default=4)
     a = ap.parse_args(argv)
-    pipe = zoo.load("digits")
-    pipe.set_progress_bar_config(disable=True)
-    judge = zoo.judge("digits", pipe)
-    recs = mitigate_eval.halves(zoo.prompts("digits", "memorized"))[a.half]
-    normal = mitigate_eval.halves(zoo.prompts("digits", "non_memorized"))[a.half]
+    pipe, judge, recs, normal = digits_half(a.half)
     seeds = list(range(a.seeds))
     pc, pf = judged(pipe, judge, recs, [r["prompt"] for r in recs], seeds)
     oc, of = judged(pipe, judge, recs, [base_caption(r["prompt"]) for r in recs], seeds)

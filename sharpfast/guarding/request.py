@@ -93,6 +93,7 @@ class RequestState:
         # model's own), and stand aside for the metric's own calls (wen_low's low-noise call,
         # sharpness's second); a method that edits the layers (attention) made the captured call
         # itself, so the first step is predicted again, unedited (one extra CFG call, only then).
+        # Standing aside changes hooks on the shared network: the caller holds the pipeline's lock.
         registry = HookRegistry.of(self.model.unet)
         edited = registry.edits_inside()
         with torch.no_grad(), registry.unedited():

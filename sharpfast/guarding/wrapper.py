@@ -175,10 +175,10 @@ class Guard:
                            else self.pipe(req.prompts, **call))
                 except FlaggedAtFirstStep:
                     out = regenerate_flagged(self.pipe, self.config, req, call, states)
+                req.decision = req.decision or req.decide(self.metric)  # no callback came (locked: see decide)
             req.check_finite()
         finally:
             self._local.request = None
-        req.decision = req.decision or req.decide(self.metric)  # a pipeline that never called back
         report = req.report(self.metric, self.mitigation)
         if isinstance(out, tuple):  # return_dict=False: the pipeline's tuple, then the report
             return (*out, report), req
