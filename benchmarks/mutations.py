@@ -15,6 +15,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MUTATIONS = [
+    # issue 32, drop_trigger: the turn's sign and timesteps, the rows it rewrites, the calibrated method
+    ("drop_trigger: the turn read low minus high", "sharpfast/mitigations/drop_trigger.py",
+     "turn = (cos[0] - cos[1]).cpu()", "turn = (cos[1] - cos[0]).cpu()",
+     ["tests/test_drop_trigger.py::test_turns_match_a_computation_from_diffusers_calls"]),
+    ("drop_trigger: the low-noise reading one timestep early", "sharpfast/mitigations/drop_trigger.py",
+     "t_lo, _ = model.low_noise(sched, 1)", "t_lo, _ = model.low_noise(sched, 2)",
+     ["tests/test_drop_trigger.py::test_turns_match_a_computation_from_diffusers_calls"]),
+    ("drop_trigger: a word the encoder never sees is a candidate", "sharpfast/mitigations/drop_trigger.py",
+     "    turn = turn.masked_fill(same, -math.inf)\n", "    turn = turn.masked_fill(same, 0.0)\n",
+     ["tests/test_drop_trigger.py::test_a_word_the_encoder_never_sees_is_never_dropped"]),
+    ("drop_trigger: the schedule after the drop left out", "sharpfast/mitigations/drop_trigger.py",
+     "    if cfg.then is None:\n        return plan\n", "    if True:\n        return plan\n",
+     ["tests/test_drop_trigger.py::test_settings_and_a_schedule_after_the_drop"]),
+    ("drop_trigger: every prompt of the batch rewritten", "sharpfast/mitigations/drop_trigger.py",
+     "    chosen = sorted({r // ctx.n for r in rows})\n", "    chosen = list(range(len(ctx.prompts)))\n",
+     ["tests/test_drop_trigger.py::test_guard_drops_the_trigger_of_its_flagged_prompts_only"]),
+    ("guard: the calibrated policy's mitigation ignored", "sharpfast/guarding/config.py",
+     'if mitigation == "auto" and policy.method is not None:', 'if False:',
+     ["tests/test_drop_trigger.py::test_a_calibrated_policy_names_its_mitigation"]),
     # issue 32, the digits decode scale: a trained pipeline must record the scale its UNet learned at
     ("zoo: train_digits sets the latent scale as an attribute only", "zoo_scripts/train_digits.py",
      "    vae.register_to_config(scaling_factor=sf)\n", "    vae.config.scaling_factor = sf\n",

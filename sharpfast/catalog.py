@@ -7,5 +7,5 @@ suite fails naming it."""
 METRICS = ("wen", "sharpness", "trace", "trace_delta", "score_norm", "channel_wen", "aniso_align", "anisotropy",
            "wen_low", "attn_entropy")
 MITIGATIONS = ("none", "sail", "sail_alpha", "sail_reference", "sail_guard", "random_tokens", "wen_embedding",
-               "transition", "sail+transition", "attention_rescale", "attenuate", "zhao_guard")
+               "transition", "sail+transition", "attention_rescale", "attenuate", "zhao_guard", "drop_trigger")
 HVP_MODES = ("fd", "jvp")

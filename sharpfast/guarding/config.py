@@ -51,7 +51,9 @@ class GuardConfig:
         asked_setting = setting
         if metric not in GUARD_METRICS:
             raise BadArgument(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
-        if mitigation == "auto":
+        if mitigation == "auto" and policy.method is not None:  # the method the calibrated policy was chosen for
+            mitigation = policy.method
+        elif mitigation == "auto":
             mitigation, auto_setting = next((m, st) for m, st in AUTO_MITIGATION
                                             if mitigations.get(m).supports(model))
             setting = auto_setting if setting is None else setting
@@ -96,7 +98,8 @@ def _policy_of(model: Any, threshold: Any, policy: Any) -> tuple:
     "auto" (the default) the policy calibrated for the model."""
     if policy is None and threshold != "auto":
         calibrated, source = auto_policy(model.pipe)
-        return Policy(FPR, (), calibrated.setting), (source if calibrated.setting is not None else "given")
+        return (Policy(FPR, (), calibrated.setting, calibrated.method),
+                (source if calibrated.setting is not None or calibrated.method is not None else "given"))
     if policy is None:
         policy = GUARD_POLICY
     if policy == "auto":
@@ -105,10 +108,11 @@ def _policy_of(model: Any, threshold: Any, policy: Any) -> tuple:
 
 
 def _calibrated_for(policy: Policy, mitigation: Any, asked_setting: Any) -> Policy:
-    """A calibrated policy's settings are the auto mitigation's, chosen for it: another method
-    keeps only its gate, a setting asked for replaces the gate's own."""
-    if mitigation != AUTO_MITIGATION[0][0]:
+    """A calibrated policy's settings are its method's (calibration.json's "mitigation", else the
+    auto mitigation's), chosen for it: another method keeps only its gate, a setting asked for
+    replaces the gate's own."""
+    if mitigation != (policy.method or AUTO_MITIGATION[0][0]):
         return Policy(policy.gate)
     if asked_setting is not None:
-        return Policy(policy.gate, policy.tiers)
+        return Policy(policy.gate, policy.tiers, method=policy.method)
     return policy

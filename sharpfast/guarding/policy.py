@@ -104,11 +104,14 @@ class Policy:
             (Multiple, setting) pairs (the largest multiple passed wins); the other mitigated
             prompts get the gate's setting.
         setting: the gate's own setting of the guard's method (None: the guard's setting).
+        method: the mitigation a calibrated policy was chosen for (None: the guard's default,
+            transition); the guard's `mitigation="auto"` takes it (not part of the text).
     """
 
     gate: Union[float, str] = 0.01
     tiers: tuple = ()
     setting: Any = None
+    method: Any = None
 
     def __post_init__(self) -> None:
         if self.gate != ALWAYS:
@@ -226,4 +229,9 @@ def auto_policy(pipe: Any) -> tuple:
     found = shipped_policy(pipe)
     if found is None:
         return DEFAULT_POLICY, f"the default gate ({FPR:g} of normal captions; no policy calibrated for the model)"
-    return Policy.parse(found["policy"]), f"calibrated for the model ({found.get('chosen_on', 'calibration.json')})"
+    method = found.get("mitigation")
+    if method is not None and not isinstance(method, str):
+        raise BadArgument(f"calibration.json's policy names its mitigation as text, got {method!r}")
+    policy = Policy.parse(found["policy"])
+    return (Policy(policy.gate, policy.tiers, policy.setting, method),
+            f"calibrated for the model ({found.get('chosen_on', 'calibration.json')})")

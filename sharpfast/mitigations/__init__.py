@@ -13,7 +13,8 @@ The methods (each written from its paper; where public code exists its definitio
 is noted in its module): none; the SAIL family (sail.py: the algorithm; noise.py: sail,
 sail_alpha, sail_reference, sail_guard, sail+transition); random_tokens (Somepalli et al.);
 wen_embedding (Wen et al.); transition (Jain et al.); attention_rescale (Ren et al.);
-zhao_guard (GUARD, as its authors' code runs it). Adding a method: a module here that calls `register`
+zhao_guard (GUARD, as its authors' code runs it); drop_trigger (ours: the word a memorized
+prompt hinges on, dropped). Adding a method: a module here that calls `register`
 (every module of the package is imported) and its name in sharpfast.catalog.MITIGATIONS (the
 order the CLI lists them in; a test holds the two equal).
 """

@@ -107,7 +107,8 @@ class Mitigation:
     """A registered mitigation: its declared cost (extra UNet calls and backwards per image), its
     main knob (name, default, sweep), what it needs of a model family (adapter capabilities:
     "cfg", "cross_attention", "embeddings_only"), plan(ctx, setting), its kind ("noise": a new
-    initial noise, "trajectory": the sampler's predictions, "prompt": whole prompts; "none") and,
+    initial noise, "trajectory": the sampler's predictions, "prompt": whole prompts, the whole
+    batch's; "prompt_each": each mitigated prompt rewritten, the others kept; "none") and,
     for a noise method the serving guard may run, guard_plan(ctx, setting, sail_kwargs, stop): its
     plan when it must stop on the guard's metric (stop: {"metric", "threshold"})."""
 
