@@ -6,7 +6,9 @@
 The rule (settings.POLICY_BUDGET): among the policies whose guarded / plain fidelity is at least
 the budget on the half's normal prompts and on its memorized prompts, the one with the fewest
 copies at 0.8 on the memorized prompts; a tie goes to the smaller gate (less normal traffic
-mitigated). With no policy inside the budget, the default gate is kept (no policy stored). The
+mitigated). A policy run with another mitigation than the guard's auto one (`--mitigation
+drop_trigger`) is stored with it ("mitigation"; `mitigation="auto"` takes it). With no policy
+inside the budget, the default gate is kept (no policy stored). The
 policy, the numbers it was chosen on and the rule are written under "policy" in the model's
 calibration.json (policy="auto" reads it); the held-out half B is not read here.
 """
@@ -17,7 +19,7 @@ import json
 import os
 
 from sharpfast import settings, zoo
-from sharpfast.guarding import Policy
+from sharpfast.guarding import AUTO_MITIGATION, Policy
 
 
 def choose(points: list, budget: dict) -> dict | None:
@@ -31,6 +33,12 @@ def choose(points: list, budget: dict) -> dict | None:
                                   len(p["policy"])))
 
 
+def _name(point: dict) -> str:
+    """A frontier point's policy, with its mitigation when it is not the guard's auto one."""
+    m = point.get("mitigation")
+    return point["policy"] if m in (None, AUTO_MITIGATION[0][0]) else f"{point['policy']} ({m})"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, choices=zoo.MODELS)
@@ -41,7 +49,7 @@ def main(argv=None) -> None:
     points: list = []
     for path in a.frontier:
         with open(path, encoding="utf-8") as f:
-            points += [p for p in json.load(f) if p["policy"] not in {q["policy"] for q in points}]
+            points += [p for p in json.load(f) if _name(p) not in {_name(q) for q in points}]
     if len({(p["summary"]["images"], p["summary"].get("normal", {}).get("images")) for p in points}) > 1:
         raise SystemExit("the frontiers were judged on different images (another half or seed count): compare "
                          "policies on the same ones")
@@ -53,6 +61,7 @@ def main(argv=None) -> None:
     if best is not None:
         s = best["summary"]
         cal["policy"] = {"policy": best["policy"],
+                         **({"mitigation": best["mitigation"]} if _name(best) != best["policy"] else {}),
                          "chosen_on": f"half A (memorized and normal prompts), {s['images']} memorized and "
                                       f"{s['normal']['images']} normal images",
                          "rule": "fewest copies@0.8 of memorized outputs with guarded/plain fidelity >= "
@@ -61,7 +70,7 @@ def main(argv=None) -> None:
                          "copies_at_0.8": s["guard"]["copies_at_0.8"], "memorized_fidelity_ratio": s["fidelity_ratio"],
                          "normal_fidelity_ratio": s["normal"]["fidelity_ratio"],
                          "normal_mitigated": s["normal"]["mitigated"],
-                         "candidates": [p["policy"] for p in points]}
+                         "candidates": [_name(p) for p in points]}
     with open(path, "w", encoding="utf-8") as f:
         json.dump(cal, f, indent=1)
     print(json.dumps(cal.get("policy"), indent=1))

@@ -44,8 +44,8 @@ def _guard_parser(esub) -> None:
         "guarded / plain time. Writes OUT/guard.json (resumable); with several --policy, one run each "
         "and the policy frontier OUT/guard_frontier.png.",
     )
-    options.add(gd, "eval guard", *_COMMON, "--half", "--seeds", "--metric", "--mitigation", "--setting", "--limit",
-                "--policy", "--no-normal")
+    options.add(gd, "eval guard", *_COMMON, "--half", "--seeds", "--first-seed", "--metric", "--mitigation",
+                "--setting", "--limit", "--policy", "--no-normal")
 
 
 class EvalCommand:
@@ -127,7 +127,9 @@ def _run_guard(args: Any, device: Any, dtype: Any) -> int:
     normal = [] if args.no_normal else mitigate_eval.halves(zoo.prompts(args.model, "non_memorized"))[args.half]
     policies: list = [Policy.of(p) for p in args.policy or []] or [None]  # checked before loading the model
     pipe = load_model(args.model, device, dtype)
-    kw = dict(seeds=tuple(range(args.seeds)), metric=args.metric,
+    if args.first_seed < 0 or args.seeds < 1:
+        raise BadArgument(f"--first-seed must be >= 0 and --seeds >= 1, got {args.first_seed} and {args.seeds}")
+    kw = dict(seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)), metric=args.metric,
               mitigation=None if args.mitigation == "none" else args.mitigation,
               setting=None if args.setting is None else _knob(args.setting), batch_prompts=args.batch_size,
               num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,

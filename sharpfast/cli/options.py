@@ -137,6 +137,8 @@ OPTIONS: dict[str, Option] = {
     "--half": Option("memorized prompts at even positions (A: where settings are chosen), odd positions (B: where "
                      "the choice is reported) or all (default)", default="all", choices=("A", "B", "all")),
     "--seeds": Option("generations per prompt, seeds 0..S-1 (default 5)", default=5, type=int),
+    "--first-seed": Option("the first seed: seeds F..F+S-1 (default 0; fresh draws for a second report on a half)",
+                           default=0, type=int),
     "--settings": Option("comma list of method=setting in place of a method's registry default, e.g. "
                          "transition=s0t450,attention_rescale=1.5 (without --sweep)", default=[], type=csv),
     "--sweep": Option("every setting of each method: trade-off curves", flag=True),

@@ -174,8 +174,8 @@ def format_summary(summary: dict) -> str:
 def frontier(pipe: Any, records: list[dict], judge: Any, policies: Sequence[Any], *, out_dir: str,
              model: str = "", half: str = "", **kw: Any) -> list:
     """run() once per policy (each in out_dir/policy-<text>/, each resuming), then the policy
-    frontier: guard_frontier.json and guard_frontier.png (copies on memorized prompts, fidelity
-    ratios, against the policy's gate)."""
+    frontier: guard_frontier.json (per policy: its text, the guard's mitigation, the summary) and
+    guard_frontier.png (copies on memorized prompts, fidelity ratios, against the policy's gate)."""
     from ..guarding import Policy
     from .plots import policy_frontier
 
@@ -184,7 +184,8 @@ def frontier(pipe: Any, records: list[dict], judge: Any, policies: Sequence[Any]
         text = Policy.of(p).text()
         sub = os.path.join(out_dir, "policy-" + text.replace(":", "_").replace(",", "+"))
         s = run(pipe, records, judge, out_dir=sub, policy=text, **kw)
-        points.append({"policy": text, "summary": s})
+        with open(os.path.join(sub, "guard.json"), encoding="utf-8") as fh:
+            points.append({"policy": text, "mitigation": json.load(fh)["used"]["mitigation"], "summary": s})
     with open(os.path.join(out_dir, "guard_frontier.json"), "w", encoding="utf-8") as fh:
         json.dump(points, fh, indent=1)
     policy_frontier(points, os.path.join(out_dir, "guard_frontier.png"), model, half)
