@@ -5,12 +5,18 @@ Rows, each timed round-robin against plain `pipe(...)` with the same prompts and
 
     unflagged   guard(defaults, threshold inf): scoring only             target <= 1.05
     flagged     guard(defaults, every prompt flagged): decide at step 1,
-                the default mitigation, one generation                   target <= 1.10
+                the model's calibrated mitigation (digits: drop_trigger,
+                its word search; else transition), one generation        target <= 1.5
+                (issue 32's bound for mitigated requests; 1.10 while the
+                default was the zero-cost transition)
     always      guard(policy="always"): the mitigation planned before the
                 generation on every prompt, none restarted              target <= 1.05
     tiered      guard(policy="always,0.01:s0t200", scenes' calibrated policy): every
                 prompt mitigated, the tier decided at step 1 and switched
                 online (no step restarted); wen_low's scoring call      target <= 1.05
+    drop        guard(mitigation="drop_trigger", every prompt flagged):
+                the trigger search (words + 2 CFG calls per prompt, 4
+                batched network calls), the new prompts, one generation   target <= 1.5
     sail        guard(mitigation="sail_guard", every prompt flagged)     (reported)
 
 on the bundled digits model (4 memorized prompts, 50 DDIM steps) and on the SD 1.5-sized random
@@ -32,7 +38,7 @@ from bench_detect import interleaved_times  # the benchmarks' timing helpers (sa
 
 import sharpfast
 
-TARGETS = {"unflagged": 1.05, "flagged": 1.10, "always": 1.05, "tiered": 1.05}
+TARGETS = {"unflagged": 1.05, "flagged": 1.5, "always": 1.05, "tiered": 1.05, "drop": 1.5}
 TIERED = "always,0.01:s0t200"
 
 
@@ -40,8 +46,9 @@ def _guard(pipe, kind: str, name: str):
     """The guard of one row (see the module's table)."""
     if kind == "tiered":
         return sharpfast.guard(pipe, policy=TIERED, name=name)
+    method = {"sail": "sail_guard", "drop": "drop_trigger"}.get(kind, "auto")
     return sharpfast.guard(pipe, threshold=float("inf") if kind in ("unflagged", "always") else -1e30,
-                           mitigation="sail_guard" if kind == "sail" else "auto", name=name,
+                           mitigation=method, name=name,
                            policy="always" if kind == "always" else None)
 
 
@@ -79,7 +86,7 @@ def measure(model: str, reps: int = 5, sd15_steps: int = 10, warmup: bool = True
         return fn
 
     fns = {"plain": lambda: pipe(prompts, generator=gens(), **kw), "unflagged": run("unflagged"),
-           "flagged": run("flagged"), "always": run("always"), "tiered": run("tiered")}
+           "flagged": run("flagged"), "always": run("always"), "tiered": run("tiered"), "drop": run("drop")}
     if model == "digits":
         fns["sail"] = run("sail")
     if rows:
