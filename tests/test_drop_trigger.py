@@ -151,10 +151,10 @@ def test_guard_drops_the_trigger_of_its_flagged_prompts_only():
     assert torch.equal(out.images[1 - hi], plain[1 - hi])  # the unflagged image is plain's
     x_T = pipe.prepare_latents(2, 4, 16, 16, torch.float32, "cpu", gen(1))
     (turn,) = trigger_turns(sharpfast.adapters.ScoreModel(pipe), [prompts[hi]], x_T[hi:hi + 1], 4, 16, 16, 7.5)
-    new = drop_words(prompts[hi], turn, 1)[0]
+    new, gone = drop_words(prompts[hi], turn, 1)
     again = pipe([new if i == hi else p for i, p in enumerate(prompts)], latents=x_T, **kw).images
     assert torch.equal(out.images[hi], again[hi])
-    assert "drop_trigger applied" in reps[hi]["check"]
+    assert reps[hi]["check"] == f"drop_trigger applied to its 1 image(s); dropped {gone[0]!r}"
 
 
 def test_a_calibrated_policy_names_its_mitigation(tmp_path):

@@ -65,6 +65,9 @@ def _checker(m: Mitigation, ctx: Context, plan: Plan, metric: str, thr: float) -
                 mine = [bool(done[rows.index(r)]) for r in range(p * n, p * n + n)]
                 notes.append(f"{applied_name} {'applied' if all(mine) else 'not applied'} to its {n} image(s)")
                 ok = all(mine) if "noise_statistic" not in plan.info else (ok or all(mine))
+            said = plan.info.get("notes")  # per prompt, what the method did to it (drop_trigger: the word)
+            if said is not None and said[p]:
+                notes.append(said[p])
             out[p] = (ok, "; ".join(notes))
         return out
     return checker

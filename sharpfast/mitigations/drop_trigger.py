@@ -138,7 +138,9 @@ def _drop_trigger(ctx: Context, setting: Any) -> Plan:
     for p, turn in zip(chosen, turns):
         prompts[p], dropped[p] = drop_words(ctx.prompts[p], turn, k)
     done = [bool(dropped[r // ctx.n]) for r in rows]
+    notes = [f"dropped {', '.join(repr(w) for w in d)}" if d else "" for d in dropped]
     plan = Plan(prompts=prompts, info={"dropped": dropped, "new_prompts": prompts, "applied": lambda: done,
+                                       "notes": notes,
                                        "unet_calls_before": sum(len(ctx.prompts[p].split()) + 2 for p in chosen)
                                        / max(1, ctx.images)})
     if cfg.then is None:
