@@ -8,12 +8,11 @@ fidelity: the digit classifier names the prompted digit). Rerun:
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import torch
-from identifier_oracle import base_caption, digits_half
+from identifier_oracle import base_caption, digits_half, half_args
 
 from sharpfast.zoo.digits_data import build
 
@@ -21,10 +20,7 @@ OLD_SCALE = 0.18215
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--half", default="A", choices=("A", "B"))
-    ap.add_argument("--seeds", type=int, default=2)
-    a = ap.parse_args(argv)
+    a = half_args(__doc__, argv, "A", 2)
     pipe, judge, memorized, normal = digits_half(a.half)
     with torch.no_grad():
         trained = 1.0 / torch.cat([pipe.vae.encode(x).latent_dist.mean for x in build().images.split(512)]).std().item()

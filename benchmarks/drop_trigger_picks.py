@@ -13,13 +13,12 @@ own at similarity >= 0.8; fidelity: the digit classifier names the prompted digi
 """
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 
 import numpy as np
 import torch
-from identifier_oracle import SUFFIX, digits_half
+from identifier_oracle import SUFFIX, digits_half, half_args
 
 import sharpfast
 from sharpfast.adapters import ScoreModel
@@ -55,11 +54,7 @@ def score_drop_pick(model, caption: str, x_T: torch.Tensor, steps: int) -> int:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--half", default="A", choices=("A", "B"))
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
+    a = half_args(__doc__, argv, "A", 2, out=True)
     pipe, judge, recs, _ = digits_half(a.half)
     model = ScoreModel(pipe)
     picks: dict = {"turn": Counter(), "score_drop": Counter()}

@@ -57,11 +57,18 @@ def digits_half(half: str) -> tuple:
     return pipe, judge, recs, normal
 
 
+def half_args(doc: str, argv, half: str, seeds: int, out: bool = False) -> argparse.Namespace:
+    """The digits benchmarks' command line: --half, --seeds (and --out, a JSON file to write)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--half", default=half, choices=("A", "B"))
+    ap.add_argument("--seeds", type=int, default=seeds)
+    if out:
+        ap.add_argument("--out", default=None)
+    return ap.parse_args(argv)
+
+
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--half", default="B", choices=("A", "B"))
-    ap.add_argument("--seeds", type=int, default=4)
-    a = ap.parse_args(argv)
+    a = half_args(__doc__, argv, "B", 4)
     pipe, judge, recs, normal = digits_half(a.half)
     seeds = list(range(a.seeds))
     pc, pf = judged(pipe, judge, recs, [r["prompt"] for r in recs], seeds)

@@ -261,6 +261,11 @@ def test_eval_guard_reports_both_sides_and_resumes(tmp_path, capsys):
     assert s["time_ratio"] > 0 and "guarded / plain time" in out and "normal prompts: mitigated" in out
     assert main(args) == 0
     assert (tmp_path / "guard.jsonl").read_text().splitlines() == [json.dumps(r) for r in lines], "a rerun resumes"
+    # the same folder, another setting: nothing stale is reused
+    assert main([a if a != "transition" else "drop_trigger" for a in args]) == 0
+    again = [json.loads(line) for line in (tmp_path / "guard.jsonl").read_text().splitlines()]
+    assert len([r for r in again if "_commit" not in r]) == 2 * len(every)
+    assert json.loads((tmp_path / "guard.json").read_text())["used"]["mitigation"] == "drop_trigger"
 
 
 def test_eval_guard_policy_frontier(tmp_path):

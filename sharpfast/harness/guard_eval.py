@@ -55,34 +55,37 @@ def run(pipe: Any, records: list[dict], judge: Any, *, seeds: Any = (0, 1), metr
     config = {"metric": metric or DEFAULT_METRIC, "mitigation": mitigation, "setting": setting,
               "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seeds": list(seeds),
               "policy": pol}
-    key = lambda r, s: json.dumps([config, r["prompt"], s], sort_keys=True)  # noqa: E731
-    done = engine.read(path, key="key")
     mem = [dict(r, memorized=True) for r in records]
     nor = [dict(r, memorized=False, train_index=None) for r in normal]
     jobs = [(r, s) for r in mem + nor for s in seeds]
-    todo = [(r, s) for r, s in jobs if key(r, s) not in done]
     kw = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type="pt")
     from ..progress import bar as progress_bar
 
-    bar = progress_bar(pipe, total=len(jobs), initial=len(jobs) - len(todo), desc="eval guard", unit="image",
-                       enabled=progress)
     # the guard calibrates (if it must) before the first timed request
     used: dict = {}
     with guard(pipe, metric=config["metric"], mitigation=mitigation, setting=setting, name="eval",
-               policy=policy) as g, engine.CommitLog(path) as log:
+               policy=policy) as g:
         used.update(mitigation=g.mitigation, setting=g.setting, policy=g.config.policy.text(),
                     threshold=g.calibrate(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale))
-        step = batch_prompts * len(seeds)
-        b = 0
-        for kind in (True, False):
-            mine = [(r, s) for r, s in todo if r["memorized"] == kind]
-            for start in range(0, len(mine), step):
-                chunk = mine[start:start + step]
-                rows = _batch_rows(pipe, g, chunk, judge, kw, key, guard_first=bool(b % 2))
-                b += 1
-                log.commit(log.next_chunk(), rows)
-                done.update({x["key"]: x for x in rows})
-                bar.update(len(chunk))
+        # rows are keyed by what the guard resolved, not what was asked: "auto" after the model's
+        # calibrated policy changed must not resume the old policy's rows
+        resolved = {k: used[k] for k in ("mitigation", "setting", "policy")}
+        key = lambda r, s: json.dumps([config, resolved, r["prompt"], s], sort_keys=True, default=str)  # noqa: E731
+        done = engine.read(path, key="key")
+        todo = [(r, s) for r, s in jobs if key(r, s) not in done]
+        bar = progress_bar(pipe, total=len(jobs), initial=len(jobs) - len(todo), desc="eval guard", unit="image",
+                           enabled=progress)
+        step, b = batch_prompts * len(seeds), 0
+        with engine.CommitLog(path) as log:
+            for kind in (True, False):
+                mine = [(r, s) for r, s in todo if r["memorized"] == kind]
+                for start in range(0, len(mine), step):
+                    chunk = mine[start:start + step]
+                    rows = _batch_rows(pipe, g, chunk, judge, kw, key, guard_first=bool(b % 2))
+                    b += 1
+                    log.commit(log.next_chunk(), rows)
+                    done.update({x["key"]: x for x in rows})
+                    bar.update(len(chunk))
     bar.close()
     summary = summarize([done[key(r, s)] for r, s in jobs], config)
     with open(os.path.join(out_dir, "guard.json"), "w", encoding="utf-8") as fh:
