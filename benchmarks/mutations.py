@@ -15,6 +15,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MUTATIONS = [
+    # issue 32, wen_low@n: the probe noises, their mean, their seed, the names the catalog accepts
+    ("wen_low@n: the first noise only, not the mean", "sharpfast/scores.py",
+     "return (c - u).reshape(n, N, -1).norm(dim=2).mean(dim=0)", "return (c - u).reshape(n, N, -1).norm(dim=2)[0]",
+     ["tests/test_detectors.py::test_wen_low_with_probe_noises_equals_the_reference"]),
+    ("wen_low@n: probe_seed ignored", "sharpfast/scores.py",
+     "generator=torch.Generator(\"cpu\").manual_seed(self.probe_seed))",
+     "generator=torch.Generator(\"cpu\").manual_seed(0))",
+     ["tests/test_detectors.py::test_wen_low_with_probe_noises_equals_the_reference"]),
+    ("wen_low@n: each image its own probes", "sharpfast/scores.py",
+     "z.to(self.x.device, self.x.dtype).repeat_interleave(N, dim=0)",
+     "torch.randn((N * (n - 1), *self.x.shape[1:])).to(self.x.device, self.x.dtype)",
+     ["tests/test_detectors.py::test_wen_low_with_probe_noises_equals_the_reference"]),
+    ("catalog: one probe noise accepted", "sharpfast/catalog.py", "not 2 <= int(n) <= MAX_PROBES",
+     "not 1 <= int(n) <= MAX_PROBES", ["tests/test_detectors.py::test_a_bad_probed_metric_name_is_refused"]),
+    ("guard: wen_low@n gated at wen_low's cut", "sharpfast/guarding/thresholds.py",
+     "found = resolve(self.pipe, self.metric, cal_key,",
+     "found = resolve(self.pipe, self.metric.split(\"@\")[0], cal_key,",
+     ["tests/test_guard_policy.py::test_guard_with_probe_noises_reads_its_own_calibration"]),
     # issue 32, drop_trigger: the turn's sign and timesteps, the rows it rewrites, the calibrated method
     ("drop_trigger: the turn read low minus high", "sharpfast/mitigations/drop_trigger.py",
      "turn = (cos[0] - cos[1]).cpu()", "turn = (cos[1] - cos[0]).cpu()",

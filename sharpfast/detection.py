@@ -21,13 +21,13 @@ from .adapters import adapt
 from .curvature import EstimatorOptions
 from .errors import BadArgument
 from .results import DetectionResult
-from .scores import HVP_MODES, METRICS, step_metrics
+from .scores import HVP_MODES, REGISTRY, step_metrics
 from .settings import BATCH_SIZE, DEFAULT_METRICS
 
 
 def _check_args(prompts: list, metrics: Any, steps: int, num_inference_steps: int, batch_size: int, hvp: str) -> tuple:
     prompts = validate.prompts(prompts, "prompts")
-    metrics = validate.metrics(metrics, METRICS)
+    metrics = validate.metrics(metrics, REGISTRY)
     for name, v in (("steps", steps), ("batch_size", batch_size)):
         validate.integer(v, name)
     if steps > num_inference_steps:
@@ -102,8 +102,8 @@ def detect(pipe: Any, prompts: list, *, metrics: Any = DEFAULT_METRICS, num_imag
         pipe: a supported diffusers pipeline, or its `sharpfast.adapters.ScoreModel` to share one
             across many calls on equal batches (it keeps the null prompt's embeddings).
         prompts: a prompt or a list of prompts (none empty).
-        metrics: registry names (sharpfast.scores.METRICS); default wen, sharpness and the guard's
-            detector (sharpfast.settings.DEFAULT_METRICS).
+        metrics: registry names (sharpfast.scores.METRICS, or a probed name such as "wen_low@4");
+            default wen, sharpness and the guard's detector (sharpfast.settings.DEFAULT_METRICS).
         num_images_per_prompt: images per prompt (the scores are their mean).
         steps: first sampling steps averaged.
         num_inference_steps: the schedule's steps (default: the pipeline's own, sharpfast.settings).
@@ -120,7 +120,7 @@ def detect(pipe: Any, prompts: list, *, metrics: Any = DEFAULT_METRICS, num_imag
         width: image width in pixels (default: the pipeline's).
         num_probes: Rademacher probes of the trace metrics.
         fd_step: the finite-difference step of sharpness, a latent-space distance (default by dtype).
-        probe_seed: seed of the trace probes.
+        probe_seed: seed of the trace probes and of wen_low@n's probe noises.
         probe_step: the traces' step per element of a probe (default fd_step / sqrt(D)).
 
     Returns:

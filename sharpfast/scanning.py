@@ -159,9 +159,9 @@ def _score(model: Any, prompts: list, rows: Any, *, metrics: Any, n: int, seed: 
 
 def _check_flagging(metrics: Any, flag_metric: Optional[str], threshold: Any, calibrate_on: Any) -> tuple:
     """(metrics, flag metric, threshold) checked: the flag metric among the metrics, one threshold source."""
-    from .scores import METRICS
+    from .scores import REGISTRY
 
-    metrics = list(validate.metrics(metrics, METRICS))
+    metrics = list(validate.metrics(metrics, REGISTRY))
     flag_metric = flag_metric or (settings.GUARD_METRIC if settings.GUARD_METRIC in metrics else metrics[-1])
     if flag_metric not in metrics:
         raise BadArgument(f"flag_metric {flag_metric!r} is not among the metrics {metrics}")

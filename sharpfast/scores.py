@@ -25,6 +25,12 @@ formula exists once. Every metric is per image (N rows), in the VP space of `sha
 - wen_low:     ||eps_Δ|| of the same x at the schedule's LAST (lowest-noise) timestep (1 extra CFG
                call): at step 1, pure noise read as if it were almost clean, the anisotropy
                paper's observation applied to Wen's norm (measured in docs/evaluation.md)
+- wen_low@n:   wen_low averaged over n noises: the image's own x and n-1 fixed probe noises
+               (standard normal latents drawn on the CPU from probe_seed, the same for every
+               image), in ONE CFG call on n times the rows (n = 2..16). At the first step x is
+               pure noise, so the probes are more draws of what wen_low reads; the average is
+               less noisy than one draw (recall at a low false-positive rate: docs/guard.md).
+               Not registered by name: REGISTRY["wen_low@4"] builds it (catalog.probed)
 - attn_entropy: minus the cross-attention entropy over tokens (Ren et al., ECCV 2024), averaged
                 over heads, queries and cross-attention layers, of the conditional branch at this
                 step                                       (1 extra UNet call on the N conditional rows)
@@ -154,6 +160,22 @@ class Step:
             return u, c
         return self._cached(("low", from_end), make)
 
+    def low_noise_probed(self, n: int) -> torch.Tensor:
+        """(N,) mean over x and n-1 probe noises of ||eps_c - eps_null|| at the last timestep, in one
+        CFG call on n*N rows (the probes: randn((n-1, *x[0].shape)) from a CPU generator seeded
+        with probe_seed, each the same for every row)."""
+        def make() -> torch.Tensor:
+            if self.schedule is None:
+                raise BadArgument("this metric evaluates x at the schedule's low-noise timesteps: Step(schedule=...)")
+            t_lo, ab_lo = self.model.low_noise(self.schedule, 1)
+            N = len(self.x)
+            z = torch.randn((n - 1, *self.x.shape[1:]), generator=torch.Generator("cpu").manual_seed(self.probe_seed))
+            xs = torch.cat([self.x, z.to(self.x.device, self.x.dtype).repeat_interleave(N, dim=0)])
+            u, c = self.model.eps(xs, t_lo, ab_lo, self.cond, repeats=n)
+            self.check(c - u, f"low-noise timestep, {n} probe noises")
+            return (c - u).reshape(n, N, -1).norm(dim=2).mean(dim=0)
+        return self._cached(("low_probed", n), make)
+
     def channel_wen(self) -> torch.Tensor:
         """||n(eps_c) - n(eps_null)|| at this step, each channel's spatial map scaled to unit norm (0 extra calls)."""
         def make() -> torch.Tensor:
@@ -206,7 +228,26 @@ class Metric:
         return self.low <= value <= self.high
 
 
-REGISTRY: dict[str, Metric] = {}
+class _Registry(dict):
+    """The metrics by name; a probed name ("wen_low@4", catalog.probed) is built on lookup, not
+    stored: iterating lists the registered metrics only."""
+
+    def __missing__(self, name: str) -> Metric:
+        parsed = catalog.probed(name)
+        if parsed is None:  # (a sharpfast error, not KeyError: every caller checks `in` first)
+            raise BadArgument(f"unknown metric {name!r}; valid metrics: {catalog.METRIC_HELP}")
+        base, n = parsed
+        return Metric(name, f"1 extra CFG call on {n} times the rows ({base} at the image's noise and {n - 1} "
+                            f"probe noises)", lambda step: PROBED_FNS[base](step, n), self[base].low, self[base].high)
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or catalog.probed(name) is not None
+
+    def get(self, name: Any, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+
+REGISTRY: dict[str, Metric] = _Registry()
 
 
 def register(name: str, cost: str, low: float = -math.inf, high: float = math.inf) -> Callable:
@@ -272,6 +313,9 @@ def _anisotropy(step: Step) -> torch.Tensor:
 def _wen_low(step: Step) -> torch.Tensor:
     u, c = step.at_low_noise(1)
     return (c - u).reshape(len(c), -1).norm(dim=1)
+
+
+PROBED_FNS: dict[str, Callable[[Step, int], torch.Tensor]] = {"wen_low": lambda step, n: step.low_noise_probed(n)}
 
 
 @register("attn_entropy", "1 extra UNet call on the conditional rows (attention recorded)", high=0.0)

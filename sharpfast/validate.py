@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:
     import torch
 
+from . import catalog
 from .errors import BadArgument
 
 
@@ -118,9 +119,10 @@ def metrics(value: Any, known) -> tuple:
         BadArgument: empty, or an unknown name (the message lists the valid ones).
     """
     items = (value,) if isinstance(value, str) else tuple(value)
+    names = catalog.METRIC_HELP if isinstance(known, dict) else ", ".join(known)  # the registry: probed names too
     if not items:
-        raise BadArgument(f"metrics is empty; choose from {', '.join(known)}")
+        raise BadArgument(f"metrics is empty; choose from {names}")
     for m in items:
         if m not in known:
-            raise BadArgument(f"unknown metric {m!r}; valid metrics: {', '.join(known)}")
+            raise BadArgument(f"unknown metric {m!r}; valid metrics: {names}")
     return tuple(dict.fromkeys(items))

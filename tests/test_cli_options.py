@@ -136,3 +136,20 @@ def test_help_says_what_each_option_is_where_it_is_used():
     assert "row i" in helps[("scan", "--seed")]
     method, setting = settings.GUARD_MITIGATIONS[0]
     assert f"{method} {setting}" in helps[("serve", "--mitigation")]
+
+
+def test_metric_takes_probed_names():
+    """--metric wen_low@4 parses (wen_low with 4 probe noises); a name outside the catalog is an
+    argparse error naming the valid forms."""
+    checked = []
+    for name, p in commands():
+        if not any("--metric" in a.option_strings for a in p._actions):
+            continue
+        required = [a.option_strings[0] for a in p._actions if a.required]
+        base = [x for flag in required for x in (flag, "digits")]
+        assert p.parse_args(base + ["--metric", "wen_low@4"]).metric == "wen_low@4", name
+        for bad in ("wen_low@1", "wen_low@17", "wen@4"):
+            with pytest.raises(SystemExit):
+                p.parse_args(base + ["--metric", bad])
+        checked.append(name)
+    assert "eval guard" in checked and "serve" in checked, checked

@@ -10,6 +10,7 @@ import torch
 from pipeline_state import assert_same, snapshot
 
 import sharpfast
+from sharpfast.errors import BadArgument
 from sharpfast.testing import tiny_pipeline
 
 PROMPTS = ["a red house by the sea", "two dogs on a beach", "an old map of a city"]
@@ -79,6 +80,42 @@ def test_wen_low_and_anisotropy_equal_the_reference(pipe):
     assert res.config["unet_calls"] == 1 + 1 + 1  # the step's call, the last timestep's, the third-to-last's
     alone = sharpfast.detect(pipe, PROMPTS, latents=lat, progress=False, metrics=("channel_wen",))
     assert alone.config["unet_calls"] == 1  # the norm term is free: the step's own call
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_wen_low_with_probe_noises_equals_the_reference(pipe, n):
+    """wen_low@n: the mean over the image's own noise and n-1 probe noises (standard normal, drawn
+    on the CPU from probe_seed; the same probes for every image) of ||eps_c - eps_null|| at the
+    last timestep, in one batched call."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    print(f"seed {seed}")
+    lat = noise(len(PROMPTS), seed)
+    probe_seed = 1 + seed % 1000  # never 0, the default: a seed ignored shows
+    probes = torch.randn(n - 1, 4, 8, 8, generator=torch.Generator().manual_seed(probe_seed))
+    norms = []
+    for x in [lat] + [z.expand(len(PROMPTS), 4, 8, 8) for z in probes]:
+        u, c = Raw(pipe, PROMPTS, x.clone()).eps(49)
+        norms.append((c - u).flatten(1).norm(dim=1))
+    ref = torch.stack(norms).mean(dim=0)
+    res = sharpfast.detect(pipe, PROMPTS, latents=lat, progress=False, metrics=(f"wen_low@{n}", "wen_low"),
+                           probe_seed=probe_seed)
+    torch.testing.assert_close(res.scores[f"wen_low@{n}"].double(), ref, rtol=2e-4, atol=0)
+    torch.testing.assert_close(res.scores["wen_low"].double(), norms[0], rtol=2e-4, atol=0)
+    assert res.config["unet_calls"] == 1 + 1 + 1  # the step's, wen_low's, and one call for all n noises
+    assert res.config["unet_rows"] == 2 * len(PROMPTS) * (1 + 1 + n)
+    one = sharpfast.detect(pipe, PROMPTS[1:2], latents=lat[1:2], progress=False, metrics=(f"wen_low@{n}",),
+                           probe_seed=probe_seed)  # the probes do not depend on the batch
+    torch.testing.assert_close(one.scores[f"wen_low@{n}"], res.scores[f"wen_low@{n}"][1:2], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["wen_low@1", "wen_low@17", "wen_low@02", "wen_low@", "wen@4", "wen_low@4@4",
+                                  "wen_low@-2", "wen_low@ 4"])
+def test_a_bad_probed_metric_name_is_refused(name):
+    p = tiny_pipeline("sd1")
+    with pytest.raises(BadArgument, match="wen_low@n"):
+        sharpfast.detect(p, PROMPTS[:1], metrics=(name,), progress=False)
+    with pytest.raises(BadArgument, match="metric"):
+        sharpfast.guard(p, metric=name, threshold=1.0)
 
 
 def test_attention_entropy_equals_the_reference(pipe):

@@ -146,7 +146,7 @@ def calibrate_model(pipe: Any, prompts: Any = None, *, num_images_per_prompt: in
         NonFiniteOutput: a normal prompt's score is not finite.
     """
     from ..roc import calibrate
-    from ..scores import METRICS
+    from ..scores import REGISTRY
 
     prompts, source = _prompt_set(prompts)
     if len(prompts) < 20:
@@ -155,7 +155,7 @@ def calibrate_model(pipe: Any, prompts: Any = None, *, num_images_per_prompt: in
     fpr = validate.finite(fpr, "fpr", above=0)
     if not fpr < 1:
         raise BadArgument(f"fpr must be in (0, 1), got {fpr}")
-    metrics = list(validate.metrics(metrics, METRICS))
+    metrics = list(validate.metrics(metrics, REGISTRY))
     st = adapt(pipe).resolve(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                           num_images_per_prompt=num_images_per_prompt, height=height, width=width)
     validate.integer(batch_size, "batch_size")

@@ -31,7 +31,7 @@ class DetectCommand:
     def run(args: Any) -> int:
         from ..adapters import ScoreModel
         from ..progress import bar as progress_bar
-        from ..scores import METRICS
+        from ..scores import REGISTRY
 
         rows, labels = _read_inputs(args)  # every argument and path is checked before the model is loaded
         metrics = args.metrics
@@ -40,7 +40,7 @@ class DetectCommand:
                 validate.integer(getattr(args, name), "--" + name.replace("_", "-"))
         if args.guidance_scale is not None:
             validate.guidance_scale(args.guidance_scale, needs_cfg=False)
-        metrics = list(validate.metrics(metrics, METRICS))
+        metrics = list(validate.metrics(metrics, REGISTRY))
         check_output(args.out)
         device, dtype = device_dtype(args.device, args.dtype)
         # a record is reused only for the same prompt at the same id under the same settings and model

@@ -19,6 +19,13 @@ from ..errors import BadArgument
 DTYPES = ("fp32", "fp16", "bf16")  # sharpfast.loading.DTYPES names their torch dtypes
 
 
+def metric_name(text: str) -> str:
+    """A --metric value: a built-in metric (argparse reports the error)."""
+    if not catalog.is_metric(text):
+        raise argparse.ArgumentTypeError(f"unknown metric {text!r}; valid: {catalog.METRIC_HELP}")
+    return text
+
+
 def csv(text: str, kind=str) -> list:
     """A comma-separated list (argparse type)."""
     vals = [kind(v.strip()) for v in text.split(",") if v.strip()]
@@ -76,7 +83,7 @@ class Option:
 
 
 _OWN = "the pipeline's own (its __call__ default)"
-_METRICS = ", ".join(catalog.METRICS)
+_METRICS = catalog.METRIC_HELP
 
 OPTIONS: dict[str, Option] = {
     "--model": Option("'digits' or 'scenes' (the bundled models) or a local diffusers model directory "
@@ -85,7 +92,7 @@ OPTIONS: dict[str, Option] = {
                         default=list(settings.DEFAULT_METRICS),
                         type=csv),
     "--metric": Option(f"the guard's metric, one of {_METRICS} (default {settings.GUARD_METRIC})",
-                       default=settings.GUARD_METRIC, choices=catalog.METRICS),
+                       default=settings.GUARD_METRIC, type=metric_name),
     "--mitigation": Option("the guard's mitigation: auto (default: "
                            + " where the model family has it, else ".join(f"{m} {st}" for m, st in
                                                                            settings.GUARD_MITIGATIONS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .. import mitigations, settings, validate
+from .. import catalog, mitigations, settings, validate
 from ..errors import BadArgument
 from ..scores import REGISTRY
 from ..settings import FPR, GUARD_POLICY
@@ -49,8 +49,8 @@ class GuardConfig:
         """The checked configuration (BadArgument / UnsupportedPipeline naming what is wrong)."""
         policy, policy_source = _policy_of(model, threshold, policy)
         asked_setting = setting
-        if metric not in GUARD_METRICS:
-            raise BadArgument(f"metric must be one of {GUARD_METRICS}, got {metric!r}")
+        if metric not in REGISTRY:
+            raise BadArgument(f"metric must be one of {catalog.METRIC_HELP}, got {metric!r}")
         if mitigation == "auto" and policy.method is not None:  # the method the calibrated policy was chosen for
             mitigation = policy.method
         elif mitigation == "auto":

@@ -214,7 +214,8 @@ def guard(pipe: Any, *, metric: str = DEFAULT_METRIC, threshold: str = "auto",
 
     Args:
         pipe: a supported diffusers pipeline; it stays the user's object (remove() takes the hook off).
-        metric: the registry metric scored at the first step (sharpfast.scores.REGISTRY).
+        metric: the registry metric scored at the first step (sharpfast.scores.REGISTRY), or
+            "wen_low@n": wen_low averaged over n probe noises (one call on n times the rows).
         threshold: "auto" (the model's calibration at each request's num_inference_steps,
             guidance_scale and image size: calibration.json beside it, the per-user cache, or
             calibrated once on the built-in generic captions; each report's `threshold_source`
