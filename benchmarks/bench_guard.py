@@ -18,6 +18,8 @@ Rows, each timed round-robin against plain `pipe(...)` with the same prompts and
                 the trigger search (words + 2 CFG calls per prompt, 4
                 batched network calls), the new prompts, one generation   target <= 1.5
     sail        guard(mitigation="sail_guard", every prompt flagged)     (reported)
+    unflagged@n unflagged with metric="wen_low@n" (n probe noises: the
+                scoring call on n times the rows)                        target <= 1.05
 
 on the bundled digits model (4 memorized prompts, 50 DDIM steps) and on the SD 1.5-sized random
 UNet of bench_sd15_cpu.py (860 M parameters, 4x16x16 latents, 2 prompts, 10 steps, no SAIL row,
@@ -44,11 +46,13 @@ TIERED = "always,0.01:s0t200"
 
 def _guard(pipe, kind: str, name: str):
     """The guard of one row (see the module's table)."""
+    kind, _, n = kind.partition("@")
+    metric = f"wen_low@{n}" if n else sharpfast.settings.GUARD_METRIC
     if kind == "tiered":
         return sharpfast.guard(pipe, policy=TIERED, name=name)
     method = {"sail": "sail_guard", "drop": "drop_trigger"}.get(kind, "auto")
     return sharpfast.guard(pipe, threshold=float("inf") if kind in ("unflagged", "always") else -1e30,
-                           mitigation=method, name=name,
+                           mitigation=method, name=name, metric=metric,
                            policy="always" if kind == "always" else None)
 
 
@@ -89,6 +93,7 @@ def measure(model: str, reps: int = 5, sd15_steps: int = 10, warmup: bool = True
            "flagged": run("flagged"), "always": run("always"), "tiered": run("tiered"), "drop": run("drop")}
     if model == "digits":
         fns["sail"] = run("sail")
+    fns.update({r: run(r) for r in rows if r.startswith("unflagged@")})
     if rows:
         fns = {k: f for k, f in fns.items() if k == "plain" or k in rows}
     if not warmup:  # no full warm-up call per row: one short call of each row warms torch and the hooks
@@ -112,7 +117,8 @@ def measure(model: str, reps: int = 5, sd15_steps: int = 10, warmup: bool = True
 def report(model, rows) -> str:
     lines = [f"{model}: {'row':10s} {'seconds':>8s} {'vs plain':>9s}"]
     for k, r in rows.items():
-        target = f"  (target <= {TARGETS[k]})" if k in TARGETS else ""
+        base = k.partition("@")[0]
+        target = f"  (target <= {TARGETS[base]})" if base in TARGETS else ""
         lines.append(f"{'':{len(model) + 2}s}{k:10s} {r['seconds']:8.3f} {r['vs_plain']:8.3f}x{target}"
                      f"{'  ' + r['mitigation'] if 'mitigation' in r else ''}")
     return "\n".join(lines)
@@ -133,7 +139,8 @@ if __name__ == "__main__":
     ap.add_argument("--sd15-steps", type=int, default=10, help="sampler steps on the SD 1.5-sized UNet (default 10; "
                     "50 as served: about 10 minutes a round of the three rows on 2 cores)")
     ap.add_argument("--no-warmup", action="store_true", help="no warm-up call per row (the first round is timed)")
-    ap.add_argument("--rows", default="", help="comma list of the rows to time beside plain (default: all)")
+    ap.add_argument("--rows", default="", help="comma list of the rows to time beside plain (default: all; "
+                    "unflagged@4: scoring only with wen_low@4)")
     a = ap.parse_args()
     for m in (("digits", "sd15") if a.model == "both" else (a.model,)):
         rows = measure(m, a.reps or (2 if m == "sd15" else 5), a.sd15_steps, warmup=not a.no_warmup,

@@ -11,8 +11,9 @@ without rerunning them:
 - docs/digits_guard_strength.png: benchmarks/results/digits_guard_frontier_halfA.json (`sharpfast
   eval guard --model digits --half A --seeds 4 --policy 0.01 --policy 0.01:s1t0 ...`: the guard at
   the 1% gate with each setting, its guard_frontier.json) and digits_guard_tiers_halfA.json (the
-  same with per-prompt tiers, `--policy 0.01:s1.25t0,x3:s1t500g0.5 ...`), the calibrated policy
-  ringed.
+  same with per-prompt tiers, `--policy 0.01:s1.25t0,x3:s1t500g0.5 ...`) and
+  digits_drop_trigger_frontier_halfA.json (the same with `--mitigation drop_trigger`), the
+  calibrated policy ringed.
 Copies at the one cut (sharpfast.zoo.copying.COPY_CUT); methods no longer in the registry are left out.
 """
 import json
@@ -43,13 +44,18 @@ def guard_series(points: list) -> dict:
     from sharpfast.guarding import Policy
     from sharpfast.settings import GUARD_MITIGATIONS
 
+    from sharpfast.mitigations import REGISTRY as METHODS
+
     base = dict(GUARD_MITIGATIONS)["transition"]
     out: dict = {"none": [(1.0, points[0]["summary"]["plain"]["copies_at_0.8"], None, 50.0)]}
     for p in points:
         pol = Policy.parse(p["policy"])
-        method, setting = (TIERS, pol.text()) if pol.tiers else ("transition", pol.setting or base)
+        name = p.get("mitigation", "transition")  # points before drop_trigger record none: transition
+        own = base if name == "transition" else METHODS[name].default
+        method, setting = (TIERS, pol.text()) if pol.tiers else (name, pol.setting or own)
+        calls = 50.0 if name == "transition" else None  # drop_trigger's search grows with the prompt's words
         out.setdefault(method, []).append((p["summary"]["fidelity_ratio"], p["summary"]["guard"]["copies_at_0.8"],
-                                           setting, 50.0))
+                                           setting, calls))
     return out
 
 
@@ -80,21 +86,23 @@ def main(argv=None) -> int:
         from sharpfast.guarding import Policy
 
         points = []
-        for name in ("digits_guard_frontier_halfA.json", "digits_guard_tiers_halfA.json"):
+        for name in ("digits_guard_frontier_halfA.json", "digits_guard_tiers_halfA.json",
+                     "digits_drop_trigger_frontier_halfA.json"):
             if os.path.exists(os.path.join(RESULTS, name)):
                 with open(os.path.join(RESULTS, name), encoding="utf-8") as f:
                     points += json.load(f)
         with open(os.path.join(zoo.path("digits"), "calibration.json"), encoding="utf-8") as f:
-            pol = Policy.parse(json.load(f)["policy"]["policy"])
-        chosen = (TIERS, pol.text()) if pol.tiers else ("transition", pol.setting)
+            entry = json.load(f)["policy"]
+        pol = Policy.parse(entry["policy"])
+        chosen = (TIERS, pol.text()) if pol.tiers else (entry.get("mitigation", "transition"), pol.setting)
         out = os.path.join(out_dir, "digits_guard_strength.png")
         normal = [p["summary"]["normal"] for p in points]
         fid = sorted({round(n["fidelity_ratio"], 3) for n in normal})
         mitigated = sorted({round(n["mitigated"], 3) for n in normal})
         tradeoff_figure(guard_series(points), out,
                         "digits model, half A (26 memorized prompts x 4 seeds) through sharpfast.guard at the 1% gate, "
-                        "one point per setting of the gate, or per policy with a stronger setting above a multiple "
-                        "of the gate's margin (x: memorized prompts' fidelity, guarded / plain); the "
+                        "one point per mitigation and setting of the gate, or per policy with a stronger setting above "
+                        "a multiple of the gate's margin (x: memorized prompts' fidelity, guarded / plain); the "
                         "calibrated policy ringed, the 0.95 budget dotted. Normal prompts (50 x 4, "
                         f"{'/'.join(f'{m:.1%}' for m in mitigated)} mitigated): fidelity guarded / plain "
                         f"{'-'.join(f'{f:.3f}' for f in fid)} at every setting", chosen=chosen,

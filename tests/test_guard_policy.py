@@ -303,3 +303,23 @@ def test_always_scores_the_model_not_the_mitigated_model(digits, metric, policy,
     want_images = sharpfast.mitigate(digits, prompts, got[0]["mitigation"], got[0]["setting"], generator=gen(3),
                                      **kw).images
     torch.testing.assert_close(out.images, want_images, rtol=0, atol=1e-5)
+
+
+def test_guard_with_probe_noises_reads_its_own_calibration(digits):
+    """metric="wen_low@4": the guard's scores are detect's wen_low@4 at the same noise, its gate is
+    the 1% cut calibration.json holds for wen_low@4 (not wen_low's), and flagged is score > cut."""
+    cal = json.load(open(sharpfast.zoo.path("digits") + "/calibration.json"))
+    mem = [r["prompt"] for r in sharpfast.zoo.prompts("digits", "memorized")[:2]]
+    normal = [r["prompt"] for r in sharpfast.zoo.prompts("digits", "non_memorized")[:2]]
+    prompts = mem + normal
+    lat = torch.randn(4, 4, 8, 8, generator=gen(11))
+    with sharpfast.guard(digits, metric="wen_low@4", mitigation=None) as g:
+        out = g(prompts, latents=lat, num_inference_steps=50, output_type="pt")
+    want = sharpfast.detect(digits, prompts, metrics=("wen_low@4",), latents=lat, progress=False).scores["wen_low@4"]
+    reps = out.memorization
+    assert cal["wen_low@4"]["gate_0.01"] != cal["wen_low"]["gate_0.01"]
+    for r, s in zip(reps, want.tolist()):
+        assert r["metric"] == "wen_low@4" and r["threshold"] == cal["wen_low@4"]["gate_0.01"], r
+        assert r["score"] == pytest.approx(s, rel=1e-4), r
+        assert r["flagged"] == (r["score"] > r["threshold"]), r
+    assert [r["flagged"] for r in reps] == [True, True, False, False], reps

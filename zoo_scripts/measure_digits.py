@@ -48,7 +48,8 @@ def measure(pipe, records: list[dict], train: torch.Tensor, seeds, batch_prompts
 
 # the metrics of the shipped calibration.json: wen and sharpness (SAIL's target), and wen_low, the
 # serving guard's default metric
-SHIPPED_METRICS = ("wen", "sharpness", "wen_low")
+# wen_low@n: the guard's metric with n probe noises (its knob, chosen on the A halves: docs/guard.md)
+SHIPPED_METRICS = ("wen", "sharpness", "wen_low", "wen_low@2", "wen_low@4", "wen_low@8")
 
 
 def calibrate(pipe, data, exclude: set, fpr: float = 0.01, per_digit: int = 20) -> dict:
@@ -158,8 +159,18 @@ def measure_args(doc: str, name: str, argv=None):
 
 
 def write_calibration(model: str, cal: dict) -> None:
-    """calibration.json into the model directory (and printed)."""
-    with open(os.path.join(model, "calibration.json"), "w", encoding="utf-8") as f:
+    """calibration.json into the model directory (and printed). The guard policy chosen for these
+    weights (its "policy" entry, made by zoo_scripts/choose_policy.py) is kept: a recalibration
+    changes the thresholds, not what was chosen on half A."""
+    from sharpfast.calibration import same_weights
+
+    path = os.path.join(model, "calibration.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        if "policy" in old and same_weights(old.get("weights", {}), cal["weights"]):
+            cal = {**cal, "policy": old["policy"]}
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(cal, f, indent=1)
     print(json.dumps({k: v for k, v in cal.items() if k != "weights"}, indent=1))
 

@@ -21,10 +21,13 @@ import numpy as np
 from sharpfast.zoo.copying import LABEL_CUT, generate
 from sharpfast.zoo.scenes_data import COLOURS, SHAPES, SIZES, build, caption, random_scene
 from sharpfast.zoo.scenes_judge import ScenesJudge
-from zoo_scripts.measure_digits import MEASURE_SEED0, calibration_from, measure_args
+from zoo_scripts.measure_digits import MEASURE_SEED0, calibration_from, measure_args, write_calibration
 
 NON_MEMORIZED = 100
 CALIBRATION = 200
+
+
+CALIBRATION_SOURCE = "captions of new generic scenes kept apart from the evaluation sets"
 
 
 def scene_prompts(n: int, seed: int, taken: set) -> list[dict]:
@@ -123,6 +126,11 @@ def model_card(model_dir: str, doc: dict, cal: dict) -> str:
 
 def main(argv=None):
     a, pipe = measure_args(__doc__, "scenes", argv)
+    if a.calibration_only:
+        with open(os.path.join(a.model, "prompts.json"), encoding="utf-8") as f:
+            calibration = json.load(f)["splits"]["calibration"]
+        write_calibration(a.model, calibration_from(pipe, [r["prompt"] for r in calibration], CALIBRATION_SOURCE))
+        return
     data = build(seed=a.seed)
     judge = ScenesJudge(pipe, a.model, a.seed)
     seeds = list(range(MEASURE_SEED0, MEASURE_SEED0 + a.seeds))
@@ -148,10 +156,8 @@ def main(argv=None):
     with open(os.path.join(a.model, "prompts.json"), "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
     print(json.dumps(summary, indent=1))
-    cal = calibration_from(pipe, [r["prompt"] for r in calibration], "captions of new generic scenes kept apart "
-                                                                    "from the evaluation sets")
-    with open(os.path.join(a.model, "calibration.json"), "w", encoding="utf-8") as f:
-        json.dump(cal, f, indent=1)
+    cal = calibration_from(pipe, [r["prompt"] for r in calibration], CALIBRATION_SOURCE)
+    write_calibration(a.model, cal)
     with open(os.path.join(a.model, "README.md"), "w", encoding="utf-8") as f:
         f.write(model_card(a.model, doc, cal))
 
