@@ -42,9 +42,8 @@ def guard_series(points: list) -> dict:
     """The guard's settings at one gate as a tradeoff series: memorized fidelity (guarded / plain)
     and copies per policy, plain pipe(...) as "none"."""
     from sharpfast.guarding import Policy
-    from sharpfast.settings import GUARD_MITIGATIONS
-
     from sharpfast.mitigations import REGISTRY as METHODS
+    from sharpfast.settings import GUARD_MITIGATIONS
 
     base = dict(GUARD_MITIGATIONS)["transition"]
     out: dict = {"none": [(1.0, points[0]["summary"]["plain"]["copies_at_0.8"], None, 50.0)]}
