@@ -33,6 +33,9 @@ MUTATIONS = [
      "found = resolve(self.pipe, self.metric, cal_key,",
      "found = resolve(self.pipe, self.metric.split(\"@\")[0], cal_key,",
      ["tests/test_guard_policy.py::test_guard_with_probe_noises_reads_its_own_calibration"]),
+    ("zoo: a recalibration drops the chosen policy", "zoo_scripts/measure_digits.py",
+     'cal = {**cal, "policy": old["policy"]}', "pass",
+     ["tests/test_digits_data.py::test_recalibrating_keeps_the_chosen_policy_of_the_same_weights"]),
     # issue 32, drop_trigger: the turn's sign and timesteps, the rows it rewrites, the calibrated method
     ("drop_trigger: the turn read low minus high", "sharpfast/mitigations/drop_trigger.py",
      "turn = (cos[0] - cos[1]).cpu()", "turn = (cos[1] - cos[0]).cpu()",

@@ -144,3 +144,23 @@ def test_the_shipped_digits_pipeline_decodes_at_the_scale_it_was_trained_at():
     with torch.no_grad():
         spread = torch.cat([vae.encode(x).latent_dist.mean for x in build().images.split(512)]).std().item()
     assert abs(vae.config.scaling_factor * spread - 1) < 1e-4, (vae.config.scaling_factor, 1 / spread)
+
+
+def test_recalibrating_keeps_the_chosen_policy_of_the_same_weights(tmp_path):
+    """zoo_scripts' write_calibration: a recalibration (--calibration-only) keeps calibration.json's
+    "policy" when the weights are the same (it is what half A chose), and drops it for others."""
+    import json
+
+    from zoo_scripts.measure_digits import write_calibration
+
+    weights = {"fingerprint": "aaaa", "structure": "s", "dtype": "float32", "sample": [1.0]}
+    policy = {"policy": "0.01:w1s0t500", "mitigation": "drop_trigger"}
+    (tmp_path / "calibration.json").write_text(json.dumps({"weights": weights, "wen_low": {"threshold": 1.0},
+                                                           "policy": policy}))
+    write_calibration(str(tmp_path), {"weights": dict(weights), "wen_low": {"threshold": 2.0}})
+    got = json.loads((tmp_path / "calibration.json").read_text())
+    assert got["policy"] == policy and got["wen_low"]["threshold"] == 2.0
+    write_calibration(str(tmp_path), {"weights": dict(weights, fingerprint="bbbb", structure="t"),
+                                      "wen_low": {"threshold": 3.0}})
+    got = json.loads((tmp_path / "calibration.json").read_text())
+    assert "policy" not in got and got["wen_low"]["threshold"] == 3.0
