@@ -149,12 +149,16 @@ class Step:
         return self._cached("traces", make)
 
 
+    def low_timestep(self, from_end: int) -> tuple:
+        """(t, alpha_bar) of the from_end-th timestep from the end of the sampler's schedule."""
+        if self.schedule is None:
+            raise BadArgument("this metric evaluates x at the schedule's low-noise timesteps: Step(schedule=...)")
+        return self.model.low_noise(self.schedule, from_end)
+
     def at_low_noise(self, from_end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps_null, eps_cond) at x, at the from_end-th timestep from the schedule's end: one CFG call."""
         def make() -> tuple:
-            if self.schedule is None:
-                raise BadArgument("this metric evaluates x at the schedule's low-noise timesteps: Step(schedule=...)")
-            t_lo, ab_lo = self.model.low_noise(self.schedule, from_end)
+            t_lo, ab_lo = self.low_timestep(from_end)
             u, c = self.model.eps(self.x, t_lo, ab_lo, self.cond)
             self.check(c - u, f"low-noise timestep ({from_end} from the end)")
             return u, c
@@ -165,9 +169,7 @@ class Step:
         CFG call on n*N rows (the probes: randn((n-1, *x[0].shape)) from a CPU generator seeded
         with probe_seed, each the same for every row)."""
         def make() -> torch.Tensor:
-            if self.schedule is None:
-                raise BadArgument("this metric evaluates x at the schedule's low-noise timesteps: Step(schedule=...)")
-            t_lo, ab_lo = self.model.low_noise(self.schedule, 1)
+            t_lo, ab_lo = self.low_timestep(1)
             N = len(self.x)
             z = torch.randn((n - 1, *self.x.shape[1:]), generator=torch.Generator("cpu").manual_seed(self.probe_seed))
             xs = torch.cat([self.x, z.to(self.x.device, self.x.dtype).repeat_interleave(N, dim=0)])

@@ -68,8 +68,8 @@ def run(pipe: Any, records: list[dict], judge: Any, *, seeds: Any = (0, 1), metr
         used.update(mitigation=g.mitigation, setting=g.setting, policy=g.config.policy.text(),
                     threshold=g.calibrate(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale))
         # rows are keyed by what the guard resolved, not what was asked: "auto" after the model's
-        # calibrated policy changed must not resume the old policy's rows
-        resolved = {k: used[k] for k in ("mitigation", "setting", "policy")}
+        # calibrated policy (or its calibration: the gate's threshold) changed must not resume old rows
+        resolved = {k: used[k] for k in ("mitigation", "setting", "policy", "threshold")}
         key = lambda r, s: json.dumps([config, resolved, r["prompt"], s], sort_keys=True, default=str)  # noqa: E731
         done = engine.read(path, key="key")
         todo = [(r, s) for r, s in jobs if key(r, s) not in done]
